@@ -1,0 +1,117 @@
+"""Commands: what producers ask the wallet to do, on the `wallet.commands` topic.
+
+Each command is keyed by the account that owns the step (`owner_account`). `ts_ms` is set by
+whoever produced the command and is the only clock the state machine reads.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+TransactionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+TimestampMs = Annotated[int, msgspec.Meta(ge=0)]
+# Amounts stay strings here: whether one is acceptable is a decision of the state machine,
+# recorded in the log, not a decode error.
+AmountText = str
+AccountKind = Literal["user", "merchant"]
+
+
+class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
+    v: int = SCHEMA_VERSION
+    transaction_id: TransactionId
+    ts_ms: TimestampMs
+
+
+class OpenAccount(_Command, tag="open_account"):
+    account_id: AccountId
+    currency: str
+    kind: AccountKind = "user"
+
+
+class Deposit(_Command, tag="deposit"):
+    """Money arrives from a bank account outside the ledger."""
+    account_id: AccountId
+    amount: AmountText
+    currency: str
+
+
+class Withdraw(_Command, tag="withdraw"):
+    """Money leaves to a bank account outside the ledger."""
+    account_id: AccountId
+    amount: AmountText
+    currency: str
+
+
+class Transfer(_Command, tag="transfer"):
+    from_account: AccountId
+    to_account: AccountId
+    amount: AmountText
+    currency: str
+
+
+class PayMerchant(_Command, tag="pay_merchant"):
+    """A transfer whose receiving account must be of kind `merchant`."""
+    from_account: AccountId
+    to_account: AccountId
+    amount: AmountText
+    currency: str
+
+
+class Freeze(_Command, tag="freeze"):
+    account_id: AccountId
+
+
+class Unfreeze(_Command, tag="unfreeze"):
+    account_id: AccountId
+
+
+class Close(_Command, tag="close"):
+    account_id: AccountId
+
+
+class CreditLeg(_Command, tag="credit_leg"):
+    """Second step of a transfer, keyed by `to_account`; produced only by the processor.
+
+    `digest` is the digest of the client's transfer command, so that the final outcome names
+    the request it answers. `resend` marks a leg re-sent because the client retried a
+    transfer that was still in flight: it may only repeat an answer, never move money.
+    """
+    from_account: AccountId
+    to_account: AccountId
+    amount: AmountText
+    currency: str
+    digest: str
+    merchant_only: bool = False
+    resend: bool = False
+
+
+class RefundLeg(_Command, tag="refund_leg"):
+    """Compensation of a transfer the receiving side refused, keyed by `from_account`."""
+    from_account: AccountId
+    to_account: AccountId
+    amount: AmountText
+    currency: str
+    digest: str
+    reason: str
+
+
+Command = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close, CreditLeg, RefundLeg]
+CLIENT_COMMANDS = (OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close)
+LEG_COMMANDS = (CreditLeg, RefundLeg)
+
+
+def owner_account(command: Command) -> str:
+    """The account whose partition decides this command: the record key on `wallet.commands`."""
+    if isinstance(command, (Transfer, PayMerchant, RefundLeg)):
+        return command.from_account
+    if isinstance(command, CreditLeg):
+        return command.to_account
+    return command.account_id
+
+
+def command_type(command: Command) -> str:
+    return command.__struct_config__.tag

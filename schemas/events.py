@@ -1,0 +1,90 @@
+"""Events: the ledger, on `wallet.events`, keyed by account id; kept forever.
+
+An account's state is the fold of its events. Every event that changes an account carries
+the account's new `seq` (1, 2, 3, ... with no gap) and, where money moved, its new
+`balance`. `command_rejected` is a decision event: it changes no balance and takes no
+`seq`, but records the outcome and digest of a refused command so that a retry, after any
+crash, gets the same first answer.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from schemas.commands import SCHEMA_VERSION, AccountKind
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
+    v: int = SCHEMA_VERSION
+    account_id: str
+    transaction_id: str
+    ts_ms: int
+    command: str  # type of the command that caused the event
+    digest: str  # digest of the client command the event answers
+
+
+class _Change(_Event, frozen=True):
+    seq: int
+
+
+class _MoneyChange(_Change, frozen=True):
+    amount: str
+    currency: str
+    balance: str
+
+
+class AccountOpened(_Change, tag="account_opened"):
+    currency: str
+    kind: AccountKind
+    balance: str
+
+
+class Deposited(_MoneyChange, tag="deposited"):
+    pass
+
+
+class Withdrawn(_MoneyChange, tag="withdrawn"):
+    pass
+
+
+class TransferDebited(_MoneyChange, tag="transfer_debited"):
+    """The sending side of a transfer; the money is in flight until credited or refunded."""
+    to_account: str
+    merchant_only: bool = False
+
+
+class TransferCredited(_MoneyChange, tag="transfer_credited"):
+    from_account: str
+
+
+class TransferRefunded(_MoneyChange, tag="transfer_refunded"):
+    to_account: str
+    reason: str
+
+
+class AccountFrozen(_Change, tag="account_frozen"):
+    pass
+
+
+class AccountUnfrozen(_Change, tag="account_unfrozen"):
+    pass
+
+
+class AccountClosed(_Change, tag="account_closed"):
+    pass
+
+
+class CommandRejected(_Event, tag="command_rejected"):
+    reason: str
+
+
+Event = Union[
+    AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded,
+    AccountFrozen, AccountUnfrozen, AccountClosed, CommandRejected,
+]
+MONEY_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
+
+
+def event_type(event: Event) -> str:
+    return event.__struct_config__.tag

@@ -1,0 +1,42 @@
+"""Outcomes: the final answer to a client command, on `wallet.outcomes`, keyed by transaction id.
+
+A retried request may publish the same outcome again (byte-identical); a transaction id
+never gets two different final outcomes for the same `digest`. A request that reuses a
+transaction id with another payload gets `failure`/`duplicate_conflict` carrying its own
+digest, which is how a reader tells it apart from the first request's answer.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import msgspec
+
+from schemas.commands import SCHEMA_VERSION
+
+OutcomeStatus = Literal["success", "failure"]
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="outcome", tag_field="type", gc=False):
+    v: int = SCHEMA_VERSION
+    transaction_id: str
+    status: OutcomeStatus
+    reason: Optional[str] = None
+    digest: str
+
+
+class Reason:
+    """Machine-readable failure reasons, one namespace so producers and readers agree."""
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    ACCOUNT_NOT_FOUND = "account_not_found"
+    ACCOUNT_EXISTS = "account_exists"
+    ACCOUNT_FROZEN = "account_frozen"
+    ACCOUNT_CLOSED = "account_closed"
+    ACCOUNT_NOT_FROZEN = "account_not_frozen"
+    BALANCE_NOT_ZERO = "balance_not_zero"
+    BALANCE_LIMIT_EXCEEDED = "balance_limit_exceeded"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    UNKNOWN_CURRENCY = "unknown_currency"
+    INVALID_AMOUNT = "invalid_amount"
+    SAME_ACCOUNT = "same_account"
+    NOT_A_MERCHANT = "not_a_merchant"
+    DUPLICATE_CONFLICT = "duplicate_conflict"

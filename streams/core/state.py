@@ -1,0 +1,139 @@
+"""The state of the accounts one partition owns, and how events fold into it.
+
+State changes only here, in `fold`: the state machine decides events and folds them, the
+runtime restores by folding the log, and the audit folds the log to check the runtime. One
+function for all three is what makes "folding wallet.events yields exactly the live state"
+true by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.events import (
+    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, Event,
+    TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
+)
+from schemas.outcomes import Reason
+from streams.core.money import canonical_minor
+
+# How long a transaction id is remembered, on the command clock (the `ts_ms` of the records
+# folded, never the wall clock): a retry within this window gets the first answer; a retry
+# after it is a new request. Part of the rules: changing it changes what replay produces.
+IDEMPOTENCY_WINDOW_MS = 24 * 60 * 60 * 1000
+# Ids older than the window are dropped when the partition's clock enters a new step of this
+# size, so that the cost of forgetting is paid once a minute of command time, not per event.
+IDEMPOTENCY_EVICT_STEP_MS = 60 * 1000
+
+ACTIVE, FROZEN, CLOSED = "active", "frozen", "closed"
+PENDING, SUCCESS, FAILURE = "pending", "success", "failure"
+
+
+class CorruptLog(Exception):
+    """An event that cannot follow the state it is folded into: a gap, a fork, a forgery."""
+
+
+@dataclass(slots=True)
+class Account:
+    currency: str
+    kind: str
+    status: str
+    balance_minor: int
+    seq: int
+
+
+@dataclass(slots=True, frozen=True)
+class Remembered:
+    """What the partition remembers of a transaction id, to answer retries alike."""
+    digest: str
+    status: str  # pending (a debited transfer in flight), success or failure
+    reason: str | None
+    ts_ms: int
+
+
+@dataclass(slots=True)
+class State:
+    accounts: dict[str, Account] = field(default_factory=dict)
+    # Key: (account that owns the step, transaction id). Insertion order is roughly command
+    # time order, which is what eviction relies on.
+    memory: dict[tuple[str, str], Remembered] = field(default_factory=dict)
+    clock_ms: int = 0
+
+
+def fold(state: State, event: Event) -> State:
+    """Applies one event to the state, in place, and returns it.
+
+    Folding an event whose `seq` the account has already reached changes nothing, so a
+    restore that starts from a conservative checkpoint is still exact.
+    """
+    event_class = type(event)
+    if event_class is CommandRejected:
+        if event.reason != Reason.DUPLICATE_CONFLICT:  # a conflict must not overwrite the first answer
+            _remember(state, event.account_id, event.transaction_id, event.digest, FAILURE, event.reason, event.ts_ms)
+        _advance_clock(state, event.ts_ms)
+        return state
+
+    account = state.accounts.get(event.account_id)
+    if account is None:
+        if event_class is not AccountOpened:
+            raise CorruptLog(f"{event_type(event)} for account {event.account_id!r} that was never opened")
+        state.accounts[event.account_id] = account = Account(event.currency, event.kind, ACTIVE, 0, 0)
+    if event.seq <= account.seq:
+        return state  # already folded
+    if event.seq != account.seq + 1:
+        raise CorruptLog(f"account {event.account_id!r}: seq {event.seq} follows {account.seq}")
+
+    status = SUCCESS
+    reason = None
+    if event_class in _BALANCE_SIGN:
+        amount_minor = canonical_minor(event.amount, account.currency)
+        balance_minor = canonical_minor(event.balance, account.currency)
+        expected_minor = account.balance_minor + _BALANCE_SIGN[event_class] * amount_minor
+        if event.currency != account.currency or balance_minor != expected_minor or balance_minor < 0:
+            raise CorruptLog(
+                f"account {event.account_id!r} seq {event.seq}: balance {event.balance} {event.currency} does not follow "
+                f"{account.balance_minor} minor units {account.currency} and amount {event.amount}")
+        account.balance_minor = balance_minor
+        if event_class is TransferDebited:
+            status = PENDING
+        elif event_class is TransferRefunded:
+            status, reason = FAILURE, event.reason
+    elif event_class is AccountFrozen:
+        account.status = FROZEN
+    elif event_class is AccountUnfrozen:
+        account.status = ACTIVE
+    elif event_class is AccountClosed:
+        account.status = CLOSED
+    account.seq = event.seq
+    _remember(state, event.account_id, event.transaction_id, event.digest, status, reason, event.ts_ms)
+    _advance_clock(state, event.ts_ms)
+    return state
+
+
+_BALANCE_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
+
+
+def _remember(state: State, account_id: str, transaction_id: str, digest: str, status: str, reason: str | None,
+              ts_ms: int) -> None:
+    key = (account_id, transaction_id)
+    first = state.memory.get(key)
+    # A refund keeps the time of the debit it answers, so the pair is forgotten together.
+    state.memory[key] = Remembered(digest, status, reason, first.ts_ms if first is not None else ts_ms)
+
+
+def _advance_clock(state: State, ts_ms: int) -> None:
+    if ts_ms <= state.clock_ms:
+        return
+    crossed_step = ts_ms // IDEMPOTENCY_EVICT_STEP_MS != state.clock_ms // IDEMPOTENCY_EVICT_STEP_MS
+    state.clock_ms = ts_ms
+    if crossed_step:
+        _forget_before(state, ts_ms - IDEMPOTENCY_WINDOW_MS)
+
+
+def _forget_before(state: State, horizon_ms: int) -> None:
+    expired = []
+    for key, remembered in state.memory.items():
+        if remembered.ts_ms >= horizon_ms:
+            break
+        expired.append(key)
+    for key in expired:
+        del state.memory[key]

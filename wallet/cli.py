@@ -1,0 +1,57 @@
+"""The `wallet` command: one entry point whose subcommands live beside the code they run.
+
+Each area registers its own subcommands through a `register(subparsers)` function, so
+`wallet processor` is defined in `streams/`, `wallet readmodel` in `consumers/`, and so on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from wallet.config import Settings
+
+# Modules that add subcommands; each has `register(subparsers) -> None`.
+_COMMAND_MODULES = (
+    "wallet.commands_kafka",
+    "wallet.commands_stack",
+    "streams.cli",
+    "producers.cli",
+    "consumers.readmodel.cli",
+    "consumers.audit.cli",
+    "benchmarks.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wallet", description="Streamwallet: an event-sourced wallet ledger on Kafka")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers of an existing cluster (env WALLET_KAFKA_BOOTSTRAP); "
+                        "when unset the project's local broker is used")
+    parser.add_argument("--topic-prefix", help="prefix of every topic name (env WALLET_TOPIC_PREFIX)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue  # an area whose commands are not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings().with_overrides(kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
