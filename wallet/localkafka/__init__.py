@@ -1,0 +1,17 @@
+"""The project's own Apache Kafka broker on loopback (KRaft, one node), for development, tests and CI.
+
+`pom.xml` pins the Kafka version Maven fetches; `log4j2.yaml` is the broker's logging;
+`broker.py` fetches, starts, stops and reports on it.
+"""
+from wallet.localkafka.broker import (
+    KAFKA_VERSION,
+    LocalKafkaError,
+    StartResult,
+    fetch_jars,
+    jars_dir,
+    start,
+    status,
+    stop,
+)
+
+__all__ = ["KAFKA_VERSION", "LocalKafkaError", "StartResult", "fetch_jars", "jars_dir", "start", "status", "stop"]

@@ -1,0 +1,438 @@
+"""A single-node Apache Kafka on loopback for development, tests and CI.
+
+One JVM is both KRaft controller and broker, listening on 127.0.0.1 only, with its data,
+logs and PID file under `settings.run_dir / "kafka"`. The jars come from Maven Central
+once (`fetch_jars`) into the git-ignored cache folder; everything after that is offline.
+The broker runs detached from the command that started it, and is stopped by the PID it
+recorded, never by process name, so brokers of other checkouts on other ports are safe.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from wallet.config import Settings
+from wallet.topics import BrokerUnavailableError, wait_for_broker
+
+KAFKA_VERSION = "4.1.1"  # keep equal to kafka.version in pom.xml
+JAVA_VERSION_MIN = 17  # Kafka 4 brokers need Java 17
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+POM_PATH = _PACKAGE_DIR / "pom.xml"
+LOG4J2_CONFIG_PATH = _PACKAGE_DIR / "log4j2.yaml"
+
+JVM_HEAP_MAX = "1g"
+FETCH_TIMEOUT_S = 600
+FORMAT_TIMEOUT_S = 60
+JAVA_PROBE_TIMEOUT_S = 20
+STATUS_PROBE_TIMEOUT_S = 5
+KILL_WAIT_S = 10
+LOG_TAIL_LINES = 25
+NODE_ID = 1
+
+
+class LocalKafkaError(RuntimeError):
+    """The local broker could not be fetched, started or stopped; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    data_dir: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> "BrokerFiles":
+        return cls(settings.run_dir / "kafka")
+
+    @property
+    def properties(self) -> Path:
+        return self.data_dir / "server.properties"
+
+    @property
+    def partitions_dir(self) -> Path:
+        return self.data_dir / "data"  # Kafka's `log.dirs`: the partition logs and KRaft metadata
+
+    @property
+    def cluster_id_file(self) -> Path:
+        return self.data_dir / "cluster.id"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "broker.pid"
+
+    @property
+    def server_log(self) -> Path:
+        return self.data_dir / "server.log"  # written by log4j2 (see log4j2.yaml)
+
+    @property
+    def console_log(self) -> Path:
+        return self.data_dir / "console.log"  # the JVM's own stdout/stderr: crashes before log4j2 is up
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_dir / ".lock"
+
+
+@dataclass(frozen=True)
+class StartResult:
+    pid: int
+    already_running: bool
+    ready_after_s: float
+
+
+def jars_dir(settings: Settings) -> Path:
+    return settings.cache_dir / f"kafka-{KAFKA_VERSION}" / "jars"
+
+
+def _fetch_marker(settings: Settings) -> Path:
+    # Written only after Maven finished, so an interrupted fetch is never mistaken for a cache.
+    return jars_dir(settings).parent / "fetch-complete"
+
+
+def fetch_jars(settings: Settings) -> bool:
+    """Fill the jar cache from Maven Central unless it is complete; return True if it fetched now."""
+    target_dir = jars_dir(settings)
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target_dir.parent / ".lock"):
+        if _fetch_marker(settings).exists():
+            return False
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise LocalKafkaError(
+                f"Maven (mvn) is not on PATH; it is needed once to fetch Kafka {KAFKA_VERSION}'s jars "
+                "(Debian: apt-get install -y maven)"
+            )
+        staging_dir = target_dir.parent / "jars.partial"
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        shutil.rmtree(target_dir, ignore_errors=True)
+        command = [mvn, "-q", "-B", "-f", str(POM_PATH), "dependency:copy-dependencies",
+                   f"-DoutputDirectory={staging_dir}"]
+        try:
+            completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                       timeout=FETCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            raise LocalKafkaError(f"mvn did not finish fetching Kafka's jars within {FETCH_TIMEOUT_S} s") from error
+        if completed.returncode != 0:
+            raise LocalKafkaError(
+                f"mvn failed (exit {completed.returncode}) fetching Kafka's jars with: {' '.join(command)}\n"
+                + _last_lines(completed.stdout + completed.stderr)
+            )
+        staging_dir.rename(target_dir)
+        jar_count = len(list(target_dir.glob("*.jar")))
+        if jar_count == 0:
+            raise LocalKafkaError(f"mvn succeeded but left no jars in {target_dir}")
+        _fetch_marker(settings).write_text(f"kafka {KAFKA_VERSION}, {jar_count} jars\n")
+        return True
+
+
+def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool = False) -> StartResult:
+    """Start the local broker in the background and return once it answers a metadata request.
+
+    A broker already running from this run folder is reused. `stop_with_parent` makes the
+    broker die with the calling process (for test sessions that may be killed before their
+    teardown runs); without it the broker outlives the command that started it.
+    """
+    if not settings.uses_local_kafka:
+        raise LocalKafkaError(f"an existing cluster is configured ({settings.kafka_bootstrap}); "
+                              "the local broker is not started")
+    files = BrokerFiles.of(settings)
+    files.data_dir.mkdir(parents=True, exist_ok=True)
+    started_s = time.monotonic()
+    with _exclusive(files.lock_file):
+        running_pid = _running_pid(files)
+        if running_pid is not None:
+            _wait_ready(settings, files, timeout_s, process=None)
+            return StartResult(running_pid, already_running=True, ready_after_s=time.monotonic() - started_s)
+
+        for port in (settings.local_kafka_port, settings.local_controller_port):
+            _require_free_port(port)
+        java = _require_java()
+        classpath = _require_classpath(settings)
+        files.properties.write_text(_server_properties(settings, files))
+        _format_storage_once(java, classpath, files)
+
+        process = _launch(java, classpath, files, stop_with_parent)
+        files.pid_file.write_text(f"{process.pid}\n")
+        try:
+            _wait_ready(settings, files, timeout_s, process)
+        except LocalKafkaError:
+            _terminate(process.pid, KILL_WAIT_S)
+            files.pid_file.unlink(missing_ok=True)
+            raise
+        return StartResult(process.pid, already_running=False, ready_after_s=time.monotonic() - started_s)
+
+
+def stop(settings: Settings, timeout_s: float = 30) -> bool:
+    """Stop the broker recorded in the PID file; return False if none was running."""
+    files = BrokerFiles.of(settings)
+    if not files.data_dir.exists():
+        return False
+    with _exclusive(files.lock_file):
+        pid = _running_pid(files)
+        if pid is None:
+            return False
+        _terminate(pid, timeout_s)
+        files.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def status(settings: Settings) -> dict:
+    """What runs and whether it answers; for an existing cluster only the latter."""
+    files = BrokerFiles.of(settings)
+    report: dict = {
+        "bootstrap": settings.bootstrap,
+        "managed_locally": settings.uses_local_kafka,
+        "kafka_version": KAFKA_VERSION if settings.uses_local_kafka else None,
+        "pid": None,
+        "running": None,
+        "ready": False,
+        "brokers": 0,
+        "cluster_id": None,
+        "controller_id": None,
+        "topics": 0,
+        "data_dir": str(files.data_dir) if settings.uses_local_kafka else None,
+        "log_file": str(files.server_log) if settings.uses_local_kafka else None,
+        "error": None,
+    }
+    if settings.uses_local_kafka:
+        report["pid"] = _running_pid(files) if files.data_dir.exists() else None
+        report["running"] = report["pid"] is not None
+        if not report["running"]:
+            report["error"] = "the local broker is not running (start it with `wallet kafka start`)"
+            return report
+    try:
+        metadata = wait_for_broker(settings.bootstrap, STATUS_PROBE_TIMEOUT_S)
+    except BrokerUnavailableError as error:
+        report["error"] = str(error)
+        return report
+    report.update(
+        ready=True,
+        brokers=len(metadata.brokers),
+        cluster_id=metadata.cluster_id,
+        controller_id=metadata.controller_id,
+        topics=sum(1 for name in metadata.topics if not name.startswith("__")),
+    )
+    return report
+
+
+def _wait_ready(settings: Settings, files: BrokerFiles, timeout_s: float, process: subprocess.Popen | None) -> None:
+    def exit_reason() -> str | None:
+        if process is not None and process.poll() is not None:
+            return f"the Kafka broker exited with code {process.returncode} while starting.\n" + _log_tails(files)
+        return None
+
+    try:
+        wait_for_broker(settings.bootstrap, timeout_s, abort_reason=exit_reason)
+    except BrokerUnavailableError as error:
+        if exit_reason() is not None:
+            raise LocalKafkaError(str(error)) from None
+        raise LocalKafkaError(f"{error}; the broker process is still running but not ready.\n"
+                              + _log_tails(files)) from None
+
+
+def _server_properties(settings: Settings, files: BrokerFiles) -> str:
+    broker_address = f"127.0.0.1:{settings.local_kafka_port}"
+    controller_address = f"127.0.0.1:{settings.local_controller_port}"
+    lines = [
+        "# Written by `wallet kafka start` on every start; edits here are overwritten.",
+        "process.roles=broker,controller",
+        f"node.id={NODE_ID}",
+        f"controller.quorum.voters={NODE_ID}@{controller_address}",
+        "controller.listener.names=CONTROLLER",
+        f"listeners=PLAINTEXT://{broker_address},CONTROLLER://{controller_address}",
+        f"advertised.listeners=PLAINTEXT://{broker_address}",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        f"log.dirs={files.partitions_dir}",
+        # A mistyped topic name must fail loudly, not create a stray topic with default settings.
+        "auto.create.topics.enable=false",
+        f"num.partitions={settings.partitions}",
+        # One node: every replicated internal topic has exactly one replica.
+        "default.replication.factor=1",
+        "min.insync.replicas=1",
+        "offsets.topic.replication.factor=1",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "share.coordinator.state.topic.replication.factor=1",
+        "share.coordinator.state.topic.min.isr=1",
+        # Fewer coordinator partitions than the default 50 make the first group and the first
+        # transaction ready sooner on a 2-core machine; a single node gains nothing from more.
+        "offsets.topic.num.partitions=8",
+        "transaction.state.log.num.partitions=8",
+        # Tests and the demo start consumers one after another; waiting for more members only delays them.
+        "group.initial.rebalance.delay.ms=0",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _format_storage_once(java: str, classpath: str, files: BrokerFiles) -> None:
+    if (files.partitions_dir / "meta.properties").exists():
+        return
+    if files.cluster_id_file.exists():
+        cluster_id = files.cluster_id_file.read_text().strip()
+    else:
+        # Kafka's Uuid text form: URL-safe base64 of 16 random bytes, without padding.
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        files.cluster_id_file.write_text(cluster_id + "\n")
+    command = [java, *_jvm_logging_options(files), "-cp", classpath, "kafka.tools.StorageTool", "format",
+               "-t", cluster_id, "-c", str(files.properties)]
+    try:
+        completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                   timeout=FORMAT_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise LocalKafkaError(f"formatting Kafka's storage did not finish within {FORMAT_TIMEOUT_S} s") from error
+    if completed.returncode != 0:
+        raise LocalKafkaError(f"formatting Kafka's storage in {files.partitions_dir} failed "
+                              f"(exit {completed.returncode}):\n" + _last_lines(completed.stdout + completed.stderr))
+
+
+def _jvm_logging_options(files: BrokerFiles) -> list[str]:
+    return [f"-Dlog4j2.configurationFile={LOG4J2_CONFIG_PATH}", f"-Dkafka.logs.dir={files.data_dir}"]
+
+
+def _launch(java: str, classpath: str, files: BrokerFiles, stop_with_parent: bool) -> subprocess.Popen:
+    command = [
+        java,
+        f"-Xmx{JVM_HEAP_MAX}",
+        "-Xms256m",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        # A broker that ran out of heap is broken; dying makes the failure visible at once.
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
+        *_jvm_logging_options(files),
+        "-cp", classpath,
+        "kafka.Kafka", str(files.properties),
+    ]
+    setpriv = shutil.which("setpriv")
+    if stop_with_parent and setpriv is not None:
+        # The kernel sends SIGTERM when the parent dies, even by SIGKILL; `setpriv` sets that up and execs java.
+        command = [setpriv, "--pdeathsig", "TERM", *command]
+    with files.console_log.open("wb") as console:
+        return subprocess.Popen(command, cwd=files.data_dir, stdin=subprocess.DEVNULL, stdout=console,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _require_java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise LocalKafkaError(f"Java is not on PATH; the local Kafka broker needs Java {JAVA_VERSION_MIN}+ "
+                              "(Debian: apt-get install -y openjdk-17-jre-headless)")
+    try:
+        completed = subprocess.run([java, "-version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                   timeout=JAVA_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise LocalKafkaError(f"`{java} -version` did not answer within {JAVA_PROBE_TIMEOUT_S} s") from error
+    match = re.search(r'version "(\d+)', completed.stderr + completed.stdout)
+    if match is None or int(match.group(1)) < JAVA_VERSION_MIN:
+        found = match.group(1) if match else "unknown"
+        raise LocalKafkaError(f"{java} is Java {found}; Kafka {KAFKA_VERSION} needs Java {JAVA_VERSION_MIN}+")
+    return java
+
+
+def _require_classpath(settings: Settings) -> str:
+    if not _fetch_marker(settings).exists():
+        raise LocalKafkaError(f"Kafka {KAFKA_VERSION}'s jars are missing from {jars_dir(settings)}; "
+                              "fetch them once with `wallet kafka fetch`")
+    return str(jars_dir(settings) / "*")  # the JVM expands the wildcard itself
+
+
+def _require_free_port(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # The JVM binds with SO_REUSEADDR, so only a live listener (not TIME_WAIT leftovers) blocks it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise LocalKafkaError(
+                f"port {port} on 127.0.0.1 is taken ({error.strerror}) by a process this run folder did not start; "
+                f"find it with `ss -ltnp 'sport = :{port}'`, or choose other ports with "
+                "WALLET_LOCAL_KAFKA_PORT / WALLET_LOCAL_CONTROLLER_PORT"
+            ) from None
+
+
+def _running_pid(files: BrokerFiles) -> int | None:
+    """The PID in the PID file if that process is alive and is this folder's broker; a stale file is removed."""
+    try:
+        pid = int(files.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        files.pid_file.unlink(missing_ok=True)
+        return None
+    if _is_alive(pid) and _is_our_broker(pid, files):
+        return pid
+    files.pid_file.unlink(missing_ok=True)  # the broker died, or the PID now belongs to another process
+    return None
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")  # an unreaped zombie is dead for our purposes
+
+
+def _is_our_broker(pid: int, files: BrokerFiles) -> bool:
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"kafka.Kafka" in arguments and str(files.properties).encode() in arguments
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    """SIGTERM (Kafka then flushes and closes its logs cleanly), and SIGKILL if that takes longer than timeout_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_exit(pid, timeout_s):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not _wait_exit(pid, KILL_WAIT_S):
+        raise LocalKafkaError(f"the Kafka broker (pid {pid}) survived SIGKILL for {KILL_WAIT_S} s")
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline_s = time.monotonic() + timeout_s
+    while _is_alive(pid):
+        if time.monotonic() >= deadline_s:
+            return False
+        time.sleep(0.1)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaps it when we are its parent, so it does not linger as a zombie
+    return True
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Serialise start/stop/fetch between processes sharing a folder (several shells, parallel test runs)."""
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _last_lines(text: str, line_count: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-line_count:])
+
+
+def _log_tails(files: BrokerFiles) -> str:
+    parts = []
+    for path in (files.console_log, files.server_log):
+        if path.exists() and path.stat().st_size > 0:
+            parts.append(f"--- last lines of {path} ---\n" + _last_lines(path.read_text(errors="replace")))
+    return "\n".join(parts) if parts else f"(no log output in {files.data_dir})"
