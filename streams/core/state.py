@@ -16,13 +16,21 @@ from schemas.events import (
 from schemas.outcomes import Reason
 from streams.core.money import canonical_minor
 
-# How long a transaction id is remembered, on the command clock (the `ts_ms` of the records
-# folded, never the wall clock): a retry within this window gets the first answer; a retry
+# How long a transaction id is remembered, on the command clock (the largest `ts_ms` folded
+# so far, never the wall clock): a retry within this window gets the first answer; a retry
 # after it is a new request. Part of the rules: changing it changes what replay produces.
 IDEMPOTENCY_WINDOW_MS = 24 * 60 * 60 * 1000
-# Ids older than the window are dropped when the partition's clock enters a new step of this
-# size, so that the cost of forgetting is paid once a minute of command time, not per event.
+# The horizon moves in steps of this size, so forgetting is paid once a minute of command
+# time, not per event.
 IDEMPOTENCY_EVICT_STEP_MS = 60 * 1000
+
+
+def memory_horizon_ms(clock_ms: int) -> int:
+    """Ids with `ts_ms` below this are forgotten. The memory is exactly the set of decided ids
+    with `ts_ms >= memory_horizon_ms(clock_ms)`, whatever the order they were folded in, so a
+    snapshot stored in any order restores to the same memory."""
+    return (clock_ms // IDEMPOTENCY_EVICT_STEP_MS) * IDEMPOTENCY_EVICT_STEP_MS - IDEMPOTENCY_WINDOW_MS
+
 
 ACTIVE, FROZEN, CLOSED = "active", "frozen", "closed"
 PENDING, SUCCESS, FAILURE = "pending", "success", "failure"
@@ -53,8 +61,7 @@ class Remembered:
 @dataclass(slots=True)
 class State:
     accounts: dict[str, Account] = field(default_factory=dict)
-    # Key: (account that owns the step, transaction id). Insertion order is roughly command
-    # time order, which is what eviction relies on.
+    # Key: (account that owns the step, transaction id).
     memory: dict[tuple[str, str], Remembered] = field(default_factory=dict)
     clock_ms: int = 0
 
@@ -117,23 +124,19 @@ def _remember(state: State, account_id: str, transaction_id: str, digest: str, s
     key = (account_id, transaction_id)
     first = state.memory.get(key)
     # A refund keeps the time of the debit it answers, so the pair is forgotten together.
-    state.memory[key] = Remembered(digest, status, reason, first.ts_ms if first is not None else ts_ms)
+    remembered_ts_ms = first.ts_ms if first is not None else ts_ms
+    if remembered_ts_ms < memory_horizon_ms(state.clock_ms):
+        return  # decided after its id would already have been forgotten
+    state.memory[key] = Remembered(digest, status, reason, remembered_ts_ms)
 
 
 def _advance_clock(state: State, ts_ms: int) -> None:
     if ts_ms <= state.clock_ms:
         return
-    crossed_step = ts_ms // IDEMPOTENCY_EVICT_STEP_MS != state.clock_ms // IDEMPOTENCY_EVICT_STEP_MS
+    horizon_before_ms = memory_horizon_ms(state.clock_ms)
     state.clock_ms = ts_ms
-    if crossed_step:
-        _forget_before(state, ts_ms - IDEMPOTENCY_WINDOW_MS)
-
-
-def _forget_before(state: State, horizon_ms: int) -> None:
-    expired = []
-    for key, remembered in state.memory.items():
-        if remembered.ts_ms >= horizon_ms:
-            break
-        expired.append(key)
-    for key in expired:
-        del state.memory[key]
+    horizon_ms = memory_horizon_ms(ts_ms)
+    if horizon_ms != horizon_before_ms:
+        expired = [key for key, remembered in state.memory.items() if remembered.ts_ms < horizon_ms]
+        for key in expired:
+            del state.memory[key]

@@ -1,0 +1,327 @@
+"""The exactly-once processor: Kafka transactions around the pure state machine.
+
+One instance consumes some partitions of `wallet.commands` (a consumer group splits them)
+and, per batch, in ONE Kafka transaction: decides every command with the core, produces its
+events (to the same partition number of `wallet.events`), its saga legs (to
+`wallet.commands`, placed by the shared partitioner) and its outcomes, sends the consumed
+offsets, and commits. The RocksDB snapshot is written only after the commit. On any
+transaction error the instance aborts where it can, replaces its producer (same
+transactional id, which fences a zombie of itself) and rebuilds every owned partition from
+the snapshot and the log: it never guesses whether a commit happened.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from schemas.codec import SchemaError, decode_command, encode
+from schemas.commands import owner_account
+from schemas.events import CommandRejected
+from schemas.partitioning import partition_for
+from streams.core.machine import apply
+from streams.core.state import State
+from streams.runtime.kafka_config import (
+    processor_consumer_config, processor_producer_config, restore_consumer_config,
+)
+from streams.runtime.restore import fold_event_tail
+from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
+from wallet.config import Settings
+
+log = logging.getLogger("wallet.processor")
+
+PRODUCE_QUEUE_FULL_WAIT_S = 30.0
+KAFKA_CALL_TIMEOUT_S = 30.0
+COMMIT_RETRIES_MAX = 3
+REPORT_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    instance_id: str
+    store_path: Path
+    batch_size_max: int = 5_000  # commands per Kafka transaction: each commit costs milliseconds
+    commit_interval_ms: int = 100  # longest a command waits for its batch to fill
+    state_flush_interval_ms: int = 1_000  # how often the RocksDB snapshot catches up
+    transaction_timeout_ms: int = 10_000
+    restore_timeout_s: float = 600.0
+
+
+class _Task:
+    """One owned partition: its state, its snapshot checkpoint and what changed since."""
+
+    __slots__ = ("partition", "state", "checkpoint", "changes", "events_offset")
+
+    def __init__(self, partition: int, state: State, checkpoint: Checkpoint, events_offset: int) -> None:
+        self.partition = partition
+        self.state = state
+        self.checkpoint = checkpoint
+        self.changes = PartitionChanges()
+        self.events_offset = events_offset  # next offset of wallet.events after the last committed event
+
+
+class Processor:
+    def __init__(self, settings: Settings, config: ProcessorConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.group_id = f"{settings.topic_prefix}wallet-processor"
+        self.transactional_id = f"{self.group_id}-{config.instance_id}"
+        self._stopping = False
+        self._tasks: dict[int, _Task] = {}
+        self._store = StateStore(config.store_path)
+        self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
+        self._restore_consumer = Consumer(restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
+        self._producer = self._new_producer()
+        self._partition_count = self._check_topics()
+        self._owner_partition = lru_cache(maxsize=1 << 20)(lambda account: partition_for(account, self._partition_count))
+        self._last_flush_s = time.monotonic()
+        self.commands_processed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self, *_signal_args) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        log.info("instance %s started (group %s, transactional id %s)", self.config.instance_id, self.group_id,
+                 self.transactional_id)
+        report_s = time.monotonic()
+        reported = 0
+        try:
+            while not self._stopping:
+                records = self._consumer.consume(num_messages=self.config.batch_size_max,
+                                                 timeout=self.config.commit_interval_ms / 1000)
+                if records:
+                    try:
+                        self._process_batch(records)
+                    except KafkaException as error:
+                        self._recover(f"Kafka failed during a batch: {error}")
+                now_s = time.monotonic()
+                if now_s - self._last_flush_s >= self.config.state_flush_interval_ms / 1000:
+                    self._flush_state()
+                if now_s - report_s >= REPORT_INTERVAL_S:
+                    rate = (self.commands_processed - reported) / (now_s - report_s)
+                    log.info("partitions %s: %d commands processed (%.0f/s), lag %d", sorted(self._tasks),
+                             self.commands_processed, rate, self._lag())
+                    report_s, reported = now_s, self.commands_processed
+        finally:
+            self._flush_state()
+            self._consumer.close()  # leaves the group so the partitions move at once
+            self._restore_consumer.close()
+            self._store.close()
+            log.info("instance %s stopped after %d commands", self.config.instance_id, self.commands_processed)
+
+    # -- the batch: one Kafka transaction ----------------------------------------------------
+
+    def _process_batch(self, records: list) -> None:
+        producer = self._producer
+        produce = producer.produce
+        events_topic, commands_topic = self.settings.events_topic, self.settings.commands_topic
+        outcomes_topic = self.settings.outcomes_topic
+        tasks = self._tasks
+        next_offsets: dict[int, int] = {}
+        # Per partition, the last event of the batch is held back and produced with a delivery
+        # callback: its offset is the snapshot's checkpoint, one callback per partition.
+        last_event: dict[int, tuple[str, bytes]] = {}
+        producer.begin_transaction()
+        for record in records:
+            error = record.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error)
+                continue
+            partition = record.partition()
+            task = tasks[partition]
+            next_offsets[partition] = record.offset() + 1
+            value = record.value()
+            try:
+                command = decode_command(value)
+            except SchemaError as schema_error:
+                self._dead_letter(record, str(schema_error))
+                continue
+            owner = owner_account(command)
+            if self._owner_partition(owner) != partition:
+                self._dead_letter(record, f"command for account {owner!r} arrived on partition {partition}, but the "
+                                          f"account belongs to partition {self._owner_partition(owner)}: its producer "
+                                          f"does not use the murmur2 partitioner")
+                continue
+            decision = apply(task.state, command)
+            changes = task.changes
+            for event in decision.events:
+                account_id = event.account_id
+                held = last_event.get(partition)
+                if held is not None:
+                    self._produce(produce, events_topic, held[1], held[0], partition)
+                last_event[partition] = (account_id, encode(event))
+                if type(event) is not CommandRejected:
+                    changes.accounts.add(account_id)
+                changes.memory_keys.add((account_id, event.transaction_id))
+            for leg in decision.follow_ups:
+                self._produce(produce, commands_topic, encode(leg), owner_account(leg), None)
+            outcome = decision.outcome
+            if outcome is not None:
+                self._produce(produce, outcomes_topic, encode(outcome), outcome.transaction_id, None)
+        delivered: dict[int, int] = {}
+        for partition, (account_id, value) in last_event.items():
+            def on_delivery(error, message, partition=partition):
+                if error is None:
+                    delivered[partition] = message.offset() + 1
+            self._produce(produce, events_topic, value, account_id, partition, on_delivery)
+        self.commands_processed += len(records)
+        if not next_offsets:
+            producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+            return
+        offsets = [TopicPartition(commands_topic, partition, offset) for partition, offset in next_offsets.items()]
+        if not self._commit(offsets):
+            self._recover("the batch's transaction did not commit")
+            return
+        for partition, events_offset in delivered.items():
+            tasks[partition].events_offset = events_offset
+
+    def _produce(self, produce, topic: str, value: bytes, key: str, partition: int | None, on_delivery=None) -> None:
+        deadline_s = None
+        while True:
+            try:
+                if partition is None:
+                    produce(topic, value, key, on_delivery=on_delivery)
+                else:
+                    produce(topic, value, key, partition, on_delivery=on_delivery)
+                return
+            except BufferError:
+                # The local queue is full: wait for deliveries rather than drop anything.
+                deadline_s = deadline_s or time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
+                if time.monotonic() > deadline_s:
+                    raise RuntimeError(f"producer queue stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: "
+                                       f"is the broker reachable?") from None
+                self._producer.poll(0.05)
+
+    def _dead_letter(self, record, error: str) -> None:
+        log.warning("dead-lettering %s[%d]@%d: %s", record.topic(), record.partition(), record.offset(), error)
+        headers = [("error", error.encode()), ("source_topic", record.topic().encode()),
+                   ("source_partition", str(record.partition()).encode()),
+                   ("source_offset", str(record.offset()).encode())]
+        self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
+
+    def _commit(self, offsets: list[TopicPartition]) -> bool:
+        producer = self._producer
+        try:
+            producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S)
+            for attempt in range(COMMIT_RETRIES_MAX):
+                try:
+                    producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
+                    return True
+                except KafkaException as error:
+                    if not error.args[0].retriable() or attempt == COMMIT_RETRIES_MAX - 1:
+                        raise
+                    log.warning("commit failed, retrying: %s", error)
+        except KafkaException as error:
+            log.error("transaction failed: %s", error)
+            if error.args[0].txn_requires_abort():
+                try:
+                    producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+                except KafkaException as abort_error:
+                    log.error("abort failed too: %s", abort_error)
+        return False
+
+    def _recover(self, why: str) -> None:
+        """Replaces the producer and rebuilds every owned partition from snapshot + log."""
+        log.warning("recovering: %s; replacing the producer and rebuilding partitions %s", why, sorted(self._tasks))
+        self._producer.flush(0)
+        self._producer = self._new_producer()
+        partitions = sorted(self._tasks)
+        self._tasks.clear()
+        self._restore(partitions)
+        committed = self._consumer.committed(
+            [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=KAFKA_CALL_TIMEOUT_S)
+        for topic_partition in committed:
+            if topic_partition.offset >= 0:
+                self._consumer.seek(topic_partition)
+
+    def _new_producer(self) -> Producer:
+        producer = Producer(processor_producer_config(self.settings.bootstrap, self.transactional_id,
+                                                      self.config.transaction_timeout_ms))
+        # Fences any earlier producer with this transactional id and settles its open transaction.
+        producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
+        return producer
+
+    # -- partitions: restore on assignment, drop on revocation -------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        # Waits until no transaction that wrote these partitions' offsets is still open, so the
+        # events read next are all that will ever belong before our first command.
+        consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
+        self._restore(numbers)
+        log.info("assigned partitions %s; now owning %s", numbers, sorted(self._tasks))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        for number in numbers:
+            task = self._tasks.pop(number, None)
+            if task is not None:
+                self._save(task)
+        log.info("revoked partitions %s; now owning %s", numbers, sorted(self._tasks))
+
+    def _restore(self, partitions: list[int]) -> None:
+        loaded = {p: self._store.load(p) for p in partitions}
+        tails = {p: (state, checkpoint.events_offset) for p, (state, checkpoint) in loaded.items()}
+        ends = fold_event_tail(self._restore_consumer, self.settings.events_topic, tails, self.config.restore_timeout_s)
+        for partition, (state, checkpoint) in loaded.items():
+            task = _Task(partition, state, checkpoint, ends[partition])
+            if ends[partition] != checkpoint.events_offset:
+                # The tail folded from the log is not in the snapshot yet; which keys it touched
+                # is not tracked, so the next save writes them all.
+                task.changes.accounts.update(state.accounts)
+                task.changes.memory_keys.update(state.memory)
+            self._tasks[partition] = task
+
+    # -- the snapshot ------------------------------------------------------------------------
+
+    def _flush_state(self) -> None:
+        for task in self._tasks.values():
+            self._save(task)
+        self._last_flush_s = time.monotonic()
+
+    def _save(self, task: _Task) -> None:
+        if task.events_offset == task.checkpoint.events_offset:
+            return
+        task.checkpoint.events_offset = task.events_offset
+        self._store.save(task.partition, task.state, task.changes, task.checkpoint)
+        task.changes = PartitionChanges()
+        self._store.drop_expired_segments(task.partition, task.state.clock_ms)
+
+    # -- observability -----------------------------------------------------------------------
+
+    def _check_topics(self) -> int:
+        metadata = self._consumer.list_topics(timeout=KAFKA_CALL_TIMEOUT_S)
+        counts = {}
+        for topic in (self.settings.commands_topic, self.settings.events_topic):
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                raise RuntimeError(f"topic {topic} does not exist: run `wallet topics create` first")
+            counts[topic] = len(found.partitions)
+        if len(set(counts.values())) != 1:
+            raise RuntimeError(f"commands and events topics must have the same partition count: {counts}")
+        return counts[self.settings.commands_topic]
+
+    def _lag(self) -> int:
+        lag = 0
+        for partition in self._tasks:
+            tp = TopicPartition(self.settings.commands_topic, partition)
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                position = self._consumer.position([tp])[0].offset
+            except KafkaException:
+                continue
+            if high >= 0 and position >= 0:
+                lag += high - position
+        return lag

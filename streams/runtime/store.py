@@ -1,0 +1,131 @@
+"""The processor's local state in RocksDB (rocksdict): a snapshot of each partition it owns.
+
+The snapshot is never ahead of Kafka: it is written only after the Kafka transaction that
+produced its events has committed, together with the offset of `wallet.events` it covers.
+Restoring a partition = load the snapshot, then fold `wallet.events` from that offset on.
+
+Layout (one RocksDB per instance; partitions kept apart by a key prefix):
+  a/<partition>/<account_id>            -> account (currency, kind, status, balance_minor, seq)
+  s/<partition>/<segment number>        -> the memory entries written by one flush
+  o/<partition>                         -> (events_offset, clock_ms, next segment number)
+Memory entries are stored in segments, one value per flush, because a flush writes tens of
+thousands of new transaction ids and one value per id would cost more than the rest of the
+processor; the core's memory is defined as a set (state.memory_horizon_ms), so replaying the
+segments in any order and dropping expired ids restores it exactly.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+from rocksdict import AccessType, Options, Rdict, WriteBatch
+
+from streams.core.state import Account, Remembered, State, memory_horizon_ms
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.decode
+_PARTITION = struct.Struct(">I")
+_SEGMENT = struct.Struct(">Q")
+
+
+def _prefix(kind: bytes, partition: int) -> bytes:
+    return kind + b"/" + _PARTITION.pack(partition) + b"/"
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    events_offset: int = 0  # the next offset of wallet.events not yet folded into the snapshot
+    clock_ms: int = 0
+    next_segment: int = 0
+
+
+class PartitionChanges:
+    """What a partition changed since its last flush: written in one RocksDB write batch."""
+
+    __slots__ = ("accounts", "memory_keys")
+
+    def __init__(self) -> None:
+        self.accounts: set[str] = set()
+        self.memory_keys: set[tuple[str, str]] = set()
+
+
+class StateStore:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        path.mkdir(parents=True, exist_ok=True) if not read_only else None
+        options = Options(raw_mode=True)
+        options.create_if_missing(not read_only)
+        access = AccessType.read_only() if read_only else AccessType.read_write()
+        self._db = Rdict(str(path), options, access_type=access)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def partitions(self) -> list[int]:
+        found = []
+        for key in self._db.keys(from_key=b"o/"):
+            if not key.startswith(b"o/"):
+                break
+            found.append(_PARTITION.unpack(key[2:6])[0])
+        return found
+
+    def load(self, partition: int) -> tuple[State, Checkpoint]:
+        meta = self._db.get(_prefix(b"o", partition)[:-1])
+        if meta is None:
+            return State(), Checkpoint()
+        checkpoint = Checkpoint(*_unpack(meta))
+        state = State(clock_ms=checkpoint.clock_ms)
+        for account_id, fields in self._scan(_prefix(b"a", partition)):
+            state.accounts[account_id.decode()] = Account(*_unpack(fields))
+        horizon_ms = memory_horizon_ms(checkpoint.clock_ms)
+        for _, segment in self._scan(_prefix(b"s", partition)):
+            for account_id, transaction_id, digest, status, reason, ts_ms in _unpack(segment):
+                key = (account_id, transaction_id)
+                if ts_ms >= horizon_ms:
+                    state.memory[key] = Remembered(digest, status, reason, ts_ms)
+                else:
+                    state.memory.pop(key, None)
+        return state, checkpoint
+
+    def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
+        """Writes one partition's changes and its new checkpoint atomically."""
+        batch = WriteBatch(raw_mode=True)
+        account_prefix = _prefix(b"a", partition)
+        for account_id in changes.accounts:
+            account = state.accounts[account_id]
+            batch.put(account_prefix + account_id.encode(),
+                      _pack((account.currency, account.kind, account.status, account.balance_minor, account.seq)))
+        entries = []
+        for key in changes.memory_keys:
+            remembered = state.memory.get(key)
+            if remembered is not None:
+                entries.append((key[0], key[1], remembered.digest, remembered.status, remembered.reason,
+                                remembered.ts_ms))
+        if entries:
+            batch.put(_prefix(b"s", partition) + _SEGMENT.pack(checkpoint.next_segment), _pack(entries))
+            checkpoint.next_segment += 1
+        checkpoint.clock_ms = state.clock_ms
+        batch.put(_prefix(b"o", partition)[:-1], _pack((checkpoint.events_offset, checkpoint.clock_ms,
+                                                         checkpoint.next_segment)))
+        self._db.write(batch)
+
+    def drop_expired_segments(self, partition: int, clock_ms: int) -> int:
+        """Deletes segments whose every id is past the horizon; returns how many."""
+        horizon_ms = memory_horizon_ms(clock_ms)
+        batch = WriteBatch(raw_mode=True)
+        dropped = 0
+        for key, segment in self._scan(_prefix(b"s", partition)):
+            if max(entry[5] for entry in _unpack(segment)) >= horizon_ms:
+                break  # segments are written in clock order, roughly: stop at the first live one
+            batch.delete(_prefix(b"s", partition) + key)
+            dropped += 1
+        if dropped:
+            self._db.write(batch)
+        return dropped
+
+    def _scan(self, prefix: bytes):
+        for key, value in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            yield key[len(prefix):], value

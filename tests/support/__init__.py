@@ -1,0 +1,1 @@
+"""Test helpers that stand in for the parts of the system a pure-core test does not run."""

@@ -1,0 +1,52 @@
+"""Processor instances as real OS processes, so tests can SIGKILL them like an operator's bad day."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from wallet.config import Settings
+
+STOP_TIMEOUT_S = 30
+
+
+class ProcessorProcess:
+    def __init__(self, settings: Settings, instance_id: str, *extra_args: str) -> None:
+        self.settings = settings
+        self.instance_id = instance_id
+        self.store = Path(settings.run_dir) / f"processor-{instance_id}"
+        self.log_path = Path(settings.run_dir) / f"processor-{instance_id}.log"
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ProcessorProcess":
+        env = dict(os.environ, WALLET_KAFKA_BOOTSTRAP=self.settings.bootstrap,
+                   WALLET_TOPIC_PREFIX=self.settings.topic_prefix)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "wallet.cli", "processor", "--instance-id", self.instance_id,
+             "--store", str(self.store), *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no commit, no goodbye."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(STOP_TIMEOUT_S)
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the graceful path (finish the batch, commit, close)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                raise AssertionError(f"processor {self.instance_id} did not stop within {STOP_TIMEOUT_S} s on SIGTERM")
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
