@@ -1,0 +1,207 @@
+"""Faults on a real broker: SIGKILLs under load, a rebalance mid-stream, poison records.
+
+After each, the invariants are checked from the log itself, not from what the processor
+says about itself: one final outcome per request, conservation of money per currency,
+gap-free per-account sequences, and the RocksDB snapshots equal to the fold of the events.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+
+from confluent_kafka import Producer
+
+from schemas.codec import command_digest, decode_event, decode_outcome
+from schemas.commands import Deposit, OpenAccount, Transfer
+from schemas.events import MONEY_EVENTS, CommandRejected, Deposited, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
+from streams.cli import state_dump
+from streams.core.money import format_amount
+from streams.core.state import State, fold
+from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
+from tests.support.processes import ProcessorProcess
+
+ACCOUNTS = 1_000
+TRANSFERS = 20_000
+KILLS_MIN = 5
+DRAIN_TIMEOUT_S = 180
+
+
+def _accounts_and_funding(ts_ms: int) -> tuple[list[str], list]:
+    accounts = [f"acct-{i:04d}" for i in range(ACCOUNTS)]
+    commands = []
+    for account in accounts:
+        commands.append(OpenAccount(transaction_id=f"open-{account}", ts_ms=ts_ms, account_id=account, currency="USD"))
+        commands.append(Deposit(transaction_id=f"fund-{account}", ts_ms=ts_ms, account_id=account, amount="50.00",
+                                currency="USD"))
+    return accounts, commands
+
+
+def _transfer_stream(accounts: list[str], ts_ms: int, rng: random.Random) -> list:
+    """Transfers among the accounts, with client retries (same payload), conflicts and bad receivers."""
+    transfers = []
+    for i in range(TRANSFERS):
+        roll = rng.random()
+        if roll < 0.03 and transfers:
+            previous = rng.choice(transfers)  # a client retry of an earlier request
+            transfers.append(Transfer(**{**_fields(previous), "ts_ms": ts_ms + i}))
+            continue
+        if roll < 0.04 and transfers:
+            previous = rng.choice(transfers)  # the same id reused for another payload
+            transfers.append(Transfer(**{**_fields(previous), "ts_ms": ts_ms + i, "amount": "0.01"}))
+            continue
+        sender = rng.choice(accounts)
+        receiver = rng.choice(accounts) if roll > 0.06 else f"missing-{i}"
+        transfers.append(Transfer(transaction_id=f"tx-{i}", ts_ms=ts_ms + i, from_account=sender,
+                                  to_account=receiver if receiver != sender else accounts[0 if sender != accounts[0] else 1],
+                                  amount=f"{rng.randint(1, 2000) / 100:.2f}", currency="USD"))
+    return transfers
+
+
+def _fields(command) -> dict:
+    return {name: getattr(command, name) for name in command.__struct_fields__}
+
+
+def check_ledger(settings, client_commands: list, dumps: list[dict]) -> None:
+    """The non-negotiables, read from the topics and the RocksDB snapshots."""
+    events = read_topic(settings, settings.events_topic)
+    outcomes = [decode_outcome(r.value()) for r in read_topic(settings, settings.outcomes_topic)]
+
+    # One final answer per request: per (transaction id, digest), exactly one distinct answer.
+    answers = defaultdict(set)
+    for outcome in outcomes:
+        answers[(outcome.transaction_id, outcome.digest)].add((outcome.status, outcome.reason))
+    for command in client_commands:
+        found = answers.get((command.transaction_id, command_digest(command)))
+        assert found, f"no outcome for {command.transaction_id} ({command})"
+        assert len(found) == 1, f"{command.transaction_id} has several answers: {found}"
+
+    # Conservation and gap-free sequences, from the events alone.
+    states: dict[int, State] = defaultdict(State)
+    seqs: dict[str, list[int]] = defaultdict(list)
+    in_flight_minor = deposited_minor = withdrawn_minor = 0
+    for record in events:
+        event = decode_event(record.value())
+        fold(states[record.partition()], event)
+        if not isinstance(event, CommandRejected) and hasattr(event, "seq"):
+            seqs[event.account_id].append(event.seq)
+        if isinstance(event, MONEY_EVENTS):
+            amount_minor = int(event.amount.replace(".", ""))
+            if isinstance(event, Deposited):
+                deposited_minor += amount_minor
+            elif isinstance(event, Withdrawn):
+                withdrawn_minor += amount_minor
+            elif isinstance(event, TransferDebited):
+                in_flight_minor += amount_minor
+            elif isinstance(event, (TransferCredited, TransferRefunded)):
+                in_flight_minor -= amount_minor
+    for account_id, account_seqs in seqs.items():
+        assert account_seqs == list(range(1, len(account_seqs) + 1)), f"{account_id}: sequence {account_seqs[:20]}..."
+    balances_minor = sum(a.balance_minor for s in states.values() for a in s.accounts.values())
+    assert in_flight_minor == 0, f"{in_flight_minor} minor units still in flight after draining"
+    assert balances_minor + in_flight_minor == deposited_minor - withdrawn_minor
+
+    # Each snapshot equals the fold of its partition's events up to the offset it covers.
+    for dump in dumps:
+        for partition, snapshot in dump["partitions"].items():
+            folded = State()
+            for record in events:
+                if record.partition() == int(partition) and record.offset() < snapshot["events_offset"]:
+                    fold(folded, decode_event(record.value()))
+            expected = {account_id: {"currency": a.currency, "kind": a.kind, "status": a.status,
+                                     "balance": format_amount(a.balance_minor, a.currency), "seq": a.seq}
+                        for account_id, a in folded.accounts.items()}
+            assert snapshot["accounts"] == expected, f"snapshot of partition {partition} differs from the fold"
+
+
+def _publish_steadily(settings, commands: list, duration_s: float) -> threading.Thread:
+    def run():
+        producer = command_producer(settings)
+        chunk = max(1, len(commands) // int(duration_s * 10))
+        for start in range(0, len(commands), chunk):
+            publish(producer, settings, commands[start:start + chunk])
+            time.sleep(0.1)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(make_settings):
+    settings = make_settings(8)
+    rng = random.Random(20261126)
+    ts_ms = int(time.time() * 1000)
+    accounts, funding = _accounts_and_funding(ts_ms)
+    transfers = _transfer_stream(accounts, ts_ms + 1, rng)
+    instances = [ProcessorProcess(settings, "crash-a").start(), ProcessorProcess(settings, "crash-b").start()]
+    outcomes = OutcomeCollector(settings)
+    try:
+        publish(command_producer(settings), settings, funding)
+        outcomes.wait_all([c.transaction_id for c in funding], timeout_s=DRAIN_TIMEOUT_S)
+        publisher = _publish_steadily(settings, transfers, duration_s=15)
+        for _ in range(KILLS_MIN + 1):
+            time.sleep(rng.uniform(0.5, 3.0))
+            victim = rng.choice(instances)
+            victim.kill()
+            time.sleep(rng.uniform(0.0, 1.0))
+            victim.start()
+        publisher.join(timeout=120)
+        assert not publisher.is_alive(), "publishing the transfers did not finish"
+        outcomes.wait_all({t.transaction_id for t in transfers}, timeout_s=DRAIN_TIMEOUT_S)
+    finally:
+        outcomes.close()
+        for instance in instances:
+            instance.stop()
+    check_ledger(settings, funding + transfers, [state_dump(i.store) for i in instances])
+
+
+def test_a_second_instance_joining_and_leaving_mid_stream_moves_partitions_not_money(make_settings):
+    settings = make_settings(8)
+    rng = random.Random(7)
+    ts_ms = int(time.time() * 1000)
+    accounts, funding = _accounts_and_funding(ts_ms)
+    transfers = _transfer_stream(accounts, ts_ms + 1, rng)[:8_000]
+    first = ProcessorProcess(settings, "rebalance-a").start()
+    second = ProcessorProcess(settings, "rebalance-b")
+    outcomes = OutcomeCollector(settings)
+    try:
+        publish(command_producer(settings), settings, funding)
+        outcomes.wait_all([c.transaction_id for c in funding], timeout_s=DRAIN_TIMEOUT_S)
+        publisher = _publish_steadily(settings, transfers, duration_s=8)
+        time.sleep(2)
+        second.start()
+        time.sleep(3)
+        assert second.stop() == 0, second.log_tail()
+        publisher.join(timeout=120)
+        outcomes.wait_all({t.transaction_id for t in transfers}, timeout_s=DRAIN_TIMEOUT_S)
+    finally:
+        outcomes.close()
+        first.stop()
+        second.stop() if second.process and second.process.poll() is None else None
+    assert "assigned partitions" in second.log_tail(200), "the second instance never took partitions"
+    check_ledger(settings, funding + transfers, [state_dump(i.store) for i in (first, second)])
+
+
+def test_poison_records_go_to_the_dead_letter_topic_and_processing_continues(make_settings):
+    settings = make_settings(2)
+    processor = ProcessorProcess(settings, "poison").start()
+    outcomes = OutcomeCollector(settings)
+    try:
+        raw = Producer({"bootstrap.servers": settings.bootstrap})
+        poison = [(b"acct", b"\xff\xfe not json"), (b"acct", b'{"type": "transfer", "amount": 5}'),
+                  (b"acct", b'{"type": "no_such_command", "transaction_id": "x", "ts_ms": 1}')]
+        for key, value in poison:
+            raw.produce(settings.commands_topic, value, key, partition=0)
+        raw.flush(10)
+        after = OpenAccount(transaction_id="after-poison", ts_ms=1, account_id="acct", currency="USD")
+        publish(command_producer(settings), settings, [after])
+        assert outcomes.wait("after-poison")[0].status == "success"
+    finally:
+        outcomes.close()
+        processor.stop()
+    dead = read_topic(settings, settings.dlq_topic)
+    assert sorted(r.value() for r in dead) == sorted(v for _, v in poison)
+    for record in dead:
+        headers = dict(record.headers())
+        assert headers["source_topic"].decode() == settings.commands_topic
+        assert headers["error"], "the reason must travel with the record"
