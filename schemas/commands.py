@@ -5,7 +5,7 @@ whoever produced the command and is the only clock the state machine reads.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
 
@@ -21,6 +21,9 @@ AccountKind = Literal["user", "merchant"]
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
+    # The field naming the account whose partition decides the command (the record key).
+    owner_field: ClassVar[str] = "account_id"
+
     v: int = SCHEMA_VERSION
     transaction_id: TransactionId
     ts_ms: TimestampMs
@@ -47,6 +50,7 @@ class Withdraw(_Command, tag="withdraw"):
 
 
 class Transfer(_Command, tag="transfer"):
+    owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
     amount: AmountText
@@ -55,6 +59,7 @@ class Transfer(_Command, tag="transfer"):
 
 class PayMerchant(_Command, tag="pay_merchant"):
     """A transfer whose receiving account must be of kind `merchant`."""
+    owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
     amount: AmountText
@@ -80,6 +85,7 @@ class CreditLeg(_Command, tag="credit_leg"):
     the request it answers. `resend` marks a leg re-sent because the client retried a
     transfer that was still in flight: it may only repeat an answer, never move money.
     """
+    owner_field: ClassVar[str] = "to_account"
     from_account: AccountId
     to_account: AccountId
     amount: AmountText
@@ -91,6 +97,7 @@ class CreditLeg(_Command, tag="credit_leg"):
 
 class RefundLeg(_Command, tag="refund_leg"):
     """Compensation of a transfer the receiving side refused, keyed by `from_account`."""
+    owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
     amount: AmountText
@@ -106,11 +113,7 @@ LEG_COMMANDS = (CreditLeg, RefundLeg)
 
 def owner_account(command: Command) -> str:
     """The account whose partition decides this command: the record key on `wallet.commands`."""
-    if isinstance(command, (Transfer, PayMerchant, RefundLeg)):
-        return command.from_account
-    if isinstance(command, CreditLeg):
-        return command.to_account
-    return command.account_id
+    return getattr(command, command.owner_field)
 
 
 def command_type(command: Command) -> str:

@@ -24,7 +24,9 @@ from schemas.events import (
     TransferCredited, TransferDebited, TransferRefunded, Withdrawn,
 )
 from schemas.outcomes import Outcome, Reason
-from streams.core.money import BALANCE_MINOR_MAX, AmountError, format_amount, minor_units_of, parse_amount_minor
+from streams.core.money import (
+    BALANCE_MINOR_MAX, AmountError, canonical_minor, format_amount, minor_units_of, parse_amount_minor,
+)
 from streams.core.state import ACTIVE, CLOSED, FAILURE, FROZEN, PENDING, SUCCESS, Account, State, fold
 
 
@@ -79,8 +81,8 @@ def _deposit(state: State, command: Deposit, digest: str) -> Decision:
         reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
         return _reject(state, command, digest, reason)
-    event = Deposited(**_money_change(command, digest, account, amount_minor))
-    return _accept(state, command, digest, event)
+    event = _move_money(state, Deposited, command, digest, account, command.account_id, amount_minor)
+    return Decision(state, [event], [], _success(command, digest))
 
 
 def _withdraw(state: State, command: Withdraw, digest: str) -> Decision:
@@ -89,8 +91,8 @@ def _withdraw(state: State, command: Withdraw, digest: str) -> Decision:
         reason = Reason.INSUFFICIENT_FUNDS
     if reason is not None:
         return _reject(state, command, digest, reason)
-    event = Withdrawn(**_money_change(command, digest, account, -amount_minor))
-    return _accept(state, command, digest, event)
+    event = _move_money(state, Withdrawn, command, digest, account, command.account_id, -amount_minor)
+    return Decision(state, [event], [], _success(command, digest))
 
 
 def _transfer(state: State, command: Transfer | PayMerchant, digest: str) -> Decision:
@@ -101,13 +103,9 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str) -> Dec
         reason = Reason.INSUFFICIENT_FUNDS
     if reason is not None:
         return _reject(state, command, digest, reason)
-    merchant_only = type(command) is PayMerchant
-    amount = format_amount(amount_minor, command.currency)
-    event = TransferDebited(**_money_change(command, digest, account, -amount_minor, account_id=command.from_account,
-                                            amount=amount),
-                            to_account=command.to_account, merchant_only=merchant_only)
-    fold(state, event)
-    return Decision(state, [event], [_credit_leg(command, amount, digest, resend=False)], None)
+    event = _move_money(state, TransferDebited, command, digest, account, command.from_account, -amount_minor,
+                        to_account=command.to_account, merchant_only=type(command) is PayMerchant)
+    return Decision(state, [event], [_credit_leg(command, event.amount, digest, resend=False)], None)
 
 
 def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, resend: bool) -> CreditLeg:
@@ -117,10 +115,13 @@ def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, resen
 
 
 def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
+    # Kafka's exactly-once delivery hands every leg to the core once, so a leg that is not a
+    # resend always answers a debit of its own, even one repeated after the sender forgot the
+    # id: it is credited or refunded, never taken for a repeat (that would strand the money).
     remembered = state.memory.get((leg.to_account, leg.transaction_id))
-    if leg.resend or (remembered is not None and remembered.digest == leg.digest):
-        # A repeat. Only a success is answered from here: a refusal's answer belongs to the
-        # sender's side, which gives it when the refund leg arrives.
+    if leg.resend:
+        # Only a success is answered from here: a refusal's answer belongs to the sender's
+        # side, which gives it when the refund leg arrives.
         if remembered is not None and remembered.digest == leg.digest and remembered.status == SUCCESS:
             return Decision(state, [], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS,
                                                    digest=remembered.digest))
@@ -129,7 +130,8 @@ def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
     amount_minor = _leg_amount_minor(leg)
     # The receiver has used this transaction id for another request of its own: crediting
     # under it would make two answers for one id, so the transfer is refunded instead.
-    reason = Reason.DUPLICATE_CONFLICT if remembered is not None else _refusal_to_receive(account, leg.currency)
+    conflicting = remembered is not None and remembered.digest != leg.digest
+    reason = Reason.DUPLICATE_CONFLICT if conflicting else _refusal_to_receive(account, leg.currency)
     if reason is None and leg.merchant_only and account.kind != "merchant":
         reason = Reason.NOT_A_MERCHANT
     if reason is None and account.balance_minor + amount_minor > BALANCE_MINOR_MAX:
@@ -141,27 +143,21 @@ def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
                            reason=reason)
         fold(state, event)
         return Decision(state, [event], [refund], None)
-    event = TransferCredited(**_money_change(leg, leg.digest, account, amount_minor, account_id=leg.to_account,
-                                             amount=leg.amount),
-                             from_account=leg.from_account)
-    fold(state, event)
+    event = _move_money(state, TransferCredited, leg, leg.digest, account, leg.to_account, amount_minor,
+                        from_account=leg.from_account)
     return Decision(state, [event], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS, digest=leg.digest))
 
 
 def _on_refund_leg(state: State, leg: RefundLeg) -> Decision:
-    remembered = state.memory.get((leg.from_account, leg.transaction_id))
-    outcome = Outcome(transaction_id=leg.transaction_id, status=FAILURE, reason=leg.reason, digest=leg.digest)
-    if remembered is not None and remembered.status == FAILURE:
-        return Decision(state, [], [], outcome)
+    # Every refund leg answers one debit (exactly-once delivery), so it is always applied.
     account = state.accounts.get(leg.from_account)
     if account is None:
         raise AssertionError(f"refund of {leg.transaction_id!r} to account {leg.from_account!r} that was never debited")
     # A refund is never refused: the money is the sender's whatever happened to the account
     # meanwhile (frozen, closed), and refusing it would destroy it.
-    event = TransferRefunded(**_money_change(leg, leg.digest, account, _leg_amount_minor(leg),
-                                             account_id=leg.from_account, amount=leg.amount),
-                             to_account=leg.to_account, reason=leg.reason)
-    fold(state, event)
+    event = _move_money(state, TransferRefunded, leg, leg.digest, account, leg.from_account, _leg_amount_minor(leg),
+                        to_account=leg.to_account, reason=leg.reason)
+    outcome = Outcome(transaction_id=leg.transaction_id, status=FAILURE, reason=leg.reason, digest=leg.digest)
     return Decision(state, [event], [], outcome)
 
 
@@ -220,21 +216,31 @@ def _usable_account(state: State, account_id: str, amount: str, currency: str) -
 
 
 def _leg_amount_minor(leg: CreditLeg | RefundLeg) -> int:
-    return parse_amount_minor(leg.amount, leg.currency)
+    # Legs are written by the processor in the currency's canonical form; anything else on
+    # the topic is forged or corrupt and raises instead of being decided.
+    return canonical_minor(leg.amount, leg.currency)
 
 
-def _money_change(command, digest: str, account: Account, signed_amount_minor: int, *, account_id: str | None = None,
-                  amount: str | None = None) -> dict:
+def _move_money(state: State, event_class, command, digest: str, account: Account, account_id: str,
+                signed_amount_minor: int, **details) -> Event:
+    """Builds the event of a balance change and folds it, handing fold the balance it has."""
     currency = account.currency
-    return dict(account_id=account_id or command.account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
-                command=command_type(command), digest=digest, seq=account.seq + 1,
-                amount=amount or format_amount(abs(signed_amount_minor), currency), currency=currency,
-                balance=format_amount(account.balance_minor + signed_amount_minor, currency))
+    balance_minor = account.balance_minor + signed_amount_minor
+    event = event_class(account_id=account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
+                        command=command_type(command), digest=digest, seq=account.seq + 1,
+                        amount=format_amount(abs(signed_amount_minor), currency), currency=currency,
+                        balance=format_amount(balance_minor, currency), **details)
+    fold(state, event, balance_minor)
+    return event
+
+
+def _success(command: Command, digest: str) -> Outcome:
+    return Outcome(transaction_id=command.transaction_id, status=SUCCESS, digest=digest)
 
 
 def _accept(state: State, command: Command, digest: str, event: Event) -> Decision:
     fold(state, event)
-    return Decision(state, [event], [], Outcome(transaction_id=command.transaction_id, status=SUCCESS, digest=digest))
+    return Decision(state, [event], [], _success(command, digest))
 
 
 def _rejection(command: Command, account_id: str, digest: str, reason: str) -> CommandRejected:

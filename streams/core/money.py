@@ -71,10 +71,16 @@ def canonical_minor(amount: str, currency: str) -> int:
     not a client mistake, so it raises rather than being rejected politely.
     """
     digits = MINOR_UNITS[currency]
-    whole, _, fraction = amount.partition(".")
-    if len(fraction) != digits or not whole.lstrip("-").isdigit() or (digits and not fraction.isdigit()):
+    if digits:
+        dot = len(amount) - digits - 1
+        if dot < 1 or amount[dot] != ".":
+            raise ValueError(f"{amount!r} is not a canonical {currency} amount")
+        amount = amount[:dot] + amount[dot + 1:]
+    negative = amount[:1] == "-"
+    digits_text = amount[1:] if negative else amount
+    if not (digits_text.isascii() and digits_text.isdigit()):
         raise ValueError(f"{amount!r} is not a canonical {currency} amount")
-    return int(whole + fraction) if whole[0] != "-" else -int(whole[1:] + fraction)
+    return -int(digits_text) if negative else int(digits_text)
 
 
 def format_amount(amount_minor: int, currency: str) -> str:
@@ -82,6 +88,7 @@ def format_amount(amount_minor: int, currency: str) -> str:
     digits = MINOR_UNITS[currency]
     if digits == 0:
         return str(amount_minor)
-    sign = "-" if amount_minor < 0 else ""
-    whole, fraction = divmod(abs(amount_minor), 10**digits)
-    return f"{sign}{whole}.{fraction:0{digits}d}"
+    if amount_minor < 0:
+        return "-" + format_amount(-amount_minor, currency)
+    text = str(amount_minor).rjust(digits + 1, "0")
+    return text[:-digits] + "." + text[-digits:]

@@ -21,11 +21,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas.codec import SchemaError, decode_command, encode
-from schemas.commands import owner_account
 from schemas.events import CommandRejected
 from schemas.partitioning import partition_for
 from streams.core.machine import apply
-from streams.core.state import State
+from streams.core.state import State, memory_horizon_ms
 from streams.runtime.kafka_config import (
     processor_consumer_config, processor_producer_config, restore_consumer_config,
 )
@@ -55,7 +54,7 @@ class ProcessorConfig:
 class _Task:
     """One owned partition: its state, its snapshot checkpoint and what changed since."""
 
-    __slots__ = ("partition", "state", "checkpoint", "changes", "events_offset")
+    __slots__ = ("partition", "state", "checkpoint", "changes", "events_offset", "segments_dropped_at_horizon_ms")
 
     def __init__(self, partition: int, state: State, checkpoint: Checkpoint, events_offset: int) -> None:
         self.partition = partition
@@ -63,6 +62,7 @@ class _Task:
         self.checkpoint = checkpoint
         self.changes = PartitionChanges()
         self.events_offset = events_offset  # next offset of wallet.events after the last committed event
+        self.segments_dropped_at_horizon_ms: int | None = None
 
 
 class Processor:
@@ -128,54 +128,70 @@ class Processor:
         events_topic, commands_topic = self.settings.events_topic, self.settings.commands_topic
         outcomes_topic = self.settings.outcomes_topic
         tasks = self._tasks
+        owner_partition = self._owner_partition
         next_offsets: dict[int, int] = {}
-        # Per partition, the last event of the batch is held back and produced with a delivery
-        # callback: its offset is the snapshot's checkpoint, one callback per partition.
-        last_event: dict[int, tuple[str, bytes]] = {}
+        # Events are produced after the loop so that the last one of each partition can carry
+        # the batch's only delivery callback: its offset is the snapshot's checkpoint.
+        events: list[tuple[int, str, bytes]] = []
         producer.begin_transaction()
         for record in records:
-            error = record.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", error)
+            if record.error() is not None:
+                if record.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", record.error())
                 continue
             partition = record.partition()
             task = tasks[partition]
             next_offsets[partition] = record.offset() + 1
-            value = record.value()
             try:
-                command = decode_command(value)
+                command = decode_command(record.value())
             except SchemaError as schema_error:
                 self._dead_letter(record, str(schema_error))
                 continue
-            owner = owner_account(command)
-            if self._owner_partition(owner) != partition:
+            owner = getattr(command, command.owner_field)
+            if owner_partition(owner) != partition:
                 self._dead_letter(record, f"command for account {owner!r} arrived on partition {partition}, but the "
-                                          f"account belongs to partition {self._owner_partition(owner)}: its producer "
+                                          f"account belongs to partition {owner_partition(owner)}: its producer "
                                           f"does not use the murmur2 partitioner")
                 continue
-            decision = apply(task.state, command)
-            changes = task.changes
+            try:
+                decision = apply(task.state, command)
+            except (ValueError, KeyError, AssertionError) as refused:
+                # Only a forged or corrupt saga leg gets here (client commands are always decided),
+                # and the core raises before folding anything, so the state is untouched.
+                self._dead_letter(record, f"the state machine cannot decide it: {refused!r}")
+                continue
+            changed_accounts, changed_memory = task.changes.accounts, task.changes.memory_keys
             for event in decision.events:
                 account_id = event.account_id
-                held = last_event.get(partition)
-                if held is not None:
-                    self._produce(produce, events_topic, held[1], held[0], partition)
-                last_event[partition] = (account_id, encode(event))
+                events.append((partition, account_id, encode(event)))
                 if type(event) is not CommandRejected:
-                    changes.accounts.add(account_id)
-                changes.memory_keys.add((account_id, event.transaction_id))
+                    changed_accounts.add(account_id)
+                changed_memory.add((account_id, event.transaction_id))
             for leg in decision.follow_ups:
-                self._produce(produce, commands_topic, encode(leg), owner_account(leg), None)
+                value, key = encode(leg), getattr(leg, leg.owner_field)
+                try:
+                    produce(commands_topic, value, key)
+                except BufferError:
+                    self._produce_when_room(commands_topic, value, key, None)
             outcome = decision.outcome
             if outcome is not None:
-                self._produce(produce, outcomes_topic, encode(outcome), outcome.transaction_id, None)
+                value = encode(outcome)
+                try:
+                    produce(outcomes_topic, value, outcome.transaction_id)
+                except BufferError:
+                    self._produce_when_room(outcomes_topic, value, outcome.transaction_id, None)
         delivered: dict[int, int] = {}
-        for partition, (account_id, value) in last_event.items():
-            def on_delivery(error, message, partition=partition):
-                if error is None:
-                    delivered[partition] = message.offset() + 1
-            self._produce(produce, events_topic, value, account_id, partition, on_delivery)
+        last_index = {partition: index for index, (partition, _, _) in enumerate(events)}
+        for index, (partition, key, value) in enumerate(events):
+            on_delivery = None
+            if last_index[partition] == index:
+                def on_delivery(error, message, partition=partition):
+                    if error is None:
+                        delivered[partition] = message.offset() + 1
+            try:
+                produce(events_topic, value, key, partition, on_delivery=on_delivery)
+            except BufferError:
+                self._produce_when_room(events_topic, value, key, partition, on_delivery)
         self.commands_processed += len(records)
         if not next_offsets:
             producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
@@ -187,29 +203,32 @@ class Processor:
         for partition, events_offset in delivered.items():
             tasks[partition].events_offset = events_offset
 
-    def _produce(self, produce, topic: str, value: bytes, key: str, partition: int | None, on_delivery=None) -> None:
-        deadline_s = None
+    def _produce_when_room(self, topic: str, value: bytes, key, partition: int | None, on_delivery=None) -> None:
+        """The local queue is full: serve deliveries until there is room, never drop."""
+        deadline_s = time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
         while True:
+            self._producer.poll(0.05)
             try:
                 if partition is None:
-                    produce(topic, value, key, on_delivery=on_delivery)
+                    self._producer.produce(topic, value, key, on_delivery=on_delivery)
                 else:
-                    produce(topic, value, key, partition, on_delivery=on_delivery)
+                    self._producer.produce(topic, value, key, partition, on_delivery=on_delivery)
                 return
             except BufferError:
-                # The local queue is full: wait for deliveries rather than drop anything.
-                deadline_s = deadline_s or time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
                 if time.monotonic() > deadline_s:
                     raise RuntimeError(f"producer queue stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: "
                                        f"is the broker reachable?") from None
-                self._producer.poll(0.05)
 
     def _dead_letter(self, record, error: str) -> None:
         log.warning("dead-lettering %s[%d]@%d: %s", record.topic(), record.partition(), record.offset(), error)
         headers = [("error", error.encode()), ("source_topic", record.topic().encode()),
                    ("source_partition", str(record.partition()).encode()),
                    ("source_offset", str(record.offset()).encode())]
-        self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
+        try:
+            self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
+        except BufferError:
+            self._producer.flush(PRODUCE_QUEUE_FULL_WAIT_S)
+            self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
 
     def _commit(self, offsets: list[TopicPartition]) -> bool:
         producer = self._producer
@@ -297,7 +316,10 @@ class Processor:
         task.checkpoint.events_offset = task.events_offset
         self._store.save(task.partition, task.state, task.changes, task.checkpoint)
         task.changes = PartitionChanges()
-        self._store.drop_expired_segments(task.partition, task.state.clock_ms)
+        horizon_ms = memory_horizon_ms(task.state.clock_ms)
+        if horizon_ms != task.segments_dropped_at_horizon_ms:
+            self._store.drop_expired_segments(task.partition, task.state.clock_ms)
+            task.segments_dropped_at_horizon_ms = horizon_ms
 
     # -- observability -----------------------------------------------------------------------
 

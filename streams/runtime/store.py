@@ -6,7 +6,7 @@ Restoring a partition = load the snapshot, then fold `wallet.events` from that o
 
 Layout (one RocksDB per instance; partitions kept apart by a key prefix):
   a/<partition>/<account_id>            -> account (currency, kind, status, balance_minor, seq)
-  s/<partition>/<segment number>        -> the memory entries written by one flush
+  s/<partition>/<segment number><max ts> -> the memory entries written by one flush
   o/<partition>                         -> (events_offset, clock_ms, next segment number)
 Memory entries are stored in segments, one value per flush, because a flush writes tens of
 thousands of new transaction ids and one value per id would cost more than the rest of the
@@ -103,7 +103,9 @@ class StateStore:
                 entries.append((key[0], key[1], remembered.digest, remembered.status, remembered.reason,
                                 remembered.ts_ms))
         if entries:
-            batch.put(_prefix(b"s", partition) + _SEGMENT.pack(checkpoint.next_segment), _pack(entries))
+            newest_ts_ms = max(entry[5] for entry in entries)
+            segment_key = _SEGMENT.pack(checkpoint.next_segment) + _SEGMENT.pack(newest_ts_ms)
+            batch.put(_prefix(b"s", partition) + segment_key, _pack(entries))
             checkpoint.next_segment += 1
         checkpoint.clock_ms = state.clock_ms
         batch.put(_prefix(b"o", partition)[:-1], _pack((checkpoint.events_offset, checkpoint.clock_ms,
@@ -113,13 +115,15 @@ class StateStore:
     def drop_expired_segments(self, partition: int, clock_ms: int) -> int:
         """Deletes segments whose every id is past the horizon; returns how many."""
         horizon_ms = memory_horizon_ms(clock_ms)
+        prefix = _prefix(b"s", partition)
         batch = WriteBatch(raw_mode=True)
         dropped = 0
-        for key, segment in self._scan(_prefix(b"s", partition)):
-            if max(entry[5] for entry in _unpack(segment)) >= horizon_ms:
-                break  # segments are written in clock order, roughly: stop at the first live one
-            batch.delete(_prefix(b"s", partition) + key)
-            dropped += 1
+        for key in self._db.keys(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            if _SEGMENT.unpack(key[-8:])[0] < horizon_ms:
+                batch.delete(key)
+                dropped += 1
         if dropped:
             self._db.write(batch)
         return dropped
