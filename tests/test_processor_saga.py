@@ -151,3 +151,17 @@ def test_reusing_a_transaction_id_with_another_payload_is_a_conflict(pipeline):
     assert (conflict.status, conflict.reason) == ("failure", Reason.DUPLICATE_CONFLICT)
     balances = _balances(settings)
     assert (balances["conf-a"], balances["conf-b"]) == (9900, 100)
+
+
+def test_commands_and_events_of_an_account_share_one_partition_number(pipeline):
+    """librdkafka's murmur2_random, our Python murmur2 and the processor's routing agree."""
+    settings = pipeline[0]
+    commands = read_topic(settings, settings.commands_topic)
+    events = read_topic(settings, settings.events_topic)
+    assert commands and events
+    for record in commands:
+        assert partition_for(record.key().decode(), PARTITIONS) == record.partition(), record.key()
+    for record in events:
+        account_id = decode_event(record.value()).account_id
+        assert record.key().decode() == account_id
+        assert partition_for(account_id, PARTITIONS) == record.partition(), account_id
