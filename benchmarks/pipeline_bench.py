@@ -1,0 +1,979 @@
+"""`wallet bench`: the processor beside the raw Kafka ceiling and the faust-streaming peer.
+
+One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), deleted at the end:
+
+0. input: open and fund `--accounts` accounts, then `--transfers` transfers among them, produced
+   once by one idempotent producer with the project's partitioner (key = owning account). Most
+   transfers succeed; by construction a fixed share fails for insufficient funds (an amount
+   no balance can reach) and a fixed share goes to an account that does not exist (debited,
+   refused by the receiver's side, refunded), so the expected outcome of every transfer is
+   known and checked.
+1. raw ceiling: `benchmarks.raw_ceiling` copies the commands topic with a transactional
+   consume-and-copy loop (the processor's client settings, batch size and commit style).
+2. ours: one `wallet processor` process on the prepared topics, until every transfer's outcome
+   is visible to a read_committed consumer.
+3. latency: with the processor still running, transfers offered at half of the rate measured in
+   2 for `--latency-seconds`; latency = produce call -> outcome seen by a read_committed consumer.
+4. the faust-streaming peer (`benchmarks.faust_peer`), on its own topics and a smaller sample
+   with the same accounts-to-transfers ratio, since it runs near a thousand transfers a second.
+
+Each stage's window runs from its first consumed record (the processor's "assigned partitions"
+log line, the faust agent's first-record marker, the copy loop's first batch) to its last
+outcome, so process start-up and the consumer group join are left out of every figure alike.
+Messages count what a stage reads and writes: a copied record is 1 consumed + 1 produced; a
+successful transfer through the processor is 2 commands consumed + 2 events + 1 leg + 1
+outcome produced (see MESSAGES_OURS and MESSAGES_FAUST for every kind of outcome).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import math
+import os
+import pstats
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
+from tqdm import tqdm
+
+from schemas.codec import SchemaError, decode_outcome, encode
+from schemas.commands import Deposit, OpenAccount, Transfer
+from schemas.outcomes import Reason
+from schemas.partitioning import KAFKA_PARTITIONER, partition_for
+from streams.runtime.processor import ProcessorConfig
+from wallet.config import PROJECT_ROOT, Settings
+from wallet.topics import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+
+TRANSFERS_DEFAULT = 1_000_000
+FAUST_TRANSFERS_DEFAULT = 10_000
+ACCOUNTS_DEFAULT = 10_000
+PARTITIONS_DEFAULT = 8
+LATENCY_SECONDS_DEFAULT = 10.0
+LATENCY_LOAD_SHARE = 0.5  # the offered load of the latency phase, as a share of the measured maximum
+
+CURRENCY = "USD"
+# Far more than any run moves out of an account, so an ordinary transfer never fails...
+FUNDING_AMOUNT = "1000000000.00"
+TRANSFER_AMOUNT_MINOR_MAX = 10_000
+# ... and more than any balance can reach, so these always fail for insufficient funds.
+UNAFFORDABLE_AMOUNT = "9000000000000.00"
+INSUFFICIENT_FUNDS_SHARE = 0.02
+MISSING_RECEIVER_SHARE = 0.02
+MISSING_ACCOUNT_PREFIX = "nobody"
+
+SUCCESS = "success"
+# Transaction id prefixes: what an outcome answers.
+OPEN, FUND, TRANSFER, LATENCY, HEARTBEAT = "open", "fund", "t", "lat", "beat"
+SETUP_KINDS = (OPEN, FUND)
+
+# Records read + written per decided command, by the stage's outcome. The processor writes a
+# decision event even for a refusal; faust writes nothing but the outcome then.
+MESSAGES_OURS = {"setup": 3, SUCCESS: 6, Reason.INSUFFICIENT_FUNDS: 3, Reason.ACCOUNT_NOT_FOUND: 9}
+MESSAGES_FAUST = {"setup": 3, SUCCESS: 6, Reason.INSUFFICIENT_FUNDS: 2, Reason.ACCOUNT_NOT_FOUND: 8}
+
+KAFKA_TIMEOUT_S = 30.0
+# A stage that shows no new outcome for this long is stuck (start-up included): give up, say where.
+STALL_TIMEOUT_S = 60.0
+# The slowest stage we wait for: a run far below it is broken, not slow.
+STAGE_RATE_FLOOR_PER_S = {"ours": 1_000, "ceiling": 5_000, "faust": 50}
+STAGE_TIMEOUT_FLOOR_S = 60.0
+LATENCY_DRAIN_TIMEOUT_S = 30.0
+CHILD_STOP_TIMEOUT_S = 20.0
+# faust's exactly-once shutdown can fail ("Not in the middle of a transaction") and then hang.
+FAUST_STOP_TIMEOUT_S = 5.0
+PRODUCE_QUEUE_FULL_WAIT_S = 30.0
+OUTCOME_BATCH_SIZE_MAX = 10_000
+LATENCY_TICK_S = 0.002
+# faust's exactly-once puts a record sent to partition N into the transaction of partition N's
+# producer, which commits only when partition N next commits consumed offsets: a saga leg sent
+# to a partition with nothing more to read stays invisible to read_committed readers, and the
+# end of a finite input never completes. A heartbeat command on every partition keeps each one
+# consuming, as a live stream would; it is a few records a second beside thousands.
+FAUST_HEARTBEAT_INTERVAL_S = 0.5
+LOG_TAIL_LINES = 30
+PROFILE_TOP_ENTRIES = 25
+# Between progress redraws; a log file (stderr not a terminal) gets a line per redraw, so fewer there.
+PROGRESS_MIN_INTERVAL_S = 0.5
+PROGRESS_MIN_INTERVAL_S_NOT_TTY = 5.0
+
+PROCESSOR_READY_MARKER = "assigned partitions"  # logged once restored, right before the first consume
+
+
+class BenchError(RuntimeError):
+    """A stage failed or timed out; the message says which and where its log is."""
+
+
+# -- input -------------------------------------------------------------------------------------
+
+def _account(index: int) -> str:
+    return f"a{index}"
+
+
+def setup_records(accounts: int, ts_ms: int) -> Iterator[tuple[str, bytes]]:
+    """Open and fund every account: (key, value) records for the commands topic."""
+    for index in range(accounts):
+        account_id = _account(index)
+        yield account_id, encode(OpenAccount(transaction_id=f"{OPEN}-{index}", ts_ms=ts_ms, account_id=account_id,
+                                             currency=CURRENCY))
+        yield account_id, encode(Deposit(transaction_id=f"{FUND}-{index}", ts_ms=ts_ms, account_id=account_id,
+                                         amount=FUNDING_AMOUNT, currency=CURRENCY))
+
+
+def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: Counter,
+                     ts_ms: int | None = None) -> Iterator[tuple[str, bytes]]:
+    """`count` transfers among the accounts; adds each one's certain outcome to `expected`.
+
+    `ts_ms` None stamps each command with the wall clock when it is made (for live load).
+    Written for speed (a million of these are made while the clock runs): names and amounts
+    are drawn from lists made once, and every draw is one call of random().
+    """
+    draw = random.Random(seed).random
+    names = [_account(index) for index in range(accounts)]
+    amounts = [f"{minor // 100}.{minor % 100:02d}" for minor in range(1, TRANSFER_AMOUNT_MINOR_MAX)]
+    amount_count = len(amounts)
+    insufficient_below = INSUFFICIENT_FUNDS_SHARE
+    missing_below = INSUFFICIENT_FUNDS_SHARE + MISSING_RECEIVER_SHARE
+    results = Counter()
+    try:
+        for index in range(count):
+            sender = int(draw() * accounts)
+            receiver = int(draw() * (accounts - 1))
+            receiver += receiver >= sender  # never the sender itself
+            amount = amounts[int(draw() * amount_count)]
+            to_account = names[receiver]
+            share = draw()
+            if share < insufficient_below:
+                amount, result = UNAFFORDABLE_AMOUNT, Reason.INSUFFICIENT_FUNDS
+            elif share < missing_below:
+                to_account, result = f"{MISSING_ACCOUNT_PREFIX}{receiver}", Reason.ACCOUNT_NOT_FOUND
+            else:
+                result = SUCCESS
+            results[result] += 1
+            from_account = names[sender]
+            yield from_account, encode(Transfer(
+                transaction_id=f"{kind}-{index}", ts_ms=ts_ms if ts_ms is not None else time.time_ns() // 1_000_000,
+                from_account=from_account, to_account=to_account, amount=amount, currency=CURRENCY))
+    finally:
+        expected.update(results)
+
+
+def _input_producer_config(bootstrap: str, linger_ms: int, on_failure) -> dict:
+    return {
+        "bootstrap.servers": bootstrap,
+        "partitioner": KAFKA_PARTITIONER,
+        "enable.idempotence": True,  # per-partition order: an account's opening precedes its transfers
+        "linger.ms": linger_ms,
+        "batch.size": 1_000_000,
+        "queue.buffering.max.messages": 1_000_000,
+        "queue.buffering.max.kbytes": 1_048_576,
+        # One Python callback per record would cost more than producing it: only failures call back.
+        "delivery.report.only.error": True,
+        "on_delivery": on_failure,
+    }
+
+
+class _InputProducer:
+    def __init__(self, bootstrap: str, linger_ms: int) -> None:
+        self.failures: list[str] = []
+        self._bootstrap = bootstrap
+        self._producer = Producer(_input_producer_config(bootstrap, linger_ms, self._on_failure))
+        self.produced = 0
+
+    def _on_failure(self, error, message) -> None:
+        if error is not None and len(self.failures) < LOG_TAIL_LINES:
+            self.failures.append(f"{message.topic()}: {error}")
+
+    def produce(self, topic: str, key: str, value: bytes) -> None:
+        try:
+            self._producer.produce(topic, value, key)
+        except BufferError:
+            deadline_s = time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
+            while True:
+                self._producer.poll(0.05)
+                try:
+                    self._producer.produce(topic, value, key)
+                    break
+                except BufferError:
+                    if time.monotonic() > deadline_s:
+                        raise BenchError(f"the input producer's queue stayed full for "
+                                         f"{PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: is the broker at {self._bootstrap} "
+                                         f"reachable?") from None
+        self.produced += 1
+
+    def poll(self) -> None:
+        self._producer.poll(0)
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(KAFKA_TIMEOUT_S)
+        if remaining:
+            raise BenchError(f"{remaining} input records were still undelivered after {KAFKA_TIMEOUT_S:.0f} s")
+        if self.failures:
+            raise BenchError("input records were refused by the broker:\n  " + "\n  ".join(self.failures))
+
+
+class _Heartbeat:
+    """Opens (and then re-opens, refused as existing) one account per partition every interval."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self._producer = _InputProducer(bootstrap, linger_ms=1)
+        self._topic = topic
+        self._accounts: dict[int, str] = {}
+        candidate = 0
+        while len(self._accounts) < partitions:
+            self._accounts.setdefault(partition_for(f"{HEARTBEAT}{candidate}", partitions), f"{HEARTBEAT}{candidate}")
+            candidate += 1
+        self._next_s = 0.0
+        self._sent = 0
+
+    def tick(self) -> None:
+        now_s = time.monotonic()
+        if now_s < self._next_s:
+            return
+        self._next_s = now_s + FAUST_HEARTBEAT_INTERVAL_S
+        ts_ms = time.time_ns() // 1_000_000
+        for account_id in self._accounts.values():
+            self._producer.produce(self._topic, account_id, encode(OpenAccount(
+                transaction_id=f"{HEARTBEAT}-{self._sent}", ts_ms=ts_ms, account_id=account_id, currency=CURRENCY)))
+            self._sent += 1
+        self._producer.poll()
+
+    def close(self) -> None:
+        self._producer.flush()
+
+
+# -- outcomes ----------------------------------------------------------------------------------
+
+class OutcomeTally:
+    """Reads an outcomes topic from the start, read_committed, and keeps each transaction's
+    first final outcome: `results[transaction id]` is "success" or the failure reason."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, group_id: str) -> None:
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,  # never joined nor committed: partitions are assigned
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        })
+        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
+        self.topic = topic
+        self.results: dict[str, str] = {}
+        self.per_kind: Counter = Counter()
+        self.by_kind_result: Counter = Counter()
+        # A transaction with two different answers (not a duplicate_conflict answering another request).
+        self.contradictions: list[str] = []
+
+    def poll(self, timeout_s: float) -> list[str]:
+        """Consumes what is there (waiting up to timeout_s); returns the newly decided transaction ids."""
+        decided = []
+        for record in self._consumer.consume(OUTCOME_BATCH_SIZE_MAX, timeout_s):
+            error = record.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(error)
+            try:
+                outcome = decode_outcome(record.value())
+            except SchemaError as schema_error:
+                raise BenchError(f"{self.topic} holds an invalid outcome: {schema_error}") from None
+            transaction_id = outcome.transaction_id
+            result = SUCCESS if outcome.status == SUCCESS else outcome.reason
+            previous = self.results.get(transaction_id)
+            if previous is None:
+                self.results[transaction_id] = result
+                kind = transaction_id.partition("-")[0]
+                self.per_kind[kind] += 1
+                self.by_kind_result[kind, result] += 1
+                decided.append(transaction_id)
+            elif previous != result and result != Reason.DUPLICATE_CONFLICT:
+                self.contradictions.append(f"{transaction_id}: {previous} then {result}")
+        return decided
+
+    def results_of(self, kind: str) -> Counter:
+        return Counter({result: count for (k, result), count in self.by_kind_result.items() if k == kind})
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+# -- child processes ---------------------------------------------------------------------------
+
+class Child:
+    """A process this run started: its output goes to a log file, read by a thread that notes
+    when `marker` first appears and keeps the last JSON line (the copy loop's reports)."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, marker: str | None) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.marker = marker
+        self.marker_s: float | None = None
+        self.last_json: dict | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        setpriv = shutil.which("setpriv")
+        # The kernel stops the child if this process dies, even by SIGKILL: no orphan keeps running.
+        prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+        self.started_s = time.monotonic()
+        self.process = subprocess.Popen(prefix + argv, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.log_path.open("w", encoding="utf-8", errors="replace") as log:
+            for raw_line in self.process.stdout:
+                line = raw_line.decode("utf-8", errors="replace")
+                log.write(line)
+                log.flush()
+                self._tail.append(line.rstrip())
+                if self.marker_s is None and self.marker is not None and self.marker in line:
+                    self.marker_s = time.monotonic()
+                if line.startswith("{"):
+                    try:
+                        self.last_json = json.loads(line)
+                    except ValueError:
+                        pass
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def failure(self, what: str) -> BenchError:
+        tail = "\n    ".join(self._tail) or "(no output)"
+        return BenchError(f"{what}\n  {self.name} (pid {self.pid}) log {self.log_path}, last lines:\n    {tail}")
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise self.failure(f"{self.name} did not finish within {timeout_s:.0f} s") from None
+        self._reader.join(KAFKA_TIMEOUT_S)
+        return code
+
+    def stop(self, timeout_s: float = CHILD_STOP_TIMEOUT_S) -> bool:
+        """SIGTERM, then SIGKILL after timeout_s; returns whether it stopped by itself."""
+        if self.process.poll() is not None:
+            return True
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+            graceful = True
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(KAFKA_TIMEOUT_S)
+            graceful = False
+        self._reader.join(KAFKA_TIMEOUT_S)
+        return graceful
+
+
+# -- results -----------------------------------------------------------------------------------
+
+@dataclass
+class StageResult:
+    transfers: int
+    messages: int
+    elapsed_s: float
+    window_start: str
+    outcomes: dict = field(default_factory=dict)
+
+    @property
+    def transfers_per_s(self) -> float:
+        return self.transfers / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self, ceiling_messages_per_s: float | None) -> dict:
+        data = {"transfers": self.transfers, "messages": self.messages, "elapsed_s": round(self.elapsed_s, 3),
+                "transfers_per_s": round(self.transfers_per_s, 1), "messages_per_s": round(self.messages_per_s, 1),
+                "window_start": self.window_start, "outcomes": self.outcomes}
+        if ceiling_messages_per_s:
+            data["messages_ratio_to_ceiling"] = round(self.messages_per_s / ceiling_messages_per_s, 4)
+        return data
+
+
+@dataclass
+class LatencyResult:
+    offered_transfers_per_s: float
+    achieved_transfers_per_s: float
+    seconds: float
+    sent: int
+    answered: int
+    percentiles_ms: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"offered_transfers_per_s": round(self.offered_transfers_per_s, 1),
+                "achieved_transfers_per_s": round(self.achieved_transfers_per_s, 1), "seconds": self.seconds,
+                "sent": self.sent, "answered": self.answered,
+                **{f"{name}_ms": round(value, 2) for name, value in self.percentiles_ms.items()}}
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_values[max(0, math.ceil(share * len(sorted_values)) - 1)]
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchOptions:
+    transfers: int
+    accounts: int
+    partitions: int
+    faust_transfers: int
+    faust_guarantees: tuple[str, ...]
+    latency_seconds: float
+    batch_size_max: int
+    commit_interval_ms: int
+    seed: int
+    profile_processor: Path | None
+    keep_topics: bool
+
+    @property
+    def faust_accounts(self) -> int:
+        """The faust sample keeps the main run's accounts-to-transfers ratio."""
+        scaled = round(self.accounts * self.faust_transfers / self.transfers)
+        return max(2, min(self.accounts, scaled))
+
+
+class Bench:
+    def __init__(self, base: Settings, options: BenchOptions) -> None:
+        self.options = options
+        self.prefix = f"{base.topic_prefix}bench-{uuid.uuid4().hex[:8]}."
+        self.settings = base.with_overrides(topic_prefix=self.prefix, partitions=options.partitions)
+        self.bootstrap = self.settings.bootstrap
+        self.copy_topic = f"{self.prefix}bench.copy"
+        self.work_dir = Path(tempfile.mkdtemp(prefix="wallet-bench-"))
+        self._children: list[Child] = []
+        self._tallies: list[OutcomeTally] = []
+        self.expected: Counter = Counter()
+        self.faust_expected: dict[str, Counter] = {guarantee: Counter() for guarantee in options.faust_guarantees}
+        self.problems: list[str] = []
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def say(text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
+    @staticmethod
+    def _bar(total: int, desc: str, unit: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
+                    mininterval=PROGRESS_MIN_INTERVAL_S if sys.stderr.isatty() else PROGRESS_MIN_INTERVAL_S_NOT_TTY,
+                    dynamic_ncols=True, leave=False)
+
+    def _start(self, name: str, argv: list[str], marker: str | None) -> Child:
+        child = Child(name, argv, self.work_dir / f"{name}.log", marker)
+        self._children.append(child)
+        return child
+
+    def _tally(self, topic: str, name: str) -> OutcomeTally:
+        tally = OutcomeTally(self.bootstrap, topic, self.options.partitions, f"{self.prefix}bench-{name}")
+        self._tallies.append(tally)
+        return tally
+
+    @staticmethod
+    def _stage_timeout_s(stage: str, records: int) -> float:
+        return STAGE_TIMEOUT_FLOOR_S + records / STAGE_RATE_FLOOR_PER_S[stage]
+
+    def _faust_prefix(self, guarantee: str) -> str:
+        return f"{self.prefix}{guarantee.replace('_', '-')}."
+
+    def _create_extra_topics(self, names: list[str]) -> None:
+        admin = admin_client(self.bootstrap)
+        futures = admin.create_topics([NewTopic(name, self.options.partitions, self.settings.replication_factor)
+                                       for name in names], operation_timeout=KAFKA_TIMEOUT_S,
+                                      request_timeout=KAFKA_TIMEOUT_S)
+        for name, future in futures.items():
+            try:
+                future.result(timeout=KAFKA_TIMEOUT_S)
+            except KafkaException as error:
+                raise BenchError(f"creating topic {name} failed: {error.args[0].str()}") from None
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def prepare(self) -> dict:
+        from benchmarks.faust_peer import COMMANDS_TOPIC, OUTCOMES_TOPIC
+
+        options = self.options
+        ensure_topics(self.settings, timeout_s=KAFKA_TIMEOUT_S)
+        faust_topics = {guarantee: (f"{self._faust_prefix(guarantee)}{COMMANDS_TOPIC}",
+                                    f"{self._faust_prefix(guarantee)}{OUTCOMES_TOPIC}")
+                        for guarantee in options.faust_guarantees}
+        self._create_extra_topics([self.copy_topic, *(name for pair in faust_topics.values() for name in pair)])
+
+        setup_count = 2 * options.accounts
+        faust_count = (2 * options.faust_accounts + options.faust_transfers) * len(faust_topics)
+        total = setup_count + options.transfers + faust_count
+        self.say(f"[0] producing the input: {setup_count:,} account commands and {options.transfers:,} transfers"
+                 + (f", and {faust_count:,} commands for the faust peer" if faust_topics else ""))
+        ts_ms = time.time_ns() // 1_000_000
+        producer = _InputProducer(self.bootstrap, linger_ms=50)
+        streams = [(self.settings.commands_topic, setup_records(options.accounts, ts_ms)),
+                   (self.settings.commands_topic, transfer_records(options.accounts, options.transfers, options.seed,
+                                                                   TRANSFER, self.expected, ts_ms))]
+        for guarantee, (commands_topic, _) in faust_topics.items():
+            streams += [(commands_topic, setup_records(options.faust_accounts, ts_ms)),
+                        (commands_topic, transfer_records(options.faust_accounts, options.faust_transfers,
+                                                          options.seed, TRANSFER, self.faust_expected[guarantee],
+                                                          ts_ms))]
+        started_s = time.monotonic()
+        with self._bar(total, "input", "msg") as bar:
+            for topic, records in streams:
+                for key, value in records:
+                    producer.produce(topic, key, value)
+                    if producer.produced % 10_000 == 0:
+                        producer.poll()
+                        bar.update(10_000)
+            producer.flush()
+        elapsed_s = time.monotonic() - started_s
+        self._check_input_counts({self.settings.commands_topic: setup_count + options.transfers,
+                                  **{commands: 2 * options.faust_accounts + options.faust_transfers
+                                     for commands, _ in faust_topics.values()}})
+        return {"records": total, "elapsed_s": round(elapsed_s, 3), "messages_per_s": round(total / elapsed_s, 1)}
+
+    def _check_input_counts(self, expected_counts: dict[str, int]) -> None:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}bench-check"})
+        try:
+            for topic, expected_count in expected_counts.items():
+                stored = sum(consumer.get_watermark_offsets(TopicPartition(topic, partition), KAFKA_TIMEOUT_S)[1]
+                             for partition in range(self.options.partitions))
+                if stored != expected_count:
+                    raise BenchError(f"{topic} holds {stored} records after producing {expected_count}")
+        finally:
+            consumer.close()
+
+    def raw_ceiling(self) -> StageResult:
+        options = self.options
+        records = 2 * options.accounts + options.transfers
+        self.say(f"[1] raw ceiling: copying {records:,} records of {self.settings.commands_topic} with a transactional "
+                 f"consume-and-copy loop")
+        timeout_s = self._stage_timeout_s("ceiling", records)
+        child = self._start("ceiling", [
+            sys.executable, "-m", "benchmarks.raw_ceiling", "--bootstrap", self.bootstrap,
+            "--input-topic", self.settings.commands_topic, "--output-topic", self.copy_topic,
+            "--group-id", f"{self.prefix}bench-ceiling", "--batch-size-max", str(options.batch_size_max),
+            "--commit-interval-ms", str(options.commit_interval_ms), "--timeout-s", str(timeout_s)], marker=None)
+        with self._bar(records, "ceiling", "rec") as bar:
+            while child.exited() is None:
+                time.sleep(0.2)
+                if time.monotonic() - child.started_s > timeout_s + KAFKA_TIMEOUT_S:
+                    raise child.failure(f"the copy loop did not finish within {timeout_s:.0f} s")
+                copied = (child.last_json or {}).get("copied", 0)
+                bar.update(copied - bar.n)
+        code = child.wait(KAFKA_TIMEOUT_S)
+        report = child.last_json or {}
+        if code != 0 or "records" not in report:
+            raise child.failure(f"the copy loop failed (exit code {code}): {report.get('error', 'no report')}")
+        if report["records"] != records:
+            self.problems.append(f"the copy loop copied {report['records']} records, the input has {records}")
+        return StageResult(0, report["messages"], report["elapsed_s"],
+                           "first consumed batch", {"records": report["records"],
+                                                    "transactions": report["transactions"]})
+
+    def start_processor(self) -> Child:
+        options = self.options
+        profile = ["-m", "cProfile", "-o", str(options.profile_processor)] if options.profile_processor else []
+        return self._start("processor", [
+            sys.executable, *profile, "-m", "wallet.cli", "--bootstrap", self.bootstrap, "--topic-prefix", self.prefix,
+            "processor", "--instance-id", "bench", "--store", str(self.work_dir / "processor-store"),
+            "--batch-size-max", str(options.batch_size_max), "--commit-interval-ms", str(options.commit_interval_ms)],
+            marker=PROCESSOR_READY_MARKER)
+
+    def ours(self, processor: Child, tally: OutcomeTally) -> StageResult:
+        options = self.options
+        self.say(f"[2] ours: one wallet processor (pid {processor.pid}) on {options.transfers:,} transfers "
+                 f"after {2 * options.accounts:,} account commands")
+        timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
+        end_s = self._await_outcomes(processor, tally, options.transfers, timeout_s, "ours")
+        window_start_s, window_start = self._window_start(processor, "first consume after assignment")
+        self._check_results("ours", tally, options.accounts, self.expected)
+        return StageResult(options.transfers,
+                           self._messages(tally, options.accounts, MESSAGES_OURS), end_s - window_start_s,
+                           window_start, dict(tally.results_of(TRANSFER)))
+
+    def latency(self, processor: Child, tally: OutcomeTally, rate_per_s: float) -> LatencyResult:
+        options = self.options
+        seconds = options.latency_seconds
+        self.say(f"[3] latency: offering {rate_per_s:,.0f} transfers/s for {seconds:g} s to the running processor")
+        sent_s: list[float] = []
+        answered_s: dict[int, float] = {}
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def collect() -> None:
+            try:
+                while not stop.is_set():
+                    decided = tally.poll(0.05)
+                    now_s = time.monotonic()
+                    for transaction_id in decided:
+                        kind, _, index = transaction_id.partition("-")
+                        if kind == LATENCY:
+                            answered_s[int(index)] = now_s
+            except BaseException as error:  # reported by the main thread
+                errors.append(error)
+
+        collector = threading.Thread(target=collect, name="latency-outcomes", daemon=True)
+        collector.start()
+        producer = _InputProducer(self.bootstrap, linger_ms=1)
+        records = transfer_records(options.accounts, math.ceil(rate_per_s * seconds), options.seed + 1, LATENCY,
+                                   Counter())
+        topic = self.settings.commands_topic
+        try:
+            with self._bar(int(rate_per_s * seconds), "latency", "tx") as bar:
+                started_s = time.monotonic()
+                while (elapsed_s := time.monotonic() - started_s) < seconds:
+                    for _ in range(int(elapsed_s * rate_per_s) - len(sent_s)):
+                        key, value = next(records)
+                        sent_s.append(time.monotonic())
+                        producer.produce(topic, key, value)
+                    producer.poll()
+                    bar.update(len(sent_s) - bar.n)
+                    time.sleep(LATENCY_TICK_S)
+                producer.flush()
+                offered_s = time.monotonic() - started_s
+            deadline_s = time.monotonic() + LATENCY_DRAIN_TIMEOUT_S
+            while len(answered_s) < len(sent_s) and time.monotonic() < deadline_s and not errors:
+                if processor.exited() is not None:
+                    raise processor.failure(f"the processor exited with code {processor.exited()} during the "
+                                            f"latency phase")
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            collector.join(KAFKA_TIMEOUT_S)
+        if errors:
+            raise BenchError(f"reading outcomes during the latency phase failed: {errors[0]}")
+        if len(answered_s) < len(sent_s):
+            self.problems.append(f"latency: {len(sent_s) - len(answered_s)} of {len(sent_s)} transfers had no "
+                                 f"outcome {LATENCY_DRAIN_TIMEOUT_S:.0f} s after the load stopped")
+        latencies_ms = sorted((seen_s - sent_s[index]) * 1000 for index, seen_s in answered_s.items())
+        percentiles = ({name: percentile(latencies_ms, share) for name, share in
+                        (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))} if latencies_ms else {})
+        return LatencyResult(rate_per_s, len(sent_s) / offered_s, seconds, len(sent_s), len(answered_s), percentiles)
+
+    def faust(self, guarantee: str) -> StageResult:
+        from benchmarks.faust_peer import COMMANDS_TOPIC, FIRST_RECORD_MARKER, OUTCOMES_TOPIC
+
+        options = self.options
+        prefix = self._faust_prefix(guarantee)
+        self.say(f"[4] faust peer ({guarantee}): {options.faust_transfers:,} transfers after "
+                 f"{2 * options.faust_accounts:,} account commands")
+        tally = self._tally(f"{prefix}{OUTCOMES_TOPIC}", f"faust-{guarantee}")
+        worker = self._start(f"faust-{guarantee}", [
+            sys.executable, "-m", "benchmarks.faust_peer", "--bootstrap", self.bootstrap, "--topic-prefix", prefix,
+            "--guarantee", guarantee, "--partitions", str(options.partitions),
+            "--data-dir", str(self.work_dir / f"faust-{guarantee}"), "worker", "--loglevel", "warn"],
+            marker=FIRST_RECORD_MARKER)
+        heartbeat = _Heartbeat(self.bootstrap, f"{prefix}{COMMANDS_TOPIC}", options.partitions)
+        timeout_s = self._stage_timeout_s("faust", 2 * options.faust_accounts + 2 * options.faust_transfers)
+        try:
+            end_s = self._await_outcomes(worker, tally, options.faust_transfers, timeout_s, f"faust {guarantee}",
+                                         on_tick=heartbeat.tick)
+        finally:
+            heartbeat.close()
+            # Its figures are taken by now, so a SIGKILL after a short grace period loses nothing.
+            worker.stop(FAUST_STOP_TIMEOUT_S)
+        window_start_s, window_start = self._window_start(worker, "first record")
+        self._check_results(f"faust {guarantee}", tally, options.faust_accounts, self.faust_expected[guarantee])
+        return StageResult(options.faust_transfers,
+                           self._messages(tally, options.faust_accounts, MESSAGES_FAUST), end_s - window_start_s,
+                           window_start, dict(tally.results_of(TRANSFER)))
+
+    # -- waiting and checking --------------------------------------------------------------
+
+    def _await_outcomes(self, child: Child, tally: OutcomeTally, transfers: int, timeout_s: float, stage: str,
+                        on_tick=None) -> float:
+        """Reads outcomes until every transfer has one; returns when the last was seen."""
+        deadline_s = time.monotonic() + timeout_s
+        progress_s = time.monotonic()
+        with self._bar(transfers, stage, "tx") as bar:
+            while tally.per_kind[TRANSFER] < transfers:
+                if on_tick is not None:
+                    on_tick()
+                tally.poll(0.1)
+                if tally.per_kind[TRANSFER] > bar.n:  # progress is transfers decided, not any outcome
+                    progress_s = time.monotonic()
+                    bar.update(tally.per_kind[TRANSFER] - bar.n)
+                now_s = time.monotonic()
+                if child.exited() is not None:
+                    raise child.failure(f"{stage}: {child.name} exited with code {child.exited()} after "
+                                        f"{tally.per_kind[TRANSFER]:,} of {transfers:,} transfer outcomes")
+                if now_s - progress_s > STALL_TIMEOUT_S:
+                    raise child.failure(f"{stage}: no new transfer outcome for {STALL_TIMEOUT_S:.0f} s "
+                                        f"({tally.per_kind[TRANSFER]:,} of {transfers:,} transfers decided)")
+                if now_s > deadline_s:
+                    raise child.failure(f"{stage}: only {tally.per_kind[TRANSFER]:,} of {transfers:,} transfers "
+                                        f"decided within {timeout_s:.0f} s")
+            return time.monotonic()
+
+    @staticmethod
+    def _window_start(child: Child, marker_meaning: str) -> tuple[float, str]:
+        if child.marker_s is not None:
+            return child.marker_s, marker_meaning
+        return child.started_s, f"process start ({child.marker!r} never appeared in its output)"
+
+    def _check_results(self, stage: str, tally: OutcomeTally, accounts: int, expected: Counter) -> None:
+        # The setup outcomes are all in long before the last transfer's: a short grace read suffices.
+        deadline_s = time.monotonic() + KAFKA_TIMEOUT_S
+        while sum(tally.per_kind[kind] for kind in SETUP_KINDS) < 2 * accounts and time.monotonic() < deadline_s:
+            tally.poll(0.1)
+        for kind in SETUP_KINDS:
+            results = tally.results_of(kind)
+            if results != Counter({SUCCESS: accounts}):
+                self.problems.append(f"{stage}: {kind} outcomes {dict(results)}, expected {accounts} successes")
+        results = tally.results_of(TRANSFER)
+        if results != expected:
+            self.problems.append(f"{stage}: transfer outcomes {dict(results)}, expected {dict(expected)}")
+        if tally.contradictions:
+            self.problems.append(f"{stage}: {len(tally.contradictions)} transactions with two different outcomes, "
+                                 f"e.g. {tally.contradictions[:3]}")
+
+    @staticmethod
+    def _messages(tally: OutcomeTally, accounts: int, costs: dict[str, int]) -> int:
+        transfer_results = tally.results_of(TRANSFER)
+        unknown = set(transfer_results) - set(costs)
+        if unknown:
+            raise BenchError(f"no message count is known for outcomes {sorted(unknown)}")
+        return 2 * accounts * costs["setup"] + sum(costs[result] * count for result, count in transfer_results.items())
+
+    # -- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> dict:
+        options = self.options
+        run_started_s = time.monotonic()
+        phase_wall_s: dict[str, float] = {}
+        report: dict = {"transfers": options.transfers, "accounts": options.accounts, "partitions": options.partitions,
+                        "bootstrap": self.bootstrap, "topic_prefix": self.prefix,
+                        "batch_size_max": options.batch_size_max, "commit_interval_ms": options.commit_interval_ms,
+                        "phase_wall_s": phase_wall_s}
+
+        def phase_done(name: str, started_s: float) -> float:
+            now_s = time.monotonic()
+            phase_wall_s[name] = round(now_s - started_s, 1)
+            return now_s
+
+        started_s = run_started_s
+        report["input"] = self.prepare()
+        started_s = phase_done("input", started_s)
+        ceiling = self.raw_ceiling()
+        ceiling_rate = ceiling.messages_per_s
+        report["ceiling"] = ceiling.as_dict(ceiling_rate)
+        started_s = phase_done("ceiling", started_s)
+
+        tally = self._tally(self.settings.outcomes_topic, "outcomes")
+        processor = self.start_processor()
+        ours = self.ours(processor, tally)
+        report["ours"] = ours.as_dict(ceiling_rate)
+        started_s = phase_done("ours", started_s)
+        if options.latency_seconds > 0:
+            latency = self.latency(processor, tally, ours.transfers_per_s * LATENCY_LOAD_SHARE)
+            report["latency"] = latency.as_dict()
+            started_s = phase_done("latency", started_s)
+        if not processor.stop():
+            self.problems.append(f"the processor did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM")
+        if options.profile_processor:
+            report["profile"] = {"path": str(options.profile_processor),
+                                 "top_by_tottime": profile_top(options.profile_processor)}
+        started_s = phase_done("processor stop", started_s)
+
+        report["faust"] = {}
+        for guarantee in options.faust_guarantees:
+            faust = self.faust(guarantee)
+            report["faust"][guarantee] = {**faust.as_dict(ceiling_rate), "accounts": options.faust_accounts}
+            report.setdefault("ours_over_faust", {})[guarantee] = round(ours.transfers_per_s / faust.transfers_per_s, 2)
+            started_s = phase_done(f"faust {guarantee}", started_s)
+        report["problems"] = self.problems
+        report["ok"] = not self.problems
+        report["run_s"] = round(time.monotonic() - run_started_s, 1)
+        return report
+
+    def cleanup(self, keep_work_dir: bool) -> None:
+        for child in self._children:
+            try:
+                child.stop()
+            except (OSError, subprocess.SubprocessError) as error:
+                self.say(f"stopping {child.name} (pid {child.pid}) failed: {error}")
+        for tally in self._tallies:
+            tally.close()
+        if not self.options.keep_topics:
+            self._delete_topics()
+        if keep_work_dir:
+            self.say(f"logs kept in {self.work_dir}")
+        else:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _delete_topics(self) -> None:
+        admin = admin_client(self.bootstrap)
+        try:
+            names = [name for name in admin.list_topics(timeout=KAFKA_TIMEOUT_S).topics if name.startswith(self.prefix)]
+            if names:
+                for name, future in admin.delete_topics(names, operation_timeout=KAFKA_TIMEOUT_S,
+                                                        request_timeout=KAFKA_TIMEOUT_S).items():
+                    future.result(timeout=KAFKA_TIMEOUT_S)
+        except KafkaException as error:
+            self.say(f"deleting the benchmark topics under {self.prefix!r} failed: {error}; delete them by hand")
+
+
+def profile_top(path: Path, count: int = PROFILE_TOP_ENTRIES) -> list[dict]:
+    stats = pstats.Stats(str(path), stream=io.StringIO())
+    total_s = stats.total_tt
+    rows = []
+    for (filename, line, function), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append({"function": f"{Path(filename).name}:{line}({function})", "calls": calls,
+                     "tottime_s": round(tottime, 3), "tottime_share": round(tottime / total_s, 4) if total_s else 0.0,
+                     "cumtime_s": round(cumtime, 3)})
+    rows.sort(key=lambda row: row["tottime_s"], reverse=True)
+    return rows[:count]
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    ceiling = report["ceiling"]
+    lines = [
+        f"wallet bench: {report['transfers']:,} transfers among {report['accounts']:,} accounts, "
+        f"{report['partitions']} partitions, broker {report['bootstrap']}, batch {report['batch_size_max']:,} / "
+        f"{report['commit_interval_ms']} ms",
+        f"input: {report['input']['records']:,} records produced in {report['input']['elapsed_s']:.1f} s "
+        f"({report['input']['messages_per_s']:,.0f} msg/s)",
+        "",
+        f"{'stage':<32}{'transfers':>11}{'window':>10}{'transfers/s':>13}{'messages/s':>13}{'vs ceiling':>12}",
+    ]
+
+    def row(name: str, stage: dict) -> str:
+        transfers_per_s = f"{stage['transfers_per_s']:,.0f}" if stage["transfers"] else "-"
+        transfers = f"{stage['transfers']:,}" if stage["transfers"] else "-"
+        return (f"{name:<32}{transfers:>11}{stage['elapsed_s']:>9.1f}s{transfers_per_s:>13}"
+                f"{stage['messages_per_s']:>13,.0f}{stage.get('messages_ratio_to_ceiling', 0):>12.2f}")
+
+    lines.append(row("raw ceiling (copy loop)", ceiling))
+    lines.append(row("wallet processor (ours)", report["ours"]))
+    for guarantee, stage in report["faust"].items():
+        lines.append(row(f"faust-streaming ({guarantee})", stage))
+    for guarantee, ratio in report.get("ours_over_faust", {}).items():
+        lines.append(f"ours / faust ({guarantee}), transfers/s: {ratio:,.1f}x")
+    latency = report.get("latency")
+    if latency:
+        lines += ["", f"latency, command produced -> outcome seen read_committed, at "
+                      f"{latency['offered_transfers_per_s']:,.0f} transfers/s offered "
+                      f"({LATENCY_LOAD_SHARE:.0%} of ours; {latency['achieved_transfers_per_s']:,.0f} achieved) "
+                      f"for {latency['seconds']:g} s, "
+                      f"{latency['answered']:,} of {latency['sent']:,} answered:"]
+        if "p50_ms" in latency:
+            lines.append(f"  p50 {latency['p50_ms']:.1f} ms   p95 {latency['p95_ms']:.1f} ms   "
+                         f"p99 {latency['p99_ms']:.1f} ms   max {latency['max_ms']:.1f} ms")
+    if report.get("profile"):
+        lines += ["", f"processor profile ({report['profile']['path']}; ours ran under cProfile, slower than "
+                      f"without), top by own time:"]
+        lines += [f"  {entry['tottime_s']:>8.2f} s {entry['tottime_share']:>6.1%} {entry['calls']:>10,}  "
+                  f"{entry['function']}" for entry in report["profile"]["top_by_tottime"][:15]]
+    lines += [
+        "",
+        "messages = records consumed + records produced by the stage: copy loop 1 + 1 per record; a transfer through "
+        "the processor 6 on success (2 commands consumed, 2 events, 1 leg, 1 outcome), 3 if refused for insufficient "
+        "funds, 9 if refunded; faust's 6 / 2 / 8 (its table changelog writes in place of events); opening or "
+        "funding an account 3. Windows run from the stage's first consumed record to its last outcome visible to a "
+        "read_committed consumer (the copy loop: to its last commit).",
+        f"outcomes of ours: {report['ours']['outcomes']}",
+        *([f"faust: one heartbeat command per partition every {FAUST_HEARTBEAT_INTERVAL_S:g} s keeps its exactly-once "
+           f"transactions committing; without it the last saga legs of a finite input are never committed."]
+          if report["faust"] else []),
+        f"run time {report['run_s']:.0f} s (" + ", ".join(f"{name} {seconds:g} s" for name, seconds
+                                                          in report["phase_wall_s"].items()) + "); "
+        + ("all checks passed" if report["ok"] else "PROBLEMS:"),
+    ]
+    lines += [f"  - {problem}" for problem in report["problems"]]
+    return "\n".join(lines)
+
+
+def _interrupt(*_signal_args) -> None:
+    raise KeyboardInterrupt
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ProcessorConfig(instance_id="", store_path=Path())
+    parser.add_argument("--transfers", type=_positive_int, default=TRANSFERS_DEFAULT,
+                        help=f"transfers through the processor and the copy loop (default {TRANSFERS_DEFAULT:,})")
+    parser.add_argument("--accounts", type=_positive_int, default=ACCOUNTS_DEFAULT,
+                        help=f"accounts the transfers move money among, at least 2 (default {ACCOUNTS_DEFAULT:,})")
+    parser.add_argument("--partitions", type=_positive_int, default=PARTITIONS_DEFAULT,
+                        help=f"partitions of every benchmark topic (default {PARTITIONS_DEFAULT})")
+    parser.add_argument("--faust-transfers", type=_positive_int, default=FAUST_TRANSFERS_DEFAULT,
+                        help=f"transfers for the faust-streaming peer, among accounts in the same ratio "
+                             f"(default {FAUST_TRANSFERS_DEFAULT:,})")
+    parser.add_argument("--faust-guarantee", choices=("exactly_once", "at_least_once", "both"), default="exactly_once",
+                        help="processing guarantee of the faust peer (default exactly_once, like ours)")
+    parser.add_argument("--skip-faust", action="store_true", help="do not run the faust peer")
+    parser.add_argument("--latency-seconds", type=float, default=LATENCY_SECONDS_DEFAULT,
+                        help=f"how long to offer load for the latency percentiles; 0 skips them "
+                             f"(default {LATENCY_SECONDS_DEFAULT:g})")
+    parser.add_argument("--batch-size-max", type=_positive_int, default=defaults.batch_size_max,
+                        help=f"records per transaction of the processor and the copy loop "
+                             f"(default {defaults.batch_size_max:,})")
+    parser.add_argument("--commit-interval-ms", type=_positive_int, default=defaults.commit_interval_ms,
+                        help=f"longest wait for a batch to fill, both (default {defaults.commit_interval_ms})")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated transfers (default 1)")
+    parser.add_argument("--profile-processor", type=Path, metavar="FILE",
+                        help="run the processor under cProfile, write its stats to FILE and print the top entries")
+    parser.add_argument("--keep-topics", action="store_true", help="leave the benchmark topics for inspection")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wallet.cli import settings_from_args
+
+    if args.accounts < 2:
+        print("wallet bench: --accounts must be at least 2", file=sys.stderr)
+        return 2
+    guarantees = () if args.skip_faust else (
+        ("exactly_once", "at_least_once") if args.faust_guarantee == "both" else (args.faust_guarantee,))
+    options = BenchOptions(
+        transfers=args.transfers, accounts=args.accounts, partitions=args.partitions,
+        faust_transfers=args.faust_transfers, faust_guarantees=guarantees, latency_seconds=args.latency_seconds,
+        batch_size_max=args.batch_size_max, commit_interval_ms=args.commit_interval_ms, seed=args.seed,
+        profile_processor=args.profile_processor.resolve() if args.profile_processor else None,
+        keep_topics=args.keep_topics)
+    bench = Bench(settings_from_args(args), options)
+    failed = True
+    interrupt_on_sigterm = threading.current_thread() is threading.main_thread()
+    if interrupt_on_sigterm:
+        # A SIGTERM must still stop the children and delete the topics, as Ctrl-C does.
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = bench.run()
+        failed = not report["ok"]
+    except (BenchError, BrokerUnavailableError, TopicProvisioningError, KafkaException) as error:
+        print(f"wallet bench: {error}", file=sys.stderr)
+        return 1
+    finally:
+        bench.cleanup(keep_work_dir=failed)
+        if interrupt_on_sigterm:
+            signal.signal(signal.SIGTERM, previous_handler)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
