@@ -16,7 +16,8 @@ from schemas.events import (
     TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
 )
 from schemas.outcomes import Reason
-from streams.core.money import canonical_minor
+from streams.core.currencies import MINOR_UNITS
+from streams.core.money import canonical_minor, format_amount
 
 # How long a transaction id is remembered, on the command clock (the largest `ts_ms` folded
 # so far, never the wall clock): a retry within this window gets the first answer; a retry
@@ -91,6 +92,10 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         return state  # already folded
     if event.seq != account.seq + 1:
         raise CorruptLog(f"account {event.account_id!r}: seq {event.seq} follows {account.seq}")
+    if event_class is AccountOpened and (event.seq != 1 or event.currency not in MINOR_UNITS
+                                         or event.balance != format_amount(0, event.currency)):
+        raise CorruptLog(f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
+                         f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty")
 
     status = SUCCESS
     reason = None

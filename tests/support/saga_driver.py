@@ -1,0 +1,165 @@
+"""An in-memory, multi-partition stand-in for the processor, to drive the pure core in tests.
+
+Each partition has its own `State` and its own log of `wallet.commands` records (a FIFO of
+encoded bytes, like a Kafka partition: order is the order of appending). A command goes to
+the partition `partition_for(owner_account(command), N)`, exactly as the real producers place
+it, and a partition's follow-up legs are appended to their owners' partitions when it decides
+them — so legs between partitions, and between two accounts of one partition, take the same
+path. The caller chooses which partition consumes its next record: that is how a test (or
+hypothesis) explores interleavings. Every record is decoded from and every message encoded
+to bytes with `schemas.codec`, as on the wire.
+
+Kafka's exactly-once processing means a leg record is processed once: the driver never
+duplicates a record. Duplicates come only from clients, who may `submit` a command again.
+
+Money in flight is reported by folding the events (debited − credited − refunded), the way
+the audit does, not by asking the core.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from schemas.codec import decode_command, decode_event, encode
+from schemas.commands import Command, owner_account
+from schemas.events import Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
+from schemas.outcomes import Outcome
+from schemas.partitioning import partition_for
+from streams.core.machine import apply
+from streams.core.money import canonical_minor
+from streams.core.state import State, fold
+
+# A partition log longer than this means a test drives far more records than it can check
+# step by step; failing loudly beats a test that silently runs for minutes.
+QUEUE_LENGTH_MAX = 100_000
+# `drain` gives up after this many steps: a saga that never settles is a bug to report, not a hang.
+DRAIN_STEPS_MAX = 1_000_000
+
+
+class DriverError(AssertionError):
+    """The driven system did something a correct one cannot (a saga that never settles, ...)."""
+
+
+@dataclass
+class Partition:
+    state: State = field(default_factory=State)
+    queue: deque[bytes] = field(default_factory=deque)
+    event_records: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class MoneyTotals:
+    """Per currency, in minor units, folded from the events."""
+    deposited: Counter = field(default_factory=Counter)
+    withdrawn: Counter = field(default_factory=Counter)
+    in_flight: Counter = field(default_factory=Counter)
+    # (from_account, transaction_id, digest) -> debits not yet credited or refunded
+    open_transfers: Counter = field(default_factory=Counter)
+
+    def add(self, event: Event) -> None:
+        event_class = type(event)
+        if event_class is Deposited:
+            self.deposited[event.currency] += canonical_minor(event.amount, event.currency)
+        elif event_class is Withdrawn:
+            self.withdrawn[event.currency] += canonical_minor(event.amount, event.currency)
+        elif event_class is TransferDebited:
+            self.in_flight[event.currency] += canonical_minor(event.amount, event.currency)
+            self.open_transfers[(event.account_id, event.transaction_id, event.digest)] += 1
+        elif event_class in (TransferCredited, TransferRefunded):
+            self.in_flight[event.currency] -= canonical_minor(event.amount, event.currency)
+            sender = event.from_account if event_class is TransferCredited else event.account_id
+            key = (sender, event.transaction_id, event.digest)
+            self.open_transfers[key] -= 1
+            if self.open_transfers[key] < 0:
+                raise DriverError(f"{event_class.__name__} of {key} without a debit in flight")
+            if self.open_transfers[key] == 0:
+                del self.open_transfers[key]
+
+
+@dataclass(frozen=True)
+class Step:
+    partition: int
+    command: Command
+    events: list[Event]
+    outcome: Outcome | None
+
+
+class SagaDriver:
+    def __init__(self, partition_count: int) -> None:
+        self.partition_count = partition_count
+        self.partitions = [Partition() for _ in range(partition_count)]
+        self.money = MoneyTotals()
+        self.outcome_records: list[bytes] = []
+        self.outcomes: list[Outcome] = []
+
+    def partition_of(self, account_id: str) -> int:
+        return partition_for(account_id, self.partition_count)
+
+    def submit(self, command: Command) -> int:
+        """A client (or a processor) appends a command to its owner's partition; returns the partition."""
+        partition = self.partition_of(owner_account(command))
+        queue = self.partitions[partition].queue
+        if len(queue) >= QUEUE_LENGTH_MAX:
+            raise DriverError(f"partition {partition} holds {len(queue)} unconsumed records "
+                              f"(bound {QUEUE_LENGTH_MAX})")
+        queue.append(encode(command))
+        return partition
+
+    def retry(self, command: Command, ts_ms: int) -> int:
+        """A client sends a request again, as clients do after a timeout: same payload, a new timestamp."""
+        return self.submit(msgspec.structs.replace(command, ts_ms=ts_ms))
+
+    def waiting(self) -> list[int]:
+        """Partitions with records not yet consumed."""
+        return [index for index, partition in enumerate(self.partitions) if partition.queue]
+
+    def step(self, partition: int) -> Step:
+        """The processor of `partition` consumes and decides its next record."""
+        owner = self.partitions[partition]
+        if not owner.queue:
+            raise DriverError(f"partition {partition} has no record to consume")
+        command = decode_command(owner.queue.popleft())
+        decision = apply(owner.state, command)
+        for event in decision.events:
+            owner.event_records.append(encode(event))
+            self.money.add(event)
+        for follow_up in decision.follow_ups:
+            self.submit(follow_up)
+        if decision.outcome is not None:
+            self.outcome_records.append(encode(decision.outcome))
+            self.outcomes.append(decision.outcome)
+        return Step(partition, command, decision.events, decision.outcome)
+
+    def drain(self, steps_max: int = DRAIN_STEPS_MAX) -> int:
+        """Consumes every partition round-robin until no record is left; returns the steps taken."""
+        steps = 0
+        while waiting := self.waiting():
+            for partition in waiting:
+                self.step(partition)
+                steps += 1
+            if steps > steps_max:
+                raise DriverError(f"still {sum(len(p.queue) for p in self.partitions)} records after {steps} steps")
+        return steps
+
+    def balances(self) -> Counter:
+        """Σ balances per currency, in minor units, from the live states."""
+        total = Counter()
+        for partition in self.partitions:
+            for account in partition.state.accounts.values():
+                total[account.currency] += account.balance_minor
+        return total
+
+    def currencies(self) -> set[str]:
+        return set(self.balances()) | set(self.money.deposited) | set(self.money.in_flight)
+
+    def events(self, partition: int) -> list[Event]:
+        return [decode_event(record) for record in self.partitions[partition].event_records]
+
+    def refold(self, partition: int) -> State:
+        """The partition's state rebuilt from its events alone, as a restore or the audit does it."""
+        state = State()
+        for event in self.events(partition):
+            fold(state, event)
+        return state

@@ -1,0 +1,242 @@
+"""Properties of the state machine over random histories, through the multi-partition driver.
+
+Hypothesis draws a program: client commands over a few accounts in USD, JPY and BHD (users
+and merchants), client retries of earlier commands with the same or another payload, and
+the order in which the partitions consume their records. Legs are never duplicated:
+Kafka's exactly-once processing consumes each record once; what a real system does
+duplicate is a client's request, and a retry of a transfer in flight is what produces
+re-sent legs.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from schemas.codec import command_digest, encode
+from schemas.commands import (
+    Close, Command, Deposit, Freeze, OpenAccount, PayMerchant, Transfer, Unfreeze, Withdraw,
+)
+from schemas.events import CommandRejected, TransferDebited
+from streams.core.money import format_amount
+from streams.core.state import IDEMPOTENCY_EVICT_STEP_MS, IDEMPOTENCY_WINDOW_MS
+from tests.support.saga_driver import SagaDriver
+
+PARTITION_COUNT = 3
+# account -> (currency, kind); with 3 partitions every currency has accounts on two partitions
+# and USD also two accounts on one, so transfers take both the cross- and same-partition path.
+ACCOUNTS = {
+    "a0": ("USD", "user"), "a1": ("USD", "merchant"), "a5": ("USD", "user"),
+    "a2": ("JPY", "user"), "a6": ("JPY", "merchant"),
+    "a3": ("BHD", "merchant"), "a4": ("BHD", "user"),
+}
+NEVER_OPENED = "a7"
+ACCOUNT_IDS = sorted(ACCOUNTS) + [NEVER_OPENED]
+CURRENCIES = ("USD", "JPY", "BHD")
+INVALID_AMOUNTS = ("0", "-1", "1e3", "1.0001", "", " ")
+OPENING_DEPOSIT_MINOR = 5000  # enough for a few transfers of up to 3000 minor units each
+TRANSACTION_ID_COUNT = 100  # small enough that ids collide across accounts and requests
+START_MS = 1_700_000_000_000
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+amounts = st.sampled_from(["minor"] * 9 + ["text"]).flatmap(
+    lambda kind: st.tuples(st.just(kind),
+                           st.integers(1, 3000) if kind == "minor" else st.sampled_from(INVALID_AMOUNTS)))
+# None: the account's own currency, the usual case.
+currency_choice = st.sampled_from([None] * 9 + ["other"]).flatmap(
+    lambda choice: st.just(None) if choice is None else st.sampled_from(CURRENCIES + ("EUR",)))
+# The other side of a transfer: usually an account of the sender's currency ("peer", n), else any.
+counterparties = st.sampled_from(["peer"] * 4 + ["any"]).flatmap(
+    lambda kind: st.tuples(st.just(kind), st.integers(0, 9) if kind == "peer" else st.sampled_from(ACCOUNT_IDS)))
+client_specs = st.tuples(
+    st.sampled_from(["transfer", "deposit", "transfer", "pay_merchant", "withdraw", "transfer", "deposit", "freeze",
+                     "transfer", "unfreeze", "pay_merchant", "open", "transfer", "close"]),
+    st.sampled_from(ACCOUNT_IDS), counterparties, amounts, currency_choice,
+    st.integers(0, TRANSACTION_ID_COUNT - 1),
+)
+# Mostly new requests and consumption, some client retries.
+action_arguments = {
+    "send": client_specs,
+    "step": st.integers(0, PARTITION_COUNT - 1),
+    # (which earlier request, same payload?, only among transfers?): transfers are what clients retry most.
+    "retry": st.tuples(st.integers(0, 10**6), st.booleans(), st.booleans()),
+}
+actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry"]).flatmap(
+    lambda action: st.tuples(st.just(action), action_arguments[action]))
+programs = st.lists(actions, min_size=30, max_size=150)
+small_delays_ms = st.integers(0, 2000)
+# Jumps of half and more than a whole idempotency window, so that partitions forget
+# transaction ids while some of their transfers are still in flight and clients retry them.
+window_delays_ms = st.one_of(small_delays_ms, st.sampled_from(
+    [IDEMPOTENCY_WINDOW_MS // 2, IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS]))
+
+
+def client_command(spec: tuple, ts_ms: int) -> Command:
+    kind, account_id, (counterparty_kind, counterparty), (amount_kind, amount_value), currency_override, tx_id = spec
+    planned_currency, planned_kind = ACCOUNTS.get(account_id, ("USD", "user"))
+    if counterparty_kind == "peer":
+        peers = [peer for peer, (currency, _) in ACCOUNTS.items()
+                 if currency == planned_currency and peer != account_id]
+        other_account = peers[counterparty % len(peers)]
+    else:
+        other_account = counterparty
+    currency = currency_override or planned_currency
+    amount = format_amount(amount_value, currency if currency in CURRENCIES else "USD") if amount_kind == "minor" \
+        else amount_value
+    common: dict[str, Any] = dict(transaction_id=f"t{tx_id}", ts_ms=ts_ms)
+    if kind == "open":
+        return OpenAccount(**common, account_id=account_id, currency=currency, kind=planned_kind)
+    if kind in ("deposit", "withdraw"):
+        return (Deposit if kind == "deposit" else Withdraw)(**common, account_id=account_id, amount=amount,
+                                                              currency=currency)
+    if kind in ("transfer", "pay_merchant"):
+        return (Transfer if kind == "transfer" else PayMerchant)(**common, from_account=account_id,
+                                                                 to_account=other_account, amount=amount,
+                                                                 currency=currency)
+    return {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[kind](**common, account_id=account_id)
+
+
+def with_another_payload(command: Command) -> Command:
+    """The request a client sends when it reuses a transaction id for something else."""
+    if hasattr(command, "amount"):
+        return msgspec.structs.replace(command, amount="2" if command.amount == "1" else "1")
+    if isinstance(command, OpenAccount):
+        return msgspec.structs.replace(command, kind="merchant" if command.kind == "user" else "user")
+    other = {Freeze: Unfreeze, Unfreeze: Close, Close: Freeze}[type(command)]
+    return other(transaction_id=command.transaction_id, ts_ms=command.ts_ms, account_id=command.account_id)
+
+
+class History:
+    """Plays a program through a driver, checking the money invariants after every step."""
+
+    def __init__(self, delays_ms: list[int]) -> None:
+        self.driver = SagaDriver(PARTITION_COUNT)
+        self.delays_ms = delays_ms
+        self.clock_ms = START_MS
+        self.sent: list[Command] = []
+
+    def play(self, program: list[tuple]) -> None:
+        for account_id in sorted(ACCOUNTS):
+            currency, kind = ACCOUNTS[account_id]
+            self.send(OpenAccount(transaction_id=f"open-{account_id}", ts_ms=self.clock_ms, account_id=account_id,
+                                  currency=currency, kind=kind))
+            self.send(Deposit(transaction_id=f"fund-{account_id}", ts_ms=self.clock_ms, account_id=account_id,
+                              amount=format_amount(OPENING_DEPOSIT_MINOR, currency), currency=currency))
+        for index, (action, argument) in enumerate(program):
+            self.clock_ms += self.delays_ms[index % len(self.delays_ms)]
+            if action == "send":
+                self.send(client_command(argument, self.clock_ms))
+            elif action == "retry":
+                position, same_payload, transfers_only = argument
+                pool = [command for command in self.sent if isinstance(command, (Transfer, PayMerchant))] \
+                    if transfers_only else self.sent
+                if pool:
+                    earlier = pool[position % len(pool)]
+                    if same_payload:
+                        self.driver.retry(earlier, self.clock_ms)
+                    else:
+                        self.send(with_another_payload(msgspec.structs.replace(earlier, ts_ms=self.clock_ms)))
+            elif action == "step" and (waiting := self.driver.waiting()):
+                self.driver.step(argument if argument in waiting else waiting[argument % len(waiting)])
+                self.check_money()
+        self.driver.drain()
+        self.check_money()
+
+    def send(self, command: Command) -> None:
+        self.sent.append(command)
+        self.driver.submit(command)
+
+    def check_money(self) -> None:
+        driver = self.driver
+        balances = driver.balances()
+        for currency in driver.currencies():
+            assert balances[currency] + driver.money.in_flight[currency] == \
+                driver.money.deposited[currency] - driver.money.withdrawn[currency], currency
+            assert driver.money.in_flight[currency] >= 0, currency
+        for partition in driver.partitions:
+            for account_id, account in partition.state.accounts.items():
+                assert account.balance_minor >= 0, account_id
+
+    def check_settled(self) -> None:
+        """After draining: nothing in flight, every debit credited or refunded exactly once."""
+        assert not +self.driver.money.in_flight
+        assert not self.driver.money.open_transfers
+
+    def check_fold_rebuilds_state(self) -> None:
+        for index, partition in enumerate(self.driver.partitions):
+            rebuilt = self.driver.refold(index)
+            assert rebuilt.accounts == partition.state.accounts
+            assert rebuilt.memory == partition.state.memory
+            assert rebuilt.clock_ms == partition.state.clock_ms
+
+    def check_one_answer_per_request(self) -> None:
+        answers: dict[tuple[str, str], set[bytes]] = defaultdict(set)
+        for outcome in self.driver.outcomes:
+            answers[(outcome.transaction_id, outcome.digest)].add(encode(outcome))
+        for command in self.sent:
+            request = (command.transaction_id, command_digest(command))
+            assert len(answers[request]) == 1, (command, answers[request])
+        for partition in range(PARTITION_COUNT):
+            for event in self.driver.events(partition):
+                if type(event) is TransferDebited:
+                    assert len(answers[(event.transaction_id, event.digest)]) == 1, event
+
+    def records(self) -> list[list[bytes]]:
+        return [partition.event_records for partition in self.driver.partitions] + [self.driver.outcome_records]
+
+
+@PROPERTY_SETTINGS
+@given(program=programs, delays_ms=st.lists(small_delays_ms, min_size=1, max_size=8))
+def test_money_is_conserved_and_every_request_gets_one_answer(program: list[tuple], delays_ms: list[int]) -> None:
+    history = History(delays_ms)
+    history.play(program)
+    history.check_settled()
+    history.check_one_answer_per_request()
+    history.check_fold_rebuilds_state()
+    replay = History(delays_ms)
+    replay.play(program)
+    assert replay.records() == history.records()  # byte-identical events and outcomes
+
+
+# Regressions found by the window property below, cut down by hand: on the first core (commit
+# 42c12a7) both left money in flight for good. Unit versions are in test_machine_rules.
+PAST_WINDOW_MS = IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
+TRANSFER_A0_TO_A1 = ("send", ("transfer", "a0", ("peer", 0), ("minor", 1), None, 0))  # a0 on partition 0, a1 on 2
+DEPOSIT_A0 = ("send", ("deposit", "a0", ("peer", 0), ("minor", 1), None, 1))
+FREEZE_A1 = ("send", ("freeze", "a1", ("peer", 0), ("minor", 1), None, 2))
+DEPOSIT_A1 = ("send", ("deposit", "a1", ("peer", 0), ("minor", 1), None, 3))
+# The sender forgets t0 and debits its retry again; the quiet receiver still remembers crediting
+# t0 and drops the second credit leg: the money stays in flight forever.
+CREDIT_LEG_DROPPED = [TRANSFER_A0_TO_A1, DEPOSIT_A0, TRANSFER_A0_TO_A1]
+# Both debits of t0 are refused by the frozen receiver, which forgot the first refusal; the
+# sender, which remembers the first refund as t0's answer, drops the second refund leg.
+REFUND_LEG_DROPPED = ([FREEZE_A1, TRANSFER_A0_TO_A1, DEPOSIT_A0, TRANSFER_A0_TO_A1] + [("step", 0)] * 9
+                      + [("step", 2)] * 4 + [DEPOSIT_A1, ("step", 2)])
+
+
+@PROPERTY_SETTINGS
+@example(program=CREDIT_LEG_DROPPED, delays_ms=[PAST_WINDOW_MS])
+@example(program=REFUND_LEG_DROPPED, delays_ms=[PAST_WINDOW_MS])
+@given(program=programs, delays_ms=st.lists(window_delays_ms, min_size=1, max_size=8))
+def test_money_is_conserved_when_retries_outlive_the_idempotency_window(program: list[tuple],
+                                                                      delays_ms: list[int]) -> None:
+    # Across the window a retry is a new request and may get another answer; money must still
+    # never be created, destroyed or left in flight.
+    history = History(delays_ms)
+    history.play(program)
+    history.check_settled()
+    history.check_fold_rebuilds_state()
+
+
+def test_the_regression_programs_still_debit_one_transfer_twice() -> None:
+    # They only guard something while they reach the double debit (partitioning, setup order).
+    for program, refusals in ((CREDIT_LEG_DROPPED, 0), (REFUND_LEG_DROPPED, 2)):
+        history = History([PAST_WINDOW_MS])
+        history.play(program)
+        kinds = [type(event) for partition in range(PARTITION_COUNT) for event in history.driver.events(partition)
+                 if event.transaction_id == "t0"]
+        assert kinds.count(TransferDebited) == 2
+        assert kinds.count(CommandRejected) == refusals  # the receiver refused each debit's credit leg

@@ -1,0 +1,66 @@
+"""The checked-in JSON Schema files are exactly what the message classes export today."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas import export
+from schemas.codec import encode
+from schemas.commands import CreditLeg, Deposit
+from schemas.outcomes import Outcome
+
+
+def test_exported_schema_files_are_up_to_date() -> None:
+    stale = export.stale_files()
+    assert stale == [], f"stale JSON Schema files {stale}: run `python -m schemas.export` and commit schemas/json/"
+
+
+def test_a_changed_or_missing_file_is_reported_stale(tmp_path: Path) -> None:
+    export.write(tmp_path)
+    assert export.stale_files(tmp_path) == []
+    (tmp_path / "event.schema.json").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "outcome.schema.json").unlink()
+    (tmp_path / "retired.schema.json").write_text("{}\n", encoding="utf-8")
+    assert export.stale_files(tmp_path) == ["event.schema.json", "outcome.schema.json", "retired.schema.json"]
+
+
+def test_export_is_deterministic_sorted_and_newline_terminated() -> None:
+    first, second = export.export_texts(), export.export_texts()
+    assert first == second
+    for text in first.values():
+        assert text.endswith("}\n")
+        assert json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n" == text
+
+
+def schema_of(file_name: str) -> dict:
+    return json.loads((export.JSON_DIR / file_name).read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(("file_name", "tags"), [
+    ("command.schema.json", {"open_account", "deposit", "withdraw", "transfer", "pay_merchant", "freeze", "unfreeze",
+                             "close", "credit_leg", "refund_leg"}),
+    ("event.schema.json", {"account_opened", "deposited", "withdrawn", "transfer_debited", "transfer_credited",
+                           "transfer_refunded", "account_frozen", "account_unfrozen", "account_closed",
+                           "command_rejected"}),
+])
+def test_every_message_type_is_in_its_topic_schema_under_its_tag(file_name: str, tags: set[str]) -> None:
+    assert set(schema_of(file_name)["discriminator"]["mapping"]) == tags
+
+
+def test_the_schema_describes_the_bytes_the_codec_writes() -> None:
+    # Not a full validator: the field names and required fields of real encoded messages match.
+    definitions = {**schema_of("command.schema.json")["$defs"], **schema_of("outcome.schema.json")["$defs"]}
+    messages = [
+        Deposit(transaction_id="t1", ts_ms=1, account_id="alice", amount="1.00", currency="USD"),
+        CreditLeg(transaction_id="t1", ts_ms=1, from_account="alice", to_account="bob", amount="1.00",
+                  currency="USD", digest="abc"),
+        Outcome(transaction_id="t1", status="failure", reason="insufficient_funds", digest="abc"),
+    ]
+    for message in messages:
+        encoded = json.loads(encode(message))
+        definition = definitions[type(message).__name__]
+        assert set(encoded) <= set(definition["properties"])
+        assert set(definition["required"]) <= set(encoded)
+        assert definition["additionalProperties"] is False
