@@ -19,9 +19,12 @@ from schemas.outcomes import Reason
 from streams.core.currencies import MINOR_UNITS
 from streams.core.money import canonical_minor, format_amount
 
-# How long a transaction id is remembered, on the command clock (the largest `ts_ms` folded
-# so far, never the wall clock): a retry within this window gets the first answer; a retry
-# after it is a new request. Part of the rules: changing it changes what replay produces.
+# How long a transaction id is remembered, on the partition's command clock (the largest
+# `ts_ms` folded so far, never the wall clock): an id is kept until that clock passes
+# `ts_ms + IDEMPOTENCY_WINDOW_MS`, rounded to the eviction step. A retry before then gets
+# the first answer; a retry after it is a new request (so "one answer per request" holds
+# within the window). A quiet partition's clock stands still, and so does its forgetting.
+# Part of the rules: changing it changes what replay produces.
 IDEMPOTENCY_WINDOW_MS = 24 * 60 * 60 * 1000
 # The horizon moves in steps of this size, so forgetting is paid once a minute of command
 # time, not per event.

@@ -11,6 +11,7 @@ the snapshot and the log: it never guesses whether a commit happened.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
@@ -280,6 +281,9 @@ class Processor:
         # events read next are all that will ever belong before our first command.
         consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
         self._restore(numbers)
+        # The restored state is long-lived: keep the cyclic collector from re-scanning it on
+        # every young-generation pass (it showed as half a microsecond per command).
+        gc.freeze()
         log.info("assigned partitions %s; now owning %s", numbers, sorted(self._tasks))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
