@@ -1,0 +1,107 @@
+"""How fast the read model takes events into each database.
+
+    .venv/bin/python -m benchmarks.readmodel_bench --db sqlite:////tmp/bench.db --db postgresql://user@host/db
+
+Publishes a realistic log (decided in-process by the core: opens, deposits, transfers, refunds,
+rejections; events and outcomes interleaved as the processor writes them) to fresh topics
+under a unique prefix of the configured broker, then for each database measures:
+
+- end to end: `wallet readmodel rebuild` of the whole log from Kafka (consume read_committed,
+  decode, fold, write, offsets in the same transaction), events of wallet.events per second,
+  with the outcomes read and written in the same time;
+- database only: the same records, already decoded, through `ReadModelStore.apply`.
+
+Wall-clock rates depend on what else the machine runs; the end-to-end rate per CPU second of
+the process is printed too, with the load average.
+
+The topics are deleted at the end. The target is 50,000 events/s into SQLite.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+import uuid
+
+from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT
+from consumers.readmodel.rebuild import rebuild
+from consumers.readmodel.simulate import decide, publish, workload
+from consumers.readmodel.store import Batch, ReadModelStore, describe_db_url
+from schemas.outcomes import Outcome
+from wallet.config import Settings
+from wallet.topics import delete_topics, ensure_topics
+
+TARGET_SQLITE_EVENTS_PER_S = 50_000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", action="append", required=True, metavar="URL", help="a database to measure (repeat)")
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--operations", type=int, default=100_000, help="client commands after the opens and deposits")
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE_MAX_DEFAULT)
+    args = parser.parse_args(argv)
+
+    settings = Settings().with_overrides(topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", partitions=args.partitions)
+    started_s = time.monotonic()
+    log = decide(workload(seed=1, account_count=args.accounts, operation_count=args.operations), args.partitions)
+    event_count = len(log.events)
+    print(f"decided {event_count} events and {len(log.outcomes)} outcomes in {time.monotonic() - started_s:.1f} s")
+    # The log held in memory here would otherwise be scanned by every full garbage collection
+    # during the measurement, a cost the consumer process itself never has.
+    gc.collect()
+    gc.freeze()
+    ensure_topics(settings)
+    try:
+        started_s = time.monotonic()
+        publish(settings, log, transaction_records_max=10_000)
+        print(f"published to {settings.bootstrap} under prefix {settings.topic_prefix} "
+              f"in {time.monotonic() - started_s:.1f} s")
+        results = [_measure(db_url, settings, log.records, event_count, args.batch_size) for db_url in args.db]
+    finally:
+        delete_topics(settings)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _measure(db_url: str, settings: Settings, records: list, event_count: int, batch_size: int) -> dict:
+    with ReadModelStore(db_url) as store:
+        cpu_started_s = time.process_time()
+        report = rebuild(store, settings, batch_size, show_progress=False)
+        end_to_end_cpu_s = time.process_time() - cpu_started_s
+
+        store.drop_schema()
+        store.create_schema()
+        started_s = time.monotonic()
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            store.apply(Batch(events=[r for r in chunk if type(r) is not Outcome],
+                              outcomes=[r for r in chunk if type(r) is Outcome],
+                              offsets_before={("bench", 0): start or None},
+                              offsets_after={("bench", 0): start + len(chunk)}))
+        store_only_s = time.monotonic() - started_s
+    result = {
+        "db": describe_db_url(db_url),
+        "events": event_count,
+        "records": len(records),
+        "batch_size": batch_size,
+        "end_to_end_s": round(report.elapsed_s, 2),
+        "end_to_end_events_per_s": round(event_count / report.elapsed_s),
+        # Per second of this process's CPU (all its threads): what a core of its own would give,
+        # whatever else the machine was busy with (see load_average_1m).
+        "end_to_end_events_per_cpu_s": round(event_count / end_to_end_cpu_s),
+        "store_only_events_per_s": round(event_count / store_only_s),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
+    }
+    print(f"{result['db']}: {result['end_to_end_events_per_s']} events/s end to end from Kafka "
+          f"({result['end_to_end_events_per_cpu_s']} per CPU second), "
+          f"{result['store_only_events_per_s']} events/s database only; load average {result['load_average_1m']}")
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

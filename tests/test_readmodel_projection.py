@@ -1,0 +1,99 @@
+"""The read model's pure projection: entries from events, and the status rules of a transaction id."""
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from consumers.readmodel.projection import AccountRow, TransactionRow, merge_status, project
+from consumers.readmodel.simulate import decide
+from schemas.commands import Deposit, Freeze, OpenAccount, Transfer, Withdraw
+from schemas.events import CommandRejected
+from schemas.outcomes import Reason
+from streams.core.state import CorruptLog
+
+PENDING_A = TransactionRow("t1", "pending", None, "digest-a")
+SUCCESS_A = TransactionRow("t1", "success", None, "digest-a")
+FAILURE_A = TransactionRow("t1", "failure", Reason.INSUFFICIENT_FUNDS, "digest-a")
+CONFLICT_A = TransactionRow("t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-a")
+CONFLICT_B = TransactionRow("t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-b")
+
+
+@pytest.mark.parametrize("current, incoming, expected", [
+    (None, PENDING_A, PENDING_A),
+    (PENDING_A, SUCCESS_A, SUCCESS_A),
+    (SUCCESS_A, PENDING_A, SUCCESS_A),  # the debit event read after the outcome
+    (SUCCESS_A, SUCCESS_A, SUCCESS_A),  # a retry re-publishes the answer
+    (SUCCESS_A, FAILURE_A, SUCCESS_A),  # the first final answer wins
+    (PENDING_A, CONFLICT_B, PENDING_A),  # answers the request that reused the id
+    (SUCCESS_A, CONFLICT_B, SUCCESS_A),
+    (PENDING_A, CONFLICT_A, CONFLICT_A),  # the receiver refused the credit under a reused id
+    (CONFLICT_B, PENDING_A, PENDING_A),  # read before the transaction's own debit: replaced by it
+    (CONFLICT_B, SUCCESS_A, SUCCESS_A),  # ... or by its own answer
+    (CONFLICT_A, PENDING_A, CONFLICT_A),
+], ids=lambda row: f"{row.status}/{row.reason}/{row.digest}" if row else "none")
+def test_transaction_status_merge_keeps_the_transactions_own_first_final_answer(current, incoming, expected) -> None:
+    merged = merge_status(current, incoming)
+    assert (merged if merged is not None else current) == expected
+    if merged is not None:
+        assert merged != current or current is None, "a change that changes nothing must be reported as None"
+
+
+def _scenario_events():
+    commands = [
+        OpenAccount(transaction_id="o1", ts_ms=1, account_id="alice", currency="USD"),
+        OpenAccount(transaction_id="o2", ts_ms=2, account_id="bob", currency="USD"),
+        OpenAccount(transaction_id="o3", ts_ms=3, account_id="carol", currency="USD"),
+        Deposit(transaction_id="d1", ts_ms=4, account_id="alice", amount="100.00", currency="USD"),
+        Withdraw(transaction_id="w1", ts_ms=5, account_id="alice", amount="10.50", currency="USD"),
+        Freeze(transaction_id="f1", ts_ms=6, account_id="carol"),
+        Transfer(transaction_id="t1", ts_ms=7, from_account="alice", to_account="bob", amount="20.00", currency="USD"),
+        Transfer(transaction_id="t2", ts_ms=8, from_account="alice", to_account="carol", amount="5.00", currency="USD"),
+        Withdraw(transaction_id="w2", ts_ms=9, account_id="bob", amount="999.00", currency="USD"),
+    ]
+    return decide(commands, partition_count=1).events
+
+
+def test_entries_carry_the_signed_amount_and_the_balance_after_each_event() -> None:
+    changes = project({}, {}, _scenario_events(), [])
+    alice = [(e.type, e.amount_minor, e.balance_after_minor, e.counterparty) for e in changes.entries
+             if e.account_id == "alice"]
+    assert alice == [
+        ("account_opened", 0, 0, None),
+        ("deposited", 10000, 10000, None),
+        ("withdrawn", -1050, 8950, None),
+        ("transfer_debited", -2000, 6950, "bob"),
+        ("transfer_debited", -500, 6450, "carol"),
+        ("transfer_refunded", 500, 6950, "carol"),  # carol is frozen
+    ]
+    carol = [(e.type, e.amount_minor, e.balance_after_minor) for e in changes.entries if e.account_id == "carol"]
+    assert carol == [("account_opened", 0, 0), ("account_frozen", 0, 0)]
+    assert {row.account_id: (row.balance_minor, row.sequence, row.status) for row in changes.accounts} == {
+        "alice": (6950, 6, "active"), "bob": (2000, 2, "active"), "carol": (0, 2, "frozen")}
+
+
+def test_rejections_change_no_account_and_write_no_entry() -> None:
+    events = _scenario_events()
+    rejection = next(event for event in events if type(event) is CommandRejected and event.transaction_id == "w2")
+    stored_bob = AccountRow("bob", "USD", "user", "active", 2000, 2)
+    changes = project({"bob": stored_bob}, {}, [rejection], [])
+    assert changes.accounts == [] and changes.entries == []
+
+
+def test_events_already_stored_are_not_applied_twice() -> None:
+    events = _scenario_events()
+    stored = {row.account_id: row for row in project({}, {}, events, []).accounts}
+    again = project(stored, {}, events, [])
+    assert again.entries == [] and again.accounts == []
+
+
+def test_a_gap_in_an_accounts_sequence_stops_the_projection() -> None:
+    events = [event for event in _scenario_events() if event.account_id == "alice" and type(event) is not CommandRejected]
+    with pytest.raises(CorruptLog, match="seq 3 follows 1"):
+        project({}, {}, [events[0], events[2]], [])
+
+
+def test_a_balance_that_does_not_follow_from_the_amount_stops_the_projection() -> None:
+    events = [event for event in _scenario_events() if event.account_id == "alice"]
+    forged = msgspec.structs.replace(events[1], balance="1000.00")
+    with pytest.raises(CorruptLog):
+        project({}, {}, [events[0], forged], [])
