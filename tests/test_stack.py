@@ -1,0 +1,121 @@
+"""`wallet up/ps/down/demo` as a user runs them: real subprocesses against the real broker."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_loopback_ports
+from wallet.commands_stack import ManagedProcess, _start_ticks, is_alive, readmodel_available, state_path
+from wallet.config import Settings
+
+COMMAND_TIMEOUT_S = 180
+HTTP_TIMEOUT_S = 30
+
+
+def _wallet(env: dict, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wallet.cli", *arguments], env=env, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S)
+
+
+@pytest.fixture
+def stack_env(make_settings, tmp_path: Path) -> dict:
+    settings = make_settings(4)
+    return {**os.environ, "WALLET_KAFKA_BOOTSTRAP": settings.bootstrap, "WALLET_TOPIC_PREFIX": settings.topic_prefix,
+            "WALLET_PARTITIONS": "4", "WALLET_RUN_DIR": str(tmp_path / "run")}
+
+
+def _ps(env: dict) -> list[dict]:
+    listed = _wallet(env, "ps", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, Z, ...), None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    return _process_state(pid) not in (None, "Z")
+
+
+def test_up_starts_a_working_stack_that_outlives_it_and_down_stops_exactly_that(stack_env: dict) -> None:
+    (port,) = free_loopback_ports(1)
+    started = _wallet(stack_env, "up", "--port", str(port))
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"http://127.0.0.1:{port}" in started.stdout
+    try:
+        running = _ps(stack_env)
+        expected_roles = {"processor", "api"} | ({"readmodel"} if readmodel_available() else set())
+        assert {process["role"] for process in running} == expected_roles
+        assert [process["port"] for process in running if process["role"] == "api"] == [port]
+        assert all(process["port"] is None for process in running if process["role"] != "api")
+        for process in running:  # `wallet up` has exited; each runs on in its own session
+            assert _pid_exists(process["pid"]) and os.getsid(process["pid"]) == process["pid"]
+
+        again = _wallet(stack_env, "up", "--port", str(port))
+        assert again.returncode == 1 and "already up" in again.stderr
+
+        base = f"http://127.0.0.1:{port}"
+        account = f"stack-{uuid.uuid4().hex[:8]}"
+        opened = httpx.post(f"{base}/v1/accounts", json={"account_id": account, "currency": "USD",
+                                                         "transaction_id": f"{account}-open"}, timeout=HTTP_TIMEOUT_S)
+        assert opened.json()["status"] == "success", opened.text
+    finally:
+        stopped = _wallet(stack_env, "down")
+    assert stopped.returncode == 0, stopped.stderr
+    assert all(not _pid_exists(process["pid"]) for process in running)
+    assert _ps(stack_env) == []
+    assert "nothing to stop" in _wallet(stack_env, "down").stdout
+
+
+def test_up_on_a_taken_port_starts_nothing(stack_env: dict) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        refused = _wallet(stack_env, "up", "--port", str(taken.getsockname()[1]))
+    assert refused.returncode == 1
+    assert "is taken" in refused.stderr
+    assert _ps(stack_env) == []
+    assert not state_path(Settings().with_overrides(run_dir=Path(stack_env["WALLET_RUN_DIR"]))).exists()
+
+
+def test_the_demo_runs_a_workload_prints_a_summary_and_stops_what_it_started(stack_env: dict) -> None:
+    (port,) = free_loopback_ports(1)
+    demo = _wallet(stack_env, "demo", "--port", str(port), "--accounts", "20", "--transfers", "400")
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "published 400 transfers" in demo.stdout
+    assert "outcomes: 400 of 400" in demo.stdout
+    assert ": conserved" in demo.stdout
+    assert "stopped api" in demo.stdout
+    assert _ps(stack_env) == []
+
+
+def test_liveness_tells_our_process_from_another_with_the_same_pid() -> None:
+    pid = os.getpid()
+    ours = ManagedProcess("api", "api", pid, None, None, _start_ticks(pid))
+    assert is_alive(ours)
+    reused = ManagedProcess("api", "api", pid, None, None, _start_ticks(pid) + 1)
+    assert not is_alive(reused)
+
+
+def test_an_exited_child_is_not_alive_even_before_it_is_reaped() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    ticks = _start_ticks(child.pid)
+    deadline_s = time.monotonic() + 10
+    while _process_state(child.pid) != "Z":
+        assert time.monotonic() < deadline_s, "the child did not exit"
+        time.sleep(0.01)
+    assert not is_alive(ManagedProcess("processor", "processor-1", child.pid, None, None, ticks))
