@@ -16,6 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=pipeline_bench.run)
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
 
+    from benchmarks import api_latency
+
+    api = benchmarks.add_parser("api", help="p50/p95/p99 of HTTP balance_transfer round trips at a fixed offered load")
+    api_latency.add_arguments(api)
+    api.set_defaults(handler=api_latency.run)
+
     core = benchmarks.add_parser("core", help="µs per command of the pure core on a transfer's whole path "
                                               "(decode, apply, encode; no Kafka)")
     core.add_argument("--transfers", type=int, default=200_000, help="transfers timed (default 200000)")
