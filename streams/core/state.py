@@ -69,6 +69,19 @@ class State:
     # Key: (account that owns the step, transaction id).
     memory: dict[tuple[str, str], Remembered] = field(default_factory=dict)
     clock_ms: int = 0
+    # An index of `memory` by eviction step (ts_ms // IDEMPOTENCY_EVICT_STEP_MS), so that
+    # forgetting costs what is forgotten, not a scan of everything remembered: a replay of a
+    # long log crosses a step every minute of command time. Derived from `memory`, so not
+    # part of the state's identity; it may name keys already forgotten or re-remembered.
+    expiry: dict[int, list[tuple[str, str]]] = field(default_factory=dict, compare=False, repr=False)
+
+
+def index_memory(state: State) -> State:
+    """Rebuilds the expiry index after `memory` was filled directly (a snapshot restore)."""
+    state.expiry.clear()
+    for key, remembered in state.memory.items():
+        state.expiry.setdefault(remembered.ts_ms // IDEMPOTENCY_EVICT_STEP_MS, []).append(key)
+    return state
 
 
 def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
@@ -146,6 +159,13 @@ def _remember(state: State, account_id: str, transaction_id: str, digest: str, s
     if remembered_ts_ms < memory_horizon_ms(state.clock_ms):
         return  # decided after its id would already have been forgotten
     state.memory[key] = Remembered(digest, status, reason, remembered_ts_ms)
+    if first is None:
+        step = remembered_ts_ms // IDEMPOTENCY_EVICT_STEP_MS
+        bucket = state.expiry.get(step)
+        if bucket is None:
+            state.expiry[step] = [key]
+        else:
+            bucket.append(key)
 
 
 def _advance_clock(state: State, ts_ms: int) -> None:
@@ -155,6 +175,10 @@ def _advance_clock(state: State, ts_ms: int) -> None:
     state.clock_ms = ts_ms
     horizon_ms = memory_horizon_ms(ts_ms)
     if horizon_ms != horizon_before_ms:
-        expired = [key for key, remembered in state.memory.items() if remembered.ts_ms < horizon_ms]
-        for key in expired:
-            del state.memory[key]
+        horizon_step = horizon_ms // IDEMPOTENCY_EVICT_STEP_MS
+        memory = state.memory
+        for step in [step for step in state.expiry if step < horizon_step]:
+            for key in state.expiry.pop(step):
+                remembered = memory.get(key)
+                if remembered is not None and remembered.ts_ms < horizon_ms:
+                    del memory[key]

@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from streams.core.state import Account, Remembered, State, memory_horizon_ms
+from streams.core.state import Account, Remembered, State, index_memory, memory_horizon_ms
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.decode
@@ -86,7 +86,7 @@ class StateStore:
                     state.memory[key] = Remembered(digest, status, reason, ts_ms)
                 else:
                     state.memory.pop(key, None)
-        return state, checkpoint
+        return index_memory(state), checkpoint
 
     def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
         """Writes one partition's changes and its new checkpoint atomically."""
