@@ -27,9 +27,9 @@ import uuid
 
 from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT
 from consumers.readmodel.rebuild import rebuild
-from consumers.readmodel.simulate import decide, publish, workload
 from consumers.readmodel.store import Batch, ReadModelStore, describe_db_url
 from schemas.outcomes import Outcome
+from streams.reference_pipeline import decide, publish, workload
 from wallet.config import Settings
 from wallet.topics import delete_topics, ensure_topics
 
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().with_overrides(topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", partitions=args.partitions)
     started_s = time.monotonic()
     log = decide(workload(seed=1, account_count=args.accounts, operation_count=args.operations), args.partitions)
-    event_count = len(log.events)
-    print(f"decided {event_count} events and {len(log.outcomes)} outcomes in {time.monotonic() - started_s:.1f} s")
+    event_count = log.event_count
+    records = log.messages()
+    print(f"decided {event_count} events and {log.outcome_count} outcomes in {time.monotonic() - started_s:.1f} s")
     # The log held in memory here would otherwise be scanned by every full garbage collection
     # during the measurement, a cost the consumer process itself never has.
     gc.collect()
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         publish(settings, log, transaction_records_max=10_000)
         print(f"published to {settings.bootstrap} under prefix {settings.topic_prefix} "
               f"in {time.monotonic() - started_s:.1f} s")
-        results = [_measure(db_url, settings, log.records, event_count, args.batch_size) for db_url in args.db]
+        results = [_measure(db_url, settings, records, event_count, args.batch_size) for db_url in args.db]
     finally:
         delete_topics(settings)
     print(json.dumps(results, indent=2))

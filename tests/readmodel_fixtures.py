@@ -30,7 +30,6 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
-from consumers.readmodel.simulate import decide, publish, workload
 from consumers.readmodel.store import ReadModelStore
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import Command, Transfer
@@ -40,6 +39,7 @@ from schemas.events import (
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
+from streams.reference_pipeline import decide, publish, workload
 from wallet.config import Settings
 from wallet.topics import admin_client
 
@@ -147,7 +147,7 @@ def db_url(make_db_url: Callable[[], str]) -> str:
     return make_db_url()
 
 
-# The log the Kafka tests read: decided in-process by the core (consumers/readmodel/simulate.py)
+# The log the Kafka tests read: decided in-process by the core (streams/reference_pipeline.py)
 # and published to real topics, with transfers still in flight and one aborted transaction.
 
 LOG_ACCOUNT_COUNT = 150
@@ -178,7 +178,7 @@ def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
     transfers = [command.transaction_id for command in commands if type(command) is Transfer]
     held = frozenset(transfers[-LOG_HELD_TRANSFER_COUNT:])
     log = decide(commands, settings.partitions, hold_legs_of=held)
-    publish(settings, log, aborted_transaction_at=len(log.records) // 2)
+    publish(settings, log, aborted_transaction_after=(log.event_count + log.outcome_count) // 2)
     return PublishedLog(settings, commands, frozenset(log.in_flight),
                         read_back(settings, settings.events_topic, decode_event),
                         read_back(settings, settings.outcomes_topic, decode_outcome))

@@ -10,13 +10,13 @@ from consumers.audit.checks import (
     DeterminismResult, Kind, LedgerReplay, StateSnapshot, accounts_view, check_determinism,
 )
 from consumers.audit.log_reader import PartitionLog
-from consumers.audit.reference_pipeline import Record, ReferenceLog, raw_command, run_commands
 from schemas.codec import decode_event, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
 from streams.core.money import canonical_minor, format_amount
+from streams.reference_pipeline import Record, ReferenceLog, decide, raw_command
 
 PARTITIONS = 2
 SENDER, RECEIVER = "alice", "bob"  # on partitions 1 and 0 of 2
@@ -36,7 +36,7 @@ def _log(*extra) -> ReferenceLog:
                 Transfer(transaction_id="t-2", ts_ms=T0_MS + 4, from_account=SENDER, to_account="nobody",
                          amount="1.00", currency="USD"),
                 *extra]
-    return run_commands(commands, PARTITIONS)
+    return decide(commands, PARTITIONS)
 
 
 def _partition_logs(records: list[list[Record]]) -> dict[int, PartitionLog]:
@@ -215,7 +215,7 @@ def test_an_event_no_command_decides_and_a_changed_event_are_named():
 def test_replaying_in_worker_processes_finds_exactly_what_one_process_finds(monkeypatch):
     from consumers.audit import workers
 
-    log = run_commands([OpenAccount(transaction_id=f"o-{n}", ts_ms=T0_MS + n, account_id=f"acct-{n}", currency="USD")
+    log = decide([OpenAccount(transaction_id=f"o-{n}", ts_ms=T0_MS + n, account_id=f"acct-{n}", currency="USD")
                         for n in range(8)]
                        + [Deposit(transaction_id=f"d-{n}", ts_ms=T0_MS + 10 + n, account_id=f"acct-{n}",
                                   amount="10.00", currency="USD") for n in range(8)]

@@ -24,13 +24,13 @@ from consumers.audit import run_audit
 from consumers.audit.balance import balance_at, parse_time_ms
 from consumers.audit.checks import Kind, accounts_view
 from consumers.audit.log_reader import read_topic
-from consumers.audit.reference_pipeline import Record, ReferenceLog, raw_command, run_commands, write_log
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
 from schemas.commands import CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Withdraw
 from schemas.events import CommandRejected, Deposited, TransferCredited, TransferRefunded
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import canonical_minor, format_amount
 from streams.core.state import State, fold
+from streams.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from wallet.cli import main
 
 PARTITIONS = 4
@@ -109,14 +109,14 @@ DEPOSITED_USD, WITHDRAWN_USD = "245.00", "10.00"
 
 @pytest.fixture(scope="module")
 def clean_log() -> ReferenceLog:
-    log = run_commands(_scenario(), PARTITIONS, batch_size=4)
+    log = decide(_scenario(), PARTITIONS)
     assert len(log.dead_letters) == 2  # the poison record and the misrouted one
     return log
 
 
 def _written(make_settings, log: ReferenceLog):
     settings = make_settings(PARTITIONS)
-    write_log(settings, log)
+    publish(settings, log)
     return settings
 
 

@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from consumers.readmodel.query_api import HISTORY_LIMIT_MAX, create_app
-from consumers.readmodel.simulate import DecidedLog, publish
 from consumers.readmodel.store import ReadModelStore
 from schemas.events import Deposited
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor, format_amount
+from streams.reference_pipeline import ReferenceLog, publish
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)
@@ -114,7 +114,10 @@ def test_a_read_waits_for_the_callers_own_write_and_answers_504_when_it_does_not
 
     def write_later() -> None:
         time.sleep(0.3)  # the request below is already waiting
-        publish(settings, DecidedLog(records=[deposit, outcome]))
+        log = ReferenceLog.empty(settings.partitions)
+        log.add(deposit)
+        log.add(outcome)
+        publish(settings, log)
         with ReadModelStore(db_url) as store:
             consume_until_caught_up(store, settings)
 

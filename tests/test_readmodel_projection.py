@@ -5,11 +5,12 @@ import msgspec
 import pytest
 
 from consumers.readmodel.projection import AccountRow, TransactionRow, merge_status, project
-from consumers.readmodel.simulate import decide
+from schemas.codec import decode_event
 from schemas.commands import Deposit, Freeze, OpenAccount, Transfer, Withdraw
 from schemas.events import CommandRejected
 from schemas.outcomes import Reason
 from streams.core.state import CorruptLog
+from streams.reference_pipeline import decide
 
 PENDING_A = TransactionRow("t1", "pending", None, "digest-a")
 SUCCESS_A = TransactionRow("t1", "success", None, "digest-a")
@@ -50,7 +51,7 @@ def _scenario_events():
         Transfer(transaction_id="t2", ts_ms=8, from_account="alice", to_account="carol", amount="5.00", currency="USD"),
         Withdraw(transaction_id="w2", ts_ms=9, account_id="bob", amount="999.00", currency="USD"),
     ]
-    return decide(commands, partition_count=1).events
+    return [decode_event(record.value) for record in decide(commands, partition_count=1).events[0]]
 
 
 def test_entries_carry_the_signed_amount_and_the_balance_after_each_event() -> None:

@@ -5,11 +5,11 @@ import msgspec
 import pytest
 
 from consumers.readmodel.consumer import ReadModelConsumer, ReadModelError
-from consumers.readmodel.simulate import decide, workload
 from consumers.readmodel.store import Batch, ConcurrentWriterError, ReadModelStore, TABLES
 from schemas.events import MONEY_EVENTS
 from schemas.outcomes import Outcome
 from streams.core.state import CorruptLog
+from streams.reference_pipeline import decide, workload
 from wallet.config import Settings
 
 pytest_plugins = ["tests.readmodel_fixtures"]
@@ -19,7 +19,7 @@ OUTCOMES = ("t.outcomes", 0)
 
 
 def _records():
-    return decide(workload(seed=7, account_count=20, operation_count=300), partition_count=1).records
+    return decide(workload(seed=7, account_count=20, operation_count=300), partition_count=1).messages()
 
 
 def _batch(records, start: int, end: int, before: int | None) -> Batch:

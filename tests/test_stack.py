@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +67,19 @@ def test_up_starts_a_working_stack_that_outlives_it_and_down_stops_exactly_that(
             assert _pid_exists(process["pid"]) and os.getsid(process["pid"]) == process["pid"]
 
         again = _wallet(stack_env, "up", "--port", str(port))
-        assert again.returncode == 1 and "already up" in again.stderr
+        assert again.returncode == 0 and "already up" in again.stdout, again.stdout + again.stderr
+        assert _ps(stack_env) == running
+
+        # An operator's bad day: the processor is SIGKILLed; `wallet up` starts it again, alike.
+        (killed,) = [process["pid"] for process in running if process["role"] == "processor"]
+        os.kill(killed, signal.SIGKILL)
+        restarted = _wallet(stack_env, "up", "--port", str(port))
+        assert restarted.returncode == 0 and "restarted processor-1" in restarted.stdout, restarted.stderr
+        after = _ps(stack_env)
+        ((new_pid, new_port),) = [(p["pid"], p["port"]) for p in after if p["role"] == "processor"]
+        assert new_pid != killed and _pid_exists(new_pid) and new_port is None
+        assert [p for p in after if p["role"] != "processor"] == [p for p in running if p["role"] != "processor"]
+        running = after
 
         base = f"http://127.0.0.1:{port}"
         account = f"stack-{uuid.uuid4().hex[:8]}"

@@ -68,6 +68,7 @@ class ManagedProcess:
     log: str | None
     start_ticks: int | None  # from /proc/<pid>/stat: tells our process from a later one with its PID
     started_by_up: bool = True
+    arguments: tuple[str, ...] = ()  # the `wallet` arguments it was started with, to restart it alike
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class StackState:
             return None
         data = json.loads(path.read_text())
         return cls(data["api_url"], data["bootstrap"], data["topic_prefix"],
-                   [ManagedProcess(**process) for process in data["processes"]])
+                   [ManagedProcess(**{**process, "arguments": tuple(process.get("arguments", ()))})
+                    for process in data["processes"]])
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +169,7 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
         if existing is not None:
             alive = [process for process in existing.processes if process.started_by_up and is_alive(process)]
             if alive:
-                raise StackError(f"a stack is already up ({existing.api_url}; see `wallet ps`); "
-                                 "run `wallet down` first")
+                return _restart_exited(settings, existing, timeout_s, out)
             state_path(settings).unlink()  # every process of an old stack has exited
         _require_free_port(port)
         logs_dir(settings).mkdir(parents=True, exist_ok=True)
@@ -199,6 +200,32 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
             raise
 
 
+def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out: TextIO) -> StackState:
+    """`wallet up` on a running stack: start again, alike, whatever of it has exited (a killed
+    processor resumes from its snapshot and the log under the same instance id)."""
+    processes = []
+    for process in state.processes:
+        if not process.started_by_up or is_alive(process):
+            processes.append(process)
+        elif process.role == "kafka":
+            restarted = _start_kafka(settings, out)
+            processes.append(restarted)
+        elif not process.arguments:
+            raise StackError(f"{process.name} has exited and its command line was not recorded; "
+                             "run `wallet down`, then `wallet up`")
+        else:
+            restarted = _spawn(settings, process.role, process.name, process.port, list(process.arguments))
+            print(f"restarted {process.name} (pid {restarted.pid}, was {process.pid})", file=out)
+            processes.append(restarted)
+    if processes == state.processes:
+        print(f"the stack is already up at {state.api_url}; every process runs", file=out)
+        return state
+    state = StackState(state.api_url, state.bootstrap, state.topic_prefix, processes)
+    state.save(state_path(settings))
+    _wait_until_serving(settings, state, timeout_s)
+    return state
+
+
 def _start_kafka(settings: Settings, out: TextIO) -> ManagedProcess | None:
     if not settings.uses_local_kafka:
         print(f"kafka: using the configured cluster {settings.bootstrap}", file=out)
@@ -225,7 +252,8 @@ def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments
             start_new_session=True,
             env={**os.environ, "WALLET_RUN_DIR": str(settings.run_dir), "PYTHONUNBUFFERED": "1"},
         )
-    return ManagedProcess(role, name, process.pid, port, str(log_path), _start_ticks(process.pid))
+    return ManagedProcess(role, name, process.pid, port, str(log_path), _start_ticks(process.pid),
+                          arguments=tuple(arguments))
 
 
 def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float) -> None:
@@ -279,6 +307,9 @@ def get_json(url: str, timeout_s: float) -> tuple[int, dict]:
 
 def _require_free_port(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: connections of a stack stopped a moment ago, lingering in
+        # TIME_WAIT, do not make the port taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -391,7 +422,7 @@ def _up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel, timeout_s=args.timeout_s)
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
-    print(f"started {roles}; logs in {logs_dir(settings)}")
+    print(f"running {roles}; logs in {logs_dir(settings)}")
     print(f"the wallet API answers at {state.api_url} (OpenAPI: {state.api_url}/docs); stop with `wallet down`")
     return 0
 
