@@ -47,7 +47,7 @@ class ProcessorConfig:
     instance_id: str
     store_path: Path
     batch_size_max: int = 5_000  # commands per Kafka transaction: each commit costs milliseconds
-    commit_interval_ms: int = 100  # longest a command waits for its batch to fill
+    commit_interval_ms: int = 25  # longest a command waits for its batch to fill (a transfer waits twice)
     state_flush_interval_ms: int = 5_000  # how often the RocksDB snapshot catches up (restore folds the rest)
     transaction_timeout_ms: int = 10_000
     restore_timeout_s: float = 600.0
