@@ -128,11 +128,7 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"pending: {what} was published but its outcome was not known within {args.wait_s:.0f} s; "
               f"ask later with `wallet status {command.transaction_id}`")
         return EXIT_PENDING
-    if outcome.status == "success":
-        print(f"success: {what} ({elapsed_ms:.0f} ms)")
-        return EXIT_SUCCESS
-    print(f"failure: {what}: {outcome.reason} ({elapsed_ms:.0f} ms)")
-    return EXIT_FAILURE
+    return _report_final(outcome, what, f" ({elapsed_ms:.0f} ms)")
 
 
 def transaction_outcome(settings: Settings, transaction_id: str) -> tuple[Outcome | None, int]:
@@ -184,10 +180,14 @@ def _status(args: argparse.Namespace) -> int:
         print(f"unknown: no outcome for {args.transaction_id} on {settings.outcomes_topic} yet "
               f"(still in flight, or never published){note}")
         return EXIT_PENDING
+    return _report_final(outcome, args.transaction_id, note)
+
+
+def _report_final(outcome, what: str, note: str) -> int:
     if outcome.status == "success":
-        print(f"success: {args.transaction_id}{note}")
+        print(f"success: {what}{note}")
         return EXIT_SUCCESS
-    print(f"failure: {args.transaction_id}: {outcome.reason}{note}")
+    print(f"failure: {what}: {outcome.reason}{note}")
     return EXIT_FAILURE
 
 

@@ -39,7 +39,7 @@ from schemas.partitioning import partition_for
 from streams.core.currencies import MINOR_UNITS
 from streams.core.machine import apply
 from streams.core.money import canonical_minor, format_amount
-from streams.core.state import ACTIVE, CLOSED, FAILURE, FROZEN, SUCCESS, Account, CorruptLog, State, fold
+from streams.core.state import ACTIVE, BALANCE_SIGN, FAILURE, STATUS_AFTER, SUCCESS, Account, CorruptLog, State, fold
 
 if TYPE_CHECKING:
     from consumers.audit.log_reader import PartitionLog
@@ -245,7 +245,6 @@ _ANSWER_OF = {AccountOpened: _SUCCESS, Deposited: _SUCCESS, Withdrawn: _SUCCESS,
               AccountUnfrozen: _SUCCESS, AccountClosed: _SUCCESS, TransferCredited: _SUCCESS, TransferDebited: None}
 _MONEY_EVENTS = frozenset({Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded})
 _TRANSFER_EVENTS = frozenset({TransferDebited, TransferCredited, TransferRefunded})
-_BALANCE_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
 
 
 class LedgerReplay:
@@ -525,23 +524,19 @@ class LedgerReplay:
             state.accounts[event.account_id] = Account(event.currency, event.kind, ACTIVE, 0, event.seq)
             return
         account.seq = event.seq
-        if event_class in _BALANCE_SIGN:
+        if event_class in BALANCE_SIGN:
             try:
                 amount_minor = canonical_minor(event.amount, account.currency) if event.currency == account.currency else 0
                 stated_minor = canonical_minor(event.balance, account.currency)
             except (ValueError, KeyError):
                 amount_minor, stated_minor = 0, None
-            account.balance_minor += _BALANCE_SIGN[event_class] * amount_minor
+            account.balance_minor += BALANCE_SIGN[event_class] * amount_minor
             if stated_minor is not None and stated_minor != account.balance_minor:
                 self._misstated_minor[event.account_id] = stated_minor - account.balance_minor
             else:
                 self._misstated_minor.pop(event.account_id, None)
-        elif event_class is AccountFrozen:
-            account.status = FROZEN
-        elif event_class is AccountUnfrozen:
-            account.status = ACTIVE
-        elif event_class is AccountClosed:
-            account.status = CLOSED
+        elif event_class in STATUS_AFTER:
+            account.status = STATUS_AFTER[event_class]
 
     def _compare_snapshot(self, snapshot: StateSnapshot, state: State, log_end_offset: int) -> None:
         self.snapshots_compared += 1

@@ -27,7 +27,7 @@ from schemas.outcomes import Outcome, Reason
 from streams.core.money import (
     BALANCE_MINOR_MAX, AmountError, canonical_minor, format_amount, minor_units_of, parse_amount_minor,
 )
-from streams.core.state import ACTIVE, CLOSED, FAILURE, FROZEN, PENDING, SUCCESS, Account, State, fold
+from streams.core.state import CLOSED, FAILURE, FROZEN, PENDING, SUCCESS, Account, State, fold
 
 
 class Decision(NamedTuple):

@@ -115,14 +115,14 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
 
     status = SUCCESS
     reason = None
-    if event_class in _BALANCE_SIGN:
+    if event_class in BALANCE_SIGN:
         if balance_minor is None:
             try:
                 amount_minor = canonical_minor(event.amount, account.currency)
                 balance_minor = canonical_minor(event.balance, account.currency)
             except ValueError as error:
                 raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: {error}") from None
-            expected_minor = account.balance_minor + _BALANCE_SIGN[event_class] * amount_minor
+            expected_minor = account.balance_minor + BALANCE_SIGN[event_class] * amount_minor
         else:
             amount_minor, expected_minor = 1, balance_minor
         if (event.currency != account.currency or balance_minor != expected_minor or balance_minor < 0
@@ -135,19 +135,17 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
             status = PENDING
         elif event_class is TransferRefunded:
             status, reason = FAILURE, event.reason
-    elif event_class is AccountFrozen:
-        account.status = FROZEN
-    elif event_class is AccountUnfrozen:
-        account.status = ACTIVE
-    elif event_class is AccountClosed:
-        account.status = CLOSED
+    elif event_class in STATUS_AFTER:
+        account.status = STATUS_AFTER[event_class]
     account.seq = event.seq
     _remember(state, event.account_id, event.transaction_id, event.digest, status, reason, event.ts_ms)
     _advance_clock(state, event.ts_ms)
     return state
 
 
-_BALANCE_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
+# The sign each money event gives its amount, and the status each status event leaves behind.
+BALANCE_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
+STATUS_AFTER = {AccountFrozen: FROZEN, AccountUnfrozen: ACTIVE, AccountClosed: CLOSED}
 
 
 def _remember(state: State, account_id: str, transaction_id: str, digest: str, status: str, reason: str | None,

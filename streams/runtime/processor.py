@@ -184,12 +184,12 @@ class Processor:
                     self._produce_when_room(outcomes_topic, value, outcome.transaction_id, None)
         delivered: dict[int, int] = {}
         last_index = {partition: index for index, (partition, _, _) in enumerate(events)}
+        def checkpoint_on_delivery(error, message) -> None:
+            if error is None:
+                delivered[message.partition()] = message.offset() + 1
+
         for index, (partition, key, value) in enumerate(events):
-            on_delivery = None
-            if last_index[partition] == index:
-                def on_delivery(error, message, partition=partition):
-                    if error is None:
-                        delivered[partition] = message.offset() + 1
+            on_delivery = checkpoint_on_delivery if last_index[partition] == index else None
             try:
                 produce(events_topic, value, key, partition, on_delivery=on_delivery)
             except BufferError:
