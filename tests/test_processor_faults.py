@@ -18,6 +18,7 @@ from consumers.audit import run_audit
 from schemas.codec import command_digest, decode_outcome
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.cli import state_dump
+from streams.runtime.processor import Processor, ProcessorConfig
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 from tests.support.processes import ProcessorProcess
 
@@ -167,3 +168,48 @@ def test_poison_records_go_to_the_dead_letter_topic_and_processing_continues(mak
         headers = dict(record.headers())
         assert headers["source_topic"].decode() == settings.commands_topic
         assert headers["error"], "the reason must travel with the record"
+
+
+def test_a_transaction_that_fails_to_commit_is_redone_from_the_log_not_guessed(make_settings, caplog):
+    """The commit of the first batch (nothing committed before it) and of a later one fail:
+    the processor aborts, replaces its producer, rebuilds from snapshot and log, rewinds to
+    the committed offsets, and every command still takes effect exactly once."""
+    settings = make_settings(2)
+    ts_ms = int(time.time() * 1000)
+    accounts, funding = _accounts_and_funding(ts_ms)
+    accounts, funding = accounts[:20], funding[:40]
+    transfers = [Transfer(transaction_id=f"tx-{i}", ts_ms=ts_ms + i, from_account=accounts[i % 20],
+                          to_account=accounts[(i * 7 + 1) % 20], amount="1.25", currency="USD") for i in range(300)]
+    processor = Processor(settings, ProcessorConfig(instance_id="flaky", store_path=settings.run_dir / "flaky",
+                                                    batch_size_max=100))
+    commit = processor._commit
+    commits = []
+
+    def commit_failing_now_and_then(offsets):
+        commits.append(offsets)
+        if len(commits) in (1, 4):
+            processor._producer.abort_transaction(30)  # as if the commit had failed and been aborted
+            return False
+        return commit(offsets)
+
+    processor._commit = commit_failing_now_and_then
+    publish(command_producer(settings), settings, funding)
+
+    def drive():
+        outcomes = OutcomeCollector(settings)
+        try:
+            outcomes.wait_all([c.transaction_id for c in funding], timeout_s=DRAIN_TIMEOUT_S)
+            publish(command_producer(settings), settings, transfers)
+            outcomes.wait_all([t.transaction_id for t in transfers], timeout_s=DRAIN_TIMEOUT_S)
+        finally:
+            outcomes.close()
+            processor.stop()
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    with caplog.at_level("WARNING", logger="wallet.processor"):
+        processor.run()
+    driver.join(timeout=10)
+    assert len(commits) > 4, "the failures were not both injected"
+    assert sum("recovering" in message for message in caplog.messages) == 2
+    check_ledger(settings, funding + transfers, [state_dump(settings.run_dir / "flaky")])

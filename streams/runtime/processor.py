@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas.codec import SchemaError, decode_command, encode
 from schemas.events import CommandRejected
@@ -90,6 +90,9 @@ class Processor:
         self._stopping = True
 
     def run(self) -> None:
+        # Let the young generation grow to a batch's worth of short-lived tuples and lists before
+        # a pass: at the default of 700 the collector cost several microseconds per command.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
@@ -264,8 +267,10 @@ class Processor:
         committed = self._consumer.committed(
             [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=KAFKA_CALL_TIMEOUT_S)
         for topic_partition in committed:
-            if topic_partition.offset >= 0:
-                self._consumer.seek(topic_partition)
+            if topic_partition.offset < 0:
+                # Nothing committed yet: the failed batch was the partition's first.
+                topic_partition.offset = OFFSET_BEGINNING
+            self._consumer.seek(topic_partition)
 
     def _new_producer(self) -> Producer:
         producer = Producer(processor_producer_config(self.settings.bootstrap, self.transactional_id,
@@ -282,11 +287,8 @@ class Processor:
         # events read next are all that will ever belong before our first command.
         consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
         self._restore(numbers)
-        # The restored state is long-lived: keep the cyclic collector from re-scanning it, and
-        # let the young generation grow to a batch's worth of short-lived tuples and lists
-        # before a pass (at the default of 700 the collector cost several microseconds per command).
+        # The restored state is long-lived: keep the cyclic collector from re-scanning it.
         gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         log.info("assigned partitions %s; now owning %s", numbers, sorted(self._tasks))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
