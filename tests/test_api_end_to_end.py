@@ -7,7 +7,6 @@ answers under test.
 """
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import io
@@ -18,20 +17,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka import ConsumerGroupState
 
 from benchmarks.api_latency import measure_api_latency
 from producers.api import create_app, serving_in_thread
 from tests.conftest import free_loopback_ports
+from tests.support.processes import ProcessorProcess
 from wallet import localkafka
-from wallet.topics import admin_client, ensure_topics
+from wallet.topics import ensure_topics
 from producers.load import LoadSpec, ledger_balances, run_load
 from streams.core.money import canonical_minor
 from wallet.config import Settings
 
 REQUEST_WAIT_MS = 20_000  # generous: the processor may still be joining its group at the first request
-PROCESSOR_STOP_TIMEOUT_S = 30
-PROCESSOR_READY_TIMEOUT_S = 60
 HTTP_TIMEOUT_S = 60
 PENDING_WAIT_MS = 1000
 PRIVATE_BROKER_START_TIMEOUT_S = 90
@@ -40,64 +37,11 @@ OUTAGE_PUBLISH_TIMEOUT_MS = 3000
 OUTAGE_ANSWER_BOUND_S = OUTAGE_PUBLISH_TIMEOUT_MS / 1000 + 5
 
 
-class ProcessorProcess:
-    """One `wallet processor` subprocess, stoppable and restartable under the same instance id."""
-
-    def __init__(self, settings: Settings, store: Path, log: Path) -> None:
-        self._settings = settings
-        self._command = [sys.executable, "-m", "wallet.cli", "--bootstrap", settings.bootstrap,
-                         "--topic-prefix", settings.topic_prefix, "processor", "--instance-id", "e2e-1",
-                         "--store", str(store)]
-        self._log = log
-        self._process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self._log, "ab") as log:
-            self._process = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT)
-        self._wait_until_assigned()
-
-    def _wait_until_assigned(self) -> None:
-        """Until the consumer group is stable and owns every partition: a test then never waits on a join."""
-        group = f"{self._settings.topic_prefix}wallet-processor"
-        admin = admin_client(self._settings.bootstrap)
-        deadline_s = time.monotonic() + PROCESSOR_READY_TIMEOUT_S
-        while True:
-            if self._process.poll() is not None:
-                pytest.fail(f"the processor exited with {self._process.returncode}:\n{self.log_tail()}")
-            description = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
-            owned = {tp.partition for member in description.members for tp in member.assignment.topic_partitions
-                     if tp.topic == self._settings.commands_topic}
-            if description.state == ConsumerGroupState.STABLE and len(owned) == self._settings.partitions:
-                return
-            if time.monotonic() > deadline_s:
-                pytest.fail(f"the processor owned {sorted(owned)} of {self._settings.partitions} partitions after "
-                            f"{PROCESSOR_READY_TIMEOUT_S} s:\n{self.log_tail()}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self._process.poll() is not None:
-            pytest.fail(f"the processor had exited with {self._process.returncode}:\n{self.log_tail()}")
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(PROCESSOR_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(PROCESSOR_STOP_TIMEOUT_S)
-            pytest.fail(f"the processor did not stop within {PROCESSOR_STOP_TIMEOUT_S} s of SIGTERM:\n"
-                        f"{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return "\n".join(self._log.read_text(errors="replace").splitlines()[-30:])
-
-
 @pytest.fixture(scope="module")
-def processor(wallet_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("processor")
-    process = ProcessorProcess(wallet_settings, folder / "store", folder / "processor.log")
-    process.start()
+def processor(wallet_settings: Settings):
+    process = ProcessorProcess(wallet_settings, "e2e-1").start().wait_until_assigned()
     yield process
-    process.stop()
+    assert process.stop() == 0, process.log_tail()
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +210,7 @@ def test_a_request_is_pending_while_no_processor_runs_and_gets_its_answer_after_
         assert (pending.status_code, pending.json()["status"]) == (202, "pending")
         assert api.get(f"/v1/transactions/{request['transaction_id']}").json()["status"] == "pending"
     finally:
-        processor.start()
+        processor.start().wait_until_assigned()
     retried = api.post("/v1/wallet/balance_transfer", json=request)
     assert (retried.status_code, retried.json()["status"]) == (200, "success"), processor.log_tail()
     assert api.get(f"/v1/transactions/{request['transaction_id']}").json()["status"] == "success"

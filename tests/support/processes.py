@@ -5,11 +5,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from confluent_kafka import ConsumerGroupState, KafkaException
+
 from wallet.config import Settings
+from wallet.topics import admin_client
 
 STOP_TIMEOUT_S = 30
+READY_TIMEOUT_S = 60
 
 
 class ProcessorProcess:
@@ -31,6 +36,29 @@ class ProcessorProcess:
             stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
+
+    def wait_until_assigned(self, timeout_s: float = READY_TIMEOUT_S) -> "ProcessorProcess":
+        """Until the processors' group is stable and owns every partition, so a test never
+        waits on a join. A freshly started broker answers NOT_COORDINATOR for a while: that is
+        not ready yet, not an error."""
+        group = f"{self.settings.topic_prefix}wallet-processor"
+        admin = admin_client(self.settings.bootstrap)
+        deadline_s = time.monotonic() + timeout_s
+        owned: set[int] = set()
+        while time.monotonic() < deadline_s:
+            assert self.process.poll() is None, f"the processor exited with {self.process.returncode}:\n{self.log_tail()}"
+            try:
+                description = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
+            except KafkaException:
+                time.sleep(0.2)
+                continue
+            owned = {tp.partition for member in description.members for tp in member.assignment.topic_partitions
+                     if tp.topic == self.settings.commands_topic}
+            if description.state == ConsumerGroupState.STABLE and len(owned) == self.settings.partitions:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"the processor owned {sorted(owned)} of {self.settings.partitions} partitions after "
+                             f"{timeout_s} s:\n{self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: no flush, no commit, no goodbye."""
