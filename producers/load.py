@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaException
 from tqdm import tqdm
 
+from consumers.audit import log_reader
 from producers.client import (
     CommandPublisher, OutcomeWaiter, WalletClient, canonical_amount, wall_clock_ms,
 )
@@ -299,31 +300,17 @@ def ledger_balances(settings: Settings, account_ids: list[str]) -> dict[str, str
 
     Reads only the partitions that own the accounts. None for an account with no events.
     """
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"wallet-ledger-read-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
-    state = State()
     try:
-        metadata = consumer.list_topics(settings.events_topic, timeout=LEDGER_READ_TIMEOUT_S)
-        partition_count = len(metadata.topics[settings.events_topic].partitions)
-        partitions = sorted({partition_for(account, partition_count) for account in account_ids})
-        consumer.assign([TopicPartition(settings.events_topic, partition, 0) for partition in partitions])
-        at_end: set[int] = set()
-        deadline_s = time.monotonic() + LEDGER_READ_TIMEOUT_S
-        while len(at_end) < len(partitions):
-            if time.monotonic() > deadline_s:
-                raise LoadError(f"reading {settings.events_topic} did not reach its end within "
-                                f"{LEDGER_READ_TIMEOUT_S:.0f} s")
-            for message in consumer.consume(10_000, 0.5):
-                if message.error() is not None:
-                    if message.error().code() == KafkaError._PARTITION_EOF:
-                        at_end.add(message.partition())
-                        continue
-                    raise LoadError(f"reading {settings.events_topic}: {message.error().str()}")
-                at_end.discard(message.partition())
-                fold(state, decode_event(message.value()))
-    finally:
-        consumer.close()
+        partition_count = log_reader.partition_count(settings.bootstrap, settings.events_topic)
+        log = log_reader.read_topic(settings.bootstrap, settings.events_topic,
+                                    partitions=sorted({partition_for(account, partition_count) for account in account_ids}),
+                                    timeout_s=LEDGER_READ_TIMEOUT_S)
+    except (log_reader.LogReadError, KafkaException) as error:
+        raise LoadError(f"reading {settings.events_topic}: {error}") from None
+    state = State()
+    for partition in log.partitions.values():
+        for value in partition.values:
+            fold(state, decode_event(value))
     balances = {}
     for account in account_ids:
         found = state.accounts.get(account)

@@ -66,7 +66,7 @@ def _fields(command) -> dict:
 def check_ledger(settings, client_commands: list, dumps: list[dict]) -> None:
     """The non-negotiables, read from the topics and the RocksDB snapshots by the audit, plus
     the one thing only the test knows: which requests it sent."""
-    outcomes = [decode_outcome(r.value()) for r in read_topic(settings, settings.outcomes_topic)]
+    outcomes = [decode_outcome(r.value) for r in read_topic(settings, settings.outcomes_topic)]
     answers = defaultdict(set)
     for outcome in outcomes:
         answers[(outcome.transaction_id, outcome.digest)].add((outcome.status, outcome.reason))
@@ -163,9 +163,9 @@ def test_poison_records_go_to_the_dead_letter_topic_and_processing_continues(mak
         outcomes.close()
         processor.stop()
     dead = read_topic(settings, settings.dlq_topic)
-    assert sorted(r.value() for r in dead) == sorted(v for _, v in poison)
+    assert sorted(r.value for r in dead) == sorted(v for _, v in poison)
     for record in dead:
-        headers = dict(record.headers())
+        headers = record.headers
         assert headers["source_topic"].decode() == settings.commands_topic
         assert headers["error"], "the reason must travel with the record"
 

@@ -59,7 +59,7 @@ def _open_funded(pipeline, account_id: str, amount: str = "100.00", currency: st
 def _balances(settings) -> dict[str, int]:
     states: dict[int, State] = {}
     for record in read_topic(settings, settings.events_topic):
-        fold(states.setdefault(record.partition(), State()), decode_event(record.value()))
+        fold(states.setdefault(record.partition, State()), decode_event(record.value))
     return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
 
 
@@ -160,8 +160,8 @@ def test_commands_and_events_of_an_account_share_one_partition_number(pipeline):
     events = read_topic(settings, settings.events_topic)
     assert commands and events
     for record in commands:
-        assert partition_for(record.key().decode(), PARTITIONS) == record.partition(), record.key()
+        assert partition_for(record.key.decode(), PARTITIONS) == record.partition, record.key
     for record in events:
-        account_id = decode_event(record.value()).account_id
-        assert record.key().decode() == account_id
-        assert partition_for(account_id, PARTITIONS) == record.partition(), account_id
+        account_id = decode_event(record.value).account_id
+        assert record.key.decode() == account_id
+        assert partition_for(account_id, PARTITIONS) == record.partition, account_id

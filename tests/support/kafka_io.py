@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from consumers.audit import log_reader
 from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
@@ -30,29 +32,22 @@ def publish(producer: Producer, settings: Settings, commands: list[Command]) -> 
     assert remaining == 0, f"{remaining} commands were not delivered within 30 s"
 
 
-def read_topic(settings: Settings, topic: str, timeout_s: float = READ_TIMEOUT_S) -> list:
-    """Every committed record of `topic`, from offset 0 to the current end, in partition order."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": "test-reader",
-                         "isolation.level": "read_committed", "enable.auto.commit": False,
-                         "enable.partition.eof": True})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        remaining = set(partitions)
-        records = []
-        deadline_s = time.monotonic() + timeout_s
-        while remaining:
-            assert time.monotonic() < deadline_s, f"reading {topic} did not reach the end within {timeout_s} s"
-            for record in consumer.consume(10_000, 0.5):
-                error = record.error()
-                if error is not None:
-                    assert error.code() == KafkaError._PARTITION_EOF, error
-                    remaining.discard(record.partition())
-                    continue
-                records.append(record)
-        return sorted(records, key=lambda r: (r.partition(), r.offset()))
-    finally:
-        consumer.close()
+class LoggedRecord(NamedTuple):
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = READ_TIMEOUT_S) -> list[LoggedRecord]:
+    """Every committed record of `topic`, from offset 0 to the current end, in partition order
+    (read by the audit's reader, which sees exactly what a read_committed processor sees)."""
+    log = log_reader.read_topic(settings.bootstrap, topic, with_headers=True, timeout_s=timeout_s)
+    return [LoggedRecord(number, offset, key, value, dict(headers or ()))
+            for number, partition in sorted(log.partitions.items())
+            for offset, key, value, headers in zip(partition.offsets, partition.keys, partition.values,
+                                                   partition.headers)]
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
