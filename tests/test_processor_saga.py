@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from schemas.codec import decode_event
+from schemas.codec import command_digest, decode_event
 from schemas.commands import Close, Deposit, Freeze, OpenAccount, PayMerchant, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
@@ -132,14 +132,9 @@ def test_retried_transfer_gets_the_first_answer_and_moves_money_once(pipeline):
     assert _ask(pipeline, first).status == "success"
     again = Transfer(**{**{f: getattr(first, f) for f in first.__struct_fields__}, "ts_ms": _now_ms() + 1})
     repeated = _ask(pipeline, again, count=2)
-    assert (repeated.status, repeated.digest) == ("success", _ask_digest(first))
+    assert (repeated.status, repeated.digest) == ("success", command_digest(first))
     balances = _balances(settings)
     assert (balances["retry-a"], balances["retry-b"]) == (9300, 700)
-
-
-def _ask_digest(command) -> str:
-    from schemas.codec import command_digest
-    return command_digest(command)
 
 
 def test_reusing_a_transaction_id_with_another_payload_is_a_conflict(pipeline):
