@@ -53,7 +53,8 @@ class PartitionChanges:
 
 class StateStore:
     def __init__(self, path: Path, read_only: bool = False) -> None:
-        path.mkdir(parents=True, exist_ok=True) if not read_only else None
+        if not read_only:
+            path.mkdir(parents=True, exist_ok=True)
         options = Options(raw_mode=True)
         options.create_if_missing(not read_only)
         access = AccessType.read_only() if read_only else AccessType.read_write()
