@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wallet.cli import settings_from_args
+    from infra.settings import settings_from_args
     from wallet.commands_stack import StackState, state_path
 
     url = args.url

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from consumers.audit.runner import run_audit
 from schemas.commands import Command, Deposit, Freeze, OpenAccount, Transfer, Unfreeze, Withdraw
 from streams.reference_pipeline import decide, publish
-from wallet.config import Settings
-from wallet.topics import delete_topics, ensure_topics
+from infra.settings import Settings
+from infra.admin import delete_topics, ensure_topics
 
 COMMAND_INTERVAL_MS = 7  # command time between two client commands: ~10 minutes per 100k commands
 TS_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

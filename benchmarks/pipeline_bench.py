@@ -56,8 +56,8 @@ from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.runtime.processor import ProcessorConfig
-from wallet.config import PROJECT_ROOT, Settings
-from wallet.topics import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.settings import PROJECT_ROOT, Settings
+from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 
 TRANSFERS_DEFAULT = 1_000_000
 FAUST_TRANSFERS_DEFAULT = 10_000
@@ -949,7 +949,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wallet.cli import settings_from_args
+    from infra.settings import settings_from_args
 
     if args.accounts < 2:
         print("wallet bench: --accounts must be at least 2", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from streams.runtime.kafka_config import processor_consumer_config, processor_producer_config
+from infra.kafka_clients import processor_consumer_config, processor_producer_config
 from streams.runtime.processor import KAFKA_CALL_TIMEOUT_S, PRODUCE_QUEUE_FULL_WAIT_S, ProcessorConfig
 
 PROGRESS_INTERVAL_S = 0.5

@@ -30,8 +30,8 @@ from consumers.readmodel.rebuild import rebuild
 from consumers.readmodel.store import Batch, ReadModelStore, describe_db_url
 from schemas.outcomes import Outcome
 from streams.reference_pipeline import decide, publish, workload
-from wallet.config import Settings
-from wallet.topics import delete_topics, ensure_topics
+from infra.settings import Settings
+from infra.admin import delete_topics, ensure_topics
 
 TARGET_SQLITE_EVENTS_PER_S = 50_000
 

@@ -38,7 +38,7 @@ from schemas.commands import (
     PayMerchant, Transfer, Unfreeze, Withdraw,
 )
 from streams.core.money import AmountError, minor_units_of
-from wallet.config import Settings
+from infra.settings import Settings
 
 REQUEST_WAIT_MS_MAX = 30_000
 PUBLISH_TIMEOUT_MS_DEFAULT = 5000

@@ -28,8 +28,8 @@ from schemas.commands import (
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
 from streams.core.money import AmountError
-from wallet.cli import settings_from_args
-from wallet.config import Settings
+from infra.settings import settings_from_args
+from infra.settings import Settings
 
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_PENDING = 0, 1, 2
 EXIT_STATUS_TEXT = ("Exit status: 0 success, 1 failure or error, 2 pending (the outcome was not known in time; "

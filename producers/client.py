@@ -1,7 +1,7 @@
 """The producer library: publish wallet commands to Kafka and wait for their outcomes.
 
 Usable from any Python program; it needs only a bootstrap address and topic names (or a
-`wallet.config.Settings`), never the project's other services.
+`infra.settings.Settings`), never the project's other services.
 
 - `CommandPublisher` publishes commands to `wallet.commands` with an idempotent producer
   (`acks=all`), keyed by `owner_account(command)` and placed by the project's one
@@ -39,7 +39,7 @@ from schemas.partitioning import KAFKA_PARTITIONER
 from streams.core.money import format_amount, parse_amount_minor
 
 if TYPE_CHECKING:
-    from wallet.config import Settings
+    from infra.settings import Settings
 
 _LOG = logging.getLogger("wallet.producers.client")
 _LOG.addHandler(logging.NullHandler())

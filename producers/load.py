@@ -31,7 +31,7 @@ from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
 from streams.core.money import format_amount, minor_units_of, parse_amount_minor
 from streams.core.state import State, fold
-from wallet.config import Settings
+from infra.settings import Settings
 
 # Transfers built and queued per step: big enough to amortise the Python overhead per call,
 # small enough that a rate-limited run stays smooth at 10 ms resolution.

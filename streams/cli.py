@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from wallet.cli import settings_from_args
+    from infra.settings import settings_from_args
 
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -31,7 +31,7 @@ from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.machine import apply
 from streams.core.money import format_amount
 from streams.core.state import State
-from wallet.config import Settings
+from infra.settings import Settings
 
 # Saga legs waiting before the oldest is delivered: transfers stay in flight across this many
 # later legs, as they do between the partitions of a live processor.

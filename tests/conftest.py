@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from wallet import localkafka
-from wallet.config import Settings
-from wallet.topics import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
+from infra.settings import Settings
+from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
 
 KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "make_settings", "wallet_settings"})
 CONFIGURED_CLUSTER_TIMEOUT_S = 30

@@ -40,8 +40,8 @@ from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
 from streams.reference_pipeline import decide, publish, workload
-from wallet.config import Settings
-from wallet.topics import admin_client
+from infra.settings import Settings
+from infra.admin import admin_client
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"

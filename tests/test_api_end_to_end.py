@@ -23,10 +23,10 @@ from producers.api import create_app, serving_in_thread
 from tests.conftest import free_loopback_ports
 from tests.support.processes import ProcessorProcess
 from wallet import localkafka
-from wallet.topics import ensure_topics
+from infra.admin import ensure_topics
 from producers.load import LoadSpec, ledger_balances, run_load
 from streams.core.money import canonical_minor
-from wallet.config import Settings
+from infra.settings import Settings
 
 REQUEST_WAIT_MS = 20_000  # generous: the processor may still be joining its group at the first request
 HTTP_TIMEOUT_S = 60

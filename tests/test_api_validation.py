@@ -10,7 +10,7 @@ import pytest
 
 from producers.api import create_app, serving_in_thread
 from tests.conftest import free_loopback_ports
-from wallet.config import Settings
+from infra.settings import Settings
 
 TRANSFER = {"from_account": "alice", "to_account": "bob", "amount": "12.34", "currency": "USD",
             "transaction_id": "tx-validation-1"}

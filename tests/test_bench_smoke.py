@@ -15,7 +15,7 @@ from benchmarks import pipeline_bench
 from schemas.codec import decode_command
 from schemas.commands import Transfer
 from schemas.outcomes import Reason
-from wallet.topics import admin_client
+from infra.admin import admin_client
 
 TRANSFERS = 2_000
 ACCOUNTS = 200

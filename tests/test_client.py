@@ -19,7 +19,7 @@ from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import AmountError
 from tests.conftest import free_loopback_ports
-from wallet.config import Settings
+from infra.settings import Settings
 
 READY_TIMEOUT_S = 15
 DELIVERY_TIMEOUT_S = 15

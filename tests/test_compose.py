@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from wallet.cli import build_parser
-from wallet.config import PROJECT_ROOT
+from infra.settings import PROJECT_ROOT
 from wallet.localkafka import KAFKA_VERSION
 
 COMPOSE_PATH = PROJECT_ROOT / "docker-compose.yml"

@@ -16,8 +16,8 @@ from confluent_kafka.admin import ConfigResource, ResourceType
 
 from tests.conftest import free_loopback_ports
 from wallet import localkafka
-from wallet.config import Settings
-from wallet.topics import TopicMismatchError, admin_client, ensure_topics, topic_names
+from infra.settings import Settings
+from infra.admin import TopicMismatchError, admin_client, ensure_topics, topic_names
 
 TRANSACTION_TIMEOUT_S = 30
 CONSUME_TIMEOUT_S = 30

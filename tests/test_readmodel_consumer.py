@@ -21,8 +21,8 @@ from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite 
     CATCH_UP_TIMEOUT_S, PublishedLog, consume_until_caught_up, expected_rows, expected_transactions, stored_rows,
     stored_transactions,
 )
-from wallet.config import PROJECT_ROOT, Settings
-from wallet.topics import admin_client
+from infra.settings import PROJECT_ROOT, Settings
+from infra.admin import admin_client
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 

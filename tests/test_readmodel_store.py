@@ -10,7 +10,7 @@ from schemas.events import MONEY_EVENTS
 from schemas.outcomes import Outcome
 from streams.core.state import CorruptLog
 from streams.reference_pipeline import decide, workload
-from wallet.config import Settings
+from infra.settings import Settings
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 

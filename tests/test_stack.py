@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import free_loopback_ports
 from wallet.commands_stack import ManagedProcess, _start_ticks, is_alive, readmodel_available, state_path
-from wallet.config import Settings
+from infra.settings import Settings
 
 COMMAND_TIMEOUT_S = 180
 HTTP_TIMEOUT_S = 30

@@ -9,7 +9,6 @@ import argparse
 import importlib
 import sys
 
-from wallet.config import Settings
 
 # Modules that add subcommands; each has `register(subparsers) -> None`.
 _COMMAND_MODULES = (
@@ -32,10 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings().with_overrides(kafka_bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

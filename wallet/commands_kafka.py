@@ -11,9 +11,9 @@ from collections.abc import Callable
 from confluent_kafka import KafkaException
 
 from wallet import localkafka
-from wallet.cli import settings_from_args
-from wallet.config import Settings
-from wallet.topics import BrokerUnavailableError, TopicProvisioningError, ensure_topics
+from infra.settings import settings_from_args
+from infra.settings import Settings
+from infra.admin import BrokerUnavailableError, TopicProvisioningError, ensure_topics
 
 _OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError, KafkaException)
 

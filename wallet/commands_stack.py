@@ -32,9 +32,9 @@ from typing import TextIO
 from confluent_kafka import ConsumerGroupState, KafkaException
 
 from wallet import localkafka
-from wallet.cli import settings_from_args
-from wallet.config import Settings
-from wallet.topics import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.settings import settings_from_args
+from infra.settings import Settings
+from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 
 STATE_FILE_NAME = "stack.json"
 STACK_READY_TIMEOUT_S = 60.0
@@ -258,7 +258,7 @@ def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments
 
 def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float) -> None:
     """Until the API answers and the processors' group owns every partition, or a started process exits."""
-    group = f"{settings.topic_prefix}wallet-processor"  # the processors' consumer group (streams/runtime)
+    group = settings.processor_group_id
     admin = admin_client(settings.bootstrap)
     deadline_s = time.monotonic() + timeout_s
     waiting_for = "the first check"

@@ -18,7 +18,7 @@ from schemas.events import CommandRejected
 from schemas.partitioning import partition_for
 from streams.core.money import format_amount
 from streams.core.state import CorruptLog, State, fold
-from wallet.config import Settings
+from infra.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)

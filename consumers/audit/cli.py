@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from wallet.cli import settings_from_args
+    from infra.settings import settings_from_args
 
     try:
         report = run_audit(settings_from_args(args), state_dumps=args.state_dump, readmodel_db=args.readmodel_db,
@@ -75,7 +75,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _balance(args: argparse.Namespace) -> int:
-    from wallet.cli import settings_from_args
+    from infra.settings import settings_from_args
 
     try:
         at_ms = parse_time_ms(args.at) if args.at is not None else None

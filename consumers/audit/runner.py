@@ -18,7 +18,7 @@ from consumers.audit.report import AuditReport, TopicRead
 from consumers.audit.workers import check_commands, replay_events, worker_count_default
 from schemas.partitioning import partition_for
 from streams.core.state import Account
-from wallet.config import Settings
+from infra.settings import Settings
 
 # The read model may be written while it is read; its offsets are read before and after its
 # accounts, and the pair retried until they agree, at most this many times.

@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from wallet.cli import settings_from_args
+from infra.settings import settings_from_args
 
 DB_URL_ENV = "WALLET_READMODEL_DB"
 SERVE_PORT_DEFAULT = 8081
@@ -130,7 +130,7 @@ def _rebuild(args: argparse.Namespace) -> int:
 def _lag(args: argparse.Namespace) -> int:
     from consumers.readmodel.consumer import read_lag
     from consumers.readmodel.store import ReadModelStore
-    from wallet.topics import admin_client
+    from infra.admin import admin_client
 
     settings = settings_from_args(args)
     with ReadModelStore(_db_url(args)) as store:

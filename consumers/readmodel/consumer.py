@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey
 from schemas.codec import SchemaError, decode_event, decode_outcome
-from wallet.config import Settings
+from infra.settings import Settings
 
 log = logging.getLogger("wallet.readmodel")
 

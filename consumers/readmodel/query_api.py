@@ -36,8 +36,8 @@ from consumers.readmodel.consumer import PartitionLag, ReadModelError, read_lag
 from consumers.readmodel.projection import AccountRow
 from consumers.readmodel.store import ReadModelStore, describe_db_url
 from streams.core.money import format_amount
-from wallet.config import Settings
-from wallet.topics import admin_client
+from infra.settings import Settings
+from infra.admin import admin_client
 
 
 WAIT_MS_DEFAULT = 1_000

@@ -23,7 +23,7 @@ from typing import Any
 from consumers.readmodel.projection import AccountRow, Changes, EntryRow, TransactionRow, project
 from schemas.events import CommandRejected, Event, TransferDebited
 from schemas.outcomes import Outcome
-from wallet.config import Settings
+from infra.settings import Settings
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")

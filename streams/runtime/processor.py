@@ -26,12 +26,12 @@ from schemas.events import CommandRejected
 from schemas.partitioning import partition_for
 from streams.core.machine import apply
 from streams.core.state import State, memory_horizon_ms
-from streams.runtime.kafka_config import (
+from infra.kafka_clients import (
     processor_consumer_config, processor_producer_config, restore_consumer_config,
 )
 from streams.runtime.restore import fold_event_tail
 from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
-from wallet.config import Settings
+from infra.settings import Settings
 
 log = logging.getLogger("wallet.processor")
 
@@ -71,8 +71,8 @@ class Processor:
     def __init__(self, settings: Settings, config: ProcessorConfig) -> None:
         self.settings = settings
         self.config = config
-        self.group_id = f"{settings.topic_prefix}wallet-processor"
-        self.transactional_id = f"{self.group_id}-{config.instance_id}"
+        self.group_id = settings.processor_group_id
+        self.transactional_id = settings.processor_transactional_id(config.instance_id)
         self._stopping = False
         self._tasks: dict[int, _Task] = {}
         self._store = StateStore(config.store_path)

@@ -10,7 +10,7 @@ from consumers.audit import log_reader
 from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
-from wallet.config import Settings
+from infra.settings import Settings
 
 READ_TIMEOUT_S = 60.0
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from confluent_kafka import ConsumerGroupState, KafkaException
 
-from wallet.config import Settings
-from wallet.topics import admin_client
+from infra.settings import Settings
+from infra.admin import admin_client
 
 STOP_TIMEOUT_S = 30
 READY_TIMEOUT_S = 60
@@ -41,7 +41,7 @@ class ProcessorProcess:
         """Until the processors' group is stable and owns every partition, so a test never
         waits on a join. A freshly started broker answers NOT_COORDINATOR for a while: that is
         not ready yet, not an error."""
-        group = f"{self.settings.topic_prefix}wallet-processor"
+        group = self.settings.processor_group_id
         admin = admin_client(self.settings.bootstrap)
         deadline_s = time.monotonic() + timeout_s
         owned: set[int] = set()

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from wallet.config import Settings
-from wallet.topics import BrokerUnavailableError, wait_for_broker
+from infra.settings import Settings
+from infra.admin import BrokerUnavailableError, wait_for_broker
 
 KAFKA_VERSION = "4.1.1"  # keep equal to kafka.version in pom.xml
 JAVA_VERSION_MIN = 17  # Kafka 4 brokers need Java 17

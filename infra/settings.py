@@ -6,6 +6,7 @@ also take a flag of the same meaning.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,5 +67,19 @@ class Settings:
     def dlq_topic(self) -> str:
         return self.topic(TOPIC_DLQ)
 
+    @property
+    def processor_group_id(self) -> str:
+        """The consumer group every processor instance of these topics joins."""
+        return f"{self.topic_prefix}wallet-processor"
+
+    def processor_transactional_id(self, instance_id: str) -> str:
+        return f"{self.processor_group_id}-{instance_id}"
+
     def with_overrides(self, **overrides) -> "Settings":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the `wallet` command's global flags."""
+    return Settings().with_overrides(kafka_bootstrap=getattr(args, "bootstrap", None),
+                                     topic_prefix=getattr(args, "topic_prefix", None))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, NewTopic, ResourceType
 
-from wallet.config import Settings
+from infra.settings import Settings
 
 # librdkafka reports every refused connection as an error; while we wait for a broker that
 # is still starting those are expected, so they go to logging (silent unless the app

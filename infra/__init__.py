@@ -1,0 +1,5 @@
+"""The bottom layer: settings, topic names, group ids, Kafka client settings, admin and produce helpers.
+
+Every package of the project may import it; it imports none of them (only `schemas/` for the
+partitioner's name), so dependencies point down only.
+"""
