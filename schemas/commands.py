@@ -5,7 +5,7 @@ whoever produced the command and is the only clock the state machine reads.
 """
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 import msgspec
 
@@ -24,6 +24,10 @@ TimestampMs = Annotated[int, msgspec.Meta(ge=0)]
 # recorded in the log, not a decode error.
 AmountText = str
 AccountKind = Literal["user", "merchant"]
+# The scope under which the HTTP API authorised a client command (CONTRACT.md, message contract v2).
+Role = Literal["user", "bank", "operator"]
+ACTOR_LENGTH_MAX = 128
+Actor = Annotated[str, msgspec.Meta(max_length=ACTOR_LENGTH_MAX)]
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
@@ -35,27 +39,35 @@ class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ts_ms: TimestampMs
 
 
-class OpenAccount(_Command, tag="open_account"):
+class _ClientCommand(_Command, kw_only=True):
+    # Who asked (the authenticated principal) and under which role: set by the trusted edge
+    # (the HTTP API), never taken from a client's body. Defaults keep v1 producers decodable
+    # until the core's contract v2 makes them required.
+    actor: Actor = ""
+    role: Optional[Role] = None
+
+
+class OpenAccount(_ClientCommand, tag="open_account"):
     account_id: AccountId
     currency: str
     kind: AccountKind = "user"
 
 
-class Deposit(_Command, tag="deposit"):
+class Deposit(_ClientCommand, tag="deposit"):
     """Money arrives from a bank account outside the ledger."""
     account_id: AccountId
     amount: AmountText
     currency: str
 
 
-class Withdraw(_Command, tag="withdraw"):
+class Withdraw(_ClientCommand, tag="withdraw"):
     """Money leaves to a bank account outside the ledger."""
     account_id: AccountId
     amount: AmountText
     currency: str
 
 
-class Transfer(_Command, tag="transfer"):
+class Transfer(_ClientCommand, tag="transfer"):
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
@@ -63,7 +75,7 @@ class Transfer(_Command, tag="transfer"):
     currency: str
 
 
-class PayMerchant(_Command, tag="pay_merchant"):
+class PayMerchant(_ClientCommand, tag="pay_merchant"):
     """A transfer whose receiving account must be of kind `merchant`."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
@@ -72,15 +84,15 @@ class PayMerchant(_Command, tag="pay_merchant"):
     currency: str
 
 
-class Freeze(_Command, tag="freeze"):
+class Freeze(_ClientCommand, tag="freeze"):
     account_id: AccountId
 
 
-class Unfreeze(_Command, tag="unfreeze"):
+class Unfreeze(_ClientCommand, tag="unfreeze"):
     account_id: AccountId
 
 
-class Close(_Command, tag="close"):
+class Close(_ClientCommand, tag="close"):
     account_id: AccountId
 
 
@@ -99,6 +111,7 @@ class CreditLeg(_Command, tag="credit_leg"):
     digest: str
     merchant_only: bool = False
     resend: bool = False
+    actor: Actor = ""  # the transfer's actor, so that its outcome names who asked
 
 
 class RefundLeg(_Command, tag="refund_leg"):
@@ -110,6 +123,7 @@ class RefundLeg(_Command, tag="refund_leg"):
     currency: str
     digest: str
     reason: str
+    actor: Actor = ""
 
 
 Command = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close, CreditLeg, RefundLeg]

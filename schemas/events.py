@@ -38,6 +38,7 @@ class AccountOpened(_Change, tag="account_opened"):
     currency: str
     kind: AccountKind
     balance: str
+    owner: str = ""  # the actor that opened it: the only one who may move money out
 
 
 class Deposited(_MoneyChange, tag="deposited"):

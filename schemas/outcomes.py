@@ -22,6 +22,10 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     status: OutcomeStatus
     reason: Optional[str] = None
     digest: str
+    # The account that owns the request (`account_id` or `from_account` of the client command)
+    # and who asked: a request is identified by (account_id, transaction_id).
+    account_id: str = ""
+    actor: str = ""
 
 
 class Reason:

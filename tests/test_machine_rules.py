@@ -14,7 +14,7 @@ import pytest
 
 from schemas.codec import command_digest, decode_command, encode
 from schemas.commands import (
-    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
+    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw, owner_account,
 )
 from schemas.events import (
     AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, TransferCredited,
@@ -121,7 +121,7 @@ def snapshot(state: State) -> tuple:
 def assert_rejected(decision: Decision, command: Command, reason: str) -> None:
     """Refused: one decision event naming the reason, no leg, and a failure outcome for this request."""
     assert decision.outcome == Outcome(transaction_id=command.transaction_id, status="failure", reason=reason,
-                                       digest=command_digest(command))
+                                       digest=command_digest(command), account_id=owner_account(command))
     assert decision.follow_ups == []
     [event] = decision.events
     assert type(event) is CommandRejected
@@ -303,7 +303,8 @@ def test_transfer_debits_the_sender_then_credits_the_receiver_and_answers_succes
                                               digest=digest, seq=3, amount="2.50", currency="USD", balance="3.50",
                                               from_account="alice")]
     assert credit.follow_ups == []
-    assert credit.outcome == Outcome(transaction_id="t-1", status="success", reason=None, digest=digest)
+    assert credit.outcome == Outcome(transaction_id="t-1", status="success", reason=None, digest=digest,
+                                     account_id="alice")
 
 
 def test_transfer_across_two_partitions_takes_the_same_two_legs() -> None:
@@ -353,7 +354,7 @@ def test_transfer_the_receiver_cannot_take_is_refunded_and_fails_with_its_reason
     assert (events[1].account_id, events[1].command, events[1].reason) == ("bob", "credit_leg", reason)
     assert (events[2].account_id, events[2].reason, events[2].balance) == ("alice", reason, "10.00")
     assert outcomes_of(decisions) == [Outcome(transaction_id=command.transaction_id, status="failure", reason=reason,
-                                              digest=command_digest(command))]
+                                              digest=command_digest(command), account_id="alice")]
     assert balance(state, "alice") == 1000
     assert "bob" not in state.accounts or balance(state, "bob") == 0
 
@@ -452,7 +453,7 @@ def test_retry_of_a_transfer_in_flight_resends_a_credit_leg_that_never_moves_mon
     assert [decision.follow_ups for decision in decisions] == [[], []]
     outcomes = outcomes_of(decisions)
     assert outcomes and {encode(outcome) for outcome in outcomes} == {
-        encode(Outcome(transaction_id="t-1", status="success", digest=command_digest(command)))}
+        encode(Outcome(transaction_id="t-1", status="success", digest=command_digest(command), account_id="alice"))}
     assert (balance(state, "alice"), balance(state, "bob")) == (600, 400)
 
 
@@ -505,7 +506,7 @@ def test_transfer_under_an_id_the_receiver_used_for_its_own_request_is_refunded_
     command = transfer("alice", "bob", "4.00", tx="shared-id")
     outcomes = outcomes_of(settle(state, command))
     assert outcomes == [Outcome(transaction_id="shared-id", status="failure", reason=Reason.DUPLICATE_CONFLICT,
-                                digest=command_digest(command))]
+                                digest=command_digest(command), account_id="alice")]
     assert (balance(state, "alice"), balance(state, "bob")) == (1000, 100)
     retry = apply(state, msgspec.structs.replace(own_request, ts_ms=TS_MS + 1))
     assert encode(retry.outcome) == encode(own_answer)  # the conflict did not overwrite bob's own answer

@@ -59,7 +59,8 @@ def _repeat(state: State, command: Command, digest: str, remembered) -> Decision
                           digest, resend=True)
         return Decision(state, [], [leg], None)
     return Decision(state, [], [], Outcome(transaction_id=command.transaction_id, status=remembered.status,
-                                           reason=remembered.reason, digest=digest))
+                                           reason=remembered.reason, digest=digest,
+                                           account_id=owner_account(command), actor=command.actor))
 
 
 def _open_account(state: State, command: OpenAccount, digest: str) -> Decision:
@@ -71,7 +72,7 @@ def _open_account(state: State, command: OpenAccount, digest: str) -> Decision:
         return _reject(state, command, digest, Reason.ACCOUNT_EXISTS)
     event = AccountOpened(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
                           command="open_account", digest=digest, seq=1, currency=command.currency, kind=command.kind,
-                          balance=format_amount(0, command.currency))
+                          balance=format_amount(0, command.currency), owner=command.actor)
     return _accept(state, command, digest, event)
 
 
@@ -111,7 +112,7 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str) -> Dec
 def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, resend: bool) -> CreditLeg:
     return CreditLeg(transaction_id=command.transaction_id, ts_ms=command.ts_ms, from_account=command.from_account,
                      to_account=command.to_account, amount=amount, currency=command.currency, digest=digest,
-                     merchant_only=type(command) is PayMerchant, resend=resend)
+                     merchant_only=type(command) is PayMerchant, resend=resend, actor=command.actor)
 
 
 def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
@@ -124,7 +125,8 @@ def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
         # side, which gives it when the refund leg arrives.
         if remembered is not None and remembered.digest == leg.digest and remembered.status == SUCCESS:
             return Decision(state, [], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS,
-                                                   digest=remembered.digest))
+                                                   digest=remembered.digest, account_id=leg.from_account,
+                                                   actor=leg.actor))
         return Decision(state, [], [], None)
     account = state.accounts.get(leg.to_account)
     amount_minor = _leg_amount_minor(leg)
@@ -140,12 +142,13 @@ def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
         event = _rejection(leg, leg.to_account, leg.digest, reason)
         refund = RefundLeg(transaction_id=leg.transaction_id, ts_ms=leg.ts_ms, from_account=leg.from_account,
                            to_account=leg.to_account, amount=leg.amount, currency=leg.currency, digest=leg.digest,
-                           reason=reason)
+                           reason=reason, actor=leg.actor)
         fold(state, event)
         return Decision(state, [event], [refund], None)
     event = _move_money(state, TransferCredited, leg, leg.digest, account, leg.to_account, amount_minor,
                         from_account=leg.from_account)
-    return Decision(state, [event], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS, digest=leg.digest))
+    return Decision(state, [event], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS, digest=leg.digest,
+                                                account_id=leg.from_account, actor=leg.actor))
 
 
 def _on_refund_leg(state: State, leg: RefundLeg) -> Decision:
@@ -157,7 +160,8 @@ def _on_refund_leg(state: State, leg: RefundLeg) -> Decision:
     # meanwhile (frozen, closed), and refusing it would destroy it.
     event = _move_money(state, TransferRefunded, leg, leg.digest, account, leg.from_account, _leg_amount_minor(leg),
                         to_account=leg.to_account, reason=leg.reason)
-    outcome = Outcome(transaction_id=leg.transaction_id, status=FAILURE, reason=leg.reason, digest=leg.digest)
+    outcome = Outcome(transaction_id=leg.transaction_id, status=FAILURE, reason=leg.reason, digest=leg.digest,
+                      account_id=leg.from_account, actor=leg.actor)
     return Decision(state, [event], [], outcome)
 
 
@@ -235,7 +239,8 @@ def _move_money(state: State, event_class, command, digest: str, account: Accoun
 
 
 def _success(command: Command, digest: str) -> Outcome:
-    return Outcome(transaction_id=command.transaction_id, status=SUCCESS, digest=digest)
+    return Outcome(transaction_id=command.transaction_id, status=SUCCESS, digest=digest,
+                   account_id=owner_account(command), actor=command.actor)
 
 
 def _accept(state: State, command: Command, digest: str, event: Event) -> Decision:
@@ -252,7 +257,8 @@ def _reject(state: State, command: Command, digest: str, reason: str) -> Decisio
     event = _rejection(command, owner_account(command), digest, reason)
     fold(state, event)
     return Decision(state, [event], [], Outcome(transaction_id=command.transaction_id, status=FAILURE, reason=reason,
-                                                digest=digest))
+                                                digest=digest, account_id=owner_account(command),
+                                                actor=command.actor))
 
 
 _HANDLERS = {
