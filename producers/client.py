@@ -9,8 +9,8 @@ Usable from any Python program; it needs only a bootstrap address and topic name
   becomes a result (`send`, or the future of `submit`) or a `PublishError`; a full local
   queue makes the caller wait, with a bound, and never drops a command.
 - `OutcomeWaiter` is the one consumer of `wallet.outcomes` a process needs: it starts at the
-  end of the topic and resolves every waiting request by (transaction id, digest), so the
-  answer to a retried or conflicting request is never mistaken for another's.
+  end of the topic and resolves every waiting request by (owning account, transaction id,
+  digest), so the answer to a retried or conflicting request is never mistaken for another's.
 - `WalletClient` joins the two into request-reply: publish, then wait a bounded time for
   the outcome; `None` means the answer is not known yet (the request is `pending`).
 """
@@ -403,12 +403,14 @@ class TransactionStatus:
     status: str  # pending | success | failure
     reason: str | None
     digest: str
+    account_id: str = ""  # the account that owns the request
+    actor: str = ""  # who asked for it
 
 
 class OutcomeExpectation:
     """A registered wait for one request's outcome. Register before publishing, then wait."""
 
-    def __init__(self, waiter: "OutcomeWaiter", key: tuple[str, str]) -> None:
+    def __init__(self, waiter: "OutcomeWaiter", key: tuple[str, str, str]) -> None:
         self._waiter = waiter
         self.key = key
         self.future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
@@ -472,7 +474,7 @@ class OutcomeWaiter:
             "error_cb": self._on_client_error,
         })
         self._lock = threading.Lock()
-        self._waiting: dict[tuple[str, str], list[OutcomeExpectation]] = {}
+        self._waiting: dict[tuple[str, str, str], list[OutcomeExpectation]] = {}
         self._waiting_count = 0
         self._statuses: collections.OrderedDict[str, TransactionStatus] = collections.OrderedDict()
         self._listeners: list[OutcomeListener] = []
@@ -505,9 +507,13 @@ class OutcomeWaiter:
         return (f"not connected to Kafka: the outcome consumer of {self.outcomes_topic} was not ready within "
                 f"{waited_s:.1f} s (last error: {self.last_error or 'none reported'})")
 
-    def expect(self, transaction_id: str, digest: str) -> OutcomeExpectation:
-        """Register interest in the outcome of the request (transaction_id, digest)."""
-        expectation = OutcomeExpectation(self, (transaction_id, digest))
+    def expect(self, transaction_id: str, digest: str, account_id: str = "") -> OutcomeExpectation:
+        """Register interest in the outcome of the request (account_id, transaction_id, digest).
+
+        A request is identified by its owning account and its transaction id: two callers who
+        pick the same id for different accounts never get each other's answers.
+        """
+        expectation = OutcomeExpectation(self, (account_id, transaction_id, digest))
         with self._lock:
             if self._waiting_count >= self._waits_max:
                 raise OutcomesUnavailableError(f"{self._waits_max} requests are already waiting for outcomes")
@@ -515,11 +521,11 @@ class OutcomeWaiter:
             self._waiting_count += 1
         return expectation
 
-    def note_published(self, transaction_id: str, digest: str) -> None:
+    def note_published(self, transaction_id: str, digest: str, account_id: str = "", actor: str = "") -> None:
         """Record that this process published a request whose outcome is not known yet."""
         with self._lock:
             if transaction_id not in self._statuses:
-                self._remember(TransactionStatus(transaction_id, "pending", None, digest))
+                self._remember(TransactionStatus(transaction_id, "pending", None, digest, account_id, actor))
 
     def status(self, transaction_id: str) -> TransactionStatus | None:
         """The status of a transaction this process published or saw an outcome of recently."""
@@ -598,7 +604,8 @@ class OutcomeWaiter:
             self.outcomes_seen += len(outcomes)
             for outcome in outcomes:
                 self._record(outcome)
-                for expectation in self._waiting.pop((outcome.transaction_id, outcome.digest), ()):
+                key = (outcome.account_id, outcome.transaction_id, outcome.digest)
+                for expectation in self._waiting.pop(key, ()):
                     self._waiting_count -= 1
                     resolved.append((expectation, outcome))
             listeners = list(self._listeners)
@@ -617,7 +624,8 @@ class OutcomeWaiter:
                 del self._statuses[outcome.transaction_id]
             return
         if known is None or known.status == "pending":
-            self._remember(TransactionStatus(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest))
+            self._remember(TransactionStatus(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
+                                             outcome.account_id, outcome.actor))
 
     def _remember(self, status: TransactionStatus) -> None:
         self._statuses[status.transaction_id] = status
@@ -659,15 +667,15 @@ class WalletClient:
         Raises PublishError if the broker did not take the command.
         """
         digest = command_digest(command)
-        with self.waiter.expect(command.transaction_id, digest) as expectation:
+        with self.waiter.expect(command.transaction_id, digest, owner_account(command)) as expectation:
             self.publisher.send(command, publish_timeout_s)
-            self.waiter.note_published(command.transaction_id, digest)
+            self.waiter.note_published(command.transaction_id, digest, owner_account(command), command.actor)
             return expectation.wait(wait_s)
 
     async def request_async(self, command: Command, wait_s: float) -> Outcome | None:
         """`request` for an event loop: neither the publish nor the wait blocks the loop."""
         digest = command_digest(command)
-        with self.waiter.expect(command.transaction_id, digest) as expectation:
+        with self.waiter.expect(command.transaction_id, digest, owner_account(command)) as expectation:
             delivery = asyncio.wrap_future(self.publisher.submit(command))
             bound_s = self.publisher.delivery_bound_s
             done, _ = await asyncio.wait({delivery}, timeout=bound_s)
@@ -675,7 +683,7 @@ class WalletClient:
                 raise PublishError(f"the broker did not acknowledge {command.transaction_id!r} within {bound_s:.1f} s",
                                    code="publish_timeout", possibly_persisted=True)
             delivery.result()  # raises the PublishError of a failed delivery
-            self.waiter.note_published(command.transaction_id, digest)
+            self.waiter.note_published(command.transaction_id, digest, owner_account(command), command.actor)
             return await expectation.wait_async(wait_s)
 
     def request_many(self, commands: Iterable[Command], wait_s: float) -> dict[str, Outcome]:
@@ -684,7 +692,8 @@ class WalletClient:
         Returns the outcomes that arrived, by transaction id; each command needs its own id.
         """
         commands = list(commands)
-        expectations = [self.waiter.expect(command.transaction_id, command_digest(command)) for command in commands]
+        expectations = [self.waiter.expect(command.transaction_id, command_digest(command), owner_account(command))
+                        for command in commands]
         try:
             self.publisher.publish_batch(commands)
             deadline_s = time.monotonic() + wait_s

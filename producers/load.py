@@ -33,6 +33,9 @@ from streams.core.money import format_amount, minor_units_of, parse_amount_minor
 from streams.core.state import State, fold
 from infra.settings import Settings
 
+# `wallet load` publishes straight to Kafka as a trusted service (not through the HTTP API), so it
+# names itself as the actor: it owns the accounts it opens and moves money only out of them.
+LOAD_ACTOR = "wallet-load"
 # Transfers built and queued per step: big enough to amortise the Python overhead per call,
 # small enough that a rate-limited run stays smooth at 10 ms resolution.
 PUBLISH_SLICE_MAX = 5_000
@@ -178,10 +181,12 @@ def setup_accounts(client: WalletClient, spec: LoadSpec, out: TextIO) -> list[st
     funding = canonical_amount(spec.funding_amount, spec.currency)
     phases = [
         ("open", [OpenAccount(transaction_id=f"load-{spec.run_id}-open-{a}", ts_ms=wall_clock_ms(), account_id=a,
-                              currency=spec.currency) for a in account_ids]),
+                              currency=spec.currency, actor=LOAD_ACTOR, role="user") for a in account_ids]),
         ("fund", [Deposit(transaction_id=f"load-{spec.run_id}-fund-{a}", ts_ms=wall_clock_ms(), account_id=a,
-                          amount=funding, currency=spec.currency) for a in account_ids]),
-        ("freeze", [Freeze(transaction_id=f"load-{spec.run_id}-freeze-{a}", ts_ms=wall_clock_ms(), account_id=a)
+                          amount=funding, currency=spec.currency, actor=LOAD_ACTOR, role="bank")
+                  for a in account_ids]),
+        ("freeze", [Freeze(transaction_id=f"load-{spec.run_id}-freeze-{a}", ts_ms=wall_clock_ms(), account_id=a,
+                           actor=LOAD_ACTOR, role="operator")
                     for a in account_ids[len(account_ids) - spec.frozen_accounts:]]),
     ]
     for name, commands in phases:
@@ -239,7 +244,8 @@ class _TransferFactory:
             else:
                 to_account = accounts[receiver if receiver != sender else (receiver + 1) % account_count]
             transfers.append(Transfer(transaction_id=f"{prefix}{index}", ts_ms=ts_ms, from_account=accounts[sender],
-                                      to_account=to_account, amount=amount, currency=currency))
+                                      to_account=to_account, amount=amount, currency=currency, actor=LOAD_ACTOR,
+                                      role="user"))
         return transfers
 
 

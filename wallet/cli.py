@@ -14,6 +14,7 @@ import sys
 _COMMAND_MODULES = (
     "wallet.commands_kafka",
     "wallet.commands_stack",
+    "wallet.commands_api",
     "streams.cli",
     "producers.cli",
     "consumers.readmodel.cli",

@@ -132,6 +132,8 @@ def _add_up_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processors", type=int, default=1, help="processor instances (default 1)")
     parser.add_argument("--readmodel", action=argparse.BooleanOptionalAction, default=True,
                         help="run the read model and its query routes (default: yes, when available)")
+    parser.add_argument("--auth", choices=("on", "off"), default="on",
+                        help="bearer tokens on the API (default on; off is for local experiments only)")
     parser.add_argument("--timeout-s", type=float, default=STACK_READY_TIMEOUT_S,
                         help="how long to wait until the API answers and the processors own every partition "
                              f"(default {STACK_READY_TIMEOUT_S:.0f})")
@@ -160,7 +162,7 @@ def readmodel_db_url(settings: Settings) -> str:
 
 
 def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeout_s: float,
-       out: TextIO = sys.stdout) -> StackState:
+       out: TextIO = sys.stdout, auth: bool = True) -> StackState:
     """Start the stack and return its state once it serves; if anything fails, stop what was started."""
     if not 1 <= processors <= PROCESSORS_MAX:
         raise StackError(f"--processors must be within 1..{PROCESSORS_MAX}, got {processors}")
@@ -189,6 +191,7 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
             api_arguments = ["api", "--host", "127.0.0.1", "--port", str(port)]
             if db_url is not None:
                 api_arguments += ["--readmodel-db", db_url]
+            api_arguments += ["--auth", "on" if auth else "off"]
             started.append(_spawn(settings, "api", "api", port, api_arguments))
             state = StackState(f"http://127.0.0.1:{port}", settings.bootstrap, settings.topic_prefix, started)
             state.save(state_path(settings))
@@ -296,10 +299,11 @@ def _processors_not_ready(admin, group: str, settings: Settings) -> str | None:
     return f"the processors (they own {owned} of {settings.partitions} partitions)"
 
 
-def get_json(url: str, timeout_s: float) -> tuple[int, dict]:
+def get_json(url: str, timeout_s: float, token: str | None = None) -> tuple[int, dict]:
     """GET a JSON document: (HTTP status, body). Raises OSError when nothing answers."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as reply:
             return reply.status, json.loads(reply.read() or b"{}")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -420,11 +424,23 @@ def _log_tail(log: str | None) -> str:
 
 def _up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel, timeout_s=args.timeout_s)
+    state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel, timeout_s=args.timeout_s,
+               auth=args.auth == "on")
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")
     print(f"the wallet API answers at {state.api_url} (OpenAPI: {state.api_url}/docs); stop with `wallet down`")
+    _print_auth(args.auth == "on")
     return 0
+
+
+def _print_auth(auth: bool) -> None:
+    if not auth:
+        print("!" * 78 + "\nAUTHENTICATION IS OFF: anyone who reaches the API may move any money "
+              "(--auth off, local experiments only)\n" + "!" * 78)
+        return
+    print('authentication is on: get a token with `export WALLET_TOKEN=$(wallet auth token --sub alice '
+          '--scope "wallet:user")` and send `Authorization: Bearer $WALLET_TOKEN`; scopes: wallet:user, '
+          'wallet:bank, wallet:operator, wallet:audit')
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -462,8 +478,9 @@ def _demo(args: argparse.Namespace) -> int:
     if started_here:
         print("== starting the local stack ==")
         state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel,
-                   timeout_s=args.timeout_s)
+                   timeout_s=args.timeout_s, auth=args.auth == "on")
         print(f"API at {state.api_url}; logs in {logs_dir(settings)}")
+        _print_auth(args.auth == "on")
     else:
         print(f"== using the running stack ({state.api_url}) ==")
     try:
@@ -496,7 +513,7 @@ def _print_balances(settings: Settings, state: StackState, spec, balances: dict[
     verdict = "conserved" if total_minor == funded_minor else "NOT conserved"
     print(f"money: the {len(account_ids)} accounts hold {format_amount(total_minor, spec.currency)} {spec.currency}, "
           f"deposited {format_amount(funded_minor, spec.currency)}: {verdict}")
-    readmodel = _readmodel_balances(state, account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:])
+    readmodel = _readmodel_balances(settings, state, account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:])
     print("balances (ledger = fold of wallet.events" + (", read model = the query API)" if readmodel else ")"))
     for account in account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:]:
         frozen = " (frozen)" if account in account_ids[len(account_ids) - spec.frozen_accounts:] else ""
@@ -506,17 +523,24 @@ def _print_balances(settings: Settings, state: StackState, spec, balances: dict[
         print(shown)
 
 
-def _readmodel_balances(state: StackState, account_ids: list[str]) -> dict[str, str]:
+def _readmodel_balances(settings: Settings, state: StackState, account_ids: list[str]) -> dict[str, str]:
     """Balances from the read model once it has caught up with the topics; {} without a read model."""
+    from infra.secrets import jwt_secret
+    from producers.auth import SCOPE_AUDIT, issue_token
+
+    # The demo reads as an auditor, with a short-lived token of the run folder's key.
+    token = issue_token(jwt_secret(settings), "wallet-demo", SCOPE_AUDIT, ttl_s=300)
     try:
         if not get_json(f"{state.api_url}/healthz", API_PROBE_TIMEOUT_S)[1].get("readmodel"):
             return {}
         deadline_s = time.monotonic() + READMODEL_CATCH_UP_TIMEOUT_S
-        while get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S)[1].get("total_lag") != 0:
+        while get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S,
+                       token)[1].get("total_lag") != 0:
             if time.monotonic() > deadline_s:
                 return {}
             time.sleep(0.2)
-        replies = {a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S) for a in account_ids}
+        replies = {a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S, token)
+                   for a in account_ids}
     except (OSError, ValueError):
         return {}
     return {a: body["balance"] for a, (status, body) in replies.items() if status == 200}

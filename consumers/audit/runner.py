@@ -203,7 +203,7 @@ def read_model_snapshots(db_url: str, settings: Settings, count: int) -> list[St
     finally:
         store.close()
     by_partition: dict[int, dict[str, dict]] = {number: {} for number in range(count)}
-    for account_id, currency, kind, status, balance_minor, sequence in rows:
+    for account_id, currency, kind, status, balance_minor, sequence, *_ in rows:
         view = account_view(Account(currency, kind, status, balance_minor, sequence))
         by_partition[partition_for(account_id, count)][account_id] = view
     return [StateSnapshot("read_model", name, number, offsets_before.get((settings.events_topic, number), 0), accounts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from schemas.events import CommandRejected, Event, TransferDebited, event_type
+from schemas.events import AccountOpened, CommandRejected, Event, TransferDebited, event_type
 from schemas.outcomes import Outcome, Reason
 from streams.core.state import FAILURE, PENDING, Account, State, fold
 
@@ -24,6 +24,7 @@ class AccountRow(NamedTuple):
     status: str
     balance_minor: int
     sequence: int
+    owner: str = ""  # who opened it (`account_opened`); a user reads only the accounts it owns
 
 
 class EntryRow(NamedTuple):
@@ -42,6 +43,8 @@ class TransactionRow(NamedTuple):
     status: str  # pending | success | failure
     reason: str | None
     digest: str  # digest of the request this status answers
+    account_id: str = ""  # the account that owns the request
+    actor: str = ""  # who asked; a lookup answers only its actor
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ def project(accounts: dict[str, AccountRow], transactions: dict[str, Transaction
     """
     state = State(accounts={row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
                             for row in accounts.values()})
+    owners = {row.account_id: row.owner for row in accounts.values()}
     entries: list[EntryRow] = []
     changed_accounts: set[str] = set()
     statuses = dict(transactions)
@@ -74,6 +78,8 @@ def project(accounts: dict[str, AccountRow], transactions: dict[str, Transaction
             continue  # already stored; `fold` would skip it too
         balance_before_minor = before.balance_minor if before is not None else 0
         fold(state, event)
+        if event_class is AccountOpened:
+            owners[event.account_id] = event.owner
         account = state.accounts[event.account_id]
         changed_accounts.add(event.account_id)
         # `fold` has checked that the new balance is the old one moved by the event's amount.
@@ -82,18 +88,19 @@ def project(accounts: dict[str, AccountRow], transactions: dict[str, Transaction
                                 getattr(event, "to_account", None) or getattr(event, "from_account", None),
                                 event.ts_ms))
         if event_class is TransferDebited:
-            incoming = TransactionRow(event.transaction_id, PENDING, None, event.digest)
+            incoming = TransactionRow(event.transaction_id, PENDING, None, event.digest, event.account_id)
             _merge_into(statuses, changed_transactions, incoming)
 
     for outcome in outcomes:
         _merge_into(statuses, changed_transactions,
-                    TransactionRow(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest))
+                    TransactionRow(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
+                                   outcome.account_id, outcome.actor))
 
     account_rows = []
     for account_id in changed_accounts:
         account = state.accounts[account_id]
         account_rows.append(AccountRow(account_id, account.currency, account.kind, account.status,
-                                       account.balance_minor, account.seq))
+                                       account.balance_minor, account.seq, owners.get(account_id, "")))
     return Changes(account_rows, entries, [statuses[transaction_id] for transaction_id in changed_transactions])
 
 

@@ -40,7 +40,8 @@ _SCHEMA = (
         kind TEXT NOT NULL,
         status TEXT NOT NULL,
         balance_minor BIGINT NOT NULL CHECK (balance_minor >= 0),
-        sequence BIGINT NOT NULL CHECK (sequence >= 1))""",
+        sequence BIGINT NOT NULL CHECK (sequence >= 1),
+        owner TEXT NOT NULL DEFAULT '')""",
     # One row per event that changed an account (`command_rejected` changes none).
     """CREATE TABLE IF NOT EXISTS entries (
         account_id TEXT NOT NULL,
@@ -57,7 +58,9 @@ _SCHEMA = (
         transaction_id TEXT PRIMARY KEY,
         status TEXT NOT NULL CHECK (status IN ('pending', 'success', 'failure')),
         reason TEXT,
-        digest TEXT NOT NULL)""",
+        digest TEXT NOT NULL,
+        account_id TEXT NOT NULL DEFAULT '',
+        actor TEXT NOT NULL DEFAULT '')""",
     """CREATE TABLE IF NOT EXISTS offsets (
         topic TEXT NOT NULL,
         kafka_partition INTEGER NOT NULL,
