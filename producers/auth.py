@@ -196,6 +196,10 @@ class RateLimits:
             raise ValueError(f"rate limits must be positive: {self}")
 
 
+# Refills are sums of float products: 0.1 s at 10/s must make a whole token.
+_TOKEN_EPSILON = 1e-9
+
+
 class _Bucket:
     __slots__ = ("tokens", "updated_s", "waiting")
 
@@ -222,8 +226,8 @@ class RateLimiter:
             bucket = self._bucket(sub, now_s)
             bucket.tokens = min(self.limits.burst, bucket.tokens + (now_s - bucket.updated_s) * self.limits.rate_per_s)
             bucket.updated_s = now_s
-            if bucket.tokens >= 1:
-                bucket.tokens -= 1
+            if bucket.tokens >= 1 - _TOKEN_EPSILON:
+                bucket.tokens = max(0.0, bucket.tokens - 1)
                 return None
             return (1 - bucket.tokens) / self.limits.rate_per_s
 

@@ -232,6 +232,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
     partition; all when None), computed from the events alone, not by the read model's code."""
     accounts: dict[str, tuple] = {}
     entries: list[tuple] = []
+    owners: dict[str, str] = {}
     for partition, records in log.events.items():
         state = State()
         upto = events_offsets.get(partition, 0) if events_offsets is not None else None
@@ -241,6 +242,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
             fold(state, event)
             if type(event) is CommandRejected:
                 continue
+            owners.setdefault(event.account_id, getattr(event, "owner", ""))
             account = state.accounts[event.account_id]
             sign = _AMOUNT_SIGN.get(type(event), 0)
             amount_minor = sign * canonical_minor(event.amount, account.currency) if sign else 0
@@ -249,7 +251,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
                             account.balance_minor, counterparty, event.ts_ms))
         for account_id, account in state.accounts.items():
             accounts[account_id] = (account_id, account.currency, account.kind, account.status, account.balance_minor,
-                                    account.seq)
+                                    account.seq, owners[account_id])
     return {"accounts": sorted(accounts.values()), "entries": sorted(entries)}
 
 
@@ -278,7 +280,7 @@ def stored_rows(store: ReadModelStore) -> dict[str, list[tuple]]:
 
 
 def stored_transactions(store: ReadModelStore) -> dict[str, tuple[str, str | None]]:
-    return {transaction_id: (status, reason) for transaction_id, status, reason, _ in store.table_rows("transactions")}
+    return {transaction_id: (status, reason) for transaction_id, status, reason, *_ in store.table_rows("transactions")}
 
 
 _AMOUNT_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
