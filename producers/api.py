@@ -37,6 +37,7 @@ from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX, ID_PATTERN, TRANSACTION_ID_LENGTH_MAX, Close, Command, Deposit, Freeze, OpenAccount,
     PayMerchant, Transfer, Unfreeze, Withdraw,
 )
+from streams.core.currencies import MINOR_UNITS
 from streams.core.money import AmountError, minor_units_of
 from infra.http import ApiError, FieldError, error_response, error_responses
 from infra.settings import Settings
@@ -74,9 +75,33 @@ def _amount_is_text(value: Any) -> Any:
     return value
 
 
+def _amount_pattern(decimals: int) -> str:
+    """A positive plain decimal with at most `decimals` places and at most 10^15 minor units, as a regex.
+
+    Written out without lookahead, so that fuzzers generating from the document can use it.
+    """
+    whole = f"[1-9][0-9]{{0,{AMOUNT_DIGITS_MAX - decimals - 1}}}"
+    if decimals == 0:
+        return f"^{whole}$"
+    below_one = "|".join(f"0\\.{'0' * zeros}[1-9][0-9]{{0,{decimals - zeros - 1}}}" for zeros in range(decimals))
+    return f"^({whole}(\\.[0-9]{{1,{decimals}}})?|{below_one})$"
+
+
+# The amount's rule depends on the currency's minor units: stated in the document as JSON
+# Schema if/then per group of currencies, so that a request the document allows is one the API accepts.
+AMOUNT_DIGITS_MAX = 15
+_CURRENCIES_BY_DECIMALS = {decimals: sorted(code for code, units in MINOR_UNITS.items() if units == decimals)
+                           for decimals in sorted(set(MINOR_UNITS.values()))}
+_AMOUNT_BY_CURRENCY = {"allOf": [
+    {"if": {"properties": {"currency": {"enum": codes}}, "required": ["currency"]},
+     "then": {"properties": {"amount": {"pattern": _amount_pattern(decimals)}}}}
+    for decimals, codes in _CURRENCIES_BY_DECIMALS.items()]}
+
 AmountText = Annotated[str, BeforeValidator(_amount_is_text), Field(
-    description="positive decimal string, at most the currency's decimal places, e.g. \"12.34\"", examples=["12.34"])]
-CurrencyCode = Annotated[str, Field(description="ISO 4217 code with minor units, e.g. USD", examples=["USD"])]
+    description="positive decimal string, at most the currency's decimal places, e.g. \"12.34\"", examples=["12.34"],
+    json_schema_extra={"pattern": _amount_pattern(max(MINOR_UNITS.values()))})]
+CurrencyCode = Annotated[str, Field(description="ISO 4217 code with minor units, e.g. USD", examples=["USD"],
+                                    json_schema_extra={"enum": sorted(MINOR_UNITS)})]
 
 
 class _Body(BaseModel):
@@ -105,6 +130,8 @@ class _Body(BaseModel):
 
 # `currency` is declared before `amount` in the money bodies because the amount's check needs it.
 class BalanceTransferRequest(_Body):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_AMOUNT_BY_CURRENCY)
+
     from_account: AccountIdText
     to_account: AccountIdText
     currency: CurrencyCode
@@ -121,6 +148,8 @@ class OpenAccountRequest(_Body):
 
 
 class MoneyRequest(_Body):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_AMOUNT_BY_CURRENCY)
+
     currency: CurrencyCode
     amount: AmountText
     transaction_id: TransactionIdText
