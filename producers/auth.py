@@ -296,6 +296,8 @@ class Gate:
 
         async def principal(credentials: HTTPAuthorizationCredentials | None = Security(self._bearer)) -> Principal:
             caller = await self.authenticate(credentials)
+            if self.verifier is None:
+                return caller  # authentication off: no principals, so no per-principal limits either
             wait_s = self.limiter.take(caller.sub)
             if wait_s is not None:
                 retry_after = retry_after_header(wait_s)
