@@ -200,3 +200,61 @@ def test_the_openapi_document_declares_bearer_security_on_every_route_but_health
             assert operation.get("security", []) == expected, (method, path)
             if path != "/healthz":
                 assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
+
+
+def _self_signed_certificate(folder) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_wallet_api_serves_https_with_a_certificate_and_key(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import ssl
+
+    cert, key = _self_signed_certificate(tmp_path)
+    trusted = ssl.create_default_context(cafile=cert)
+    kafka_port, api_port = free_loopback_ports(2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wallet.cli", "--bootstrap", f"127.0.0.1:{kafka_port}", "api", "--port", str(api_port),
+         "--tls-cert", cert, "--tls-key", key],
+        env={**os.environ, "WALLET_RUN_DIR": str(tmp_path / "run")}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline_s = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"https://127.0.0.1:{api_port}/healthz", verify=trusted, timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline_s, "wallet api did not serve HTTPS"
+                time.sleep(0.2)
+        assert (health.status_code, health.json()["status"]) == (200, "ok")
+        refused = httpx.get(f"https://127.0.0.1:{api_port}/v1/transactions/t", verify=trusted, timeout=5)
+        assert refused.status_code == 401
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0]
+    assert f"https://127.0.0.1:{api_port}" in output
