@@ -13,7 +13,8 @@ import sys
 # Modules that add subcommands; each has `register(subparsers) -> None`.
 _COMMAND_MODULES = (
     "wallet.commands_kafka",
-    "wallet.commands_stack",
+    "wallet.stack",
+    "wallet.demo",
     "streams.cli",
     "producers.cli",
     "consumers.readmodel.cli",
