@@ -50,14 +50,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import NewTopic
 from tqdm import tqdm
 
+from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.settings import PROJECT_ROOT, Settings
+from infra.supervision import Supervised, SupervisionError
 from schemas.codec import SchemaError, decode_outcome, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.runtime.processor import ProcessorConfig
-from infra.settings import PROJECT_ROOT, Settings
-from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
-from infra.supervision import Supervised, SupervisionError
 
 TRANSFERS_DEFAULT = 1_000_000
 FAUST_TRANSFERS_DEFAULT = 10_000
@@ -363,7 +363,9 @@ class Child:
         if not self.process.wait(timeout_s):
             raise self.failure(f"{self.name} did not finish within {timeout_s:.0f} s")
         self._reader.join(KAFKA_TIMEOUT_S)
-        return self.process.returncode
+        code = self.process.poll()
+        assert code is not None, f"{self.name} exited without an exit code"
+        return code
 
     def stop(self, timeout_s: float = CHILD_STOP_TIMEOUT_S) -> bool:
         """SIGTERM, then SIGKILL after timeout_s; returns whether it stopped by itself."""
@@ -816,8 +818,8 @@ class Bench:
         try:
             names = [name for name in admin.list_topics(timeout=KAFKA_TIMEOUT_S).topics if name.startswith(self.prefix)]
             if names:
-                for name, future in admin.delete_topics(names, operation_timeout=KAFKA_TIMEOUT_S,
-                                                        request_timeout=KAFKA_TIMEOUT_S).items():
+                for future in admin.delete_topics(names, operation_timeout=KAFKA_TIMEOUT_S,
+                                                        request_timeout=KAFKA_TIMEOUT_S).values():
                     future.result(timeout=KAFKA_TIMEOUT_S)
         except KafkaException as error:
             self.say(f"deleting the benchmark topics under {self.prefix!r} failed: {error}; delete them by hand")

@@ -92,7 +92,7 @@ class Supervised:
 
     @classmethod
     def start(cls, name: str, argv: list[str], *, log_path: Path | None, env: Mapping[str, str] | None = None,
-              cwd: Path | None = None, own_session: bool = False, stop_with_parent: bool = False) -> "Supervised":
+              cwd: Path | None = None, own_session: bool = False, stop_with_parent: bool = False) -> Supervised:
         """Run `argv` with stdin closed and stdout and stderr appended to `log_path`, or piped to
         `self.stdout` when `log_path` is None.
 
@@ -114,7 +114,7 @@ class Supervised:
                    started_s=started_s)
 
     @classmethod
-    def attach(cls, name: str, pid: int, start_ticks: int | None, *, leads_group: bool) -> "Supervised":
+    def attach(cls, name: str, pid: int, start_ticks: int | None, *, leads_group: bool) -> Supervised:
         return cls(name, pid, start_ticks, leads_group=leads_group)
 
     @property
@@ -180,7 +180,7 @@ def stop_together(processes: Iterable[Supervised], timeout_s: float) -> list[boo
         process.send(signal.SIGTERM)
     deadline_s = time.monotonic() + timeout_s
     graceful = [process.wait(max(0.0, deadline_s - time.monotonic())) for process in processes]
-    for process, stopped in zip(processes, graceful):
+    for process, stopped in zip(processes, graceful, strict=True):
         if not stopped:
             process.kill()
     return graceful

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from wallet.cli import build_parser
 from infra.settings import PROJECT_ROOT
+from wallet.cli import build_parser
 from wallet.localkafka import KAFKA_VERSION
 
 COMPOSE_PATH = PROJECT_ROOT / "docker-compose.yml"
@@ -64,7 +64,9 @@ def test_api_publishes_port_8080(services: dict) -> None:
 
 def test_wallet_services_use_the_broker_that_kafka_advertises(services: dict) -> None:
     advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    internal_address = re.search(r"PLAINTEXT://([^,]+)", advertised).group(1)
+    plaintext = re.search(r"PLAINTEXT://([^,]+)", advertised)
+    assert plaintext is not None, advertised
+    internal_address = plaintext.group(1)
     for name in WALLET_SERVICES:
         service = services[name]
         assert service["build"] == ".", name
@@ -106,6 +108,7 @@ def test_dockerfile_installs_every_package_of_the_project() -> None:
     dockerfile = DOCKERFILE_PATH.read_text()
     assert "FROM python:3.11-slim" in dockerfile
     assert re.search(r"pip install .*\.\s", dockerfile)
-    includes = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     copied = set(re.findall(r"^COPY (\w+) ", dockerfile, flags=re.MULTILINE))
     assert {pattern.rstrip("*") for pattern in includes} <= copied

@@ -116,9 +116,11 @@ def test_the_demo_runs_a_workload_prints_a_summary_and_stops_what_it_started(sta
 
 def test_liveness_tells_our_process_from_another_with_the_same_pid() -> None:
     pid = os.getpid()
-    ours = ManagedProcess("api", "api", pid, None, None, start_ticks_of(pid))
+    ticks = start_ticks_of(pid)
+    assert ticks is not None
+    ours = ManagedProcess("api", "api", pid, None, None, ticks)
     assert is_alive(ours)
-    reused = ManagedProcess("api", "api", pid, None, None, start_ticks_of(pid) + 1)
+    reused = ManagedProcess("api", "api", pid, None, None, ticks + 1)
     assert not is_alive(reused)
 
 

@@ -9,8 +9,17 @@ import time
 
 from infra.settings import Settings, settings_from_args
 from wallet.stack import (
-    API_PROBE_TIMEOUT_S, StackState, add_up_options, down, get_json, is_alive, logs_dir, readmodel_db_url,
-    reporting_errors, state_path, up,
+    API_PROBE_TIMEOUT_S,
+    StackState,
+    add_up_options,
+    down,
+    get_json,
+    is_alive,
+    logs_dir,
+    readmodel_db_url,
+    reporting_errors,
+    state_path,
+    up,
 )
 
 # The workload: skewed enough that some accounts run dry (insufficient_funds), with a few

@@ -1,13 +1,13 @@
 """`wallet up`, `wallet down`, `wallet ps`: the whole local stack in the background.
 
 `up` starts, each detached in its own session so it outlives the command: the local broker
-(unless a cluster is configured), the topics, N processors, the read model and the HTTP API; it returns once the API answers and the processors own every
-partition. It records what it started in `<run dir>/stack.json` and writes each process's
-output to `<run dir>/logs/<name>.log`. `down` stops exactly what that file
-lists (SIGTERM by PID, SIGKILL after a bound); a broker that was already running is left
-alone. Starting, liveness and stopping are `infra.supervision`'s: by PID and the process's start
-time, so a reused PID is never mistaken for, or signalled as, one of ours. `wallet demo` is in
-`wallet/demo.py`.
+(unless a cluster is configured), the topics, N processors, the read model and the HTTP API;
+it returns once the API answers and the processors own every partition. It records what it
+started in `<run dir>/stack.json` and writes each process's output to
+`<run dir>/logs/<name>.log`. `down` stops exactly what that file lists (SIGTERM by PID, SIGKILL
+after a bound); a broker that was already running is left alone. Starting, liveness and
+stopping are `infra.supervision`'s: by PID and the process's start time, so a reused PID is
+never mistaken for, or signalled as, one of ours. `wallet demo` is in `wallet/demo.py`.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class StackState:
     processes: list[ManagedProcess]
 
     @classmethod
-    def load(cls, path: Path) -> "StackState | None":
+    def load(cls, path: Path) -> StackState | None:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
@@ -113,7 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_up_options(parser: argparse.ArgumentParser) -> None:
     """The options of `wallet up`, which `wallet demo` shares."""
-    parser.add_argument("--port", type=int, default=API_PORT_DEFAULT, help=f"the API's port (default {API_PORT_DEFAULT})")
+    parser.add_argument("--port", type=int, default=API_PORT_DEFAULT,
+                        help=f"the API's port (default {API_PORT_DEFAULT})")
     parser.add_argument("--processors", type=int, default=1, help="processor instances (default 1)")
     parser.add_argument("--readmodel", action=argparse.BooleanOptionalAction, default=True,
                         help="run the read model and its query routes (default: yes)")
@@ -191,8 +192,9 @@ def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out
         if not process.started_by_up or is_alive(process):
             processes.append(process)
         elif process.role == "kafka":
-            restarted = _start_kafka(settings, out)
-            processes.append(restarted)
+            broker = _start_kafka(settings, out)
+            assert broker is not None, "a recorded broker is the local one"
+            processes.append(broker)
         elif not process.arguments:
             raise StackError(f"{process.name} has exited and its command line was not recorded; "
                              "run `wallet down`, then `wallet up`")
@@ -240,7 +242,7 @@ def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float)
     """Until the API answers and the processors' group owns every partition, or a started process exits."""
     admin = admin_client(settings.bootstrap)
     deadline_s = time.monotonic() + timeout_s
-    waiting_for = "the first check"
+    waiting_for: str | None = "the first check"
     while time.monotonic() < deadline_s:
         for process in state.processes:
             if process.started_by_up and not is_alive(process):
@@ -323,8 +325,8 @@ def _stop(processes: list[ManagedProcess], timeout_s: float, settings: Settings)
     services = [p for p in ordered if p.role != "kafka" and is_alive(p)]
     stop_together([p.supervised() for p in services], timeout_s)
     brokers = [p for p in ordered if p.role == "kafka" and is_alive(p)]
-    for broker in brokers:
-        localkafka.stop(settings, timeout_s=timeout_s)  # the broker's own PID file and lock
+    if brokers:  # there is one local broker, stopped through its own PID file and lock
+        localkafka.stop(settings, timeout_s=timeout_s)
     stop_together([p.supervised() for p in brokers], timeout_s)  # in case its PID file named another
     return services + brokers
 

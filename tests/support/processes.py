@@ -24,7 +24,7 @@ class ProcessorProcess:
         self.extra_args = extra_args
         self.process: Supervised | None = None
 
-    def start(self) -> "ProcessorProcess":
+    def start(self) -> ProcessorProcess:
         env = dict(os.environ, WALLET_KAFKA_BOOTSTRAP=self.settings.bootstrap,
                    WALLET_TOPIC_PREFIX=self.settings.topic_prefix)
         self.process = Supervised.start(
@@ -34,14 +34,15 @@ class ProcessorProcess:
             log_path=self.log_path, env=env)
         return self
 
-    def wait_until_assigned(self, timeout_s: float = READY_TIMEOUT_S) -> "ProcessorProcess":
+    def wait_until_assigned(self, timeout_s: float = READY_TIMEOUT_S) -> ProcessorProcess:
         """Until the processors' group is stable and owns every partition, so a test never
         waits on a join."""
         admin = admin_client(self.settings.bootstrap)
         deadline_s = time.monotonic() + timeout_s
-        waiting_for = "the first check"
+        waiting_for: str | None = "the first check"
         while time.monotonic() < deadline_s:
-            assert self.process.poll() is None, f"the processor exited with {self.process.returncode}:\n{self.log_tail()}"
+            exit_code = self._started().poll()
+            assert exit_code is None, f"the processor exited with {exit_code}:\n{self.log_tail()}"
             waiting_for = processors_not_ready(admin, self.settings)
             if waiting_for is None:
                 return self
@@ -50,13 +51,20 @@ class ProcessorProcess:
 
     def kill(self) -> None:
         """SIGKILL: no flush, no commit, no goodbye."""
-        self.process.kill()
+        self._started().kill()
 
     def stop(self) -> int:
         """SIGTERM and wait: the graceful path (finish the batch, commit, close)."""
-        if not self.process.stop(STOP_TIMEOUT_S):
+        process = self._started()
+        if not process.stop(STOP_TIMEOUT_S):
             raise AssertionError(f"processor {self.instance_id} did not stop within {STOP_TIMEOUT_S} s on SIGTERM")
-        return self.process.returncode
+        exit_code = process.poll()
+        assert exit_code is not None
+        return exit_code
+
+    def _started(self) -> Supervised:
+        assert self.process is not None, f"processor {self.instance_id} was never started"
+        return self.process
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
