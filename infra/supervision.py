@@ -78,6 +78,13 @@ def is_running(pid: int, start_ticks: int | None = None) -> bool:
     return start_ticks is None or stat.start_ticks == start_ticks
 
 
+def log_tail(log_path: Path | str | None, line_count: int) -> str:
+    """The last `line_count` lines of a child's log, for an error message that says why it failed."""
+    if log_path is None or not Path(log_path).exists():
+        return "(no log)"
+    return "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-line_count:])
+
+
 class Supervised:
     """A process this one started (`start`) or knows by PID and start time (`attach`)."""
 

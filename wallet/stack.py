@@ -30,7 +30,7 @@ from confluent_kafka import ConsumerGroupState, KafkaException
 
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.settings import Settings, settings_from_args
-from infra.supervision import Supervised, SupervisionError, is_running, start_ticks_of, stop_together
+from infra.supervision import Supervised, SupervisionError, is_running, log_tail, start_ticks_of, stop_together
 from wallet import localkafka
 
 STATE_FILE_NAME = "stack.json"
@@ -247,7 +247,7 @@ def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float)
         for process in state.processes:
             if process.started_by_up and not is_alive(process):
                 raise StackError(f"{process.name} (pid {process.pid}) exited while the stack was starting; "
-                                 f"the end of {process.log}:\n{_log_tail(process.log)}")
+                                 f"the end of {process.log}:\n{log_tail(process.log, LOG_TAIL_LINES)}")
         waiting_for = _api_not_ready(state) or processors_not_ready(admin, settings)
         if waiting_for is None:
             return
@@ -352,12 +352,6 @@ def running_processes(settings: Settings) -> list[ManagedProcess]:
             processes.insert(0, ManagedProcess("kafka", "kafka", broker["pid"], settings.local_kafka_port,
                                                broker["log_file"], start_ticks_of(broker["pid"]), started_by_up=False))
     return processes
-
-
-def _log_tail(log: str | None) -> str:
-    if log is None or not Path(log).exists():
-        return "(no log)"
-    return "\n".join(Path(log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
 
 
 # -- handlers --------------------------------------------------------------------------------

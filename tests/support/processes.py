@@ -8,7 +8,7 @@ from pathlib import Path
 
 from infra.admin import admin_client
 from infra.settings import Settings
-from infra.supervision import Supervised
+from infra.supervision import Supervised, log_tail
 from wallet.stack import processors_not_ready
 
 STOP_TIMEOUT_S = 30
@@ -67,4 +67,4 @@ class ProcessorProcess:
         return self.process
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
