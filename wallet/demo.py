@@ -84,11 +84,11 @@ def _run_workload(settings: Settings, state: StackState, args: argparse.Namespac
     report = run_load(settings, spec)
     print("\n== summary ==")
     print("\n".join(report.lines(args.tps)))
-    _print_balances(state, spec, ledger_balances(settings, spec.account_ids()))
+    _print_balances(settings, state, spec, ledger_balances(settings, spec.account_ids()))
     return report.missing, _print_audit(settings, state, settled=settled)
 
 
-def _print_balances(state: StackState, spec, balances: dict[str, str | None]) -> None:
+def _print_balances(settings: Settings, state: StackState, spec, balances: dict[str, str | None]) -> None:
     from streams.core.money import canonical_minor, format_amount, parse_amount_minor
 
     account_ids = spec.account_ids()
