@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from consumers.readmodel.store import ReadModelStore
 from infra.settings import Settings
-from producers.api import ApiOptions, serving_in_thread
+from producers.api import ApiOptions
 from producers.auth import (
     AuthConfig, AuthError, RateLimiter, RateLimits, TokenVerifier, issue_token,
 )
@@ -33,6 +33,7 @@ from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
 from tests.support.auth import TEST_SECRET, auth_config, bearer, token
 from tests.support.processes import ProcessorProcess
+from tests.support.serving import serving_in_thread
 from wallet.api_app import create_app
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")

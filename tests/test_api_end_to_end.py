@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from benchmarks.api_latency import measure_api_latency
-from producers.api import ApiOptions, serving_in_thread
+from producers.api import ApiOptions
+from tests.support.serving import serving_in_thread
 from tests.conftest import free_loopback_ports
 from tests.support.auth import TEST_SECRET, auth_config, bearer, token
 from wallet.api_app import create_app

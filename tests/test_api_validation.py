@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from infra.settings import Settings
-from producers.api import ApiOptions, serving_in_thread
+from producers.api import ApiOptions
 from tests.conftest import free_loopback_ports
+from tests.support.serving import serving_in_thread
 from tests.support.auth import auth_config, bearer
 from wallet.api_app import create_app
 
