@@ -11,12 +11,13 @@ from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
 from infra.settings import Settings
+from infra.kafka_clients import kafka_security
 
 READ_TIMEOUT_S = 60.0
 
 
 def command_producer(settings: Settings) -> Producer:
-    return Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
+    return Producer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
                      "enable.idempotence": True, "linger.ms": 5})
 
 
@@ -68,7 +69,7 @@ class OutcomeCollector:
         from schemas.codec import decode_outcome
 
         self._decode = decode_outcome
-        self._consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": "test-outcomes",
+        self._consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap, "group.id": "test-outcomes",
                                    "isolation.level": "read_committed", "enable.auto.commit": False})
         topic = settings.outcomes_topic
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
