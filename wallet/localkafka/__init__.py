@@ -7,11 +7,15 @@ from wallet.localkafka.broker import (
     KAFKA_VERSION,
     LocalKafkaError,
     StartResult,
+    client_environment,
     fetch_jars,
     jars_dir,
+    local_client_security,
+    sasl_enabled,
     start,
     status,
     stop,
 )
 
-__all__ = ["KAFKA_VERSION", "LocalKafkaError", "StartResult", "fetch_jars", "jars_dir", "start", "status", "stop"]
+__all__ = ["KAFKA_VERSION", "LocalKafkaError", "StartResult", "client_environment", "fetch_jars", "jars_dir",
+           "local_client_security", "sasl_enabled", "start", "status", "stop"]
