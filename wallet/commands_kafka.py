@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +15,11 @@ from wallet import localkafka
 from infra.settings import settings_from_args
 from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, ensure_topics
+from infra.acls import AclProvisioningError, ensure_acls
+from infra.kafka_clients import KafkaSecurityConfigError
 
-_OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError, KafkaException)
+_OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError, KafkaException,
+                     AclProvisioningError, KafkaSecurityConfigError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     start = kafka_commands.add_parser("start", help="start the local broker in the background and wait until it answers")
     start.add_argument("--timeout-s", type=float, default=60, help="how long to wait for readiness (default 60)")
+    start.add_argument("--sasl", action="store_true",
+                       help="SASL/SCRAM-SHA-512 users per service and ACLs enforced (env WALLET_LOCAL_KAFKA_SASL=1); "
+                            "chosen when the run folder is first formatted")
     start.set_defaults(handler=_reporting_errors(_start))
 
     stop = kafka_commands.add_parser("stop", help="stop the local broker by the PID it recorded")
@@ -45,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--partitions", type=int, help="partition count (env WALLET_PARTITIONS, default 8)")
     create.add_argument("--replication-factor", type=int, help="replicas per partition (env WALLET_REPLICATION_FACTOR, default 1)")
     create.add_argument("--timeout-s", type=float, default=30, help="how long to wait for the cluster (default 30)")
+    create.add_argument("--acls", action="store_true",
+                        help="also create the service principals' ACLs (api, processor, readmodel, audit; "
+                             "needs a principal that may alter ACLs)")
     create.set_defaults(handler=_reporting_errors(_create_topics))
 
 
@@ -84,11 +94,24 @@ def _start(args: argparse.Namespace) -> int:
     if not settings.uses_local_kafka:
         print(f"nothing started: {_external_cluster_note(settings)}")
         return 0
-    result = localkafka.start(settings, timeout_s=args.timeout_s)
+    result = localkafka.start(settings, timeout_s=args.timeout_s, sasl=True if args.sasl else None)
     state = "already running" if result.already_running else "started"
     print(f"Kafka {localkafka.KAFKA_VERSION} {state} at {settings.bootstrap} (pid {result.pid}), "
           f"ready after {result.ready_after_s:.1f} s; data and logs in {settings.run_dir / 'kafka'}")
+    if localkafka.sasl_enabled(settings):
+        print("SASL/SCRAM-SHA-512 with ACLs: each role's credentials are a 0600 file; give each service its own:")
+        for name, path in localkafka.client_environment(settings).items():
+            print(f"  export {name}={path}")
     return 0
+
+
+def _use_local_credentials(settings: Settings) -> None:
+    """On a SASL local broker with no Kafka credentials configured, use the run folder's files (paths only)."""
+    configured = any(name.startswith("WALLET_KAFKA_CONFIG_FILE") or name.startswith("WALLET_KAFKA_SASL_")
+                     for name in os.environ)
+    if settings.uses_local_kafka and not configured:
+        for name, path in localkafka.client_environment(settings).items():
+            os.environ.setdefault(name, path)
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -121,10 +144,16 @@ def _status(args: argparse.Namespace) -> int:
 
 def _create_topics(args: argparse.Namespace) -> int:
     settings = settings_from_args(args).with_overrides(replication_factor=args.replication_factor)
+    _use_local_credentials(settings)
     result = ensure_topics(settings, partitions=args.partitions, timeout_s=args.timeout_s)
     partitions = args.partitions if args.partitions is not None else settings.partitions
     for name, state in result.items():
         print(f"{state:8} {name}")
     print(f"{len(result)} topics at {settings.bootstrap} with {partitions} partitions, "
           f"replication factor {settings.replication_factor}")
+    if args.acls:
+        grants = ensure_acls(settings, timeout_s=args.timeout_s)
+        for grant in grants:
+            print(f"allow    {grant.describe()}")
+        print(f"{len(grants)} ACLs present for the service principals")
     return 0

@@ -1,0 +1,124 @@
+"""Kafka ACLs of the project's service principals: least privilege per role, applied idempotently.
+
+| principal (default) | may |
+|---|---|
+| api (`User:wallet-api`) | WRITE `wallet.commands`; READ `wallet.outcomes`; READ groups prefixed `wallet-outcome-waiter-` and `wallet-status-` (assign-only readers that librdkafka still names a group for) |
+| processor (`User:wallet-processor`) | READ `wallet.commands`, `wallet.events`; WRITE `wallet.events`, `wallet.commands` (saga legs), `wallet.outcomes`, `wallet.dlq`; READ groups prefixed `<prefix>wallet-processor` (its group and its restore readers); WRITE + DESCRIBE transactional ids prefixed `<prefix>wallet-processor`; IDEMPOTENT_WRITE on the cluster |
+| readmodel (`User:wallet-readmodel`) | READ `wallet.events`, `wallet.outcomes`; READ groups prefixed `<prefix>wallet-readmodel` |
+| audit (`User:wallet-audit`) | READ all four topics; READ groups prefixed `wallet-audit-` |
+
+Every topic name carries the settings' topic prefix. A principal's name is
+`WALLET_KAFKA_PRINCIPAL_<ROLE>` (e.g. `User:payments-api`) or the default above.
+
+The honest limit: the API must write `wallet.commands` (client commands), and saga legs travel
+on the same topic, so ACLs alone cannot stop the API's principal from publishing a forged leg.
+The processors' leg MAC (`schemas/leg_auth.py`, keys the API never holds) is what refuses it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    ResourcePatternType,
+    ResourceType,
+)
+
+from infra.admin import admin_client
+from infra.settings import Settings
+
+SERVICE_ROLES = ("api", "processor", "readmodel", "audit")
+PRINCIPAL_VARIABLE_PREFIX = "WALLET_KAFKA_PRINCIPAL_"
+# Kafka's name of the cluster resource (the only one there is).
+_CLUSTER = "kafka-cluster"
+_ANY_HOST = "*"
+
+
+@dataclass(frozen=True)
+class AclGrant:
+    """One permission in words; `binding()` makes the AdminClient's object of it."""
+
+    role: str
+    principal: str
+    resource_type: ResourceType
+    name: str
+    pattern: ResourcePatternType
+    operation: AclOperation
+
+    def binding(self) -> AclBinding:
+        return AclBinding(self.resource_type, self.name, self.pattern, self.principal, _ANY_HOST,
+                          self.operation, AclPermissionType.ALLOW)
+
+    def describe(self) -> str:
+        pattern = "prefix " if self.pattern == ResourcePatternType.PREFIXED else ""
+        kind = "cluster" if self.resource_type == ResourceType.BROKER else self.resource_type.name.lower()
+        return f"{self.principal:24} {self.operation.name:16} {kind} {pattern}{self.name}"
+
+
+def principal_of(role: str, environ: dict[str, str] | None = None) -> str:
+    assert role in SERVICE_ROLES, f"unknown service role {role!r}"
+    env = os.environ if environ is None else environ
+    configured = env.get(f"{PRINCIPAL_VARIABLE_PREFIX}{role.upper()}", "").strip()
+    return configured or f"User:wallet-{role}"
+
+
+def service_grants(settings: Settings, environ: dict[str, str] | None = None) -> list[AclGrant]:
+    """Every ACL the four service principals need, and nothing more."""
+    topic, group, txn = ResourceType.TOPIC, ResourceType.GROUP, ResourceType.TRANSACTIONAL_ID
+    literal, prefixed = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
+    read, write, describe = AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE
+    commands, events = settings.commands_topic, settings.events_topic
+    outcomes, dlq = settings.outcomes_topic, settings.dlq_topic
+    processor_prefix = settings.processor_group_id  # group, restore readers' groups and transactional ids
+    wanted = {
+        "api": [(topic, commands, literal, write), (topic, outcomes, literal, read),
+                (group, "wallet-outcome-waiter-", prefixed, read), (group, "wallet-status-", prefixed, read)],
+        "processor": [(topic, commands, literal, read), (topic, events, literal, read),
+                      (topic, events, literal, write), (topic, commands, literal, write),
+                      (topic, outcomes, literal, write), (topic, dlq, literal, write),
+                      (group, processor_prefix, prefixed, read),
+                      (txn, processor_prefix, prefixed, write), (txn, processor_prefix, prefixed, describe),
+                      (ResourceType.BROKER, _CLUSTER, literal, AclOperation.IDEMPOTENT_WRITE)],
+        "readmodel": [(topic, events, literal, read), (topic, outcomes, literal, read),
+                      (group, f"{settings.topic_prefix}wallet-readmodel", prefixed, read)],
+        "audit": [*((topic, name, literal, read) for name in (commands, events, outcomes, dlq)),
+                  (group, "wallet-audit-", prefixed, read)],
+    }
+    return [AclGrant(role, principal_of(role, environ), resource_type, name, pattern, operation)
+            for role in SERVICE_ROLES for resource_type, name, pattern, operation in wanted[role]]
+
+
+def ensure_acls(settings: Settings, timeout_s: float = 30) -> list[AclGrant]:
+    """Create every service ACL (creating an existing one changes nothing); return them.
+
+    Needs a principal allowed to ALTER the cluster (a super user, `admin` on the local broker).
+    """
+    grants = service_grants(settings)
+    admin = admin_client(settings.bootstrap)
+    futures = admin.create_acls([grant.binding() for grant in grants], request_timeout=timeout_s)
+    failures = []
+    for binding, future in futures.items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as error:
+            failures.append(f"{binding}: {error.args[0].str()}")
+    if failures:
+        raise AclProvisioningError(f"creating ACLs at {settings.bootstrap} failed:\n  " + "\n  ".join(failures))
+    return grants
+
+
+def present_acls(settings: Settings, timeout_s: float = 30) -> list[AclBinding]:
+    """Every ALLOW ACL the cluster holds (for checks and `--acls` reports)."""
+    any_filter = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,
+                                  AclOperation.ANY, AclPermissionType.ANY)
+    return list(admin_client(settings.bootstrap).describe_acls(any_filter, request_timeout=timeout_s)
+                .result(timeout=timeout_s))
+
+
+class AclProvisioningError(RuntimeError):
+    """The cluster refused an ACL (no authorizer configured, or the caller may not alter ACLs)."""
