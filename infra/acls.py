@@ -17,6 +17,7 @@ The processors' leg MAC (`schemas/leg_auth.py`, keys the API never holds) is wha
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -37,6 +38,7 @@ PRINCIPAL_VARIABLE_PREFIX = "WALLET_KAFKA_PRINCIPAL_"
 # Kafka's name of the cluster resource (the only one there is).
 _CLUSTER = "kafka-cluster"
 _ANY_HOST = "*"
+ACL_POLL_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -109,15 +111,36 @@ def ensure_acls(settings: Settings, timeout_s: float = 30) -> list[AclGrant]:
             failures.append(f"{binding}: {error.args[0].str()}")
     if failures:
         raise AclProvisioningError(f"creating ACLs at {settings.bootstrap} failed:\n  " + "\n  ".join(failures))
+    _wait_in_force(settings, grants, timeout_s)
     return grants
+
+
+def _wait_in_force(settings: Settings, grants: list[AclGrant], timeout_s: float) -> None:
+    """Until the broker lists every grant: the controller commits an ACL before the broker's
+    authorizer applies it, and a client started in between would be refused."""
+    wanted = {_key(grant.binding()) for grant in grants}
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        missing = wanted - {_key(binding) for binding in present_acls(settings, timeout_s)}
+        if not missing:
+            return
+        if time.monotonic() >= deadline_s:
+            raise AclProvisioningError(f"{len(missing)} of {len(wanted)} ACLs created at {settings.bootstrap} were "
+                                       f"not in force after {timeout_s:.0f} s, e.g. {sorted(missing)[0]}")
+        time.sleep(ACL_POLL_INTERVAL_S)
+
+
+def _key(binding: AclBinding) -> tuple:
+    return (binding.restype.name, binding.name, binding.resource_pattern_type.name, binding.principal,
+            binding.host, binding.operation.name, binding.permission_type.name)
 
 
 def present_acls(settings: Settings, timeout_s: float = 30) -> list[AclBinding]:
     """Every ALLOW ACL the cluster holds (for checks and `--acls` reports)."""
     any_filter = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,
                                   AclOperation.ANY, AclPermissionType.ANY)
-    return list(admin_client(settings.bootstrap).describe_acls(any_filter, request_timeout=timeout_s)
-                .result(timeout=timeout_s))
+    admin = admin_client(settings.bootstrap)  # referenced until the future resolves: a dropped client cancels it
+    return list(admin.describe_acls(any_filter, request_timeout=timeout_s).result(timeout=timeout_s))
 
 
 class AclProvisioningError(RuntimeError):

@@ -1,0 +1,191 @@
+"""Least-privilege Kafka principals on a SASL/SCRAM broker with the StandardAuthorizer.
+
+The module starts its own broker (`wallet kafka start --sasl` in a temporary folder, free
+ports), applies `wallet topics create --acls`, and runs every client as the principal of its
+role, the way a deployment would: the API cannot write the processors' topics or take their
+transactional id, the read model writes nothing, and a processor running as its own principal
+still processes a transfer exactly once.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+
+import msgspec
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from infra.acls import ensure_acls, present_acls, principal_of
+from infra.admin import ensure_topics
+from infra.kafka_clients import ROLES, kafka_security
+from infra.settings import Settings
+from producers.client import WalletClient
+from schemas.codec import decode_event
+from schemas.commands import Deposit, OpenAccount, Transfer
+from streams.core.state import State, fold
+from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S, free_loopback_ports
+from tests.support.kafka_io import read_topic
+from tests.support.processes import ProcessorProcess
+from wallet import localkafka
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 2
+DELIVERY_TIMEOUT_S = 30
+REQUEST_WAIT_S = 30
+_ids = itertools.count()
+
+
+def _config_file_variable(role: str) -> str:
+    return f"WALLET_KAFKA_CONFIG_FILE_{role.upper()}"
+
+
+@pytest.fixture(scope="module")
+def sasl_broker(tmp_path_factory: pytest.TempPathFactory):
+    kafka_port, controller_port = free_loopback_ports(2)
+    local = Settings().with_overrides(kafka_bootstrap="", run_dir=tmp_path_factory.mktemp("sasl-kafka-run"),
+                                      local_kafka_port=kafka_port, local_controller_port=controller_port)
+    localkafka.fetch_jars(local)
+    localkafka.start(local, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True, sasl=True)
+    try:
+        yield local
+    finally:
+        localkafka.stop(local)
+
+
+@pytest.fixture(scope="module")
+def principals(sasl_broker: Settings):
+    """Each role's credentials file in the environment, as a deployment would set them; nothing shared."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("WALLET_KAFKA_")]:
+            patch.delenv(name)  # a developer's own cluster settings must not leak into this broker's clients
+        for name, path in localkafka.client_environment(sasl_broker).items():
+            patch.setenv(name, path)
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def secured(sasl_broker: Settings, principals: pytest.MonkeyPatch) -> Settings:
+    """Topics under a fresh prefix with the service ACLs applied by the admin principal."""
+    settings = Settings().with_overrides(kafka_bootstrap=sasl_broker.bootstrap, topic_prefix=f"a{uuid.uuid4().hex[:8]}.",
+                                         partitions=PARTITIONS, run_dir=sasl_broker.run_dir / "stack")
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(settings, timeout_s=TOPIC_TIMEOUT_S)
+    ensure_acls(settings, timeout_s=TOPIC_TIMEOUT_S)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def processor(secured: Settings, principals: pytest.MonkeyPatch):
+    # The processor process gets the processor's credentials only: any client in it that used
+    # another role would reach the SASL listener without credentials and fail.
+    saved = {role: os.environ[_config_file_variable(role)] for role in ROLES}
+    for role in ROLES:
+        if role != "processor":
+            principals.delenv(_config_file_variable(role))
+    try:
+        process = ProcessorProcess(secured, "acl-1").start()
+    finally:
+        for role, path in saved.items():
+            principals.setenv(_config_file_variable(role), path)
+    process.wait_until_assigned()
+    yield process
+    assert process.stop() == 0, process.log_tail()
+
+
+def _command(command_class, *, actor: str = "alice", role: str = "user", **fields):
+    """A command of whichever message contract is in force: ts_ms (v1) or actor and role (v2), where the class has them."""
+    names = {field.name for field in msgspec.structs.fields(command_class)}
+    extras = {"ts_ms": int(time.time() * 1000), "actor": actor, "role": role}
+    return command_class(**fields, **{name: value for name, value in extras.items() if name in names})
+
+
+def _tx(label: str) -> str:
+    return f"{label}-{next(_ids)}"
+
+
+def _delivery_errors(role: str, settings: Settings, topics: list[str], **config) -> dict[str, KafkaError | None]:
+    """Produce one record to each topic as `role`; the delivery report's error per topic (None = written)."""
+    reports: dict[str, KafkaError | None] = {}
+    producer = Producer({**kafka_security(role), "bootstrap.servers": settings.bootstrap, "acks": "all",
+                         "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000, **config})
+    for topic in topics:
+        producer.produce(topic, b"{}", b"some-account",
+                         on_delivery=lambda error, message, topic=topic: reports.__setitem__(topic, error))
+    assert producer.flush(DELIVERY_TIMEOUT_S) == 0, "deliveries still pending"
+    return reports
+
+
+def _balances(settings: Settings) -> dict[str, int]:
+    states: dict[int, State] = {}
+    for record in read_topic(settings, settings.events_topic):
+        fold(states.setdefault(record.partition, State()), decode_event(record.value))
+    return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
+
+
+def test_acls_are_applied_for_the_four_service_principals(secured: Settings):
+    listed = {(binding.principal, binding.name, binding.operation.name) for binding in present_acls(secured)}
+    assert (principal_of("api"), secured.commands_topic, "WRITE") in listed
+    assert (principal_of("processor"), secured.processor_group_id, "WRITE") in listed  # its transactional ids
+    assert not any(principal == principal_of("api") and name == secured.events_topic for principal, name, _ in listed)
+    assert ensure_acls(secured, timeout_s=TOPIC_TIMEOUT_S)  # a second run is a no-op, not an error
+
+
+def test_api_principal_cannot_write_events_outcomes_or_dlq(secured: Settings):
+    topics = [secured.events_topic, secured.outcomes_topic, secured.dlq_topic]
+    for idempotence in (False, True):
+        errors = _delivery_errors("api", secured, topics, **{"enable.idempotence": idempotence})
+        assert {topic: error.code() if error else None for topic, error in errors.items()} == {
+            topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics}
+        assert all(error.name() == "TOPIC_AUTHORIZATION_FAILED" for error in errors.values())
+
+
+def test_api_principal_writes_client_commands(secured: Settings):
+    assert _delivery_errors("api", secured, [secured.commands_topic], **{"enable.idempotence": True}) == {
+        secured.commands_topic: None}
+
+
+def test_api_principal_cannot_use_the_processors_transactional_id(secured: Settings):
+    producer = Producer({**kafka_security("api"), "bootstrap.servers": secured.bootstrap,
+                         "transactional.id": secured.processor_transactional_id("acl-1")})
+    with pytest.raises(KafkaException) as raised:
+        producer.init_transactions(DELIVERY_TIMEOUT_S)
+    error = raised.value.args[0]
+    assert error.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, error
+    assert error.fatal(), "a producer refused its transactional id is unusable and must be recreated"
+
+
+def test_readmodel_principal_cannot_write_anything(secured: Settings):
+    topics = [secured.commands_topic, secured.events_topic, secured.outcomes_topic, secured.dlq_topic]
+    errors = _delivery_errors("readmodel", secured, topics)
+    assert {topic: error.code() if error else None for topic, error in errors.items()} == {
+        topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics}
+
+
+def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings, processor: ProcessorProcess):
+    sender, receiver = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
+    transfer = _command(Transfer, transaction_id=_tx("t"), from_account=sender, to_account=receiver,
+                        amount="30.00", currency="USD")
+    # The API's path: its own principal publishes client commands and waits on wallet.outcomes.
+    with WalletClient.connect(secured) as api:
+        for account in (sender, receiver):
+            opened = api.request(_command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"),
+                                 REQUEST_WAIT_S)
+            assert opened is not None and opened.status == "success", opened
+        deposited = api.request(_command(Deposit, transaction_id=_tx("dep"), account_id=sender, amount="100.00",
+                                         currency="USD", actor="bank", role="bank"), REQUEST_WAIT_S)
+        assert deposited is not None and deposited.status == "success", deposited
+        first = api.request(transfer, REQUEST_WAIT_S)
+        retried = api.request(transfer, REQUEST_WAIT_S)  # a client retry: the first answer, not a second transfer
+    assert first is not None and first.status == "success", first
+    assert retried is not None and (retried.status, retried.reason) == (first.status, first.reason)
+
+    balances = _balances(secured)
+    assert (balances[sender], balances[receiver]) == (7000, 3000)
+    transfer_events = [decode_event(record.value) for record in read_topic(secured, secured.events_topic)]
+    kinds = [type(event).__name__ for event in transfer_events
+             if getattr(event, "transaction_id", None) == transfer.transaction_id]
+    assert sorted(kinds).count("TransferDebited") == 1 and kinds.count("TransferCredited") == 1, kinds
+    assert processor.process.poll() is None, processor.log_tail()
