@@ -1,14 +1,12 @@
 """Kafka ACLs of the project's service principals: least privilege per role, applied idempotently.
 
-| principal (default) | may |
-|---|---|
-| api (`User:wallet-api`) | WRITE `wallet.commands`; READ `wallet.outcomes`; READ groups prefixed `wallet-outcome-waiter-` and `wallet-status-` (assign-only readers that librdkafka still names a group for) |
-| processor (`User:wallet-processor`) | READ `wallet.commands`, `wallet.events`; WRITE `wallet.events`, `wallet.commands` (saga legs), `wallet.outcomes`, `wallet.dlq`; READ groups prefixed `<prefix>wallet-processor` (its group and its restore readers); WRITE + DESCRIBE transactional ids prefixed `<prefix>wallet-processor`; IDEMPOTENT_WRITE on the cluster |
-| readmodel (`User:wallet-readmodel`) | READ `wallet.events`, `wallet.outcomes`; READ groups prefixed `<prefix>wallet-readmodel` |
-| audit (`User:wallet-audit`) | READ all four topics; READ groups prefixed `wallet-audit-` |
-
-Every topic name carries the settings' topic prefix. A principal's name is
-`WALLET_KAFKA_PRINCIPAL_<ROLE>` (e.g. `User:payments-api`) or the default above.
+`service_grants` is the table (the README's "Kafka principals and ACLs" shows it): the api writes
+client commands and reads outcomes; processors read commands and events and write events, legs,
+outcomes and the DLQ, under their group and transactional-id prefix; the read model and the
+audit only read. Groups are granted by prefix because assign-only readers (the outcome waiter,
+the audit) still name a random group that librdkafka looks up. Every topic name carries the
+settings' topic prefix. A principal's name is `WALLET_KAFKA_PRINCIPAL_<ROLE>` (e.g.
+`User:payments-api`) or `User:wallet-<role>`, the local SASL broker's user of that role.
 
 The honest limit: the API must write `wallet.commands` (client commands), and saga legs travel
 on the same topic, so ACLs alone cannot stop the API's principal from publishing a forged leg.

@@ -138,7 +138,8 @@ def transaction_outcome(settings: Settings, transaction_id: str) -> tuple[Outcom
     Outcomes are keyed by transaction id, so only the one partition that holds it is read,
     from its first offset to its current end.
     """
-    consumer = Consumer({**kafka_security("api"), "bootstrap.servers": settings.bootstrap, "group.id": f"wallet-status-{uuid.uuid4().hex}",
+    consumer = Consumer({**kafka_security("api"), "bootstrap.servers": settings.bootstrap,
+                         "group.id": f"wallet-status-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": True})
     try:

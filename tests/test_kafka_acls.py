@@ -1,6 +1,7 @@
 """Least-privilege Kafka principals on a SASL/SCRAM broker with the StandardAuthorizer.
 
-The module starts its own broker (`wallet kafka start --sasl` in a temporary folder, free
+The first tests check the settings and the ACL table without a broker. The `kafka` ones start
+their own broker (`wallet kafka start --sasl` in a temporary folder, free
 ports), applies `wallet topics create --acls`, and runs every client as the principal of its
 role, the way a deployment would: the API cannot write the processors' topics or take their
 transactional id, the read model writes nothing, and a processor running as its own principal
@@ -17,9 +18,18 @@ import msgspec
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from infra.acls import ensure_acls, present_acls, principal_of
+from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
+
+from infra.acls import ensure_acls, present_acls, principal_of, service_grants
 from infra.admin import ensure_topics
-from infra.kafka_clients import ROLES, kafka_security
+from infra.kafka_clients import (
+    ROLES,
+    KafkaSecurityConfigError,
+    kafka_security,
+    processor_consumer_config,
+    processor_producer_config,
+    restore_consumer_config,
+)
 from infra.settings import Settings
 from producers.client import WalletClient
 from schemas.codec import decode_event
@@ -29,8 +39,9 @@ from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S, free_loopbac
 from tests.support.kafka_io import read_topic
 from tests.support.processes import ProcessorProcess
 from wallet import localkafka
+from wallet.localkafka import broker
 
-pytestmark = pytest.mark.kafka
+kafka = pytest.mark.kafka  # the tests below on a broker; the fixtures here are not the conftest's
 
 PARTITIONS = 2
 DELIVERY_TIMEOUT_S = 30
@@ -40,6 +51,90 @@ _ids = itertools.count()
 
 def _config_file_variable(role: str) -> str:
     return f"WALLET_KAFKA_CONFIG_FILE_{role.upper()}"
+
+
+SCRAM = {"WALLET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "WALLET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"}
+
+
+def test_nothing_configured_means_plaintext_without_credentials():
+    assert all(kafka_security(role, {}) == {} for role in ROLES)
+
+
+def test_a_roles_own_settings_win_over_the_shared_file_and_variables(tmp_path):
+    shared = tmp_path / "shared.properties"
+    shared.write_text("# shared\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
+                      "sasl.username=shared\nsasl.password=shared-secret\nssl.ca.location=/etc/ca.pem\n")
+    environ = {"WALLET_KAFKA_CONFIG_FILE": str(shared), "WALLET_KAFKA_SASL_USERNAME_PROCESSOR": "wallet-processor",
+               "WALLET_KAFKA_SASL_PASSWORD_PROCESSOR": "processor-secret"}
+    assert kafka_security("processor", environ) == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "wallet-processor",
+        "sasl.password": "processor-secret", "ssl.ca.location": "/etc/ca.pem"}
+    assert kafka_security("api", environ)["sasl.username"] == "shared"
+
+
+def test_a_config_file_holds_security_settings_only(tmp_path):
+    config = tmp_path / "client.properties"
+    config.write_text("security.protocol=SSL\nenable.idempotence=false\n")
+    with pytest.raises(KafkaSecurityConfigError, match="enable.idempotence is not a security setting"):
+        kafka_security("api", {"WALLET_KAFKA_CONFIG_FILE_API": str(config)})
+    with pytest.raises(KafkaSecurityConfigError, match="cannot read"):
+        kafka_security("api", {"WALLET_KAFKA_CONFIG_FILE": str(tmp_path / "missing")})
+
+
+def test_sasl_without_a_password_or_with_half_a_role_override_is_refused():
+    with pytest.raises(KafkaSecurityConfigError, match="needs sasl.password"):
+        kafka_security("audit", {**SCRAM, "WALLET_KAFKA_SASL_USERNAME": "wallet-audit"})
+    with pytest.raises(KafkaSecurityConfigError, match="set both for the role or neither"):
+        kafka_security("audit", {**SCRAM, "WALLET_KAFKA_SASL_USERNAME": "shared", "WALLET_KAFKA_SASL_PASSWORD": "pw",
+                                 "WALLET_KAFKA_SASL_USERNAME_AUDIT": "wallet-audit"})
+
+
+def test_the_processors_clients_run_as_the_processor_principal(monkeypatch):
+    for name, value in {**SCRAM, "WALLET_KAFKA_SASL_USERNAME": "shared", "WALLET_KAFKA_SASL_PASSWORD": "pw",
+                        "WALLET_KAFKA_SASL_USERNAME_PROCESSOR": "wallet-processor",
+                        "WALLET_KAFKA_SASL_PASSWORD_PROCESSOR": "processor-secret"}.items():
+        monkeypatch.setenv(name, value)
+    configs = [processor_consumer_config("b:9092", "wallet-processor", "p1"),
+               processor_producer_config("b:9092", "wallet-processor-p1", 10_000),
+               restore_consumer_config("b:9092", "wallet-processor", "p1")]
+    assert {(config["sasl.username"], config["bootstrap.servers"]) for config in configs} == {
+        ("wallet-processor", "b:9092")}
+
+
+def test_the_acl_table_gives_each_service_only_what_it_needs():
+    settings = Settings().with_overrides(topic_prefix="staging.")
+    grants = service_grants(settings, environ={"WALLET_KAFKA_PRINCIPAL_API": "User:payments-api"})
+    by_role = {role: {(g.resource_type, g.name, g.pattern, g.operation) for g in grants if g.role == role}
+               for role in ("api", "processor", "readmodel", "audit")}
+    assert {g.principal for g in grants if g.role == "api"} == {"User:payments-api"}
+    topic_writes = {role: {name for kind, name, _, operation in entries
+                           if kind == ResourceType.TOPIC and operation == AclOperation.WRITE}
+                    for role, entries in by_role.items()}
+    assert topic_writes == {"api": {"staging.wallet.commands"},
+                            "processor": {f"staging.wallet.{name}" for name in ("commands", "events", "outcomes", "dlq")},
+                            "readmodel": set(), "audit": set()}
+    assert (ResourceType.TRANSACTIONAL_ID, "staging.wallet-processor", ResourcePatternType.PREFIXED,
+            AclOperation.WRITE) in by_role["processor"]
+    assert not any(kind == ResourceType.TRANSACTIONAL_ID for role in ("api", "readmodel", "audit")
+                   for kind, *_ in by_role[role])
+    assert {operation for role in ("readmodel", "audit") for *_, operation in by_role[role]} == {AclOperation.READ}
+
+
+def test_local_sasl_credentials_are_private_files_made_once(tmp_path):
+    settings = Settings().with_overrides(kafka_bootstrap="", run_dir=tmp_path)
+    files = broker.BrokerFiles.of(settings)
+    passwords = broker._ensure_sasl_credentials(settings, files)
+    assert broker._ensure_sasl_credentials(settings, files) == passwords  # generated once per run folder
+    assert files.sasl_dir.stat().st_mode & 0o777 == 0o700
+    assert {path.name: path.stat().st_mode & 0o777 for path in files.sasl_dir.iterdir()} == {
+        **{f"{role}.properties": 0o600 for role in ROLES}, "controller.password": 0o600}
+    properties = broker._server_properties(settings, files, passwords)
+    assert "allow.everyone.if.no.acl.found=false" in properties and "super.users=User:admin" in properties
+    assert "PLAINTEXT://" not in properties.replace("SASL_PLAINTEXT://", "")
+    files.security_file.parent.mkdir(parents=True, exist_ok=True)
+    files.security_file.write_text("PLAINTEXT\n")
+    with pytest.raises(localkafka.LocalKafkaError, match="cannot switch to SASL_PLAINTEXT"):
+        broker._resolve_sasl(files, True)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +220,7 @@ def _balances(settings: Settings) -> dict[str, int]:
     return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
 
 
+@kafka
 def test_acls_are_applied_for_the_four_service_principals(secured: Settings):
     listed = {(binding.principal, binding.name, binding.operation.name) for binding in present_acls(secured)}
     assert (principal_of("api"), secured.commands_topic, "WRITE") in listed
@@ -133,6 +229,7 @@ def test_acls_are_applied_for_the_four_service_principals(secured: Settings):
     assert ensure_acls(secured, timeout_s=TOPIC_TIMEOUT_S)  # a second run is a no-op, not an error
 
 
+@kafka
 def test_api_principal_cannot_write_events_outcomes_or_dlq(secured: Settings):
     topics = [secured.events_topic, secured.outcomes_topic, secured.dlq_topic]
     for idempotence in (False, True):
@@ -142,11 +239,13 @@ def test_api_principal_cannot_write_events_outcomes_or_dlq(secured: Settings):
         assert all(error.name() == "TOPIC_AUTHORIZATION_FAILED" for error in errors.values())
 
 
+@kafka
 def test_api_principal_writes_client_commands(secured: Settings):
     assert _delivery_errors("api", secured, [secured.commands_topic], **{"enable.idempotence": True}) == {
         secured.commands_topic: None}
 
 
+@kafka
 def test_api_principal_cannot_use_the_processors_transactional_id(secured: Settings):
     producer = Producer({**kafka_security("api"), "bootstrap.servers": secured.bootstrap,
                          "transactional.id": secured.processor_transactional_id("acl-1")})
@@ -157,6 +256,7 @@ def test_api_principal_cannot_use_the_processors_transactional_id(secured: Setti
     assert error.fatal(), "a producer refused its transactional id is unusable and must be recreated"
 
 
+@kafka
 def test_readmodel_principal_cannot_write_anything(secured: Settings):
     topics = [secured.commands_topic, secured.events_topic, secured.outcomes_topic, secured.dlq_topic]
     errors = _delivery_errors("readmodel", secured, topics)
@@ -164,6 +264,7 @@ def test_readmodel_principal_cannot_write_anything(secured: Settings):
         topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics}
 
 
+@kafka
 def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings, processor: ProcessorProcess):
     sender, receiver = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
     transfer = _command(Transfer, transaction_id=_tx("t"), from_account=sender, to_account=receiver,
