@@ -20,8 +20,11 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
 
+from consumers.audit.runner import run_audit
+from consumers.readmodel.consumer import ReadModelConsumer, read_lag
+from consumers.readmodel.store import ReadModelStore
 from infra.acls import ensure_acls, present_acls, principal_of, service_grants
-from infra.admin import ensure_topics
+from infra.admin import admin_client, ensure_topics
 from infra.kafka_clients import (
     ROLES,
     KafkaSecurityConfigError,
@@ -46,6 +49,7 @@ kafka = pytest.mark.kafka  # the tests below on a broker; the fixtures here are 
 PARTITIONS = 2
 DELIVERY_TIMEOUT_S = 30
 REQUEST_WAIT_S = 30
+CATCH_UP_TIMEOUT_S = 60
 _ids = itertools.count()
 
 
@@ -290,3 +294,29 @@ def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings
              if getattr(event, "transaction_id", None) == transfer.transaction_id]
     assert sorted(kinds).count("TransferDebited") == 1 and kinds.count("TransferCredited") == 1, kinds
     assert processor.process.poll() is None, processor.log_tail()
+
+
+@kafka
+def test_readmodel_and_audit_principals_read_the_ledger(secured: Settings, processor: ProcessorProcess, tmp_path):
+    account = f"carol-{uuid.uuid4().hex[:6]}"
+    with WalletClient.connect(secured) as api:
+        assert api.request(_command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"),
+                           REQUEST_WAIT_S).status == "success"
+        assert api.request(_command(Deposit, transaction_id=_tx("dep"), account_id=account, amount="50.00",
+                                    currency="USD", actor="bank", role="bank"), REQUEST_WAIT_S).status == "success"
+    # The read model as its own principal: consume events and outcomes, measure its lag.
+    with ReadModelStore(f"sqlite:///{tmp_path / 'readmodel.db'}") as store:
+        store.create_schema()
+        consumer = ReadModelConsumer(store, secured, batch_wait_ms=50)
+        consumer.start()
+        lag_admin = admin_client(secured.bootstrap, role="readmodel")
+        deadline_s = time.monotonic() + CATCH_UP_TIMEOUT_S
+        try:
+            while consumer.step() or sum(item.lag for item in read_lag(lag_admin, secured, store.offsets())):
+                assert time.monotonic() < deadline_s, "the read model did not catch up"
+        finally:
+            consumer.close()
+        assert store.account(account).balance_minor == 5000
+    # The audit as its own principal replays all four topics.
+    report = run_audit(secured, workers=1)
+    assert report.passed, report.render_text()
