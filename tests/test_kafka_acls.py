@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -24,7 +26,7 @@ from consumers.audit.runner import run_audit
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.store import ReadModelStore
 from infra.acls import ensure_acls, present_acls, principal_of, service_grants
-from infra.admin import admin_client, ensure_topics
+from infra.admin import admin_client
 from infra.kafka_clients import (
     ROLES,
     KafkaSecurityConfigError,
@@ -50,6 +52,7 @@ PARTITIONS = 2
 DELIVERY_TIMEOUT_S = 30
 REQUEST_WAIT_S = 30
 CATCH_UP_TIMEOUT_S = 60
+CLI_TIMEOUT_S = 120
 _ids = itertools.count()
 
 
@@ -141,6 +144,23 @@ def test_local_sasl_credentials_are_private_files_made_once(tmp_path):
         broker._resolve_sasl(files, True)
 
 
+def test_a_sasl_run_folder_hands_each_role_its_credentials_file(tmp_path, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("WALLET_KAFKA_")]:
+        monkeypatch.delenv(name)
+    for role in ROLES:  # recorded as absent, so the teardown removes what use_local_credentials sets
+        monkeypatch.setenv(_config_file_variable(role), "")
+        monkeypatch.delenv(_config_file_variable(role))
+    settings = Settings().with_overrides(kafka_bootstrap="", run_dir=tmp_path)
+    files = broker.BrokerFiles.of(settings)
+    broker._ensure_sasl_credentials(settings, files)
+    assert not localkafka.use_local_credentials(settings)  # not formatted with SASL: nothing to hand out
+    files.security_file.write_text("SASL_PLAINTEXT\n")
+    assert localkafka.use_local_credentials(settings)
+    for role in ROLES:
+        assert os.environ[_config_file_variable(role)] == str(files.client_properties(role))
+        assert kafka_security(role)["sasl.username"] == broker.sasl_username(role)
+
+
 @pytest.fixture(scope="module")
 def sasl_broker(tmp_path_factory: pytest.TempPathFactory):
     kafka_port, controller_port = free_loopback_ports(2)
@@ -167,12 +187,21 @@ def principals(sasl_broker: Settings):
 
 @pytest.fixture(scope="module")
 def secured(sasl_broker: Settings, principals: pytest.MonkeyPatch) -> Settings:
-    """Topics under a fresh prefix with the service ACLs applied by the admin principal."""
-    settings = Settings().with_overrides(kafka_bootstrap=sasl_broker.bootstrap, topic_prefix=f"a{uuid.uuid4().hex[:8]}.",
+    """Topics under a fresh prefix with the service ACLs, made the way a person would: `wallet topics
+    create --acls` against the local SASL broker, which finds the run folder's admin credentials itself."""
+    prefix = f"a{uuid.uuid4().hex[:8]}."
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("WALLET_KAFKA_")}
+    environment.update(WALLET_RUN_DIR=str(sasl_broker.run_dir), WALLET_TOPIC_PREFIX=prefix,
+                       WALLET_LOCAL_KAFKA_PORT=str(sasl_broker.local_kafka_port),
+                       WALLET_LOCAL_CONTROLLER_PORT=str(sasl_broker.local_controller_port))
+    created = subprocess.run([sys.executable, "-m", "wallet.cli", "topics", "create", "--acls",
+                              "--partitions", str(PARTITIONS)], env=environment, capture_output=True, text=True,
+                             timeout=CLI_TIMEOUT_S)
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert "ACLs present for the service principals" in created.stdout, created.stdout
+    settings = Settings().with_overrides(kafka_bootstrap=sasl_broker.bootstrap, topic_prefix=prefix,
                                          partitions=PARTITIONS, run_dir=sasl_broker.run_dir / "stack")
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_topics(settings, timeout_s=TOPIC_TIMEOUT_S)
-    ensure_acls(settings, timeout_s=TOPIC_TIMEOUT_S)
     return settings
 
 

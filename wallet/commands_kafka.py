@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -105,14 +104,6 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_local_credentials(settings: Settings) -> None:
-    """On a SASL local broker with no Kafka credentials configured, use the run folder's files (paths only)."""
-    configured = any(name.startswith("WALLET_KAFKA_CONFIG_FILE") or name.startswith("WALLET_KAFKA_SASL_")
-                     for name in os.environ)
-    if settings.uses_local_kafka and not configured:
-        for name, path in localkafka.client_environment(settings).items():
-            os.environ.setdefault(name, path)
-
 
 def _stop(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
@@ -144,7 +135,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _create_topics(args: argparse.Namespace) -> int:
     settings = settings_from_args(args).with_overrides(replication_factor=args.replication_factor)
-    _use_local_credentials(settings)
+    localkafka.use_local_credentials(settings)
     result = ensure_topics(settings, partitions=args.partitions, timeout_s=args.timeout_s)
     partitions = args.partitions if args.partitions is not None else settings.partitions
     for name, state in result.items():

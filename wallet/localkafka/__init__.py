@@ -15,7 +15,8 @@ from wallet.localkafka.broker import (
     start,
     status,
     stop,
+    use_local_credentials,
 )
 
 __all__ = ["KAFKA_VERSION", "LocalKafkaError", "StartResult", "client_environment", "fetch_jars", "jars_dir",
-           "local_client_security", "sasl_enabled", "start", "status", "stop"]
+           "local_client_security", "sasl_enabled", "start", "status", "stop", "use_local_credentials"]

@@ -256,6 +256,18 @@ def client_environment(settings: Settings) -> dict[str, str]:
     return {f"WALLET_KAFKA_CONFIG_FILE_{role.upper()}": str(files.client_properties(role)) for role in ROLES}
 
 
+def use_local_credentials(settings: Settings) -> bool:
+    """On this run folder's SASL broker, with no Kafka credentials in the environment, put each
+    role's credentials file into it (`WALLET_KAFKA_CONFIG_FILE_<ROLE>`: paths, no secrets), so
+    this process and the services it starts run as their own principals. True if it did."""
+    configured = any(name.startswith(("WALLET_KAFKA_CONFIG_FILE", "WALLET_KAFKA_SASL_", "WALLET_KAFKA_SECURITY_"))
+                     for name in os.environ)
+    if not settings.uses_local_kafka or configured or not sasl_enabled(settings):
+        return False
+    os.environ.update(client_environment(settings))
+    return True
+
+
 def status(settings: Settings) -> dict:
     """What runs and whether it answers; for an existing cluster only the latter."""
     files = BrokerFiles.of(settings)
