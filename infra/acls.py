@@ -129,13 +129,14 @@ def _wait_in_force(settings: Settings, grants: list[AclGrant], timeout_s: float)
 
 
 def _key(binding: AclBinding) -> tuple:
-    return (binding.restype.name, binding.name, binding.resource_pattern_type.name, binding.principal,
-            binding.host, binding.operation.name, binding.permission_type.name)
+    return (str(binding.restype), binding.name, str(binding.resource_pattern_type), binding.principal,
+            binding.host, str(binding.operation), str(binding.permission_type))
 
 
 def present_acls(settings: Settings, timeout_s: float = 30) -> list[AclBinding]:
     """Every ALLOW ACL the cluster holds (for checks and `--acls` reports)."""
-    any_filter = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,
+    # None matches any name, principal and host (the stubs declare str, the client takes None).
+    any_filter = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
                                   AclOperation.ANY, AclPermissionType.ANY)
     admin = admin_client(settings.bootstrap)  # referenced until the future resolves: a dropped client cancels it
     return list(admin.describe_acls(any_filter, request_timeout=timeout_s).result(timeout=timeout_s))

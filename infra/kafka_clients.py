@@ -11,7 +11,7 @@ never from a command line (which `ps` shows to every user of the machine):
 | `WALLET_KAFKA_SASL_MECHANISM` | `sasl.mechanism` (`SCRAM-SHA-512`, `SCRAM-SHA-256`, `PLAIN`, ...) |
 | `WALLET_KAFKA_SASL_USERNAME`, `WALLET_KAFKA_SASL_PASSWORD` | `sasl.username`, `sasl.password` |
 | `WALLET_KAFKA_SSL_CA_LOCATION` | `ssl.ca.location` |
-| `WALLET_KAFKA_SSL_CERTIFICATE_LOCATION`, `WALLET_KAFKA_SSL_KEY_LOCATION`, `WALLET_KAFKA_SSL_KEY_PASSWORD` | the client certificate |
+| `WALLET_KAFKA_SSL_CERTIFICATE_LOCATION`, `..._SSL_KEY_LOCATION`, `..._SSL_KEY_PASSWORD` | the client certificate |
 
 Each variable also exists per service role with the role as a suffix
 (`WALLET_KAFKA_SASL_USERNAME_PROCESSOR`, `WALLET_KAFKA_CONFIG_FILE_API`, ...), so the API,

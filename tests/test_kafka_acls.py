@@ -19,7 +19,6 @@ import uuid
 import msgspec
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
-
 from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
 
 from consumers.audit.runner import run_audit
@@ -39,6 +38,7 @@ from infra.settings import Settings
 from producers.client import WalletClient
 from schemas.codec import decode_event
 from schemas.commands import Deposit, OpenAccount, Transfer
+from schemas.events import Event
 from streams.core.state import State, fold
 from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S, free_loopback_ports
 from tests.support.kafka_io import read_topic
@@ -117,8 +117,8 @@ def test_the_acl_table_gives_each_service_only_what_it_needs():
     topic_writes = {role: {name for kind, name, _, operation in entries
                            if kind == ResourceType.TOPIC and operation == AclOperation.WRITE}
                     for role, entries in by_role.items()}
-    assert topic_writes == {"api": {"staging.wallet.commands"},
-                            "processor": {f"staging.wallet.{name}" for name in ("commands", "events", "outcomes", "dlq")},
+    every_topic = {f"staging.wallet.{name}" for name in ("commands", "events", "outcomes", "dlq")}
+    assert topic_writes == {"api": {"staging.wallet.commands"}, "processor": every_topic,
                             "readmodel": set(), "audit": set()}
     assert (ResourceType.TRANSACTIONAL_ID, "staging.wallet-processor", ResourcePatternType.PREFIXED,
             AclOperation.WRITE) in by_role["processor"]
@@ -224,7 +224,7 @@ def processor(secured: Settings, principals: pytest.MonkeyPatch):
 
 
 def _command(command_class, *, actor: str = "alice", role: str = "user", **fields):
-    """A command of whichever message contract is in force: ts_ms (v1) or actor and role (v2), where the class has them."""
+    """A command of whichever message contract is in force: ts_ms (v1) or actor and role (v2), where it has them."""
     names = {field.name for field in msgspec.structs.fields(command_class)}
     extras = {"ts_ms": int(time.time() * 1000), "actor": actor, "role": role}
     return command_class(**fields, **{name: value for name, value in extras.items() if name in names})
@@ -239,25 +239,36 @@ def _delivery_errors(role: str, settings: Settings, topics: list[str], **config)
     reports: dict[str, KafkaError | None] = {}
     producer = Producer({**kafka_security(role), "bootstrap.servers": settings.bootstrap, "acks": "all",
                          "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000, **config})
+
+    def on_delivery(error: KafkaError | None, message) -> None:
+        reports[message.topic()] = error
+
     for topic in topics:
-        producer.produce(topic, b"{}", b"some-account",
-                         on_delivery=lambda error, message, topic=topic: reports.__setitem__(topic, error))
+        producer.produce(topic, b"{}", b"some-account", on_delivery=on_delivery)
     assert producer.flush(DELIVERY_TIMEOUT_S) == 0, "deliveries still pending"
     return reports
 
 
+def _events(settings: Settings) -> list[tuple[int, Event]]:
+    """(partition, event) of every committed record of wallet.events."""
+    records = read_topic(settings, settings.events_topic)
+    assert all(record.value is not None for record in records), "a processor never writes a tombstone"
+    return [(record.partition, decode_event(record.value or b"")) for record in records]
+
+
 def _balances(settings: Settings) -> dict[str, int]:
     states: dict[int, State] = {}
-    for record in read_topic(settings, settings.events_topic):
-        fold(states.setdefault(record.partition, State()), decode_event(record.value))
-    return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
+    for partition, event in _events(settings):
+        fold(states.setdefault(partition, State()), event)
+    return {account_id: account.balance_minor
+            for state in states.values() for account_id, account in state.accounts.items()}
 
 
 @kafka
 def test_acls_are_applied_for_the_four_service_principals(secured: Settings):
-    listed = {(binding.principal, binding.name, binding.operation.name) for binding in present_acls(secured)}
-    assert (principal_of("api"), secured.commands_topic, "WRITE") in listed
-    assert (principal_of("processor"), secured.processor_group_id, "WRITE") in listed  # its transactional ids
+    listed = {(binding.principal, binding.name, binding.operation) for binding in present_acls(secured)}
+    assert (principal_of("api"), secured.commands_topic, AclOperation.WRITE) in listed
+    assert (principal_of("processor"), secured.processor_group_id, AclOperation.WRITE) in listed  # its txn ids
     assert not any(principal == principal_of("api") and name == secured.events_topic for principal, name, _ in listed)
     assert ensure_acls(secured, timeout_s=TOPIC_TIMEOUT_S)  # a second run is a no-op, not an error
 
@@ -269,7 +280,7 @@ def test_api_principal_cannot_write_events_outcomes_or_dlq(secured: Settings):
         errors = _delivery_errors("api", secured, topics, **{"enable.idempotence": idempotence})
         assert {topic: error.code() if error else None for topic, error in errors.items()} == {
             topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics}
-        assert all(error.name() == "TOPIC_AUTHORIZATION_FAILED" for error in errors.values())
+        assert all(error is not None and error.name() == "TOPIC_AUTHORIZATION_FAILED" for error in errors.values())
 
 
 @kafka
@@ -318,21 +329,22 @@ def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings
 
     balances = _balances(secured)
     assert (balances[sender], balances[receiver]) == (7000, 3000)
-    transfer_events = [decode_event(record.value) for record in read_topic(secured, secured.events_topic)]
-    kinds = [type(event).__name__ for event in transfer_events
+    kinds = [type(event).__name__ for _, event in _events(secured)
              if getattr(event, "transaction_id", None) == transfer.transaction_id]
-    assert sorted(kinds).count("TransferDebited") == 1 and kinds.count("TransferCredited") == 1, kinds
-    assert processor.process.poll() is None, processor.log_tail()
+    assert kinds.count("TransferDebited") == 1 and kinds.count("TransferCredited") == 1, kinds
+    assert processor.process is not None and processor.process.poll() is None, processor.log_tail()
 
 
 @kafka
 def test_readmodel_and_audit_principals_read_the_ledger(secured: Settings, processor: ProcessorProcess, tmp_path):
     account = f"carol-{uuid.uuid4().hex[:6]}"
     with WalletClient.connect(secured) as api:
-        assert api.request(_command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"),
-                           REQUEST_WAIT_S).status == "success"
-        assert api.request(_command(Deposit, transaction_id=_tx("dep"), account_id=account, amount="50.00",
-                                    currency="USD", actor="bank", role="bank"), REQUEST_WAIT_S).status == "success"
+        opened = api.request(_command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"),
+                             REQUEST_WAIT_S)
+        deposited = api.request(_command(Deposit, transaction_id=_tx("dep"), account_id=account, amount="50.00",
+                                         currency="USD", actor="bank", role="bank"), REQUEST_WAIT_S)
+    assert opened is not None and opened.status == "success", opened
+    assert deposited is not None and deposited.status == "success", deposited
     # The read model as its own principal: consume events and outcomes, measure its lag.
     with ReadModelStore(f"sqlite:///{tmp_path / 'readmodel.db'}") as store:
         store.create_schema()
@@ -345,7 +357,8 @@ def test_readmodel_and_audit_principals_read_the_ledger(secured: Settings, proce
                 assert time.monotonic() < deadline_s, "the read model did not catch up"
         finally:
             consumer.close()
-        assert store.account(account).balance_minor == 5000
+        row = store.account(account)
+        assert row is not None and row.balance_minor == 5000, row
     # The audit as its own principal replays all four topics.
     report = run_audit(secured, workers=1)
     assert report.passed, report.render_text()

@@ -10,12 +10,11 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaException
 
-from wallet import localkafka
-from infra.settings import settings_from_args
-from infra.settings import Settings
-from infra.admin import BrokerUnavailableError, TopicProvisioningError, ensure_topics
 from infra.acls import AclProvisioningError, ensure_acls
+from infra.admin import BrokerUnavailableError, TopicProvisioningError, ensure_topics
 from infra.kafka_clients import KafkaSecurityConfigError
+from infra.settings import Settings, settings_from_args
+from wallet import localkafka
 
 _OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError, KafkaException,
                      AclProvisioningError, KafkaSecurityConfigError)
@@ -28,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch = kafka_commands.add_parser("fetch", help=f"download Kafka {localkafka.KAFKA_VERSION}'s jars once with Maven")
     fetch.set_defaults(handler=_reporting_errors(_fetch))
 
-    start = kafka_commands.add_parser("start", help="start the local broker in the background and wait until it answers")
+    start = kafka_commands.add_parser("start",
+                                      help="start the local broker in the background and wait until it answers")
     start.add_argument("--timeout-s", type=float, default=60, help="how long to wait for readiness (default 60)")
     start.add_argument("--sasl", action="store_true",
                        help="SASL/SCRAM-SHA-512 users per service and ACLs enforced (env WALLET_LOCAL_KAFKA_SASL=1); "
@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create = topics_commands.add_parser(
         "create", help="create the commands, events, outcomes and dlq topics where missing (idempotent)")
     create.add_argument("--partitions", type=int, help="partition count (env WALLET_PARTITIONS, default 8)")
-    create.add_argument("--replication-factor", type=int, help="replicas per partition (env WALLET_REPLICATION_FACTOR, default 1)")
+    create.add_argument("--replication-factor", type=int,
+                        help="replicas per partition (env WALLET_REPLICATION_FACTOR, default 1)")
     create.add_argument("--timeout-s", type=float, default=30, help="how long to wait for the cluster (default 30)")
     create.add_argument("--acls", action="store_true",
                         help="also create the service principals' ACLs (api, processor, readmodel, audit; "

@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, wait_for_broker
 from infra.kafka_clients import ROLES, read_properties_file
+from infra.settings import Settings
 
 KAFKA_VERSION = "4.1.1"  # keep equal to kafka.version in pom.xml
 JAVA_VERSION_MIN = 17  # Kafka 4 brokers need Java 17
@@ -79,7 +79,7 @@ class BrokerFiles:
     data_dir: Path
 
     @classmethod
-    def of(cls, settings: Settings) -> "BrokerFiles":
+    def of(cls, settings: Settings) -> BrokerFiles:
         return cls(settings.run_dir / "kafka")
 
     @property
