@@ -129,6 +129,8 @@ def _status(args: argparse.Namespace) -> int:
               f"cluster id {report['cluster_id']}, {report['topics']} topic(s)")
         if report["managed_locally"]:
             print(f"data: {report['data_dir']}  log: {report['log_file']}")
+            if report["sasl"]:
+                print(f"SASL/SCRAM-SHA-512 with ACLs; credentials per role in {report['data_dir']}/sasl/")
     else:
         print(f"not ready: {report['error']}")
     return 0 if report["ready"] else 1
