@@ -263,7 +263,7 @@ def _transaction_route(router: APIRouter, readers: _Readers, who: Any) -> None:
 def _lag_route(router: APIRouter, readers: _Readers, who: Any, kafka_settings: Settings) -> None:
     @functools.cache
     def admin() -> AdminClient:
-        return admin_client(kafka_settings.bootstrap)
+        return admin_client(kafka_settings.bootstrap, role="readmodel")
 
     def lag() -> list[PartitionLag]:
         return read_lag(admin(), kafka_settings, readers.call("offsets"), LAG_TIMEOUT_S)
