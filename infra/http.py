@@ -64,7 +64,8 @@ _STATUS_ERRORS = {404: "not_found", 405: "method_not_allowed", 400: "bad_request
                   415: "unsupported_media_type"}
 
 
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
     errors = []
     for item in error.errors():
         location = [str(part) for part in item["loc"]]
@@ -78,11 +79,13 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
     return error_response(422, "invalid_request", summary, errors)
 
 
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+async def _api_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
     return error_response(error.status_code, error.error, error.message, error.errors, error.headers)
 
 
-async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
     code = _STATUS_ERRORS.get(error.status_code, "http_error")
     message = {404: f"no route {request.url.path}",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))

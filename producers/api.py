@@ -25,19 +25,35 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from producers.client import (
-    REQUEST_WAIT_MS_DEFAULT, CommandPublisher, OutcomesUnavailableError, OutcomeWaiter, PublishError, WalletClient,
-    canonical_amount, wall_clock_ms,
-)
-from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, ID_PATTERN, TRANSACTION_ID_LENGTH_MAX, Close, Command, Deposit, Freeze, OpenAccount,
-    PayMerchant, Transfer, Unfreeze, Withdraw,
-)
-from streams.core.currencies import MINOR_UNITS
-from streams.core.money import AmountError, minor_units_of
 from infra.http import ApiError, FieldError, error_response, error_responses
 from infra.settings import Settings
 from producers.auth import SCOPE_BANK, SCOPE_OPERATOR, SCOPE_USER, SCOPES, Gate, Principal
+from producers.client import (
+    REQUEST_WAIT_MS_DEFAULT,
+    CommandPublisher,
+    OutcomesUnavailableError,
+    OutcomeWaiter,
+    PublishError,
+    WalletClient,
+    canonical_amount,
+    wall_clock_ms,
+)
+from schemas.commands import (
+    ACCOUNT_ID_LENGTH_MAX,
+    ID_PATTERN,
+    TRANSACTION_ID_LENGTH_MAX,
+    Close,
+    Command,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    Transfer,
+    Unfreeze,
+    Withdraw,
+)
+from streams.core.currencies import MINOR_UNITS
+from streams.core.money import AmountError, minor_units_of
 
 REQUEST_WAIT_MS_MAX = 30_000
 PUBLISH_TIMEOUT_MS_DEFAULT = 5000
@@ -86,7 +102,7 @@ def _amount_pattern(decimals: int) -> str:
 AMOUNT_DIGITS_MAX = 15
 _CURRENCIES_BY_DECIMALS = {decimals: sorted(code for code, units in MINOR_UNITS.items() if units == decimals)
                            for decimals in sorted(set(MINOR_UNITS.values()))}
-_AMOUNT_BY_CURRENCY = {"allOf": [
+_AMOUNT_BY_CURRENCY: dict[str, Any] = {"allOf": [
     {"if": {"properties": {"currency": {"enum": codes}}, "required": ["currency"]},
      "then": {"properties": {"amount": {"pattern": _amount_pattern(decimals)}}}}
     for decimals, codes in _CURRENCIES_BY_DECIMALS.items()]}
@@ -247,6 +263,11 @@ class _Executor:
                                          reason=outcome.reason).model_dump())
 
 
+def command_type_name(command_class: type[Command]) -> str:
+    """The route name of a command class: its tag on the wire."""
+    return str(command_class.__struct_config__.tag)
+
+
 def _who(caller: Principal, scopes: tuple[str, ...]) -> dict[str, Any]:
     """The command's `actor` and `role`: set here, at the trusted edge, never from the body."""
     role = caller.role_for(scopes)
@@ -265,11 +286,15 @@ def command_router(gate: Gate, options: ApiOptions) -> APIRouter:
     return router
 
 
+# The gate's dependencies are made once per router and named, because FastAPI resolves a
+# parameter's annotation in the module's namespace (postponed annotations) but its default as a value.
 def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
+    mover, opener = Depends(gate.requires(*SCOPES_MOVE)), Depends(gate.requires(*SCOPES_OPEN))
+
     @router.post("/v1/wallet/balance_transfer", response_model=CommandReply,
                  summary="move money from one of your wallets to any wallet (or pay a merchant); scope wallet:user")
     async def balance_transfer(body: BalanceTransferRequest, request: Request, wait_ms: WaitMs = None,
-                               caller: Principal = Depends(gate.requires(*SCOPES_MOVE))) -> JSONResponse:
+                               caller: Principal = mover) -> JSONResponse:
         command_class = PayMerchant if body.merchant_payment else Transfer
         command = command_class(transaction_id=body.transaction_id, from_account=body.from_account,
                                 to_account=body.to_account, amount=body.amount, currency=body.currency,
@@ -279,7 +304,7 @@ def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
     @router.post("/v1/accounts", response_model=CommandReply,
                  summary="open an account, owned by the caller; scope wallet:user or wallet:operator")
     async def open_account(body: OpenAccountRequest, request: Request, wait_ms: WaitMs = None,
-                           caller: Principal = Depends(gate.requires(*SCOPES_OPEN))) -> JSONResponse:
+                           caller: Principal = opener) -> JSONResponse:
         command = OpenAccount(transaction_id=body.transaction_id, account_id=body.account_id, currency=body.currency,
                               kind=body.kind, **_who(caller, SCOPES_OPEN))
         return await execute(request, command, wait_ms)
@@ -288,9 +313,11 @@ def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
 def _money_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
     def money_route(path: str, command_class: type[Deposit] | type[Withdraw], scopes: tuple[str, ...],
                     summary: str) -> None:
-        @router.post(path, response_model=CommandReply, summary=summary, name=command_class.__struct_config__.tag)
+        allowed = Depends(gate.requires(*scopes))
+
+        @router.post(path, response_model=CommandReply, summary=summary, name=command_type_name(command_class))
         async def move_money(account_id: AccountPath, body: MoneyRequest, request: Request, wait_ms: WaitMs = None,
-                             caller: Principal = Depends(gate.requires(*scopes))) -> JSONResponse:
+                             caller: Principal = allowed) -> JSONResponse:
             command = command_class(transaction_id=body.transaction_id, account_id=account_id, amount=body.amount,
                                     currency=body.currency, **_who(caller, scopes))
             return await execute(request, command, wait_ms)
@@ -302,11 +329,12 @@ def _money_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
 
 
 def _status_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
+    operator = Depends(gate.requires(*SCOPES_STATUS))
+
     def status_route(path: str, command_class: type[Freeze] | type[Unfreeze] | type[Close], summary: str) -> None:
-        @router.post(path, response_model=CommandReply, summary=summary, name=command_class.__struct_config__.tag)
+        @router.post(path, response_model=CommandReply, summary=summary, name=command_type_name(command_class))
         async def change_status(account_id: AccountPath, body: StatusChangeRequest, request: Request,
-                                wait_ms: WaitMs = None,
-                                caller: Principal = Depends(gate.requires(*SCOPES_STATUS))) -> JSONResponse:
+                                wait_ms: WaitMs = None, caller: Principal = operator) -> JSONResponse:
             command = command_class(transaction_id=body.transaction_id, account_id=account_id,
                                     **_who(caller, SCOPES_STATUS))
             return await execute(request, command, wait_ms)
@@ -321,6 +349,7 @@ def _status_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
 def cached_status_router(gate: Gate) -> APIRouter:
     """`GET /v1/transactions/{id}` from this process's memory, for an API without a read model."""
     router = APIRouter(tags=["queries"], responses=error_responses(401, 403, 422, 429))
+    reader = Depends(gate.requires(*SCOPES))
 
     @router.get("/v1/transactions/{transaction_id}", response_model=TransactionStatusReply,
                 summary="status of one of your recent transactions, from this API process's memory",
@@ -329,13 +358,14 @@ def cached_status_router(gate: Gate) -> APIRouter:
                             "outcome of since it started; any other, or another caller's, is `unknown`.")
     async def transaction_status(transaction_id: Annotated[str, Path(max_length=TRANSACTION_ID_LENGTH_MAX)],
                                  request: Request, account_id: Annotated[str | None, Query(max_length=64)] = None,
-                                 caller: Principal = Depends(gate.requires(*SCOPES))) -> TransactionStatusReply:
+                                 caller: Principal = reader) -> TransactionStatusReply:
         client: WalletClient = request.app.state.client
         known = client.waiter.status(transaction_id)
-        mine = known is not None and (caller.reads_everything or hmac.compare_digest(known.actor, caller.sub))
-        if not mine or (account_id is not None and known.account_id != account_id):
+        if known is None or not (caller.reads_everything or hmac.compare_digest(known.actor, caller.sub)) or (
+                account_id is not None and known.account_id != account_id):
             return TransactionStatusReply(transaction_id=transaction_id, status="unknown")
-        return TransactionStatusReply(transaction_id=transaction_id, status=known.status, reason=known.reason)
+        return TransactionStatusReply.model_validate({"transaction_id": transaction_id, "status": known.status,
+                                                      "reason": known.reason})
 
     return router
 

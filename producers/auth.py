@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jwt
@@ -94,19 +94,19 @@ class AuthConfig:
     leeway_s: int = LEEWAY_S_DEFAULT
 
     @classmethod
-    def from_environment(cls, settings: Settings, enabled: bool = True) -> "AuthConfig":
+    def from_environment(cls, settings: Settings, enabled: bool = True) -> AuthConfig:
         if not enabled:
             return cls(enabled=False)
-        common = {"issuer": os.environ.get("WALLET_JWT_ISSUER") or None,
-                  "audience": os.environ.get("WALLET_JWT_AUDIENCE") or None,
-                  "leeway_s": int(os.environ.get("WALLET_JWT_LEEWAY_S", LEEWAY_S_DEFAULT))}
+        base = cls(enabled=True, issuer=os.environ.get("WALLET_JWT_ISSUER") or None,
+                   audience=os.environ.get("WALLET_JWT_AUDIENCE") or None,
+                   leeway_s=int(os.environ.get("WALLET_JWT_LEEWAY_S", LEEWAY_S_DEFAULT)))
         jwks_url = os.environ.get("WALLET_JWT_JWKS_URL", "").strip()
         if jwks_url:
-            return cls(enabled=True, jwks_url=jwks_url, **common)
+            return replace(base, jwks_url=jwks_url)
         key_file = os.environ.get("WALLET_JWT_PUBLIC_KEY_FILE", "").strip()
         if key_file:
-            return cls(enabled=True, public_key=Path(key_file).read_text(), **common)
-        return cls(enabled=True, secret=jwt_secret(settings), **common)
+            return replace(base, public_key=Path(key_file).read_text())
+        return replace(base, secret=jwt_secret(settings))
 
 
 class TokenVerifier:
@@ -185,7 +185,7 @@ class RateLimits:
     concurrent_waits_max: int = CONCURRENT_WAITS_MAX_DEFAULT
 
     @classmethod
-    def from_environment(cls) -> "RateLimits":
+    def from_environment(cls) -> RateLimits:
         return cls(rate_per_s=float(os.environ.get("WALLET_RATE_LIMIT_RPS", RATE_LIMIT_RPS_DEFAULT)),
                    burst=int(os.environ.get("WALLET_RATE_LIMIT_BURST", RATE_LIMIT_BURST_DEFAULT)),
                    concurrent_waits_max=int(os.environ.get("WALLET_CONCURRENT_WAITS_MAX",
@@ -289,12 +289,13 @@ class Gate:
         self.limiter = RateLimiter(limits)
         self._bearer = HTTPBearer(auto_error=False, description="a JWT with `sub` and `scope` claims; "
                                                                 "`wallet auth token` makes one for the local stack")
+        self._credentials = Security(self._bearer)
 
     def requires(self, *scopes: str):
         assert scopes and set(scopes) <= set(SCOPES), f"unknown scopes {scopes}"
         wanted = " or ".join(scopes)
 
-        async def principal(credentials: HTTPAuthorizationCredentials | None = Security(self._bearer)) -> Principal:
+        async def principal(credentials: HTTPAuthorizationCredentials | None = self._credentials) -> Principal:
             caller = await self.authenticate(credentials)
             if self.verifier is None:
                 return caller  # authentication off: no principals, so no per-principal limits either

@@ -21,16 +21,29 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaException
 
+from infra.settings import settings_from_args
 from producers.client import (
-    OutcomesUnavailableError, PublishError, canonical_amount, check_ids,
-    new_transaction_id, wall_clock_ms,
+    OutcomesUnavailableError,
+    PublishError,
+    canonical_amount,
+    check_ids,
+    new_transaction_id,
+    wall_clock_ms,
 )
 from producers.load import ACCOUNTS_DEFAULT, OUTCOME_WAIT_S_DEFAULT, LoadError, LoadSpec, run_load
 from schemas.commands import (
-    Close, Command, Deposit, Freeze, OpenAccount, PayMerchant, Transfer, Unfreeze, Withdraw, command_type,
+    Close,
+    Command,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    Transfer,
+    Unfreeze,
+    Withdraw,
+    command_type,
 )
 from streams.core.money import AmountError
-from infra.settings import settings_from_args
 
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_PENDING = 0, 1, 2
 EXIT_STATUS_TEXT = ("Exit status: 0 success, 1 failure or error, 2 pending (the outcome was not known in time; "
@@ -167,7 +180,8 @@ def call_api(base_url: str, method: str, path: str, body: dict | None, timeout_s
         except ValueError:
             return error.code, {"error": "http_error", "message": f"HTTP {error.code}"}
     except (OSError, ValueError) as error:
-        raise ApiCallError(f"the wallet API at {base_url} did not answer: {error} (is the stack up? `wallet up`)")
+        raise ApiCallError(f"the wallet API at {base_url} did not answer: {error} "
+                           "(is the stack up? `wallet up`)") from None
 
 
 def _api_failure(status: int, body: dict) -> ApiCallError:

@@ -25,7 +25,7 @@ scope, 429 (with `Retry-After`) over the caller's rate. Every error is `{"error"
 
 def create_app(
     settings: Settings,
-    options: ApiOptions = ApiOptions(),
+    options: ApiOptions | None = None,
     readmodel_db: str | None = None,
     *,
     auth: AuthConfig | None = None,
@@ -36,6 +36,7 @@ def create_app(
     `auth` defaults to the environment's key (the run folder's HS256 secret unless an external
     identity provider is configured); `AuthConfig(enabled=False)` serves without tokens.
     """
+    options = options if options is not None else ApiOptions()
     options.check()
     gate = Gate(auth if auth is not None else AuthConfig.from_environment(settings),
                 rate_limits if rate_limits is not None else RateLimits.from_environment())

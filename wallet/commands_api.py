@@ -36,7 +36,7 @@ def _serve_api(args: argparse.Namespace) -> int:
     from producers.api import ApiOptions
     from producers.auth import AuthConfig
     from wallet.api_app import create_app
-    
+
     if (args.tls_cert is None) != (args.tls_key is None):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_FAILURE

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -39,11 +39,10 @@ from pydantic import BaseModel
 from consumers.readmodel.consumer import PartitionLag, ReadModelError, read_lag
 from consumers.readmodel.projection import AccountRow
 from consumers.readmodel.store import ReadModelStore, describe_db_url
-from streams.core.money import format_amount
 from infra.admin import admin_client
 from infra.http import ApiError, FieldError, error_responses, install_error_handlers
 from infra.settings import Settings
-
+from streams.core.money import format_amount
 
 WAIT_MS_DEFAULT = 1_000
 WAIT_MS_MAX = 10_000
@@ -52,7 +51,7 @@ WAIT_POLL_INTERVAL_S = 0.02
 HISTORY_LIMIT_DEFAULT = 50
 HISTORY_LIMIT_MAX = 500
 LAG_TIMEOUT_S = 5.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 
