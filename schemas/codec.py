@@ -49,10 +49,10 @@ def decode_outcome(data: bytes) -> Outcome:
 
 
 def command_digest(command: Command) -> str:
-    """A fingerprint of what a client asked for: every field but the timestamp.
+    """A fingerprint of what a client asked for: every field, actor and role included.
 
     Two requests with one transaction id are the same request exactly when their digests
-    are equal; the digest travels with the saga legs and the outcome.
+    are equal (a retry under another actor or role is a conflict, not the same request); the
+    digest travels with the saga legs and the outcome.
     """
-    payload = _encoder.encode(msgspec.structs.replace(command, ts_ms=0))
-    return hashlib.blake2b(payload, digest_size=12).hexdigest()
+    return hashlib.blake2b(_encoder.encode(command), digest_size=12).hexdigest()
