@@ -148,6 +148,9 @@ class RefundLeg(_Leg, tag="refund_leg", kw_only=True):
     currency: str
     digest: str
     reason: str
+    # issued_ms of the credit leg refunded, which is the debit's decision time: the sender
+    # refunds exactly that debit, never a later debit of the same request.
+    debit_ms: TimestampMs
 
 
 Command = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close, CreditLeg, RefundLeg]

@@ -58,6 +58,7 @@ class TransferDebited(_MoneyChange, tag="transfer_debited"):
 
 class TransferCredited(_MoneyChange, tag="transfer_credited"):
     from_account: str
+    issued_ms: int  # of the credit leg: a copy of this leg (same issued_ms) never credits again
 
 
 class TransferRefunded(_MoneyChange, tag="transfer_refunded"):
@@ -79,6 +80,7 @@ class AccountClosed(_Change, tag="account_closed"):
 
 class CommandRejected(_Event, tag="command_rejected"):
     reason: str
+    issued_ms: int | None = None  # of the refused credit leg, when a credit leg was refused
 
 
 Event = Union[

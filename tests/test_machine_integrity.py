@@ -65,7 +65,8 @@ def test_a_negative_credit_leg_cannot_take_money_from_the_receiver() -> None:
 def test_a_refund_leg_with_no_pending_debit_is_undecidable_and_pays_nobody() -> None:
     state = ledger(("alice", "USD", "user", "10.00"))
     forged = RefundLeg(transaction_id="never-sent", actor="alice", issued_ms=TS_MS, from_account="alice",
-                       to_account="bob", amount="5.00", currency="USD", digest="d", reason="account_frozen")
+                       to_account="bob", amount="5.00", currency="USD", digest="d", reason="account_frozen",
+                       debit_ms=TS_MS)
     with pytest.raises(UndecidableInput):
         apply(state, forged)
     assert balance(state, "alice") == 1000
@@ -77,7 +78,8 @@ def test_a_refund_leg_with_no_pending_debit_is_undecidable_and_pays_nobody() -> 
     {"digest": "another"},
     {"transaction_id": "t-2"},
     {"to_account": "carol"},
-], ids=["other_currency", "other_amount", "other_digest", "other_transaction", "other_receiver"])
+    {"debit_ms": TS_MS - 1},
+], ids=["other_currency", "other_amount", "other_digest", "other_transaction", "other_receiver", "other_debit"])
 def test_a_refund_leg_that_does_not_match_the_pending_debit_is_undecidable(change: dict) -> None:
     state, _, refund = refused_transfer()
     before = snapshot(state)
@@ -127,6 +129,45 @@ def test_a_credit_leg_older_than_half_the_window_is_refunded_as_leg_expired() ->
     [refund] = decision.follow_ups
     assert apply(state, refund, TS_MS + LEG_AGE_MAX_MS + 2).outcome.reason == Reason.LEG_EXPIRED
     assert (balance(state, "alice"), balance(state, "bob")) == (1000, 0)
+
+
+def test_a_later_debit_of_a_request_whose_first_leg_expired_is_decided_afresh_not_taken_for_a_copy() -> None:
+    # The first leg reached the receiver late (refused, leg_expired) while the sender had
+    # forgotten the debit and the client's retry debited again: the second leg has its own
+    # issued_ms, so it is credited, not ignored as a copy of the refused one.
+    sender = ledger(("alice", "USD", "user", "10.00"))
+    receiver = ledger(("bob", "USD", "user", ""))
+    command = transfer("alice", "bob", "1.00", tx="t-1")
+    [first_leg] = apply(sender, command, TS_MS).follow_ups
+    retry_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + 2 * 60_000
+    [second_leg] = apply(sender, command, retry_ms).follow_ups
+    [refund] = apply(receiver, first_leg, retry_ms).follow_ups
+    assert refund.reason == Reason.LEG_EXPIRED
+    [event] = apply(receiver, second_leg, retry_ms).events
+    assert type(event) is TransferCredited
+    with pytest.raises(UndecidableInput):  # the sender forgot the first debit: with the operators
+        apply(sender, refund, retry_ms)
+    assert balance(receiver, "bob") == 100
+
+
+def test_a_late_refund_of_a_forgotten_debit_never_refunds_a_later_debit_of_the_same_request() -> None:
+    # A copy of a refused leg replayed after the receiver forgot it is refused again (expired);
+    # its refund names the first debit's time, so it cannot pay back the retry's debit, which
+    # the receiver credits.
+    sender = ledger(("alice", "USD", "user", "10.00"))
+    receiver = succeed(ledger(("bob", "USD", "user", "")), freeze("bob"))
+    command = transfer("alice", "bob", "1.00", tx="t-1")
+    [first_leg] = apply(sender, command, TS_MS).follow_ups
+    [first_refund] = apply(receiver, first_leg, TS_MS).follow_ups
+    apply(sender, first_refund, TS_MS)
+    retry_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + 2 * 60_000
+    succeed(receiver, unfreeze("bob"), at_ms=retry_ms)
+    [second_leg] = apply(sender, command, retry_ms).follow_ups
+    [copy_refund] = apply(receiver, first_leg, retry_ms).follow_ups  # the replayed copy, expired
+    assert [type(e) for e in apply(receiver, second_leg, retry_ms).events] == [TransferCredited]
+    with pytest.raises(UndecidableInput):
+        apply(sender, copy_refund, retry_ms)
+    assert balance(sender, "alice") + balance(receiver, "bob") == 1000
 
 
 def test_a_credit_leg_in_another_currency_than_the_receiver_is_refunded() -> None:

@@ -315,7 +315,7 @@ def test_transfer_debits_the_sender_then_credits_the_receiver_and_answers_succes
     credit = apply(state, debit.follow_ups[0])
     assert credit.events == [TransferCredited(account_id="bob", transaction_id="t-1", ts_ms=TS_MS, command="credit_leg",
                                               digest=digest, actor="alice", seq=3, amount="2.50", currency="USD", balance="3.50",
-                                              from_account="alice")]
+                                              from_account="alice", issued_ms=TS_MS)]
     assert credit.follow_ups == []
     assert credit.outcome == Outcome(transaction_id="t-1", account_id="alice", actor="alice", status="success",
                                      reason=None, digest=digest)
@@ -364,7 +364,8 @@ def test_transfer_the_receiver_cannot_take_is_refunded_and_fails_with_its_reason
     assert [type(event) for event in events] == [TransferDebited, CommandRejected, TransferRefunded]
     assert decisions[1].follow_ups == [RefundLeg(transaction_id=command.transaction_id, actor="alice", issued_ms=TS_MS,
                                                  from_account="alice", to_account="bob", amount="3.00",
-                                                 currency="USD", digest=command_digest(command), reason=reason)]
+                                                 currency="USD", digest=command_digest(command), reason=reason,
+                                                 debit_ms=TS_MS)]
     assert (events[1].account_id, events[1].command, events[1].reason) == ("bob", "credit_leg", reason)
     assert (events[2].account_id, events[2].reason, events[2].balance) == ("alice", reason, "10.00")
     assert outcomes_of(decisions) == [Outcome(transaction_id=command.transaction_id, account_id="alice", actor="alice",

@@ -20,11 +20,11 @@ runtime verified their MAC (schemas.leg_auth); the core still validates every le
 raises `UndecidableInput`, folding nothing, for one it cannot decide:
 - a leg's amount must be a positive canonical amount of a known currency;
 - a refund must match the sender's pending debit (transaction id, digest, amount, currency,
-  receiving account) that the sender still remembers; anything else (a copy of a refund
+  receiving account, and the debit's time `debit_ms`) that the sender still remembers; anything else (a copy of a refund
   already applied, a refund of a debit forgotten because the saga outlived the idempotency
   window) is dead-lettered and, in the second case, listed in flight by the audit;
-- a copy of a credit leg already decided (same receiver, transaction id and digest, issued no
-  later than half a window after the remembered decision) moves nothing and repeats the answer;
+- a copy of a credit leg already decided (same receiver, transaction id, digest and issued_ms,
+  remembered from the credit or refusal event) moves nothing and repeats the answer;
 - a credit leg older than LEG_AGE_MAX_MS on the receiver's clock is refused (`leg_expired`)
   and refunded: the sender, which remembers its pending debit for a whole window, gets its
   money back, and any copy of a leg the receiver still accepts is one it still remembers.
@@ -168,11 +168,10 @@ def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
         if remembered is not None and remembered.digest == leg.digest and remembered.status == SUCCESS:
             return Decision(state, [], [], _leg_outcome(leg, SUCCESS, None))
         return Decision(state, [], [], None)
-    if (remembered is not None and remembered.digest == leg.digest
-            and leg.issued_ms <= remembered.ts_ms + LEG_AGE_MAX_MS):
+    if remembered is not None and remembered.digest == leg.digest and remembered.issued_ms == leg.issued_ms:
         # A copy of a leg this receiver already decided (a replayed record): no second effect.
-        # A leg issued more than half a window after that decision is another debit of the same
-        # request, taken by a sender that had forgotten the first: it is decided afresh below.
+        # A leg of the same request with another issued_ms is another debit, taken by a sender
+        # that had forgotten the first: it is decided afresh below.
         if remembered.status == SUCCESS:
             return Decision(state, [], [], _leg_outcome(leg, SUCCESS, None))
         return Decision(state, [], [], None)
@@ -191,14 +190,16 @@ def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
     if reason is None and account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
         reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
-        event = _rejection(leg, leg.to_account, leg.digest, reason, now_ms)
+        event = CommandRejected(account_id=leg.to_account, transaction_id=leg.transaction_id, ts_ms=now_ms,
+                                command="credit_leg", digest=leg.digest, actor=leg.actor, reason=reason,
+                                issued_ms=leg.issued_ms)
         refund = RefundLeg(transaction_id=leg.transaction_id, actor=leg.actor, issued_ms=now_ms,
                            from_account=leg.from_account, to_account=leg.to_account, amount=leg.amount,
-                           currency=leg.currency, digest=leg.digest, reason=reason)
+                           currency=leg.currency, digest=leg.digest, reason=reason, debit_ms=leg.issued_ms)
         fold(state, event)
         return Decision(state, [event], [refund], None)
     event = _move_money(state, TransferCredited, leg, leg.digest, now_ms, account, leg.to_account, amount_minor,
-                        from_account=leg.from_account)
+                        from_account=leg.from_account, issued_ms=leg.issued_ms)
     return Decision(state, [event], [], _leg_outcome(leg, SUCCESS, None))
 
 
@@ -208,6 +209,7 @@ def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
     pending = recall(state, (leg.from_account, leg.transaction_id), now_ms)
     if (account is None or pending is None or pending.status != PENDING or pending.digest != leg.digest
             or pending.to_account != leg.to_account or pending.amount_minor != amount_minor
+            or pending.ts_ms != leg.debit_ms
             or leg.currency != account.currency):
         raise UndecidableInput(f"refund_leg {leg.transaction_id!r} of {leg.amount} {leg.currency} to "
                                f"{leg.from_account!r} matches no debit that account remembers as pending")

@@ -77,6 +77,9 @@ class Remembered(msgspec.Struct, frozen=True, gc=False):
     ts_ms: int
     amount_minor: int = 0
     to_account: str | None = None
+    # For a credit leg decided on this side (credited or refused): the leg's issued_ms, so a
+    # copy of that leg is told apart from a later debit of the same request.
+    issued_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -123,7 +126,7 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         advance_clock(state, event.ts_ms)
         if event.reason != Reason.DUPLICATE_CONFLICT:  # a conflict must not overwrite the first answer
             _remember(state, event.account_id, event.transaction_id,
-                      Remembered(event.digest, FAILURE, event.reason, event.ts_ms))
+                      Remembered(event.digest, FAILURE, event.reason, event.ts_ms, issued_ms=event.issued_ms))
         return state
 
     account = state.accounts.get(event.account_id)
@@ -160,7 +163,9 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
                 f"account {event.account_id!r} seq {event.seq}: balance {event.balance} {event.currency} does not follow "
                 f"{account.balance_minor} minor units {account.currency} and amount {event.amount}")
         in_flight_count, in_flight_minor = account.in_flight_count, account.in_flight_minor
-        if event_class is TransferDebited:
+        if event_class is TransferCredited:
+            remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms, issued_ms=event.issued_ms)
+        elif event_class is TransferDebited:
             in_flight_count += 1
             in_flight_minor += amount_minor
             remembered = Remembered(event.digest, PENDING, None, event.ts_ms, amount_minor, event.to_account)
