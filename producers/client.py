@@ -31,8 +31,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from schemas.codec import SchemaError, command_digest, decode_outcome, encode
 from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, CLIENT_COMMANDS, LEG_COMMANDS, TRANSACTION_ID_LENGTH_MAX, Close, Command, Deposit, Freeze,
-    Unfreeze, Withdraw, is_valid_id, owner_account,
+    ACCOUNT_ID_LENGTH_MAX, CLIENT_COMMANDS, LEG_COMMANDS, LOCAL_BANK_ACTOR, LOCAL_OPERATOR_ACTOR,
+    TRANSACTION_ID_LENGTH_MAX, Command, is_valid_id, local_credentials, owner_account,
 )
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER
@@ -87,23 +87,6 @@ def wall_clock_ms() -> int:
 
 
 _ACCOUNT_FIELDS = ("account_id", "from_account", "to_account")
-
-# The principals a trusted edge without authentication (`wallet up --auth off`, the CLI, the load
-# generator, tests) uses: the bank rail, the operator, and each account's own id as its owner.
-LOCAL_BANK_ACTOR = "bank"
-LOCAL_OPERATOR_ACTOR = "operator"
-
-
-def local_credentials(command_class: type, owner: str) -> tuple[str, str]:
-    """(actor, role) of a command built by a trusted local edge without authentication: money in
-    and out by the bank rail, status changes by the operator, everything else by the account
-    itself (an account opened this way is owned by its own id)."""
-    if command_class in (Deposit, Withdraw):
-        return LOCAL_BANK_ACTOR, "bank"
-    if command_class in (Freeze, Unfreeze, Close):
-        return LOCAL_OPERATOR_ACTOR, "operator"
-    return owner, "user"
-
 
 def client_command(command_class: type, *, actor: str | None = None, role: str | None = None, **fields) -> Command:
     """A client command with `actor` and `role` (from `local_credentials` where not given), ids checked."""

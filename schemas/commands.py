@@ -160,6 +160,23 @@ CLIENT_COMMANDS = (OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze
 LEG_COMMANDS = (CreditLeg, RefundLeg)
 
 
+# The principals a trusted edge without authentication (`wallet up --auth off`, the CLI, the load
+# generator, tests) uses: the bank rail, the operator, and each account's own id as its owner.
+LOCAL_BANK_ACTOR = "bank"
+LOCAL_OPERATOR_ACTOR = "operator"
+
+
+def local_credentials(command_class: type, owner: str) -> tuple[str, str]:
+    """(actor, role) of a command built by a trusted local edge without authentication: money in
+    and out by the bank rail, status changes by the operator, everything else by the account
+    itself (an account opened this way is owned by its own id)."""
+    if command_class in (Deposit, Withdraw):
+        return LOCAL_BANK_ACTOR, "bank"
+    if command_class in (Freeze, Unfreeze, Close):
+        return LOCAL_OPERATOR_ACTOR, "operator"
+    return owner, "user"
+
+
 def owner_account(command: Command) -> str:
     """The account whose partition decides this command: the record key on `wallet.commands`."""
     return getattr(command, command.owner_field)
