@@ -88,6 +88,15 @@ def wall_clock_ms() -> int:
 
 _ACCOUNT_FIELDS = ("account_id", "from_account", "to_account")
 
+def local_command(command_class: type, **fields) -> Command:
+    """`command_class(**fields)` with the `local_credentials` actor and role where not given; ids not
+    checked (for bulk generators that make their ids themselves)."""
+    actor, role = local_credentials(command_class, fields.get(command_class.owner_field, ""))
+    fields.setdefault("actor", actor)
+    fields.setdefault("role", role)
+    return command_class(**fields)
+
+
 def client_command(command_class: type, *, actor: str | None = None, role: str | None = None, **fields) -> Command:
     """A client command with `actor` and `role` (from `local_credentials` where not given), ids checked."""
     if command_class not in CLIENT_COMMANDS:
