@@ -342,7 +342,9 @@ class LedgerReplay:
         for number, log in sorted(logs.items()):
             cuts = sorted((bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
                           for order, snapshot in enumerate(snapshots) if snapshot.partition == number)
-            cursors.append([log, self.states.setdefault(number, State()), 0, cuts])
+            # Without the memory (cleared below): refunds are checked against debits by the
+            # transfer checks here, not by the fold's pairing with its pending debit.
+            cursors.append([log, self.states.setdefault(number, State(tracks_memory=False)), 0, cuts])
         while cursors:
             for cursor in list(cursors):
                 log, state, position, cuts = cursor
