@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from schemas.codec import decode_command, encode
+from producers.client import local_command
 from schemas.leg_auth import LegKeyring
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.core.machine import apply
