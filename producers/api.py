@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from infra.http import ApiError, FieldError, error_response, error_responses
@@ -36,7 +36,6 @@ from producers.client import (
     PublishError,
     WalletClient,
     canonical_amount,
-    wall_clock_ms,
 )
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX,
@@ -51,6 +50,7 @@ from schemas.commands import (
     Transfer,
     Unfreeze,
     Withdraw,
+    is_valid_id,
 )
 from streams.core.currencies import MINOR_UNITS
 from streams.core.money import AmountError, minor_units_of
@@ -69,12 +69,24 @@ def _id_constraints(length_max: int) -> dict[str, Any]:
     return {"min_length": 1, "max_length": length_max, "pattern": ID_PATTERN}
 
 
+def _valid_id(length_max: int):
+    # The one id rule (schemas.commands.is_valid_id) on top of the schema's pattern, which
+    # documents it for clients and fuzzers.
+    def check(value: str) -> str:
+        if not is_valid_id(value, length_max):
+            raise PydanticCustomError("invalid_id", "ids are 1 to {length_max} letters, digits and . _ : @ -, "
+                                      "starting with a letter or digit", {"length_max": length_max})
+        return value
+    return AfterValidator(check)
+
+
 AccountIdText = Annotated[str, Field(description=f"account id: letters, digits and . _ : @ -, 1 to "
                                                  f"{ACCOUNT_ID_LENGTH_MAX} characters",
-                                     **_id_constraints(ACCOUNT_ID_LENGTH_MAX))]
+                                     **_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
 TransactionIdText = Annotated[str, Field(description=f"client-chosen id of this request, 1 to "
                                                      f"{TRANSACTION_ID_LENGTH_MAX} characters; reuse it to retry the "
-                                                     "same request", **_id_constraints(TRANSACTION_ID_LENGTH_MAX))]
+                                                     "same request", **_id_constraints(TRANSACTION_ID_LENGTH_MAX)),
+                             _valid_id(TRANSACTION_ID_LENGTH_MAX)]
 
 
 def _amount_is_text(value: Any) -> Any:
@@ -199,7 +211,8 @@ _COMMAND_RESPONSES = {
     202: {"model": CommandReply, "description": "pending: the outcome was not known within the wait"},
     **error_responses(400, 401, 403, 413, 415, 422, 429, 503),
 }
-AccountPath = Annotated[str, Path(**_id_constraints(ACCOUNT_ID_LENGTH_MAX))]
+
+AccountPath = Annotated[str, Path(**_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
 WaitMs = Annotated[int | None, Query(ge=0, description="how long to wait for the outcome, in ms "
                                      "(default and maximum are server settings; larger values are capped)")]
 # Who may ask for each command (CONTRACT.md); the first scope the token holds becomes `role`.
@@ -272,7 +285,7 @@ def _who(caller: Principal, scopes: tuple[str, ...]) -> dict[str, Any]:
     """The command's `actor` and `role`: set here, at the trusted edge, never from the body."""
     role = caller.role_for(scopes)
     assert role is not None, f"{caller.sub} passed the gate without any of {scopes}"
-    return {"actor": caller.sub, "role": role, "ts_ms": wall_clock_ms()}
+    return {"actor": caller.sub, "role": role}
 
 
 def command_router(gate: Gate, options: ApiOptions) -> APIRouter:

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from consumers.audit import log_reader
 from producers.client import (
-    CommandPublisher, OutcomeWaiter, WalletClient, canonical_amount, wall_clock_ms,
+    CommandPublisher, OutcomeWaiter, WalletClient, canonical_amount,
 )
 from schemas.codec import decode_event
+from producers.client import local_command
 from schemas.commands import Deposit, Freeze, OpenAccount, Transfer
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
@@ -33,9 +34,6 @@ from streams.core.money import format_amount, minor_units_of, parse_amount_minor
 from streams.core.state import State, fold
 from infra.settings import Settings
 
-# `wallet load` publishes straight to Kafka as a trusted service (not through the HTTP API), so it
-# names itself as the actor: it owns the accounts it opens and moves money only out of them.
-LOAD_ACTOR = "wallet-load"
 # Transfers built and queued per step: big enough to amortise the Python overhead per call,
 # small enough that a rate-limited run stays smooth at 10 ms resolution.
 PUBLISH_SLICE_MAX = 5_000
@@ -180,13 +178,11 @@ def setup_accounts(client: WalletClient, spec: LoadSpec, out: TextIO) -> list[st
     account_ids = spec.account_ids()
     funding = canonical_amount(spec.funding_amount, spec.currency)
     phases = [
-        ("open", [OpenAccount(transaction_id=f"load-{spec.run_id}-open-{a}", ts_ms=wall_clock_ms(), account_id=a,
-                              currency=spec.currency, actor=LOAD_ACTOR, role="user") for a in account_ids]),
-        ("fund", [Deposit(transaction_id=f"load-{spec.run_id}-fund-{a}", ts_ms=wall_clock_ms(), account_id=a,
-                          amount=funding, currency=spec.currency, actor=LOAD_ACTOR, role="bank")
-                  for a in account_ids]),
-        ("freeze", [Freeze(transaction_id=f"load-{spec.run_id}-freeze-{a}", ts_ms=wall_clock_ms(), account_id=a,
-                           actor=LOAD_ACTOR, role="operator")
+        ("open", [local_command(OpenAccount, transaction_id=f"load-{spec.run_id}-open-{a}", account_id=a,
+                              currency=spec.currency) for a in account_ids]),
+        ("fund", [local_command(Deposit, transaction_id=f"load-{spec.run_id}-fund-{a}", account_id=a,
+                          amount=funding, currency=spec.currency) for a in account_ids]),
+        ("freeze", [local_command(Freeze, transaction_id=f"load-{spec.run_id}-freeze-{a}", account_id=a)
                     for a in account_ids[len(account_ids) - spec.frozen_accounts:]]),
     ]
     for name, commands in phases:
@@ -234,7 +230,6 @@ class _TransferFactory:
         amounts = pick(self._amounts, k=count)
         missing_share = self._spec.missing_receiver_share
         draws = [self._random.random() for _ in range(count)] if missing_share else itertools.repeat(1.0)
-        ts_ms = wall_clock_ms()
         prefix, currency, run_id = self._transaction_prefix, self._spec.currency, self._spec.run_id
         transfers = []
         for offset, sender, receiver, amount, draw in zip(range(count), senders, receivers, amounts, draws):
@@ -243,9 +238,8 @@ class _TransferFactory:
                 to_account = f"load-{run_id}-missing-{index}"
             else:
                 to_account = accounts[receiver if receiver != sender else (receiver + 1) % account_count]
-            transfers.append(Transfer(transaction_id=f"{prefix}{index}", ts_ms=ts_ms, from_account=accounts[sender],
-                                      to_account=to_account, amount=amount, currency=currency, actor=LOAD_ACTOR,
-                                      role="user"))
+            transfers.append(local_command(Transfer, transaction_id=f"{prefix}{index}", from_account=accounts[sender],
+                                      to_account=to_account, amount=amount, currency=currency))
         return transfers
 
 

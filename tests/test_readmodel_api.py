@@ -15,7 +15,7 @@ from consumers.readmodel.store import ReadModelStore
 from producers.auth import SCOPES, Gate, RateLimits
 from schemas.events import AccountOpened, Deposited
 from schemas.outcomes import Outcome
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
 from benchmarks.support.reference_pipeline import ReferenceLog, publish
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
@@ -113,12 +113,13 @@ def test_a_read_waits_for_the_callers_own_write_and_answers_409_when_it_does_not
                       if account[3] == "active" and account[0] != _busiest_account(published_log)[0])
     before = client.get(f"/v1/accounts/{account_id}").json()
     currency, sequence = before["currency"], before["sequence"]
-    balance_minor = canonical_minor(before["balance"], currency)
+    balance_minor = canonical_balance_minor(before["balance"], currency)
     transaction_id = f"own-write-{uuid.uuid4().hex[:8]}"
     deposit = Deposited(account_id=account_id, transaction_id=transaction_id, ts_ms=1, command="deposit",
-                        digest=transaction_id, seq=sequence + 1, amount=format_amount(500, currency),
+                        actor="bank", digest=transaction_id, seq=sequence + 1, amount=format_amount(500, currency),
                         currency=currency, balance=format_amount(balance_minor + 500, currency))
-    outcome = Outcome(transaction_id=transaction_id, status="success", digest=transaction_id)
+    outcome = Outcome(transaction_id=transaction_id, account_id=account_id, actor="bank", status="success",
+                      digest=transaction_id)
 
     def write_later() -> None:
         time.sleep(0.3)  # the request below is already waiting
@@ -178,7 +179,7 @@ def test_a_user_reads_only_its_own_accounts_history_and_requests(
         client: TestClient, published_log: PublishedLog, db_url: str) -> None:
     settings = published_log.settings
     owner, account_id, transaction_id = (f"{label}-{uuid.uuid4().hex[:8]}" for label in ("alice", "acct", "tx"))
-    opened = AccountOpened(account_id=account_id, transaction_id=transaction_id, ts_ms=1, command="open_account",
+    opened = AccountOpened(account_id=account_id, transaction_id=transaction_id, ts_ms=1, command="open_account", actor=owner,
                            digest=transaction_id, seq=1, currency="USD", kind="user", balance="0.00", owner=owner)
     log = ReferenceLog.empty(settings.partitions)
     log.add(opened)
