@@ -179,8 +179,8 @@ def test_a_user_reads_only_its_own_accounts_history_and_requests(
         client: TestClient, published_log: PublishedLog, db_url: str) -> None:
     settings = published_log.settings
     owner, account_id, transaction_id = (f"{label}-{uuid.uuid4().hex[:8]}" for label in ("alice", "acct", "tx"))
-    opened = AccountOpened(account_id=account_id, transaction_id=transaction_id, ts_ms=1, command="open_account", actor=owner,
-                           digest=transaction_id, seq=1, currency="USD", kind="user", balance="0.00", owner=owner)
+    opened = AccountOpened(account_id=account_id, transaction_id=transaction_id, ts_ms=1, command="open_account",
+                           actor=owner, digest=transaction_id, seq=1, currency="USD", kind="user", balance="0.00", owner=owner)
     log = ReferenceLog.empty(settings.partitions)
     log.add(opened)
     log.add(Outcome(transaction_id=transaction_id, status="success", digest=transaction_id, account_id=account_id,
