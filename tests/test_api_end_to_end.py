@@ -297,6 +297,11 @@ def test_requests_during_a_broker_outage_get_503_within_a_bound(tmp_path: Path) 
                                               publish_timeout_ms=OUTAGE_PUBLISH_TIMEOUT_MS), auth=auth_config())
         with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S,
                                                          headers=bearer("outage")) as client:
+            # A fresh broker may still be electing the topics' leaders: the outage starts once the API is connected.
+            deadline_s = time.monotonic() + PRIVATE_BROKER_START_TIMEOUT_S
+            while not client.get("/healthz").json()["outcomes_consumer_ready"]:
+                assert time.monotonic() < deadline_s, "the API never connected to the private broker"
+                time.sleep(0.2)
             request = {"account_id": "outage", "currency": "USD", "transaction_id": "outage-open"}
             before = client.post("/v1/accounts", json=request)  # no processor runs: accepted, then pending
             assert (before.status_code, before.json().get("status")) == (202, "pending"), before.text
