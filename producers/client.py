@@ -539,7 +539,8 @@ class OutcomeWaiter:
         """Register interest in the outcome of the request (account_id, transaction_id, digest).
 
         A request is identified by its owning account and its transaction id: two callers who
-        pick the same id for different accounts never get each other's answers.
+        pick the same id for different accounts never get each other's answers. An empty
+        `account_id` matches the outcome of any account (for callers that know only the id).
         """
         expectation = OutcomeExpectation(self, (account_id, transaction_id, digest))
         with self._lock:
@@ -632,8 +633,9 @@ class OutcomeWaiter:
             self.outcomes_seen += len(outcomes)
             for outcome in outcomes:
                 self._record(outcome)
-                key = (outcome.account_id, outcome.transaction_id, outcome.digest)
-                for expectation in self._waiting.pop(key, ()):
+                # account_id "" in `expect` is "any account": for callers that know only the id.
+                exact = self._waiting.pop((outcome.account_id, outcome.transaction_id, outcome.digest), [])
+                for expectation in exact + self._waiting.pop(("", outcome.transaction_id, outcome.digest), []):
                     self._waiting_count -= 1
                     resolved.append((expectation, outcome))
             listeners = list(self._listeners)
