@@ -31,6 +31,7 @@ from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.machine import apply
 from streams.core.money import format_amount
 from streams.core.state import State
+from infra.produce import produce_with_room
 from infra.settings import Settings
 
 # Saga legs waiting before the oldest is delivered: transfers stay in flight across this many
@@ -39,7 +40,7 @@ LEGS_WAITING_MAX = 8
 EVENTS, OUTCOMES = "events", "outcomes"
 TRANSACTION_RECORDS_MAX = 2_000  # records per Kafka transaction when publishing
 PUBLISH_TIMEOUT_S = 120.0  # one flush, transaction commit or metadata request
-PRODUCE_QUEUE_FULL_WAIT_S = 30.0
+PRODUCE_QUEUE_FULL_WAIT_MS = 30_000
 ABORTED_TRANSACTION_PREFIX = "aborted-"
 
 
@@ -313,14 +314,5 @@ def _producer_config(bootstrap: str) -> dict:
 
 def _produce(producer: Producer, topic: str, key: bytes, value: bytes, partition: int,
              headers: list | None = None, on_delivery=None) -> None:
-    waited_s = 0.0
-    while True:
-        try:
-            producer.produce(topic, value, key, partition, headers=headers, on_delivery=on_delivery)
-            return
-        except BufferError:
-            # The local queue is full: let deliveries drain it rather than drop a record.
-            if waited_s >= PRODUCE_QUEUE_FULL_WAIT_S:
-                raise RuntimeError(f"producer queue to {topic} stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s") from None
-            producer.poll(0.1)
-            waited_s += 0.1
+    produce_with_room(producer, topic, value, key, partition=partition, headers=headers, on_delivery=on_delivery,
+                      queue_full_wait_ms=PRODUCE_QUEUE_FULL_WAIT_MS)

@@ -19,6 +19,7 @@ from schemas.codec import command_digest, decode_outcome
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.cli import state_dump
 from streams.runtime.processor import Processor, ProcessorConfig
+from streams.runtime.transactions import TransactionAborted
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 from tests.support.processes import ProcessorProcess
 
@@ -182,17 +183,18 @@ def test_a_transaction_that_fails_to_commit_is_redone_from_the_log_not_guessed(m
                           to_account=accounts[(i * 7 + 1) % 20], amount="1.25", currency="USD") for i in range(300)]
     processor = Processor(settings, ProcessorConfig(instance_id="flaky", store_path=settings.run_dir / "flaky",
                                                     batch_size_max=100))
-    commit = processor._commit
+    transactions = processor._transactions
+    commit = transactions.commit
     commits = []
 
-    def commit_failing_now_and_then(offsets):
+    def commit_failing_now_and_then(offsets, group_metadata):
         commits.append(offsets)
         if len(commits) in (1, 4):
-            processor._producer.abort_transaction(30)  # as if the commit had failed and been aborted
-            return False
-        return commit(offsets)
+            transactions.abort()  # as if the commit had failed and been aborted
+            raise TransactionAborted("injected: the commit failed")
+        return commit(offsets, group_metadata)
 
-    processor._commit = commit_failing_now_and_then
+    transactions.commit = commit_failing_now_and_then
     publish(command_producer(settings), settings, funding)
 
     def drive():

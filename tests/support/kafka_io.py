@@ -10,6 +10,7 @@ from consumers.audit import log_reader
 from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
+from infra.produce import produce_with_room
 from infra.settings import Settings
 
 READ_TIMEOUT_S = 60.0
@@ -22,12 +23,7 @@ def command_producer(settings: Settings) -> Producer:
 
 def publish(producer: Producer, settings: Settings, commands: list[Command]) -> None:
     for command in commands:
-        while True:
-            try:
-                producer.produce(settings.commands_topic, encode(command), owner_account(command))
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_with_room(producer, settings.commands_topic, encode(command), owner_account(command))
     remaining = producer.flush(30)
     assert remaining == 0, f"{remaining} commands were not delivered within 30 s"
 
