@@ -19,6 +19,7 @@ times while librdkafka calls its error retriable.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ log = logging.getLogger("wallet.processor")
 
 CALL_TIMEOUT_S_DEFAULT = 30.0
 COMMIT_ATTEMPTS_MAX_DEFAULT = 3
+INIT_RETRY_INTERVAL_S = 0.1
 
 # librdkafka errors that mean this program (or its configuration) is wrong, not the broker
 # or the network: a new producer would fail the same way, so they crash the process.
@@ -78,12 +80,18 @@ class TransactionalProducer:
 
     def _initialised(self) -> Producer:
         producer = Producer(self._config)
-        try:
-            # Fences any earlier producer with this transactional id and settles its open transaction.
-            producer.init_transactions(self._call_timeout_s)
-        except KafkaException as error:
-            raise classify(error, "initialising the transactional producer") from error
-        return producer
+        deadline_s = time.monotonic() + self._call_timeout_s
+        while True:
+            try:
+                # Fences any earlier producer with this transactional id and settles its open transaction.
+                producer.init_transactions(max(deadline_s - time.monotonic(), 0.001))
+                return producer
+            except KafkaException as error:
+                # A retriable error (the coordinator is loading or moving) may be retried by
+                # contract; within the same bound as one call.
+                if not error.args[0].retriable() or time.monotonic() >= deadline_s:
+                    raise classify(error, "initialising the transactional producer") from error
+                time.sleep(INIT_RETRY_INTERVAL_S)
 
     def begin(self) -> None:
         try:

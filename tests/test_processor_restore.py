@@ -1,0 +1,106 @@
+"""Restore reads everything the previous owner committed, on a real broker (issue 12, item 11).
+
+The previous owner's last commit writes its transaction markers to `__consumer_offsets` and to
+`wallet.events` separately, and `Consumer.committed()` waits only for the first. These tests
+hold a transaction open on an events partition, the state a restore can meet between those
+two writes, and show what a read_committed read does then and what the restore does.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer, Producer
+
+from infra.admin import admin_client
+from infra.kafka_clients import restore_consumer_config
+from schemas.codec import encode
+from schemas.commands import OpenAccount
+from schemas.partitioning import KAFKA_PARTITIONER
+from streams.core.machine import apply
+from streams.core.state import State
+from streams.runtime.restore import fold_event_tail, stable_ends
+
+OPEN_TRANSACTION_HELD_S = 1.5
+TIMEOUT_S = 30
+
+
+def _opening_events(account_id: str) -> list[bytes]:
+    decision = apply(State(), OpenAccount(transaction_id=f"open-{account_id}", ts_ms=1, account_id=account_id,
+                                          currency="USD"))
+    return [encode(event) for event in decision.events]
+
+
+def _open_transaction(settings, account_id: str) -> Producer:
+    """A transactional producer whose records on events partition 0 are written but not committed."""
+    producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
+                         "transactional.id": f"{settings.topic_prefix}previous-owner-{uuid.uuid4().hex[:6]}"})
+    producer.init_transactions(TIMEOUT_S)
+    producer.begin_transaction()
+    for value in _opening_events(account_id):
+        producer.produce(settings.events_topic, value, account_id, partition=0)
+    assert producer.flush(TIMEOUT_S) == 0  # in the log, above the last stable offset
+    return producer
+
+
+def _restore_consumer(settings) -> Consumer:
+    return Consumer(restore_consumer_config(settings.bootstrap, settings.processor_group_id, uuid.uuid4().hex[:6]))
+
+
+def test_a_read_committed_read_ends_before_a_transaction_still_open(make_settings):
+    """The hazard: a read to the end, alone, stops at the last stable offset of the moment."""
+    settings = make_settings(1)
+    previous_owner = _open_transaction(settings, "late-alice")
+    consumer = _restore_consumer(settings)
+    try:
+        state = State()
+        fold_event_tail(consumer, settings.events_topic, {0: (state, 0)}, {0: 0}, TIMEOUT_S)
+        assert "late-alice" not in state.accounts, "read_committed must not show an open transaction"
+        previous_owner.commit_transaction(TIMEOUT_S)
+        # Committed now, and the read above had already ended without it: a restore that
+        # trusted it would decide on a state missing the previous owner's last events.
+    finally:
+        consumer.close()
+
+
+def test_restore_waits_for_a_transaction_open_on_the_events_partition_and_folds_it(make_settings):
+    settings = make_settings(1)
+    previous_owner = _open_transaction(settings, "late-bob")
+    admin = admin_client(settings.bootstrap)
+    consumer = _restore_consumer(settings)
+    state = State()
+    finished: list[float] = []
+
+    def restore() -> None:
+        ends = stable_ends(admin, settings.events_topic, [0], TIMEOUT_S)
+        fold_event_tail(consumer, settings.events_topic, {0: (state, 0)}, ends, TIMEOUT_S)
+        finished.append(time.monotonic())
+
+    restorer = threading.Thread(target=restore, daemon=True)
+    try:
+        restorer.start()
+        time.sleep(OPEN_TRANSACTION_HELD_S)
+        assert not finished, "the restore ended while a transaction was still open on the partition"
+        committed_s = time.monotonic()
+        previous_owner.commit_transaction(TIMEOUT_S)
+        restorer.join(TIMEOUT_S)
+        assert finished and finished[0] >= committed_s
+        assert "late-bob" in state.accounts, "the previous owner's committed events were not folded"
+    finally:
+        consumer.close()
+
+
+def test_restore_after_an_aborted_transaction_ends_without_its_records(make_settings):
+    settings = make_settings(1)
+    previous_owner = _open_transaction(settings, "never-carol")
+    previous_owner.abort_transaction(TIMEOUT_S)
+    consumer = _restore_consumer(settings)
+    try:
+        state = State()
+        ends = stable_ends(admin_client(settings.bootstrap), settings.events_topic, [0], TIMEOUT_S)
+        next_offsets = fold_event_tail(consumer, settings.events_topic, {0: (state, 0)}, ends, TIMEOUT_S)
+        assert ends[0] > 0 and "never-carol" not in state.accounts
+        assert next_offsets == {0: 0}
+    finally:
+        consumer.close()
