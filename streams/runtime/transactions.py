@@ -72,6 +72,7 @@ class TransactionalProducer:
         self._call_timeout_s = call_timeout_s
         self._commit_attempts_max = commit_attempts_max
         self._queue_full_wait_ms = int(call_timeout_s * 1000)
+        self._in_transaction = False  # between begin() and a commit or abort that returned
         self._producer = self._initialised()
 
     @property
@@ -98,6 +99,7 @@ class TransactionalProducer:
             self._producer.begin_transaction()
         except KafkaException as error:
             raise classify(error, "beginning a transaction") from error
+        self._in_transaction = True
 
     def send(self, topic: str, value: bytes, key: str | bytes | None, partition: int | None = None,
              on_delivery: Callable[..., Any] | None = None) -> None:
@@ -135,6 +137,7 @@ class TransactionalProducer:
             for attempt in range(1, self._commit_attempts_max + 1):
                 try:
                     self._producer.commit_transaction(self._call_timeout_s)
+                    self._in_transaction = False
                     return
                 except KafkaException as error:
                     if not error.args[0].retriable() or attempt == self._commit_attempts_max:
@@ -148,9 +151,12 @@ class TransactionalProducer:
             raise failure from error
 
     def abort(self) -> bool:
-        """Aborts the open transaction if the broker can be reached; True when it did."""
+        """Aborts the open transaction if the broker can be reached; True when it did (or none was open)."""
+        if not self._in_transaction:
+            return True
         try:
             self._producer.abort_transaction(self._call_timeout_s)
+            self._in_transaction = False
             return True
         except KafkaException as error:
             log.error("abort failed: %s", error)
@@ -162,11 +168,16 @@ class TransactionalProducer:
             self._producer.abort_transaction(self._call_timeout_s)
         except KafkaException as error:
             raise classify(error, "aborting an empty transaction") from error
+        self._in_transaction = False
 
     def replace(self) -> None:
         """Drops the producer (and whatever it still queues) and starts a new one with the same id."""
-        self._producer.purge()  # the old transaction's records must not outlive it
-        self._producer.flush(0)
+        try:
+            self._producer.purge()  # the old transaction's records must not outlive it
+            self._producer.flush(0)
+        except KafkaException as error:
+            log.warning("the replaced producer reports: %s", error)  # it is dropped either way
+        self._in_transaction = False
         self._producer = self._initialised()
 
     def poll(self, timeout_s: float = 0.0) -> int:
