@@ -20,8 +20,8 @@ from infra.kafka_clients import restore_consumer_config
 from schemas.codec import encode
 from schemas.commands import OpenAccount
 from schemas.partitioning import KAFKA_PARTITIONER
-from streams.core.machine import apply
 from streams.cli import state_dump
+from streams.core.machine import apply
 from streams.core.state import State
 from streams.runtime.restore import fold_event_tail, stable_ends
 
@@ -138,8 +138,8 @@ def test_rebalances_right_after_commits_lose_and_double_nothing(make_settings):
         publisher = _publish_steadily(settings, transfers, duration_s=REBALANCES * 12)
         for round_number in range(1, REBALANCES + 1):
             second.start()
-            wait_for(lambda: second.log_path.read_text(errors="replace").count("assigned partitions") >= round_number,
-                     ASSIGNED_TIMEOUT_S, f"owner-b taking partitions (round {round_number})")
+            wait_for(lambda rounds=round_number: _assignments(second) >= rounds, ASSIGNED_TIMEOUT_S,
+                     f"owner-b taking partitions (round {round_number})")
             assert second.stop() == 0, second.log_tail()
             # Static membership: the partitions come back to owner-a when owner-b's session ends.
             wait_for(lambda: _owned_now(first) == set(range(settings.partitions)), ASSIGNED_TIMEOUT_S,
@@ -152,6 +152,10 @@ def test_rebalances_right_after_commits_lose_and_double_nothing(make_settings):
         first.stop()
         second.stop() if second.process and second.process.poll() is None else None
     check_ledger(settings, funding + transfers, [state_dump(first.store), state_dump(second.store)])
+
+
+def _assignments(instance) -> int:
+    return instance.log_path.read_text(errors="replace").count("assigned partitions")
 
 
 def _owned_now(instance) -> set[int]:

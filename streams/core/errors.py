@@ -1,12 +1,13 @@
-"""The one exception the core raises on purpose.
+"""The one exception the runtime may dead-letter.
 
-Bugs crash, bad input does not: a record the core cannot decide (a forged, malformed or
-unmatched saga leg) raises `UndecidableInput` before anything is folded, and that is the
-only exception the processor dead-letters. Anything else out of the core (an
-`AssertionError` of a broken invariant, a `KeyError`) is a bug and stops the process.
+`UndecidableInput`: a record the core cannot decide at all (a saga leg that is not a positive
+canonical amount of a known currency, a refund that matches no pending debit, ...). The core
+raises it before folding anything, so the state is untouched, and the processor sends the
+record to `wallet.dlq` with the reason. Every other exception out of the core is a bug (a
+broken invariant) and must stop the process loudly.
 """
 from __future__ import annotations
 
 
-class UndecidableInput(ValueError):
-    """The command cannot be decided: it is bad input, not a bug; the state is untouched."""
+class UndecidableInput(Exception):
+    """A record the core refuses to decide; the state is unchanged."""

@@ -102,13 +102,15 @@ class Processor:
         self._tasks: dict[int, _Task] = {}
         self._store = StateStore(config.store_path)
         self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
-        self._restore_consumer = Consumer(restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
+        self._restore_consumer = Consumer(
+            restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
         self._admin = admin_client(settings.bootstrap)
         self._transactions = TransactionalProducer(
             processor_producer_config(settings.bootstrap, self.transactional_id, config.transaction_timeout_ms),
             settings.dlq_topic, call_timeout_s=self._call_timeout_s, commit_attempts_max=config.commit_attempts_max)
         self._partition_count = self._check_topics()
-        self._owner_partition = lru_cache(maxsize=1 << 20)(lambda account: partition_for(account, self._partition_count))
+        self._owner_partition = lru_cache(maxsize=1 << 20)(
+            lambda account: partition_for(account, self._partition_count))
         self._last_flush_s = time.monotonic()
         self._report_s = time.monotonic()
         self._reported = 0
@@ -246,7 +248,8 @@ class Processor:
 
         send, events_topic = self._transactions.send, self.settings.events_topic
         for index, (partition, key, value) in enumerate(events):
-            send(events_topic, value, key, partition, checkpoint_on_delivery if last_index[partition] == index else None)
+            on_delivery = checkpoint_on_delivery if last_index[partition] == index else None
+            send(events_topic, value, key, partition, on_delivery)
 
     def _recover(self, why: str) -> None:
         """Throws away the failed batch, replaces the producer and rebuilds every owned partition."""

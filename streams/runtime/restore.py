@@ -111,9 +111,10 @@ def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tupl
                         remaining.discard(record.partition())
                         continue
                     raise KafkaException(error)
-                partition = record.partition()
-                fold(tails[partition][0], decode_event(record.value()))
-                next_offsets[partition] = record.offset() + 1
+                partition, offset, value = record.partition(), record.offset(), record.value()
+                assert partition is not None and offset is not None and value is not None, "a record without data"
+                fold(tails[partition][0], decode_event(value))
+                next_offsets[partition] = offset + 1
                 folded += 1
     finally:
         consumer.unassign()

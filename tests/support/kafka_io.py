@@ -7,11 +7,11 @@ from typing import NamedTuple
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.audit import log_reader
+from infra.produce import produce_with_room
+from infra.settings import Settings
 from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
-from infra.produce import produce_with_room
-from infra.settings import Settings
 
 READ_TIMEOUT_S = 60.0
 
@@ -43,7 +43,7 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = READ_TIMEOUT_S
     return [LoggedRecord(number, offset, key, value, dict(headers or ()))
             for number, partition in sorted(log.partitions.items())
             for offset, key, value, headers in zip(partition.offsets, partition.keys, partition.values,
-                                                   partition.headers)]
+                                                   partition.headers, strict=True)]
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
