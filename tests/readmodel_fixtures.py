@@ -39,7 +39,7 @@ from schemas.events import (
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
-from streams.reference_pipeline import decide, publish, workload
+from benchmarks.support.reference_pipeline import decide, publish, workload
 from infra.settings import Settings
 from infra.admin import admin_client
 
@@ -147,7 +147,7 @@ def db_url(make_db_url: Callable[[], str]) -> str:
     return make_db_url()
 
 
-# The log the Kafka tests read: decided in-process by the core (streams/reference_pipeline.py)
+# The log the Kafka tests read: decided in-process by the core (benchmarks/support/reference_pipeline.py)
 # and published to real topics, with transfers still in flight and one aborted transaction.
 
 LOG_ACCOUNT_COUNT = 150

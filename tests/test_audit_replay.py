@@ -30,7 +30,7 @@ from schemas.events import CommandRejected, Deposited, TransferCredited, Transfe
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import canonical_minor, format_amount
 from streams.core.state import State, fold
-from streams.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
+from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from wallet.cli import main
 
 PARTITIONS = 4

@@ -14,7 +14,7 @@ import pytest
 
 from consumers.readmodel.consumer import end_offsets, read_lag
 from consumers.readmodel.store import TABLES, ReadModelStore
-from streams.reference_pipeline import ABORTED_TRANSACTION_PREFIX
+from benchmarks.support.reference_pipeline import ABORTED_TRANSACTION_PREFIX
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)

@@ -9,7 +9,7 @@ from consumers.readmodel.store import Batch, ConcurrentWriterError, ReadModelSto
 from schemas.events import MONEY_EVENTS
 from schemas.outcomes import Outcome
 from streams.core.state import CorruptLog
-from streams.reference_pipeline import decide, workload
+from benchmarks.support.reference_pipeline import decide, workload
 from infra.settings import Settings
 
 pytest_plugins = ["tests.readmodel_fixtures"]
