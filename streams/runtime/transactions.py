@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from infra.produce import QueueFullTimeout, produce_with_room
+from infra.produce import Headers, QueueFullTimeout, produce_with_room
 
 log = logging.getLogger("wallet.processor")
 
@@ -114,7 +114,7 @@ class TransactionalProducer:
     def dead_letter(self, record, reason: str) -> None:
         """The record's original bytes to the dead-letter topic, with where it came from and why."""
         log.warning("dead-lettering %s[%d]@%d: %s", record.topic(), record.partition(), record.offset(), reason)
-        headers = [("error", reason.encode()), ("source_topic", record.topic().encode()),
+        headers: Headers = [("error", reason.encode()), ("source_topic", record.topic().encode()),
                    ("source_partition", str(record.partition()).encode()),
                    ("source_offset", str(record.offset()).encode())]
         try:
