@@ -41,7 +41,7 @@ def private_broker(tmp_path):
     settings = Settings(kafka_bootstrap="", run_dir=tmp_path, topic_prefix="outage.", partitions=1,
                         local_kafka_port=kafka_port, local_controller_port=controller_port)
     localkafka.fetch_jars(settings)
-    started = localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True)
+    started = localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True, sasl=False)
     try:
         ensure_topics(settings, timeout_s=30)
         _wait_for_the_transaction_coordinator(settings)

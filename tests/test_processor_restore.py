@@ -16,7 +16,7 @@ import uuid
 from confluent_kafka import Consumer, Producer
 
 from infra.admin import admin_client
-from infra.kafka_clients import restore_consumer_config
+from infra.kafka_clients import kafka_security, restore_consumer_config
 from schemas.codec import encode
 from schemas.commands import OpenAccount
 from schemas.partitioning import KAFKA_PARTITIONER
@@ -37,7 +37,8 @@ def _opening_events(account_id: str) -> list[bytes]:
 
 def _open_transaction(settings, account_id: str) -> Producer:
     """A transactional producer whose records on events partition 0 are written but not committed."""
-    producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
+    producer = Producer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
+                         "partitioner": KAFKA_PARTITIONER,
                          "transactional.id": f"{settings.topic_prefix}previous-owner-{uuid.uuid4().hex[:6]}"})
     producer.init_transactions(TIMEOUT_S)
     producer.begin_transaction()

@@ -104,7 +104,7 @@ class Processor:
         self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
         self._restore_consumer = Consumer(
             restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
-        self._admin = admin_client(settings.bootstrap)
+        self._admin = admin_client(settings.bootstrap, role="processor")  # the restore's offset queries
         self._transactions = TransactionalProducer(
             processor_producer_config(settings.bootstrap, self.transactional_id, config.transaction_timeout_ms),
             settings.dlq_topic, call_timeout_s=self._call_timeout_s, commit_attempts_max=config.commit_attempts_max)
