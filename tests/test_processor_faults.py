@@ -20,7 +20,7 @@ from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.cli import state_dump
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.transactions import TransactionAborted
-from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
+from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic, wait_for
 from tests.support.processes import ProcessorProcess
 
 ACCOUNTS = 1_000
@@ -134,7 +134,9 @@ def test_a_second_instance_joining_and_leaving_mid_stream_moves_partitions_not_m
         publisher = _publish_steadily(settings, transfers, duration_s=8)
         time.sleep(2)
         second.start()
-        time.sleep(3)
+        # Stopped once it has taken partitions: a SIGTERM while Python still imports kills it.
+        wait_for(lambda: "assigned partitions" in second.log_tail(200), DRAIN_TIMEOUT_S, "the second instance to join")
+        time.sleep(1)
         assert second.stop() == 0, second.log_tail()
         publisher.join(timeout=120)
         outcomes.wait_all({t.transaction_id for t in transfers}, timeout_s=DRAIN_TIMEOUT_S)

@@ -99,6 +99,9 @@ class Processor:
         self.transactional_id = settings.processor_transactional_id(config.instance_id)
         self._call_timeout_s = config.kafka_call_timeout_ms / 1000
         self._stopping = False
+        # First: a SIGTERM while the clients start (init_transactions can take seconds) is a stop.
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
         self._tasks: dict[int, _Task] = {}
         self._store = StateStore(config.store_path)
         self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
@@ -125,8 +128,6 @@ class Processor:
         # Let the young generation grow to a batch's worth of short-lived tuples and lists before
         # a pass: at the default of 700 the collector cost several microseconds per command.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
         self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("instance %s started (group %s, transactional id %s)", self.config.instance_id, self.group_id,
