@@ -7,7 +7,6 @@ errors come in two kinds, decided in one place (`streams/runtime/transactions.py
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -18,6 +17,7 @@ from streams.cli import state_dump
 from streams.core.errors import UndecidableInput
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.transactions import TransactionAborted, TransactionBug, classify
+from tests.support.commands import edge
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 
 OUTCOME_TIMEOUT_S = 60
@@ -82,16 +82,15 @@ def _drive(settings, steps) -> threading.Thread:
 
 def test_a_bug_in_the_core_stops_the_processor_before_its_batch_commits(make_settings, monkeypatch):
     settings = make_settings(1)
-    now_ms = int(time.time() * 1000)
     _apply_refusing("explode", AssertionError("a broken invariant"), monkeypatch)
     processor = _in_process(settings, "buggy")
 
     def steps(outcomes) -> None:
         publish(command_producer(settings), settings,
-                [OpenAccount(transaction_id="open-dave", ts_ms=now_ms, account_id="dave", currency="USD")])
+                [edge(OpenAccount, transaction_id="open-dave", account_id="dave", currency="USD")])
         outcomes.wait("open-dave", timeout_s=OUTCOME_TIMEOUT_S)
         publish(command_producer(settings), settings, [
-            Deposit(transaction_id="explode", ts_ms=now_ms + 1, account_id="dave", amount="3.00", currency="USD")])
+            edge(Deposit, transaction_id="explode", account_id="dave", amount="3.00", currency="USD")])
 
     driver = _drive(settings, steps)
     with pytest.raises(AssertionError, match="a broken invariant"):
@@ -107,16 +106,15 @@ def test_a_bug_in_the_core_stops_the_processor_before_its_batch_commits(make_set
 
 def test_undecidable_input_is_dead_lettered_and_processing_continues(make_settings, monkeypatch):
     settings = make_settings(1)
-    now_ms = int(time.time() * 1000)
     _apply_refusing("forged", UndecidableInput("no pending debit matches this refund"), monkeypatch)
     processor = _in_process(settings, "careful")
-    forged = Deposit(transaction_id="forged", ts_ms=now_ms + 1, account_id="erin", amount="9.00", currency="USD")
+    forged = edge(Deposit, transaction_id="forged", account_id="erin", amount="9.00", currency="USD")
 
     def steps(outcomes) -> None:
         try:
             publish(command_producer(settings), settings, [
-                OpenAccount(transaction_id="open-erin", ts_ms=now_ms, account_id="erin", currency="USD"), forged,
-                Deposit(transaction_id="after", ts_ms=now_ms + 2, account_id="erin", amount="1.00", currency="USD")])
+                edge(OpenAccount, transaction_id="open-erin", account_id="erin", currency="USD"), forged,
+                edge(Deposit, transaction_id="after", account_id="erin", amount="1.00", currency="USD")])
             assert outcomes.wait("after", timeout_s=OUTCOME_TIMEOUT_S)[0].status == "success"
         finally:
             processor.stop()

@@ -24,14 +24,15 @@ from streams.cli import state_dump
 from streams.core.machine import apply
 from streams.core.state import State
 from streams.runtime.restore import fold_event_tail, stable_ends
+from tests.support.commands import edge
 
 OPEN_TRANSACTION_HELD_S = 1.5
 TIMEOUT_S = 30
 
 
 def _opening_events(account_id: str) -> list[bytes]:
-    decision = apply(State(), OpenAccount(transaction_id=f"open-{account_id}", ts_ms=1, account_id=account_id,
-                                          currency="USD"))
+    decision = apply(State(), edge(OpenAccount, transaction_id=f"open-{account_id}", account_id=account_id,
+                                   currency="USD"), 1)
     return [encode(event) for event in decision.events]
 
 

@@ -26,16 +26,27 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_LOG_APPEND_TIME,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from infra.admin import admin_client
 from infra.kafka_clients import processor_consumer_config, processor_producer_config, restore_consumer_config
+from infra.secrets import leg_keys_text
 from infra.settings import Settings
 from schemas.codec import SchemaError, decode_command, encode
+from schemas.commands import LEG_COMMANDS
 from schemas.events import CommandRejected
+from schemas.leg_auth import LegKeyring
+from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
 from streams.core.errors import UndecidableInput
-from streams.core.machine import Decision, apply
+from streams.core.machine import Decision, apply, dead_letter_outcome
 from streams.core.state import State, memory_horizon_ms
 from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
@@ -103,6 +114,8 @@ class Processor:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self._tasks: dict[int, _Task] = {}
+        # The processors' leg keys: every leg is verified before the core sees it, every emitted leg signed.
+        self._keyring = LegKeyring.parse(leg_keys_text(settings))
         self._store = StateStore(config.store_path)
         self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
         self._restore_consumer = Consumer(
@@ -200,26 +213,44 @@ class Processor:
 
     def _decide(self, task: _Task, record) -> Decision | None:
         """The core's decision on one record, or None when the record was dead-lettered."""
+        partition = task.partition
+        timestamp_type, record_time_ms = record.timestamp()
+        if timestamp_type != TIMESTAMP_LOG_APPEND_TIME:
+            # The time that decides must be the broker's: a producer's CreateTime would let
+            # clients move the partition's clock (and with it the idempotency window).
+            raise RuntimeError(f"{record.topic()}[{partition}]@{record.offset()} has timestamp type "
+                               f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
+                               f"message.timestamp.type=LogAppendTime (wallet topics create)")
         try:
             command = decode_command(record.value())
         except SchemaError as schema_error:
-            self._transactions.dead_letter(record, str(schema_error))
+            self._dead_letter(record, str(schema_error), dead_letter_outcome(record.value(), Reason.INVALID_COMMAND))
             return None
         owner = getattr(command, command.owner_field)
-        partition = task.partition
         if self._owner_partition(owner) != partition:
-            self._transactions.dead_letter(
+            self._dead_letter(
                 record, f"command for account {owner!r} arrived on partition {partition}, but the account belongs "
                         f"to partition {self._owner_partition(owner)}: its producer does not use the murmur2 "
-                        f"partitioner")
+                        f"partitioner", dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command))
             return None
+        if type(command) in LEG_COMMANDS:
+            refused = self._keyring.verify(command)
+            if refused is not None:
+                self._dead_letter(record, refused)
+                return None
         try:
-            return apply(task.state, command)
-        except UndecidableInput as refused:
-            # The core raises it before folding anything, so the state is untouched. Any other
+            return apply(task.state, command, record_time_ms)
+        except UndecidableInput as undecidable:
+            # The core raises before folding anything, so the state is untouched. Any other
             # exception is a bug and stops the process, before the batch commits.
-            self._transactions.dead_letter(record, f"the state machine cannot decide it: {refused}")
+            self._dead_letter(record, f"the state machine cannot decide it: {undecidable}")
             return None
+
+    def _dead_letter(self, record, reason: str, outcome: Outcome | None = None) -> None:
+        self._transactions.dead_letter(record, reason)
+        if outcome is not None:
+            # The client that sent it would otherwise wait `pending` forever.
+            self._transactions.send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)
 
     def _emit(self, task: _Task, decision: Decision, batch: _Batch) -> None:
         """Queues the decision's events for the batch and sends its legs and outcome now."""
@@ -233,7 +264,7 @@ class Processor:
             changed_memory.add((account_id, event.transaction_id))
         send = self._transactions.send
         for leg in decision.follow_ups:
-            send(self.settings.commands_topic, encode(leg), getattr(leg, leg.owner_field))
+            send(self.settings.commands_topic, encode(self._keyring.sign(leg)), getattr(leg, leg.owner_field))
         outcome = decision.outcome
         if outcome is not None:
             send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)
