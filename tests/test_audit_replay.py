@@ -22,7 +22,8 @@ from confluent_kafka.admin import AdminClient
 
 from consumers.audit import run_audit
 from consumers.audit.balance import balance_at, parse_time_ms
-from consumers.audit.checks import Kind, accounts_view
+from consumers.audit.snapshots import accounts_view
+from consumers.audit.violations import Kind
 from consumers.audit.log_reader import read_topic
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
 from schemas.commands import CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Withdraw

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from consumers.audit.checks import CurrencyTotals, DeterminismResult, InFlight, Violation
+from consumers.audit.conservation import CurrencyTotals
+from consumers.audit.determinism import DeterminismResult
+from consumers.audit.transfers import InFlight
+from consumers.audit.violations import Violation
 
 # The text report shows this many violations of each kind; the JSON report has them all.
 TEXT_VIOLATIONS_PER_KIND_MAX = 20

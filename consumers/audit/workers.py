@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import TypeVar
 
-from consumers.audit.checks import DeterminismResult, LedgerReplay, StateSnapshot, check_determinism
+from consumers.audit.determinism import DeterminismResult, check_determinism
+from consumers.audit.ledger import LedgerReplay
 from consumers.audit.log_reader import PartitionLog
+from consumers.audit.snapshots import StateSnapshot
 
 PARALLEL_RECORDS_MIN = 100_000
 PROGRESS_POLL_S = 0.2  # how often the parent reads the workers' shared progress counter
