@@ -123,19 +123,21 @@ def read_model_snapshots(db_url: str, settings: Settings, count: int) -> list[St
     finally:
         store.close()
     by_partition: dict[int, dict[str, dict]] = {number: {} for number in range(count)}
-    for account_id, currency, kind, status, balance_minor, sequence in rows:
-        view = account_view(Account(currency, kind, status, balance_minor, sequence))
-        by_partition[partition_for(account_id, count)][account_id] = view
+    for row in rows:
+        view = account_view(Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence))
+        by_partition[partition_for(row.account_id, count)][row.account_id] = view
     return [StateSnapshot("read_model", name, number, offsets_before.get((settings.events_topic, number), 0), accounts)
             for number, accounts in by_partition.items()]
 
 
-def _stable_accounts(store, name: str) -> tuple[dict, list[tuple]]:
+def _stable_accounts(store, name: str) -> tuple[dict, list]:
     """(offsets, account rows) read while no batch was written in between."""
+    from consumers.readmodel.projection import AccountRow
+
     try:
         for _ in range(READ_MODEL_STABLE_READ_ATTEMPTS_MAX):
             offsets_before = store.offsets()
-            rows = store.table_rows("accounts")
+            rows = [AccountRow(*row) for row in store.table_rows("accounts")]
             if store.offsets() == offsets_before:
                 return offsets_before, rows
             time.sleep(READ_MODEL_RETRY_WAIT_S)
