@@ -283,3 +283,28 @@ def test_a_whole_transfer_written_twice_is_named():
     # repetition gives it away, named on the second debit and the second credit.
     assert {(v.kind, v.transaction_id) for v in violations} == {(Kind.DEBITED_TWICE, "t-1"),
                                                                 (Kind.SETTLED_TWICE, "t-1")}
+
+
+def test_every_money_event_is_listed_with_its_actor_when_asked(monkeypatch):
+    from consumers.audit import workers
+
+    log = _log()
+    events, outcomes = _partition_logs(log.events), _partition_logs(log.outcomes)
+
+    def movements(worker_count: int) -> list:
+        replay = LedgerReplay("events", "outcomes", PARTITIONS, record_movements=True)
+        replay.index_outcomes(outcomes.values())
+        workers.replay_events(replay, events, (), worker_count, None)
+        return sorted(replay.movements)
+
+    monkeypatch.setattr(workers, "PARALLEL_RECORDS_MIN", 0)
+    alone = movements(1)
+    assert alone == movements(2)
+    assert sorted((m.type, m.account_id, m.transaction_id, m.amount_minor) for m in alone) == sorted([
+        ("deposited", SENDER, "d-s", 1000), ("transfer_debited", SENDER, "t-1", -400),
+        ("transfer_credited", RECEIVER, "t-1", 400), ("transfer_debited", SENDER, "t-2", -100),
+        ("transfer_refunded", SENDER, "t-2", 100)])
+    logged_actors = {(event.transaction_id, getattr(event, "actor", None)) for records in log.events
+                     for event in map(lambda record: decode_event(record.value), records)}
+    assert {(m.transaction_id, m.actor) for m in alone} <= logged_actors
+    assert LedgerReplay("events", "outcomes", PARTITIONS).movements is None  # not kept unless asked

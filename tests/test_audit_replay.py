@@ -189,6 +189,12 @@ def test_cli_exit_code_and_json_report(clean_settings, tmp_path, capsys):
     assert main([*prefix, "audit", "--json", "--no-progress"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["passed"] and document["violation_count"] == 0 and document["events_replayed"] > 0
+    # Who moved money: every money event, with its actor.
+    movements = document["movements"]
+    assert {movement["type"] for movement in movements} == {"deposited", "withdrawn", "transfer_debited",
+                                                            "transfer_credited", "transfer_refunded"}
+    assert all(set(movement) >= {"account_id", "transaction_id", "amount", "currency", "actor", "offset"}
+               for movement in movements)
 
     dump_file = tmp_path / "dump.json"
     dump_file.write_text(json.dumps({"partitions": {"0": {"events_offset": 1, "accounts": {}}}}))

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="the pipeline has been drained: a transfer still in flight is a violation")
     audit.add_argument("--no-determinism", action="store_true",
                        help="skip re-deciding wallet.commands (the slowest check)")
-    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON, with every money event and "
+                       "its actor (who moved the money) under \"movements\"")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     audit.add_argument("--workers", type=int, metavar="N",
                        help="processes the replays are split between (default: one per core)")
@@ -67,7 +68,7 @@ def _audit(args: argparse.Namespace) -> int:
         report = run_audit(settings_from_args(args), state_dumps=args.state_dump, readmodel_db=args.readmodel_db,
                            check_determinism=not args.no_determinism, settled=args.settled,
                            progress=not args.no_progress and sys.stderr.isatty(), timeout_s=args.timeout_s,
-                           workers=args.workers)
+                           workers=args.workers, movements=args.json)
     except (LogReadError, AuditSetupError, KafkaException) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CANNOT_AUDIT

@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
@@ -43,7 +43,7 @@ from schemas.events import (
 )
 from schemas.partitioning import partition_for
 from streams.core.currencies import MINOR_UNITS
-from streams.core.money import canonical_minor
+from streams.core.money import canonical_minor, format_amount
 from streams.core.state import ACTIVE, BALANCE_SIGN, FAILURE, STATUS_AFTER, SUCCESS, Account, CorruptLog, State, fold
 
 if TYPE_CHECKING:
@@ -51,6 +51,23 @@ if TYPE_CHECKING:
 
 # Records of one partition replayed before the next partition's turn (see `LedgerReplay.replay`).
 INTERLEAVE_SLICE_RECORDS = 1_024
+
+
+class MoneyMovement(NamedTuple):
+    """One event that moved money, and who asked for it: the answer to "who moved this money"."""
+    partition: int
+    offset: int
+    type: str
+    account_id: str
+    transaction_id: str
+    amount_minor: int  # what it moved on account_id, signed (a debit is negative)
+    currency: str
+    actor: str | None  # who asked (a leg's events carry the transfer's actor); None before contract v2
+
+    def to_json(self) -> dict:
+        return {"partition": self.partition, "offset": self.offset, "type": self.type, "account_id": self.account_id,
+                "transaction_id": self.transaction_id, "amount": format_amount(self.amount_minor, self.currency),
+                "currency": self.currency, "actor": self.actor}
 
 
 @dataclass(slots=True)
@@ -65,6 +82,7 @@ class ReplayPart:
     answer_flags: bytes  # per indexed answer, in index order: 2 = decided by an event, 1 = transfer settled
     events_replayed: int
     snapshots_compared: int
+    movements: list[MoneyMovement] | None
 
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -83,7 +101,8 @@ class LedgerReplay:
     Use: `index_outcomes`, then `replay`, then `finish`.
     """
 
-    def __init__(self, events_topic: str, outcomes_topic: str, partition_count: int) -> None:
+    def __init__(self, events_topic: str, outcomes_topic: str, partition_count: int, *,
+                 record_movements: bool = False) -> None:
         self.events_topic = events_topic
         self.outcomes_topic = outcomes_topic
         self.partition_count = partition_count
@@ -93,6 +112,9 @@ class LedgerReplay:
         self.outcomes_indexed = 0
         self.snapshots_compared = 0
         self.explained_by_later_events = 0
+        # Every money event with its actor, when asked for (one row per money event: the JSON
+        # report's answer to who moved money).
+        self.movements: list[MoneyMovement] | None = [] if record_movements else None
         # Every request answered on wallet.outcomes, in the order first answered.
         self._answered: dict[RequestKey, AnswerEntry] = {}
         # Requests whose events decide an answer that is not the first one on wallet.outcomes
@@ -253,6 +275,10 @@ class LedgerReplay:
             account = accounts[account_id]
         currency = account.currency
         amount_minor = abs(account.balance_minor - balance_before_minor)
+        if self.movements is not None and event_class in _MONEY_EVENTS:
+            self.movements.append(MoneyMovement(partition, offset, event_type(event), account_id, event.transaction_id,
+                                                account.balance_minor - balance_before_minor, currency,
+                                                getattr(event, "actor", None)))
         if event_class is Deposited or event_class is Withdrawn:
             flow = self._flows.get(currency)
             if flow is None:
@@ -381,7 +407,7 @@ class LedgerReplay:
         (with an index of outcomes inherited from its parent) back to the parent."""
         flags = bytes((2 if entry.decided else 0) | (1 if entry.settled else 0) for entry in self._answered.values())
         return ReplayPart(self.violations, self.states, self._flows, self._misstated_minor, self._open_transfers,
-                          self._unanswered, flags, self.events_replayed, self.snapshots_compared)
+                          self._unanswered, flags, self.events_replayed, self.snapshots_compared, self.movements)
 
     def absorb(self, part: ReplayPart) -> None:
         """Adds what a worker's `summary` holds, as if this replay had replayed its partitions."""
@@ -411,6 +437,8 @@ class LedgerReplay:
                     self._settle(key, held_records, None)
         self.events_replayed += part.events_replayed
         self.snapshots_compared += part.snapshots_compared
+        if self.movements is not None and part.movements is not None:
+            self.movements += part.movements
 
     # -- events written after a partition was read ---------------------------------------------
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from consumers.audit.conservation import CurrencyTotals
 from consumers.audit.determinism import DeterminismResult
+from consumers.audit.ledger import MoneyMovement
 from consumers.audit.transfers import InFlight
 from consumers.audit.violations import Violation
 
@@ -45,6 +46,7 @@ class AuditReport:
     determinism_s: float = 0.0
     explained_by_later_events: int = 0  # findings a record written during the audit explained
     workers: int = 1  # processes the replay of the events was split between
+    movements: list[MoneyMovement] | None = None  # every money event with its actor, when asked for
     total_s: float = 0.0
 
     @property
@@ -94,6 +96,8 @@ class AuditReport:
             "topics": [topic.to_json() for topic in self.topics],
             "workers": self.workers,
             "total_s": round(self.total_s, 3),
+            **({"movements": [movement.to_json() for movement in self.movements]}
+               if self.movements is not None else {}),
         }
 
     def to_json_text(self) -> str:

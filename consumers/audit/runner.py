@@ -25,7 +25,8 @@ PROGRESS_DELAY_S = 1.0  # a bar appears only on replays longer than this
 
 def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = (), readmodel_db: str | None = None,
               check_determinism: bool = True, *, settled: bool = False, progress: bool = False,
-              timeout_s: float = READ_TIMEOUT_S_DEFAULT, workers: int | None = None) -> AuditReport:
+              timeout_s: float = READ_TIMEOUT_S_DEFAULT, workers: int | None = None,
+              movements: bool = False) -> AuditReport:
     """Replays the settings' topics from their first offset and checks every invariant.
 
     `state_dumps`: files written by `wallet processor dump-state` (or the same JSON already
@@ -36,6 +37,7 @@ def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = 
     `settled`: the pipeline has been drained; a transfer still in flight is then a violation.
     `progress`: tqdm bars on stderr for long reads and replays.
     `workers`: processes for the replays (default: one per core; large logs only, see workers.py).
+    `movements`: list every money event with its actor in the report (who moved money).
     Raises LogReadError (broker, topics) and snapshots.AuditSetupError (inputs).
     """
     started_s = time.monotonic()
@@ -58,7 +60,8 @@ def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = 
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        violations += _replay_ledger(settings, logs, snapshots, report, count, workers, progress, timeout_s)
+        violations += _replay_ledger(settings, logs, snapshots, report, count, workers, progress, timeout_s,
+                                     movements)
         if logs.commands is not None:
             violations += _check_determinism(settings, logs, report, workers, progress)
     finally:
@@ -102,9 +105,9 @@ def _read_logs(settings: Settings, report: AuditReport, with_commands: bool, pro
 
 
 def _replay_ledger(settings: Settings, logs: _Logs, snapshots: list[StateSnapshot], report: AuditReport,
-                   count: int, workers: int, progress: bool, timeout_s: float) -> list[Violation]:
+                   count: int, workers: int, progress: bool, timeout_s: float, movements: bool) -> list[Violation]:
     """Folds wallet.events against wallet.outcomes and the snapshots; fills the report's ledger part."""
-    replay = LedgerReplay(settings.events_topic, settings.outcomes_topic, count)
+    replay = LedgerReplay(settings.events_topic, settings.outcomes_topic, count, record_movements=movements)
     events, outcomes = logs.events, logs.outcomes
 
     def read_later_events() -> list[bytes | None]:
@@ -124,6 +127,8 @@ def _replay_ledger(settings: Settings, logs: _Logs, snapshots: list[StateSnapsho
     report.snapshots_compared = replay.snapshots_compared
     report.explained_by_later_events = replay.explained_by_later_events
     report.accounts = sum(len(state.accounts) for state in replay.states.values())
+    if replay.movements is not None:
+        report.movements = sorted(replay.movements)
     return replay.violations
 
 
