@@ -3,6 +3,7 @@ FROM python:3.11-slim
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY infra ./infra
 COPY wallet ./wallet
 COPY schemas ./schemas
 COPY streams ./streams
