@@ -32,17 +32,24 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.projection import TransactionRow
 from consumers.readmodel.store import ReadModelStore
+from infra.admin import admin_client
+from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import Command, Transfer, owner_account
 from schemas.events import (
-    CommandRejected, Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+    event_type,
 )
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
 from streams.reference_pipeline import decide, publish, workload
-from infra.settings import Settings
-from infra.admin import admin_client
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"

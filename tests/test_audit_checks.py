@@ -8,9 +8,9 @@ import msgspec
 
 from consumers.audit.determinism import DeterminismResult, check_determinism
 from consumers.audit.ledger import LedgerReplay
+from consumers.audit.log_reader import PartitionLog
 from consumers.audit.snapshots import StateSnapshot, accounts_view
 from consumers.audit.violations import Kind
-from consumers.audit.log_reader import PartitionLog
 from schemas.codec import decode_event, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded

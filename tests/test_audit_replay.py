@@ -22,9 +22,9 @@ from confluent_kafka.admin import AdminClient
 
 from consumers.audit import run_audit
 from consumers.audit.balance import balance_at, parse_time_ms
+from consumers.audit.log_reader import read_topic
 from consumers.audit.snapshots import accounts_view
 from consumers.audit.violations import Kind
-from consumers.audit.log_reader import read_topic
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
 from schemas.commands import CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Withdraw
 from schemas.events import CommandRejected, Deposited, TransferCredited, TransferRefunded
@@ -132,8 +132,9 @@ def _write_aborted_forgery(settings, log: ReferenceLog) -> None:
     """A deposit continuing alice's sequence, written in a transaction that is aborted: a
     read_committed reader must never see it."""
     partition, _, last = [item for item in _events_of(log, ACCOUNTS["alice"]) if hasattr(item[2], "seq")][-1]
-    forged = Deposited(account_id=last.account_id, transaction_id="aborted-forgery", ts_ms=last.ts_ms, command="deposit",
-                       digest="0" * 24, seq=last.seq + 1, amount="1000.00", currency="USD", balance="99999.00")
+    forged = Deposited(account_id=last.account_id, transaction_id="aborted-forgery", ts_ms=last.ts_ms,
+                       command="deposit", digest="0" * 24, seq=last.seq + 1, amount="1000.00", currency="USD",
+                       balance="99999.00")
     producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
                          "transactional.id": f"{settings.topic_prefix}forger-{uuid.uuid4().hex[:6]}"})
     producer.init_transactions(30)

@@ -18,7 +18,10 @@ from streams.reference_pipeline import ReferenceLog, publish
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)
-    PublishedLog, consume_until_caught_up, expected_rows, expected_transactions,
+    PublishedLog,
+    consume_until_caught_up,
+    expected_rows,
+    expected_transactions,
 )
 
 pytest_plugins = ["tests.readmodel_fixtures"]
@@ -78,7 +81,8 @@ def test_history_pages_newest_first_through_the_cursor_and_covers_every_entry(
     assert entries[-1]["type"] == "account_opened" and entries[-1]["sequence"] == 1
     assert any(entry["amount"].startswith("-") for entry in entries), "debits are signed"
     ts_ms = expected[0][7]
-    assert entries[0]["time"] == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts_ms // 1000)) + f".{ts_ms % 1000:03d}Z"
+    expected_time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts_ms // 1000)) + f".{ts_ms % 1000:03d}Z"
+    assert entries[0]["time"] == expected_time
 
 
 def test_transaction_status_is_success_failure_pending_or_unknown(

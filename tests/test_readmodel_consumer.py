@@ -14,15 +14,20 @@ import pytest
 
 from consumers.readmodel.consumer import end_offsets, read_lag
 from consumers.readmodel.store import TABLES, ReadModelStore
+from infra.admin import admin_client
+from infra.settings import PROJECT_ROOT, Settings
 from streams.reference_pipeline import ABORTED_TRANSACTION_PREFIX
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)
-    CATCH_UP_TIMEOUT_S, PublishedLog, consume_until_caught_up, expected_rows, expected_transactions, stored_rows,
+    CATCH_UP_TIMEOUT_S,
+    PublishedLog,
+    consume_until_caught_up,
+    expected_rows,
+    expected_transactions,
+    stored_rows,
     stored_transactions,
 )
-from infra.settings import PROJECT_ROOT, Settings
-from infra.admin import admin_client
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 

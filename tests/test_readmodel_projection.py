@@ -88,7 +88,8 @@ def test_events_already_stored_are_not_applied_twice() -> None:
 
 
 def test_a_gap_in_an_accounts_sequence_stops_the_projection() -> None:
-    events = [event for event in _scenario_events() if event.account_id == "alice" and type(event) is not CommandRejected]
+    events = [event for event in _scenario_events()
+              if event.account_id == "alice" and type(event) is not CommandRejected]
     with pytest.raises(CorruptLog, match="seq 3 follows 1"):
         project({}, {}, [events[0], events[2]], [])
 

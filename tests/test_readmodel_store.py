@@ -1,19 +1,19 @@
 """The read model's database layer, on SQLite and PostgreSQL: one transaction per batch, one writer."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 
 from consumers.readmodel.consumer import ReadModelConsumer, ReadModelError
 from consumers.readmodel.projection import TS_MS_STORED_MAX
-from consumers.readmodel.store import Batch, ConcurrentWriterError, ReadModelStore, TABLES
+from consumers.readmodel.store import TABLES, Batch, ConcurrentWriterError, ReadModelStore
+from infra.settings import Settings
 from schemas.events import MONEY_EVENTS
 from schemas.outcomes import Outcome
 from streams.core.state import CorruptLog
 from streams.reference_pipeline import decide, workload
-from infra.settings import Settings
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 
@@ -82,7 +82,8 @@ def test_outcomes_and_events_of_one_batch_advance_their_own_partitions(db_url: s
         changes = store.apply(batch)
         assert store.offsets() == {EVENTS: 170, OUTCOMES: 130}
         stored = {row[:2]: row[2:4] for row in store.table_rows("transactions")}
-        assert stored == {(row.account_id, row.transaction_id): (row.status, row.reason) for row in changes.transactions}
+        assert stored == {(row.account_id, row.transaction_id): (row.status, row.reason)
+                          for row in changes.transactions}
         assert len(store.table_rows("entries")) == len(changes.entries)
 
 
@@ -108,8 +109,8 @@ def test_an_event_time_beyond_what_the_database_holds_is_stored_clamped_and_the_
         store.apply(_batch(huge, 0, len(huge), None))
         [entry] = [e for e in store.entries(huge[first_money].account_id, 10) if e.sequence == huge[first_money].seq]
         assert entry.ts_ms == TS_MS_STORED_MAX
-        assert datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=entry.ts_ms) < datetime.max.replace(
-            tzinfo=timezone.utc)
+        assert datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=entry.ts_ms) < datetime.max.replace(
+            tzinfo=UTC)
         store.apply(_batch(records, len(huge), len(huge) + 50, len(huge)))  # what follows is applied as ever
         assert store.offsets() == {EVENTS: len(huge) + 50}
 

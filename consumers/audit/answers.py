@@ -13,8 +13,16 @@ from collections.abc import Callable
 from consumers.audit.transfers import DEBITED, REFUSED, Report, TransferRecord
 from consumers.audit.violations import Answer, Kind, Location, RequestKey, answers_text
 from schemas.events import (
-    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, TransferCredited,
-    TransferDebited, TransferRefunded, Withdrawn,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
 )
 
 ANY_EVENT = (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, AccountFrozen,

@@ -32,14 +32,33 @@ from consumers.audit.answers import AnswerEntry, UnansweredDecision, check_answe
 from consumers.audit.conservation import CurrencyTotals, currency_totals
 from consumers.audit.snapshots import StateSnapshot, compare_snapshot
 from consumers.audit.transfers import (
-    CREDITED, DEBITED, LEG_NAMES, REFUNDED, REFUSED, InFlight, LoggedTransfer, TransferRecord, check_transfer,
-    in_flight_of, settled_cleanly,
+    CREDITED,
+    DEBITED,
+    LEG_NAMES,
+    REFUNDED,
+    REFUSED,
+    InFlight,
+    LoggedTransfer,
+    TransferRecord,
+    check_transfer,
+    in_flight_of,
+    settled_cleanly,
 )
 from consumers.audit.violations import Answer, Kind, RequestKey, Violation
 from schemas.codec import SchemaError, decode_event, decode_outcome
 from schemas.events import (
-    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, Event,
-    TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+    event_type,
 )
 from schemas.partitioning import partition_for
 from streams.core.currencies import MINOR_UNITS
@@ -384,7 +403,8 @@ class LedgerReplay:
         account.seq = event.seq
         if event_class in BALANCE_SIGN:
             try:
-                amount_minor = canonical_minor(event.amount, account.currency) if event.currency == account.currency else 0
+                same_currency = event.currency == account.currency
+                amount_minor = canonical_minor(event.amount, account.currency) if same_currency else 0
                 stated_minor = canonical_minor(event.balance, account.currency)
             except (ValueError, KeyError):
                 amount_minor, stated_minor = 0, None
@@ -424,7 +444,7 @@ class LedgerReplay:
                 self._unanswered[key] = decision
             else:
                 held.merge(decision)
-        for entry, flag in zip(self._answered.values(), part.answer_flags):
+        for entry, flag in zip(self._answered.values(), part.answer_flags, strict=True):
             entry.decided = entry.decided or bool(flag & 2)
             entry.settled = entry.settled or bool(flag & 1)
         for key, records in part.open_transfers.items():

@@ -27,7 +27,8 @@ class TopicRead:
     def to_json(self) -> dict:
         return {"topic": self.topic, "partitions": self.partitions, "records": self.records,
                 "low_offsets": {str(p): o for p, o in sorted(self.low_offsets.items())},
-                "end_offsets": {str(p): o for p, o in sorted(self.end_offsets.items())}, "read_s": round(self.read_s, 3)}
+                "end_offsets": {str(p): o for p, o in sorted(self.end_offsets.items())},
+                "read_s": round(self.read_s, 3)}
 
 
 @dataclass(slots=True)
@@ -154,7 +155,8 @@ class AuditReport:
                     lines.append(f"    {_where(violation)}: {violation.message}")
                 if len(violations) > TEXT_VIOLATIONS_PER_KIND_MAX:
                     lines.append(f"    ... and {len(violations) - TEXT_VIOLATIONS_PER_KIND_MAX} more (see --json)")
-        lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}" + (f" ({len(self.violations)} violation(s))" if self.violations else ""))
+        lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}"
+                     + (f" ({len(self.violations)} violation(s))" if self.violations else ""))
         return "\n".join(lines)
 
 
@@ -163,7 +165,8 @@ def _ordered(violations: list[Violation]) -> list[Violation]:
     kind_rank: dict[str, int] = {}
     for violation in violations:
         kind_rank.setdefault(violation.kind, len(kind_rank))
-    return sorted(violations, key=lambda v: (kind_rank[v.kind], v.topic or "", -1 if v.partition is None else v.partition,
+    return sorted(violations, key=lambda v: (kind_rank[v.kind], v.topic or "",
+                                             -1 if v.partition is None else v.partition,
                                              -1 if v.offset is None else v.offset))
 
 

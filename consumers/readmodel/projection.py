@@ -17,8 +17,18 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from schemas.events import (
-    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, Event,
-    TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+    event_type,
 )
 from schemas.outcomes import Outcome, Reason
 from streams.core.state import FAILURE, PENDING, SUCCESS, Account, State, fold

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from consumers.readmodel.projection import AccountRow, Changes, EntryRow, TransactionRow, project
+from infra.settings import Settings
 from schemas.events import CommandRejected, Event
 from schemas.outcomes import Outcome
-from infra.settings import Settings
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
@@ -117,7 +117,8 @@ def describe_db_url(db_url: str) -> str:
     if db_url.startswith(POSTGRES_PREFIXES):
         from psycopg.conninfo import conninfo_to_dict
         info = conninfo_to_dict(db_url)
-        return f"postgresql://{info.get('user', '')}@{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        host, port = info.get('host', ''), info.get('port', '')
+        return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
     return db_url
 
 
@@ -315,7 +316,8 @@ class ReadModelStore:
             expected = batch.offsets_before.get((topic, partition))
             if expected is None:
                 try:
-                    cursor.execute(self._sql("INSERT INTO offsets (topic, kafka_partition, next_offset) VALUES (?, ?, ?)"),
+                    cursor.execute(self._sql("INSERT INTO offsets (topic, kafka_partition, next_offset) "
+                                             "VALUES (?, ?, ?)"),
                                    (topic, partition, next_offset))
                 except self._backend.integrity_error:
                     raise ConcurrentWriterError(
@@ -395,6 +397,7 @@ class ReadModelStore:
         """Every row of a table in primary-key order: for comparing two read models."""
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}")
-        order = {"accounts": "account_id", "entries": "account_id, sequence", "transactions": "account_id, transaction_id",
+        order = {"accounts": "account_id", "entries": "account_id, sequence",
+                 "transactions": "account_id, transaction_id",
                  "offsets": "topic, kafka_partition"}[table]
         return [tuple(row) for row in self._connection.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()]
