@@ -85,8 +85,8 @@ def _read_logs(settings: Settings, report: AuditReport, with_commands: bool, pro
                timeout_s: float) -> _Logs:
     def read(topics: list[str]) -> list[TopicLog]:
         with _progress(f"reading {', '.join(topics)}", None, progress) as update:
-            logs = read_topics(settings.bootstrap, topics, with_headers={settings.dlq_topic}, timeout_s=timeout_s,
-                               on_progress=update)
+            logs = read_topics(settings.bootstrap, topics, with_headers={settings.dlq_topic},
+                               with_timestamps={settings.commands_topic}, timeout_s=timeout_s, on_progress=update)
         for log in logs.values():
             report.topics.append(TopicRead(log.topic, log.partition_count, log.record_count,
                                            {p: part.low_offset for p, part in log.partitions.items()},
