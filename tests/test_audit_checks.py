@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgspec
+import pytest
 
 from consumers.audit.determinism import DeterminismResult, check_determinism
 from consumers.audit.ledger import LedgerReplay
 from consumers.audit.log_reader import PartitionLog
 from consumers.audit.snapshots import StateSnapshot, accounts_view
 from consumers.audit.violations import Kind
-from schemas.codec import decode_event, encode
+from schemas.codec import decode_event, decode_outcome, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome, Reason
@@ -308,3 +309,16 @@ def test_every_money_event_is_listed_with_its_actor_when_asked(monkeypatch):
                      for event in map(lambda record: decode_event(record.value), records)}
     assert {(m.transaction_id, m.actor) for m in alone} <= logged_actors
     assert LedgerReplay("events", "outcomes", PARTITIONS).movements is None  # not kept unless asked
+
+
+def test_an_answer_naming_another_account_than_its_request_is_named():
+    if "account_id" not in Outcome.__struct_fields__:
+        pytest.skip("contract v2 outcomes (account_id) are not on this branch yet")
+    log = _log()
+    records = log.outcomes[partition_for("d-s", PARTITIONS)]
+    index = next(i for i, record in enumerate(records) if decode_outcome(record.value).transaction_id == "d-s")
+    records[index] = Record(records[index].key, encode(msgspec.structs.replace(decode_outcome(records[index].value),
+                                                                               account_id=RECEIVER)))
+    [violation] = _replay(log).violations
+    assert (violation.kind, violation.transaction_id, violation.account_id) == (
+        Kind.OUTCOME_WRONG_ACCOUNT, "d-s", RECEIVER)

@@ -1,7 +1,10 @@
 """Answers: every decision in the log has exactly one answer on wallet.outcomes, and every answer its decision.
 
-A request is (transaction id, digest), so a `duplicate_conflict` answer to a request that reused
-an id is never confused with the transaction's own. The ledger replay indexes every answer
+A request is its owning account and its transaction id. The audit keys requests by (transaction
+id, digest): the digest covers the command and so its owning account, and a `duplicate_conflict`
+answer to a request that reused an id with another payload is never confused with the
+transaction's own. An answer that names its account (contract v2) must name the account whose
+events decide it. The ledger replay indexes every answer
 first (`AnswerEntry`), marks the entries its events decide as it folds, and files each decision
 whose answer is not the first one given (or is missing) as an `UnansweredDecision`;
 `check_answers` then names what does not pair up.
@@ -31,11 +34,12 @@ ANY_EVENT = (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredi
 
 class AnswerEntry:
     """A request answered on wallet.outcomes."""
-    __slots__ = ("answer", "location", "decided", "others", "settled")
+    __slots__ = ("answer", "location", "account_id", "decided", "others", "settled")
 
-    def __init__(self, answer: Answer, location: Location) -> None:
+    def __init__(self, answer: Answer, location: Location, account_id: str | None) -> None:
         self.answer = answer  # the first answer given
         self.location = location  # where it was given
+        self.account_id = account_id  # the owning account it names (None: an outcome of contract v1)
         self.decided = False  # an event of the request decides this answer
         self.others: dict[Answer, Location] | None = None  # different answers given later, each where first
         self.settled = False  # a transfer whose debit and legs have all been seen and agree

@@ -177,11 +177,18 @@ class LedgerReplay:
                                     transaction_id=transaction_id)
                 key = (transaction_id, outcome.digest)
                 answer = (outcome.status, outcome.reason)
+                account_id = getattr(outcome, "account_id", None)  # contract v2: the owning account
                 entry = answered.get(key)
                 if entry is None:
-                    answered[key] = AnswerEntry(answer, (partition, offsets[index]))
-                elif answer != entry.answer:
+                    answered[key] = AnswerEntry(answer, (partition, offsets[index]), account_id)
+                    continue
+                if answer != entry.answer:
                     entry.add_other(answer, (partition, offsets[index]))
+                if account_id != entry.account_id:
+                    self._violation(Kind.OUTCOME_WRONG_ACCOUNT, f"answers of one request name two accounts: "
+                                    f"{entry.account_id!r} at partition {entry.location[0]} offset "
+                                    f"{entry.location[1]}, then {account_id!r}", partition, offsets[index],
+                                    topic=self.outcomes_topic, account_id=account_id, transaction_id=transaction_id)
             self.outcomes_indexed += len(log)
             if on_progress is not None:
                 on_progress(len(log))
@@ -263,6 +270,8 @@ class LedgerReplay:
                 entry = answered.get(key)
                 if entry is not None and entry.answer == answer:
                     entry.decided = True
+                    if entry.account_id is not None:
+                        self._check_answer_account(entry, event, partition, offset)
                 else:
                     self._decided_unanswered(key, answer, partition, offset, account_id)
             if answer is None or event_class in transfer_events:
@@ -304,6 +313,15 @@ class LedgerReplay:
                 flow = self._flows[currency] = [0, 0]
             flow[1 if event_class is Withdrawn else 0] += amount_minor
         return amount_minor, currency
+
+    def _check_answer_account(self, entry: AnswerEntry, event, partition: int, offset: int) -> None:
+        """The answer names the account that owns the request its event decides."""
+        owner = event.from_account if type(event) is TransferCredited else event.account_id
+        if entry.account_id != owner:
+            self._violation(Kind.OUTCOME_WRONG_ACCOUNT, f"the answer names account {entry.account_id!r} but the "
+                            f"request belongs to {owner!r}, whose event at partition {partition} offset {offset} "
+                            f"decides it", *entry.location, topic=self.outcomes_topic, account_id=entry.account_id,
+                            transaction_id=event.transaction_id)
 
     def _file_transfer_record(self, key: RequestKey, record: TransferRecord, entry: AnswerEntry | None) -> None:
         records = self._open_transfers.get(key)

@@ -46,6 +46,7 @@ class Kind:
     OUTCOME_BEFORE_SETTLEMENT = "outcome_before_settlement"
     OUTCOME_MISMATCH = "outcome_does_not_match_decision"
     OUTCOME_CONFLICT = "conflicting_outcomes"
+    OUTCOME_WRONG_ACCOUNT = "outcome_names_another_account"
     SNAPSHOT_AHEAD = "snapshot_ahead_of_log"
     NONDETERMINISTIC = "event_not_reproduced"
     EXTRA_EVENT = "event_without_command"
