@@ -74,6 +74,9 @@ class TransactionRow(NamedTuple):
 
 
 RequestKey = tuple[str, str]  # (account_id, transaction_id)
+# The events that change an account (every one but command_rejected).
+ChangeEvent = (AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited | TransferRefunded
+               | AccountFrozen | AccountUnfrozen | AccountClosed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, Tran
         request = request_status_of(event)
         if request is not None:
             _merge_into(statuses, changed_transactions, request)
-        if type(event) is CommandRejected:
+        if isinstance(event, CommandRejected):
             continue  # a decision, not a change of any account
         entry = _fold_entry(state, event)
         if entry is None:
@@ -129,7 +132,7 @@ def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, Tran
     return Changes(account_rows, entries, [statuses[key] for key in changed_transactions])
 
 
-def _fold_entry(state: State, event: Event) -> EntryRow | None:
+def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
     """Folds an event that changes an account; its entry, or None if it is stored already."""
     before = state.accounts.get(event.account_id)
     if before is not None and event.seq <= before.seq:
@@ -151,20 +154,20 @@ _LEG_COMMANDS = frozenset({"credit_leg", "refund_leg"})
 def request_status_of(event: Event) -> TransactionRow | None:
     """The status of its request that an event records, keyed by the request's owning account;
     None for a receiver's refusal of a credit leg (the sender's refund answers the request)."""
-    event_class = type(event)
     actor = getattr(event, "actor", None)  # contract v2: who asked (a leg's events carry the transfer's)
-    if event_class is TransferCredited:
-        owner, status, reason = event.from_account, SUCCESS, None
-    elif event_class is TransferDebited:
-        owner, status, reason = event.account_id, PENDING, None
-    elif event_class is TransferRefunded:
+    reason: str | None = None
+    if isinstance(event, TransferCredited):
+        owner, status = event.from_account, SUCCESS
+    elif isinstance(event, TransferDebited):
+        owner, status = event.account_id, PENDING
+    elif isinstance(event, TransferRefunded):
         owner, status, reason = event.account_id, FAILURE, event.reason
-    elif event_class is CommandRejected:
+    elif isinstance(event, CommandRejected):
         if event.command in _LEG_COMMANDS:
             return None
         owner, status, reason = event.account_id, FAILURE, event.reason
-    elif event_class in _SUCCESS_EVENTS:
-        owner, status, reason = event.account_id, SUCCESS, None
+    elif type(event) in _SUCCESS_EVENTS:
+        owner, status = event.account_id, SUCCESS
     else:
         return None
     return TransactionRow(owner, event.transaction_id, status, reason, event.digest, actor)

@@ -334,7 +334,7 @@ class ReadModelStore:
 
     def _select_in(self, cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: set[str],
                    row_class: type) -> list:
-        found = []
+        found: list = []
         key_list = list(keys)
         for start in range(0, len(key_list), SELECT_IN_CHUNK_SIZE):
             chunk = key_list[start:start + SELECT_IN_CHUNK_SIZE]
