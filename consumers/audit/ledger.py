@@ -104,6 +104,21 @@ class ReplayPart:
     movements: list[MoneyMovement] | None
 
 
+class _Cut(NamedTuple):
+    """Where a snapshot is compared: before the record at `position` of its partition's log."""
+    position: int
+    order: int  # among the snapshots given, so that cuts at one position sort without comparing snapshots
+    snapshot: StateSnapshot
+
+
+class _Cursor:
+    """How far the replay of one partition has come, and the snapshots still ahead of it."""
+    __slots__ = ("log", "state", "position", "cuts")
+
+    def __init__(self, log: PartitionLog, state: State, cuts: list[_Cut]) -> None:
+        self.log, self.state, self.position, self.cuts = log, state, 0, cuts
+
+
 _decode_event = msgspec.json.Decoder(Event).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, TypeError)  # TypeError: a record without a value
 _SUCCESS: Answer = (SUCCESS, None)
@@ -205,20 +220,20 @@ class LedgerReplay:
         """
         cursors = []
         for number, log in sorted(logs.items()):
-            cuts = sorted((bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
+            cuts = sorted(_Cut(bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
                           for order, snapshot in enumerate(snapshots) if snapshot.partition == number)
-            cursors.append([log, self.states.setdefault(number, State()), 0, cuts])
+            cursors.append(_Cursor(log, self.states.setdefault(number, State()), cuts))
         while cursors:
             for cursor in list(cursors):
-                log, state, position, cuts = cursor
-                while cuts and cuts[0][0] == position:
-                    self._compare_snapshot(cuts.pop(0)[2], state, log.end_offset)
+                log, state, position, cuts = cursor.log, cursor.state, cursor.position, cursor.cuts
+                while cuts and cuts[0].position == position:
+                    self._compare_snapshot(cuts.pop(0).snapshot, state, log.end_offset)
                 if position == len(log):
                     cursors.remove(cursor)
                     continue
-                stop = min(position + INTERLEAVE_SLICE_RECORDS, len(log), cuts[0][0] if cuts else len(log))
+                stop = min(position + INTERLEAVE_SLICE_RECORDS, len(log), cuts[0].position if cuts else len(log))
                 self._replay_chunk(log, state, position, stop)
-                cursor[2] = stop
+                cursor.position = stop
                 # The audit compares accounts only; the idempotency memory the fold keeps would
                 # grow with the log and make the fold's periodic eviction scans ever longer.
                 state.memory.clear()
