@@ -195,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from infra.settings import settings_from_args
-    from wallet.commands_stack import StackState, state_path
+    from wallet.stack import StackState, state_path
 
     url = args.url
     if url is None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from consumers.audit.runner import run_audit
 from schemas.commands import Command, Deposit, Freeze, OpenAccount, Transfer, Unfreeze, Withdraw
-from streams.reference_pipeline import decide, publish
+from benchmarks.support.reference_pipeline import decide, publish
 from infra.settings import Settings
 from infra.admin import delete_topics, ensure_topics
 

@@ -36,7 +36,6 @@ import pstats
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,13 +50,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import NewTopic
 from tqdm import tqdm
 
+from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.settings import PROJECT_ROOT, Settings
+from infra.supervision import Supervised, SupervisionError
 from schemas.codec import SchemaError, decode_outcome, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.runtime.processor import ProcessorConfig
-from infra.settings import PROJECT_ROOT, Settings
-from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 
 TRANSFERS_DEFAULT = 1_000_000
 FAUST_TRANSFERS_DEFAULT = 10_000
@@ -315,8 +315,9 @@ class OutcomeTally:
 # -- child processes ---------------------------------------------------------------------------
 
 class Child:
-    """A process this run started: its output goes to a log file, read by a thread that notes
-    when `marker` first appears and keeps the last JSON line (the copy loop's reports)."""
+    """A process this run started (through `infra.supervision`): its output goes to a log file,
+    read by a thread that notes when `marker` first appears and keeps the last JSON line (the
+    copy loop's reports)."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, marker: str | None) -> None:
         self.name = name
@@ -325,13 +326,10 @@ class Child:
         self.marker_s: float | None = None
         self.last_json: dict | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        setpriv = shutil.which("setpriv")
         # The kernel stops the child if this process dies, even by SIGKILL: no orphan keeps running.
-        prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
-        self.started_s = time.monotonic()
-        self.process = subprocess.Popen(prefix + argv, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = Supervised.start(name, argv, log_path=None, cwd=PROJECT_ROOT, own_session=True,
+                                        stop_with_parent=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.started_s = self.process.started_s
         self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
         self._reader.start()
 
@@ -362,25 +360,16 @@ class Child:
         return BenchError(f"{what}\n  {self.name} (pid {self.pid}) log {self.log_path}, last lines:\n    {tail}")
 
     def wait(self, timeout_s: float) -> int:
-        try:
-            code = self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            raise self.failure(f"{self.name} did not finish within {timeout_s:.0f} s") from None
+        if not self.process.wait(timeout_s):
+            raise self.failure(f"{self.name} did not finish within {timeout_s:.0f} s")
         self._reader.join(KAFKA_TIMEOUT_S)
+        code = self.process.poll()
+        assert code is not None, f"{self.name} exited without an exit code"
         return code
 
     def stop(self, timeout_s: float = CHILD_STOP_TIMEOUT_S) -> bool:
         """SIGTERM, then SIGKILL after timeout_s; returns whether it stopped by itself."""
-        if self.process.poll() is not None:
-            return True
-        os.kill(self.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-            graceful = True
-        except subprocess.TimeoutExpired:
-            os.kill(self.pid, signal.SIGKILL)
-            self.process.wait(KAFKA_TIMEOUT_S)
-            graceful = False
+        graceful = self.process.stop(timeout_s)
         self._reader.join(KAFKA_TIMEOUT_S)
         return graceful
 
@@ -813,7 +802,7 @@ class Bench:
         for child in self._children:
             try:
                 child.stop()
-            except (OSError, subprocess.SubprocessError) as error:
+            except (OSError, SupervisionError) as error:
                 self.say(f"stopping {child.name} (pid {child.pid}) failed: {error}")
         for tally in self._tallies:
             tally.close()
@@ -829,8 +818,8 @@ class Bench:
         try:
             names = [name for name in admin.list_topics(timeout=KAFKA_TIMEOUT_S).topics if name.startswith(self.prefix)]
             if names:
-                for name, future in admin.delete_topics(names, operation_timeout=KAFKA_TIMEOUT_S,
-                                                        request_timeout=KAFKA_TIMEOUT_S).items():
+                for future in admin.delete_topics(names, operation_timeout=KAFKA_TIMEOUT_S,
+                                                        request_timeout=KAFKA_TIMEOUT_S).values():
                     future.result(timeout=KAFKA_TIMEOUT_S)
         except KafkaException as error:
             self.say(f"deleting the benchmark topics under {self.prefix!r} failed: {error}; delete them by hand")

@@ -29,7 +29,7 @@ from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT
 from consumers.readmodel.rebuild import rebuild
 from consumers.readmodel.store import Batch, ReadModelStore, describe_db_url
 from schemas.outcomes import Outcome
-from streams.reference_pipeline import decide, publish, workload
+from benchmarks.support.reference_pipeline import decide, publish, workload
 from infra.settings import Settings
 from infra.admin import delete_topics, ensure_topics
 

@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
-
-import uvicorn
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,8 +42,6 @@ BODY_BYTES_MAX = 16 * 1024
 CONSUMER_READY_WAIT_S = 2.0
 BROKER_CHECK_TIMEOUT_S = 1.0
 STATUS_CACHE_SIZE = 100_000
-SERVER_START_TIMEOUT_S = 30
-SERVER_STOP_TIMEOUT_S = 15
 
 
 def _id_constraints(length_max: int) -> dict[str, Any]:
@@ -391,27 +384,3 @@ class _BodyGate:
 async def _send(send, response: JSONResponse) -> None:
     await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
-
-
-@contextlib.contextmanager
-def serving_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a background thread for the block; yields its base URL.
-
-    For tests and benchmarks that want real HTTP round trips inside one process; `wallet api`
-    runs uvicorn in the foreground instead.
-    """
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="wallet-api-server", daemon=True)
-    thread.start()
-    deadline_s = time.monotonic() + SERVER_START_TIMEOUT_S
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline_s:
-            server.should_exit = True
-            raise RuntimeError(f"the API server did not start on {host}:{port} within {SERVER_START_TIMEOUT_S} s")
-        time.sleep(0.02)
-    bound_port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound_port}"
-    finally:
-        server.should_exit = True
-        thread.join(SERVER_STOP_TIMEOUT_S)

@@ -29,6 +29,7 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from benchmarks.support.reference_pipeline import decide, publish, workload
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.projection import TransactionRow
 from consumers.readmodel.store import ReadModelStore
@@ -49,7 +50,6 @@ from schemas.events import (
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
-from streams.reference_pipeline import decide, publish, workload
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -155,7 +155,7 @@ def db_url(make_db_url: Callable[[], str]) -> str:
     return make_db_url()
 
 
-# The log the Kafka tests read: decided in-process by the core (streams/reference_pipeline.py)
+# The log the Kafka tests read: decided in-process by the core (benchmarks/support/reference_pipeline.py)
 # and published to real topics, with transfers still in flight and one aborted transaction.
 
 LOG_ACCOUNT_COUNT = 150

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from benchmarks.api_latency import measure_api_latency
-from producers.api import create_app, serving_in_thread
+from producers.api import create_app
+from tests.support.serving import serving_in_thread
 from tests.conftest import free_loopback_ports
 from tests.support.processes import ProcessorProcess
 from wallet import localkafka

@@ -8,7 +8,8 @@ import time
 import httpx
 import pytest
 
-from producers.api import create_app, serving_in_thread
+from producers.api import create_app
+from tests.support.serving import serving_in_thread
 from tests.conftest import free_loopback_ports
 from infra.settings import Settings
 

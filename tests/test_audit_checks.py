@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import msgspec
 import pytest
 
+from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, raw_command
 from consumers.audit.determinism import DeterminismResult, check_determinism
 from consumers.audit.ledger import LedgerReplay
 from consumers.audit.log_reader import PartitionLog
@@ -18,7 +19,6 @@ from schemas.events import CommandRejected, TransferCredited, TransferDebited, T
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
 from streams.core.money import canonical_minor, format_amount
-from streams.reference_pipeline import Record, ReferenceLog, decide, raw_command
 
 PARTITIONS = 2
 SENDER, RECEIVER = "alice", "bob"  # on partitions 1 and 0 of 2

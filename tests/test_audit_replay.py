@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from consumers.audit import run_audit
 from consumers.audit.balance import balance_at, parse_time_ms
 from consumers.audit.log_reader import read_topic
@@ -31,7 +32,6 @@ from schemas.events import CommandRejected, Deposited, TransferCredited, Transfe
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import canonical_minor, format_amount
 from streams.core.state import State, fold
-from streams.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from wallet.cli import main
 
 PARTITIONS = 4

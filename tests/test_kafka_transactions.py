@@ -18,6 +18,7 @@ from tests.conftest import free_loopback_ports
 from wallet import localkafka
 from infra.settings import Settings
 from infra.admin import TopicMismatchError, admin_client, ensure_topics, topic_names
+from infra.supervision import read_proc_stat
 
 TRANSACTION_TIMEOUT_S = 30
 CONSUME_TIMEOUT_S = 30
@@ -205,11 +206,8 @@ def test_local_broker_starts_reports_ready_and_stops_without_leaving_a_process(t
 
 
 def _process_exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    stat = read_proc_stat(pid)
+    return stat is not None and stat.state != "Z"
 
 
 def test_start_reports_a_taken_port_clearly(tmp_path) -> None:

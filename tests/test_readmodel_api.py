@@ -14,7 +14,7 @@ from consumers.readmodel.store import ReadModelStore
 from schemas.events import Deposited
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor, format_amount
-from streams.reference_pipeline import ReferenceLog, publish
+from benchmarks.support.reference_pipeline import ReferenceLog, publish
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)

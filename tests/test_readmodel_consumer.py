@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.support.reference_pipeline import ABORTED_TRANSACTION_PREFIX
 from consumers.readmodel.consumer import end_offsets, read_lag
 from consumers.readmodel.store import TABLES, ReadModelStore
 from infra.admin import admin_client
 from infra.settings import PROJECT_ROOT, Settings
-from streams.reference_pipeline import ABORTED_TRANSACTION_PREFIX
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)

@@ -10,7 +10,7 @@ from schemas.commands import Deposit, Freeze, OpenAccount, Transfer, Withdraw
 from schemas.events import CommandRejected
 from schemas.outcomes import Reason
 from streams.core.state import CorruptLog
-from streams.reference_pipeline import decide
+from benchmarks.support.reference_pipeline import decide
 
 PENDING_A = TransactionRow("alice", "t1", "pending", None, "digest-a")
 SUCCESS_A = TransactionRow("alice", "t1", "success", None, "digest-a")

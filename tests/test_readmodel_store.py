@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
+from benchmarks.support.reference_pipeline import decide, workload
 from consumers.readmodel.consumer import ReadModelConsumer, ReadModelError
 from consumers.readmodel.projection import TS_MS_STORED_MAX
 from consumers.readmodel.store import TABLES, Batch, ConcurrentWriterError, ReadModelStore
@@ -13,7 +14,6 @@ from infra.settings import Settings
 from schemas.events import MONEY_EVENTS
 from schemas.outcomes import Outcome
 from streams.core.state import CorruptLog
-from streams.reference_pipeline import decide, workload
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 

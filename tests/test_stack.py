@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_loopback_ports
-from wallet.commands_stack import ManagedProcess, _start_ticks, is_alive, readmodel_available, state_path
 from infra.settings import Settings
+from infra.supervision import read_proc_stat, start_ticks_of
+from tests.conftest import free_loopback_ports
+from wallet.stack import ManagedProcess, is_alive, state_path
 
 COMMAND_TIMEOUT_S = 180
 HTTP_TIMEOUT_S = 30
@@ -42,10 +43,8 @@ def _ps(env: dict) -> list[dict]:
 
 def _process_state(pid: int) -> str | None:
     """The state letter of /proc/<pid>/stat (R, S, Z, ...), None when there is no such process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
+    stat = read_proc_stat(pid)
+    return stat.state if stat is not None else None
 
 
 def _pid_exists(pid: int) -> bool:
@@ -59,8 +58,7 @@ def test_up_starts_a_working_stack_that_outlives_it_and_down_stops_exactly_that(
     assert f"http://127.0.0.1:{port}" in started.stdout
     try:
         running = _ps(stack_env)
-        expected_roles = {"processor", "api"} | ({"readmodel"} if readmodel_available() else set())
-        assert {process["role"] for process in running} == expected_roles
+        assert {process["role"] for process in running} == {"processor", "readmodel", "api"}
         assert [process["port"] for process in running if process["role"] == "api"] == [port]
         assert all(process["port"] is None for process in running if process["role"] != "api")
         for process in running:  # `wallet up` has exited; each runs on in its own session
@@ -118,15 +116,17 @@ def test_the_demo_runs_a_workload_prints_a_summary_and_stops_what_it_started(sta
 
 def test_liveness_tells_our_process_from_another_with_the_same_pid() -> None:
     pid = os.getpid()
-    ours = ManagedProcess("api", "api", pid, None, None, _start_ticks(pid))
+    ticks = start_ticks_of(pid)
+    assert ticks is not None
+    ours = ManagedProcess("api", "api", pid, None, None, ticks)
     assert is_alive(ours)
-    reused = ManagedProcess("api", "api", pid, None, None, _start_ticks(pid) + 1)
+    reused = ManagedProcess("api", "api", pid, None, None, ticks + 1)
     assert not is_alive(reused)
 
 
 def test_an_exited_child_is_not_alive_even_before_it_is_reaped() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    ticks = _start_ticks(child.pid)
+    ticks = start_ticks_of(child.pid)
     deadline_s = time.monotonic() + 10
     while _process_state(child.pid) != "Z":
         assert time.monotonic() < deadline_s, "the child did not exit"

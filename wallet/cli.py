@@ -9,11 +9,11 @@ import argparse
 import importlib
 import sys
 
-
 # Modules that add subcommands; each has `register(subparsers) -> None`.
 _COMMAND_MODULES = (
     "wallet.commands_kafka",
-    "wallet.commands_stack",
+    "wallet.stack",
+    "wallet.demo",
     "streams.cli",
     "producers.cli",
     "consumers.readmodel.cli",
@@ -24,8 +24,8 @@ _COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wallet", description="Streamwallet: an event-sourced wallet ledger on Kafka")
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers of an existing cluster (env WALLET_KAFKA_BOOTSTRAP); "
-                        "when unset the project's local broker is used")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers of an existing cluster "
+                        "(env WALLET_KAFKA_BOOTSTRAP); when unset the project's local broker is used")
     parser.add_argument("--topic-prefix", help="prefix of every topic name (env WALLET_TOPIC_PREFIX)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMAND_MODULES:

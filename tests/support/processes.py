@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from confluent_kafka import ConsumerGroupState, KafkaException
-
-from infra.settings import Settings
 from infra.admin import admin_client
+from infra.settings import Settings
+from infra.supervision import Supervised, log_tail
+from wallet.stack import processors_not_ready
 
 STOP_TIMEOUT_S = 30
 READY_TIMEOUT_S = 60
@@ -24,57 +22,49 @@ class ProcessorProcess:
         self.store = Path(settings.run_dir) / f"processor-{instance_id}"
         self.log_path = Path(settings.run_dir) / f"processor-{instance_id}.log"
         self.extra_args = extra_args
-        self.process: subprocess.Popen | None = None
+        self.process: Supervised | None = None
 
-    def start(self) -> "ProcessorProcess":
+    def start(self) -> ProcessorProcess:
         env = dict(os.environ, WALLET_KAFKA_BOOTSTRAP=self.settings.bootstrap,
                    WALLET_TOPIC_PREFIX=self.settings.topic_prefix)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = Supervised.start(
+            f"processor {self.instance_id}",
             [sys.executable, "-m", "wallet.cli", "processor", "--instance-id", self.instance_id,
              "--store", str(self.store), *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+            log_path=self.log_path, env=env)
         return self
 
-    def wait_until_assigned(self, timeout_s: float = READY_TIMEOUT_S) -> "ProcessorProcess":
+    def wait_until_assigned(self, timeout_s: float = READY_TIMEOUT_S) -> ProcessorProcess:
         """Until the processors' group is stable and owns every partition, so a test never
-        waits on a join. A freshly started broker answers NOT_COORDINATOR for a while: that is
-        not ready yet, not an error."""
-        group = self.settings.processor_group_id
+        waits on a join."""
         admin = admin_client(self.settings.bootstrap)
         deadline_s = time.monotonic() + timeout_s
-        owned: set[int] = set()
+        waiting_for: str | None = "the first check"
         while time.monotonic() < deadline_s:
-            assert self.process.poll() is None, f"the processor exited with {self.process.returncode}:\n{self.log_tail()}"
-            try:
-                description = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
-            except KafkaException:
-                time.sleep(0.2)
-                continue
-            owned = {tp.partition for member in description.members for tp in member.assignment.topic_partitions
-                     if tp.topic == self.settings.commands_topic}
-            if description.state == ConsumerGroupState.STABLE and len(owned) == self.settings.partitions:
+            exit_code = self._started().poll()
+            assert exit_code is None, f"the processor exited with {exit_code}:\n{self.log_tail()}"
+            waiting_for = processors_not_ready(admin, self.settings)
+            if waiting_for is None:
                 return self
             time.sleep(0.2)
-        raise AssertionError(f"the processor owned {sorted(owned)} of {self.settings.partitions} partitions after "
-                             f"{timeout_s} s:\n{self.log_tail()}")
+        raise AssertionError(f"still waiting for {waiting_for} after {timeout_s} s:\n{self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: no flush, no commit, no goodbye."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(STOP_TIMEOUT_S)
+        self._started().kill()
 
     def stop(self) -> int:
         """SIGTERM and wait: the graceful path (finish the batch, commit, close)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                raise AssertionError(f"processor {self.instance_id} did not stop within {STOP_TIMEOUT_S} s on SIGTERM")
-        return self.process.returncode
+        process = self._started()
+        if not process.stop(STOP_TIMEOUT_S):
+            raise AssertionError(f"processor {self.instance_id} did not stop within {STOP_TIMEOUT_S} s on SIGTERM")
+        exit_code = process.poll()
+        assert exit_code is not None
+        return exit_code
+
+    def _started(self) -> Supervised:
+        assert self.process is not None, f"processor {self.instance_id} was never started"
+        return self.process
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, wait_for_broker
+from infra.supervision import Supervised, SupervisionError, is_running, start_ticks_of
 
 KAFKA_VERSION = "4.1.1"  # keep equal to kafka.version in pom.xml
 JAVA_VERSION_MIN = 17  # Kafka 4 brokers need Java 17
@@ -376,12 +375,7 @@ def _running_pid(files: BrokerFiles) -> int | None:
 
 
 def _is_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")  # an unreaped zombie is dead for our purposes
+    return is_running(pid)  # an unreaped zombie is dead for our purposes
 
 
 def _is_our_broker(pid: int, files: BrokerFiles) -> bool:
@@ -394,25 +388,10 @@ def _is_our_broker(pid: int, files: BrokerFiles) -> bool:
 
 def _terminate(pid: int, timeout_s: float) -> None:
     """SIGTERM (Kafka then flushes and closes its logs cleanly), and SIGKILL if that takes longer than timeout_s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if _wait_exit(pid, timeout_s):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not _wait_exit(pid, KILL_WAIT_S):
-        raise LocalKafkaError(f"the Kafka broker (pid {pid}) survived SIGKILL for {KILL_WAIT_S} s")
-
-
-def _wait_exit(pid: int, timeout_s: float) -> bool:
-    deadline_s = time.monotonic() + timeout_s
-    while _is_alive(pid):
-        if time.monotonic() >= deadline_s:
-            return False
-        time.sleep(0.1)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reaps it when we are its parent, so it does not linger as a zombie
-    return True
+    try:
+        Supervised.attach("the Kafka broker", pid, start_ticks_of(pid), leads_group=False).stop(timeout_s)
+    except SupervisionError as error:
+        raise LocalKafkaError(str(error)) from None
 
 
 @contextlib.contextmanager

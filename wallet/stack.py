@@ -1,25 +1,22 @@
-"""`wallet up`, `wallet down`, `wallet ps`, `wallet demo`: the whole local stack in the background.
+"""`wallet up`, `wallet down`, `wallet ps`: the whole local stack in the background.
 
 `up` starts, each detached in its own session so it outlives the command: the local broker
-(unless a cluster is configured), the topics, N processors, the read model (when its command
-exists) and the HTTP API; it returns once the API answers and the processors own every
-partition. It records what it started in `<run dir>/stack.json` and writes each process's
-output to `<run dir>/logs/<name>.log`. `down` stops exactly what that file
-lists (SIGTERM by PID, SIGKILL after a bound); a broker that was already running is left
-alone. Liveness is checked by PID and the process's start time, so a reused PID is never
-mistaken for, or signalled as, one of ours.
+(unless a cluster is configured), the topics, N processors, the read model and the HTTP API;
+it returns once the API answers and the processors own every partition. It records what it
+started in `<run dir>/stack.json` and writes each process's output to
+`<run dir>/logs/<name>.log`. `down` stops exactly what that file lists (SIGTERM by PID, SIGKILL
+after a bound); a broker that was already running is left alone. Starting, liveness and
+stopping are `infra.supervision`'s: by PID and the process's start time, so a reused PID is
+never mistaken for, or signalled as, one of ours. `wallet demo` is in `wallet/demo.py`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -31,10 +28,10 @@ from typing import TextIO
 
 from confluent_kafka import ConsumerGroupState, KafkaException
 
-from wallet import localkafka
-from infra.settings import settings_from_args
-from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.settings import Settings, settings_from_args
+from infra.supervision import Supervised, SupervisionError, is_running, log_tail, start_ticks_of, stop_together
+from wallet import localkafka
 
 STATE_FILE_NAME = "stack.json"
 STACK_READY_TIMEOUT_S = 60.0
@@ -44,15 +41,7 @@ STOP_TIMEOUT_S = 20.0
 PROCESSORS_MAX = 64
 LOG_TAIL_LINES = 20
 ROLES_IN_STOP_ORDER = ("api", "readmodel", "processor", "kafka")
-# The demo's workload: skewed enough that some accounts run dry (insufficient_funds), with a
-# few transfers to frozen and to missing accounts (refunded), so every path shows up.
-DEMO_ZIPF_S = 0.5
-DEMO_FUNDING = "2000.00"
-DEMO_TRANSFER_MAX = "20.00"
-DEMO_MISSING_RECEIVER_SHARE = 0.01
-DEMO_FROZEN_ACCOUNTS = 3
-DEMO_SAMPLE_ACCOUNTS = 5
-READMODEL_CATCH_UP_TIMEOUT_S = 30.0
+API_PORT_DEFAULT = 8080
 
 
 class StackError(RuntimeError):
@@ -70,6 +59,10 @@ class ManagedProcess:
     started_by_up: bool = True
     arguments: tuple[str, ...] = ()  # the `wallet` arguments it was started with, to restart it alike
 
+    def supervised(self) -> Supervised:
+        # Every process `up` spawns leads its own session; the broker is stopped through localkafka.
+        return Supervised.attach(self.name, self.pid, self.start_ticks, leads_group=self.role != "kafka")
+
 
 @dataclass(frozen=True)
 class StackState:
@@ -79,7 +72,7 @@ class StackState:
     processes: list[ManagedProcess]
 
     @classmethod
-    def load(cls, path: Path) -> "StackState | None":
+    def load(cls, path: Path) -> StackState | None:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
@@ -105,43 +98,38 @@ def logs_dir(settings: Settings) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser("up", help="start the local stack in the background "
                                           "(broker, processors, read model, API)")
-    _add_up_options(up)
-    up.set_defaults(handler=_reporting_errors(_up))
+    add_up_options(up)
+    up.set_defaults(handler=reporting_errors(_up))
 
     down = subparsers.add_parser("down", help="stop what `wallet up` started")
     down.add_argument("--timeout-s", type=float, default=STOP_TIMEOUT_S,
                       help=f"how long to wait after SIGTERM before SIGKILL (default {STOP_TIMEOUT_S:.0f})")
-    down.set_defaults(handler=_reporting_errors(_down))
+    down.set_defaults(handler=reporting_errors(_down))
 
     ps = subparsers.add_parser("ps", help="what the stack runs: role, PID, port")
     ps.add_argument("--json", action="store_true", help='print a JSON list of {"role", "pid", "port"} objects')
-    ps.set_defaults(handler=_reporting_errors(_ps))
-
-    demo = subparsers.add_parser(
-        "demo", help="start the stack (unless up), run a sample workload, print a summary, stop what it started")
-    _add_up_options(demo)
-    demo.add_argument("--accounts", type=int, default=300, help="accounts to open and fund (default 300)")
-    demo.add_argument("--transfers", type=int, default=20_000, help="transfers to publish (default 20000)")
-    demo.add_argument("--tps", type=float, help="offered transfers per second (default: as fast as possible)")
-    demo.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
-    demo.set_defaults(handler=_reporting_errors(_demo))
+    ps.set_defaults(handler=reporting_errors(_ps))
 
 
-def _add_up_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=8080, help="the API's port (default 8080)")
+def add_up_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `wallet up`, which `wallet demo` shares."""
+    parser.add_argument("--port", type=int, default=API_PORT_DEFAULT,
+                        help=f"the API's port (default {API_PORT_DEFAULT})")
     parser.add_argument("--processors", type=int, default=1, help="processor instances (default 1)")
     parser.add_argument("--readmodel", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the read model and its query routes (default: yes, when available)")
+                        help="run the read model and its query routes (default: yes)")
     parser.add_argument("--timeout-s", type=float, default=STACK_READY_TIMEOUT_S,
                         help="how long to wait until the API answers and the processors own every partition "
                              f"(default {STACK_READY_TIMEOUT_S:.0f})")
 
 
-def _reporting_errors(handler):
+def reporting_errors(handler):
+    """A handler that prints the stack's expected errors as one line and exits 1."""
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (StackError, localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError) as error:
+        except (StackError, SupervisionError, localkafka.LocalKafkaError, BrokerUnavailableError,
+                TopicProvisioningError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
 
@@ -150,10 +138,6 @@ def _reporting_errors(handler):
 
 
 # -- up --------------------------------------------------------------------------------------
-
-def readmodel_available() -> bool:
-    return importlib.util.find_spec("consumers.readmodel.cli") is not None
-
 
 def readmodel_db_url(settings: Settings) -> str:
     return f"sqlite:///{(settings.run_dir / 'readmodel.db').resolve()}"
@@ -183,7 +167,7 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
                 name = f"processor-{index}"
                 started.append(_spawn(settings, "processor", name, None,
                                       ["processor", "--instance-id", name, "--store", str(settings.run_dir / name)]))
-            db_url = readmodel_db_url(settings) if readmodel and readmodel_available() else None
+            db_url = readmodel_db_url(settings) if readmodel else None
             if db_url is not None:
                 started.append(_spawn(settings, "readmodel", "readmodel", None, ["readmodel", "--db", db_url]))
             api_arguments = ["api", "--host", "127.0.0.1", "--port", str(port)]
@@ -208,8 +192,9 @@ def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out
         if not process.started_by_up or is_alive(process):
             processes.append(process)
         elif process.role == "kafka":
-            restarted = _start_kafka(settings, out)
-            processes.append(restarted)
+            broker = _start_kafka(settings, out)
+            assert broker is not None, "a recorded broker is the local one"
+            processes.append(broker)
         elif not process.arguments:
             raise StackError(f"{process.name} has exited and its command line was not recorded; "
                              "run `wallet down`, then `wallet up`")
@@ -235,7 +220,7 @@ def _start_kafka(settings: Settings, out: TextIO) -> ManagedProcess | None:
     print(f"kafka: {'already running' if result.already_running else 'started'} at {settings.bootstrap} "
           f"(pid {result.pid})", file=out)
     return ManagedProcess("kafka", "kafka", result.pid, settings.local_kafka_port,
-                          str(settings.run_dir / "kafka" / "server.log"), _start_ticks(result.pid),
+                          str(settings.run_dir / "kafka" / "server.log"), start_ticks_of(result.pid),
                           started_by_up=not result.already_running)
 
 
@@ -244,30 +229,26 @@ def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments
     if settings.topic_prefix:
         global_arguments += ["--topic-prefix", settings.topic_prefix]
     log_path = logs_dir(settings) / f"{name}.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "wallet.cli", *global_arguments, *arguments],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            # Its own session: it outlives `wallet up`, and a Ctrl-C in this terminal does not reach it.
-            start_new_session=True,
-            env={**os.environ, "WALLET_RUN_DIR": str(settings.run_dir), "PYTHONUNBUFFERED": "1"},
-        )
-    return ManagedProcess(role, name, process.pid, port, str(log_path), _start_ticks(process.pid),
+    process = Supervised.start(
+        name, [sys.executable, "-m", "wallet.cli", *global_arguments, *arguments], log_path=log_path,
+        env={**os.environ, "WALLET_RUN_DIR": str(settings.run_dir), "PYTHONUNBUFFERED": "1"},
+        # Its own session: it outlives `wallet up`, and a Ctrl-C in this terminal does not reach it.
+        own_session=True)
+    return ManagedProcess(role, name, process.pid, port, str(log_path), process.start_ticks,
                           arguments=tuple(arguments))
 
 
 def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float) -> None:
     """Until the API answers and the processors' group owns every partition, or a started process exits."""
-    group = settings.processor_group_id
     admin = admin_client(settings.bootstrap)
     deadline_s = time.monotonic() + timeout_s
-    waiting_for = "the first check"
+    waiting_for: str | None = "the first check"
     while time.monotonic() < deadline_s:
         for process in state.processes:
             if process.started_by_up and not is_alive(process):
                 raise StackError(f"{process.name} (pid {process.pid}) exited while the stack was starting; "
-                                 f"the end of {process.log}:\n{_log_tail(process.log)}")
-        waiting_for = _api_not_ready(state) or _processors_not_ready(admin, group, settings)
+                                 f"the end of {process.log}:\n{log_tail(process.log, LOG_TAIL_LINES)}")
+        waiting_for = _api_not_ready(state) or processors_not_ready(admin, settings)
         if waiting_for is None:
             return
         time.sleep(0.2)
@@ -284,7 +265,10 @@ def _api_not_ready(state: StackState) -> str | None:
     return None
 
 
-def _processors_not_ready(admin, group: str, settings: Settings) -> str | None:
+def processors_not_ready(admin, settings: Settings) -> str | None:
+    """None once the processors' group is stable and owns every partition of the commands topic, else
+    what it waits for. A freshly started broker answers NOT_COORDINATOR for a while: not ready yet, not an error."""
+    group = settings.processor_group_id
     try:
         description = admin.describe_consumer_groups([group], request_timeout=API_PROBE_TIMEOUT_S)[group].result()
     except KafkaException as error:
@@ -330,61 +314,21 @@ def _stack_lock(settings: Settings) -> Iterator[None]:
 
 # -- liveness and stopping -------------------------------------------------------------------
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), None where /proc is absent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: fields after it follow the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def is_alive(process: ManagedProcess) -> bool:
     """Runs, is not a zombie, and is the process we started (not a later one with its PID)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(process.pid, os.WNOHANG)  # reap it if it is our own exited child
-    try:
-        stat = Path(f"/proc/{process.pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: the PID alone has to do
-        try:
-            os.kill(process.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    return process.start_ticks is None or int(fields[19]) == process.start_ticks
+    return is_running(process.pid, process.start_ticks)
 
 
 def _stop(processes: list[ManagedProcess], timeout_s: float, settings: Settings) -> list[ManagedProcess]:
     """SIGTERM every process we started (API first, broker last), SIGKILL what outlives `timeout_s`."""
     ordered = sorted((p for p in processes if p.started_by_up), key=lambda p: ROLES_IN_STOP_ORDER.index(p.role))
-    stopped = []
-    for group in ([p for p in ordered if p.role != "kafka"], [p for p in ordered if p.role == "kafka"]):
-        running = [p for p in group if is_alive(p)]
-        for process in running:
-            if process.role == "kafka":
-                localkafka.stop(settings, timeout_s=timeout_s)  # the broker's own PID file and lock
-            else:
-                _signal(process, signal.SIGTERM)
-        deadline_s = time.monotonic() + timeout_s
-        while any(is_alive(p) for p in running) and time.monotonic() < deadline_s:
-            time.sleep(0.1)
-        for process in running:
-            if is_alive(process):
-                _signal(process, signal.SIGKILL)
-        stopped += running
-    return stopped
-
-
-def _signal(process: ManagedProcess, signal_number: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        # The process leads its own group (start_new_session), so helpers it spawned get it too.
-        os.killpg(process.pid, signal_number)
+    services = [p for p in ordered if p.role != "kafka" and is_alive(p)]
+    stop_together([p.supervised() for p in services], timeout_s)
+    brokers = [p for p in ordered if p.role == "kafka" and is_alive(p)]
+    if brokers:  # there is one local broker, stopped through its own PID file and lock
+        localkafka.stop(settings, timeout_s=timeout_s)
+    stop_together([p.supervised() for p in brokers], timeout_s)  # in case its PID file named another
+    return services + brokers
 
 
 def down(settings: Settings, timeout_s: float = STOP_TIMEOUT_S) -> list[ManagedProcess]:
@@ -406,14 +350,8 @@ def running_processes(settings: Settings) -> list[ManagedProcess]:
         broker = localkafka.status(settings)
         if broker["running"]:
             processes.insert(0, ManagedProcess("kafka", "kafka", broker["pid"], settings.local_kafka_port,
-                                               broker["log_file"], _start_ticks(broker["pid"]), started_by_up=False))
+                                               broker["log_file"], start_ticks_of(broker["pid"]), started_by_up=False))
     return processes
-
-
-def _log_tail(log: str | None) -> str:
-    if log is None or not Path(log).exists():
-        return "(no log)"
-    return "\n".join(Path(log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
 
 
 # -- handlers --------------------------------------------------------------------------------
@@ -450,92 +388,3 @@ def _ps(args: argparse.Namespace) -> int:
         note = "" if p.started_by_up else "  (not started by `wallet up`; `wallet down` leaves it running)"
         print(f"{p.role:10} {p.name:13} {p.pid:>8} {p.port if p.port is not None else '-':>6}  {p.log or '-'}{note}")
     return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    # The workload's imports (the client library, tqdm) are only needed here.
-    from producers.load import LoadSpec, ledger_balances, run_load
-
-    settings = settings_from_args(args)
-    state = StackState.load(state_path(settings))
-    started_here = state is None or not any(p.role == "api" and is_alive(p) for p in state.processes)
-    if started_here:
-        print("== starting the local stack ==")
-        state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel,
-                   timeout_s=args.timeout_s)
-        print(f"API at {state.api_url}; logs in {logs_dir(settings)}")
-    else:
-        print(f"== using the running stack ({state.api_url}) ==")
-    try:
-        spec = LoadSpec(accounts=args.accounts, count=args.transfers, rate_per_s=args.tps, zipf_s=DEMO_ZIPF_S,
-                        funding_amount=DEMO_FUNDING, transfer_amount_max=DEMO_TRANSFER_MAX,
-                        missing_receiver_share=DEMO_MISSING_RECEIVER_SHARE, frozen_accounts=DEMO_FROZEN_ACCOUNTS)
-        print(f"\n== workload: {spec.accounts} accounts funded with {spec.funding_amount} {spec.currency} each "
-              f"({spec.frozen_accounts} then frozen), {spec.count:,} transfers of up to {spec.transfer_amount_max}, "
-              f"Zipf-skewed, {spec.missing_receiver_share:.0%} to accounts that do not exist ==")
-        report = run_load(settings, spec)
-        print("\n== summary ==")
-        print("\n".join(report.lines(args.tps)))
-        _print_balances(settings, state, spec, ledger_balances(settings, spec.account_ids()))
-        audit_passed = _print_audit(settings, state, settled=started_here)
-    finally:
-        if started_here and not args.keep_running:
-            print("\n== stopping what the demo started ==")
-            for process in down(settings):
-                print(f"stopped {process.name} (pid {process.pid})")
-    return 0 if report.missing == 0 and audit_passed is not False else 1
-
-
-
-def _print_balances(settings: Settings, state: StackState, spec, balances: dict[str, str | None]) -> None:
-    from streams.core.money import canonical_minor, format_amount, parse_amount_minor
-
-    account_ids = spec.account_ids()
-    total_minor = sum(canonical_minor(b, spec.currency) for b in balances.values() if b is not None)
-    funded_minor = parse_amount_minor(spec.funding_amount, spec.currency) * len(account_ids)
-    verdict = "conserved" if total_minor == funded_minor else "NOT conserved"
-    print(f"money: the {len(account_ids)} accounts hold {format_amount(total_minor, spec.currency)} {spec.currency}, "
-          f"deposited {format_amount(funded_minor, spec.currency)}: {verdict}")
-    readmodel = _readmodel_balances(state, account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:])
-    print("balances (ledger = fold of wallet.events" + (", read model = the query API)" if readmodel else ")"))
-    for account in account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:]:
-        frozen = " (frozen)" if account in account_ids[len(account_ids) - spec.frozen_accounts:] else ""
-        shown = f"  {account + frozen:32} ledger {balances[account]:>10} {spec.currency}"
-        if readmodel:
-            shown += f"   read model {readmodel.get(account) or '?':>10}"
-        print(shown)
-
-
-def _readmodel_balances(state: StackState, account_ids: list[str]) -> dict[str, str]:
-    """Balances from the read model once it has caught up with the topics; {} without a read model."""
-    try:
-        if not get_json(f"{state.api_url}/healthz", API_PROBE_TIMEOUT_S)[1].get("readmodel"):
-            return {}
-        deadline_s = time.monotonic() + READMODEL_CATCH_UP_TIMEOUT_S
-        while get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S)[1].get("total_lag") != 0:
-            if time.monotonic() > deadline_s:
-                return {}
-            time.sleep(0.2)
-        replies = {a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S) for a in account_ids}
-    except (OSError, ValueError):
-        return {}
-    return {a: body["balance"] for a, (status, body) in replies.items() if status == 200}
-
-
-def _print_audit(settings: Settings, state: StackState, settled: bool) -> bool | None:
-    """Runs the audit when it exists; returns whether it passed (None when there is no audit)."""
-    try:
-        from consumers.audit import run_audit
-    except ModuleNotFoundError:
-        print("audit: not available in this checkout")
-        return None
-    from streams.cli import state_dump
-
-    # Snapshots first: a state taken before the log is read is always within it.
-    stores = [settings.run_dir / p.name for p in state.processes if p.role == "processor"]
-    dumps = [state_dump(store) for store in stores if store.exists()]
-    readmodel_db = readmodel_db_url(settings) if any(p.role == "readmodel" for p in state.processes) else None
-    print("\n== audit: replaying the topics from the first offset ==")
-    report = run_audit(settings, dumps, readmodel_db=readmodel_db, settled=settled, progress=True)
-    print(report.render_text())
-    return report.passed
