@@ -44,10 +44,10 @@ class PartitionLog:
     offsets: list[int] = field(default_factory=list)
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
-    headers: list[list[tuple[str, bytes]] | None] | None = None  # only when asked for
     # The record's timestamp in ms (for wallet.commands the broker's LogAppendTime: the time
     # the core decides with); only when asked for.
     timestamps: list[int] | None = None
+    headers: list[list[tuple[str, bytes]] | None] | None = None  # only when asked for
 
     def __len__(self) -> int:
         return len(self.offsets)
