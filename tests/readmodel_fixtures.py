@@ -34,6 +34,7 @@ from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.projection import TransactionRow
 from consumers.readmodel.store import ReadModelStore
 from infra.admin import admin_client
+from infra.kafka_clients import kafka_security
 from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import Command, Transfer, owner_account
@@ -194,7 +195,8 @@ def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
 
 def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) -> dict[int, list[tuple[int, Any]]]:
     """Every record a read_committed reader finds in `topic`, per partition, with its offset."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"{settings.topic_prefix}test-reader",
+    consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
+                         "group.id": f"{settings.topic_prefix}test-reader",
                          "isolation.level": "read_committed", "enable.partition.eof": True,
                          "enable.auto.commit": False})
     try:
