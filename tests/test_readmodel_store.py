@@ -117,12 +117,13 @@ def test_an_event_time_beyond_what_the_database_holds_is_stored_clamped_and_the_
 
 def test_a_request_is_looked_up_by_its_account_and_never_answers_for_another(db_url: str) -> None:
     from schemas.commands import Deposit, OpenAccount, Withdraw
+    from tests.support.commands import edge
 
-    log = decide([OpenAccount(transaction_id="o1", ts_ms=1, account_id="alice", currency="USD"),
-                  OpenAccount(transaction_id="o2", ts_ms=2, account_id="bob", currency="USD"),
-                  Deposit(transaction_id="T", ts_ms=3, account_id="alice", amount="10.00", currency="USD"),
-                  Withdraw(transaction_id="T", ts_ms=4, account_id="bob", amount="10.00", currency="USD"),
-                  Deposit(transaction_id="only-alice", ts_ms=5, account_id="alice", amount="1.00", currency="USD")],
+    log = decide([edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
+                  edge(OpenAccount, transaction_id="o2", account_id="bob", currency="USD"),
+                  edge(Deposit, transaction_id="T", account_id="alice", amount="10.00", currency="USD"),
+                  edge(Withdraw, transaction_id="T", account_id="bob", amount="10.00", currency="USD"),
+                  edge(Deposit, transaction_id="only-alice", account_id="alice", amount="1.00", currency="USD")],
                  partition_count=1)
     records = log.messages()
     with ReadModelStore(db_url) as store:

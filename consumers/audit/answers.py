@@ -27,7 +27,10 @@ from schemas.events import (
     TransferRefunded,
     Withdrawn,
 )
+from schemas.outcomes import Reason
 
+# Reasons of the answers the processor gives records it dead-letters: no decision event by design.
+DEAD_LETTER_REASONS = frozenset({Reason.INVALID_COMMAND, Reason.WRONG_PARTITION})
 ANY_EVENT = (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, AccountFrozen,
              AccountUnfrozen, AccountClosed, CommandRejected)
 
@@ -36,10 +39,10 @@ class AnswerEntry:
     """A request answered on wallet.outcomes."""
     __slots__ = ("answer", "location", "account_id", "decided", "others", "settled")
 
-    def __init__(self, answer: Answer, location: Location, account_id: str | None) -> None:
+    def __init__(self, answer: Answer, location: Location, account_id: str) -> None:
         self.answer = answer  # the first answer given
         self.location = location  # where it was given
-        self.account_id = account_id  # the owning account it names (None: an outcome of contract v1)
+        self.account_id = account_id  # the owning account it names
         self.decided = False  # an event of the request decides this answer
         self.others: dict[Answer, Location] | None = None  # different answers given later, each where first
         self.settled = False  # a transfer whose debit and legs have all been seen and agree

@@ -3,8 +3,11 @@
 Each partition's commands are decided again from an empty state, in log order, exactly as the
 processor that owns the partition decided them, and each event the core returns, encoded, is
 compared with the log's event at the same position of the same partition. What the processor
-cannot decide (an undecodable record, one on the wrong partition) it dead-letters; the replay
-skips the same records and checks that the DLQ names them.
+cannot decide it dead-letters: an undecodable record, one on the wrong partition, a saga leg
+whose MAC does not verify with the processors' keyring, and what the core refuses as
+`UndecidableInput`. The replay makes the same checks in the same order, skips the same records
+and checks that the DLQ names them. Each command is decided at its record's timestamp (the
+broker's LogAppendTime), the time the processor passed to the core.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from consumers.audit.violations import Kind, Location, Violation
 from schemas.codec import SchemaError, decode_command, decode_event, encode
-from schemas.commands import Command, owner_account
+from schemas.commands import LEG_COMMANDS, Command, owner_account
+from schemas.leg_auth import LegKeyring
 from schemas.partitioning import partition_for
+from streams.core.errors import UndecidableInput
 from streams.core.machine import apply
 from streams.core.state import State
 
@@ -51,11 +56,13 @@ class DeterminismResult:
 
 
 class _Router:
-    """Decodes a command and checks that it is on its owner's partition, as the processor does."""
+    """Decodes a command, checks that it is on its owner's partition and that a saga leg was
+    signed by a processor, as the processor does before the core sees it."""
 
-    def __init__(self, partition: int, partition_count: int) -> None:
+    def __init__(self, partition: int, partition_count: int, keyring: LegKeyring) -> None:
         self.partition = partition
         self.partition_count = partition_count
+        self.keyring = keyring
         self._owner_partition: dict[str, int] = {}
 
     def decide_input(self, value: bytes | None) -> tuple[Command, str]:
@@ -67,12 +74,16 @@ class _Router:
             owner_here = self._owner_partition[owner] = partition_for(owner, self.partition_count)
         if owner_here != self.partition:
             raise SchemaError(f"command for account {owner!r} (partition {owner_here}) on partition {self.partition}")
+        if type(command) in LEG_COMMANDS:
+            refused = self.keyring.verify(command)
+            if refused is not None:
+                raise SchemaError(refused)
         return command, owner
 
 
 def check_determinism(commands: PartitionLog, events: PartitionLog, partition_count: int, commands_topic: str,
                       events_topic: str, dead_lettered: set[Location], result: DeterminismResult, *,
-                      settled: bool, on_progress: Callable[[int], None] | None = None) -> None:
+                      keyring: LegKeyring, settled: bool, on_progress: Callable[[int], None] | None = None) -> None:
     """Re-decides one partition's commands with the core from an empty state and compares each
     event, encoded, with the log's event at the same position of the same partition.
 
@@ -83,9 +94,11 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
     when `settled`, in any case).
     """
     partition = commands.partition
+    if commands.timestamps is None:
+        raise ValueError("the commands were read without their record timestamps, which the core decides with")
     replay = _PartitionReplay(commands, events, commands_topic, events_topic, result)
-    router = _Router(partition, partition_count)
-    values, offsets = commands.values, commands.offsets
+    router = _Router(partition, partition_count, keyring)
+    values, offsets, timestamps = commands.values, commands.offsets, commands.timestamps
     reported = 0
     undelivered: list[Violation] = []
     for index in range(len(values)):
@@ -95,14 +108,15 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
         offset = offsets[index]
         try:
             command, owner = router.decide_input(values[index])
-        except SchemaError as error:
+            go_on = replay.step(index, offset, command, owner, timestamps[index])
+        except (SchemaError, UndecidableInput) as error:
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
                 undelivered.append(Violation(Kind.NOT_DEAD_LETTERED, f"the processor cannot decide this record "
                                              f"({error}) and the DLQ has no record of it", commands_topic, partition,
                                              offset))
             continue
-        if not replay.step(index, offset, command, owner):
+        if not go_on:
             break
     if on_progress is not None:
         on_progress(len(values) - reported)
@@ -124,11 +138,14 @@ class _PartitionReplay:
         self.position = 0  # of the next logged event a decided one must equal
         self.decided_offset = -1  # of the last command whose events are in the log
 
-    def step(self, index: int, offset: int, command: Command, owner: str) -> bool:
-        """Decides one command and compares its events; returns whether to go on."""
+    def step(self, index: int, offset: int, command: Command, owner: str, record_time_ms: int) -> bool:
+        """Decides one command and compares its events; returns whether to go on. Raises
+        UndecidableInput (the state untouched) for what the processor dead-letters."""
         result, partition = self.result, self.commands.partition
         try:
-            decision = apply(self.state, command)
+            decision = apply(self.state, command, record_time_ms)
+        except UndecidableInput:
+            raise
         except Exception as error:  # noqa: BLE001 - any failure of the core on a logged command is a finding
             result.violations.append(Violation(Kind.CORE_ERROR, f"the core raised {type(error).__name__}: {error}",
                                                self.commands_topic, partition, offset, owner, command.transaction_id))

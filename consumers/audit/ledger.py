@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
-from consumers.audit.answers import AnswerEntry, UnansweredDecision, check_answers
+from consumers.audit.answers import DEAD_LETTER_REASONS, AnswerEntry, UnansweredDecision, check_answers
 from consumers.audit.conservation import CurrencyTotals, currency_totals
 from consumers.audit.snapshots import StateSnapshot, compare_snapshot
 from consumers.audit.transfers import (
@@ -62,7 +62,7 @@ from schemas.events import (
 )
 from schemas.partitioning import partition_for
 from streams.core.currencies import MINOR_UNITS
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
 from streams.core.state import ACTIVE, BALANCE_SIGN, FAILURE, STATUS_AFTER, SUCCESS, Account, CorruptLog, State, fold
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class MoneyMovement(NamedTuple):
     transaction_id: str
     amount_minor: int  # what it moved on account_id, signed (a debit is negative)
     currency: str
-    actor: str | None  # who asked (a leg's events carry the transfer's actor); None before contract v2
+    actor: str  # who asked (a leg's events carry the transfer's actor)
 
     def to_json(self) -> dict:
         return {"partition": self.partition, "offset": self.offset, "type": self.type, "account_id": self.account_id,
@@ -186,13 +186,15 @@ class LedgerReplay:
                                     topic=self.outcomes_topic)
                     continue
                 transaction_id = outcome.transaction_id
+                if outcome.reason in DEAD_LETTER_REASONS:
+                    continue  # the answer to a record nobody could decide: no decision event by design
                 if keys[index] != transaction_id.encode():
                     self._violation(Kind.MISKEYED_OUTCOME, f"record key {keys[index]!r} is not the outcome's "
                                     f"transaction id", partition, offsets[index], topic=self.outcomes_topic,
                                     transaction_id=transaction_id)
                 key = (transaction_id, outcome.digest)
                 answer = (outcome.status, outcome.reason)
-                account_id = getattr(outcome, "account_id", None)  # contract v2: the owning account
+                account_id = outcome.account_id
                 entry = answered.get(key)
                 if entry is None:
                     answered[key] = AnswerEntry(answer, (partition, offsets[index]), account_id)
@@ -222,7 +224,8 @@ class LedgerReplay:
         for number, log in sorted(logs.items()):
             cuts = sorted(_Cut(bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
                           for order, snapshot in enumerate(snapshots) if snapshot.partition == number)
-            cursors.append(_Cursor(log, self.states.setdefault(number, State()), cuts))
+            # The audit compares accounts only: the idempotency memory would grow with the log.
+            cursors.append(_Cursor(log, self.states.setdefault(number, State(tracks_memory=False)), cuts))
         while cursors:
             for cursor in list(cursors):
                 log, state, position, cuts = cursor.log, cursor.state, cursor.position, cursor.cuts
@@ -234,9 +237,6 @@ class LedgerReplay:
                 stop = min(position + INTERLEAVE_SLICE_RECORDS, len(log), cuts[0].position if cuts else len(log))
                 self._replay_chunk(log, state, position, stop)
                 cursor.position = stop
-                # The audit compares accounts only; the idempotency memory the fold keeps would
-                # grow with the log and make the fold's periodic eviction scans ever longer.
-                state.memory.clear()
                 if on_progress is not None:
                     on_progress(stop - position)
 
@@ -321,7 +321,7 @@ class LedgerReplay:
         if self.movements is not None and event_class in _MONEY_EVENTS:
             self.movements.append(MoneyMovement(partition, offset, event_type(event), account_id, event.transaction_id,
                                                 account.balance_minor - balance_before_minor, currency,
-                                                getattr(event, "actor", None)))
+                                                event.actor))
         if event_class is Deposited or event_class is Withdrawn:
             flow = self._flows.get(currency)
             if flow is None:
@@ -438,7 +438,7 @@ class LedgerReplay:
             try:
                 same_currency = event.currency == account.currency
                 amount_minor = canonical_minor(event.amount, account.currency) if same_currency else 0
-                stated_minor = canonical_minor(event.balance, account.currency)
+                stated_minor = canonical_balance_minor(event.balance, account.currency)
             except (ValueError, KeyError):
                 amount_minor, stated_minor = 0, None
             account.balance_minor += BALANCE_SIGN[event_class] * amount_minor

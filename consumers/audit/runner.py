@@ -15,10 +15,12 @@ from consumers.audit.determinism import DeterminismResult
 from consumers.audit.ledger import LedgerReplay
 from consumers.audit.log_reader import READ_TIMEOUT_S_DEFAULT, TopicLog, partition_count, read_topic, read_topics
 from consumers.audit.report import AuditReport, TopicRead
-from consumers.audit.snapshots import StateSnapshot, load_state_dump, read_model_snapshots
+from consumers.audit.snapshots import AuditSetupError, StateSnapshot, load_state_dump, read_model_snapshots
 from consumers.audit.violations import Kind, Violation
 from consumers.audit.workers import check_commands, replay_events, worker_count_default
+from infra.secrets import leg_keys_text
 from infra.settings import Settings
+from schemas.leg_auth import LegKeyError, LegKeyring
 
 PROGRESS_DELAY_S = 1.0  # a bar appears only on replays longer than this
 
@@ -137,7 +139,7 @@ def _check_determinism(settings: Settings, logs: _Logs, report: AuditReport, wor
     """Re-decides wallet.commands; fills the report's determinism part."""
     started_s = time.monotonic()
     report.determinism = _determinism(logs.commands, logs.events, logs.dead_letters, report.settled, workers,
-                                      progress)
+                                      progress, _leg_keyring(settings))
     report.determinism_s = time.monotonic() - started_s
     violations = list(report.determinism.violations)
     if report.settled:
@@ -148,8 +150,17 @@ def _check_determinism(settings: Settings, logs: _Logs, report: AuditReport, wor
     return violations
 
 
+def _leg_keyring(settings: Settings) -> LegKeyring:
+    """The processors' leg keys: the audit verifies every leg exactly as they do, so a forged leg
+    is expected in the DLQ, never decided."""
+    try:
+        return LegKeyring.parse(leg_keys_text(settings))
+    except (LegKeyError, OSError) as error:
+        raise AuditSetupError(f"cannot read the processors' leg keys: {error}") from None
+
+
 def _determinism(commands: TopicLog, events: TopicLog, dead_letters: TopicLog, settled: bool, workers: int,
-                 progress: bool) -> DeterminismResult:
+                 progress: bool, keyring: LegKeyring) -> DeterminismResult:
     if commands.partition_count != events.partition_count:
         result = DeterminismResult()
         result.violations.append(Violation(
@@ -159,7 +170,7 @@ def _determinism(commands: TopicLog, events: TopicLog, dead_letters: TopicLog, s
     with _progress("re-deciding commands", commands.record_count, progress) as update:
         return check_commands(commands.partitions, events.partitions, commands.partition_count, commands.topic,
                               events.topic, _dead_letter_sources(dead_letters, commands.topic), settled, workers,
-                              update)
+                              update, keyring)
 
 
 def _dead_letter_sources(dead_letters: TopicLog, source_topic: str) -> set[tuple[int, int]]:

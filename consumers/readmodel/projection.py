@@ -50,7 +50,7 @@ class AccountRow(NamedTuple):
     status: str
     balance_minor: int
     sequence: int
-    owner: str = ""  # the actor that opened the account ("" for accounts opened before contract v2)
+    owner: str = ""  # the actor that opened the account
 
 
 class EntryRow(NamedTuple):
@@ -70,7 +70,7 @@ class TransactionRow(NamedTuple):
     status: str  # pending | success | failure
     reason: str | None
     digest: str  # digest of the request this status answers
-    actor: str | None = None  # who asked (None before contract v2)
+    actor: str | None = None  # who asked (None: an answer to a dead-lettered record that did not say)
 
 
 RequestKey = tuple[str, str]  # (account_id, transaction_id)
@@ -98,7 +98,7 @@ def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, Tran
     batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
     """
     state = State(accounts={row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
-                            for row in accounts.values()})
+                            for row in accounts.values()}, tracks_memory=False)
     owners = {row.account_id: row.owner for row in accounts.values()}
     entries: list[EntryRow] = []
     changed_accounts: set[str] = set()
@@ -117,7 +117,7 @@ def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, Tran
         entries.append(entry)
         changed_accounts.add(event.account_id)
         if type(event) is AccountOpened:
-            owners[event.account_id] = getattr(event, "owner", "")  # contract v2 names the owner
+            owners[event.account_id] = event.owner
 
     for outcome in outcomes:
         request = request_status_of_outcome(outcome)
@@ -154,7 +154,7 @@ _LEG_COMMANDS = frozenset({"credit_leg", "refund_leg"})
 def request_status_of(event: Event) -> TransactionRow | None:
     """The status of its request that an event records, keyed by the request's owning account;
     None for a receiver's refusal of a credit leg (the sender's refund answers the request)."""
-    actor = getattr(event, "actor", None)  # contract v2: who asked (a leg's events carry the transfer's)
+    actor = event.actor  # who asked (a leg's events carry the transfer's)
     reason: str | None = None
     if isinstance(event, TransferCredited):
         owner, status = event.from_account, SUCCESS
@@ -174,14 +174,12 @@ def request_status_of(event: Event) -> TransactionRow | None:
 
 
 def request_status_of_outcome(outcome: Outcome) -> TransactionRow | None:
-    """The answer an outcome gives, keyed by the request's owning account. A v1 outcome names no
-    account and is passed over: the decision event of its request, on the owning account's
-    partition, records the same answer."""
-    account_id = getattr(outcome, "account_id", None)  # contract v2
-    if not account_id:
+    """The answer an outcome gives, keyed by the request's owning account (None for an answer to
+    a dead-lettered record whose account could not be read)."""
+    if not outcome.account_id:
         return None
-    return TransactionRow(account_id, outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
-                          getattr(outcome, "actor", None) or None)
+    return TransactionRow(outcome.account_id, outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
+                          outcome.actor or None)
 
 
 def _merge_into(statuses: dict[RequestKey, TransactionRow], changed: set[RequestKey], incoming: TransactionRow) -> None:
