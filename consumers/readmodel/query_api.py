@@ -242,20 +242,32 @@ def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
 
 
 def _transaction_route(router: APIRouter, readers: _Readers, who: Any) -> None:
-    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionView,
+    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionView, responses=error_responses(409),
                 summary="status of one of your requests (any request for operator and audit)",
                 description="A request is identified by its owning account and its transaction id; "
-                            "`account_id` narrows the lookup to one account. Another caller's request is "
-                            "`unknown`, as is one the read model has not seen.")
+                            "`account_id` narrows the lookup to one account, and is needed (409 "
+                            "`ambiguous_transaction_id`) when you used the id on several accounts. Another "
+                            "caller's request is `unknown`, as is one the read model has not seen.")
     async def get_transaction(transaction_id: str = Path(max_length=128),
                               account_id: str | None = Query(None, max_length=64,
                                                              description="the account that owns the request"),
                               caller: Any = who):
-        row = await _read(readers, "transaction", transaction_id)
-        visible = row is not None and (caller.reads_everything or (
-            bool(row.actor) and hmac.compare_digest(row.actor.encode(), caller.sub.encode())))
-        if not visible or (account_id is not None and row.account_id != account_id):
+        rows = await _read(readers, "requests_visible_to", None if caller.reads_everything else caller.sub,
+                           transaction_id)
+        # Only the caller's own requests: one that another principal made on an account the caller
+        # owns (a bank deposit, say) is that principal's request, not the caller's.
+        mine = [row for row in rows if caller.reads_everything
+                or (bool(row.actor) and hmac.compare_digest(row.actor.encode(), caller.sub.encode()))]
+        if account_id is not None:
+            mine = [row for row in mine if row.account_id == account_id]
+        if len(mine) > 1:
+            accounts = ", ".join(sorted(row.account_id for row in mine))
+            raise _field_error(409, "ambiguous_transaction_id", f"transaction id {transaction_id!r} names requests "
+                                                                f"of accounts {accounts}: ask with ?account_id=",
+                               "account_id")
+        if not mine:
             return TransactionView(transaction_id=transaction_id, status="unknown", reason=None)
+        row = mine[0]
         return TransactionView(transaction_id=transaction_id, status=row.status, reason=row.reason)
 
 
