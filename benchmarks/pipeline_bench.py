@@ -51,6 +51,7 @@ from confluent_kafka.admin import NewTopic
 from tqdm import tqdm
 
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.kafka_clients import kafka_security
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
 from schemas.codec import SchemaError, decode_outcome, encode
@@ -175,6 +176,7 @@ def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: 
 
 def _input_producer_config(bootstrap: str, linger_ms: int, on_failure) -> dict:
     return {
+        **kafka_security("api"),
         "bootstrap.servers": bootstrap,
         "partitioner": KAFKA_PARTITIONER,
         "enable.idempotence": True,  # per-partition order: an account's opening precedes its transfers
@@ -265,6 +267,7 @@ class OutcomeTally:
 
     def __init__(self, bootstrap: str, topic: str, partitions: int, group_id: str) -> None:
         self._consumer = Consumer({
+            **kafka_security("api"),
             "bootstrap.servers": bootstrap,
             "group.id": group_id,  # never joined nor committed: partitions are assigned
             "isolation.level": "read_committed",
@@ -542,7 +545,8 @@ class Bench:
         return {"records": total, "elapsed_s": round(elapsed_s, 3), "messages_per_s": round(total / elapsed_s, 1)}
 
     def _check_input_counts(self, expected_counts: dict[str, int]) -> None:
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}bench-check"})
+        consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": self.bootstrap,
+                             "group.id": f"{self.prefix}bench-check"})
         try:
             for topic, expected_count in expected_counts.items():
                 stored = sum(consumer.get_watermark_offsets(TopicPartition(topic, partition), KAFKA_TIMEOUT_S)[1]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, NewTopic, ResourceType
 
+from infra.kafka_clients import kafka_security
 from infra.settings import Settings
 
 # librdkafka reports every refused connection as an error; while we wait for a broker that
@@ -42,8 +43,11 @@ class TopicMismatchError(TopicProvisioningError):
     """A topic exists with a different shape than the settings ask for."""
 
 
-def admin_client(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, "logger": _ADMIN_LOG})
+def admin_client(bootstrap: str, *, role: str = "admin", security: dict[str, str] | None = None) -> AdminClient:
+    """An AdminClient as the Kafka principal of `role`, or with explicit `security` settings
+    (the local broker's own probe, which knows its admin credentials)."""
+    settings = kafka_security(role) if security is None else security
+    return AdminClient({**settings, "bootstrap.servers": bootstrap, "logger": _ADMIN_LOG})
 
 
 def wait_for_broker(
@@ -51,13 +55,14 @@ def wait_for_broker(
     timeout_s: float,
     *,
     abort_reason: Callable[[], str | None] | None = None,
+    security: dict[str, str] | None = None,
 ) -> ClusterMetadata:
     """Return the cluster's metadata once a broker answers a real metadata request.
 
     `abort_reason` is asked between attempts; when it returns a text (for example "the broker
     process exited"), waiting is pointless and that text is raised at once.
     """
-    return _wait_for_metadata(admin_client(bootstrap), bootstrap, timeout_s, abort_reason)
+    return _wait_for_metadata(admin_client(bootstrap, security=security), bootstrap, timeout_s, abort_reason)
 
 
 def _wait_for_metadata(

@@ -30,6 +30,7 @@ from schemas.partitioning import partition_for
 from streams.core.money import AmountError
 from infra.settings import settings_from_args
 from infra.settings import Settings
+from infra.kafka_clients import kafka_security
 
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_PENDING = 0, 1, 2
 EXIT_STATUS_TEXT = ("Exit status: 0 success, 1 failure or error, 2 pending (the outcome was not known in time; "
@@ -137,7 +138,8 @@ def transaction_outcome(settings: Settings, transaction_id: str) -> tuple[Outcom
     Outcomes are keyed by transaction id, so only the one partition that holds it is read,
     from its first offset to its current end.
     """
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"wallet-status-{uuid.uuid4().hex}",
+    consumer = Consumer({**kafka_security("api"), "bootstrap.servers": settings.bootstrap,
+                         "group.id": f"wallet-status-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": True})
     try:

@@ -37,6 +37,7 @@ from schemas.commands import (
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER
 from streams.core.money import format_amount, parse_amount_minor
+from infra.kafka_clients import kafka_security
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -172,6 +173,7 @@ class CommandPublisher:
         self._report_successes = report_successes
         self._queue_messages_max = queue_messages_max
         self._config = {
+            **kafka_security("api"),
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
             "enable.idempotence": True,
@@ -460,6 +462,7 @@ class OutcomeWaiter:
         self._cache_size_max = cache_size_max
         self._waits_max = waits_max
         self._consumer = Consumer({
+            **kafka_security("api"),
             "bootstrap.servers": bootstrap,
             # librdkafka wants a group id even for assign(); nothing is ever committed under it.
             "group.id": f"wallet-outcome-waiter-{uuid.uuid4().hex}",

@@ -42,6 +42,7 @@ from streams.core.state import State, fold
 from benchmarks.support.reference_pipeline import decide, publish, workload
 from infra.settings import Settings
 from infra.admin import admin_client
+from infra.kafka_clients import kafka_security
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -186,7 +187,8 @@ def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
 
 def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) -> dict[int, list[tuple[int, Any]]]:
     """Every record a read_committed reader finds in `topic`, per partition, with its offset."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"{settings.topic_prefix}test-reader",
+    consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
+                         "group.id": f"{settings.topic_prefix}test-reader",
                          "isolation.level": "read_committed", "enable.partition.eof": True,
                          "enable.auto.commit": False})
     try:

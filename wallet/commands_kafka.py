@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaException
 
-from wallet import localkafka
-from infra.settings import settings_from_args
-from infra.settings import Settings
+from infra.acls import AclProvisioningError, ensure_acls
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, ensure_topics
+from infra.kafka_clients import KafkaSecurityConfigError
+from infra.settings import Settings, settings_from_args
+from wallet import localkafka
 
-_OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError, KafkaException)
+_OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicProvisioningError, KafkaException,
+                     AclProvisioningError, KafkaSecurityConfigError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch = kafka_commands.add_parser("fetch", help=f"download Kafka {localkafka.KAFKA_VERSION}'s jars once with Maven")
     fetch.set_defaults(handler=_reporting_errors(_fetch))
 
-    start = kafka_commands.add_parser("start", help="start the local broker in the background and wait until it answers")
+    start = kafka_commands.add_parser("start",
+                                      help="start the local broker in the background and wait until it answers")
     start.add_argument("--timeout-s", type=float, default=60, help="how long to wait for readiness (default 60)")
+    start.add_argument("--sasl", action="store_true",
+                       help="SASL/SCRAM-SHA-512 users per service and ACLs enforced (env WALLET_LOCAL_KAFKA_SASL=1); "
+                            "chosen when the run folder is first formatted")
     start.set_defaults(handler=_reporting_errors(_start))
 
     stop = kafka_commands.add_parser("stop", help="stop the local broker by the PID it recorded")
@@ -43,8 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create = topics_commands.add_parser(
         "create", help="create the commands, events, outcomes and dlq topics where missing (idempotent)")
     create.add_argument("--partitions", type=int, help="partition count (env WALLET_PARTITIONS, default 8)")
-    create.add_argument("--replication-factor", type=int, help="replicas per partition (env WALLET_REPLICATION_FACTOR, default 1)")
+    create.add_argument("--replication-factor", type=int,
+                        help="replicas per partition (env WALLET_REPLICATION_FACTOR, default 1)")
     create.add_argument("--timeout-s", type=float, default=30, help="how long to wait for the cluster (default 30)")
+    create.add_argument("--acls", action="store_true",
+                        help="also create the service principals' ACLs (api, processor, readmodel, audit; "
+                             "needs a principal that may alter ACLs)")
     create.set_defaults(handler=_reporting_errors(_create_topics))
 
 
@@ -84,11 +94,16 @@ def _start(args: argparse.Namespace) -> int:
     if not settings.uses_local_kafka:
         print(f"nothing started: {_external_cluster_note(settings)}")
         return 0
-    result = localkafka.start(settings, timeout_s=args.timeout_s)
+    result = localkafka.start(settings, timeout_s=args.timeout_s, sasl=True if args.sasl else None)
     state = "already running" if result.already_running else "started"
     print(f"Kafka {localkafka.KAFKA_VERSION} {state} at {settings.bootstrap} (pid {result.pid}), "
           f"ready after {result.ready_after_s:.1f} s; data and logs in {settings.run_dir / 'kafka'}")
+    if localkafka.sasl_enabled(settings):
+        print("SASL/SCRAM-SHA-512 with ACLs: each role's credentials are a 0600 file; give each service its own:")
+        for name, path in localkafka.client_environment(settings).items():
+            print(f"  export {name}={path}")
     return 0
+
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -114,6 +129,8 @@ def _status(args: argparse.Namespace) -> int:
               f"cluster id {report['cluster_id']}, {report['topics']} topic(s)")
         if report["managed_locally"]:
             print(f"data: {report['data_dir']}  log: {report['log_file']}")
+            if report["sasl"]:
+                print(f"SASL/SCRAM-SHA-512 with ACLs; credentials per role in {report['data_dir']}/sasl/")
     else:
         print(f"not ready: {report['error']}")
     return 0 if report["ready"] else 1
@@ -121,10 +138,16 @@ def _status(args: argparse.Namespace) -> int:
 
 def _create_topics(args: argparse.Namespace) -> int:
     settings = settings_from_args(args).with_overrides(replication_factor=args.replication_factor)
+    localkafka.use_local_credentials(settings)
     result = ensure_topics(settings, partitions=args.partitions, timeout_s=args.timeout_s)
     partitions = args.partitions if args.partitions is not None else settings.partitions
     for name, state in result.items():
         print(f"{state:8} {name}")
     print(f"{len(result)} topics at {settings.bootstrap} with {partitions} partitions, "
           f"replication factor {settings.replication_factor}")
+    if args.acls:
+        grants = ensure_acls(settings, timeout_s=args.timeout_s)
+        for grant in grants:
+            print(f"allow    {grant.describe()}")
+        print(f"{len(grants)} ACLs present for the service principals")
     return 0

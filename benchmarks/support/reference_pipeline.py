@@ -32,6 +32,7 @@ from streams.core.machine import apply
 from streams.core.money import format_amount
 from streams.core.state import State
 from infra.settings import Settings
+from infra.kafka_clients import kafka_security
 
 # Saga legs waiting before the oldest is delivered: transfers stay in flight across this many
 # later legs, as they do between the partitions of a live processor.
@@ -306,7 +307,8 @@ def _publish_aborted(producer: Producer, settings: Settings, log: ReferenceLog) 
 
 
 def _producer_config(bootstrap: str) -> dict:
-    return {"bootstrap.servers": bootstrap, "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True,
+    return {**kafka_security("admin"), "bootstrap.servers": bootstrap, "partitioner": KAFKA_PARTITIONER,
+            "enable.idempotence": True,
             "linger.ms": 20, "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
             "queue.buffering.max.kbytes": 1_048_576}
 

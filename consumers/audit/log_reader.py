@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from infra.kafka_clients import kafka_security
+
 READER_THREADS = 2  # consumers reading one topic's partitions side by side
 READ_BATCH_SIZE_MAX = 10_000  # records per consume() call: amortises the Python call over many records
 READ_TIMEOUT_S_DEFAULT = 300.0  # a whole topic; the ledger is kept forever, so this grows with it
@@ -67,6 +69,7 @@ class TopicLog:
 
 def reader_config(bootstrap: str) -> dict:
     return {
+        **kafka_security("audit"),
         "bootstrap.servers": bootstrap,
         # Never joins a group or commits; librdkafka wants a group id all the same.
         "group.id": f"wallet-audit-{uuid.uuid4().hex}",

@@ -135,7 +135,7 @@ def _lag(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     with ReadModelStore(_db_url(args)) as store:
         store.create_schema()
-        lags = read_lag(admin_client(settings.bootstrap), settings, store.offsets())
+        lags = read_lag(admin_client(settings.bootstrap, role="readmodel"), settings, store.offsets())
     if args.json:
         print(json.dumps({"total_lag": sum(item.lag for item in lags),
                           "partitions": [{"topic": item.topic, "partition": item.partition,

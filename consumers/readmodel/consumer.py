@@ -22,6 +22,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey
 from schemas.codec import SchemaError, decode_event, decode_outcome
 from infra.settings import Settings
+from infra.kafka_clients import kafka_security
 
 log = logging.getLogger("wallet.readmodel")
 
@@ -37,6 +38,7 @@ class ReadModelError(RuntimeError):
 
 def consumer_config(settings: Settings) -> dict:
     return {
+        **kafka_security("readmodel"),
         "bootstrap.servers": settings.bootstrap,
         # Never joins or commits: offsets live in the database. librdkafka wants a group id all the same.
         "group.id": f"{settings.topic_prefix}wallet-readmodel",

@@ -232,7 +232,7 @@ def query_router(db_url: str, settings: Settings | None = None) -> APIRouter:
 
     @functools.cache
     def admin() -> AdminClient:
-        return admin_client(kafka_settings.bootstrap)
+        return admin_client(kafka_settings.bootstrap, role="readmodel")
 
     def lag() -> list[PartitionLag]:
         return read_lag(admin(), kafka_settings, readers.call("offsets"), LAG_TIMEOUT_S)

@@ -35,7 +35,7 @@ class RebuildReport:
 def rebuild(store: ReadModelStore, settings: Settings, batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
             show_progress: bool = True, stall_timeout_s: float = STALL_TIMEOUT_S) -> RebuildReport:
     started_s = time.monotonic()
-    targets = end_offsets(admin_client(settings.bootstrap), settings, KAFKA_TIMEOUT_S)
+    targets = end_offsets(admin_client(settings.bootstrap, role="readmodel"), settings, KAFKA_TIMEOUT_S)
     store.drop_schema()
     store.create_schema()
     consumer = ReadModelConsumer(store, settings, batch_size_max, REBUILD_BATCH_WAIT_MS)

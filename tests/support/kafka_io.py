@@ -11,13 +11,14 @@ from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
 from infra.settings import Settings
+from infra.kafka_clients import kafka_security
 
 READ_TIMEOUT_S = 60.0
 
 
 def command_producer(settings: Settings) -> Producer:
-    return Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
-                     "enable.idempotence": True, "linger.ms": 5})
+    return Producer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
+                     "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True, "linger.ms": 5})
 
 
 def publish(producer: Producer, settings: Settings, commands: list[Command]) -> None:
@@ -68,8 +69,9 @@ class OutcomeCollector:
         from schemas.codec import decode_outcome
 
         self._decode = decode_outcome
-        self._consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": "test-outcomes",
-                                   "isolation.level": "read_committed", "enable.auto.commit": False})
+        self._consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
+                                   "group.id": "test-outcomes", "isolation.level": "read_committed",
+                                   "enable.auto.commit": False})
         topic = settings.outcomes_topic
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])

@@ -7,11 +7,16 @@ from wallet.localkafka.broker import (
     KAFKA_VERSION,
     LocalKafkaError,
     StartResult,
+    client_environment,
     fetch_jars,
     jars_dir,
+    local_client_security,
+    sasl_enabled,
     start,
     status,
     stop,
+    use_local_credentials,
 )
 
-__all__ = ["KAFKA_VERSION", "LocalKafkaError", "StartResult", "fetch_jars", "jars_dir", "start", "status", "stop"]
+__all__ = ["KAFKA_VERSION", "LocalKafkaError", "StartResult", "client_environment", "fetch_jars", "jars_dir",
+           "local_client_security", "sasl_enabled", "start", "status", "stop", "use_local_credentials"]

@@ -5,13 +5,25 @@ logs and PID file under `settings.run_dir / "kafka"`. The jars come from Maven C
 once (`fetch_jars`) into the git-ignored cache folder; everything after that is offline.
 The broker runs detached from the command that started it, and is stopped by the PID it
 recorded, never by process name, so brokers of other checkouts on other ports are safe.
+
+With SASL (`start(..., sasl=True)`, `wallet kafka start --sasl` or `WALLET_LOCAL_KAFKA_SASL=1`)
+the client listener is SASL_PLAINTEXT with SCRAM-SHA-512 and the StandardAuthorizer denies
+everything no ACL allows (`allow.everyone.if.no.acl.found=false`). `admin` is the only super
+user (the broker itself, provisioning); one user per service principal (`wallet-api`,
+`wallet-processor`, `wallet-readmodel`, `wallet-audit`) is created at format time with a
+random password, written as a librdkafka properties file per role into `kafka/sasl/` of the
+run folder (folder 0700, files 0600, never committed). Point a client at its file with
+`WALLET_KAFKA_CONFIG_FILE_<ROLE>` (see `client_environment`). Users live in the KRaft metadata,
+so the choice is made once per run folder, when it is formatted.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
 import fcntl
+import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,8 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, wait_for_broker
+from infra.kafka_clients import ROLES, read_properties_file
+from infra.settings import Settings
 from infra.supervision import Supervised, SupervisionError, is_running, start_ticks_of
 
 KAFKA_VERSION = "4.1.1"  # keep equal to kafka.version in pom.xml
@@ -41,6 +54,21 @@ KILL_WAIT_S = 10
 LOG_TAIL_LINES = 25
 NODE_ID = 1
 
+SASL_ENV = "WALLET_LOCAL_KAFKA_SASL"
+SASL_MECHANISM = "SCRAM-SHA-512"
+SCRAM_ITERATIONS = 8192
+ADMIN_USER = "admin"
+_PASSWORD_BYTES = 24
+# What the run folder was formatted for: users live in the metadata log, so it cannot change later.
+_SECURITY_PLAINTEXT = "PLAINTEXT"
+_SECURITY_SASL = "SASL_PLAINTEXT"
+
+
+def sasl_username(role: str) -> str:
+    """The local broker's user of a client role: `admin` is the super user, the rest are service principals."""
+    assert role in ROLES, role
+    return ADMIN_USER if role == "admin" else f"wallet-{role}"
+
 
 class LocalKafkaError(RuntimeError):
     """The local broker could not be fetched, started or stopped; the message says why and what to do."""
@@ -51,7 +79,7 @@ class BrokerFiles:
     data_dir: Path
 
     @classmethod
-    def of(cls, settings: Settings) -> "BrokerFiles":
+    def of(cls, settings: Settings) -> BrokerFiles:
         return cls(settings.run_dir / "kafka")
 
     @property
@@ -81,6 +109,21 @@ class BrokerFiles:
     @property
     def lock_file(self) -> Path:
         return self.data_dir / ".lock"
+
+    @property
+    def security_file(self) -> Path:
+        return self.data_dir / "listener-security"  # PLAINTEXT or SASL_PLAINTEXT, written when formatted
+
+    @property
+    def sasl_dir(self) -> Path:
+        return self.data_dir / "sasl"
+
+    def client_properties(self, role: str) -> Path:
+        return self.sasl_dir / f"{role}.properties"
+
+    @property
+    def controller_password_file(self) -> Path:
+        return self.sasl_dir / "controller.password"
 
 
 @dataclass(frozen=True)
@@ -135,12 +178,14 @@ def fetch_jars(settings: Settings) -> bool:
         return True
 
 
-def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool = False) -> StartResult:
+def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool = False,
+          sasl: bool | None = None) -> StartResult:
     """Start the local broker in the background and return once it answers a metadata request.
 
     A broker already running from this run folder is reused. `stop_with_parent` makes the
     broker die with the calling process (for test sessions that may be killed before their
-    teardown runs); without it the broker outlives the command that started it.
+    teardown runs); without it the broker outlives the command that started it. `sasl`
+    None means: what the run folder was formatted with, else `WALLET_LOCAL_KAFKA_SASL=1`.
     """
     if not settings.uses_local_kafka:
         raise LocalKafkaError(f"an existing cluster is configured ({settings.kafka_bootstrap}); "
@@ -149,6 +194,7 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
     files.data_dir.mkdir(parents=True, exist_ok=True)
     started_s = time.monotonic()
     with _exclusive(files.lock_file):
+        use_sasl = _resolve_sasl(files, sasl)
         running_pid = _running_pid(files)
         if running_pid is not None:
             _wait_ready(settings, files, timeout_s, process=None)
@@ -158,8 +204,9 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
             _require_free_port(port)
         java = _require_java()
         classpath = _require_classpath(settings)
-        files.properties.write_text(_server_properties(settings, files))
-        _format_storage_once(java, classpath, files)
+        passwords = _ensure_sasl_credentials(settings, files) if use_sasl else None
+        _write_private(files.properties, _server_properties(settings, files, passwords))
+        _format_storage_once(java, classpath, files, passwords)
 
         process = _launch(java, classpath, files, stop_with_parent)
         files.pid_file.write_text(f"{process.pid}\n")
@@ -186,6 +233,41 @@ def stop(settings: Settings, timeout_s: float = 30) -> bool:
         return True
 
 
+def sasl_enabled(settings: Settings) -> bool:
+    """True when this run folder's broker was formatted with SASL/SCRAM and ACLs."""
+    files = BrokerFiles.of(settings)
+    return files.security_file.exists() and files.security_file.read_text().strip() == _SECURITY_SASL
+
+
+def local_client_security(settings: Settings, role: str) -> dict[str, str]:
+    """librdkafka security settings of `role` on this run folder's broker ({} without SASL)."""
+    if not sasl_enabled(settings):
+        return {}
+    path = BrokerFiles.of(settings).client_properties(role)
+    return read_properties_file(path, f"the local broker's credentials of {role}")
+
+
+def client_environment(settings: Settings) -> dict[str, str]:
+    """`WALLET_KAFKA_CONFIG_FILE_<ROLE>` for every role of a SASL local broker: paths, no secrets,
+    so a launcher can hand each service its own principal ({} without SASL)."""
+    if not sasl_enabled(settings):
+        return {}
+    files = BrokerFiles.of(settings)
+    return {f"WALLET_KAFKA_CONFIG_FILE_{role.upper()}": str(files.client_properties(role)) for role in ROLES}
+
+
+def use_local_credentials(settings: Settings) -> bool:
+    """On this run folder's SASL broker, with no Kafka credentials in the environment, put each
+    role's credentials file into it (`WALLET_KAFKA_CONFIG_FILE_<ROLE>`: paths, no secrets), so
+    this process and the services it starts run as their own principals. True if it did."""
+    configured = any(name.startswith(("WALLET_KAFKA_CONFIG_FILE", "WALLET_KAFKA_SASL_", "WALLET_KAFKA_SECURITY_"))
+                     for name in os.environ)
+    if not settings.uses_local_kafka or configured or not sasl_enabled(settings):
+        return False
+    os.environ.update(client_environment(settings))
+    return True
+
+
 def status(settings: Settings) -> dict:
     """What runs and whether it answers; for an existing cluster only the latter."""
     files = BrokerFiles.of(settings)
@@ -201,6 +283,7 @@ def status(settings: Settings) -> dict:
         "controller_id": None,
         "topics": 0,
         "data_dir": str(files.data_dir) if settings.uses_local_kafka else None,
+        "sasl": sasl_enabled(settings) if settings.uses_local_kafka else None,
         "log_file": str(files.server_log) if settings.uses_local_kafka else None,
         "error": None,
     }
@@ -210,8 +293,10 @@ def status(settings: Settings) -> dict:
         if not report["running"]:
             report["error"] = "the local broker is not running (start it with `wallet kafka start`)"
             return report
+    # The local broker is probed with its own admin credentials; an existing cluster with the configured ones.
+    security = local_client_security(settings, "admin") if settings.uses_local_kafka else None
     try:
-        metadata = wait_for_broker(settings.bootstrap, STATUS_PROBE_TIMEOUT_S)
+        metadata = wait_for_broker(settings.bootstrap, STATUS_PROBE_TIMEOUT_S, security=security)
     except BrokerUnavailableError as error:
         report["error"] = str(error)
         return report
@@ -231,8 +316,10 @@ def _wait_ready(settings: Settings, files: BrokerFiles, timeout_s: float, proces
             return f"the Kafka broker exited with code {process.returncode} while starting.\n" + _log_tails(files)
         return None
 
+    # Its own admin credentials ({} = PLAINTEXT), never the environment's, which may name another cluster's.
+    security = local_client_security(settings, "admin")
     try:
-        wait_for_broker(settings.bootstrap, timeout_s, abort_reason=exit_reason)
+        wait_for_broker(settings.bootstrap, timeout_s, abort_reason=exit_reason, security=security)
     except BrokerUnavailableError as error:
         if exit_reason() is not None:
             raise LocalKafkaError(str(error)) from None
@@ -240,19 +327,110 @@ def _wait_ready(settings: Settings, files: BrokerFiles, timeout_s: float, proces
                               + _log_tails(files)) from None
 
 
-def _server_properties(settings: Settings, files: BrokerFiles) -> str:
+def _resolve_sasl(files: BrokerFiles, requested: bool | None) -> bool:
+    recorded = files.security_file.read_text().strip() if files.security_file.exists() else None
+    if recorded is None and (files.partitions_dir / "meta.properties").exists():
+        recorded = _SECURITY_PLAINTEXT  # formatted before the folder recorded its security
+    if requested is None:
+        if recorded is not None:
+            return recorded == _SECURITY_SASL
+        return os.environ.get(SASL_ENV, "").strip().lower() in ("1", "true", "yes")
+    if recorded is not None and (recorded == _SECURITY_SASL) != requested:
+        raise LocalKafkaError(
+            f"the broker in {files.data_dir} was formatted with {recorded}; its users live in the metadata log, "
+            f"so it cannot switch to {_SECURITY_SASL if requested else _SECURITY_PLAINTEXT}. Use another run folder "
+            f"(WALLET_RUN_DIR) or stop the broker and delete {files.data_dir}")
+    return requested
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` readable by the owner only (the file may hold passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file of wider mode is narrowed too
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def _ensure_sasl_credentials(settings: Settings, files: BrokerFiles) -> dict[str, str]:
+    """{role: password} (plus "controller"), generated once per run folder into 0600 files."""
+    files.sasl_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(files.sasl_dir, 0o700)
+    passwords: dict[str, str] = {}
+    formatted = (files.partitions_dir / "meta.properties").exists()
+    for role in ROLES:
+        path = files.client_properties(role)
+        if not path.exists():
+            if formatted:
+                # The users were made with the lost passwords; a new one would never authenticate.
+                raise LocalKafkaError(f"{path} is missing but the broker in {files.data_dir} was formatted with it; "
+                                      f"stop the broker and delete {files.data_dir} to start afresh")
+            _write_private(path, "\n".join([
+                f"# The local broker's {role} principal; generated by `wallet kafka start --sasl`, never commit it.",
+                f"security.protocol={_SECURITY_SASL}",
+                f"sasl.mechanism={SASL_MECHANISM}",
+                f"sasl.username={sasl_username(role)}",
+                f"sasl.password={secrets.token_hex(_PASSWORD_BYTES)}",
+            ]) + "\n")
+        properties = read_properties_file(path, f"the local broker's credentials of {role}")
+        assert properties["sasl.username"] == sasl_username(role), path
+        passwords[role] = properties["sasl.password"]
+    if not files.controller_password_file.exists():
+        _write_private(files.controller_password_file, secrets.token_hex(_PASSWORD_BYTES) + "\n")
+    passwords["controller"] = files.controller_password_file.read_text().strip()
+    return passwords
+
+
+def _sasl_lines(passwords: dict[str, str]) -> list[str]:
+    admin_password, controller_password = passwords["admin"], passwords["controller"]
+    return [
+        # Clients and the broker itself: SCRAM-SHA-512, users in the KRaft metadata log (created at format time).
+        f"sasl.enabled.mechanisms={SASL_MECHANISM}",
+        f"sasl.mechanism.inter.broker.protocol={SASL_MECHANISM}",
+        f"listener.name.sasl_plaintext.sasl.enabled.mechanisms={SASL_MECHANISM}",
+        "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
+        f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{ADMIN_USER}" '
+        f'password="{admin_password}";',
+        # The broker reaches its controller as admin over SASL/PLAIN with a static user list: it cannot
+        # depend on SCRAM users of the metadata log the controller serves, and a PLAINTEXT controller
+        # listener would have to make User:ANONYMOUS a super user.
+        "sasl.mechanism.controller.protocol=PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config="
+        f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{ADMIN_USER}" '
+        f'password="{controller_password}" user_{ADMIN_USER}="{controller_password}";',
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        f"super.users=User:{ADMIN_USER}",
+        # Least privilege: a principal may do only what an ACL allows (`wallet topics create --acls`).
+        "allow.everyone.if.no.acl.found=false",
+    ]
+
+
+def _server_properties(settings: Settings, files: BrokerFiles, passwords: dict[str, str] | None = None) -> str:
     broker_address = f"127.0.0.1:{settings.local_kafka_port}"
     controller_address = f"127.0.0.1:{settings.local_controller_port}"
+    if passwords is None:
+        listener_lines = [
+            f"listeners=PLAINTEXT://{broker_address},CONTROLLER://{controller_address}",
+            f"advertised.listeners=PLAINTEXT://{broker_address}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        ]
+    else:
+        listener_lines = [
+            f"listeners=SASL_PLAINTEXT://{broker_address},CONTROLLER://{controller_address}",
+            f"advertised.listeners=SASL_PLAINTEXT://{broker_address}",
+            "inter.broker.listener.name=SASL_PLAINTEXT",
+            "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            *_sasl_lines(passwords),
+        ]
     lines = [
         "# Written by `wallet kafka start` on every start; edits here are overwritten.",
         "process.roles=broker,controller",
         f"node.id={NODE_ID}",
         f"controller.quorum.voters={NODE_ID}@{controller_address}",
         "controller.listener.names=CONTROLLER",
-        f"listeners=PLAINTEXT://{broker_address},CONTROLLER://{controller_address}",
-        f"advertised.listeners=PLAINTEXT://{broker_address}",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        *listener_lines,
         f"log.dirs={files.partitions_dir}",
         # A mistyped topic name must fail loudly, not create a stray topic with default settings.
         "auto.create.topics.enable=false",
@@ -275,7 +453,7 @@ def _server_properties(settings: Settings, files: BrokerFiles) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _format_storage_once(java: str, classpath: str, files: BrokerFiles) -> None:
+def _format_storage_once(java: str, classpath: str, files: BrokerFiles, passwords: dict[str, str] | None) -> None:
     if (files.partitions_dir / "meta.properties").exists():
         return
     if files.cluster_id_file.exists():
@@ -286,6 +464,12 @@ def _format_storage_once(java: str, classpath: str, files: BrokerFiles) -> None:
         files.cluster_id_file.write_text(cluster_id + "\n")
     command = [java, *_jvm_logging_options(files), "-cp", classpath, "kafka.tools.StorageTool", "format",
                "-t", cluster_id, "-c", str(files.properties)]
+    if passwords is not None:
+        # StorageTool takes SCRAM users only as arguments, so during this one-off format (seconds) the
+        # passwords are on its command line; every later use reads them from the 0600 files.
+        for role in ROLES:
+            command += ["--add-scram", f"{SASL_MECHANISM}=[name={sasl_username(role)},password={passwords[role]},"
+                                       f"iterations={SCRAM_ITERATIONS}]"]
     try:
         completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                    timeout=FORMAT_TIMEOUT_S)
@@ -294,6 +478,7 @@ def _format_storage_once(java: str, classpath: str, files: BrokerFiles) -> None:
     if completed.returncode != 0:
         raise LocalKafkaError(f"formatting Kafka's storage in {files.partitions_dir} failed "
                               f"(exit {completed.returncode}):\n" + _last_lines(completed.stdout + completed.stderr))
+    files.security_file.write_text((_SECURITY_PLAINTEXT if passwords is None else _SECURITY_SASL) + "\n")
 
 
 def _jvm_logging_options(files: BrokerFiles) -> list[str]:
