@@ -145,7 +145,7 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         String accountId = (String) command.get("account_id");
         Request request = clientRequest(command, record, accountId);
         if (accounts.get(accountId) != null) {
-            reject(request, accountId, ACCOUNT_EXISTS, null);
+            reject(request, accountId, ACCOUNT_EXISTS);
             return;
         }
         Account account = new Account();
@@ -168,11 +168,11 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         Account account = Account.decode(accounts.get(accountId));
         long amountMinor = Money.parseMinor((String) command.get("amount"));
         if (account == null) {
-            reject(request, accountId, ACCOUNT_NOT_FOUND, null);
+            reject(request, accountId, ACCOUNT_NOT_FOUND);
         } else if (request.v2() && !"bank".equals(command.get("role"))) {
-            reject(request, accountId, NOT_AUTHORIZED, null);
+            reject(request, accountId, NOT_AUTHORIZED);
         } else if (amountMinor < 0) {
-            reject(request, accountId, INVALID_AMOUNT, null);
+            reject(request, accountId, INVALID_AMOUNT);
         } else {
             account.balanceMinor = Math.addExact(account.balanceMinor, amountMinor);
             account.seq++;
@@ -189,15 +189,15 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         Account sender = Account.decode(accounts.get(from));
         long amountMinor = Money.parseMinor((String) command.get("amount"));
         if (sender == null) {
-            reject(request, from, ACCOUNT_NOT_FOUND, null);
+            reject(request, from, ACCOUNT_NOT_FOUND);
         } else if (request.v2() && !sender.owner.equals(request.actor())) {
-            reject(request, from, NOT_AUTHORIZED, null);
+            reject(request, from, NOT_AUTHORIZED);
         } else if (from.equals(to)) {
-            reject(request, from, SAME_ACCOUNT, null);
+            reject(request, from, SAME_ACCOUNT);
         } else if (amountMinor < 0) {
-            reject(request, from, INVALID_AMOUNT, null);
+            reject(request, from, INVALID_AMOUNT);
         } else if (sender.balanceMinor < amountMinor) {
-            reject(request, from, INSUFFICIENT_FUNDS, null);
+            reject(request, from, INSUFFICIENT_FUNDS);
         } else {
             sender.balanceMinor -= amountMinor;
             sender.seq++;
@@ -219,7 +219,7 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         Account receiver = Account.decode(accounts.get(to));
         long issuedMs = (Long) leg.get("issued_ms");
         if (receiver == null) {
-            reject(request, to, ACCOUNT_NOT_FOUND, issuedMs);  // the receiver's side refuses ...
+            refuseLeg(request, to, issuedMs);  // the receiver's side refuses (the refund answers) ...
             FlatJson.Writer refund = legHead("refund_leg", request).str("from_account", from).str("to_account", to)
                     .str("amount", (String) leg.get("amount")).str("currency", (String) leg.get("currency"))
                     .str("digest", request.digest()).str("reason", ACCOUNT_NOT_FOUND).num("debit_ms", issuedMs);
@@ -295,17 +295,23 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
                 .num("issued_ms", request.timeMs()).str("kid", legKeyId);
     }
 
-    private void reject(Request request, String accountId, String reason, Long issuedMs) {
+    /** A refused client command: its decision event and its failure outcome. */
+    private void reject(Request request, String accountId, String reason) {
         FlatJson.Writer event = eventHead("command_rejected", request, accountId).str("reason", reason);
         if (request.v2()) {
-            if (issuedMs == null) {
-                event.nil("issued_ms");
-            } else {
-                event.num("issued_ms", issuedMs);
-            }
+            event.nil("issued_ms");
         }
         context.forward(new Record<>(accountId, event.bytes(), request.timeMs()), TO_EVENTS);
         answer(request, reason);
+    }
+
+    /** A credit leg refused by its receiver: the decision event only; the refund step answers. */
+    private void refuseLeg(Request request, String accountId, long issuedMs) {
+        FlatJson.Writer event = eventHead("command_rejected", request, accountId).str("reason", ACCOUNT_NOT_FOUND);
+        if (request.v2()) {
+            event.num("issued_ms", issuedMs);
+        }
+        context.forward(new Record<>(accountId, event.bytes(), request.timeMs()), TO_EVENTS);
     }
 
     private void answer(Request request, String reason) {
