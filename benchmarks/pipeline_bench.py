@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import ConfigResource, NewTopic
 from tqdm import tqdm
 
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
@@ -489,10 +489,10 @@ class Bench:
         self.bootstrap = self.settings.bootstrap
         self.copy_topic = f"{self.prefix}bench.copy"
         self.ceiling_topics = {name: f"{self.prefix}{topic}" for name, topic in (
-            ("legs", saga_ceiling.LEGS_TOPIC), ("events", saga_ceiling.EVENTS_TOPIC),
+            ("commands", saga_ceiling.COMMANDS_TOPIC), ("events", saga_ceiling.EVENTS_TOPIC),
             ("outcomes", saga_ceiling.OUTCOMES_TOPIC))}
         self.kafka_streams_topics = {name: f"{self.prefix}{topic}" for name, topic in (
-            ("legs", kafka_streams_peer.LEGS_TOPIC), ("events", kafka_streams_peer.EVENTS_TOPIC),
+            ("commands", kafka_streams_peer.COMMANDS_TOPIC), ("events", kafka_streams_peer.EVENTS_TOPIC),
             ("outcomes", kafka_streams_peer.OUTCOMES_TOPIC))} if options.kafka_streams else {}
         # The peers sign their own legs with a key of this run; ours signs with the run folder's.
         self.peer_leg_key = f"bench:{secrets.token_hex(32)}"
@@ -532,9 +532,20 @@ class Bench:
     def _faust_prefix(self, guarantee: str) -> str:
         return f"{self.prefix}{guarantee.replace('_', '-')}."
 
-    def _create_extra_topics(self, names: list[str]) -> None:
+    def _commands_topic_config(self) -> dict[str, str]:
+        """The configuration ours' commands topic was created with (its record-time rule)."""
         admin = admin_client(self.bootstrap)
-        futures = admin.create_topics([NewTopic(name, self.options.partitions, self.settings.replication_factor)
+        resource = ConfigResource(ConfigResource.Type.TOPIC, self.settings.commands_topic)
+        entries = admin.describe_configs([resource])[resource].result(timeout=KAFKA_TIMEOUT_S)
+        entry = entries.get("message.timestamp.type")
+        return {"message.timestamp.type": entry.value} if entry is not None else {}
+
+    def _create_extra_topics(self, names: list[str], config: dict[str, str] | None = None) -> None:
+        if not names:
+            return
+        admin = admin_client(self.bootstrap)
+        futures = admin.create_topics([NewTopic(name, self.options.partitions, self.settings.replication_factor,
+                                                config=config or {})
                                        for name in names], operation_timeout=KAFKA_TIMEOUT_S,
                                       request_timeout=KAFKA_TIMEOUT_S)
         for name, future in futures.items():
@@ -553,7 +564,12 @@ class Bench:
         faust_topics = {guarantee: (f"{self._faust_prefix(guarantee)}{COMMANDS_TOPIC}",
                                     f"{self._faust_prefix(guarantee)}{OUTCOMES_TOPIC}")
                         for guarantee in options.faust_guarantees}
-        self._create_extra_topics([self.copy_topic, *self.ceiling_topics.values(), *self.kafka_streams_topics.values(),
+        # The saga stages' own commands topics get ours' record-time rule; they hold ours' input and their legs.
+        saga_commands_topics = [topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics)
+                                if topics]
+        self._create_extra_topics(saga_commands_topics, self._commands_topic_config())
+        self._create_extra_topics([self.copy_topic, *(name for topics in (self.ceiling_topics, self.kafka_streams_topics)
+                                                      for kind, name in topics.items() if kind != "commands"),
                                    *(name for pair in faust_topics.values() for name in pair)])
 
         setup_count = 2 * options.accounts
@@ -563,25 +579,29 @@ class Bench:
                  + (f", and {faust_count:,} commands for the faust peer" if faust_topics else ""))
         ts_ms = time.time_ns() // 1_000_000
         producer = _InputProducer(self.bootstrap, linger_ms=50)
-        streams = [(self.settings.commands_topic, setup_records(options.accounts, ts_ms)),
-                   (self.settings.commands_topic, transfer_records(options.accounts, options.transfers, options.seed,
-                                                                   TRANSFER, self.expected, ts_ms))]
+        # The main input goes, record for record, to ours' commands topic and to each saga stage's own.
+        main_topics = (self.settings.commands_topic, *saga_commands_topics)
+        total += (setup_count + options.transfers) * len(saga_commands_topics)
+        streams = [(main_topics, setup_records(options.accounts, ts_ms)),
+                   (main_topics, transfer_records(options.accounts, options.transfers, options.seed,
+                                                  TRANSFER, self.expected, ts_ms))]
         for guarantee, (commands_topic, _) in faust_topics.items():
-            streams += [(commands_topic, setup_records(options.faust_accounts, ts_ms)),
-                        (commands_topic, transfer_records(options.faust_accounts, options.faust_transfers,
-                                                          options.seed, TRANSFER, self.faust_expected[guarantee],
-                                                          ts_ms))]
+            streams += [((commands_topic,), setup_records(options.faust_accounts, ts_ms)),
+                        ((commands_topic,), transfer_records(options.faust_accounts, options.faust_transfers,
+                                                             options.seed, TRANSFER, self.faust_expected[guarantee],
+                                                             ts_ms))]
         started_s = time.monotonic()
         with self._bar(total, "input", "msg") as bar:
-            for topic, records in streams:
+            for topics, records in streams:
                 for key, value in records:
-                    producer.produce(topic, key, value)
-                    if producer.produced % 10_000 == 0:
-                        producer.poll()
-                        bar.update(10_000)
+                    for topic in topics:
+                        producer.produce(topic, key, value)
+                        if producer.produced % 10_000 == 0:
+                            producer.poll()
+                            bar.update(10_000)
             producer.flush()
         elapsed_s = time.monotonic() - started_s
-        self._check_input_counts({self.settings.commands_topic: setup_count + options.transfers,
+        self._check_input_counts({**{topic: setup_count + options.transfers for topic in main_topics},
                                   **{commands: 2 * options.faust_accounts + options.faust_transfers
                                      for commands, _ in faust_topics.values()}})
         return {"records": total, "elapsed_s": round(elapsed_s, 3), "messages_per_s": round(total / elapsed_s, 1)}
@@ -635,8 +655,7 @@ class Bench:
         tally = self._tally(topics["outcomes"], "ceiling")
         child = self._start("ceiling", [
             sys.executable, "-m", "benchmarks.saga_ceiling", "--bootstrap", self.bootstrap,
-            "--commands-topic", self.settings.commands_topic, "--legs-topic", topics["legs"],
-            "--events-topic", topics["events"], "--outcomes-topic", topics["outcomes"],
+            "--commands-topic", topics["commands"], "--events-topic", topics["events"], "--outcomes-topic", topics["outcomes"],
             "--group-id", f"{self.prefix}bench-ceiling", "--leg-key", self.peer_leg_key,
             "--batch-size-max", str(options.batch_size_max), "--commit-interval-ms", str(options.commit_interval_ms)],
             marker=saga_ceiling.FIRST_RECORD_MARKER)
@@ -654,7 +673,7 @@ class Bench:
         tally = self._tally(topics["outcomes"], "kafka-streams")
         child = self._start("kafka-streams", kafka_streams_peer.java_argv(
             bootstrap=self.bootstrap, application_id=f"{self.prefix}kstreams-peer",
-            commands_topic=self.settings.commands_topic, legs_topic=topics["legs"], events_topic=topics["events"],
+            commands_topic=topics["commands"], events_topic=topics["events"],
             outcomes_topic=topics["outcomes"], state_dir=self.work_dir / "kafka-streams-state",
             leg_key=self.peer_leg_key, threads=KAFKA_STREAMS_THREADS,
             commit_interval_ms=KAFKA_STREAMS_COMMIT_INTERVAL_MS), marker=kafka_streams_peer.FIRST_RECORD_MARKER)

@@ -1,7 +1,8 @@
 """The ceiling that is really one: the wallet's transfer saga as a bare confluent-kafka loop.
 
 It does the processor's whole job on the same records with nothing but the job: consume a
-batch of the commands topic and of its own legs topic (read_committed, the processor's own
+batch of its commands topic (the bench writes it the same records, on the same partitions, as
+ours; the loop sends its legs back into it, as ours does; read_committed, the processor's own
 client settings), decide each record against a dict of balances, produce what ours produces
 for it (events, legs, outcome, in the project's JSON and partitioner), send the consumed
 offsets into the transaction, commit. No schema validation (records are decoded to plain
@@ -11,7 +12,7 @@ against it. Where it must compute what ours computes (a digest on every message,
 every leg) it does, with the same primitives (BLAKE2b over the client command's bytes,
 HMAC-SHA256/128 over the leg with mac "").
 
-Run as `python -m benchmarks.saga_ceiling --commands-topic C --legs-topic L --events-topic E
+Run as `python -m benchmarks.saga_ceiling --commands-topic C --events-topic E
 --outcomes-topic O ...`; it prints FIRST_RECORD_MARKER when its first batch arrives and runs
 until SIGTERM (the harness stops it once every transfer has its outcome).
 """
@@ -33,7 +34,7 @@ from infra.produce import produce_with_room
 from streams.runtime.processor import KAFKA_CALL_TIMEOUT_S, ProcessorConfig
 
 FIRST_RECORD_MARKER = "saga-ceiling: first record"
-LEGS_TOPIC = "ceiling.legs"
+COMMANDS_TOPIC = "ceiling.commands"
 EVENTS_TOPIC = "ceiling.events"
 OUTCOMES_TOPIC = "ceiling.outcomes"
 DIGEST_BYTES = 12
@@ -56,28 +57,25 @@ def _text(minor: int) -> str:
 class Saga:
     """The decisions, on a dict of accounts: account id -> [balance_minor, seq, owner]."""
 
-    def __init__(self, produce, commands_topic: str, legs_topic: str, events_topic: str, outcomes_topic: str,
-                 leg_key_id: str, leg_key: bytes) -> None:
+    def __init__(self, produce, commands_topic: str, events_topic: str, outcomes_topic: str, leg_key_id: str,
+                 leg_key: bytes) -> None:
         self.accounts: dict[str, list] = {}
         self._produce = produce
         self._commands_topic = commands_topic
-        self._legs_topic = legs_topic
         self._events_topic = events_topic
         self._outcomes_topic = outcomes_topic
         self._kid = leg_key_id
         self._key = leg_key
 
-    def decide(self, topic: str, value: bytes, time_ms: int) -> None:
+    def decide(self, value: bytes, time_ms: int) -> None:
         command = _decode(value)
         kind = command["type"]
         if kind == "transfer":
             self._transfer(command, value, time_ms)
         elif kind == "credit_leg":
-            if topic == self._legs_topic:
-                self._credit(command, time_ms)
+            self._credit(command, time_ms)
         elif kind == "refund_leg":
-            if topic == self._legs_topic:
-                self._refund(command, time_ms)
+            self._refund(command, time_ms)
         elif kind == "open_account":
             self._open(command, value, time_ms)
         elif kind == "deposit":
@@ -222,10 +220,10 @@ class Saga:
 
     def _leg(self, key: str, leg: dict) -> None:
         leg["mac"] = hmac.new(self._key, _encode(leg), "sha256").digest()[:MAC_BYTES].hex()
-        self._produce(self._legs_topic, _encode(leg), key)
+        self._produce(self._commands_topic, _encode(leg), key)
 
 
-def run(bootstrap: str, commands_topic: str, legs_topic: str, events_topic: str, outcomes_topic: str, group_id: str,
+def run(bootstrap: str, commands_topic: str, events_topic: str, outcomes_topic: str, group_id: str,
         leg_key: str, batch_size_max: int, commit_interval_ms: int, transaction_timeout_ms: int) -> int:
     consumer = Consumer(processor_consumer_config(bootstrap, group_id, "ceiling"))
     producer = Producer(processor_producer_config(bootstrap, f"{group_id}-ceiling", transaction_timeout_ms))
@@ -238,7 +236,7 @@ def run(bootstrap: str, commands_topic: str, legs_topic: str, events_topic: str,
             produce_with_room(producer, topic, value, key)
 
     key_id, _, key_hex = leg_key.partition(":")
-    saga = Saga(produce, commands_topic, legs_topic, events_topic, outcomes_topic, key_id, bytes.fromhex(key_hex))
+    saga = Saga(produce, commands_topic, events_topic, outcomes_topic, key_id, bytes.fromhex(key_hex))
     stopping = False
 
     def stop(*_signal_args) -> None:
@@ -247,7 +245,7 @@ def run(bootstrap: str, commands_topic: str, legs_topic: str, events_topic: str,
 
     signal.signal(signal.SIGTERM, stop)
     producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
-    consumer.subscribe([commands_topic, legs_topic])
+    consumer.subscribe([commands_topic])
     decide = saga.decide
     first = True
     transactions = 0
@@ -259,7 +257,7 @@ def run(bootstrap: str, commands_topic: str, legs_topic: str, events_topic: str,
             if first:
                 print(FIRST_RECORD_MARKER, flush=True)
                 first = False
-            next_offsets: dict[tuple[str, int], int] = {}
+            next_offsets: dict[int, int] = {}
             producer.begin_transaction()
             for record in records:
                 error = record.error()
@@ -267,11 +265,10 @@ def run(bootstrap: str, commands_topic: str, legs_topic: str, events_topic: str,
                     if error.code() != KafkaError._PARTITION_EOF:
                         raise KafkaException(error)
                     continue
-                topic = record.topic()
-                decide(topic, record.value(), record.timestamp()[1])
-                next_offsets[topic, record.partition()] = record.offset() + 1
+                decide(record.value(), record.timestamp()[1])
+                next_offsets[record.partition()] = record.offset() + 1
             producer.send_offsets_to_transaction(
-                [TopicPartition(topic, partition, offset) for (topic, partition), offset in next_offsets.items()],
+                [TopicPartition(commands_topic, partition, offset) for partition, offset in next_offsets.items()],
                 consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S)
             producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
             transactions += 1
@@ -287,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.saga_ceiling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--commands-topic", required=True)
-    parser.add_argument("--legs-topic", required=True, help="must exist, with the commands topic's partition count")
     parser.add_argument("--events-topic", required=True)
     parser.add_argument("--outcomes-topic", required=True)
     parser.add_argument("--group-id", required=True)
@@ -298,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started_s = time.monotonic()
     try:
-        return run(args.bootstrap, args.commands_topic, args.legs_topic, args.events_topic, args.outcomes_topic,
+        return run(args.bootstrap, args.commands_topic, args.events_topic, args.outcomes_topic,
                    args.group_id, args.leg_key, args.batch_size_max, args.commit_interval_ms,
                    args.transaction_timeout_ms)
     except KafkaException as error:

@@ -1,6 +1,8 @@
 """The Kafka Streams peer: the wallet's transfer saga in Java (Processor API, persistent RocksDB
 store, exactly_once_v2, 2 stream threads, commit interval 1,000 ms), built here with the
-machine's Maven and run by `wallet bench` on the same commands topic and broker as ours.
+machine's Maven and run by `wallet bench` on the same input and broker as ours: a commands
+topic of its own that the bench fills with the same records on the same partitions, since the
+saga sends its legs back into it, as ours does into its own.
 
 Sources are in src/main/java/streamwallet/peer (SagaPeer: configuration and topology;
 SagaProcessor: the saga; FlatJson: the project's JSON messages; Money: amounts). `build()`
@@ -19,8 +21,8 @@ JAR_PATH = PEER_DIR / "target" / "kafka-streams-peer.jar"
 LIB_DIR = PEER_DIR / "target" / "lib"
 MAIN_CLASS = "streamwallet.peer.SagaPeer"
 FIRST_RECORD_MARKER = "kafka-streams-peer: first record"
-# Topics of the peer's own, under the bench's prefix; it reads the project's commands topic.
-LEGS_TOPIC = "kstreams.legs"
+# Topics of the peer's own, under the bench's prefix.
+COMMANDS_TOPIC = "kstreams.commands"
 EVENTS_TOPIC = "kstreams.events"
 OUTCOMES_TOPIC = "kstreams.outcomes"
 BUILD_TIMEOUT_OFFLINE_S = 300.0
@@ -67,11 +69,11 @@ def build(cache_dir: Path, say=print) -> Path:
     return JAR_PATH
 
 
-def java_argv(*, bootstrap: str, application_id: str, commands_topic: str, legs_topic: str, events_topic: str,
+def java_argv(*, bootstrap: str, application_id: str, commands_topic: str, events_topic: str,
               outcomes_topic: str, state_dir: Path, leg_key: str, threads: int = 2,
               commit_interval_ms: int = 1000) -> list[str]:
     return ["java", JAVA_HEAP, "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", f"{JAR_PATH}:{LIB_DIR}/*",
             MAIN_CLASS, "--bootstrap", bootstrap, "--application-id", application_id,
-            "--commands-topic", commands_topic, "--legs-topic", legs_topic, "--events-topic", events_topic,
+            "--commands-topic", commands_topic, "--events-topic", events_topic,
             "--outcomes-topic", outcomes_topic, "--state-dir", str(state_dir), "--leg-key", leg_key,
             "--threads", str(threads), "--commit-interval-ms", str(commit_interval_ms)]

@@ -26,9 +26,11 @@ import org.apache.kafka.streams.state.Stores;
  * Processor API with a persistent RocksDB store, exactly_once_v2, 2 stream threads and a 1,000 ms
  * commit interval (issue 14's set-up).
  *
- * <p>It reads the project's commands topic (the same records the wallet processor reads) and its
- * own legs topic, co-partitioned, so task N owns the accounts of partition N of both; it writes
- * events, legs and outcomes in the project's JSON. Every record it writes is placed by
+ * <p>It reads its commands topic (the bench writes it the same records, on the same partitions,
+ * as the wallet processor's) and sends its saga legs back into it, as ours does: a leg queues
+ * behind everything already on its partition, so a credit never overtakes its receiver's
+ * opening (with a topic of legs of its own, a task could take a leg before the opening on its
+ * other partition). It writes events, legs and outcomes in the project's JSON. Every record it writes is placed by
  * murmur2(UTF-8 key) like schemas/partitioning.py, through an explicit partitioner rather than
  * the client's default, so the placement is visibly the project's.
  *
@@ -38,7 +40,6 @@ import org.apache.kafka.streams.state.Stores;
 public final class SagaPeer {
     static final String FIRST_RECORD_MARKER = "kafka-streams-peer: first record";
     static final String RUNNING_MARKER = "kafka-streams-peer: running";
-    static volatile String legsTopic = "";
 
     private SagaPeer() {}
 
@@ -57,7 +58,6 @@ public final class SagaPeer {
     public static void main(String[] argv) throws InterruptedException {
         Map<String, String> args = parseArgs(argv);
         String commandsTopic = required(args, "commands-topic");
-        legsTopic = required(args, "legs-topic");
         String eventsTopic = required(args, "events-topic");
         String outcomesTopic = required(args, "outcomes-topic");
         String[] legKey = required(args, "leg-key").split(":", 2);  // kid:hex, as WALLET_LEG_KEYS spells one key
@@ -87,12 +87,11 @@ public final class SagaPeer {
         ProjectPartitioner partitioner = new ProjectPartitioner();
         Topology topology = new Topology()
                 .addSource("commands", Serdes.String().deserializer(), Serdes.ByteArray().deserializer(), commandsTopic)
-                .addSource("legs", Serdes.String().deserializer(), Serdes.ByteArray().deserializer(), legsTopic)
-                .addProcessor("saga", () -> new SagaProcessor(legKey[0], key, onFirstRecord), "commands", "legs")
+                .addProcessor("saga", () -> new SagaProcessor(legKey[0], key, onFirstRecord), "commands")
                 .addStateStore(store, "saga")
                 .addSink(SagaProcessor.TO_EVENTS, eventsTopic, Serdes.String().serializer(),
                         Serdes.ByteArray().serializer(), partitioner, "saga")
-                .addSink(SagaProcessor.TO_LEGS, legsTopic, Serdes.String().serializer(),
+                .addSink(SagaProcessor.TO_LEGS, commandsTopic, Serdes.String().serializer(),
                         Serdes.ByteArray().serializer(), partitioner, "saga")
                 .addSink(SagaProcessor.TO_OUTCOMES, outcomesTopic, Serdes.String().serializer(),
                         Serdes.ByteArray().serializer(), partitioner, "saga");

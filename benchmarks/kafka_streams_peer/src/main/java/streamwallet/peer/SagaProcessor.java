@@ -19,7 +19,7 @@ import org.apache.kafka.streams.state.KeyValueStore;
  * credit and refund legs.
  *
  * <p>A transfer debits the sender on the sender's partition (event transfer_debited) and sends a
- * credit leg keyed by the receiver to the legs topic; the receiver's task credits it (event
+ * credit leg keyed by the receiver back into the commands topic; the receiver's task credits it (event
  * transfer_credited, outcome success) or, if the receiver does not exist, refuses it (event
  * command_rejected) and sends a refund leg keyed by the sender, whose task refunds (event
  * transfer_refunded, outcome failure). A refused command writes a command_rejected event and a
@@ -117,16 +117,11 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         }
         Map<String, Object> command = FlatJson.parse(record.value());
         String type = (String) command.get("type");
-        String source = context.recordMetadata().map(m -> m.topic()).orElse("");
-        boolean fromLegs = source.equals(SagaPeer.legsTopic);
         switch (type) {
             case "open_account" -> openAccount(command, record);
             case "deposit" -> deposit(command, record);
             case "transfer" -> transfer(command, record);
             case "credit_leg", "refund_leg" -> {
-                if (!fromLegs) {
-                    return; // the project's processor's legs, on the shared commands topic: not ours to take
-                }
                 verifyLeg(record.value(), command);
                 if (type.equals("credit_leg")) {
                     creditLeg(command, record);
@@ -348,12 +343,12 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         return signed;
     }
 
-    /** A leg this peer did not sign (or that changed on the way) stops the peer: its legs topic is its own. */
+    /** A leg this peer did not sign (or that changed on the way) stops the peer: its commands topic is its own. */
     private void verifyLeg(byte[] signed, Map<String, Object> leg) {
         String mac = (String) leg.get("mac");
         int at = lastIndexOf(signed, MAC_FIELD);
         if (mac == null || at < 0 || !legKeyId.equals(leg.get("kid"))) {
-            throw new IllegalStateException("an unsigned leg on the peer's own legs topic");
+            throw new IllegalStateException("an unsigned leg on the peer's own commands topic");
         }
         int head = at + MAC_FIELD.length;
         byte[] unsigned = new byte[signed.length - mac.length()];
