@@ -106,7 +106,8 @@ KAFKA_TIMEOUT_S = 30.0
 # A stage that shows no new outcome for this long is stuck (start-up included): give up, say where.
 STALL_TIMEOUT_S = 60.0
 # The slowest stage we wait for: a run far below it is broken, not slow.
-STAGE_RATE_FLOOR_PER_S = {"ours": 1_000, "copy": 5_000, "ceiling": 1_000, "kafka_streams": 1_000, "faust": 50}
+# Floors measured on a 2-core machine shared at a load average of 25, with room below.
+STAGE_RATE_FLOOR_PER_S = {"ours": 500, "copy": 1_000, "ceiling": 250, "kafka_streams": 250, "faust": 20}
 # Issue 14's set-up of the Kafka Streams peer.
 KAFKA_STREAMS_THREADS = 2
 KAFKA_STREAMS_COMMIT_INTERVAL_MS = 1_000
