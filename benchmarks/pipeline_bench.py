@@ -62,13 +62,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import ConfigResource, NewTopic
 from tqdm import tqdm
 
+from benchmarks import kafka_streams_peer, saga_ceiling
+from benchmarks.ledger_check import check_ledger
+from benchmarks.support.local_broker import broker_for
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.kafka_clients import kafka_security
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
-from benchmarks import kafka_streams_peer, saga_ceiling
-from benchmarks.ledger_check import check_ledger
-from benchmarks.support.local_broker import broker_for
 from schemas.codec import SchemaError, decode_outcome, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
@@ -569,8 +569,9 @@ class Bench:
         saga_commands_topics = [topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics)
                                 if topics]
         self._create_extra_topics(saga_commands_topics, self._commands_topic_config())
-        self._create_extra_topics([self.copy_topic, *(name for topics in (self.ceiling_topics, self.kafka_streams_topics)
-                                                      for kind, name in topics.items() if kind != "commands"),
+        saga_output_topics = [name for topics in (self.ceiling_topics, self.kafka_streams_topics)
+                              for kind, name in topics.items() if kind != "commands"]
+        self._create_extra_topics([self.copy_topic, *saga_output_topics,
                                    *(name for pair in faust_topics.values() for name in pair)])
 
         setup_count = 2 * options.accounts
@@ -656,7 +657,8 @@ class Bench:
         tally = self._tally(topics["outcomes"], "ceiling")
         child = self._start("ceiling", [
             sys.executable, "-m", "benchmarks.saga_ceiling", "--bootstrap", self.bootstrap,
-            "--commands-topic", topics["commands"], "--events-topic", topics["events"], "--outcomes-topic", topics["outcomes"],
+            "--commands-topic", topics["commands"], "--events-topic", topics["events"],
+            "--outcomes-topic", topics["outcomes"],
             "--group-id", f"{self.prefix}bench-ceiling", "--leg-key", self.peer_leg_key,
             "--batch-size-max", str(options.batch_size_max), "--commit-interval-ms", str(options.commit_interval_ms)],
             marker=saga_ceiling.FIRST_RECORD_MARKER)
@@ -855,7 +857,7 @@ class Bench:
         return child.started_s, f"process start ({child.marker!r} never appeared in its output)"
 
     def _check_results(self, stage: str, tally: OutcomeTally, accounts: int, expected: Counter) -> list[str]:
-        """The stage's outcome problems (also added to the run's): every request exactly one outcome, the expected one."""
+        """The stage's outcome problems, also added to the run's: every request one outcome, the expected one."""
         # The setup outcomes are all in long before the last transfer's: a short grace read suffices.
         deadline_s = time.monotonic() + KAFKA_TIMEOUT_S
         while sum(tally.per_kind[kind] for kind in SETUP_KINDS) < 2 * accounts and time.monotonic() < deadline_s:

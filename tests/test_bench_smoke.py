@@ -14,11 +14,11 @@ import pytest
 
 from benchmarks import kafka_streams_peer, pipeline_bench
 from benchmarks.support.local_broker import broker_for
+from infra.admin import admin_client
 from infra.settings import Settings
 from schemas.codec import decode_command
 from schemas.commands import Transfer
 from schemas.outcomes import Reason
-from infra.admin import admin_client
 
 TRANSFERS = 2_000
 ACCOUNTS = 200
