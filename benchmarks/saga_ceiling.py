@@ -265,8 +265,8 @@ def run(bootstrap: str, commands_topic: str, events_topic: str, outcomes_topic: 
                     if error.code() != KafkaError._PARTITION_EOF:
                         raise KafkaException(error)
                     continue
-                decide(record.value(), record.timestamp()[1])
-                next_offsets[record.partition()] = record.offset() + 1
+                decide(record.value(), record.timestamp()[1])  # type: ignore[arg-type]
+                next_offsets[record.partition()] = record.offset() + 1  # type: ignore[index, operator]
             producer.send_offsets_to_transaction(
                 [TopicPartition(commands_topic, partition, offset) for partition, offset in next_offsets.items()],
                 consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S)
