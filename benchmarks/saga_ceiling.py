@@ -119,7 +119,7 @@ class Saga:
         v = leg["v"]
         if receiver is None:
             self._reject(leg, leg["from_account"], receiver_id, leg["digest"], "account_not_found", time_ms,
-                         command_type="transfer", issued_ms=leg["issued_ms"], answer=False)
+                         issued_ms=leg["issued_ms"], answer=False)
             self._leg(leg["from_account"], {
                 "type": "refund_leg", "v": v, "transaction_id": leg["transaction_id"], "actor": leg["actor"],
                 "issued_ms": time_ms, "kid": self._kid, "mac": "", "from_account": leg["from_account"],
@@ -129,7 +129,7 @@ class Saga:
         receiver[0] += _minor(leg["amount"])
         receiver[1] += 1
         event = {"type": "transfer_credited", "v": v, "account_id": receiver_id,
-                 "transaction_id": leg["transaction_id"], "ts_ms": time_ms, "command": "transfer",
+                 "transaction_id": leg["transaction_id"], "ts_ms": time_ms, "command": "credit_leg",
                  "digest": leg["digest"]}
         if v >= 2:
             event["actor"] = leg["actor"]
@@ -147,7 +147,7 @@ class Saga:
         sender[1] += 1
         v = leg["v"]
         event = {"type": "transfer_refunded", "v": v, "account_id": sender_id,
-                 "transaction_id": leg["transaction_id"], "ts_ms": time_ms, "command": "transfer",
+                 "transaction_id": leg["transaction_id"], "ts_ms": time_ms, "command": "refund_leg",
                  "digest": leg["digest"]}
         if v >= 2:
             event["actor"] = leg["actor"]
@@ -196,11 +196,11 @@ class Saga:
     # -- messages ----------------------------------------------------------------------------
 
     def _reject(self, command: dict, owning_account: str, account_id: str, digest: str, reason: str, time_ms: int,
-                command_type: str | None = None, issued_ms: int | None = None, answer: bool = True) -> None:
+                issued_ms: int | None = None, answer: bool = True) -> None:
         v = command.get("v", 1)
         event = {"type": "command_rejected", "v": v, "account_id": account_id,
                  "transaction_id": command["transaction_id"], "ts_ms": time_ms,
-                 "command": command_type or command["type"], "digest": digest}
+                 "command": command["type"], "digest": digest}
         if v >= 2:
             event.update(actor=command.get("actor", ""), reason=reason, issued_ms=issued_ms)
         else:

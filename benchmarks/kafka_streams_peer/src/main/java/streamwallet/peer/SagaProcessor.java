@@ -210,7 +210,7 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
     private void creditLeg(Map<String, Object> leg, Record<String, byte[]> record) {
         String from = (String) leg.get("from_account");
         String to = (String) leg.get("to_account");
-        Request request = legRequest(leg, record, from, "transfer");
+        Request request = legRequest(leg, record, from);
         Account receiver = Account.decode(accounts.get(to));
         long issuedMs = (Long) leg.get("issued_ms");
         if (receiver == null) {
@@ -235,7 +235,7 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
     private void refundLeg(Map<String, Object> leg, Record<String, byte[]> record) {
         String from = (String) leg.get("from_account");
         String reason = (String) leg.get("reason");
-        Request request = legRequest(leg, record, from, "transfer");
+        Request request = legRequest(leg, record, from);
         Account sender = Account.decode(accounts.get(from));
         if (sender == null) {
             throw new IllegalStateException("a refund to " + from + ", which this peer never debited");
@@ -261,9 +261,9 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
                 record.timestamp());
     }
 
-    private static Request legRequest(Map<String, Object> leg, Record<String, byte[]> record, String owningAccount,
-                                      String clientType) {
-        return new Request(((Long) leg.get("v")).intValue(), clientType, (String) leg.get("transaction_id"),
+    /** A leg's events name the leg as their command, as the project's core does (command_type). */
+    private static Request legRequest(Map<String, Object> leg, Record<String, byte[]> record, String owningAccount) {
+        return new Request(((Long) leg.get("v")).intValue(), (String) leg.get("type"), (String) leg.get("transaction_id"),
                 owningAccount, (String) leg.get("actor"), (String) leg.get("digest"), record.timestamp());
     }
 
