@@ -537,7 +537,16 @@ class Bench:
         """The configuration ours' commands topic was created with (its record-time rule)."""
         admin = admin_client(self.bootstrap)
         resource = ConfigResource(ConfigResource.Type.TOPIC, self.settings.commands_topic)
-        entries = admin.describe_configs([resource])[resource].result(timeout=KAFKA_TIMEOUT_S)
+        deadline_s = time.monotonic() + KAFKA_TIMEOUT_S
+        while True:
+            try:
+                entries = admin.describe_configs([resource])[resource].result(timeout=KAFKA_TIMEOUT_S)
+                break
+            except KafkaException as error:
+                # A topic created a moment ago may not be known yet to the broker that answers.
+                if error.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline_s:
+                    raise
+                time.sleep(0.2)
         entry = entries.get("message.timestamp.type")
         return {"message.timestamp.type": entry.value} if entry is not None else {}
 

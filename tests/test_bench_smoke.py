@@ -34,6 +34,13 @@ def _bench_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _report(capsys: pytest.CaptureFixture[str]) -> dict:
+    """The JSON report on stdout; a bench that printed none failed, and its stderr says why."""
+    captured = capsys.readouterr()
+    assert captured.out.startswith("{"), captured.err[-3000:]
+    return json.loads(captured.out)
+
+
 def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> None:
     expected = Counter()
     records = list(pipeline_bench.transfer_records(ACCOUNTS, TRANSFERS, SEED, "t", expected, ts_ms=1))
@@ -57,7 +64,7 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
 
     exit_code = pipeline_bench.run(args)
 
-    report = json.loads(capsys.readouterr().out)
+    report = _report(capsys)
     assert exit_code == 0 and report["ok"], report["problems"]
 
     assert report["copy"]["outcomes"]["records"] == 2 * ACCOUNTS + TRANSFERS
@@ -102,7 +109,7 @@ def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str
 
     exit_code = pipeline_bench.run(args)
 
-    report = json.loads(capsys.readouterr().out)
+    report = _report(capsys)
     assert exit_code == 0 and report["ok"], report["problems"]
     faust = report["faust"]["exactly_once"]
     assert report["peers"]["faust"]["transfers_per_s"] == faust["transfers_per_s"] > 0
@@ -130,7 +137,7 @@ def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_fi
 
     exit_code = pipeline_bench.run(args)
 
-    report = json.loads(capsys.readouterr().out)
+    report = _report(capsys)
     assert exit_code == 0 and report["ok"], report["problems"]
     expected = Counter()
     for _ in pipeline_bench.transfer_records(accounts, transfers, SEED, "t", expected, ts_ms=1):
