@@ -10,6 +10,7 @@ session starts on free ports in a temporary folder and stops at its end.
 """
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +20,10 @@ import pytest
 from wallet import localkafka
 from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
+
+# One leg key for the whole session: the processes a test starts, the audits it runs in-process
+# (whatever run folder their settings name) and the reference pipeline sign and verify alike.
+os.environ.setdefault("WALLET_LEG_KEYS", "test:" + "3c" * 32)
 
 KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "make_settings", "wallet_settings"})
 CONFIGURED_CLUSTER_TIMEOUT_S = 30
