@@ -69,8 +69,8 @@ from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_cl
 from infra.kafka_clients import kafka_security
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
-from schemas.codec import SchemaError, decode_outcome, encode
 from producers.client import local_command
+from schemas.codec import SchemaError, decode_outcome, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
@@ -189,8 +189,9 @@ def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: 
                 result = SUCCESS
             results[result] += 1
             from_account = names[sender]
-            yield from_account, encode(local_command(Transfer, 
-                transaction_id=f"{kind}-{index}", from_account=from_account, to_account=to_account, amount=amount, currency=CURRENCY))
+            yield from_account, encode(local_command(
+                Transfer, transaction_id=f"{kind}-{index}", from_account=from_account, to_account=to_account,
+                amount=amount, currency=CURRENCY))
     finally:
         expected.update(results)
 
@@ -269,10 +270,9 @@ class _Heartbeat:
         if now_s < self._next_s:
             return
         self._next_s = now_s + FAUST_HEARTBEAT_INTERVAL_S
-        ts_ms = time.time_ns() // 1_000_000
         for account_id in self._accounts.values():
-            self._producer.produce(self._topic, account_id, encode(local_command(OpenAccount, 
-                transaction_id=f"{HEARTBEAT}-{self._sent}", account_id=account_id, currency=CURRENCY)))
+            self._producer.produce(self._topic, account_id, encode(local_command(
+                OpenAccount, transaction_id=f"{HEARTBEAT}-{self._sent}", account_id=account_id, currency=CURRENCY)))
             self._sent += 1
         self._producer.poll()
 
