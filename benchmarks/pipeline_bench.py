@@ -1007,6 +1007,7 @@ class Bench:
 def _saga_stages(report: dict) -> list[tuple[str, dict]]:
     """(name, stage) of every saga stage that ran: ours, the peers, the ceiling."""
     stages = [("ours", report["ours"]), *((f"peers.{name}", stage) for name, stage in report["peers"].items()),
+              *((f"faust.{guarantee}", stage) for guarantee, stage in report.get("faust", {}).items()),
               ("ceiling", report["ceiling"])]
     return [(name, stage) for name, stage in stages if "transfers_per_s" in stage]
 
@@ -1035,6 +1036,12 @@ def profile_top(path: Path, count: int = PROFILE_TOP_ENTRIES) -> list[dict]:
 
 # -- output ------------------------------------------------------------------------------------
 
+def _ratio_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"  # faust's are hundredths
+
+
 def format_report(report: dict) -> str:
     lines = [
         f"wallet bench: {report['transfers']:,} transfers among {report['accounts']:,} accounts, "
@@ -1052,8 +1059,8 @@ def format_report(report: dict) -> str:
             return f"{name:<34}  skipped: {stage['skipped']}"
         transfers_per_s = f"{stage['transfers_per_s']:,.0f}" if stage["transfers"] else "-"
         transfers = f"{stage['transfers']:,}" if stage["transfers"] else "-"
-        to_kafka_streams = f"{stage['ratio_to_kafka_streams']:.2f}x" if "ratio_to_kafka_streams" in stage else "-"
-        to_ceiling = f"{stage['ratio_to_ceiling']:.2f}x" if "ratio_to_ceiling" in stage else "-"
+        to_kafka_streams = _ratio_text(stage.get("ratio_to_kafka_streams"))
+        to_ceiling = _ratio_text(stage.get("ratio_to_ceiling"))
         checks = "-" if "checks_ok" not in stage else ("ok" if stage["checks_ok"] else "FAILED")
         return (f"{name:<34}{transfers:>11}{stage['elapsed_s']:>9.1f}s{transfers_per_s:>13}"
                 f"{stage['messages_per_s']:>13,.0f}{to_kafka_streams:>13}{to_ceiling:>12}{checks:>8}")
