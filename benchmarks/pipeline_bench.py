@@ -67,6 +67,7 @@ from benchmarks.ledger_check import check_ledger
 from benchmarks.support.local_broker import broker_for
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.kafka_clients import kafka_security
+from infra.produce import QueueFullTimeout, produce_with_room
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
 from producers.client import local_command
@@ -119,7 +120,7 @@ LATENCY_DRAIN_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
 # faust's exactly-once shutdown can fail ("Not in the middle of a transaction") and then hang.
 FAUST_STOP_TIMEOUT_S = 5.0
-PRODUCE_QUEUE_FULL_WAIT_S = 30.0
+PRODUCE_QUEUE_FULL_WAIT_MS = 30_000
 OUTCOME_BATCH_SIZE_MAX = 10_000
 LATENCY_TICK_S = 0.002
 LATENCY_POLL_WAIT_S = 0.005
@@ -225,19 +226,9 @@ class _InputProducer:
 
     def produce(self, topic: str, key: str, value: bytes) -> None:
         try:
-            self._producer.produce(topic, value, key)
-        except BufferError:
-            deadline_s = time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
-            while True:
-                self._producer.poll(0.05)
-                try:
-                    self._producer.produce(topic, value, key)
-                    break
-                except BufferError:
-                    if time.monotonic() > deadline_s:
-                        raise BenchError(f"the input producer's queue stayed full for "
-                                         f"{PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: is the broker at {self._bootstrap} "
-                                         f"reachable?") from None
+            produce_with_room(self._producer, topic, value, key, queue_full_wait_ms=PRODUCE_QUEUE_FULL_WAIT_MS)
+        except QueueFullTimeout as error:
+            raise BenchError(f"{error} (broker {self._bootstrap})") from None
         self.produced += 1
 
     def poll(self) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from infra.produce import QueueFullTimeout, produce_with_room
 from schemas.codec import SchemaError, command_digest, decode_outcome, encode
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX, CLIENT_COMMANDS, LEG_COMMANDS, LOCAL_BANK_ACTOR, LOCAL_OPERATOR_ACTOR,
@@ -250,7 +251,12 @@ class CommandPublisher:
             else:
                 future.set_exception(_publish_error(error, message))
 
-        self._with_room(lambda: self._producer.produce(self.commands_topic, value, key, on_delivery=on_delivery))
+        self._replace_if_fatal()
+        try:
+            produce_with_room(self._producer, self.commands_topic, value, key, on_delivery=on_delivery,
+                              queue_full_wait_ms=int(self._enqueue_timeout_s * 1000))
+        except QueueFullTimeout as error:
+            raise BackPressureTimeout(f"{error} ({self._queue_messages_max} commands)") from None
         return future
 
     def send(self, command: Command, timeout_s: float | None = None) -> Delivery:
@@ -346,20 +352,6 @@ class CommandPublisher:
         self.close()
 
     # -- internals -------------------------------------------------------------------------
-
-    def _with_room(self, produce: Callable[[], None]) -> None:
-        self._replace_if_fatal()
-        deadline_s = time.monotonic() + self._enqueue_timeout_s
-        while True:
-            try:
-                produce()
-                return
-            except BufferError:
-                if time.monotonic() >= deadline_s:
-                    raise BackPressureTimeout(
-                        f"the local queue stayed full ({self._queue_messages_max} commands) for "
-                        f"{self._enqueue_timeout_s:.0f} s; the broker is not keeping up or is unreachable") from None
-                self._producer.poll(DELIVERY_POLL_INTERVAL_S)
 
     def _wait_for_room(self, message_count: int) -> None:
         self._replace_if_fatal()
