@@ -31,8 +31,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from infra.kafka_clients import processor_consumer_config, processor_producer_config
 from infra.produce import produce_with_room
-from streams.runtime.processor import KAFKA_CALL_TIMEOUT_S, ProcessorConfig
+from streams.runtime.processor import ProcessorConfig
 
+KAFKA_CALL_TIMEOUT_S = ProcessorConfig(instance_id="", store_path=Path()).kafka_call_timeout_ms / 1000
 FIRST_RECORD_MARKER = "saga-ceiling: first record"
 COMMANDS_TOPIC = "ceiling.commands"
 EVENTS_TOPIC = "ceiling.events"
