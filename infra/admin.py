@@ -52,7 +52,8 @@ def admin_client(bootstrap: str, *, role: str = "admin", security: dict[str, str
     """An AdminClient as the Kafka principal of `role`, or with explicit `security` settings
     (the local broker's own probe, which knows its admin credentials)."""
     settings = kafka_security(role) if security is None else security
-    return AdminClient({**settings, "bootstrap.servers": bootstrap, "logger": _ADMIN_LOG})
+    # confluent-kafka's stubs type config values as str/int/float, but it takes a Logger as "logger".
+    return AdminClient({**settings, "bootstrap.servers": bootstrap, "logger": _ADMIN_LOG})  # type: ignore[dict-item]
 
 
 def wait_for_broker(
