@@ -139,7 +139,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     missing = [name for name in topic_names(settings) if name not in metadata.topics]
     if missing:
         new_topics = [NewTopic(name, partition_count, replication_factor,
-                               config={**wanted_config, **(_COMMANDS_CONFIG if name == settings.commands_topic else {})})
+                               config={**wanted_config,
+                                       **(_COMMANDS_CONFIG if name == settings.commands_topic else {})})
                       for name in missing]
         futures = admin.create_topics(new_topics, operation_timeout=timeout_s, request_timeout=timeout_s)
         raced = []
@@ -157,7 +158,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
             mismatches = _shape_mismatches(admin, metadata, raced, partition_count, replication_factor, timeout_s,
                                            settings.commands_topic)
             if mismatches:
-                raise TopicMismatchError("topics created concurrently with another shape:\n  " + "\n  ".join(mismatches))
+                raise TopicMismatchError("topics created concurrently with another shape:\n  "
+                                         + "\n  ".join(mismatches))
             result.update({name: "exists" for name in raced})
     return {name: result[name] for name in topic_names(settings)}
 

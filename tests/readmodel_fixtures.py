@@ -306,4 +306,5 @@ def stored_transactions(store: ReadModelStore) -> dict[tuple[str, str], tuple[st
 
 
 _AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
-_AMOUNT_SIGN: dict[type, int] = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
+_AMOUNT_SIGN: dict[type, int] = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1,
+                                 TransferRefunded: 1}

@@ -129,14 +129,16 @@ def test_a_request_is_looked_up_by_its_account_and_never_answers_for_another(db_
     with ReadModelStore(db_url) as store:
         store.create_schema()
         store.apply(_batch(records, 0, len(records), None))
-        assert store.request("alice", "T").status == "success"
-        assert (store.request("bob", "T").status, store.request("bob", "T").reason) == ("failure", "insufficient_funds")
+        alice, bob = store.request("alice", "T"), store.request("bob", "T")
+        assert alice is not None and alice.status == "success"
+        assert bob is not None and (bob.status, bob.reason) == ("failure", "insufficient_funds")
         assert store.request("carol", "T") is None
         assert [row.account_id for row in store.requests_visible_to(None, "T")] == ["alice", "bob"]
         assert store.requests_visible_to("", "T") == []  # "" is nobody, never "every account without an owner"
         # The route that does not know the account yet gets an answer only when it cannot be another's.
         assert store.transaction("T") is None
-        assert store.transaction("only-alice").account_id == "alice"
+        only_alice = store.transaction("only-alice")
+        assert only_alice is not None and only_alice.account_id == "alice"
 
 
 def test_a_read_model_of_the_first_layout_is_dropped_so_the_consumer_rebuilds_it(tmp_path) -> None:

@@ -123,8 +123,9 @@ _decode_event = msgspec.json.Decoder(Event).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, TypeError)  # TypeError: a record without a value
 _SUCCESS: Answer = (SUCCESS, None)
 # The answer on wallet.outcomes each kind of event implies for its request (None: none of its own).
-_ANSWER_OF: dict[type, Answer | None] = {AccountOpened: _SUCCESS, Deposited: _SUCCESS, Withdrawn: _SUCCESS, AccountFrozen: _SUCCESS,
-              AccountUnfrozen: _SUCCESS, AccountClosed: _SUCCESS, TransferCredited: _SUCCESS, TransferDebited: None}
+_ANSWER_OF: dict[type, Answer | None] = {
+    AccountOpened: _SUCCESS, Deposited: _SUCCESS, Withdrawn: _SUCCESS, AccountFrozen: _SUCCESS,
+    AccountUnfrozen: _SUCCESS, AccountClosed: _SUCCESS, TransferCredited: _SUCCESS, TransferDebited: None}
 _MONEY_EVENTS = frozenset({Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded})
 _TRANSFER_EVENTS = frozenset({TransferDebited, TransferCredited, TransferRefunded})
 
