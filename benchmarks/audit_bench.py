@@ -18,12 +18,12 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from consumers.audit.runner import run_audit
-from schemas.commands import Command, Deposit, Freeze, OpenAccount, Transfer, Unfreeze, Withdraw
 from benchmarks.support.reference_pipeline import decide, publish
-from producers.client import local_command
-from infra.settings import Settings
+from consumers.audit.runner import run_audit
 from infra.admin import delete_topics, ensure_topics
+from infra.settings import Settings
+from producers.client import local_command
+from schemas.commands import Command, Deposit, Freeze, OpenAccount, Transfer, Unfreeze, Withdraw
 
 COMMAND_INTERVAL_MS = 7  # command time between two client commands: ~10 minutes per 100k commands
 TS_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -75,8 +75,12 @@ def workload(account_count: int, command_count: int, seed: int) -> Iterator[Comm
         elif recent:
             # A different request reusing a transaction id: answered duplicate_conflict.
             previous = rng.choice(recent)
-            command = local_command(Deposit, transaction_id=previous.transaction_id, account_id=getattr(previous, "account_id", None) or previous.from_account,
-                              amount="0.01", currency="USD")
+            account_id = getattr(previous, "account_id", None)
+            if not account_id:
+                assert isinstance(previous, Transfer)  # the only command here without an account_id
+                account_id = previous.from_account
+            command = local_command(Deposit, transaction_id=previous.transaction_id, account_id=account_id,
+                                    amount="0.01", currency="USD")
         else:
             continue
         recent.append(command)

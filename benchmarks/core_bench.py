@@ -22,10 +22,10 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-from schemas.codec import decode_command, encode
 from producers.client import local_command
+from schemas.codec import decode_command, encode
+from schemas.commands import LEG_COMMANDS, Deposit, OpenAccount, Transfer
 from schemas.leg_auth import LegKeyring
-from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.core.machine import apply
 from streams.core.state import State
 
@@ -69,8 +69,9 @@ def transfer_records(account_ids: list[str], count: int, seed: int, tx_prefix: s
     records = []
     for index in range(count):
         from_account, to_account = rng.sample(account_ids, 2)
-        records.append(encode(local_command(Transfer, transaction_id=f"{tx_prefix}{index}", from_account=from_account, to_account=to_account,
-                                       amount=f"{rng.randint(1, 500)}.{rng.randint(0, 99):02d}", currency="USD")))
+        records.append(encode(local_command(Transfer, transaction_id=f"{tx_prefix}{index}", from_account=from_account,
+                                            to_account=to_account,
+                                            amount=f"{rng.randint(1, 500)}.{rng.randint(0, 99):02d}", currency="USD")))
     return records
 
 
@@ -82,9 +83,11 @@ def run_whole_path(state: State, records: list[bytes]) -> int:
         for event in debit.events:
             written += len(encode(event))
         [leg] = debit.follow_ups
+        assert isinstance(leg, LEG_COMMANDS)  # a debit's one follow-up is its credit leg
         leg_record = encode(KEYRING.sign(leg))  # the processor signs every leg it emits ...
         written += len(leg_record)
         received = decode_command(leg_record)
+        assert isinstance(received, LEG_COMMANDS)
         assert KEYRING.verify(received) is None  # ... and verifies every leg it receives
         credit = apply(state, received, RECORD_TIME_MS)
         for event in credit.events:

@@ -25,13 +25,13 @@ import os
 import time
 import uuid
 
+from benchmarks.support.reference_pipeline import decide, publish, workload
 from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT
 from consumers.readmodel.rebuild import rebuild
 from consumers.readmodel.store import Batch, ReadModelStore, describe_db_url
-from schemas.outcomes import Outcome
-from benchmarks.support.reference_pipeline import decide, publish, workload
-from infra.settings import Settings
 from infra.admin import delete_topics, ensure_topics
+from infra.settings import Settings
+from schemas.outcomes import Outcome
 
 TARGET_SQLITE_EVENTS_PER_S = 50_000
 

@@ -52,7 +52,8 @@ def admin_client(bootstrap: str, *, role: str = "admin", security: dict[str, str
     """An AdminClient as the Kafka principal of `role`, or with explicit `security` settings
     (the local broker's own probe, which knows its admin credentials)."""
     settings = kafka_security(role) if security is None else security
-    return AdminClient({**settings, "bootstrap.servers": bootstrap, "logger": _ADMIN_LOG})
+    # confluent-kafka's stubs type config values as str/int/float, but it takes a Logger as "logger".
+    return AdminClient({**settings, "bootstrap.servers": bootstrap, "logger": _ADMIN_LOG})  # type: ignore[dict-item]
 
 
 def wait_for_broker(
@@ -138,7 +139,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     missing = [name for name in topic_names(settings) if name not in metadata.topics]
     if missing:
         new_topics = [NewTopic(name, partition_count, replication_factor,
-                               config={**wanted_config, **(_COMMANDS_CONFIG if name == settings.commands_topic else {})})
+                               config={**wanted_config,
+                                       **(_COMMANDS_CONFIG if name == settings.commands_topic else {})})
                       for name in missing]
         futures = admin.create_topics(new_topics, operation_timeout=timeout_s, request_timeout=timeout_s)
         raced = []
@@ -156,7 +158,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
             mismatches = _shape_mismatches(admin, metadata, raced, partition_count, replication_factor, timeout_s,
                                            settings.commands_topic)
             if mismatches:
-                raise TopicMismatchError("topics created concurrently with another shape:\n  " + "\n  ".join(mismatches))
+                raise TopicMismatchError("topics created concurrently with another shape:\n  "
+                                         + "\n  ".join(mismatches))
             result.update({name: "exists" for name in raced})
     return {name: result[name] for name in topic_names(settings)}
 

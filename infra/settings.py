@@ -75,7 +75,7 @@ class Settings:
     def processor_transactional_id(self, instance_id: str) -> str:
         return f"{self.processor_group_id}-{instance_id}"
 
-    def with_overrides(self, **overrides) -> "Settings":
+    def with_overrides(self, **overrides) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 

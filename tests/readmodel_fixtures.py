@@ -208,11 +208,16 @@ def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) ->
         while len(at_end) < len(records):
             assert time.monotonic() < deadline_s, f"{topic}: only partitions {at_end} reached their end"
             for message in consumer.consume(10_000, 0.2):
-                if message.error() is not None:
-                    assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
-                    at_end.add(message.partition())
+                error, partition, offset = message.error(), message.partition(), message.offset()
+                # Records and partition-EOF events (the only errors expected) name both.
+                assert partition is not None and offset is not None, error
+                if error is not None:
+                    assert error.code() == KafkaError._PARTITION_EOF, error
+                    at_end.add(partition)
                 else:
-                    records[message.partition()].append((message.offset(), decode(message.value())))
+                    value = message.value()
+                    assert value is not None  # the wallet topics have no tombstones
+                    records[partition].append((offset, decode(value)))
         return records
     finally:
         consumer.close()
@@ -249,11 +254,12 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
             if upto is not None and offset >= upto:
                 break
             fold(state, event)
-            if type(event) is CommandRejected:
+            if isinstance(event, CommandRejected):
                 continue
             account = state.accounts[event.account_id]
-            sign = _AMOUNT_SIGN.get(type(event), 0)
-            amount_minor = sign * canonical_minor(event.amount, account.currency) if sign else 0
+            # Exactly the events with a sign move an amount.
+            amount_minor = (_AMOUNT_SIGN[type(event)] * canonical_minor(event.amount, account.currency)
+                            if isinstance(event, _AMOUNT_EVENTS) else 0)
             counterparty = getattr(event, "to_account", None) or getattr(event, "from_account", None)
             entries.append((event.account_id, event.seq, event.transaction_id, event_type(event), amount_minor,
                             account.balance_minor, counterparty, event.ts_ms))
@@ -280,8 +286,8 @@ def expected_transactions(log: PublishedLog) -> dict[tuple[str, str], tuple[str,
             if type(event) is TransferDebited and event.digest == original_digest[key]:
                 statuses[key] = ("pending", None)
     answered: set[tuple[str, str]] = set()
-    for records in log.outcomes.values():
-        for _, outcome in records:
+    for answers in log.outcomes.values():
+        for _, outcome in answers:
             owner = getattr(outcome, "account_id", None) or owner_of[(outcome.transaction_id, outcome.digest)]
             key = (owner, outcome.transaction_id)
             if key not in answered and outcome.digest == original_digest[key]:
@@ -299,4 +305,6 @@ def stored_transactions(store: ReadModelStore) -> dict[tuple[str, str], tuple[st
     return {(row.account_id, row.transaction_id): (row.status, row.reason) for row in rows}
 
 
-_AMOUNT_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
+_AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
+_AMOUNT_SIGN: dict[type, int] = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1,
+                                 TransferRefunded: 1}

@@ -301,6 +301,7 @@ def test_every_money_event_is_listed_with_its_actor_when_asked(monkeypatch):
         replay = LedgerReplay("events", "outcomes", PARTITIONS, record_movements=True)
         replay.index_outcomes(outcomes.values())
         workers.replay_events(replay, events, (), worker_count, None)
+        assert replay.movements is not None  # record_movements=True
         return sorted(replay.movements)
 
     monkeypatch.setattr(workers, "PARALLEL_RECORDS_MIN", 0)

@@ -14,6 +14,7 @@ import copy
 import json
 import sqlite3
 import uuid
+from typing import Any
 
 import msgspec
 import pytest
@@ -27,7 +28,17 @@ from consumers.audit.log_reader import read_topic
 from consumers.audit.snapshots import accounts_view
 from consumers.audit.violations import Kind
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
-from schemas.commands import CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Withdraw
+from schemas.commands import (
+    Command,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    RefundLeg,
+    Transfer,
+    Withdraw,
+)
 from schemas.events import CommandRejected, Deposited, TransferCredited, TransferRefunded
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import canonical_balance_minor, format_amount
@@ -65,7 +76,7 @@ def _scenario() -> list:
 
     conflict_source = edge(Transfer, transaction_id="t-a-c", from_account=a["alice"], to_account=a["carol"],
                                amount="7.50", currency="USD")
-    commands = [edge(OpenAccount, transaction_id=f"open-{role}", account_id=a[role],
+    commands: list[Command | Record] = [edge(OpenAccount, transaction_id=f"open-{role}", account_id=a[role],
                             currency="EUR" if role == "euro" else "USD", kind="merchant" if role == "shop" else "user")
                 for role in ("alice", "bob", "carol", "euro", "frozen", "shop", "inflight_src", "inflight_dst",
                              "refund_src")]
@@ -145,8 +156,9 @@ def _write_aborted_forgery(settings, log: ReferenceLog) -> None:
     producer.abort_transaction(30)
 
 
-def _events_of(log: ReferenceLog, account_id: str) -> list[tuple[int, int, object]]:
-    """(partition, position, event) of every event of an account, in log order."""
+def _events_of(log: ReferenceLog, account_id: str) -> list[tuple[int, int, Any]]:
+    """(partition, position, event) of every event of an account, in log order. The event is Any:
+    the tests pick events by their fields (hasattr), which mypy cannot follow through the tuple."""
     partition = partition_for(account_id, log.partition_count)
     return [(partition, position, event) for position, record in enumerate(log.events[partition])
             if (event := decode_event(record.value)).account_id == account_id]
@@ -278,7 +290,7 @@ def _drop(records: list[Record], predicate) -> None:
     del records[position]
 
 
-def _is(message, message_class: type, transaction_id: str) -> bool:
+def _is(message, message_class: type[Any], transaction_id: str) -> bool:
     return type(message) is message_class and message.transaction_id == transaction_id
 
 

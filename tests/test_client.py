@@ -4,33 +4,48 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import TypeVar
 
 import msgspec
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from infra.settings import Settings
 from producers.client import (
-    BackPressureTimeout, CommandPublisher, OutcomesUnavailableError, OutcomeWaiter, PublishError, canonical_amount,
+    BackPressureTimeout,
+    CommandPublisher,
+    OutcomesUnavailableError,
+    OutcomeWaiter,
+    PublishError,
+    canonical_amount,
     new_transaction_id,
 )
 from schemas.codec import decode_command, encode
-from tests.support.commands import edge
 from schemas.commands import Deposit, Transfer
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import AmountError
 from tests.conftest import free_loopback_ports
-from infra.settings import Settings
+from tests.support.commands import edge
 
 READY_TIMEOUT_S = 15
 DELIVERY_TIMEOUT_S = 15
 OUTCOME_WAIT_S = 10
 ABSENCE_WAIT_S = 1.5  # how long "no answer" is observed before concluding there is none
+T = TypeVar("T")
 
 
 def _transfer(from_account: str, to_account: str = "receiver", amount: str = "1.00", tx: str | None = None) -> Transfer:
-    return edge(Transfer, transaction_id=tx or new_transaction_id(), from_account=from_account,
+    transfer = edge(Transfer, transaction_id=tx or new_transaction_id(), from_account=from_account,
                     to_account=to_account, amount=amount, currency="USD")
+    assert isinstance(transfer, Transfer)  # edge builds the class it is given
+    return transfer
+
+
+def _present(answer: T | None) -> T:
+    """An answer the test waited for, which must have come."""
+    assert answer is not None
+    return answer
 
 
 def _records(settings: Settings, topic: str, partition: int, start_offset: int, count: int) -> list:
@@ -38,7 +53,7 @@ def _records(settings: Settings, topic: str, partition: int, start_offset: int, 
                          "enable.auto.commit": False})
     try:
         consumer.assign([TopicPartition(topic, partition, start_offset)])
-        records = []
+        records: list[Message] = []
         deadline_s = time.monotonic() + DELIVERY_TIMEOUT_S
         while len(records) < count and time.monotonic() < deadline_s:
             records += [message for message in consumer.consume(count - len(records), 0.5) if message.error() is None]
@@ -79,7 +94,10 @@ def test_send_places_the_command_on_its_owner_accounts_partition_keyed_by_the_ac
         assert delivery.partition == partition_for(account, 4)
         (record,) = _records(wallet_settings, delivery.topic, delivery.partition, delivery.offset, 1)
         assert record.key() == account.encode()
-        assert decode_command(record.value()).from_account == account
+        value = record.value()
+        assert value is not None
+        command = decode_command(value)
+        assert isinstance(command, Transfer) and command.from_account == account
 
 
 def test_a_batch_larger_than_the_local_queue_waits_for_room_and_arrives_complete_and_in_order(
@@ -131,11 +149,12 @@ def test_the_waiter_answers_each_request_with_the_outcome_of_its_own_digest(
     conflicting = waiter.expect(tx, "digest-conflicting")
     _publish_outcomes(
         wallet_settings,
-        Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.DUPLICATE_CONFLICT, digest="digest-conflicting"),
+        Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.DUPLICATE_CONFLICT,
+                digest="digest-conflicting"),
         Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="digest-first"),
     )
-    assert first.wait(OUTCOME_WAIT_S).status == "success"
-    assert conflicting.wait(OUTCOME_WAIT_S).reason == Reason.DUPLICATE_CONFLICT
+    assert _present(first.wait(OUTCOME_WAIT_S)).status == "success"
+    assert _present(conflicting.wait(OUTCOME_WAIT_S)).reason == Reason.DUPLICATE_CONFLICT
 
 
 def test_the_waiter_gives_none_when_no_outcome_arrives_in_time(waiter: OutcomeWaiter) -> None:
@@ -147,12 +166,14 @@ def test_the_waiter_gives_none_when_no_outcome_arrives_in_time(waiter: OutcomeWa
 
 def test_the_waiter_starts_at_the_end_of_the_topic_and_never_answers_with_history(wallet_settings: Settings) -> None:
     tx = new_transaction_id()
-    _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason="old", digest="d"))
+    _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
+                                               reason="old", digest="d"))
     with OutcomeWaiter.from_settings(wallet_settings).start(ready_timeout_s=READY_TIMEOUT_S) as waiter:
         with waiter.expect(tx, "d") as expectation:
             assert expectation.wait(ABSENCE_WAIT_S) is None
-            _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="d"))
-            assert expectation.wait(OUTCOME_WAIT_S).status == "success"
+            _publish_outcomes(wallet_settings,
+                              Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="d"))
+            assert _present(expectation.wait(OUTCOME_WAIT_S)).status == "success"
 
 
 def test_the_waiter_never_answers_with_an_outcome_from_an_aborted_transaction(
@@ -163,30 +184,34 @@ def test_the_waiter_never_answers_with_an_outcome_from_an_aborted_transaction(
     producer.init_transactions(DELIVERY_TIMEOUT_S)
     with waiter.expect(tx, "d") as expectation:
         producer.begin_transaction()
-        producer.produce(wallet_settings.outcomes_topic, encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
-                                                                        reason="aborted", digest="d")), tx)
+        producer.produce(wallet_settings.outcomes_topic,
+                         encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
+                                        reason="aborted", digest="d")), tx)
         producer.abort_transaction(DELIVERY_TIMEOUT_S)
         producer.begin_transaction()
-        producer.produce(wallet_settings.outcomes_topic, encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success",
-                                                                        digest="d")), tx)
+        producer.produce(wallet_settings.outcomes_topic,
+                         encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success",
+                                        digest="d")), tx)
         producer.commit_transaction(DELIVERY_TIMEOUT_S)
-        assert expectation.wait(OUTCOME_WAIT_S).status == "success"
+        assert _present(expectation.wait(OUTCOME_WAIT_S)).status == "success"
 
 
 def test_the_status_cache_keeps_the_transactions_answer_despite_a_later_conflicting_request(
         wallet_settings: Settings, waiter: OutcomeWaiter) -> None:
     tx = new_transaction_id()
     waiter.note_published(tx, "first")
-    assert waiter.status(tx).status == "pending"
+    assert _present(waiter.status(tx)).status == "pending"
     with waiter.expect(tx, "first") as answer, waiter.expect(tx, "second") as conflict:
         _publish_outcomes(
             wallet_settings,
-            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.INSUFFICIENT_FUNDS, digest="first"),
-            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.DUPLICATE_CONFLICT, digest="second"),
+            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
+                    reason=Reason.INSUFFICIENT_FUNDS, digest="first"),
+            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
+                    reason=Reason.DUPLICATE_CONFLICT, digest="second"),
         )
         assert answer.wait(OUTCOME_WAIT_S) is not None
         assert conflict.wait(OUTCOME_WAIT_S) is not None
-    status = waiter.status(tx)
+    status = _present(waiter.status(tx))
     assert (status.status, status.reason, status.digest) == ("failure", Reason.INSUFFICIENT_FUNDS, "first")
 
 
@@ -196,7 +221,7 @@ def test_the_status_cache_forgets_the_oldest_transaction_beyond_its_bound() -> N
         for tx in ("tx-1", "tx-2", "tx-3"):
             waiter.note_published(tx, "d")
         assert waiter.status("tx-1") is None
-        assert waiter.status("tx-3").status == "pending"
+        assert _present(waiter.status("tx-3")).status == "pending"
     finally:
         waiter.close()
 

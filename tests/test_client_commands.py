@@ -1,11 +1,20 @@
 """The client library's side of contract v2: one id rule, actor and role, and no saga legs ever."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from producers.client import CommandPublisher, check_ids, client_command, local_command
 from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, CreditLeg, Deposit, Freeze, OpenAccount, RefundLeg, Transfer, is_valid_id,
+    ACCOUNT_ID_LENGTH_MAX,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    RefundLeg,
+    Transfer,
+    is_valid_id,
 )
 
 
@@ -25,20 +34,23 @@ def test_ids_the_contract_allows_pass(text: str) -> None:
 
 
 def test_client_commands_carry_the_actor_and_role_given_or_the_local_edges() -> None:
-    assert (client_command(Freeze, transaction_id="t", account_id="a").actor,
-            client_command(Freeze, transaction_id="t", account_id="a").role) == ("operator", "operator")
+    frozen = client_command(Freeze, transaction_id="t", account_id="a")
+    assert isinstance(frozen, Freeze)  # client_command builds the class it is given
+    assert (frozen.actor, frozen.role) == ("operator", "operator")
     opened = client_command(OpenAccount, transaction_id="t", account_id="a", currency="USD", actor="alice")
+    assert isinstance(opened, OpenAccount)
     assert (opened.actor, opened.role) == ("alice", "user")
     sent = client_command(Transfer, transaction_id="t", from_account="a", to_account="b", amount="1.00",
                           currency="USD")
+    assert isinstance(sent, Transfer)
     assert (sent.actor, sent.role) == ("a", "user")
     with pytest.raises(ValueError):
         client_command(Freeze, transaction_id="t\n", account_id="a")
 
 
 def _legs() -> list:
-    common = dict(transaction_id="t", actor="a", issued_ms=1, from_account="a", to_account="b", amount="1.00",
-                  currency="USD", digest="d")
+    common: dict[str, Any] = dict(transaction_id="t", actor="a", issued_ms=1, from_account="a", to_account="b",
+                                  amount="1.00", currency="USD", digest="d")
     return [CreditLeg(**common), RefundLeg(**common, reason="account_frozen", debit_ms=1)]
 
 

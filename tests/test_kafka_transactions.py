@@ -11,14 +11,14 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import ConfigResource, ResourceType
 
+from infra.admin import TopicMismatchError, admin_client, ensure_topics, topic_names
+from infra.settings import Settings
+from infra.supervision import read_proc_stat
 from tests.conftest import free_loopback_ports
 from wallet import localkafka
-from infra.settings import Settings
-from infra.admin import TopicMismatchError, admin_client, ensure_topics, topic_names
-from infra.supervision import read_proc_stat
 
 TRANSACTION_TIMEOUT_S = 30
 CONSUME_TIMEOUT_S = 30
@@ -62,11 +62,16 @@ def _read_all(settings: Settings, topic: str, isolation_level: str) -> list[str]
             message = consumer.poll(0.5)
             if message is None:
                 continue
-            if message.error():
-                assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
-                partitions_at_end.add(message.partition())
+            error = message.error()
+            if error:
+                assert error.code() == KafkaError._PARTITION_EOF, error
+                eof_partition = message.partition()
+                assert eof_partition is not None  # an EOF event names its partition
+                partitions_at_end.add(eof_partition)
             else:
-                values.append(message.value().decode())
+                value = message.value()
+                assert value is not None  # the test writes no tombstones
+                values.append(value.decode())
         return values
     finally:
         consumer.close()
@@ -115,7 +120,7 @@ def test_offsets_sent_in_a_transaction_commit_and_abort_with_it(wallet_settings:
     producer = _transactional_producer(wallet_settings)
     try:
         consumer.subscribe([source_topic])
-        consumed = []
+        consumed: list[Message] = []
         deadline_s = time.monotonic() + CONSUME_TIMEOUT_S
         while len(consumed) < 4:
             assert time.monotonic() < deadline_s, f"consumed {len(consumed)}/4 seeded commands in {CONSUME_TIMEOUT_S} s"
@@ -123,13 +128,16 @@ def test_offsets_sent_in_a_transaction_commit_and_abort_with_it(wallet_settings:
             if message is not None and not message.error():
                 consumed.append(message)
         partition = consumed[0].partition()
+        assert partition is not None  # a consumed record names its partition
         assert {message.partition() for message in consumed} == {partition}  # one key, one partition
 
         def process(messages: list, commit: bool) -> None:
             producer.begin_transaction()
             for message in messages:
                 producer.produce(target_topic, key="account-a", value=b"outcome-of-" + message.value())
-            next_offset = messages[-1].offset() + 1
+            last_offset = messages[-1].offset()
+            assert last_offset is not None  # a consumed record has an offset
+            next_offset = last_offset + 1
             producer.send_offsets_to_transaction([TopicPartition(source_topic, partition, next_offset)],
                                                  consumer.consumer_group_metadata(), TRANSACTION_TIMEOUT_S)
             if commit:
@@ -141,10 +149,12 @@ def test_offsets_sent_in_a_transaction_commit_and_abort_with_it(wallet_settings:
             [committed] = consumer.committed([TopicPartition(source_topic, partition)], timeout=TRANSACTION_TIMEOUT_S)
             return committed.offset
 
+        second_offset = consumed[1].offset()
+        assert second_offset is not None
         process(consumed[:2], commit=True)
-        assert group_offset() == consumed[1].offset() + 1
+        assert group_offset() == second_offset + 1
         process(consumed[2:], commit=False)
-        assert group_offset() == consumed[1].offset() + 1  # the aborted transaction took its offsets with it
+        assert group_offset() == second_offset + 1  # the aborted transaction took its offsets with it
     finally:
         consumer.close()
 
@@ -174,7 +184,8 @@ def test_ensure_topics_creates_only_what_is_missing(make_settings) -> None:
     admin.delete_topics([settings.dlq_topic])[settings.dlq_topic].result(timeout=TRANSACTION_TIMEOUT_S)
     deadline_s = time.monotonic() + TRANSACTION_TIMEOUT_S
     while settings.dlq_topic in admin.list_topics(timeout=TRANSACTION_TIMEOUT_S).topics:
-        assert time.monotonic() < deadline_s, f"{settings.dlq_topic} still listed {TRANSACTION_TIMEOUT_S} s after delete"
+        assert time.monotonic() < deadline_s, \
+            f"{settings.dlq_topic} still listed {TRANSACTION_TIMEOUT_S} s after delete"
         time.sleep(0.2)
 
     result = ensure_topics(settings)

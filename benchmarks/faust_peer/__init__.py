@@ -18,6 +18,7 @@ harness can start its clock there, as it does for the wallet processor.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import faust
 
@@ -44,7 +45,9 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
     )
-    raw = dict(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=partitions)
+    # faust's topic() options, of many types: Any lets them through its keyword signature.
+    raw: dict[str, Any] = dict(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                               partitions=partitions)
     commands = app.topic(f"{topic_prefix}{COMMANDS_TOPIC}", **raw)
     outcomes = app.topic(f"{topic_prefix}{OUTCOMES_TOPIC}", **raw)
     # faust's defaults serialise the changelog: key raw (a str key), value JSON (an int).

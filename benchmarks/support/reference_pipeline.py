@@ -25,6 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from confluent_kafka import Producer
@@ -182,7 +183,8 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
             if outcome is not None:
                 log.add(outcome)
             return
-        refused = keyring.verify(command) if type(command) in LEG_COMMANDS else None
+        # The leg commands have no subclasses: isinstance is type() in.
+        refused = keyring.verify(command) if isinstance(command, LEG_COMMANDS) else None
         if refused is not None:
             log.dead_letters.append(DeadLetter(record, refused, partition, len(commands) - 1))
             return
@@ -197,6 +199,7 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
             if type(leg) is CreditLeg and leg.transaction_id in hold_legs_of:
                 log.in_flight.add(leg.transaction_id)
             else:
+                assert isinstance(leg, LEG_COMMANDS)  # the core's follow-ups are saga legs
                 legs.append(keyring.sign(leg))
         if decision.outcome is not None:
             log.add(decision.outcome)
@@ -205,7 +208,7 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
         return Record(owner_account(command).encode(), encode(command), leg=type(command) in LEG_COMMANDS)
 
     for item in client_commands:
-        deliver(item if type(item) is Record else command_record(item))
+        deliver(item if isinstance(item, Record) else command_record(item))  # Record has no subclasses
         while len(legs) > legs_waiting_max:
             deliver(command_record(legs.popleft()))
     while legs:
@@ -213,7 +216,7 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
     return log
 
 
-def _edge(command_class: type, **fields) -> Command:
+def _edge(command_class: type[Any], **fields) -> Command:
     """A client command with the actor and role a trusted local edge gives it (`local_credentials`)."""
     actor, role = local_credentials(command_class, fields[command_class.owner_field])
     return command_class(actor=actor, role=role, **fields)
@@ -313,7 +316,12 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
     keyring = LegKeyring.parse(leg_keys_text(settings))
     for partition, records in enumerate(log.commands):
         for record in records:
-            value = encode(keyring.sign(decode_command(record.value))) if record.leg else record.value
+            if record.leg:
+                leg = decode_command(record.value)
+                assert isinstance(leg, LEG_COMMANDS)  # record.leg marks exactly the saga legs
+                value = encode(keyring.sign(leg))
+            else:
+                value = record.value
             _produce(commands, settings.commands_topic, record.key, value, partition, on_delivery=on_delivery,
                      timestamp_ms=record.timestamp_ms)
     remaining = commands.flush(PUBLISH_TIMEOUT_S)
@@ -322,7 +330,9 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
                            f"{PUBLISH_TIMEOUT_S:.0f} s, {len(failures)} failed ({failures[:1]})")
 
     topics = {EVENTS: settings.events_topic, OUTCOMES: settings.outcomes_topic}
-    writes = [(topics[topic], partition, record.key, record.value, None) for topic, partition, record in log.decided()]
+    # (topic, partition, key, value, headers)
+    writes: list[tuple[str, int, bytes, bytes, list[tuple[str, bytes]] | None]] = [
+        (topics[topic], partition, record.key, record.value, None) for topic, partition, record in log.decided()]
     writes += [(settings.dlq_topic, partition_for(letter.record.key.decode(), log.partition_count), letter.record.key,
                 letter.record.value, [("error", letter.error.encode()),
                                       ("source_topic", settings.commands_topic.encode()),
@@ -336,7 +346,7 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
     transactional.init_transactions(PUBLISH_TIMEOUT_S)
     cuts = sorted({*range(0, len(writes), transaction_records_max),
                    *(() if aborted_transaction_after is None else (aborted_transaction_after,))})
-    for start, end in zip(cuts, [*cuts[1:], len(writes)]):
+    for start, end in zip(cuts, [*cuts[1:], len(writes)], strict=True):  # the same length by construction
         if start == aborted_transaction_after:
             _publish_aborted(transactional, settings, log)
         if start < end:

@@ -77,6 +77,7 @@ def balance_at(settings: Settings, account_id: str, *, at_ms: int | None = None,
             break
         if record_key != key:
             continue  # another account's: not decoded, which keeps a point query fast
+        assert value is not None  # wallet.events has no tombstones (decode_event(None) is a TypeError)
         event = decode_event(value)
         if at_ms is not None and event.ts_ms > at_ms:
             break

@@ -67,6 +67,9 @@ class _Router:
 
     def decide_input(self, value: bytes | None) -> tuple[Command, str]:
         """(command, owning account); raises SchemaError for what the processor dead-letters."""
+        # The commands topic has no tombstones (every producer writes a value); decoding None
+        # would fail with a TypeError all the same.
+        assert value is not None
         command = decode_command(value)
         owner = owner_account(command)
         owner_here = self._owner_partition.get(owner)
@@ -74,7 +77,7 @@ class _Router:
             owner_here = self._owner_partition[owner] = partition_for(owner, self.partition_count)
         if owner_here != self.partition:
             raise SchemaError(f"command for account {owner!r} (partition {owner_here}) on partition {self.partition}")
-        if type(command) in LEG_COMMANDS:
+        if isinstance(command, LEG_COMMANDS):  # the leg commands have no subclasses: as type() in
             refused = self.keyring.verify(command)
             if refused is not None:
                 raise SchemaError(refused)
@@ -100,7 +103,7 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
     router = _Router(partition, partition_count, keyring)
     values, offsets, timestamps = commands.values, commands.offsets, commands.timestamps
     reported = 0
-    undelivered: list[Violation] = []
+    undelivered: list[tuple[int, Violation]] = []  # (command offset, violation)
     for index in range(len(values)):
         if on_progress is not None and index - reported >= PROGRESS_CHUNK_RECORDS:
             on_progress(index - reported)
@@ -112,17 +115,17 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
         except (SchemaError, UndecidableInput) as error:
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
-                undelivered.append(Violation(Kind.NOT_DEAD_LETTERED, f"the processor cannot decide this record "
-                                             f"({error}) and the DLQ has no record of it", commands_topic, partition,
-                                             offset))
+                undelivered.append((offset, Violation(
+                    Kind.NOT_DEAD_LETTERED, f"the processor cannot decide this record "
+                    f"({error}) and the DLQ has no record of it", commands_topic, partition, offset)))
             continue
         if not go_on:
             break
     if on_progress is not None:
         on_progress(len(values) - reported)
     result.events_reproduced += replay.position
-    result.violations += [violation for violation in undelivered
-                          if settled or violation.offset < replay.decided_offset]
+    result.violations += [violation for at, violation in undelivered
+                          if settled or at < replay.decided_offset]
     replay.check_no_extra_event()
 
 
@@ -199,6 +202,7 @@ def _first_difference(decided: list, logged_values: list, position: int):
 
 
 def _decoded_or_none(value: bytes | None):
+    assert value is not None  # the events topic has no tombstones (decode_event(None) is a TypeError)
     try:
         return decode_event(value)
     except SchemaError:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import msgspec
 
@@ -123,8 +123,9 @@ _decode_event = msgspec.json.Decoder(Event).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, TypeError)  # TypeError: a record without a value
 _SUCCESS: Answer = (SUCCESS, None)
 # The answer on wallet.outcomes each kind of event implies for its request (None: none of its own).
-_ANSWER_OF = {AccountOpened: _SUCCESS, Deposited: _SUCCESS, Withdrawn: _SUCCESS, AccountFrozen: _SUCCESS,
-              AccountUnfrozen: _SUCCESS, AccountClosed: _SUCCESS, TransferCredited: _SUCCESS, TransferDebited: None}
+_ANSWER_OF: dict[type, Answer | None] = {
+    AccountOpened: _SUCCESS, Deposited: _SUCCESS, Withdrawn: _SUCCESS, AccountFrozen: _SUCCESS,
+    AccountUnfrozen: _SUCCESS, AccountClosed: _SUCCESS, TransferCredited: _SUCCESS, TransferDebited: None}
 _MONEY_EVENTS = frozenset({Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded})
 _TRANSFER_EVENTS = frozenset({TransferDebited, TransferCredited, TransferRefunded})
 
@@ -179,8 +180,11 @@ class LedgerReplay:
         for log in logs:
             partition, offsets, keys, values = log.partition, log.offsets, log.keys, log.values
             for index in range(len(log)):
+                value = values[index]
+                # wallet.outcomes has no tombstones; decoding None would raise TypeError all the same.
+                assert value is not None
                 try:
-                    outcome = decode_outcome(values[index])
+                    outcome = decode_outcome(value)
                 except SchemaError as error:
                     self._violation(Kind.UNDECODABLE_OUTCOME, str(error), partition, offsets[index],
                                     topic=self.outcomes_topic)
@@ -253,7 +257,8 @@ class LedgerReplay:
         for index in range(start, stop):
             offset = offsets[index]
             try:
-                event = decode(values[index])
+                # A record without a value raises TypeError, caught below as an undecodable event.
+                event = decode(values[index])  # type: ignore[arg-type]
             except decode_errors as error:
                 self._violation(Kind.UNDECODABLE_EVENT, f"not a valid event: {error}", partition, offset)
                 continue
@@ -428,7 +433,7 @@ class LedgerReplay:
     def _fold_by_amount(self, state: State, event) -> None:
         """Applies an event the fold refused, moving the balance by the event's amount, so the
         replay continues from the balance the log's amounts give (never the stated one)."""
-        event_class = type(event)
+        event_class = cast(msgspec.StructMeta, type(event))  # every event is a msgspec Struct
         account = state.accounts.get(event.account_id)
         if account is None:  # an opening the fold refused (say, with a balance): opened empty
             state.accounts[event.account_id] = Account(event.currency, event.kind, ACTIVE, 0, event.seq)
@@ -506,6 +511,7 @@ class LedgerReplay:
         if self._later is None:
             self._later = {}
             for value in self._read_later_events() if self._read_later_events is not None else ():
+                assert value is not None  # wallet.events has no tombstones (decode_event(None) is a TypeError)
                 try:
                     event = decode_event(value)
                 except SchemaError:
@@ -550,6 +556,7 @@ class LedgerReplay:
             transfer = LoggedTransfer(records)
             contribution_minor = check_transfer(key, transfer, self._later_event, self._violation)
             if contribution_minor:
+                assert transfer.currency is not None  # only a debited transfer contributes; its debit has one
                 in_flight_minor[transfer.currency] = in_flight_minor.get(transfer.currency, 0) + contribution_minor
             flying = in_flight_of(key, transfer)
             if flying is None:

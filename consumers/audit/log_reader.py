@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -219,17 +220,22 @@ def _consume_to_end(consumer: Consumer, logs: dict[tuple[str, int], PartitionLog
             if error is not None:
                 if error.code() != partition_eof:
                     raise LogReadError(f"reading {where[0]}[{where[1]}] failed: {error.str()}")
-                logs[where].end_offset = record.offset()
+                eof_offset = record.offset()
+                assert eof_offset is not None  # a partition-EOF event carries the end offset
+                logs[where].end_offset = eof_offset
                 reading.discard(where)
                 consumer.pause([TopicPartition(*where)])
                 continue
             log = logs[where]
             offset = record.offset()
+            assert offset is not None  # a consumed record (not an error event) always has one
             log.offsets.append(offset)
             log.keys.append(record.key())
             log.values.append(record.value())
             if log.headers is not None:
-                log.headers.append(record.headers())
+                # A consumed record's headers are a list of (name, value) or None (the dict form
+                # is only for producing); the wallet's producers write no null header value.
+                log.headers.append(cast("list[tuple[str, bytes]] | None", record.headers()))
             if log.timestamps is not None:
                 log.timestamps.append(record.timestamp()[1])
             log.end_offset = offset + 1

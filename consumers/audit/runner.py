@@ -138,6 +138,8 @@ def _check_determinism(settings: Settings, logs: _Logs, report: AuditReport, wor
                        progress: bool) -> list[Violation]:
     """Re-decides wallet.commands; fills the report's determinism part."""
     started_s = time.monotonic()
+    # Only called when the logs were read with_commands, which reads both.
+    assert logs.commands is not None and logs.dead_letters is not None
     report.determinism = _determinism(logs.commands, logs.events, logs.dead_letters, report.settled, workers,
                                       progress, _leg_keyring(settings))
     report.determinism_s = time.monotonic() - started_s
@@ -177,6 +179,7 @@ def _dead_letter_sources(dead_letters: TopicLog, source_topic: str) -> set[tuple
     """(partition, offset) of every record of `source_topic` that the DLQ holds."""
     sources = set()
     for log in dead_letters.partitions.values():
+        assert log.headers is not None  # the DLQ is read with its headers: they name each source
         for headers in log.headers:
             named = dict(headers or ())
             if named.get("source_topic", b"").decode() == source_topic:

@@ -48,11 +48,11 @@ def settled_cleanly(records: list[TransferRecord]) -> bool:
                 and credit.amount_minor == debit.amount_minor and credit.currency == debit.currency)
     if len(records) == 3:
         by_kind = {record.kind: record for record in records}
-        debit, refusal, refund = by_kind.get(DEBITED), by_kind.get(REFUSED), by_kind.get(REFUNDED)
-        return (debit is not None and refusal is not None and refund is not None
-                and refusal.account_id == debit.counterpart
-                and refund.account_id == debit.account_id and refund.counterpart == debit.counterpart
-                and refund.amount_minor == debit.amount_minor and refund.currency == debit.currency
+        opening, refusal, refund = by_kind.get(DEBITED), by_kind.get(REFUSED), by_kind.get(REFUNDED)
+        return (opening is not None and refusal is not None and refund is not None
+                and refusal.account_id == opening.counterpart
+                and refund.account_id == opening.account_id and refund.counterpart == opening.counterpart
+                and refund.amount_minor == opening.amount_minor and refund.currency == opening.currency
                 and refund.reason == refusal.reason)
     return False
 
@@ -130,6 +130,9 @@ def in_flight_of(key: RequestKey, transfer: LoggedTransfer) -> InFlight | None:
         return None
     refused = transfer.first(REFUSED)
     transaction_id, _ = key
+    # A debit (first or late) sets the accounts and currency together with debited_at.
+    assert transfer.from_account is not None and transfer.to_account is not None
+    assert transfer.currency is not None
     return InFlight(transaction_id, transfer.from_account, transfer.to_account,
                     format_amount(transfer.amount_minor, transfer.currency), transfer.currency,
                     transfer.debited_at, refused.reason if refused else None)
@@ -150,6 +153,7 @@ def check_transfer(key: RequestKey, transfer: LoggedTransfer, later_event: Later
             return 0  # its legs' money came from nowhere: conservation shows it
         # Debited after its partition was read, settled on a partition read later: in this
         # cut the money arrived before it left, which the in-flight sum must offset.
+        assert isinstance(late_debit, TransferDebited)  # later_event returns one of the classes asked for
         transfer.take_late_debit(late_debit)
         contribution_minor = -transfer.amount_minor if settlements else 0
         where = "the debit written after its partition was read"
@@ -193,6 +197,9 @@ def _check_legs_match(transaction_id: str, transfer: LoggedTransfer, where: str,
             if leg.counterpart != expected_counterpart:
                 differences.append(f"counterpart {leg.counterpart!r} instead of {expected_counterpart!r}")
             if (leg.amount_minor, leg.currency) != (transfer.amount_minor, transfer.currency):
+                # Only debited transfers get here (check_transfer), and debits, credits and
+                # refunds all carry a currency; only refusals (skipped above) have none.
+                assert leg.currency is not None and transfer.currency is not None
                 differences.append(f"{format_amount(leg.amount_minor, leg.currency)} {leg.currency} instead of "
                                    f"{format_amount(transfer.amount_minor, transfer.currency)} {transfer.currency}")
         if refunding and refused is not None and leg.reason != refused.reason:

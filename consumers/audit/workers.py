@@ -123,6 +123,7 @@ def _run_forked(task: Callable[[int, Callable[[int], None]], Result], count: int
 
 
 def _run_inherited(index: int):
+    assert _inherited is not None  # set by the parent before it forks the pool
     task, counter = _inherited
 
     def progress(records: int) -> None:

@@ -144,23 +144,29 @@ class ReadModelConsumer:
         batch = Batch()
         events_topic = self._settings.events_topic
         for message in self._consumer.consume(self._batch_size_max, self._batch_wait_s):
-            key = (message.topic(), message.partition())
             error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    batch.offsets_after[key] = max(batch.offsets_after.get(key, 0), message.offset())
-                    continue
+            if error is not None and error.code() != KafkaError._PARTITION_EOF:
                 self._raise_or_log(error)
                 continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            # A record, like a partition-EOF event, names its topic, partition and offset.
+            assert topic is not None and partition is not None and offset is not None
+            key = (topic, partition)
+            if error is not None:  # the end of a partition
+                batch.offsets_after[key] = max(batch.offsets_after.get(key, 0), offset)
+                continue
+            value = message.value()
+            # The processor writes no tombstones; decoding None would raise TypeError all the same.
+            assert value is not None
             try:
-                if key[0] == events_topic:
-                    batch.events.append(decode_event(message.value()))
+                if topic == events_topic:
+                    batch.events.append(decode_event(value))
                 else:
-                    batch.outcomes.append(decode_outcome(message.value()))
+                    batch.outcomes.append(decode_outcome(value))
             except SchemaError as schema_error:
-                raise ReadModelError(f"{key[0]}[{key[1]}] offset {message.offset()}: {schema_error}; "
+                raise ReadModelError(f"{topic}[{partition}] offset {offset}: {schema_error}; "
                                      "the processor never writes such a record, so the log is corrupt") from None
-            batch.offsets_after[key] = message.offset() + 1
+            batch.offsets_after[key] = offset + 1
         for key in [key for key, offset in batch.offsets_after.items() if offset == self._next_offsets[key]]:
             del batch.offsets_after[key]  # an end-of-partition where we already are: nothing to store
         if not batch.offsets_after:

@@ -41,10 +41,13 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = READ_TIMEOUT_S
     """Every committed record of `topic`, from offset 0 to the current end, in partition order
     (read by the audit's reader, which sees exactly what a read_committed processor sees)."""
     log = log_reader.read_topic(settings.bootstrap, topic, with_headers=True, timeout_s=timeout_s)
-    return [LoggedRecord(number, offset, key, value, dict(headers or ()))
-            for number, partition in sorted(log.partitions.items())
-            for offset, key, value, headers in zip(partition.offsets, partition.keys, partition.values,
-                                                   partition.headers, strict=True)]
+    records: list[LoggedRecord] = []
+    for number, partition in sorted(log.partitions.items()):
+        assert partition.headers is not None  # read with_headers
+        records += [LoggedRecord(number, offset, key, value, dict(headers or ()))
+                    for offset, key, value, headers in zip(partition.offsets, partition.keys, partition.values,
+                                                           partition.headers, strict=True)]
+    return records
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
@@ -76,7 +79,9 @@ class OutcomeCollector:
     def poll(self, timeout_s: float = 0.2) -> None:
         for record in self._consumer.consume(10_000, timeout_s):
             if record.error() is None:
-                outcome = self._decode(record.value())
+                value = record.value()
+                assert value is not None  # wallet.outcomes has no tombstones
+                outcome = self._decode(value)
                 self.by_transaction.setdefault(outcome.transaction_id, []).append(outcome)
 
     def wait(self, transaction_id: str, count: int = 1, timeout_s: float = 30.0) -> list:
