@@ -20,7 +20,17 @@ from hypothesis import strategies as st
 
 from schemas.codec import command_digest, decode_command, encode
 from schemas.commands import (
-    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
+    Close,
+    Command,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    RefundLeg,
+    Transfer,
+    Unfreeze,
+    Withdraw,
     owner_account,
 )
 from schemas.events import CommandRejected, TransferDebited

@@ -16,11 +16,11 @@ from confluent_kafka import Producer
 
 from consumers.audit import run_audit
 from schemas.codec import command_digest, decode_outcome
-from tests.support.commands import edge
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.cli import state_dump
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.transactions import TransactionAborted
+from tests.support.commands import edge
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic, wait_for
 from tests.support.processes import ProcessorProcess
 

@@ -7,11 +7,11 @@ import time
 import pytest
 
 from schemas.codec import command_digest, decode_event
-from tests.support.commands import edge
 from schemas.commands import Close, Deposit, Freeze, OpenAccount, PayMerchant, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
 from streams.core.state import State, fold
+from tests.support.commands import edge
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 from tests.support.processes import ProcessorProcess
 
