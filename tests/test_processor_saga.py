@@ -60,8 +60,10 @@ def _open_funded(pipeline, account_id: str, amount: str = "100.00", currency: st
 def _balances(settings) -> dict[str, int]:
     states: dict[int, State] = {}
     for record in read_topic(settings, settings.events_topic):
+        assert record.value is not None  # the wallet writes no tombstones
         fold(states.setdefault(record.partition, State()), decode_event(record.value))
-    return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
+    return {account_id: account.balance_minor
+            for state in states.values() for account_id, account in state.accounts.items()}
 
 
 def _transfer(from_account: str, to_account: str, amount: str, currency: str = "USD", tx: str | None = None):
