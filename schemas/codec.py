@@ -12,7 +12,11 @@ import hashlib
 import msgspec
 
 from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, ACTOR_LENGTH_MAX, CLIENT_COMMANDS, TRANSACTION_ID_LENGTH_MAX, Command,
+    ACCOUNT_ID_LENGTH_MAX,
+    ACTOR_LENGTH_MAX,
+    CLIENT_COMMANDS,
+    TRANSACTION_ID_LENGTH_MAX,
+    Command,
 )
 from schemas.events import Event
 from schemas.outcomes import Outcome
@@ -76,7 +80,8 @@ def readable_request(data: bytes) -> tuple[str, str, str] | None:
         return None
     owner_field = _CLIENT_OWNER_FIELDS.get(value.get("type"))
     transaction_id, owner, actor = value.get("transaction_id"), value.get(owner_field), value.get("actor")
-    if (owner_field is None or type(transaction_id) is not str or not 1 <= len(transaction_id) <= TRANSACTION_ID_LENGTH_MAX
+    if (owner_field is None
+            or type(transaction_id) is not str or not 1 <= len(transaction_id) <= TRANSACTION_ID_LENGTH_MAX
             or type(owner) is not str or not 1 <= len(owner) <= ACCOUNT_ID_LENGTH_MAX):
         return None
     if type(actor) is not str or len(actor) > ACTOR_LENGTH_MAX:

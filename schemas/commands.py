@@ -14,7 +14,7 @@ the core ever sees the leg.
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -64,28 +64,28 @@ class _ClientCommand(_Command, frozen=True):
     role: Role  # the scope under which the edge authorised the command
 
 
-class OpenAccount(_ClientCommand, tag="open_account"):
+class OpenAccount(_ClientCommand, tag="open_account", frozen=True):
     """Any role; the account's owner is the actor."""
     account_id: AccountId
     currency: str
     kind: AccountKind = "user"
 
 
-class Deposit(_ClientCommand, tag="deposit"):
+class Deposit(_ClientCommand, tag="deposit", frozen=True):
     """Money arrives from a bank account outside the ledger (role `bank` only)."""
     account_id: AccountId
     amount: AmountText
     currency: str
 
 
-class Withdraw(_ClientCommand, tag="withdraw"):
+class Withdraw(_ClientCommand, tag="withdraw", frozen=True):
     """Money leaves to a bank account outside the ledger (role `bank`, or the owner)."""
     account_id: AccountId
     amount: AmountText
     currency: str
 
 
-class Transfer(_ClientCommand, tag="transfer"):
+class Transfer(_ClientCommand, tag="transfer", frozen=True):
     """Only the owner of `from_account` may send."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
@@ -94,7 +94,7 @@ class Transfer(_ClientCommand, tag="transfer"):
     currency: str
 
 
-class PayMerchant(_ClientCommand, tag="pay_merchant"):
+class PayMerchant(_ClientCommand, tag="pay_merchant", frozen=True):
     """A transfer whose receiving account must be of kind `merchant`."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
@@ -103,15 +103,15 @@ class PayMerchant(_ClientCommand, tag="pay_merchant"):
     currency: str
 
 
-class Freeze(_ClientCommand, tag="freeze"):
+class Freeze(_ClientCommand, tag="freeze", frozen=True):
     account_id: AccountId
 
 
-class Unfreeze(_ClientCommand, tag="unfreeze"):
+class Unfreeze(_ClientCommand, tag="unfreeze", frozen=True):
     account_id: AccountId
 
 
-class Close(_ClientCommand, tag="close"):
+class Close(_ClientCommand, tag="close", frozen=True):
     account_id: AccountId
 
 
@@ -122,7 +122,7 @@ class _Leg(_Command, frozen=True):
     mac: Annotated[str, msgspec.Meta(max_length=MAC_HEX_LENGTH_MAX)] = ""  # hex HMAC-SHA256/128, see leg_auth
 
 
-class CreditLeg(_Leg, tag="credit_leg", kw_only=True):
+class CreditLeg(_Leg, tag="credit_leg", frozen=True, kw_only=True):
     """Second step of a transfer, keyed by `to_account`; produced only by the processor.
 
     `digest` is the digest of the client's transfer command, so that the final outcome names
@@ -139,7 +139,7 @@ class CreditLeg(_Leg, tag="credit_leg", kw_only=True):
     resend: bool = False
 
 
-class RefundLeg(_Leg, tag="refund_leg", kw_only=True):
+class RefundLeg(_Leg, tag="refund_leg", frozen=True, kw_only=True):
     """Compensation of a transfer the receiving side refused, keyed by `from_account`."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
@@ -153,9 +153,11 @@ class RefundLeg(_Leg, tag="refund_leg", kw_only=True):
     debit_ms: TimestampMs
 
 
-Command = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close, CreditLeg, RefundLeg]
-ClientCommand = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close]
-Leg = Union[CreditLeg, RefundLeg]
+Command = (
+    OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close | CreditLeg | RefundLeg
+)
+ClientCommand = OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close
+Leg = CreditLeg | RefundLeg
 CLIENT_COMMANDS = (OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close)
 LEG_COMMANDS = (CreditLeg, RefundLeg)
 
@@ -183,4 +185,7 @@ def owner_account(command: Command) -> str:
 
 
 def command_type(command: Command) -> str:
-    return command.__struct_config__.tag
+    tag = command.__struct_config__.tag
+    if TYPE_CHECKING:  # every command class is declared with a string tag
+        assert isinstance(tag, str)
+    return tag

@@ -8,7 +8,7 @@ crash, gets the same first answer.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -35,60 +35,63 @@ class _MoneyChange(_Change, frozen=True):
     balance: str
 
 
-class AccountOpened(_Change, tag="account_opened"):
+class AccountOpened(_Change, tag="account_opened", frozen=True):
     owner: str  # the actor that opened it: the only actor that may send from it
     currency: str
     kind: AccountKind
     balance: str
 
 
-class Deposited(_MoneyChange, tag="deposited"):
+class Deposited(_MoneyChange, tag="deposited", frozen=True):
     pass
 
 
-class Withdrawn(_MoneyChange, tag="withdrawn"):
+class Withdrawn(_MoneyChange, tag="withdrawn", frozen=True):
     pass
 
 
-class TransferDebited(_MoneyChange, tag="transfer_debited"):
+class TransferDebited(_MoneyChange, tag="transfer_debited", frozen=True):
     """The sending side of a transfer; the money is in flight until credited or refunded."""
     to_account: str
     merchant_only: bool = False
 
 
-class TransferCredited(_MoneyChange, tag="transfer_credited"):
+class TransferCredited(_MoneyChange, tag="transfer_credited", frozen=True):
     from_account: str
     issued_ms: int  # of the credit leg: a copy of this leg (same issued_ms) never credits again
 
 
-class TransferRefunded(_MoneyChange, tag="transfer_refunded"):
+class TransferRefunded(_MoneyChange, tag="transfer_refunded", frozen=True):
     to_account: str
     reason: str
 
 
-class AccountFrozen(_Change, tag="account_frozen"):
+class AccountFrozen(_Change, tag="account_frozen", frozen=True):
     pass
 
 
-class AccountUnfrozen(_Change, tag="account_unfrozen"):
+class AccountUnfrozen(_Change, tag="account_unfrozen", frozen=True):
     pass
 
 
-class AccountClosed(_Change, tag="account_closed"):
+class AccountClosed(_Change, tag="account_closed", frozen=True):
     pass
 
 
-class CommandRejected(_Event, tag="command_rejected"):
+class CommandRejected(_Event, tag="command_rejected", frozen=True):
     reason: str
     issued_ms: int | None = None  # of the refused credit leg, when a credit leg was refused
 
 
-Event = Union[
-    AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded,
-    AccountFrozen, AccountUnfrozen, AccountClosed, CommandRejected,
-]
+Event = (
+    AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited | TransferRefunded
+    | AccountFrozen | AccountUnfrozen | AccountClosed | CommandRejected
+)
 MONEY_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
 
 
 def event_type(event: Event) -> str:
-    return event.__struct_config__.tag
+    tag = event.__struct_config__.tag
+    if TYPE_CHECKING:  # every event class is declared with a string tag
+        assert isinstance(tag, str)
+    return tag

@@ -41,7 +41,7 @@ class LegKeyring:
         self.signing_kid = signing_kid
 
     @classmethod
-    def parse(cls, text: str) -> "LegKeyring":
+    def parse(cls, text: str) -> LegKeyring:
         keys: dict[str, bytes] = {}
         first = None
         for part in text.strip().split(","):

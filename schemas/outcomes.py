@@ -11,7 +11,7 @@ digest, which is how a reader tells it apart from the first request's answer.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import msgspec
 
@@ -20,13 +20,14 @@ from schemas.commands import SCHEMA_VERSION
 OutcomeStatus = Literal["success", "failure"]
 
 
-class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="outcome", tag_field="type", gc=False):
+class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="outcome", tag_field="type",
+              gc=False):
     v: int = SCHEMA_VERSION
     transaction_id: str
     account_id: str  # the account that owns the request
     actor: str  # who asked ("" when a dead-lettered record did not say)
     status: OutcomeStatus
-    reason: Optional[str] = None
+    reason: str | None = None
     digest: str
 
 

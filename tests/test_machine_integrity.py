@@ -11,17 +11,29 @@ import msgspec
 import pytest
 
 from schemas.codec import SchemaError, decode_command, encode
-from schemas.commands import CreditLeg, RefundLeg
-from schemas.events import CommandRejected, TransferCredited
+from schemas.commands import CreditLeg, RefundLeg, Role
+from schemas.events import AccountOpened, CommandRejected, Deposited, TransferCredited
 from schemas.leg_auth import LegKeyError, LegKeyring
 from schemas.outcomes import Reason
 from streams.core.errors import UndecidableInput
-from streams.core.machine import apply as core_apply
 from streams.core.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, format_amount
 from streams.core.state import IDEMPOTENCY_WINDOW_MS, LEG_AGE_MAX_MS, State, fold
 from tests.test_machine_rules import (
-    TS_MS, apply, assert_rejected, balance, close, debit_in_transit, deposit, freeze, ledger, open_account, snapshot,
-    succeed, transfer, unfreeze, withdraw,
+    TS_MS,
+    apply,
+    assert_rejected,
+    balance,
+    close,
+    debit_in_transit,
+    deposit,
+    freeze,
+    ledger,
+    open_account,
+    snapshot,
+    succeed,
+    transfer,
+    unfreeze,
+    withdraw,
 )
 
 
@@ -30,10 +42,11 @@ def refused_transfer(amount: str = "4.00") -> tuple[State, CreditLeg, RefundLeg]
     state = succeed(ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", "")), freeze("bob"))
     leg = debit_in_transit(state, transfer("alice", "bob", amount, tx="t-1"))
     [refund] = apply(state, leg).follow_ups
+    assert isinstance(refund, RefundLeg)
     return state, leg, refund
 
 
-# --- legs are validated fully before the core decides them ----------------------------------------------------------
+# --- legs are validated fully before the core decides them ------------------------------------------------------------
 
 @pytest.mark.parametrize("amount", ["-5.00", "0.00", "-0.00", "-.50", "00005.00", "5.0", "5", "1e3", ""])
 @pytest.mark.parametrize("leg_type", ["credit", "refund"])
@@ -86,7 +99,8 @@ def test_a_refund_leg_that_does_not_match_the_pending_debit_is_undecidable(chang
     with pytest.raises(UndecidableInput):
         apply(state, msgspec.structs.replace(refund, **change))
     assert snapshot(state) == before
-    assert apply(state, refund).outcome.status == "failure"  # the genuine refund still applies
+    outcome = apply(state, refund).outcome
+    assert outcome is not None and outcome.status == "failure"  # the genuine refund still applies
     assert balance(state, "alice") == 1000
 
 
@@ -125,9 +139,11 @@ def test_a_credit_leg_older_than_half_the_window_is_refunded_as_leg_expired() ->
     leg = debit_in_transit(state, transfer("alice", "bob", "4.00"))
     decision = apply(state, leg, TS_MS + LEG_AGE_MAX_MS + 1)
     [event] = decision.events
+    assert isinstance(event, CommandRejected)
     assert (type(event), event.reason) == (CommandRejected, Reason.LEG_EXPIRED)
     [refund] = decision.follow_ups
-    assert apply(state, refund, TS_MS + LEG_AGE_MAX_MS + 2).outcome.reason == Reason.LEG_EXPIRED
+    outcome = apply(state, refund, TS_MS + LEG_AGE_MAX_MS + 2).outcome
+    assert outcome is not None and outcome.reason == Reason.LEG_EXPIRED
     assert (balance(state, "alice"), balance(state, "bob")) == (1000, 0)
 
 
@@ -142,6 +158,7 @@ def test_a_later_debit_of_a_request_whose_first_leg_expired_is_decided_afresh_no
     retry_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + 2 * 60_000
     [second_leg] = apply(sender, command, retry_ms).follow_ups
     [refund] = apply(receiver, first_leg, retry_ms).follow_ups
+    assert isinstance(refund, RefundLeg)
     assert refund.reason == Reason.LEG_EXPIRED
     [event] = apply(receiver, second_leg, retry_ms).events
     assert type(event) is TransferCredited
@@ -174,12 +191,13 @@ def test_a_credit_leg_in_another_currency_than_the_receiver_is_refunded() -> Non
     state = ledger(("alice", "USD", "user", "10.00"), ("bob", "EUR", "user", ""))
     leg = debit_in_transit(state, transfer("alice", "bob", "4.00"))
     [refund] = apply(state, leg).follow_ups
+    assert isinstance(refund, RefundLeg)
     assert refund.reason == Reason.CURRENCY_MISMATCH
     apply(state, refund)
     assert (balance(state, "alice"), balance(state, "bob")) == (1000, 0)
 
 
-# --- the balance cap -------------------------------------------------------------------------------------------------
+# --- the balance cap --------------------------------------------------------------------------------------------------
 
 def test_the_balance_cap_counts_money_in_flight_so_a_refund_can_never_pass_it() -> None:
     # A refund cannot be refused (the money is the sender's), so the cap applies to balance +
@@ -198,10 +216,12 @@ def test_the_balance_cap_counts_money_in_flight_so_a_refund_can_never_pass_it() 
 
 def test_fold_refuses_an_event_that_would_pass_the_cap() -> None:
     state = ledger(("alice", "USD", "user", ""))
-    events = []
+    events: list[Deposited] = []
     largest = format_amount(AMOUNT_MINOR_MAX, "USD")
     for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
-        events += apply(state, deposit("alice", largest)).events
+        [deposited] = apply(state, deposit("alice", largest)).events
+        assert isinstance(deposited, Deposited)
+        events.append(deposited)
     rebuilt = ledger(("alice", "USD", "user", ""))
     for event in events:
         fold(rebuilt, event)
@@ -211,7 +231,7 @@ def test_fold_refuses_an_event_that_would_pass_the_cap() -> None:
                                               balance=format_amount(BALANCE_MINOR_MAX + 1, "USD")))
 
 
-# --- the clock ---------------------------------------------------------------------------------------------------------
+# --- the clock --------------------------------------------------------------------------------------------------------
 
 def test_the_core_clock_never_runs_backwards() -> None:
     state = ledger(("alice", "USD", "user", ""))
@@ -231,21 +251,22 @@ def test_a_retry_is_remembered_for_the_window_of_record_time_whatever_the_client
     command = deposit("alice", "5.00", tx="dep-1")
     apply(state, command, TS_MS)
     retry = apply(state, command, TS_MS + IDEMPOTENCY_WINDOW_MS - 1)
-    assert retry.events == [] and retry.outcome.status == "success"
+    assert retry.events == [] and retry.outcome is not None and retry.outcome.status == "success"
     assert balance(state, "alice") == 500
 
 
-# --- who may move whose money ------------------------------------------------------------------------------------------
+# --- who may move whose money -----------------------------------------------------------------------------------------
 
 def test_opening_an_account_records_the_actor_as_its_owner() -> None:
     state = State()
     [event] = apply(state, open_account("acct-1", actor="alice")).events
+    assert isinstance(event, AccountOpened)
     assert (event.owner, event.actor, state.accounts["acct-1"].owner) == ("alice", "alice", "alice")
 
 
 @pytest.mark.parametrize(("actor", "role", "allowed"), [
     ("bank", "bank", True), ("alice", "user", False), ("alice", "operator", False), ("mallory", "user", False)])
-def test_only_the_bank_deposits(actor: str, role: str, allowed: bool) -> None:
+def test_only_the_bank_deposits(actor: str, role: Role, allowed: bool) -> None:
     state = ledger(("alice", "USD", "user", ""))
     command = deposit("alice", "1.00", actor=actor, role=role)
     if allowed:
@@ -257,7 +278,7 @@ def test_only_the_bank_deposits(actor: str, role: str, allowed: bool) -> None:
 
 @pytest.mark.parametrize(("actor", "role", "allowed"), [
     ("bank", "bank", True), ("alice", "user", True), ("mallory", "user", False), ("mallory", "operator", False)])
-def test_withdraw_is_for_the_bank_or_the_owner(actor: str, role: str, allowed: bool) -> None:
+def test_withdraw_is_for_the_bank_or_the_owner(actor: str, role: Role, allowed: bool) -> None:
     state = ledger(("alice", "USD", "user", "10.00"))
     command = withdraw("alice", "1.00", actor=actor, role=role)
     if allowed:
@@ -269,13 +290,13 @@ def test_withdraw_is_for_the_bank_or_the_owner(actor: str, role: str, allowed: b
 
 @pytest.mark.parametrize("merchant", [False, True])
 @pytest.mark.parametrize("role", ["user", "bank", "operator"])
-def test_only_the_owner_sends_from_an_account_and_the_refusal_names_the_actor(role: str, merchant: bool) -> None:
+def test_only_the_owner_sends_from_an_account_and_the_refusal_names_the_actor(role: Role, merchant: bool) -> None:
     state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "merchant", ""))
     command = transfer("alice", "bob", "1.00", actor="mallory", role=role, merchant=merchant)
     decision = apply(state, command)
     assert_rejected(decision, command, Reason.NOT_AUTHORIZED)
     assert decision.events[0].actor == "mallory"
-    assert decision.outcome.actor == "mallory"
+    assert decision.outcome is not None and decision.outcome.actor == "mallory"
     assert balance(state, "alice") == 1000
 
 
@@ -302,7 +323,7 @@ def test_a_retry_under_another_actor_is_a_conflict_not_the_same_request() -> Non
     assert_rejected(apply(state, other), other, Reason.DUPLICATE_CONFLICT)
 
 
-# --- leg authentication ------------------------------------------------------------------------------------------------
+# --- leg authentication -----------------------------------------------------------------------------------------------
 
 KEYS = "k2:" + "22" * 32 + ",k1:" + "11" * 32
 
@@ -316,7 +337,9 @@ def test_a_signed_leg_verifies_and_survives_the_wire() -> None:
     keyring = LegKeyring.parse(KEYS)
     signed = keyring.sign(a_leg())
     assert (signed.kid, len(signed.mac)) == ("k2", 32)
-    assert keyring.verify(decode_command(encode(signed))) is None
+    decoded = decode_command(encode(signed))
+    assert isinstance(decoded, CreditLeg)
+    assert keyring.verify(decoded) is None
     assert keyring.sign(a_leg()) == signed  # deterministic: a replay re-signs byte for byte
 
 

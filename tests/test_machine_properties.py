@@ -20,7 +20,18 @@ from hypothesis import strategies as st
 
 from schemas.codec import command_digest, decode_command, encode
 from schemas.commands import (
-    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
+    AccountKind,
+    Close,
+    Command,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    RefundLeg,
+    Transfer,
+    Unfreeze,
+    Withdraw,
     owner_account,
 )
 from schemas.events import CommandRejected, TransferDebited
@@ -32,7 +43,7 @@ from tests.support.saga_driver import SagaDriver
 PARTITION_COUNT = 3
 # account -> (currency, kind); with 3 partitions every currency has accounts on two partitions
 # and USD also two accounts on one, so transfers take both the cross- and same-partition path.
-ACCOUNTS = {
+ACCOUNTS: dict[str, tuple[str, AccountKind]] = {
     "a0": ("USD", "user"), "a1": ("USD", "merchant"), "a5": ("USD", "user"),
     "a2": ("JPY", "user"), "a6": ("JPY", "merchant"),
     "a3": ("BHD", "merchant"), "a4": ("BHD", "user"),
@@ -100,7 +111,8 @@ def credentials_of(kind: str, account_id: str, how: str) -> dict[str, str]:
 
 
 def client_command(spec: tuple) -> Command:
-    kind, account_id, (counterparty_kind, counterparty), (amount_kind, amount_value), currency_override, tx_id, how = spec
+    (kind, account_id, (counterparty_kind, counterparty), (amount_kind, amount_value), currency_override, tx_id,
+     how) = spec
     planned_currency, planned_kind = ACCOUNTS.get(account_id, ("USD", "user"))
     if counterparty_kind == "peer":
         peers = [peer for peer, (currency, _) in ACCOUNTS.items()
@@ -121,7 +133,9 @@ def client_command(spec: tuple) -> Command:
         return (Transfer if kind == "transfer" else PayMerchant)(**common, from_account=account_id,
                                                                  to_account=other_account, amount=amount,
                                                                  currency=currency)
-    return {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[kind](**common, account_id=account_id)
+    status_classes: dict[str, type[Freeze | Unfreeze | Close]] = {"freeze": Freeze, "unfreeze": Unfreeze,
+                                                                  "close": Close}
+    return status_classes[kind](**common, account_id=account_id)
 
 
 def with_another_payload(command: Command) -> Command:
@@ -130,7 +144,8 @@ def with_another_payload(command: Command) -> Command:
         return msgspec.structs.replace(command, amount="2" if command.amount == "1" else "1")
     if isinstance(command, OpenAccount):
         return msgspec.structs.replace(command, kind="merchant" if command.kind == "user" else "user")
-    other = {Freeze: Unfreeze, Unfreeze: Close, Close: Freeze}[type(command)]
+    others: dict[type, type[Freeze | Unfreeze | Close]] = {Freeze: Unfreeze, Unfreeze: Close, Close: Freeze}
+    other = others[type(command)]
     return other(transaction_id=command.transaction_id, actor=command.actor, role=command.role,
                  account_id=command.account_id)
 
@@ -188,9 +203,10 @@ class History:
             return
         sender, receiver = ACCOUNT_IDS[choice % len(ACCOUNT_IDS)], ACCOUNT_IDS[(choice // 7) % len(ACCOUNT_IDS)]
         currency = ACCOUNTS.get(receiver, ("USD", "user"))[0]
-        fields = dict(transaction_id=f"forged-{self.injected}", actor=sender, issued_ms=driver.clock_ms,
-                      from_account=sender, to_account=receiver, amount=format_amount(amount_minor, currency),
-                      currency=currency, digest=f"forged-{choice}")
+        fields: dict[str, Any] = dict(transaction_id=f"forged-{self.injected}", actor=sender, issued_ms=driver.clock_ms,
+                                      from_account=sender, to_account=receiver,
+                                      amount=format_amount(amount_minor, currency), currency=currency,
+                                      digest=f"forged-{choice}")
         leg: CreditLeg | RefundLeg = CreditLeg(**fields) if choice % 2 else RefundLeg(
             **fields, reason="account_frozen", debit_ms=driver.clock_ms)
         if kind == "unsigned":
@@ -202,6 +218,7 @@ class History:
             # validation stands between it and the ledger.
             owner, value = driver.leg_records[choice % len(driver.leg_records)]
             genuine = decode_command(value)
+            assert isinstance(genuine, (CreditLeg, RefundLeg))  # leg_records holds the legs emitted
             if kind == "malformed":
                 altered = msgspec.structs.replace(genuine, amount=malformed_amount)
             else:
@@ -297,7 +314,8 @@ def test_forged_replayed_and_malformed_legs_create_double_or_lose_no_money(progr
 # Regressions found by the window property below, cut down by hand: on the first core (commit
 # 42c12a7) both left money in flight for good. Unit versions are in test_machine_rules.
 PAST_WINDOW_MS = IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
-TRANSFER_A0_TO_A1 = ("send", ("transfer", "a0", ("peer", 0), ("minor", 1), None, 0, "proper"))  # a0 on partition 0, a1 on 2
+# a0 on partition 0, a1 on 2
+TRANSFER_A0_TO_A1 = ("send", ("transfer", "a0", ("peer", 0), ("minor", 1), None, 0, "proper"))
 DEPOSIT_A0 = ("send", ("deposit", "a0", ("peer", 0), ("minor", 1), None, 1, "proper"))
 FREEZE_A1 = ("send", ("freeze", "a1", ("peer", 0), ("minor", 1), None, 2, "proper"))
 DEPOSIT_A1 = ("send", ("deposit", "a1", ("peer", 0), ("minor", 1), None, 3, "proper"))

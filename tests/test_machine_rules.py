@@ -7,26 +7,55 @@ states, one per partition, as the processor does.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import pytest
 
 from schemas.codec import command_digest, decode_command, encode
 from schemas.commands import (
-    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
+    AccountKind,
+    Close,
+    Command,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    RefundLeg,
+    Role,
+    Transfer,
+    Unfreeze,
+    Withdraw,
     owner_account,
 )
 from schemas.events import (
-    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, TransferCredited,
-    TransferDebited, TransferRefunded, Withdrawn,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
 )
 from schemas.outcomes import Outcome, Reason
 from streams.core.errors import UndecidableInput
-from streams.core.machine import Decision, apply as core_apply
+from streams.core.machine import Decision
+from streams.core.machine import apply as core_apply
 from streams.core.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, format_amount
 from streams.core.state import (
-    ACTIVE, CLOSED, FROZEN, IDEMPOTENCY_EVICT_STEP_MS, IDEMPOTENCY_WINDOW_MS, Account, CorruptLog, State, fold,
+    ACTIVE,
+    CLOSED,
+    FROZEN,
+    IDEMPOTENCY_EVICT_STEP_MS,
+    IDEMPOTENCY_WINDOW_MS,
+    Account,
+    CorruptLog,
+    State,
+    fold,
 )
 
 TS_MS = 1_700_000_000_000  # the record time of these tests' commands unless a test says otherwise
@@ -38,40 +67,40 @@ def new_tx() -> str:
     return f"tx-{next(_tx_numbers)}"
 
 
-def open_account(account_id: str, currency: str = "USD", kind: str = "user", *, tx: str | None = None,
+def open_account(account_id: str, currency: str = "USD", kind: AccountKind = "user", *, tx: str | None = None,
                  actor: str | None = None) -> OpenAccount:
     return OpenAccount(transaction_id=tx or new_tx(), actor=actor or account_id, role="user", account_id=account_id,
                        currency=currency, kind=kind)
 
 
 def deposit(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None, actor: str = BANK,
-            role: str = "bank") -> Deposit:
+            role: Role = "bank") -> Deposit:
     return Deposit(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount,
                    currency=currency)
 
 
 def withdraw(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None, actor: str = BANK,
-             role: str = "bank") -> Withdraw:
+             role: Role = "bank") -> Withdraw:
     return Withdraw(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount,
                     currency=currency)
 
 
 def transfer(from_account: str, to_account: str, amount: str, currency: str = "USD", *, tx: str | None = None,
-             merchant: bool = False, actor: str | None = None, role: str = "user") -> Transfer | PayMerchant:
+             merchant: bool = False, actor: str | None = None, role: Role = "user") -> Transfer | PayMerchant:
     kind = PayMerchant if merchant else Transfer
     return kind(transaction_id=tx or new_tx(), actor=actor or from_account, role=role, from_account=from_account,
                 to_account=to_account, amount=amount, currency=currency)
 
 
-def freeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: str = "operator") -> Freeze:
+def freeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: Role = "operator") -> Freeze:
     return Freeze(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def unfreeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: str = "operator") -> Unfreeze:
+def unfreeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: Role = "operator") -> Unfreeze:
     return Unfreeze(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def close(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: str = "operator") -> Close:
+def close(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: Role = "operator") -> Close:
     return Close(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
@@ -88,7 +117,7 @@ def succeed(state: State, *commands: Command, at_ms: int = TS_MS) -> State:
     return state
 
 
-def ledger(*accounts: tuple[str, str, str, str]) -> State:
+def ledger(*accounts: tuple[str, str, AccountKind, str]) -> State:
     """One partition holding (account, currency, kind, opening deposit or '') accounts."""
     state = State()
     for account_id, currency, kind, amount in accounts:
@@ -150,7 +179,7 @@ def test_open_account_starts_active_at_zero_with_sequence_one() -> None:
     assert decision.events == [AccountOpened(account_id="alice", transaction_id=command.transaction_id, ts_ms=TS_MS,
                                              command="open_account", digest=command_digest(command), actor="alice",
                                              seq=1, owner="alice", currency="BHD", kind="merchant", balance="0.000")]
-    assert decision.outcome.status == "success"
+    assert decision.outcome is not None and decision.outcome.status == "success"
     assert state.accounts["alice"] == Account("BHD", "merchant", ACTIVE, 0, 1, "alice")
 
 
@@ -193,8 +222,9 @@ def test_withdraw_takes_from_the_balance() -> None:
     state = ledger(("alice", "USD", "user", "5.00"))
     decision = apply(state, withdraw("alice", "5"))
     [event] = decision.events
+    assert isinstance(event, Withdrawn)
     assert (type(event), event.amount, event.balance, event.seq) == (Withdrawn, "5.00", "0.00", 3)
-    assert decision.outcome.status == "success"
+    assert decision.outcome is not None and decision.outcome.status == "success"
     assert balance(state, "alice") == 0
 
 
@@ -285,9 +315,11 @@ def test_money_command_with_an_unacceptable_amount_is_invalid_amount(kind: str, 
 def test_yen_has_no_minor_unit_and_dinar_has_three() -> None:
     state = ledger(("yen", "JPY", "user", ""), ("yen2", "JPY", "user", ""), ("dinar", "BHD", "user", ""))
     [yen_event] = apply(state, deposit("yen", "1000", "JPY")).events
+    assert isinstance(yen_event, Deposited)
     assert (yen_event.amount, yen_event.balance) == ("1000", "1000")
     assert balance(state, "yen") == 1000
     [dinar_event] = apply(state, deposit("dinar", "1.5", "BHD")).events
+    assert isinstance(dinar_event, Deposited)
     assert (dinar_event.amount, dinar_event.balance) == ("1.500", "1.500")
     assert balance(state, "dinar") == 1500
     for too_precise in (deposit("yen", "1.5", "JPY"), deposit("dinar", "0.0001", "BHD")):
@@ -305,8 +337,8 @@ def test_transfer_debits_the_sender_then_credits_the_receiver_and_answers_succes
     digest = command_digest(command)
     debit = apply(state, command)
     assert debit.events == [TransferDebited(account_id="alice", transaction_id="t-1", ts_ms=TS_MS, command="transfer",
-                                            digest=digest, actor="alice", seq=3, amount="2.50", currency="USD", balance="7.50",
-                                            to_account="bob", merchant_only=False)]
+                                            digest=digest, actor="alice", seq=3, amount="2.50", currency="USD",
+                                            balance="7.50", to_account="bob", merchant_only=False)]
     assert debit.follow_ups == [CreditLeg(transaction_id="t-1", actor="alice", issued_ms=TS_MS, from_account="alice",
                                           to_account="bob",
                                           amount="2.50", currency="USD", digest=digest, merchant_only=False,
@@ -314,8 +346,8 @@ def test_transfer_debits_the_sender_then_credits_the_receiver_and_answers_succes
     assert debit.outcome is None  # not final while the money is in flight
     credit = apply(state, debit.follow_ups[0])
     assert credit.events == [TransferCredited(account_id="bob", transaction_id="t-1", ts_ms=TS_MS, command="credit_leg",
-                                              digest=digest, actor="alice", seq=3, amount="2.50", currency="USD", balance="3.50",
-                                              from_account="alice", issued_ms=TS_MS)]
+                                              digest=digest, actor="alice", seq=3, amount="2.50", currency="USD",
+                                              balance="3.50", from_account="alice", issued_ms=TS_MS)]
     assert credit.follow_ups == []
     assert credit.outcome == Outcome(transaction_id="t-1", account_id="alice", actor="alice", status="success",
                                      reason=None, digest=digest)
@@ -327,7 +359,7 @@ def test_transfer_across_two_partitions_takes_the_same_two_legs() -> None:
     debit = apply(sender, transfer("alice", "bob", "4.00"))
     [leg] = debit.follow_ups
     credit = apply(receiver, decode_wire(leg))
-    assert credit.outcome.status == "success"
+    assert credit.outcome is not None and credit.outcome.status == "success"
     assert (balance(sender, "alice"), balance(receiver, "bob")) == (600, 400)
     assert "bob" not in sender.accounts and "alice" not in receiver.accounts
 
@@ -347,7 +379,7 @@ def test_transfer_of_more_than_the_balance_is_insufficient_funds_and_sends_no_le
 
 
 # reason -> the commands that leave bob unable to receive USD for that reason
-RECEIVER_SETUPS = {
+RECEIVER_SETUPS: dict[str, Callable[[], list[Command]]] = {
     Reason.ACCOUNT_NOT_FOUND: lambda: [],
     Reason.ACCOUNT_FROZEN: lambda: [open_account("bob"), freeze("bob")],
     Reason.ACCOUNT_CLOSED: lambda: [open_account("bob"), close("bob")],
@@ -366,6 +398,7 @@ def test_transfer_the_receiver_cannot_take_is_refunded_and_fails_with_its_reason
                                                  from_account="alice", to_account="bob", amount="3.00",
                                                  currency="USD", digest=command_digest(command), reason=reason,
                                                  debit_ms=TS_MS)]
+    assert isinstance(events[1], CommandRejected) and isinstance(events[2], TransferRefunded)
     assert (events[1].account_id, events[1].command, events[1].reason) == ("bob", "credit_leg", reason)
     assert (events[2].account_id, events[2].reason, events[2].balance) == ("alice", reason, "10.00")
     assert outcomes_of(decisions) == [Outcome(transaction_id=command.transaction_id, account_id="alice", actor="alice",
@@ -402,6 +435,7 @@ def test_credit_that_would_pass_the_receiver_balance_limit_is_refunded() -> None
 def debit_in_transit(state: State, command: Command) -> CreditLeg:
     """Debits `command` and returns its credit leg, not yet delivered."""
     [leg] = apply(state, command).follow_ups
+    assert isinstance(leg, CreditLeg)
     return leg
 
 
@@ -459,7 +493,7 @@ def test_retry_after_failure_returns_the_first_failure_even_when_it_would_now_su
     state = ledger(("alice", "USD", "user", "1.00"))
     command = withdraw("alice", "5.00", tx="wd-1")
     first = apply(state, command)
-    assert first.outcome.reason == Reason.INSUFFICIENT_FUNDS
+    assert first.outcome is not None and first.outcome.reason == Reason.INSUFFICIENT_FUNDS
     succeed(state, deposit("alice", "100.00"))
     retry = apply(state, command, TS_MS + 1000)
     assert (retry.events, retry.follow_ups) == ([], [])
@@ -574,7 +608,7 @@ def test_retry_after_the_idempotency_window_of_the_partition_clock_is_a_new_requ
 
 
 def test_identical_input_gives_byte_identical_events_and_outcomes() -> None:
-    script = [open_account("alice", tx="o1"), open_account("bob", "USD", "merchant", tx="o2"),
+    script: list[Command] = [open_account("alice", tx="o1"), open_account("bob", "USD", "merchant", tx="o2"),
               deposit("alice", "10.00", tx="d1"), transfer("alice", "bob", "2.50", tx="t1", merchant=True),
               transfer("alice", "nobody", "1.00", tx="t2"), withdraw("alice", "100", tx="w1"), freeze("bob", tx="f1"),
               transfer("alice", "bob", "1.00", tx="t3"), deposit("alice", "1.00", tx="d1")]
@@ -610,7 +644,8 @@ def test_identical_input_gives_byte_identical_events_and_outcomes() -> None:
         "unfreeze_closed", "close_closed", "close_with_money"])
 def test_status_change_refusals(setup: list[str], make_command, reason: str) -> None:
     state = State()
-    steps = {"open": [], "freeze": [freeze("alice")], "close": [close("alice")], "deposit": [deposit("alice", "0.01")]}
+    steps: dict[str, list[Command]] = {"open": [], "freeze": [freeze("alice")], "close": [close("alice")],
+                                       "deposit": [deposit("alice", "0.01")]}
     if setup:
         succeed(state, open_account("alice"), *steps[setup[0]])
     before = snapshot(state)[0]
@@ -621,10 +656,12 @@ def test_status_change_refusals(setup: list[str], make_command, reason: str) -> 
 
 def test_freeze_unfreeze_and_close_change_status_with_the_next_sequence_number() -> None:
     state = ledger(("alice", "USD", "user", ""))
-    expected = [(freeze, AccountFrozen, FROZEN, 2), (unfreeze, AccountUnfrozen, ACTIVE, 3),
-                (freeze, AccountFrozen, FROZEN, 4), (close, AccountClosed, CLOSED, 5)]
+    expected: list[tuple[Callable[[str], Command], type, str, int]] = [
+        (freeze, AccountFrozen, FROZEN, 2), (unfreeze, AccountUnfrozen, ACTIVE, 3),
+        (freeze, AccountFrozen, FROZEN, 4), (close, AccountClosed, CLOSED, 5)]
     for make_command, event_class, status, seq in expected:
         [event] = apply(state, make_command("alice")).events
+        assert isinstance(event, (AccountFrozen, AccountUnfrozen, AccountClosed))
         assert (type(event), event.seq) == (event_class, seq)
         assert state.accounts["alice"].status == status
 
@@ -647,7 +684,7 @@ def test_a_refusal_is_a_decision_event_without_a_sequence_number() -> None:
 def test_folding_the_events_rebuilds_exactly_the_live_state_and_its_memory() -> None:
     live = State()
     events = []
-    script = [open_account("alice"), open_account("bob", kind="merchant"), deposit("alice", "10.00"),
+    script: list[Command] = [open_account("alice"), open_account("bob", kind="merchant"), deposit("alice", "10.00"),
               transfer("alice", "bob", "2.00", merchant=True), transfer("alice", "ghost", "1.00"),
               withdraw("alice", "50.00"), freeze("bob"), transfer("alice", "bob", "1.00"), deposit("bob", "1.00")]
     for command in script:
@@ -750,7 +787,8 @@ def test_a_transfer_retried_after_the_sender_forgot_it_is_credited_again_not_str
     receiver = ledger(("bob", "USD", "user", ""))
     command = transfer("alice", "bob", "1.00", tx="t-1")
     [leg] = apply(sender, command, TS_MS + 1).follow_ups
-    assert apply(receiver, leg, TS_MS + 1).outcome.status == "success"
+    outcome = apply(receiver, leg, TS_MS + 1).outcome
+    assert outcome is not None and outcome.status == "success"
     later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
     succeed(sender, deposit("alice", "1.00"), at_ms=later_ms)
     [second_leg] = apply(sender, command, later_ms + 1).follow_ups
@@ -779,5 +817,6 @@ def test_a_refund_of_a_debit_the_sender_has_forgotten_is_undecidable_and_changes
     assert snapshot(sender) == before
     [second_leg] = apply(sender, command, later_ms + 1).follow_ups
     [second_refund] = apply(receiver, second_leg, later_ms + 1).follow_ups
-    assert apply(sender, second_refund, later_ms + 2).outcome.status == "failure"
+    outcome = apply(sender, second_refund, later_ms + 2).outcome
+    assert outcome is not None and outcome.status == "failure"
     assert balance(sender, "alice") == 1000  # the second debit is given back; the first is with the operators

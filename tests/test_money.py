@@ -5,7 +5,12 @@ import pytest
 
 from schemas.outcomes import Reason
 from streams.core.money import (
-    AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, AmountError, canonical_balance_minor, canonical_minor, format_amount,
+    AMOUNT_MINOR_MAX,
+    BALANCE_MINOR_MAX,
+    AmountError,
+    canonical_balance_minor,
+    canonical_minor,
+    format_amount,
     parse_amount_minor,
 )
 
@@ -120,7 +125,7 @@ def test_canonical_reading_refuses_what_the_core_never_writes(text: str, currenc
 def test_canonical_amounts_are_positive_without_sign_or_leading_zero(text: str, currency: str) -> None:
     # A saga leg of "-5.00" once took money from its receiver; "0.00" and "00005.00" were read too.
     with pytest.raises(ValueError):
-        canonical_minor(text, currency)  # type: ignore[arg-type]
+        canonical_minor(text, currency)
 
 
 def test_canonical_balances_may_be_zero_but_never_negative_or_above_the_cap() -> None:

@@ -7,11 +7,11 @@ import time
 import pytest
 
 from schemas.codec import command_digest, decode_event
-from tests.support.commands import edge
 from schemas.commands import Close, Deposit, Freeze, OpenAccount, PayMerchant, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
 from streams.core.state import State, fold
+from tests.support.commands import edge
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 from tests.support.processes import ProcessorProcess
 
@@ -60,8 +60,10 @@ def _open_funded(pipeline, account_id: str, amount: str = "100.00", currency: st
 def _balances(settings) -> dict[str, int]:
     states: dict[int, State] = {}
     for record in read_topic(settings, settings.events_topic):
+        assert record.value is not None  # the wallet writes no tombstones
         fold(states.setdefault(record.partition, State()), decode_event(record.value))
-    return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
+    return {account_id: account.balance_minor
+            for state in states.values() for account_id, account in state.accounts.items()}
 
 
 def _transfer(from_account: str, to_account: str, amount: str, currency: str = "USD", tx: str | None = None):

@@ -32,7 +32,7 @@ def test_snapshot_written_in_several_flushes_restores_accounts_memory_and_clock_
                for n in "ab"]
     funding = [(1, Deposit(transaction_id="fund", actor="bank", role="bank", account_id="a", amount="100.00",
                            currency="USD"))]
-    for flush, commands in enumerate([opening + funding] + [
+    for _flush, commands in enumerate([opening + funding] + [
         [(flush * 10 * MINUTE_MS + i, Transfer(transaction_id=f"t{flush}-{i}", actor="a", role="user",
                                                from_account="a", to_account="b", amount="0.01", currency="USD"))
          for i in range(50)] for flush in range(1, 6)

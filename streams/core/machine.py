@@ -32,31 +32,75 @@ The balance cap holds for balance + the account's pending debits, so a refund ne
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from schemas.codec import command_digest, readable_request
 from schemas.commands import (
-    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
-    command_type, owner_account,
+    ClientCommand,
+    Close,
+    Command,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    Leg,
+    OpenAccount,
+    PayMerchant,
+    RefundLeg,
+    Transfer,
+    Unfreeze,
+    Withdraw,
+    command_type,
+    owner_account,
 )
 from schemas.events import (
-    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, Event,
-    TransferCredited, TransferDebited, TransferRefunded, Withdrawn,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
 )
-from schemas.outcomes import Outcome, Reason
+from schemas.outcomes import Outcome, OutcomeStatus, Reason
 from streams.core.errors import UndecidableInput
 from streams.core.money import (
-    BALANCE_MINOR_MAX, AmountError, canonical_minor, format_amount, minor_units_of, parse_amount_minor,
+    BALANCE_MINOR_MAX,
+    AmountError,
+    canonical_minor,
+    format_amount,
+    minor_units_of,
+    parse_amount_minor,
 )
 from streams.core.state import (
-    CLOSED, FAILURE, FROZEN, LEG_AGE_MAX_MS, PENDING, SUCCESS, Account, State, advance_clock, fold, recall,
+    CLOSED,
+    FAILURE,
+    FROZEN,
+    LEG_AGE_MAX_MS,
+    PENDING,
+    SUCCESS,
+    Account,
+    Remembered,
+    State,
+    advance_clock,
+    fold,
+    recall,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# The balance events `_move_money` builds.
+_MoneyEvent = TypeVar("_MoneyEvent", Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
 
 
 class Decision(NamedTuple):
     state: State  # the same object that was passed in, with the decided events folded
     events: list[Event]
-    follow_ups: list[Command]
+    follow_ups: list[Leg]  # saga legs only: a credit leg or a refund leg
     outcome: Outcome | None
 
 
@@ -65,10 +109,18 @@ def apply(state: State, command: Command, record_time_ms: int) -> Decision:
     assert type(record_time_ms) is int and record_time_ms >= 0, f"record time {record_time_ms!r}: a runtime bug"
     now_ms = state.clock_ms if state.clock_ms > record_time_ms else record_time_ms
     command_class = type(command)
+    # `command_class is X` dispatches on the exact class; the `if TYPE_CHECKING` asserts only
+    # tell mypy what each test established.
     if command_class is CreditLeg:
+        if TYPE_CHECKING:
+            assert isinstance(command, CreditLeg)
         return _on_credit_leg(state, command, now_ms)
     if command_class is RefundLeg:
+        if TYPE_CHECKING:
+            assert isinstance(command, RefundLeg)
         return _on_refund_leg(state, command, now_ms)
+    if TYPE_CHECKING:
+        assert not isinstance(command, (CreditLeg, RefundLeg))
     handler = _HANDLERS[command_class]
     digest = command_digest(command)
     remembered = recall(state, (owner_account(command), command.transaction_id), now_ms)
@@ -79,16 +131,20 @@ def apply(state: State, command: Command, record_time_ms: int) -> Decision:
     return handler(state, command, digest, now_ms)
 
 
-def _repeat(state: State, command: Command, digest: str, remembered, now_ms: int) -> Decision:
+def _repeat(state: State, command: ClientCommand, digest: str, remembered: Remembered, now_ms: int) -> Decision:
     """A transaction id this account has already decided: the first answer, never a second effect."""
     if remembered.digest != digest:
         return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT, now_ms)
     if remembered.status == PENDING:
         # The transfer is still in flight (or its success was decided on the receiver's side):
         # ask the receiver to repeat its answer; a resent leg can never move money.
+        # Only a debit is remembered pending, and the digest matched: this is that transfer.
+        assert isinstance(command, (Transfer, PayMerchant)), command
         amount = format_amount(remembered.amount_minor, command.currency)
         return Decision(state, [], [_credit_leg(command, amount, digest, now_ms, resend=True)], None)
-    return Decision(state, [], [], _outcome(command, remembered.status, remembered.reason, digest))
+    # Not pending, so a decided answer: `fold` remembers only success or failure besides pending.
+    status = cast(OutcomeStatus, remembered.status)
+    return Decision(state, [], [], _outcome(command, status, remembered.reason, digest))
 
 
 def _open_account(state: State, command: OpenAccount, digest: str, now_ms: int) -> Decision:
@@ -107,10 +163,11 @@ def _open_account(state: State, command: OpenAccount, digest: str, now_ms: int) 
 def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decision:
     account, amount_minor, reason = _usable_account(state, command.account_id, command.amount, command.currency,
                                                     command, lambda account: command.role == "bank")
-    if reason is None and account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
-        reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
+    assert account is not None  # _usable_account names a reason whenever it finds no account
+    if account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
+        return _reject(state, command, digest, Reason.BALANCE_LIMIT_EXCEEDED, now_ms)
     event = _move_money(state, Deposited, command, digest, now_ms, account, command.account_id, amount_minor)
     return Decision(state, [event], [], _success(command, digest))
 
@@ -119,10 +176,11 @@ def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Deci
     account, amount_minor, reason = _usable_account(
         state, command.account_id, command.amount, command.currency, command,
         lambda account: command.role == "bank" or command.actor == account.owner)
-    if reason is None and account.balance_minor < amount_minor:
-        reason = Reason.INSUFFICIENT_FUNDS
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
+    assert account is not None  # _usable_account names a reason whenever it finds no account
+    if account.balance_minor < amount_minor:
+        return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
     event = _move_money(state, Withdrawn, command, digest, now_ms, account, command.account_id, -amount_minor)
     return Decision(state, [event], [], _success(command, digest))
 
@@ -132,10 +190,11 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms
         return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
     account, amount_minor, reason = _usable_account(state, command.from_account, command.amount, command.currency,
                                                     command, lambda account: command.actor == account.owner)
-    if reason is None and account.balance_minor < amount_minor:
-        reason = Reason.INSUFFICIENT_FUNDS
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
+    assert account is not None  # _usable_account names a reason whenever it finds no account
+    if account.balance_minor < amount_minor:
+        return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
     event = _move_money(state, TransferDebited, command, digest, now_ms, account, command.from_account, -amount_minor,
                         to_account=command.to_account, merchant_only=type(command) is PayMerchant)
     return Decision(state, [event], [_credit_leg(command, event.amount, digest, now_ms, resend=False)], None)
@@ -180,15 +239,17 @@ def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
     if remembered is not None and remembered.digest != leg.digest:
         # The receiver has used this transaction id for another request of its own: crediting
         # under it would make two answers for one id, so the transfer is refunded instead.
-        reason = Reason.DUPLICATE_CONFLICT
+        reason: str | None = Reason.DUPLICATE_CONFLICT
     elif now_ms - leg.issued_ms > LEG_AGE_MAX_MS:
         reason = Reason.LEG_EXPIRED
     else:
         reason = _refusal_to_receive(account, leg.currency)
-    if reason is None and leg.merchant_only and account.kind != "merchant":
-        reason = Reason.NOT_A_MERCHANT
-    if reason is None and account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
-        reason = Reason.BALANCE_LIMIT_EXCEEDED
+    if reason is None:
+        assert account is not None  # _refusal_to_receive refuses a missing account
+        if leg.merchant_only and account.kind != "merchant":
+            reason = Reason.NOT_A_MERCHANT
+        elif account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
+            reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
         event = CommandRejected(account_id=leg.to_account, transaction_id=leg.transaction_id, ts_ms=now_ms,
                                 command="credit_leg", digest=leg.digest, actor=leg.actor, reason=reason,
@@ -198,9 +259,10 @@ def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
                            currency=leg.currency, digest=leg.digest, reason=reason, debit_ms=leg.issued_ms)
         fold(state, event)
         return Decision(state, [event], [refund], None)
-    event = _move_money(state, TransferCredited, leg, leg.digest, now_ms, account, leg.to_account, amount_minor,
+    assert account is not None  # no refusal, so the account exists (see above)
+    credited = _move_money(state, TransferCredited, leg, leg.digest, now_ms, account, leg.to_account, amount_minor,
                         from_account=leg.from_account, issued_ms=leg.issued_ms)
-    return Decision(state, [event], [], _leg_outcome(leg, SUCCESS, None))
+    return Decision(state, [credited], [], _leg_outcome(leg, SUCCESS, None))
 
 
 def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
@@ -224,24 +286,30 @@ def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
 
 def _freeze(state: State, command: Freeze, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = (_refusal_to_operate(command) or _refusal_to_change(account)
-              or (Reason.ACCOUNT_FROZEN if account.status == FROZEN else None))
+    reason = _refusal_to_operate(command) or _refusal_to_change(account)
+    if reason is None:
+        assert account is not None  # _refusal_to_change refuses a missing account
+        reason = Reason.ACCOUNT_FROZEN if account.status == FROZEN else None
     return _status_change(state, command, digest, now_ms, account, reason, AccountFrozen)
 
 
 def _unfreeze(state: State, command: Unfreeze, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = (_refusal_to_operate(command) or _refusal_to_change(account)
-              or (Reason.ACCOUNT_NOT_FROZEN if account.status != FROZEN else None))
+    reason = _refusal_to_operate(command) or _refusal_to_change(account)
+    if reason is None:
+        assert account is not None  # _refusal_to_change refuses a missing account
+        reason = Reason.ACCOUNT_NOT_FROZEN if account.status != FROZEN else None
     return _status_change(state, command, digest, now_ms, account, reason, AccountUnfrozen)
 
 
 def _close(state: State, command: Close, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = (_refusal_to_operate(command) or _refusal_to_change(account)
-              # A refund of a debit in flight must find the account open to its money.
-              or (Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None)
-              or (Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None))
+    reason = _refusal_to_operate(command) or _refusal_to_change(account)
+    if reason is None:
+        assert account is not None  # _refusal_to_change refuses a missing account
+        # A refund of a debit in flight must find the account open to its money.
+        reason = ((Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None)
+                  or (Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None))
     return _status_change(state, command, digest, now_ms, account, reason, AccountClosed)
 
 
@@ -249,6 +317,7 @@ def _status_change(state: State, command, digest: str, now_ms: int, account: Acc
                    event_class) -> Decision:
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
+    assert account is not None  # every caller refuses a missing account (_refusal_to_change)
     event = event_class(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
                         command=command_type(command), digest=digest, actor=command.actor, seq=account.seq + 1)
     return _accept(state, command, digest, event)
@@ -268,11 +337,14 @@ def _refusal_to_change(account: Account | None) -> str | None:
 
 def _refusal_to_receive(account: Account | None, currency: str) -> str | None:
     reason = _refusal_to_change(account)
-    if reason is None and account.status == FROZEN:
-        reason = Reason.ACCOUNT_FROZEN
-    if reason is None and account.currency != currency:
-        reason = Reason.CURRENCY_MISMATCH
-    return reason
+    if reason is not None:
+        return reason
+    assert account is not None  # _refusal_to_change refuses a missing account
+    if account.status == FROZEN:
+        return Reason.ACCOUNT_FROZEN
+    if account.currency != currency:
+        return Reason.CURRENCY_MISMATCH
+    return None
 
 
 def _usable_account(state: State, account_id: str, amount: str, currency: str, command,
@@ -293,8 +365,8 @@ def _usable_account(state: State, account_id: str, amount: str, currency: str, c
     return account, amount_minor, _refusal_to_receive(account, currency)
 
 
-def _move_money(state: State, event_class, command, digest: str, now_ms: int, account: Account, account_id: str,
-                signed_amount_minor: int, **details) -> Event:
+def _move_money(state: State, event_class: type[_MoneyEvent], command: Command, digest: str, now_ms: int,
+                account: Account, account_id: str, signed_amount_minor: int, **details: Any) -> _MoneyEvent:
     """Builds the event of a balance change and folds it, handing fold the balance it has."""
     currency = account.currency
     balance_minor = account.balance_minor + signed_amount_minor
@@ -307,12 +379,12 @@ def _move_money(state: State, event_class, command, digest: str, now_ms: int, ac
     return event
 
 
-def _outcome(command: Command, status: str, reason: str | None, digest: str) -> Outcome:
+def _outcome(command: Command, status: OutcomeStatus, reason: str | None, digest: str) -> Outcome:
     return Outcome(transaction_id=command.transaction_id, account_id=owner_account(command), actor=command.actor,
                    status=status, reason=reason, digest=digest)
 
 
-def _leg_outcome(leg: CreditLeg | RefundLeg, status: str, reason: str | None) -> Outcome:
+def _leg_outcome(leg: CreditLeg | RefundLeg, status: OutcomeStatus, reason: str | None) -> Outcome:
     # The request belongs to the sender's account, whichever side answers it.
     return Outcome(transaction_id=leg.transaction_id, account_id=leg.from_account, actor=leg.actor, status=status,
                    reason=reason, digest=leg.digest)
@@ -357,7 +429,8 @@ def dead_letter_outcome(value: bytes, reason: str, command: Command | None = Non
                    digest="")
 
 
-_HANDLERS = {
+# Each handler takes the client command class it is keyed by (hence Any for the command).
+_HANDLERS: dict[type, Callable[[State, Any, str, int], Decision]] = {
     OpenAccount: _open_account, Deposit: _deposit, Withdraw: _withdraw, Transfer: _transfer, PayMerchant: _transfer,
     Freeze: _freeze, Unfreeze: _unfreeze, Close: _close,
 }

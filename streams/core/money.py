@@ -34,7 +34,8 @@ def minor_units_of(currency: str) -> int:
     try:
         return MINOR_UNITS[currency]
     except (KeyError, TypeError):
-        raise AmountError("unknown_currency", f"unknown currency {currency!r}: not an ISO 4217 code with minor units") from None
+        raise AmountError("unknown_currency",
+                          f"unknown currency {currency!r}: not an ISO 4217 code with minor units") from None
 
 
 def parse_amount_minor(amount: str, currency: str) -> int:
@@ -65,7 +66,8 @@ def _parse_refused_or_edge(amount: str, currency: str, digits: int) -> int:
     if amount_minor == 0:
         raise AmountError("invalid_amount", "amount must be greater than zero")
     if amount_minor > AMOUNT_MINOR_MAX:
-        raise AmountError("invalid_amount", f"amount exceeds the maximum of {format_amount(AMOUNT_MINOR_MAX, currency)} {currency}")
+        raise AmountError("invalid_amount",
+                          f"amount exceeds the maximum of {format_amount(AMOUNT_MINOR_MAX, currency)} {currency}")
     return amount_minor
 
 

@@ -8,22 +8,34 @@ true by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from schemas.events import (
-    AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, Event,
-    TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+    event_type,
 )
 from schemas.outcomes import Reason
 from streams.core.currencies import MINOR_UNITS
 from streams.core.money import BALANCE_MINOR_MAX, canonical_balance_minor, canonical_minor, format_amount
 
 # How long a transaction id is remembered, on the partition's clock (the largest decision time
-# folded so far: record times from the broker, never a client's field, never the wall clock): an id is kept until that clock passes
-# `ts_ms + IDEMPOTENCY_WINDOW_MS`, rounded to the eviction step. A retry before then gets
-# the first answer; a retry after it is a new request (so "one answer per request" holds
-# within the window). A quiet partition's clock stands still, and so does its forgetting.
+# folded so far: record times from the broker, never a client's field, never the wall clock):
+# an id is kept until that clock passes `ts_ms + IDEMPOTENCY_WINDOW_MS`, rounded to the
+# eviction step. A retry before then gets the first answer; a retry after it is a new request
+# (so "one answer per request" holds within the window). A quiet partition's clock stands
+# still, and so does its forgetting.
 # Part of the rules: changing it changes what replay produces.
 IDEMPOTENCY_WINDOW_MS = 24 * 60 * 60 * 1000
 # The horizon moves in steps of this size, so forgetting is paid once a minute of command
@@ -44,7 +56,9 @@ def memory_horizon_ms(clock_ms: int) -> int:
 LEG_AGE_MAX_MS = IDEMPOTENCY_WINDOW_MS // 2
 
 ACTIVE, FROZEN, CLOSED = "active", "frozen", "closed"
-PENDING, SUCCESS, FAILURE = "pending", "success", "failure"
+PENDING: Final = "pending"
+SUCCESS: Final = "success"  # Final: these two are also outcome statuses (a Literal type)
+FAILURE: Final = "failure"
 
 
 class CorruptLog(Exception):
@@ -125,24 +139,34 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
     which has just computed a money event's new balance, passes it as `balance_minor` to
     spare reading back the text it wrote; everyone else lets the event's text be checked.
     """
+    # `event_class is X` dispatches on the exact class (cheaper than isinstance on this path);
+    # the `if TYPE_CHECKING` asserts only tell mypy what each test established.
     event_class = type(event)
     if event_class is CommandRejected:
+        if TYPE_CHECKING:
+            assert isinstance(event, CommandRejected)
         advance_clock(state, event.ts_ms)
         if event.reason != Reason.DUPLICATE_CONFLICT:  # a conflict must not overwrite the first answer
             _remember(state, event.account_id, event.transaction_id,
                       Remembered(event.digest, FAILURE, event.reason, event.ts_ms, issued_ms=event.issued_ms))
         return state
+    if TYPE_CHECKING:
+        assert not isinstance(event, CommandRejected)
 
     account = state.accounts.get(event.account_id)
     if account is None:
         if event_class is not AccountOpened:
             raise CorruptLog(f"{event_type(event)} for account {event.account_id!r} that was never opened")
+        if TYPE_CHECKING:
+            assert isinstance(event, AccountOpened)
         account = Account(event.currency, event.kind, ACTIVE, 0, 0, event.owner)
     if event.seq <= account.seq:
         return state  # already folded
     if event.seq != account.seq + 1:
         raise CorruptLog(f"account {event.account_id!r}: seq {event.seq} follows {account.seq}")
     if event_class is AccountOpened:
+        if TYPE_CHECKING:
+            assert isinstance(event, AccountOpened)
         if event.seq != 1 or event.currency not in MINOR_UNITS or event.balance != format_amount(0, event.currency):
             raise CorruptLog(f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
                              f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty")
@@ -151,6 +175,8 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
 
     remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms)
     if event_class in BALANCE_SIGN:
+        if TYPE_CHECKING:
+            assert isinstance(event, (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded))
         if balance_minor is None:
             try:
                 amount_minor = canonical_minor(event.amount, account.currency)
@@ -164,18 +190,24 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         if (event.currency != account.currency or balance_minor != expected_minor or balance_minor < 0
                 or amount_minor <= 0):
             raise CorruptLog(
-                f"account {event.account_id!r} seq {event.seq}: balance {event.balance} {event.currency} does not follow "
-                f"{account.balance_minor} minor units {account.currency} and amount {event.amount}")
+                f"account {event.account_id!r} seq {event.seq}: balance {event.balance} {event.currency} "
+                f"does not follow {account.balance_minor} minor units {account.currency} and amount {event.amount}")
         in_flight_count, in_flight_minor = account.in_flight_count, account.in_flight_minor
         if not state.tracks_memory:
             pass
         elif event_class is TransferCredited:
+            if TYPE_CHECKING:
+                assert isinstance(event, TransferCredited)
             remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms, issued_ms=event.issued_ms)
         elif event_class is TransferDebited:
+            if TYPE_CHECKING:
+                assert isinstance(event, TransferDebited)
             in_flight_count += 1
             in_flight_minor += amount_minor
             remembered = Remembered(event.digest, PENDING, None, event.ts_ms, amount_minor, event.to_account)
         elif event_class is TransferRefunded:
+            if TYPE_CHECKING:
+                assert isinstance(event, TransferRefunded)
             key = (event.account_id, event.transaction_id)
             pending = state.memory.get(key)
             if (pending is None or pending.status != PENDING or pending.digest != event.digest

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -40,7 +41,7 @@ from infra.kafka_clients import processor_consumer_config, processor_producer_co
 from infra.secrets import leg_keys_text
 from infra.settings import Settings
 from schemas.codec import SchemaError, decode_command, encode
-from schemas.commands import LEG_COMMANDS
+from schemas.commands import LEG_COMMANDS, CreditLeg, RefundLeg
 from schemas.events import CommandRejected
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome, Reason
@@ -234,6 +235,8 @@ class Processor:
                         f"partitioner", dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command))
             return None
         if type(command) in LEG_COMMANDS:
+            if TYPE_CHECKING:  # the test above, told to mypy
+                assert isinstance(command, (CreditLeg, RefundLeg))
             refused = self._keyring.verify(command)
             if refused is not None:
                 self._dead_letter(record, refused)

@@ -25,11 +25,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from streams.core.state import PENDING, Account, Remembered, State, index_memory, memory_horizon_ms
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.decode
@@ -73,7 +77,7 @@ class StateStore:
 
     def partitions(self) -> list[int]:
         found = []
-        for key in self._db.keys(from_key=b"o/"):
+        for key in self._raw_keys(b"o/"):
             if not key.startswith(b"o/"):
                 break
             found.append(_PARTITION.unpack(key[2:6])[0])
@@ -88,8 +92,8 @@ class StateStore:
             return State(), Checkpoint()  # another format: restore from the log alone
         checkpoint = Checkpoint(*fields[:3])
         state = State(clock_ms=checkpoint.clock_ms)
-        for account_id, fields in self._scan(_prefix(b"a", partition)):
-            state.accounts[account_id.decode()] = Account(*_unpack(fields))
+        for raw_account_id, account_fields in self._scan(_prefix(b"a", partition)):
+            state.accounts[raw_account_id.decode()] = Account(*_unpack(account_fields))
         horizon_ms = memory_horizon_ms(checkpoint.clock_ms)
         for _, segment in self._scan(_prefix(b"s", partition)):
             for account_id, transaction_id, *remembered in _unpack(segment):
@@ -136,7 +140,7 @@ class StateStore:
         prefix = _prefix(b"s", partition)
         batch = WriteBatch(raw_mode=True)
         dropped = 0
-        for key in self._db.keys(from_key=prefix):
+        for key in self._raw_keys(prefix):
             if not key.startswith(prefix):
                 break
             if _SEGMENT.unpack(key[-8:])[0] < horizon_ms:
@@ -146,8 +150,14 @@ class StateStore:
             self._db.write(batch)
         return dropped
 
-    def _scan(self, prefix: bytes):
-        for key, value in self._db.items(from_key=prefix):
+    # The database is opened with raw_mode=True: its keys and values are bytes, whatever
+    # rocksdict's stubs say of a database in general.
+    def _raw_keys(self, from_key: bytes) -> Iterable[bytes]:
+        return cast("Iterable[bytes]", self._db.keys(from_key=from_key))
+
+    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        items = cast("Iterable[tuple[bytes, bytes]]", self._db.items(from_key=prefix))
+        for key, value in items:
             if not key.startswith(prefix):
                 break
             yield key[len(prefix):], value

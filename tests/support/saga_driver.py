@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 from schemas.codec import SchemaError, decode_command, decode_event, encode
 from schemas.commands import LEG_COMMANDS, Command, owner_account
-from schemas.leg_auth import LegKeyring
 from schemas.events import Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
+from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
 from streams.core.errors import UndecidableInput
@@ -68,16 +68,16 @@ class MoneyTotals:
 
     def add(self, event: Event) -> None:
         event_class = type(event)
-        if event_class is Deposited:
+        if isinstance(event, Deposited):
             self.deposited[event.currency] += canonical_minor(event.amount, event.currency)
-        elif event_class is Withdrawn:
+        elif isinstance(event, Withdrawn):
             self.withdrawn[event.currency] += canonical_minor(event.amount, event.currency)
-        elif event_class is TransferDebited:
+        elif isinstance(event, TransferDebited):
             self.in_flight[event.currency] += canonical_minor(event.amount, event.currency)
             self.open_transfers[(event.account_id, event.transaction_id, event.digest)] += 1
-        elif event_class in (TransferCredited, TransferRefunded):
+        elif isinstance(event, (TransferCredited, TransferRefunded)):
             self.in_flight[event.currency] -= canonical_minor(event.amount, event.currency)
-            sender = event.from_account if event_class is TransferCredited else event.account_id
+            sender = event.from_account if isinstance(event, TransferCredited) else event.account_id
             key = (sender, event.transaction_id, event.digest)
             self.open_transfers[key] -= 1
             if self.open_transfers[key] < 0:
@@ -153,7 +153,7 @@ class SagaDriver:
             return self._dead_letter(partition, value, str(error), None)
         if self.partition_of(owner_account(command)) != partition:
             return self._dead_letter(partition, value, "wrong partition", command)
-        if type(command) in LEG_COMMANDS:
+        if isinstance(command, LEG_COMMANDS):
             refused = self.keyring.verify(command)
             if refused is not None:
                 return self._dead_letter(partition, value, refused, command)
@@ -190,7 +190,7 @@ class SagaDriver:
 
     def balances(self) -> Counter:
         """Σ balances per currency, in minor units, from the live states."""
-        total = Counter()
+        total: Counter[str] = Counter()
         for partition in self.partitions:
             for account in partition.state.accounts.values():
                 total[account.currency] += account.balance_minor
