@@ -36,9 +36,21 @@ class RestoreTimeout(RuntimeError):
 
 
 def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel) -> dict[int, int]:
+    """partition -> latest offset; a partition whose leader cannot answer now (a broker down,
+    a leader election) is left out, to be asked again: its end is unknown, never -1001."""
     request = {TopicPartition(topic, partition): OffsetSpec.latest() for partition in partitions}
     futures = admin.list_offsets(request, isolation_level=isolation, request_timeout=LIST_OFFSETS_TIMEOUT_S)
-    return {topic_partition.partition: future.result().offset for topic_partition, future in futures.items()}
+    offsets: dict[int, int] = {}
+    for topic_partition, future in futures.items():
+        try:
+            offset = future.result().offset
+        except KafkaException as error:
+            if not error.args[0].retriable():
+                raise
+            continue
+        if offset >= 0:
+            offsets[topic_partition.partition] = offset
+    return offsets
 
 
 def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s: float) -> dict[int, int]:
@@ -52,10 +64,14 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
     ends: dict[int, int] = {}
     deadline_s = time.monotonic() + timeout_s
     open_seen: dict[int, tuple[int, int]] = {}
+    unavailable: set[int] = set()
     while waiting:
         stable = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED)
         written = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED)
         for partition in waiting:
+            if partition not in stable or partition not in written:
+                unavailable.add(partition)
+                continue
             # Read in this order, stable <= written unless a transaction completed in between;
             # either way the partition is settled only when they agree.
             if stable[partition] == written[partition]:
@@ -65,12 +81,15 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
         waiting = [partition for partition in waiting if partition not in ends]
         if waiting:
             if time.monotonic() > deadline_s:
-                raise RestoreTimeout(f"{topic} partitions {waiting} still had an open transaction after "
-                                     f"{timeout_s:.0f} s (stable, written: {[open_seen[p] for p in waiting]})")
+                raise RestoreTimeout(f"{topic} partitions {waiting} still had an open transaction or no leader "
+                                     f"after {timeout_s:.0f} s (stable, written: "
+                                     f"{[open_seen.get(p, 'no answer') for p in waiting]})")
             time.sleep(STABLE_END_POLL_INTERVAL_S)
     if open_seen:
         log.info("waited for open transactions on %s partitions %s to end before restoring", topic,
                  sorted(open_seen))
+    if unavailable:
+        log.info("waited for a leader of %s partitions %s to answer before restoring", topic, sorted(unavailable))
     return ends
 
 

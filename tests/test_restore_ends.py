@@ -1,0 +1,43 @@
+"""The restore's end offsets while a partition has no leader (a broker down, an election)."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from streams.runtime.restore import RestoreTimeout, stable_ends
+
+
+class _Admin:
+    """Answers `list_offsets` from a script: each call pops the next offset (or error) per partition."""
+
+    def __init__(self, script: dict[int, list[int | KafkaError]]) -> None:
+        self.script = script
+
+    def list_offsets(self, request, isolation_level, request_timeout):  # noqa: ARG002 - the AdminClient's signature
+        futures = {}
+        for topic_partition in request:
+            answers = self.script[topic_partition.partition]
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            future: Future = Future()
+            if isinstance(answer, KafkaError):
+                future.set_exception(KafkaException(answer))
+            else:
+                future.set_result(SimpleNamespace(offset=answer))
+            futures[topic_partition] = future
+        return futures
+
+
+def test_a_partition_without_a_leader_is_asked_again_never_taken_as_its_end() -> None:
+    # -1001 (no offset) and a retriable error first: the end is unknown, not -1001.
+    leaderless = KafkaError(KafkaError.LEADER_NOT_AVAILABLE, "no leader", retriable=True)
+    admin = _Admin({0: [-1001, -1001, leaderless, leaderless, 42], 1: [7]})
+    assert stable_ends(admin, "events", [0, 1], timeout_s=10) == {0: 42, 1: 7}
+
+
+def test_a_partition_that_never_gets_a_leader_times_out_with_a_clear_reason() -> None:
+    admin = _Admin({0: [-1001]})
+    with pytest.raises(RestoreTimeout, match="no leader"):
+        stable_ends(admin, "events", [0], timeout_s=0.3)
