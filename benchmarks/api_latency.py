@@ -86,6 +86,7 @@ class _Connection:
     def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
+            assert self._host is not None, "the base URL names a host"
             connection = self._local.connection = http.client.HTTPConnection(self._host, self._port,
                                                                               timeout=REQUEST_TIMEOUT_S)
         headers = {"Content-Type": "application/json"}

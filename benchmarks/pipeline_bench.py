@@ -173,7 +173,7 @@ def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: 
     amount_count = len(amounts)
     insufficient_below = INSUFFICIENT_FUNDS_SHARE
     missing_below = INSUFFICIENT_FUNDS_SHARE + MISSING_RECEIVER_SHARE
-    results = Counter()
+    results: Counter[str] = Counter()
     try:
         for index in range(count):
             sender = int(draw() * accounts)
@@ -288,7 +288,7 @@ class OutcomeTally:
         })
         self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
         self.topic = topic
-        self.results: dict[str, str] = {}
+        self.results: dict[str, str | None] = {}
         self.per_kind: Counter = Counter()
         self.by_kind_result: Counter = Counter()
         # A transaction with two different answers (not a duplicate_conflict answering another request).
@@ -305,8 +305,10 @@ class OutcomeTally:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
                 raise KafkaException(error)
+            value = record.value()
+            assert value is not None  # a record without an error carries a value
             try:
-                outcome = decode_outcome(record.value())
+                outcome = decode_outcome(value)
             except SchemaError as schema_error:
                 raise BenchError(f"{self.topic} holds an invalid outcome: {schema_error}") from None
             transaction_id = outcome.transaction_id
@@ -1015,9 +1017,9 @@ def add_ratios(report: dict) -> None:
 
 def profile_top(path: Path, count: int = PROFILE_TOP_ENTRIES) -> list[dict]:
     stats = pstats.Stats(str(path), stream=io.StringIO())
-    total_s = stats.total_tt
+    total_s = stats.total_tt  # type: ignore[attr-defined]  # undocumented, absent from typeshed's pstats
     rows = []
-    for (filename, line, function), (_, calls, tottime, cumtime, _) in stats.stats.items():
+    for (filename, line, function), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]  # likewise
         rows.append({"function": f"{Path(filename).name}:{line}({function})", "calls": calls,
                      "tottime_s": round(tottime, 3), "tottime_share": round(tottime / total_s, 4) if total_s else 0.0,
                      "cumtime_s": round(cumtime, 3)})

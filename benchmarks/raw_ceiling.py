@@ -96,9 +96,10 @@ def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic
                 if error.code() != KafkaError._PARTITION_EOF:
                     raise KafkaException(error)
                 continue
-            partition = record.partition()
+            partition, offset = record.partition(), record.offset()
+            assert partition is not None and offset is not None  # set on every consumed record
             produce_with_room(producer, output_topic, record.value(), record.key(), partition=partition)
-            next_offsets[partition] = record.offset() + 1
+            next_offsets[partition] = offset + 1
             batch_copied += 1
         producer.send_offsets_to_transaction(
             [TopicPartition(input_topic, partition, offset) for partition, offset in next_offsets.items()],

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import KafkaException
 
@@ -34,10 +35,12 @@ from producers.load import ACCOUNTS_DEFAULT, OUTCOME_WAIT_S_DEFAULT, LoadError, 
 from schemas.commands import (
     Close,
     Command,
+    CreditLeg,
     Deposit,
     Freeze,
     OpenAccount,
     PayMerchant,
+    RefundLeg,
     Transfer,
     Unfreeze,
     Withdraw,
@@ -126,21 +129,21 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
 def build_command(args: argparse.Namespace) -> Command:
     """The command a CLI invocation asks for, with the actor and role of the trusted local edge
     (`local_credentials`); the broker stamps its time. Raises ValueError for an id the contract refuses."""
-    common = {"transaction_id": args.transaction_id or new_transaction_id()}
+    common: dict[str, Any] = {"transaction_id": args.transaction_id or new_transaction_id()}
     name = args.command_name
     if name == "open":
         return client_command(OpenAccount, **common, account_id=args.account_id, currency=args.currency,
                               kind="merchant" if args.merchant else "user")
     if name in ("deposit", "withdraw"):
-        command_class = Deposit if name == "deposit" else Withdraw
-        return client_command(command_class, **common, account_id=args.account_id, currency=args.currency,
+        money_class = Deposit if name == "deposit" else Withdraw
+        return client_command(money_class, **common, account_id=args.account_id, currency=args.currency,
                               amount=canonical_amount(args.amount, args.currency))
     if name == "transfer":
-        command_class = PayMerchant if args.merchant else Transfer
-        return client_command(command_class, **common, from_account=args.from_account, to_account=args.to_account,
+        transfer_class = PayMerchant if args.merchant else Transfer
+        return client_command(transfer_class, **common, from_account=args.from_account, to_account=args.to_account,
                               currency=args.currency, amount=canonical_amount(args.amount, args.currency))
-    command_class = {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[name]
-    return client_command(command_class, **common, account_id=args.account_id)
+    status_class = {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[name]
+    return client_command(status_class, **common, account_id=args.account_id)
 
 
 class ApiCallError(Exception):
@@ -158,6 +161,7 @@ def _route(command: Command) -> tuple[str, dict]:
                                                "to_account": command.to_account, "amount": command.amount,
                                                "currency": command.currency,
                                                "merchant_payment": isinstance(command, PayMerchant)}
+    assert not isinstance(command, (CreditLeg, RefundLeg)), "saga legs have no API route"
     path = f"/v1/accounts/{urllib.parse.quote(command.account_id, safe='')}/{command_type(command)}"
     if isinstance(command, (Deposit, Withdraw)):
         return path, {**body, "amount": command.amount, "currency": command.currency}

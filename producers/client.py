@@ -25,20 +25,27 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from infra.kafka_clients import kafka_security
 from infra.produce import QueueFullTimeout, produce_with_room
 from schemas.codec import SchemaError, command_digest, decode_outcome, encode
 from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, CLIENT_COMMANDS, LEG_COMMANDS, LOCAL_BANK_ACTOR, LOCAL_OPERATOR_ACTOR,
-    TRANSACTION_ID_LENGTH_MAX, Command, is_valid_id, local_credentials, owner_account,
+    ACCOUNT_ID_LENGTH_MAX,
+    CLIENT_COMMANDS,
+    LEG_COMMANDS,
+    TRANSACTION_ID_LENGTH_MAX,
+    Command,
+    Role,
+    is_valid_id,
+    local_credentials,
+    owner_account,
 )
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER
 from streams.core.money import format_amount, parse_amount_minor
-from infra.kafka_clients import kafka_security
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -99,13 +106,15 @@ def local_command(command_class: type, **fields) -> Command:
     return command_class(**fields)
 
 
-def client_command(command_class: type, *, actor: str | None = None, role: str | None = None, **fields) -> Command:
+def client_command(command_class: type, *, actor: str | None = None, role: Role | None = None, **fields) -> Command:
     """A client command with `actor` and `role` (from `local_credentials` where not given), ids checked."""
     if command_class not in CLIENT_COMMANDS:
         raise ValueError(f"{command_class.__name__} is not a client command: only a processor may originate a saga leg")
     owner = fields.get(command_class.owner_field, "")
     local_actor, local_role = local_credentials(command_class, owner)
-    command = command_class(actor=local_actor if actor is None else actor, role=local_role if role is None else role,
+    # local_credentials only ever answers "bank", "operator" or "user": a Role.
+    command = command_class(actor=local_actor if actor is None else actor,
+                            role=cast(Role, local_role) if role is None else role,
                             **fields)
     check_ids(command)
     return command
@@ -227,7 +236,7 @@ class CommandPublisher:
         self._poller.start()
 
     @classmethod
-    def from_settings(cls, settings: Settings, **options) -> "CommandPublisher":
+    def from_settings(cls, settings: Settings, **options) -> CommandPublisher:
         return cls(settings.bootstrap, settings.commands_topic, **options)
 
     # -- publishing ------------------------------------------------------------------------
@@ -345,7 +354,7 @@ class CommandPublisher:
             self._closed.set()
             self._poller.join(timeout=DELIVERY_POLL_INTERVAL_S * 10)
 
-    def __enter__(self) -> "CommandPublisher":
+    def __enter__(self) -> CommandPublisher:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -429,7 +438,7 @@ class TransactionStatus:
 class OutcomeExpectation:
     """A registered wait for one request's outcome. Register before publishing, then wait."""
 
-    def __init__(self, waiter: "OutcomeWaiter", key: tuple[str, str, str]) -> None:
+    def __init__(self, waiter: OutcomeWaiter, key: tuple[str, str, str]) -> None:
         self._waiter = waiter
         self.key = key
         self.future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
@@ -450,7 +459,7 @@ class OutcomeExpectation:
     def close(self) -> None:
         self._waiter._forget(self)
 
-    def __enter__(self) -> "OutcomeExpectation":
+    def __enter__(self) -> OutcomeExpectation:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -505,10 +514,10 @@ class OutcomeWaiter:
         self._thread = threading.Thread(target=self._run, name="wallet-outcome-waiter", daemon=True)
 
     @classmethod
-    def from_settings(cls, settings: Settings, **options) -> "OutcomeWaiter":
+    def from_settings(cls, settings: Settings, **options) -> OutcomeWaiter:
         return cls(settings.bootstrap, settings.outcomes_topic, **options)
 
-    def start(self, ready_timeout_s: float | None = None) -> "OutcomeWaiter":
+    def start(self, ready_timeout_s: float | None = None) -> OutcomeWaiter:
         """Start consuming; with `ready_timeout_s`, also wait until positioned (else raise)."""
         self._thread.start()
         if ready_timeout_s is not None and not self.wait_ready(ready_timeout_s):
@@ -564,7 +573,7 @@ class OutcomeWaiter:
             self._thread.join(timeout=OUTCOME_POLL_TIMEOUT_S * 50)
         self._consumer.close()
 
-    def __enter__(self) -> "OutcomeWaiter":
+    def __enter__(self) -> OutcomeWaiter:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -583,11 +592,14 @@ class OutcomeWaiter:
                 continue
             outcomes = []
             for message in messages:
-                if message.error() is not None:
-                    self.last_error = message.error().str()
+                record_error = message.error()
+                if record_error is not None:
+                    self.last_error = record_error.str()
                     continue
+                value = message.value()
+                assert value is not None  # a record without an error carries a value
                 try:
-                    outcomes.append(decode_outcome(message.value()))
+                    outcomes.append(decode_outcome(value))
                 except SchemaError as error:
                     _LOG.warning("skipping an undecodable record at %s[%d]@%d: %s", message.topic(),
                                  message.partition(), message.offset(), error)
@@ -673,7 +685,7 @@ class WalletClient:
         self.waiter = waiter
 
     @classmethod
-    def connect(cls, settings: Settings, *, ready_timeout_s: float = 15, **publisher_options) -> "WalletClient":
+    def connect(cls, settings: Settings, *, ready_timeout_s: float = 15, **publisher_options) -> WalletClient:
         """Start a publisher and an outcome waiter for `settings`; raises if Kafka does not answer."""
         waiter = OutcomeWaiter.from_settings(settings)
         try:
@@ -734,7 +746,7 @@ class WalletClient:
         self.publisher.close()
         self.waiter.close()
 
-    def __enter__(self) -> "WalletClient":
+    def __enter__(self) -> WalletClient:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -16,23 +16,26 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TextIO, cast
 
 from confluent_kafka import KafkaException
 from tqdm import tqdm
 
 from consumers.audit import log_reader
+from infra.settings import Settings
 from producers.client import (
-    CommandPublisher, OutcomeWaiter, WalletClient, canonical_amount,
+    CommandPublisher,
+    OutcomeWaiter,
+    WalletClient,
+    canonical_amount,
+    local_command,
 )
 from schemas.codec import decode_event
-from producers.client import local_command
 from schemas.commands import Deposit, Freeze, OpenAccount, Transfer
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
 from streams.core.money import format_amount, minor_units_of, parse_amount_minor
 from streams.core.state import State, fold
-from infra.settings import Settings
 
 # Transfers built and queued per step: big enough to amortise the Python overhead per call,
 # small enough that a rate-limited run stays smooth at 10 ms resolution.
@@ -88,7 +91,10 @@ class LoadSpec:
     def transfer_total(self) -> int | None:
         if self.count is not None:
             return self.count
-        return int(self.rate_per_s * self.duration_s) if self.rate_per_s is not None else None
+        if self.rate_per_s is None:
+            return None
+        assert self.duration_s is not None  # __post_init__ requires a count or a duration
+        return int(self.rate_per_s * self.duration_s)
 
     def account_ids(self) -> list[str]:
         return [f"load-{self.run_id}-{index}" for index in range(self.accounts)]
@@ -231,15 +237,17 @@ class _TransferFactory:
         missing_share = self._spec.missing_receiver_share
         draws = [self._random.random() for _ in range(count)] if missing_share else itertools.repeat(1.0)
         prefix, currency, run_id = self._transaction_prefix, self._spec.currency, self._spec.run_id
-        transfers = []
-        for offset, sender, receiver, amount, draw in zip(range(count), senders, receivers, amounts, draws):
+        transfers: list[Transfer] = []
+        for offset, sender, receiver, amount, draw in zip(range(count), senders, receivers, amounts, draws,
+                                                          strict=False):  # draws may be endless
             index = first_index + offset
             if draw < missing_share:
                 to_account = f"load-{run_id}-missing-{index}"
             else:
                 to_account = accounts[receiver if receiver != sender else (receiver + 1) % account_count]
-            transfers.append(local_command(Transfer, transaction_id=f"{prefix}{index}", from_account=accounts[sender],
-                                      to_account=to_account, amount=amount, currency=currency))
+            transfers.append(cast(Transfer, local_command(
+                Transfer, transaction_id=f"{prefix}{index}", from_account=accounts[sender], to_account=to_account,
+                amount=amount, currency=currency)))
         return transfers
 
 
@@ -302,14 +310,15 @@ def ledger_balances(settings: Settings, account_ids: list[str]) -> dict[str, str
     """
     try:
         partition_count = log_reader.partition_count(settings.bootstrap, settings.events_topic)
-        log = log_reader.read_topic(settings.bootstrap, settings.events_topic,
-                                    partitions=sorted({partition_for(account, partition_count) for account in account_ids}),
+        partitions = sorted({partition_for(account, partition_count) for account in account_ids})
+        log = log_reader.read_topic(settings.bootstrap, settings.events_topic, partitions=partitions,
                                     timeout_s=LEDGER_READ_TIMEOUT_S)
     except (log_reader.LogReadError, KafkaException) as error:
         raise LoadError(f"reading {settings.events_topic}: {error}") from None
     state = State()
     for partition in log.partitions.values():
         for value in partition.values:
+            assert value is not None  # the ledger holds no tombstones
             fold(state, decode_event(value))
     balances = {}
     for account in account_ids:

@@ -12,8 +12,8 @@ import pytest
 from infra.settings import Settings
 from producers.api import ApiOptions
 from tests.conftest import free_loopback_ports
-from tests.support.serving import serving_in_thread
 from tests.support.auth import auth_config, bearer
+from tests.support.serving import serving_in_thread
 from wallet.api_app import create_app
 
 TRANSFER = {"from_account": "alice", "to_account": "bob", "amount": "12.34", "currency": "USD",
@@ -197,7 +197,7 @@ def test_the_openapi_document_declares_bearer_security_on_every_route_but_health
         ["description"]}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
-            expected = [] if path == "/healthz" else [{"HTTPBearer": []}]
+            expected: list[dict[str, list[str]]] = [] if path == "/healthz" else [{"HTTPBearer": []}]
             assert operation.get("security", []) == expected, (method, path)
             if path != "/healthz":
                 assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
@@ -205,16 +205,16 @@ def test_the_openapi_document_declares_bearer_security_on_every_route_but_health
 
 def _self_signed_certificate(folder) -> tuple[str, str]:
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                    .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
                    .not_valid_after(now + datetime.timedelta(hours=1))
@@ -230,10 +230,9 @@ def _self_signed_certificate(folder) -> tuple[str, str]:
 
 def test_wallet_api_serves_https_with_a_certificate_and_key(tmp_path) -> None:
     import os
+    import ssl
     import subprocess
     import sys
-
-    import ssl
 
     cert, key = _self_signed_certificate(tmp_path)
     trusted = ssl.create_default_context(cafile=cert)

@@ -42,7 +42,7 @@ def _report(capsys: pytest.CaptureFixture[str]) -> dict:
 
 
 def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> None:
-    expected = Counter()
+    expected: Counter[str] = Counter()
     records = list(pipeline_bench.transfer_records(ACCOUNTS, TRANSFERS, SEED, "t", expected, ts_ms=1))
     assert sum(expected.values()) == TRANSFERS
     # The failing shares are fixed by construction (2 % each), so both must be present.
@@ -51,7 +51,7 @@ def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> No
     for key, value in records:
         command = decode_command(value)
         assert type(command) is Transfer and command.from_account == key != command.to_account
-    again = Counter()
+    again: Counter[str] = Counter()
     assert list(pipeline_bench.transfer_records(ACCOUNTS, TRANSFERS, SEED, "t", again, ts_ms=1)) == records
     assert again == expected
 
@@ -73,7 +73,7 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     assert report["peers"]["kafka_streams"] == {"skipped": "--skip-kafka-streams"}
 
     ours = report["ours"]
-    expected = Counter()
+    expected: Counter[str] = Counter()
     for _ in pipeline_bench.transfer_records(ACCOUNTS, TRANSFERS, SEED, "t", expected, ts_ms=1):
         pass
     assert ours["outcomes"] == dict(expected)
@@ -116,7 +116,7 @@ def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str
     assert report["peers"]["faust"]["checks_ok"]
     # The sample keeps the main run's accounts-to-transfers ratio.
     assert faust["accounts"] == ACCOUNTS * faust_transfers // TRANSFERS
-    expected = Counter()
+    expected: Counter[str] = Counter()
     for _ in pipeline_bench.transfer_records(faust["accounts"], faust_transfers, SEED, "t", expected, ts_ms=1):
         pass
     assert faust["outcomes"] == dict(expected)
@@ -139,7 +139,7 @@ def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_fi
 
     report = _report(capsys)
     assert exit_code == 0 and report["ok"], report["problems"]
-    expected = Counter()
+    expected: Counter[str] = Counter()
     for _ in pipeline_bench.transfer_records(accounts, transfers, SEED, "t", expected, ts_ms=1):
         pass
     ours, kafka_streams, ceiling = report["ours"], report["peers"]["kafka_streams"], report["ceiling"]

@@ -129,8 +129,10 @@ def test_a_request_is_looked_up_by_its_account_and_never_answers_for_another(db_
     with ReadModelStore(db_url) as store:
         store.create_schema()
         store.apply(_batch(records, 0, len(records), None))
-        assert store.request("alice", "T").status == "success"
-        assert (store.request("bob", "T").status, store.request("bob", "T").reason) == ("failure", "insufficient_funds")
+        alice = store.request("alice", "T")
+        assert alice is not None and alice.status == "success"
+        bob = store.request("bob", "T")
+        assert bob is not None and (bob.status, bob.reason) == ("failure", "insufficient_funds")
         assert store.request("carol", "T") is None
         assert [row.account_id for row in store.requests_visible_to(None, "T")] == ["alice", "bob"]
         assert store.requests_visible_to("", "T") == []  # "" is nobody, never "every account without an owner"

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import psycopg
 from confluent_kafka import KafkaException
@@ -38,7 +38,7 @@ from pydantic import BaseModel
 
 from consumers.readmodel.consumer import PartitionLag, ReadModelError, read_lag
 from consumers.readmodel.projection import AccountRow
-from consumers.readmodel.store import ReadModelStore, describe_db_url
+from consumers.readmodel.store import ReadModelStore, TopicPartitionKey, describe_db_url
 from infra.admin import admin_client
 from infra.http import ApiError, FieldError, error_responses, install_error_handlers
 from infra.settings import Settings
@@ -277,7 +277,9 @@ def _lag_route(router: APIRouter, readers: _Readers, who: Any, kafka_settings: S
         return admin_client(kafka_settings.bootstrap, role="readmodel")
 
     def lag() -> list[PartitionLag]:
-        return read_lag(admin(), kafka_settings, readers.call("offsets"), LAG_TIMEOUT_S)
+        # ReadModelStore.offsets answers dict[TopicPartitionKey, int]; `call` returns it as object.
+        stored = cast(dict[TopicPartitionKey, int], readers.call("offsets"))
+        return read_lag(admin(), kafka_settings, stored, LAG_TIMEOUT_S)
 
     @router.get("/v1/readmodel/lag", response_model=LagView, summary="how far the read model is behind the log")
     async def get_lag(caller: Any = who):
