@@ -118,7 +118,8 @@ class Processor:
         # The processors' leg keys: every leg is verified before the core sees it, every emitted leg signed.
         self._keyring = LegKeyring.parse(leg_keys_text(settings))
         self._store = StateStore(config.store_path)
-        self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
+        self._consumer = self._new_consumer()
+        self._consumer_fatal: KafkaError | None = None
         self._restore_consumer = Consumer(
             restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
         self._admin = admin_client(settings.bootstrap, role="processor")  # the restore's offset queries
@@ -142,8 +143,7 @@ class Processor:
         # Let the young generation grow to a batch's worth of short-lived tuples and lists before
         # a pass: at the default of 700 the collector cost several microseconds per command.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
-        self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self._subscribe()
         log.info("instance %s started (group %s, transactional id %s)", self.config.instance_id, self.group_id,
                  self.transactional_id)
         try:
@@ -155,9 +155,33 @@ class Processor:
                         self._process_batch(records)
                     except TransactionAborted as error:
                         self._recover(str(error))
+                if self._consumer_fatal is not None:
+                    self._replace_consumer()
                 self._housekeeping()
         finally:
             self._shut_down()
+
+    def _new_consumer(self) -> Consumer:
+        return Consumer(processor_consumer_config(self.settings.bootstrap, self.group_id, self.config.instance_id))
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    def _replace_consumer(self) -> None:
+        """A fatal consumer (e.g. a static member fenced after its session timed out during a
+        broker failover) never consumes again: leave it, drop every partition, and join anew.
+        The partitions come back through `_on_assign`, restored from snapshot and log."""
+        log.warning("consumer failed fatally (%s); replacing it and rejoining the group", self._consumer_fatal)
+        self._flush_state()  # saves committed state only
+        self._tasks.clear()
+        try:
+            self._consumer.close()
+        except KafkaException as error:
+            log.warning("closing the failed consumer: %s", error)
+        self._consumer = self._new_consumer()
+        self._consumer_fatal = None
+        self._subscribe()
 
     def _housekeeping(self) -> None:
         now_s = time.monotonic()
@@ -201,7 +225,11 @@ class Processor:
     def _handle(self, record, batch: _Batch) -> None:
         error = record.error()
         if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
+            # librdkafka reports a fatal consumer as an error event of code _FATAL, whose fatal()
+            # flag is not always set on the event itself.
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                self._consumer_fatal = error  # replaced after this batch, by the loop
+            elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", error)
             return
         partition = record.partition()
@@ -294,6 +322,8 @@ class Processor:
         self._tasks.clear()
         self._transactions.abort()
         self._transactions.replace()
+        if self._consumer_fatal is not None:
+            return  # the loop replaces the consumer; the partitions come back through `_on_assign`
         self._restore(partitions)
         committed = self._consumer.committed(
             [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=self._call_timeout_s)
