@@ -37,7 +37,7 @@ from schemas.commands import (
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER
 from streams.core.money import format_amount, parse_amount_minor
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -174,6 +174,7 @@ class CommandPublisher:
         self._queue_messages_max = queue_messages_max
         self._config = {
             **kafka_security("api"),
+            **FAILOVER_TUNING,
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
             "enable.idempotence": True,

@@ -38,7 +38,7 @@ from wallet import localkafka
 STATE_FILE_NAME = "stack.json"
 STACK_READY_TIMEOUT_S = 60.0
 API_PROBE_TIMEOUT_S = 2.0
-KAFKA_START_TIMEOUT_S = 90.0
+KAFKA_START_TIMEOUT_S = 240.0  # a bound, not a wait: three JVMs took 80-110 s on a loaded 2-core machine
 STOP_TIMEOUT_S = 20.0
 PROCESSORS_MAX = 64
 LOG_TAIL_LINES = 20

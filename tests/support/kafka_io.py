@@ -11,14 +11,14 @@ from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
 from infra.settings import Settings
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 
 READ_TIMEOUT_S = 60.0
 
 
 def command_producer(settings: Settings) -> Producer:
-    return Producer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
-                     "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True, "linger.ms": 5})
+    return Producer({**kafka_security("admin"), **FAILOVER_TUNING, "bootstrap.servers": settings.bootstrap,
+                     "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
 
 
 def publish(producer: Producer, settings: Settings, commands: list[Command]) -> None:
