@@ -74,7 +74,8 @@ def free_cluster_ports(nodes: int) -> tuple[int, int]:
     low, high = _LADDER_PORTS
     for _ in range(1000):
         base = random.randrange(low, high - LOCAL_NODE_PORT_STEP * nodes, 2)
-        if all(_port_is_free(base + LOCAL_NODE_PORT_STEP * node + offset) for node in range(nodes) for offset in (0, 1)):
+        if all(_port_is_free(base + LOCAL_NODE_PORT_STEP * node + offset)
+               for node in range(nodes) for offset in (0, 1)):
             return base, base + 1
     raise RuntimeError(f"no free ports for a {nodes}-node cluster in {low}..{high}")
 

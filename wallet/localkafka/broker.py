@@ -250,7 +250,7 @@ def fetch_jars(settings: Settings) -> bool:
 
 
 def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool = False,
-          sasl: bool | None = None) -> StartResult:
+          sasl: bool | None = None, only: set[int] | None = None) -> StartResult:
     """Start the local broker (every node of it) in the background and return once it answers a
     metadata request that lists every node.
 
@@ -259,7 +259,8 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
     process (for test sessions that may be killed before their teardown runs: the kernel signals
     them when the calling *thread* ends, so call it from the main thread); without it they
     outlive the command that started them. `sasl` None means: what the run folder was formatted
-    with, else `WALLET_LOCAL_KAFKA_SASL=1`.
+    with, else `WALLET_LOCAL_KAFKA_SASL=1`. `only` (node ids) starts just those of the missing
+    nodes and waits for the nodes then running (a fault test bringing back one of two lost nodes).
     """
     if not settings.uses_local_kafka:
         raise LocalKafkaError(f"an existing cluster is configured ({settings.kafka_bootstrap}); "
@@ -272,9 +273,10 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
         nodes = nodes_of(settings, broker_count)
         use_sasl = _resolve_sasl(nodes[0].files, sasl)
         running = {node.node_id: _running_pid(node.files) for node in nodes}
-        missing = [node for node in nodes if running[node.node_id] is None]
+        missing = [node for node in nodes if running[node.node_id] is None and (only is None or node.node_id in only)]
+        expected = sum(1 for node in nodes if running[node.node_id] is not None) + len(missing)
         if not missing:
-            _wait_ready(settings, nodes, timeout_s, processes={})
+            _wait_ready(settings, nodes, timeout_s, processes={}, brokers_min=expected)
             return StartResult(_pid(running[nodes[0].node_id]), already_running=True,
                                ready_after_s=time.monotonic() - started_s,
                                nodes=tuple(_node_process(node, _pid(running[node.node_id]), False) for node in nodes))
@@ -299,7 +301,7 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
                 processes[node.node_id] = _launch(java, classpath, node.files, stop_with_parent,
                                                   heap_max=JVM_HEAP_MAX if broker_count == 1 else CLUSTER_JVM_HEAP_MAX)
                 node.files.pid_file.write_text(f"{processes[node.node_id].pid}\n")
-            _wait_ready(settings, nodes, timeout_s, processes)
+            _wait_ready(settings, nodes, timeout_s, processes, brokers_min=expected)
         except BaseException:
             for node in missing:
                 if node.node_id in processes:
@@ -308,9 +310,10 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
             raise
         pids = {**{k: v for k, v in running.items() if v is not None},
                 **{node_id: process.pid for node_id, process in processes.items()}}
-        return StartResult(pids[nodes[0].node_id], already_running=False, ready_after_s=time.monotonic() - started_s,
+        return StartResult(pids.get(nodes[0].node_id) or next(iter(pids.values())), already_running=False,
+                           ready_after_s=time.monotonic() - started_s,
                            nodes=tuple(_node_process(node, pids[node.node_id], node.node_id in processes)
-                                       for node in nodes))
+                                       for node in nodes if node.node_id in pids))
 
 
 def _pid(pid: int | None) -> int:
@@ -518,7 +521,7 @@ def transaction_coordinator(settings: Settings, transactional_id: str) -> dict:
 
 
 def _wait_ready(settings: Settings, nodes: list[Node], timeout_s: float,
-                processes: dict[int, subprocess.Popen]) -> None:
+                processes: dict[int, subprocess.Popen], brokers_min: int | None = None) -> None:
     def exit_reason() -> str | None:
         for node in nodes:
             process = processes.get(node.node_id)
@@ -531,7 +534,7 @@ def _wait_ready(settings: Settings, nodes: list[Node], timeout_s: float,
     security = local_client_security(settings, "admin")
     try:
         wait_for_broker(settings.bootstrap, timeout_s, abort_reason=exit_reason, security=security,
-                        brokers_min=len(nodes))
+                        brokers_min=len(nodes) if brokers_min is None else brokers_min)
     except BrokerUnavailableError as error:
         if exit_reason() is not None:
             raise LocalKafkaError(str(error)) from None
@@ -717,7 +720,8 @@ def _format_storage_once(java: str, classpath: str, nodes: list[BrokerFiles], pa
             try:
                 output, _ = process.communicate(timeout=FORMAT_TIMEOUT_S)
             except subprocess.TimeoutExpired as error:
-                raise LocalKafkaError(f"formatting Kafka's storage did not finish within {FORMAT_TIMEOUT_S} s") from error
+                raise LocalKafkaError(
+                    f"formatting Kafka's storage did not finish within {FORMAT_TIMEOUT_S} s") from error
             if process.returncode != 0:
                 raise LocalKafkaError(f"formatting Kafka's storage in {files.partitions_dir} failed "
                                       f"(exit {process.returncode}):\n" + _last_lines(output))
