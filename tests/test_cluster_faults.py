@@ -36,7 +36,7 @@ from schemas.codec import encode
 from schemas.commands import owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
 from streams.cli import state_dump
-from tests.conftest import CLUSTER_START_TIMEOUT_S, start_private_cluster
+from tests.conftest import CLUSTER_START_TIMEOUT_S, session_broker_count, start_private_cluster
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish
 from tests.support.processes import ProcessorProcess
 from tests.test_processor_faults import _accounts_and_funding, _transfer_stream, check_ledger
@@ -71,10 +71,12 @@ class Pipeline:
 
 
 @pytest.fixture(scope="module")
-def cluster(session_local_kafka, tmp_path_factory):
-    if session_local_kafka is not None and session_local_kafka.local_broker_count >= NODES:
-        yield session_local_kafka
-        return
+def cluster(request, tmp_path_factory):
+    if session_broker_count() >= NODES:  # WALLET_TEST_BROKERS=3: the session's own cluster
+        session = request.getfixturevalue("session_local_kafka")
+        if session is not None and session.local_broker_count >= NODES:
+            yield session
+            return
     own = start_private_cluster(tmp_path_factory.mktemp("cluster-faults"), NODES)
     try:
         yield own

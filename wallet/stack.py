@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 import time
 import urllib.error
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka import KafkaException
 
 from infra.acls import AclProvisioningError, ensure_acls
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
@@ -285,17 +286,50 @@ def _api_not_ready(state: StackState) -> str | None:
 
 def processors_not_ready(admin, settings: Settings) -> str | None:
     """None once the processors' group is stable and owns every partition of the commands topic, else
-    what it waits for. A freshly started broker answers NOT_COORDINATOR for a while: not ready yet, not an error."""
+    what it waits for. A freshly started broker answers NOT_COORDINATOR for a while: not ready yet, not an error.
+
+    Asked with DescribeGroups sent to every broker (`list_groups`), not `describe_consumer_groups`:
+    librdkafka 2.16's coordinator lookup of the latter aborts the whole process (assertion
+    `eonce->refcnt > 0`, librdkafka issue #4605) when its request times out while a FindCoordinator
+    is in flight, which a cluster that is still electing coordinators makes common."""
     group = settings.processor_group_id
     try:
-        description = admin.describe_consumer_groups([group], request_timeout=API_PROBE_TIMEOUT_S)[group].result()
+        found = admin.list_groups(group, timeout=API_PROBE_TIMEOUT_S * 5)
     except KafkaException as error:
         return f"the processors' group {group} ({error})"
-    owned = len({tp.partition for member in description.members for tp in member.assignment.topic_partitions
-                 if tp.topic == settings.commands_topic})
-    if description.state == ConsumerGroupState.STABLE and owned == settings.partitions:
+    description = next((g for g in found if g.id == group), None)
+    if description is None or description.error is not None:
+        return f"the processors' group {group} ({description.error if description else 'not found'})"
+    owned: set[int] = set()
+    for member in description.members:
+        owned.update(_assigned_partitions(member.assignment, settings.commands_topic))
+    if description.state == "Stable" and len(owned) == settings.partitions:
         return None
-    return f"the processors (they own {owned} of {settings.partitions} partitions)"
+    return f"the processors (they own {len(owned)} of {settings.partitions} partitions)"
+
+
+def _assigned_partitions(assignment: bytes | None, topic: str) -> list[int]:
+    """The partitions of `topic` in a classic consumer group member's assignment (Kafka's
+    ConsumerProtocolAssignment: int16 version, [topic: string, partitions: [int32]], user data)."""
+    if not assignment:
+        return []
+    view = memoryview(assignment)
+    offset = 2  # the version
+    (topic_count,) = struct.unpack_from(">i", view, offset)
+    offset += 4
+    partitions: list[int] = []
+    for _ in range(topic_count):
+        (name_length,) = struct.unpack_from(">h", view, offset)
+        offset += 2
+        name = bytes(view[offset:offset + name_length]).decode()
+        offset += name_length
+        (count,) = struct.unpack_from(">i", view, offset)
+        offset += 4
+        numbers = struct.unpack_from(f">{count}i", view, offset)
+        offset += 4 * count
+        if name == topic:
+            partitions.extend(numbers)
+    return partitions
 
 
 def get_json(url: str, timeout_s: float) -> tuple[int, dict]:
