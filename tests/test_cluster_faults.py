@@ -49,7 +49,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.cluster, pytest.mark.timeout(900)]
 NODES = 3
 PARTITIONS = 8
 INSTANCES = ("cluster-a", "cluster-b")
-RATE_PER_S = 150  # transfers offered per second: steady, and light enough for a loaded 2-core machine
+RATE_PER_S = 80  # transfers offered per second: steady, and light enough for a loaded 2-core machine
 WARMUP_S = 4.0
 FLOWING_TIMEOUT_S = 60.0
 OBSERVE_S = 12.0  # load kept on after the fault before the cluster is healed
@@ -239,9 +239,10 @@ def _heal(cluster: Settings) -> float:
     wait_for_broker(cluster.bootstrap, 60, brokers_min=NODES)
     admin = admin_client(cluster.bootstrap)
     try:
-        admin.elect_leaders(ElectionType.PREFERRED, None, request_timeout=30).result(timeout=60)
-    except KafkaException as error:  # ELECTION_NOT_NEEDED and the like: nothing to move
-        _ = error
+        # No keyword arguments: confluent-kafka 2.16's elect_leaders raises SystemError on request_timeout.
+        admin.elect_leaders(ElectionType.PREFERRED, None).result(timeout=60)
+    except KafkaException:  # ELECTION_NOT_NEEDED and the like: nothing to move
+        pass
     return time.monotonic() - started_s
 
 

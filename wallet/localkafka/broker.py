@@ -515,7 +515,8 @@ def transaction_coordinator(settings: Settings, transactional_id: str) -> dict:
     lines = [line for line in output.splitlines() if line.strip()]
     if len(lines) < 2:
         raise LocalKafkaError(f"unexpected answer of the transactions tool: {output!r}")
-    header, row = re.split(r"\s{2,}", lines[0].strip()), re.split(r"\s{2,}", lines[1].strip())
+    # A table: a header line and one row, the cells separated by tabs (padded with spaces).
+    header, row = ([cell.strip() for cell in re.split(r"\t|\s{2,}", line.strip())] for line in lines[:2])
     described = dict(zip(header, row, strict=False))
     try:
         return {"coordinator_id": int(described["CoordinatorId"]), "state": described.get("TransactionState"),
