@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from consumers.audit.runner import run_audit
 from schemas.commands import Command, Deposit, Freeze, OpenAccount, Transfer, Unfreeze, Withdraw
 from benchmarks.support.reference_pipeline import decide, publish
+from producers.client import local_command
 from infra.settings import Settings
 from infra.admin import delete_topics, ensure_topics
 
@@ -35,20 +36,14 @@ TRANSACTION_RECORDS_MAX = 20_000
 def workload(account_count: int, command_count: int, seed: int) -> Iterator[Command]:
     """A seeded mix of every kind of client command, realistic enough to exercise every check."""
     rng = random.Random(seed)
-    ts_ms = TS_START_MS
     accounts = [f"user-{index:07d}" for index in range(account_count)]
     euro_accounts = accounts[: account_count // 20]  # 5% hold euros: transfers to them from dollars are refunded
     recent: list[Command] = []
 
-    def tick() -> int:
-        nonlocal ts_ms
-        ts_ms += COMMAND_INTERVAL_MS
-        return ts_ms
-
     for account in accounts:
         currency = "EUR" if account in euro_accounts else "USD"
-        yield OpenAccount(transaction_id=f"open-{account}", ts_ms=tick(), account_id=account, currency=currency)
-        yield Deposit(transaction_id=f"fund-{account}", ts_ms=tick(), account_id=account, amount="1000.00",
+        yield local_command(OpenAccount, transaction_id=f"open-{account}", account_id=account, currency=currency)
+        yield local_command(Deposit, transaction_id=f"fund-{account}", account_id=account, amount="1000.00",
                       currency=currency)
     dollar_accounts = accounts[len(euro_accounts):]
     frozen: set[str] = set()
@@ -61,28 +56,26 @@ def workload(account_count: int, command_count: int, seed: int) -> Iterator[Comm
             target = rng.choice(accounts) if rng.random() < 0.97 else f"missing-{number}"
             if target == account:
                 continue
-            command = Transfer(transaction_id=transaction_id, ts_ms=tick(), from_account=account, to_account=target,
+            command = local_command(Transfer, transaction_id=transaction_id, from_account=account, to_account=target,
                                amount=amount, currency="USD")
         elif roll < 0.80:
-            command = Deposit(transaction_id=transaction_id, ts_ms=tick(), account_id=account, amount=amount,
+            command = local_command(Deposit, transaction_id=transaction_id, account_id=account, amount=amount,
                               currency="USD")
         elif roll < 0.92:
-            command = Withdraw(transaction_id=transaction_id, ts_ms=tick(), account_id=account, amount=amount,
+            command = local_command(Withdraw, transaction_id=transaction_id, account_id=account, amount=amount,
                                currency="USD")
         elif roll < 0.94:
-            command = (Unfreeze if account in frozen else Freeze)(transaction_id=transaction_id, ts_ms=tick(),
-                                                                  account_id=account)
+            command = local_command(Unfreeze if account in frozen else Freeze, transaction_id=transaction_id,
+                                    account_id=account)
             frozen.symmetric_difference_update({account})
         elif roll < 0.99 and recent:
             # A client retry: the same request again, later.
             previous = rng.choice(recent)
-            command = type(previous)(**{name: getattr(previous, name) for name in previous.__struct_fields__
-                                        if name != "ts_ms"}, ts_ms=tick())
+            command = previous
         elif recent:
             # A different request reusing a transaction id: answered duplicate_conflict.
             previous = rng.choice(recent)
-            command = Deposit(transaction_id=previous.transaction_id, ts_ms=tick(),
-                              account_id=getattr(previous, "account_id", None) or previous.from_account,
+            command = local_command(Deposit, transaction_id=previous.transaction_id, account_id=getattr(previous, "account_id", None) or previous.from_account,
                               amount="0.01", currency="USD")
         else:
             continue

@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from schemas.codec import decode_command, encode
+from producers.client import local_command
+from schemas.leg_auth import LegKeyring
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.core.machine import apply
 from streams.core.state import State
@@ -47,13 +49,17 @@ class CoreBenchResult:
     encode_us: float
 
 
+RECORD_TIME_MS = 1_700_000_000_000  # every record of the run at one broker time (inside every window)
+KEYRING = LegKeyring.parse("bench:" + "42" * 32)
+
+
 def funded_state(account_ids: list[str]) -> State:
     state = State()
     for account_id in account_ids:
-        apply(state, OpenAccount(transaction_id=f"open-{account_id}", ts_ms=START_TS_MS, account_id=account_id,
-                                 currency="USD"))
-        apply(state, Deposit(transaction_id=f"fund-{account_id}", ts_ms=START_TS_MS, account_id=account_id,
-                             amount=OPENING_DEPOSIT, currency="USD"))
+        apply(state, local_command(OpenAccount, transaction_id=f"open-{account_id}", account_id=account_id,
+                                   currency="USD"), RECORD_TIME_MS)
+        apply(state, local_command(Deposit, transaction_id=f"fund-{account_id}", account_id=account_id,
+                                   amount=OPENING_DEPOSIT, currency="USD"), RECORD_TIME_MS)
     return state
 
 
@@ -63,8 +69,7 @@ def transfer_records(account_ids: list[str], count: int, seed: int, tx_prefix: s
     records = []
     for index in range(count):
         from_account, to_account = rng.sample(account_ids, 2)
-        records.append(encode(Transfer(transaction_id=f"{tx_prefix}{index}", ts_ms=START_TS_MS + 1 + index,
-                                       from_account=from_account, to_account=to_account,
+        records.append(encode(local_command(Transfer, transaction_id=f"{tx_prefix}{index}", from_account=from_account, to_account=to_account,
                                        amount=f"{rng.randint(1, 500)}.{rng.randint(0, 99):02d}", currency="USD")))
     return records
 
@@ -73,13 +78,15 @@ def run_whole_path(state: State, records: list[bytes]) -> int:
     """The processor's per-transfer work, back to back; returns the bytes written (so nothing is optimised away)."""
     written = 0
     for record in records:
-        debit = apply(state, decode_command(record))
+        debit = apply(state, decode_command(record), RECORD_TIME_MS)
         for event in debit.events:
             written += len(encode(event))
         [leg] = debit.follow_ups
-        leg_record = encode(leg)
+        leg_record = encode(KEYRING.sign(leg))  # the processor signs every leg it emits ...
         written += len(leg_record)
-        credit = apply(state, decode_command(leg_record))
+        received = decode_command(leg_record)
+        assert KEYRING.verify(received) is None  # ... and verifies every leg it receives
+        credit = apply(state, received, RECORD_TIME_MS)
         for event in credit.events:
             written += len(encode(event))
         written += len(encode(credit.outcome))
@@ -95,14 +102,14 @@ def run_split(state: State, records: list[bytes]) -> tuple[float, float, float]:
         t0 = clock()
         transfers = [decode_command(record) for record in chunk]
         t1 = clock()
-        debits = [apply(state, transfer) for transfer in transfers]
+        debits = [apply(state, transfer, RECORD_TIME_MS) for transfer in transfers]
         t2 = clock()
         debit_events = [encode(event) for debit in debits for event in debit.events]
         leg_records = [encode(debit.follow_ups[0]) for debit in debits]
         t3 = clock()
         legs = [decode_command(record) for record in leg_records]
         t4 = clock()
-        credits = [apply(state, leg) for leg in legs]
+        credits = [apply(state, leg, RECORD_TIME_MS) for leg in legs]
         t5 = clock()
         credit_events = [encode(event) for credit in credits for event in credit.events]
         outcomes = [encode(credit.outcome) for credit in credits]

@@ -55,6 +55,7 @@ from infra.kafka_clients import kafka_security
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
 from schemas.codec import SchemaError, decode_outcome, encode
+from producers.client import local_command
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
@@ -130,9 +131,9 @@ def setup_records(accounts: int, ts_ms: int) -> Iterator[tuple[str, bytes]]:
     """Open and fund every account: (key, value) records for the commands topic."""
     for index in range(accounts):
         account_id = _account(index)
-        yield account_id, encode(OpenAccount(transaction_id=f"{OPEN}-{index}", ts_ms=ts_ms, account_id=account_id,
+        yield account_id, encode(local_command(OpenAccount, transaction_id=f"{OPEN}-{index}", account_id=account_id,
                                              currency=CURRENCY))
-        yield account_id, encode(Deposit(transaction_id=f"{FUND}-{index}", ts_ms=ts_ms, account_id=account_id,
+        yield account_id, encode(local_command(Deposit, transaction_id=f"{FUND}-{index}", account_id=account_id,
                                          amount=FUNDING_AMOUNT, currency=CURRENCY))
 
 
@@ -167,9 +168,8 @@ def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: 
                 result = SUCCESS
             results[result] += 1
             from_account = names[sender]
-            yield from_account, encode(Transfer(
-                transaction_id=f"{kind}-{index}", ts_ms=ts_ms if ts_ms is not None else time.time_ns() // 1_000_000,
-                from_account=from_account, to_account=to_account, amount=amount, currency=CURRENCY))
+            yield from_account, encode(local_command(Transfer, 
+                transaction_id=f"{kind}-{index}", from_account=from_account, to_account=to_account, amount=amount, currency=CURRENCY))
     finally:
         expected.update(results)
 
@@ -250,8 +250,8 @@ class _Heartbeat:
         self._next_s = now_s + FAUST_HEARTBEAT_INTERVAL_S
         ts_ms = time.time_ns() // 1_000_000
         for account_id in self._accounts.values():
-            self._producer.produce(self._topic, account_id, encode(OpenAccount(
-                transaction_id=f"{HEARTBEAT}-{self._sent}", ts_ms=ts_ms, account_id=account_id, currency=CURRENCY)))
+            self._producer.produce(self._topic, account_id, encode(local_command(OpenAccount, 
+                transaction_id=f"{HEARTBEAT}-{self._sent}", account_id=account_id, currency=CURRENCY)))
             self._sent += 1
         self._producer.poll()
 

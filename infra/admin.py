@@ -28,6 +28,11 @@ _ADMIN_LOG.addHandler(logging.NullHandler())
 # record of the project may ever age out.
 _RETAIN_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 
+# The time that decides (idempotency window, leg age) is the broker's record time, never a
+# producer's: the command topic stamps every record with the time the broker appended it, so
+# a replay of the topic reads the same time the processor decided with.
+_COMMANDS_CONFIG = {"message.timestamp.type": "LogAppendTime"}
+
 METADATA_ATTEMPT_TIMEOUT_S = 2.0
 
 
@@ -126,7 +131,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     metadata = _wait_for_metadata(admin, settings.bootstrap, timeout_s)
 
     existing = [name for name in topic_names(settings) if name in metadata.topics]
-    mismatches = _shape_mismatches(admin, metadata, existing, partition_count, replication_factor, timeout_s)
+    mismatches = _shape_mismatches(admin, metadata, existing, partition_count, replication_factor, timeout_s,
+                                   settings.commands_topic)
     if mismatches:
         raise TopicMismatchError(
             "existing topics differ from the requested shape (not changed; migrate or delete them deliberately):\n  "
@@ -136,7 +142,9 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     result = {name: "exists" for name in existing}
     missing = [name for name in topic_names(settings) if name not in metadata.topics]
     if missing:
-        new_topics = [NewTopic(name, partition_count, replication_factor, config=wanted_config) for name in missing]
+        new_topics = [NewTopic(name, partition_count, replication_factor,
+                               config={**wanted_config, **(_COMMANDS_CONFIG if name == settings.commands_topic else {})})
+                      for name in missing]
         futures = admin.create_topics(new_topics, operation_timeout=timeout_s, request_timeout=timeout_s)
         raced = []
         for name, future in futures.items():
@@ -150,7 +158,8 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
                 raced.append(name)  # another process created it between our look and our create
         if raced:
             metadata = admin.list_topics(timeout=timeout_s)
-            mismatches = _shape_mismatches(admin, metadata, raced, partition_count, replication_factor, timeout_s)
+            mismatches = _shape_mismatches(admin, metadata, raced, partition_count, replication_factor, timeout_s,
+                                           settings.commands_topic)
             if mismatches:
                 raise TopicMismatchError("topics created concurrently with another shape:\n  " + "\n  ".join(mismatches))
             result.update({name: "exists" for name in raced})
@@ -164,6 +173,7 @@ def _shape_mismatches(
     partition_count: int,
     replication_factor: int,
     timeout_s: float,
+    commands_topic: str,
 ) -> list[str]:
     mismatches = []
     for name in names:
@@ -181,6 +191,12 @@ def _shape_mismatches(
                 actual = configs[key].value
                 if actual != wanted:
                     mismatches.append(f"{resource.name}: has {key}={actual}, requested {wanted} (kept forever)")
+            if resource.name == commands_topic:
+                for key, wanted in _COMMANDS_CONFIG.items():
+                    actual = configs[key].value
+                    if actual != wanted:
+                        mismatches.append(f"{resource.name}: has {key}={actual}, requested {wanted} (the broker's "
+                                          f"record time decides, never a producer's)")
     return mismatches
 
 

@@ -21,16 +21,16 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from producers.client import (
     REQUEST_WAIT_MS_DEFAULT, CommandPublisher, OutcomesUnavailableError, OutcomeWaiter, PublishError, WalletClient,
-    canonical_amount, wall_clock_ms,
+    canonical_amount, local_command,
 )
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX, ID_PATTERN, TRANSACTION_ID_LENGTH_MAX, Close, Command, Deposit, Freeze, OpenAccount,
-    PayMerchant, Transfer, Unfreeze, Withdraw,
+    PayMerchant, Transfer, Unfreeze, Withdraw, is_valid_id,
 )
 from streams.core.money import AmountError, minor_units_of
 from infra.settings import Settings
@@ -49,12 +49,24 @@ def _id_constraints(length_max: int) -> dict[str, Any]:
     return {"min_length": 1, "max_length": length_max, "pattern": ID_PATTERN}
 
 
+def _valid_id(length_max: int):
+    # The one id rule (schemas.commands.is_valid_id) on top of the schema's pattern, which
+    # documents it for clients and fuzzers.
+    def check(value: str) -> str:
+        if not is_valid_id(value, length_max):
+            raise PydanticCustomError("invalid_id", "ids are 1 to {length_max} letters, digits and . _ : @ -, "
+                                      "starting with a letter or digit", {"length_max": length_max})
+        return value
+    return AfterValidator(check)
+
+
 AccountIdText = Annotated[str, Field(description=f"account id: letters, digits and . _ : @ -, 1 to "
                                                  f"{ACCOUNT_ID_LENGTH_MAX} characters",
-                                     **_id_constraints(ACCOUNT_ID_LENGTH_MAX))]
+                                     **_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
 TransactionIdText = Annotated[str, Field(description=f"client-chosen id of this request, 1 to "
                                                      f"{TRANSACTION_ID_LENGTH_MAX} characters; reuse it to retry the "
-                                                     "same request", **_id_constraints(TRANSACTION_ID_LENGTH_MAX))]
+                                                     "same request", **_id_constraints(TRANSACTION_ID_LENGTH_MAX)),
+                             _valid_id(TRANSACTION_ID_LENGTH_MAX)]
 
 
 def _amount_is_text(value: Any) -> Any:
@@ -155,7 +167,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorReply, "description": "Kafka is unavailable; retry with the same transaction_id"},
 }
 
-AccountPath = Annotated[str, Path(**_id_constraints(ACCOUNT_ID_LENGTH_MAX))]
+AccountPath = Annotated[str, Path(**_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
 WaitMs = Annotated[int | None, Query(ge=0, description="how long to wait for the outcome, in ms "
                                      "(default and maximum are server settings; larger values are capped)")]
 
@@ -221,14 +233,14 @@ def create_app(
               summary="move money from one wallet to another (or pay a merchant)")
     async def balance_transfer(body: BalanceTransferRequest, request: Request, wait_ms: WaitMs = None) -> JSONResponse:
         command_class = PayMerchant if body.merchant_payment else Transfer
-        command = command_class(transaction_id=body.transaction_id, ts_ms=wall_clock_ms(),
+        command = local_command(command_class, transaction_id=body.transaction_id,
                                 from_account=body.from_account, to_account=body.to_account, amount=body.amount,
                                 currency=body.currency)
         return await execute(request, command, wait_ms)
 
     @app.post("/v1/accounts", response_model=CommandReply, tags=["commands"], summary="open an account")
     async def open_account(body: OpenAccountRequest, request: Request, wait_ms: WaitMs = None) -> JSONResponse:
-        command = OpenAccount(transaction_id=body.transaction_id, ts_ms=wall_clock_ms(), account_id=body.account_id,
+        command = local_command(OpenAccount, transaction_id=body.transaction_id, account_id=body.account_id,
                               currency=body.currency, kind=body.kind)
         return await execute(request, command, wait_ms)
 
@@ -237,7 +249,7 @@ def create_app(
                   name=command_class.__struct_config__.tag)
         async def move_money(account_id: AccountPath, body: MoneyRequest, request: Request,
                              wait_ms: WaitMs = None) -> JSONResponse:
-            command = command_class(transaction_id=body.transaction_id, ts_ms=wall_clock_ms(), account_id=account_id,
+            command = local_command(command_class, transaction_id=body.transaction_id, account_id=account_id,
                                     amount=body.amount, currency=body.currency)
             return await execute(request, command, wait_ms)
 
@@ -246,7 +258,7 @@ def create_app(
                   name=command_class.__struct_config__.tag)
         async def change_status(account_id: AccountPath, body: StatusChangeRequest, request: Request,
                                 wait_ms: WaitMs = None) -> JSONResponse:
-            command = command_class(transaction_id=body.transaction_id, ts_ms=wall_clock_ms(), account_id=account_id)
+            command = local_command(command_class, transaction_id=body.transaction_id, account_id=account_id)
             return await execute(request, command, wait_ms)
 
     money_route("/v1/accounts/{account_id}/deposit", Deposit, "deposit money from a bank account")

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from producers.client import (
     REQUEST_WAIT_MS_DEFAULT, OutcomesUnavailableError, PublishError, WalletClient, canonical_amount, check_ids,
-    new_transaction_id, wall_clock_ms,
+    client_command, new_transaction_id,
 )
 from producers.load import ACCOUNTS_DEFAULT, OUTCOME_WAIT_S_DEFAULT, LoadError, LoadSpec, run_load
 from schemas.codec import SchemaError, decode_outcome
@@ -99,21 +99,23 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
 
 
 def build_command(args: argparse.Namespace) -> Command:
-    """The command a CLI invocation asks for, stamped with the wall clock."""
-    common = {"transaction_id": args.transaction_id or new_transaction_id(), "ts_ms": wall_clock_ms()}
+    """The command a CLI invocation asks for, with the actor and role of the trusted local edge
+    (`local_credentials`); the broker stamps its time. Raises ValueError for an id the contract refuses."""
+    common = {"transaction_id": args.transaction_id or new_transaction_id()}
     name = args.command_name
     if name == "open":
-        return OpenAccount(**common, account_id=args.account_id, currency=args.currency,
-                           kind="merchant" if args.merchant else "user")
+        return client_command(OpenAccount, **common, account_id=args.account_id, currency=args.currency,
+                              kind="merchant" if args.merchant else "user")
     if name in ("deposit", "withdraw"):
         command_class = Deposit if name == "deposit" else Withdraw
-        return command_class(**common, account_id=args.account_id, currency=args.currency,
-                             amount=canonical_amount(args.amount, args.currency))
+        return client_command(command_class, **common, account_id=args.account_id, currency=args.currency,
+                              amount=canonical_amount(args.amount, args.currency))
     if name == "transfer":
         command_class = PayMerchant if args.merchant else Transfer
-        return command_class(**common, from_account=args.from_account, to_account=args.to_account,
-                             currency=args.currency, amount=canonical_amount(args.amount, args.currency))
-    return {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[name](**common, account_id=args.account_id)
+        return client_command(command_class, **common, from_account=args.from_account, to_account=args.to_account,
+                              currency=args.currency, amount=canonical_amount(args.amount, args.currency))
+    command_class = {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[name]
+    return client_command(command_class, **common, account_id=args.account_id)
 
 
 def _run_command(args: argparse.Namespace) -> int:

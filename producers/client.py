@@ -20,7 +20,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import re
 import threading
 import time
 import uuid
@@ -32,7 +31,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from schemas.codec import SchemaError, command_digest, decode_outcome, encode
 from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, ID_PATTERN, TRANSACTION_ID_LENGTH_MAX, Command, owner_account,
+    ACCOUNT_ID_LENGTH_MAX, CLIENT_COMMANDS, LEG_COMMANDS, LOCAL_BANK_ACTOR, LOCAL_OPERATOR_ACTOR,
+    TRANSACTION_ID_LENGTH_MAX, Command, is_valid_id, local_credentials, owner_account,
 )
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER
@@ -83,25 +83,47 @@ def new_transaction_id(prefix: str = "tx-") -> str:
 
 
 def wall_clock_ms() -> int:
-    """The `ts_ms` a producer stamps on a command: the state machine's only clock."""
+    """The wall clock in epoch milliseconds (for reports; commands carry no time: the broker stamps them)."""
     return time.time_ns() // 1_000_000
 
 
-_ID = re.compile(ID_PATTERN)
 _ACCOUNT_FIELDS = ("account_id", "from_account", "to_account")
+
+def local_command(command_class: type, **fields) -> Command:
+    """`command_class(**fields)` with the `local_credentials` actor and role where not given; ids not
+    checked (for bulk generators that make their ids themselves)."""
+    actor, role = local_credentials(command_class, fields.get(command_class.owner_field, ""))
+    fields.setdefault("actor", actor)
+    fields.setdefault("role", role)
+    return command_class(**fields)
+
+
+def client_command(command_class: type, *, actor: str | None = None, role: str | None = None, **fields) -> Command:
+    """A client command with `actor` and `role` (from `local_credentials` where not given), ids checked."""
+    if command_class not in CLIENT_COMMANDS:
+        raise ValueError(f"{command_class.__name__} is not a client command: only a processor may originate a saga leg")
+    owner = fields.get(command_class.owner_field, "")
+    local_actor, local_role = local_credentials(command_class, owner)
+    command = command_class(actor=local_actor if actor is None else actor, role=local_role if role is None else role,
+                            **fields)
+    check_ids(command)
+    return command
 
 
 def check_ids(command: Command) -> None:
-    """Raises ValueError naming the field unless every id of the command follows the contract.
+    """Raises ValueError naming the field unless every id of the command follows the contract
+    (`schemas.commands.is_valid_id`), or if the command is a saga leg, which clients may never publish.
 
     The Kafka decoder checks only the ids' lengths (schemas.commands); their characters are
     the producers' to enforce.
     """
+    if type(command) in LEG_COMMANDS:
+        raise ValueError(f"{type(command).__name__} is a saga leg: only a processor may originate one")
     fields = [("transaction_id", TRANSACTION_ID_LENGTH_MAX)]
     fields += [(name, ACCOUNT_ID_LENGTH_MAX) for name in _ACCOUNT_FIELDS if hasattr(command, name)]
     for name, length_max in fields:
         value = getattr(command, name)
-        if not 1 <= len(value) <= length_max or _ID.match(value) is None:
+        if not is_valid_id(value, length_max):
             raise ValueError(f"{name} {value!r} must be 1 to {length_max} characters, start with a letter or digit "
                              "and contain only letters, digits and . _ : @ -")
 
@@ -254,8 +276,11 @@ class CommandPublisher:
         """Queue many commands at once; failures are counted and raised by `flush`.
 
         Order within the batch is kept for a single publishing thread: each slice waits for
-        room for all of it before it is queued. The bulk path leaves `check_ids` to the caller.
+        room for all of it before it is queued. The bulk path leaves `check_ids` to the caller,
+        but never publishes a saga leg.
         """
+        if any(type(command) in LEG_COMMANDS for command in commands):
+            raise ValueError("a batch holds a saga leg: only a processor may originate one")
         messages = [{"key": owner_account(command), "value": encode(command)} for command in commands]
         slice_size = min(PUBLISH_BATCH_SIZE_MAX, self._queue_messages_max)
         for start in range(0, len(messages), slice_size):

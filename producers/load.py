@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from consumers.audit import log_reader
 from producers.client import (
-    CommandPublisher, OutcomeWaiter, WalletClient, canonical_amount, wall_clock_ms,
+    CommandPublisher, OutcomeWaiter, WalletClient, canonical_amount,
 )
 from schemas.codec import decode_event
+from producers.client import local_command
 from schemas.commands import Deposit, Freeze, OpenAccount, Transfer
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
@@ -177,11 +178,11 @@ def setup_accounts(client: WalletClient, spec: LoadSpec, out: TextIO) -> list[st
     account_ids = spec.account_ids()
     funding = canonical_amount(spec.funding_amount, spec.currency)
     phases = [
-        ("open", [OpenAccount(transaction_id=f"load-{spec.run_id}-open-{a}", ts_ms=wall_clock_ms(), account_id=a,
+        ("open", [local_command(OpenAccount, transaction_id=f"load-{spec.run_id}-open-{a}", account_id=a,
                               currency=spec.currency) for a in account_ids]),
-        ("fund", [Deposit(transaction_id=f"load-{spec.run_id}-fund-{a}", ts_ms=wall_clock_ms(), account_id=a,
+        ("fund", [local_command(Deposit, transaction_id=f"load-{spec.run_id}-fund-{a}", account_id=a,
                           amount=funding, currency=spec.currency) for a in account_ids]),
-        ("freeze", [Freeze(transaction_id=f"load-{spec.run_id}-freeze-{a}", ts_ms=wall_clock_ms(), account_id=a)
+        ("freeze", [local_command(Freeze, transaction_id=f"load-{spec.run_id}-freeze-{a}", account_id=a)
                     for a in account_ids[len(account_ids) - spec.frozen_accounts:]]),
     ]
     for name, commands in phases:
@@ -229,7 +230,6 @@ class _TransferFactory:
         amounts = pick(self._amounts, k=count)
         missing_share = self._spec.missing_receiver_share
         draws = [self._random.random() for _ in range(count)] if missing_share else itertools.repeat(1.0)
-        ts_ms = wall_clock_ms()
         prefix, currency, run_id = self._transaction_prefix, self._spec.currency, self._spec.run_id
         transfers = []
         for offset, sender, receiver, amount, draw in zip(range(count), senders, receivers, amounts, draws):
@@ -238,7 +238,7 @@ class _TransferFactory:
                 to_account = f"load-{run_id}-missing-{index}"
             else:
                 to_account = accounts[receiver if receiver != sender else (receiver + 1) % account_count]
-            transfers.append(Transfer(transaction_id=f"{prefix}{index}", ts_ms=ts_ms, from_account=accounts[sender],
+            transfers.append(local_command(Transfer, transaction_id=f"{prefix}{index}", from_account=accounts[sender],
                                       to_account=to_account, amount=amount, currency=currency))
         return transfers
 

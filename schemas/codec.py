@@ -11,7 +11,9 @@ import hashlib
 
 import msgspec
 
-from schemas.commands import Command
+from schemas.commands import (
+    ACCOUNT_ID_LENGTH_MAX, ACTOR_LENGTH_MAX, CLIENT_COMMANDS, TRANSACTION_ID_LENGTH_MAX, Command,
+)
 from schemas.events import Event
 from schemas.outcomes import Outcome
 
@@ -49,10 +51,34 @@ def decode_outcome(data: bytes) -> Outcome:
 
 
 def command_digest(command: Command) -> str:
-    """A fingerprint of what a client asked for: every field but the timestamp.
+    """A fingerprint of what a client asked for: every field, actor and role included.
 
     Two requests with one transaction id are the same request exactly when their digests
-    are equal; the digest travels with the saga legs and the outcome.
+    are equal (a retry under another actor or role is a conflict, not the same request); the
+    digest travels with the saga legs and the outcome.
     """
-    payload = _encoder.encode(msgspec.structs.replace(command, ts_ms=0))
-    return hashlib.blake2b(payload, digest_size=12).hexdigest()
+    return hashlib.blake2b(_encoder.encode(command), digest_size=12).hexdigest()
+
+
+_CLIENT_OWNER_FIELDS = {cls.__struct_config__.tag: cls.owner_field for cls in CLIENT_COMMANDS}
+_loose_decoder = msgspec.json.Decoder()
+
+
+def readable_request(data: bytes) -> tuple[str, str, str] | None:
+    """(transaction id, owning account, actor) of a record that is not a valid command but reads
+    as a client command's JSON object with those fields, else None. The actor is "" when it
+    cannot be read."""
+    try:
+        value = _loose_decoder.decode(data)
+    except (msgspec.DecodeError, TypeError):
+        return None
+    if type(value) is not dict:
+        return None
+    owner_field = _CLIENT_OWNER_FIELDS.get(value.get("type"))
+    transaction_id, owner, actor = value.get("transaction_id"), value.get(owner_field), value.get("actor")
+    if (owner_field is None or type(transaction_id) is not str or not 1 <= len(transaction_id) <= TRANSACTION_ID_LENGTH_MAX
+            or type(owner) is not str or not 1 <= len(owner) <= ACCOUNT_ID_LENGTH_MAX):
+        return None
+    if type(actor) is not str or len(actor) > ACTOR_LENGTH_MAX:
+        actor = ""
+    return transaction_id, owner, actor

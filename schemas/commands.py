@@ -1,29 +1,54 @@
 """Commands: what producers ask the wallet to do, on the `wallet.commands` topic.
 
-Each command is keyed by the account that owns the step (`owner_account`). `ts_ms` is set by
-whoever produced the command and is the only clock the state machine reads.
+Each command is keyed by the account that owns the step (`owner_account`). Commands carry no
+time: the time that decides is the broker's record time (`wallet.commands` is created with
+`message.timestamp.type=LogAppendTime`), which the processor hands to the core.
+
+Client commands carry `actor` (the authenticated principal) and `role` (the scope under which
+the edge authorised it); both are set by the trusted edge, never taken from a client's body,
+and the core decides with them who may move whose money. Saga legs are written by processors
+only: each carries the transfer's `actor`, `issued_ms` (the decision time of the step that
+emitted it) and a MAC (`kid`, `mac`, see `schemas.leg_auth`) that the processor checks before
+the core ever sees the leg.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# What an id may look like. The edges (HTTP API, CLI) enforce it; the decoder of the Kafka
-# path checks only the lengths, because a regular expression per id field tripled the cost
-# of decoding a command, and the core treats ids as opaque text anyway.
+# What an id may look like: one rule, one implementation (`is_valid_id`), used by the client
+# library, the CLI and the HTTP API. The decoder of the Kafka path checks only the lengths,
+# because a regular expression per id field tripled the cost of decoding a command, and the
+# core treats ids as opaque text anyway. `ID_PATTERN` is anchored for JSON Schema / pydantic
+# (search semantics); `is_valid_id` uses a full match, so "alice\n" is refused (`re.match`
+# with `$` accepted it).
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 ACCOUNT_ID_LENGTH_MAX = 64
 TRANSACTION_ID_LENGTH_MAX = 128
+ACTOR_LENGTH_MAX = 128
+KEY_ID_LENGTH_MAX = 32
+MAC_HEX_LENGTH_MAX = 64
 AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=ACCOUNT_ID_LENGTH_MAX)]
 TransactionId = Annotated[str, msgspec.Meta(min_length=1, max_length=TRANSACTION_ID_LENGTH_MAX)]
-TimestampMs = Annotated[int, msgspec.Meta(ge=0)]
+Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=ACTOR_LENGTH_MAX)]
+TimestampMs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Role = Literal["user", "bank", "operator"]
+ROLES: tuple[str, ...] = ("user", "bank", "operator")
 # Amounts stay strings here: whether one is acceptable is a decision of the state machine,
 # recorded in the log, not a decode error.
 AmountText = str
 AccountKind = Literal["user", "merchant"]
+
+
+def is_valid_id(text: object, length_max: int = TRANSACTION_ID_LENGTH_MAX) -> bool:
+    """True if `text` is an id the contract allows: 1..length_max characters, a letter or digit
+    first, then letters, digits and . _ : @ - (a full match: no trailing newline)."""
+    return type(text) is str and 1 <= len(text) <= length_max and _ID.fullmatch(text) is not None
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
@@ -32,30 +57,36 @@ class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     v: int = SCHEMA_VERSION
     transaction_id: TransactionId
-    ts_ms: TimestampMs
 
 
-class OpenAccount(_Command, tag="open_account"):
+class _ClientCommand(_Command, frozen=True):
+    actor: Actor  # the authenticated principal, set by the trusted edge
+    role: Role  # the scope under which the edge authorised the command
+
+
+class OpenAccount(_ClientCommand, tag="open_account"):
+    """Any role; the account's owner is the actor."""
     account_id: AccountId
     currency: str
     kind: AccountKind = "user"
 
 
-class Deposit(_Command, tag="deposit"):
-    """Money arrives from a bank account outside the ledger."""
+class Deposit(_ClientCommand, tag="deposit"):
+    """Money arrives from a bank account outside the ledger (role `bank` only)."""
     account_id: AccountId
     amount: AmountText
     currency: str
 
 
-class Withdraw(_Command, tag="withdraw"):
-    """Money leaves to a bank account outside the ledger."""
+class Withdraw(_ClientCommand, tag="withdraw"):
+    """Money leaves to a bank account outside the ledger (role `bank`, or the owner)."""
     account_id: AccountId
     amount: AmountText
     currency: str
 
 
-class Transfer(_Command, tag="transfer"):
+class Transfer(_ClientCommand, tag="transfer"):
+    """Only the owner of `from_account` may send."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
@@ -63,7 +94,7 @@ class Transfer(_Command, tag="transfer"):
     currency: str
 
 
-class PayMerchant(_Command, tag="pay_merchant"):
+class PayMerchant(_ClientCommand, tag="pay_merchant"):
     """A transfer whose receiving account must be of kind `merchant`."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
@@ -72,19 +103,26 @@ class PayMerchant(_Command, tag="pay_merchant"):
     currency: str
 
 
-class Freeze(_Command, tag="freeze"):
+class Freeze(_ClientCommand, tag="freeze"):
     account_id: AccountId
 
 
-class Unfreeze(_Command, tag="unfreeze"):
+class Unfreeze(_ClientCommand, tag="unfreeze"):
     account_id: AccountId
 
 
-class Close(_Command, tag="close"):
+class Close(_ClientCommand, tag="close"):
     account_id: AccountId
 
 
-class CreditLeg(_Command, tag="credit_leg"):
+class _Leg(_Command, frozen=True):
+    actor: Actor  # the actor of the transfer the leg belongs to
+    issued_ms: TimestampMs  # decision time of the step that emitted the leg
+    kid: Annotated[str, msgspec.Meta(max_length=KEY_ID_LENGTH_MAX)] = ""  # key id of the MAC
+    mac: Annotated[str, msgspec.Meta(max_length=MAC_HEX_LENGTH_MAX)] = ""  # hex HMAC-SHA256/128, see leg_auth
+
+
+class CreditLeg(_Leg, tag="credit_leg", kw_only=True):
     """Second step of a transfer, keyed by `to_account`; produced only by the processor.
 
     `digest` is the digest of the client's transfer command, so that the final outcome names
@@ -101,7 +139,7 @@ class CreditLeg(_Command, tag="credit_leg"):
     resend: bool = False
 
 
-class RefundLeg(_Command, tag="refund_leg"):
+class RefundLeg(_Leg, tag="refund_leg", kw_only=True):
     """Compensation of a transfer the receiving side refused, keyed by `from_account`."""
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
@@ -110,11 +148,33 @@ class RefundLeg(_Command, tag="refund_leg"):
     currency: str
     digest: str
     reason: str
+    # issued_ms of the credit leg refunded, which is the debit's decision time: the sender
+    # refunds exactly that debit, never a later debit of the same request.
+    debit_ms: TimestampMs
 
 
 Command = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close, CreditLeg, RefundLeg]
+ClientCommand = Union[OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close]
+Leg = Union[CreditLeg, RefundLeg]
 CLIENT_COMMANDS = (OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close)
 LEG_COMMANDS = (CreditLeg, RefundLeg)
+
+
+# The principals a trusted edge without authentication (`wallet up --auth off`, the CLI, the load
+# generator, tests) uses: the bank rail, the operator, and each account's own id as its owner.
+LOCAL_BANK_ACTOR = "bank"
+LOCAL_OPERATOR_ACTOR = "operator"
+
+
+def local_credentials(command_class: type, owner: str) -> tuple[str, str]:
+    """(actor, role) of a command built by a trusted local edge without authentication: money in
+    and out by the bank rail, status changes by the operator, everything else by the account
+    itself (an account opened this way is owned by its own id)."""
+    if command_class in (Deposit, Withdraw):
+        return LOCAL_BANK_ACTOR, "bank"
+    if command_class in (Freeze, Unfreeze, Close):
+        return LOCAL_OPERATOR_ACTOR, "operator"
+    return owner, "user"
 
 
 def owner_account(command: Command) -> str:

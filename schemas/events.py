@@ -19,9 +19,10 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     v: int = SCHEMA_VERSION
     account_id: str
     transaction_id: str
-    ts_ms: int
+    ts_ms: int  # the core's decision time: max(partition clock, record time); never decreases
     command: str  # type of the command that caused the event
     digest: str  # digest of the client command the event answers
+    actor: str  # who asked for the change (a leg's events carry its transfer's actor)
 
 
 class _Change(_Event, frozen=True):
@@ -35,6 +36,7 @@ class _MoneyChange(_Change, frozen=True):
 
 
 class AccountOpened(_Change, tag="account_opened"):
+    owner: str  # the actor that opened it: the only actor that may send from it
     currency: str
     kind: AccountKind
     balance: str
@@ -56,6 +58,7 @@ class TransferDebited(_MoneyChange, tag="transfer_debited"):
 
 class TransferCredited(_MoneyChange, tag="transfer_credited"):
     from_account: str
+    issued_ms: int  # of the credit leg: a copy of this leg (same issued_ms) never credits again
 
 
 class TransferRefunded(_MoneyChange, tag="transfer_refunded"):
@@ -77,6 +80,7 @@ class AccountClosed(_Change, tag="account_closed"):
 
 class CommandRejected(_Event, tag="command_rejected"):
     reason: str
+    issued_ms: int | None = None  # of the refused credit leg, when a credit leg was refused
 
 
 Event = Union[

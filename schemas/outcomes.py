@@ -1,5 +1,9 @@
 """Outcomes: the final answer to a client command, on `wallet.outcomes`, keyed by transaction id.
 
+A request is identified by (owning account, transaction id): `account_id` is the account
+that owns the request (`account_id` or `from_account` of the client command), `actor` who
+asked. Readers match answers by (account_id, transaction_id), never by transaction id alone.
+
 A retried request may publish the same outcome again (byte-identical); a transaction id
 never gets two different final outcomes for the same `digest`. A request that reuses a
 transaction id with another payload gets `failure`/`duplicate_conflict` carrying its own
@@ -19,6 +23,8 @@ OutcomeStatus = Literal["success", "failure"]
 class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="outcome", tag_field="type", gc=False):
     v: int = SCHEMA_VERSION
     transaction_id: str
+    account_id: str  # the account that owns the request
+    actor: str  # who asked ("" when a dead-lettered record did not say)
     status: OutcomeStatus
     reason: Optional[str] = None
     digest: str
@@ -40,3 +46,8 @@ class Reason:
     SAME_ACCOUNT = "same_account"
     NOT_A_MERCHANT = "not_a_merchant"
     DUPLICATE_CONFLICT = "duplicate_conflict"
+    NOT_AUTHORIZED = "not_authorized"  # the actor or role may not ask this of the account
+    TRANSFER_IN_FLIGHT = "transfer_in_flight"  # close refused while a debit of the account is in flight
+    LEG_EXPIRED = "leg_expired"  # a credit leg older than half the idempotency window: refunded
+    INVALID_COMMAND = "invalid_command"  # the record could not be decoded (dead-lettered)
+    WRONG_PARTITION = "wrong_partition"  # the record arrived on a partition that does not own its account

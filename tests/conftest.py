@@ -24,6 +24,10 @@ from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wa
 from infra.settings import LOCAL_NODE_PORT_STEP, Settings
 from wallet import localkafka
 
+# One leg key for the whole session: the processes a test starts, the audits it runs in-process
+# (whatever run folder their settings name) and the reference pipeline sign and verify alike.
+os.environ.setdefault("WALLET_LEG_KEYS", "test:" + "3c" * 32)
+
 KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "make_settings", "wallet_settings"})
 CONFIGURED_CLUSTER_TIMEOUT_S = 30
 REUSE_PROBE_TIMEOUT_S = 10

@@ -26,7 +26,7 @@ from tests.support.processes import ProcessorProcess
 from wallet import localkafka
 from infra.admin import ensure_topics
 from producers.load import LoadSpec, ledger_balances, run_load
-from streams.core.money import canonical_minor
+from streams.core.money import canonical_balance_minor
 from infra.settings import Settings
 
 REQUEST_WAIT_MS = 20_000  # generous: the processor may still be joining its group at the first request
@@ -266,7 +266,7 @@ def test_the_load_generator_gets_an_outcome_for_every_transfer_and_conserves_mon
     assert {"account_not_found", "account_frozen"} <= reasons
     balances = ledger_balances(wallet_settings, spec.account_ids())
     # every cent deposited is still in the accounts: nothing in flight once every outcome is in
-    assert sum(canonical_minor(balance, "USD") for balance in balances.values()) == 20 * 5000
+    assert sum(canonical_balance_minor(balance, "USD") for balance in balances.values()) == 20 * 5000
 
 
 # -- a broker outage -----------------------------------------------------------------------

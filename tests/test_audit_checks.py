@@ -11,11 +11,12 @@ from consumers.audit.checks import (
 )
 from consumers.audit.log_reader import PartitionLog
 from schemas.codec import decode_event, encode
+from tests.support.commands import edge
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
 from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, raw_command
 
 PARTITIONS = 2
@@ -28,12 +29,12 @@ def test_the_accounts_are_on_two_partitions():
 
 
 def _log(*extra) -> ReferenceLog:
-    commands = [OpenAccount(transaction_id="o-s", ts_ms=T0_MS, account_id=SENDER, currency="USD"),
-                OpenAccount(transaction_id="o-r", ts_ms=T0_MS + 1, account_id=RECEIVER, currency="USD"),
-                Deposit(transaction_id="d-s", ts_ms=T0_MS + 2, account_id=SENDER, amount="10.00", currency="USD"),
-                Transfer(transaction_id="t-1", ts_ms=T0_MS + 3, from_account=SENDER, to_account=RECEIVER,
+    commands = [edge(OpenAccount, transaction_id="o-s", account_id=SENDER, currency="USD"),
+                edge(OpenAccount, transaction_id="o-r", account_id=RECEIVER, currency="USD"),
+                edge(Deposit, transaction_id="d-s", account_id=SENDER, amount="10.00", currency="USD"),
+                edge(Transfer, transaction_id="t-1", from_account=SENDER, to_account=RECEIVER,
                          amount="4.00", currency="USD"),
-                Transfer(transaction_id="t-2", ts_ms=T0_MS + 4, from_account=SENDER, to_account="nobody",
+                edge(Transfer, transaction_id="t-2", from_account=SENDER, to_account="nobody",
                          amount="1.00", currency="USD"),
                 *extra]
     return decide(commands, PARTITIONS)
@@ -41,7 +42,7 @@ def _log(*extra) -> ReferenceLog:
 
 def _partition_logs(records: list[list[Record]]) -> dict[int, PartitionLog]:
     return {partition: PartitionLog(partition, 0, len(items), list(range(len(items))), [r.key for r in items],
-                                    [r.value for r in items])
+                                    [r.value for r in items], [r.timestamp_ms for r in items])
             for partition, items in enumerate(records)}
 
 
@@ -96,7 +97,7 @@ def test_a_debit_committed_after_its_partition_was_read_explains_the_credit():
 
 
 def test_a_conflicting_request_is_answered_apart_from_the_transaction():
-    conflict = Transfer(transaction_id="t-1", ts_ms=T0_MS + 9, from_account=SENDER, to_account=RECEIVER,
+    conflict = edge(Transfer, transaction_id="t-1", from_account=SENDER, to_account=RECEIVER,
                         amount="5.00", currency="USD")
     log = _log(conflict)
     assert _replay(log).violations == []  # its own digest: not the transfer's answer
@@ -104,7 +105,8 @@ def test_a_conflicting_request_is_answered_apart_from_the_transaction():
     # A duplicate_conflict that claims to answer the transfer itself (the transfer's digest).
     debit = decode_event(log.events[partition_for(SENDER, PARTITIONS)][
         _position(log.events[partition_for(SENDER, PARTITIONS)], TransferDebited, "t-1")].value)
-    forged = Outcome(transaction_id="t-1", status="failure", reason=Reason.DUPLICATE_CONFLICT, digest=debit.digest)
+    forged = Outcome(transaction_id="t-1", account_id=SENDER, actor=SENDER, status="failure",
+                     reason=Reason.DUPLICATE_CONFLICT, digest=debit.digest)
     log.outcomes[partition_for("t-1", PARTITIONS)].append(Record(b"t-1", encode(forged)))
     [violation] = _replay(log).violations
     assert (violation.kind, violation.transaction_id, violation.topic) == (Kind.OUTCOME_MISMATCH, "t-1", "outcomes")
@@ -134,7 +136,7 @@ def test_a_refund_for_a_credited_transfer_is_settled_twice():
     log = _log()
     sender_events = log.events[partition_for(SENDER, PARTITIONS)]
     last = decode_event(sender_events[-1].value)
-    refund = TransferRefunded(account_id=SENDER, transaction_id="t-1", ts_ms=last.ts_ms, command="refund_leg",
+    refund = TransferRefunded(account_id=SENDER, transaction_id="t-1", ts_ms=last.ts_ms, command="refund_leg", actor=SENDER,
                               digest=decode_event(sender_events[_position(sender_events, TransferDebited, "t-1")].value
                                                   ).digest, seq=last.seq + 1, amount="4.00", currency="USD",
                               balance="9.00", to_account=RECEIVER, reason="account_frozen")
@@ -176,7 +178,7 @@ def _determinism(log: ReferenceLog, dead_lettered: set, *, settled: bool = False
 
 def test_replaying_the_commands_reproduces_the_events_and_skips_what_the_processor_dead_letters():
     log = _log(raw_command(SENDER, b"poison"),
-               Deposit(transaction_id="d-2", ts_ms=T0_MS + 20, account_id=SENDER, amount="1.00", currency="USD"))
+               edge(Deposit, transaction_id="d-2", account_id=SENDER, amount="1.00", currency="USD"))
     [letter] = log.dead_letters
     dead_lettered = {(letter.source_partition, letter.source_offset)}
     result = _determinism(log, dead_lettered)
@@ -193,8 +195,7 @@ def test_commands_not_processed_yet_are_pending_and_a_trailing_poison_is_judged_
     log = _log()
     partition = partition_for(SENDER, PARTITIONS)
     log.commands[partition] += [raw_command(SENDER, b"poison"),
-                                Record(SENDER.encode(), encode(Deposit(transaction_id="late", ts_ms=T0_MS + 30,
-                                                                       account_id=SENDER, amount="1.00",
+                                Record(SENDER.encode(), encode(edge(Deposit, transaction_id="late", account_id=SENDER, amount="1.00",
                                                                        currency="USD")))]
     live = _determinism(log, set())
     assert live.violations == [] and live.pending == [(partition, len(log.commands[partition]) - 1)]
@@ -215,11 +216,11 @@ def test_an_event_no_command_decides_and_a_changed_event_are_named():
 def test_replaying_in_worker_processes_finds_exactly_what_one_process_finds(monkeypatch):
     from consumers.audit import workers
 
-    log = decide([OpenAccount(transaction_id=f"o-{n}", ts_ms=T0_MS + n, account_id=f"acct-{n}", currency="USD")
+    log = decide([edge(OpenAccount, transaction_id=f"o-{n}", account_id=f"acct-{n}", currency="USD")
                         for n in range(8)]
-                       + [Deposit(transaction_id=f"d-{n}", ts_ms=T0_MS + 10 + n, account_id=f"acct-{n}",
+                       + [edge(Deposit, transaction_id=f"d-{n}", account_id=f"acct-{n}",
                                   amount="10.00", currency="USD") for n in range(8)]
-                       + [Transfer(transaction_id=f"t-{n}", ts_ms=T0_MS + 20 + n, from_account=f"acct-{n}",
+                       + [edge(Transfer, transaction_id=f"t-{n}", from_account=f"acct-{n}",
                                    to_account=f"acct-{(n + 3) % 9}", amount="1.00", currency="USD")
                           for n in range(8)], 4)
     # Tampering across partitions: one transfer's credit lost, another's debit duplicated.
@@ -252,7 +253,7 @@ def test_re_deciding_in_worker_processes_finds_exactly_what_one_process_finds(mo
     from consumers.audit import workers
 
     log = _log(raw_command(SENDER, b"poison"),
-               Deposit(transaction_id="d-2", ts_ms=T0_MS + 20, account_id=SENDER, amount="1.00", currency="USD"))
+               edge(Deposit, transaction_id="d-2", account_id=SENDER, amount="1.00", currency="USD"))
     changed = log.events[partition_for(RECEIVER, PARTITIONS)]
     changed[-1] = Record(changed[-1].key, changed[-1].value.replace(b'"ts_ms":', b'"ts_ms":1'))
     commands, events = _partition_logs(log.commands), _partition_logs(log.events)
@@ -274,7 +275,7 @@ def test_a_whole_transfer_written_twice_is_named():
         records = log.events[partition_for(account, PARTITIONS)]
         original = decode_event(records[_position(records, event_class, "t-1")].value)
         last = decode_event(records[-1].value)
-        balance_minor = canonical_minor(last.balance, "USD") + (-400 if account == SENDER else 400)
+        balance_minor = canonical_balance_minor(last.balance, "USD") + (-400 if account == SENDER else 400)
         records.append(Record(account.encode(), encode(msgspec.structs.replace(
             original, seq=last.seq + 1, balance=format_amount(balance_minor, "USD")))))
     violations = _replay(log).violations

@@ -25,10 +25,11 @@ from consumers.audit.balance import balance_at, parse_time_ms
 from consumers.audit.checks import Kind, accounts_view
 from consumers.audit.log_reader import read_topic
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
+from tests.support.commands import edge
 from schemas.commands import CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Withdraw
 from schemas.events import CommandRejected, Deposited, TransferCredited, TransferRefunded
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
 from streams.core.state import State, fold
 from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from wallet.cli import main
@@ -61,44 +62,44 @@ def _scenario() -> list:
     def t() -> int:
         return next(ts)
 
-    conflict_source = Transfer(transaction_id="t-a-c", ts_ms=t(), from_account=a["alice"], to_account=a["carol"],
+    conflict_source = edge(Transfer, transaction_id="t-a-c", from_account=a["alice"], to_account=a["carol"],
                                amount="7.50", currency="USD")
-    commands = [OpenAccount(transaction_id=f"open-{role}", ts_ms=t(), account_id=a[role],
+    commands = [edge(OpenAccount, transaction_id=f"open-{role}", account_id=a[role],
                             currency="EUR" if role == "euro" else "USD", kind="merchant" if role == "shop" else "user")
                 for role in ("alice", "bob", "carol", "euro", "frozen", "shop", "inflight_src", "inflight_dst",
                              "refund_src")]
-    commands += [Deposit(transaction_id=f"fund-{role}", ts_ms=t(), account_id=a[role], amount=amount,
+    commands += [edge(Deposit, transaction_id=f"fund-{role}", account_id=a[role], amount=amount,
                          currency="EUR" if role == "euro" else "USD")
                  for role, amount in (("alice", "100.00"), ("bob", "50.00"), ("carol", "20.00"), ("euro", "30.00"),
                                       ("frozen", "10.00"), ("inflight_src", "40.00"), ("refund_src", "25.00"))]
     commands += [
-        Withdraw(transaction_id="w-alice", ts_ms=t(), account_id=a["alice"], amount="10.00", currency="USD"),
-        Transfer(transaction_id="t-a-b", ts_ms=t(), from_account=a["alice"], to_account=a["bob"], amount="5.00",
+        edge(Withdraw, transaction_id="w-alice", account_id=a["alice"], amount="10.00", currency="USD"),
+        edge(Transfer, transaction_id="t-a-b", from_account=a["alice"], to_account=a["bob"], amount="5.00",
                  currency="USD"),  # within one partition
-        msgspec.structs.replace(conflict_source, ts_ms=t()),  # across partitions
-        Transfer(transaction_id="t-b-a", ts_ms=t(), from_account=a["bob"], to_account=a["alice"], amount="1.00",
+        conflict_source,  # across partitions
+        edge(Transfer, transaction_id="t-b-a", from_account=a["bob"], to_account=a["alice"], amount="1.00",
                  currency="USD"),
-        Freeze(transaction_id="freeze", ts_ms=t(), account_id=a["frozen"]),
-        Transfer(transaction_id="t-to-frozen", ts_ms=t(), from_account=a["carol"], to_account=a["frozen"],
+        edge(Freeze, transaction_id="freeze", account_id=a["frozen"]),
+        edge(Transfer, transaction_id="t-to-frozen", from_account=a["carol"], to_account=a["frozen"],
                  amount="2.00", currency="USD"),
-        Transfer(transaction_id="t-to-euro", ts_ms=t(), from_account=a["alice"], to_account=a["euro"],
+        edge(Transfer, transaction_id="t-to-euro", from_account=a["alice"], to_account=a["euro"],
                  amount="3.00", currency="USD"),
-        Transfer(transaction_id="t-too-much", ts_ms=t(), from_account=a["carol"], to_account=a["alice"],
+        edge(Transfer, transaction_id="t-too-much", from_account=a["carol"], to_account=a["alice"],
                  amount="1000.00", currency="USD"),
-        msgspec.structs.replace(conflict_source, ts_ms=t()),  # a client retry: the first answer again
-        msgspec.structs.replace(conflict_source, ts_ms=t(), amount="8.00"),  # same id, other payload
-        PayMerchant(transaction_id="pay-shop", ts_ms=t(), from_account=a["alice"], to_account=a["shop"],
+        conflict_source,  # a client retry: the first answer again
+        msgspec.structs.replace(conflict_source, amount="8.00"),  # same id, other payload
+        edge(PayMerchant, transaction_id="pay-shop", from_account=a["alice"], to_account=a["shop"],
                     amount="4.00", currency="USD"),
-        PayMerchant(transaction_id="pay-bob", ts_ms=t(), from_account=a["alice"], to_account=a["bob"],
+        edge(PayMerchant, transaction_id="pay-bob", from_account=a["alice"], to_account=a["bob"],
                     amount="1.00", currency="USD"),  # not a merchant: refunded
-        Withdraw(transaction_id="w-bob-too-much", ts_ms=t(), account_id=a["bob"], amount="1000.00", currency="USD"),
+        edge(Withdraw, transaction_id="w-bob-too-much", account_id=a["bob"], amount="1000.00", currency="USD"),
         raw_command(a["alice"], b'{"type": "deposit", "not": "a command"}'),
         # A deposit for carol keyed by alice: lands on alice's partition, which does not own carol.
-        raw_command(a["alice"], encode(Deposit(transaction_id="misrouted", ts_ms=t(), account_id=a["carol"],
+        raw_command(a["alice"], encode(edge(Deposit, transaction_id="misrouted", account_id=a["carol"],
                                                amount="1.00", currency="USD"))),
-        Transfer(transaction_id="t-refund", ts_ms=t(), from_account=a["refund_src"], to_account=a["ghost"],
+        edge(Transfer, transaction_id="t-refund", from_account=a["refund_src"], to_account=a["ghost"],
                  amount="5.00", currency="USD"),
-        Transfer(transaction_id="t-inflight", ts_ms=t(), from_account=a["inflight_src"],
+        edge(Transfer, transaction_id="t-inflight", from_account=a["inflight_src"],
                  to_account=a["inflight_dst"], amount="6.00", currency="USD"),
     ]
     return commands
@@ -132,7 +133,7 @@ def _write_aborted_forgery(settings, log: ReferenceLog) -> None:
     read_committed reader must never see it."""
     partition, _, last = [item for item in _events_of(log, ACCOUNTS["alice"]) if hasattr(item[2], "seq")][-1]
     forged = Deposited(account_id=last.account_id, transaction_id="aborted-forgery", ts_ms=last.ts_ms, command="deposit",
-                       digest="0" * 24, seq=last.seq + 1, amount="1000.00", currency="USD", balance="99999.00")
+                       actor="bank", digest="0" * 24, seq=last.seq + 1, amount="1000.00", currency="USD", balance="99999.00")
     producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
                          "transactional.id": f"{settings.topic_prefix}forger-{uuid.uuid4().hex[:6]}"})
     producer.init_transactions(30)
@@ -202,11 +203,11 @@ def test_forged_credit_without_debit_is_named(make_settings, clean_log):
     log = _tampered(clean_log)
     partition, position, last = next(item for item in reversed(_events_of(log, ACCOUNTS["bob"]))
                                      if hasattr(item[2], "balance"))
-    balance_minor = canonical_minor(last.balance, "USD") + 50_000
+    balance_minor = canonical_balance_minor(last.balance, "USD") + 50_000
     forged = TransferCredited(account_id=last.account_id, transaction_id="forged-credit", ts_ms=last.ts_ms,
-                              command="credit_leg", digest="f" * 24, seq=last.seq + 1, amount="500.00",
-                              currency="USD", balance=format_amount(balance_minor, "USD"),
-                              from_account=ACCOUNTS["carol"])
+                              command="credit_leg", actor=ACCOUNTS["carol"], digest="f" * 24, seq=last.seq + 1,
+                              amount="500.00", currency="USD", balance=format_amount(balance_minor, "USD"),
+                              from_account=ACCOUNTS["carol"], issued_ms=last.ts_ms)
     log.events[partition].insert(position + 1, _record(forged))
 
     report = run_audit(_written(make_settings, log))

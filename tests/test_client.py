@@ -14,6 +14,7 @@ from producers.client import (
     new_transaction_id,
 )
 from schemas.codec import decode_command, encode
+from tests.support.commands import edge
 from schemas.commands import Deposit, Transfer
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
@@ -28,7 +29,7 @@ ABSENCE_WAIT_S = 1.5  # how long "no answer" is observed before concluding there
 
 
 def _transfer(from_account: str, to_account: str = "receiver", amount: str = "1.00", tx: str | None = None) -> Transfer:
-    return Transfer(transaction_id=tx or new_transaction_id(), ts_ms=1_700_000_000_000, from_account=from_account,
+    return edge(Transfer, transaction_id=tx or new_transaction_id(), from_account=from_account,
                     to_account=to_account, amount=amount, currency="USD")
 
 
@@ -130,8 +131,8 @@ def test_the_waiter_answers_each_request_with_the_outcome_of_its_own_digest(
     conflicting = waiter.expect(tx, "digest-conflicting")
     _publish_outcomes(
         wallet_settings,
-        Outcome(transaction_id=tx, status="failure", reason=Reason.DUPLICATE_CONFLICT, digest="digest-conflicting"),
-        Outcome(transaction_id=tx, status="success", digest="digest-first"),
+        Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.DUPLICATE_CONFLICT, digest="digest-conflicting"),
+        Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="digest-first"),
     )
     assert first.wait(OUTCOME_WAIT_S).status == "success"
     assert conflicting.wait(OUTCOME_WAIT_S).reason == Reason.DUPLICATE_CONFLICT
@@ -146,11 +147,11 @@ def test_the_waiter_gives_none_when_no_outcome_arrives_in_time(waiter: OutcomeWa
 
 def test_the_waiter_starts_at_the_end_of_the_topic_and_never_answers_with_history(wallet_settings: Settings) -> None:
     tx = new_transaction_id()
-    _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, status="failure", reason="old", digest="d"))
+    _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason="old", digest="d"))
     with OutcomeWaiter.from_settings(wallet_settings).start(ready_timeout_s=READY_TIMEOUT_S) as waiter:
         with waiter.expect(tx, "d") as expectation:
             assert expectation.wait(ABSENCE_WAIT_S) is None
-            _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, status="success", digest="d"))
+            _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="d"))
             assert expectation.wait(OUTCOME_WAIT_S).status == "success"
 
 
@@ -162,11 +163,11 @@ def test_the_waiter_never_answers_with_an_outcome_from_an_aborted_transaction(
     producer.init_transactions(DELIVERY_TIMEOUT_S)
     with waiter.expect(tx, "d") as expectation:
         producer.begin_transaction()
-        producer.produce(wallet_settings.outcomes_topic, encode(Outcome(transaction_id=tx, status="failure",
+        producer.produce(wallet_settings.outcomes_topic, encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
                                                                         reason="aborted", digest="d")), tx)
         producer.abort_transaction(DELIVERY_TIMEOUT_S)
         producer.begin_transaction()
-        producer.produce(wallet_settings.outcomes_topic, encode(Outcome(transaction_id=tx, status="success",
+        producer.produce(wallet_settings.outcomes_topic, encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success",
                                                                         digest="d")), tx)
         producer.commit_transaction(DELIVERY_TIMEOUT_S)
         assert expectation.wait(OUTCOME_WAIT_S).status == "success"
@@ -180,8 +181,8 @@ def test_the_status_cache_keeps_the_transactions_answer_despite_a_later_conflict
     with waiter.expect(tx, "first") as answer, waiter.expect(tx, "second") as conflict:
         _publish_outcomes(
             wallet_settings,
-            Outcome(transaction_id=tx, status="failure", reason=Reason.INSUFFICIENT_FUNDS, digest="first"),
-            Outcome(transaction_id=tx, status="failure", reason=Reason.DUPLICATE_CONFLICT, digest="second"),
+            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.INSUFFICIENT_FUNDS, digest="first"),
+            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.DUPLICATE_CONFLICT, digest="second"),
         )
         assert answer.wait(OUTCOME_WAIT_S) is not None
         assert conflict.wait(OUTCOME_WAIT_S) is not None
@@ -237,7 +238,7 @@ def test_canonical_amount_refuses_what_the_core_refuses(amount: str) -> None:
 def test_a_publisher_for_failures_only_refuses_single_submits() -> None:
     with CommandPublisher(_dead_bootstrap(), "wallet.commands", report_successes=False) as publisher:
         with pytest.raises(ValueError, match="publish_batch"):
-            publisher.submit(Deposit(transaction_id="t", ts_ms=0, account_id="a", amount="1.00", currency="USD"))
+            publisher.submit(edge(Deposit, transaction_id="t", account_id="a", amount="1.00", currency="USD"))
 
 
 @pytest.mark.parametrize(("field", "value"), [("from_account", "bad id"), ("to_account", "-leading-dash"),

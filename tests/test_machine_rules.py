@@ -15,19 +15,22 @@ import pytest
 from schemas.codec import command_digest, decode_command, encode
 from schemas.commands import (
     Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
+    owner_account,
 )
 from schemas.events import (
     AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, TransferCredited,
     TransferDebited, TransferRefunded, Withdrawn,
 )
 from schemas.outcomes import Outcome, Reason
-from streams.core.machine import Decision, apply
+from streams.core.errors import UndecidableInput
+from streams.core.machine import Decision, apply as core_apply
 from streams.core.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, format_amount
 from streams.core.state import (
     ACTIVE, CLOSED, FROZEN, IDEMPOTENCY_EVICT_STEP_MS, IDEMPOTENCY_WINDOW_MS, Account, CorruptLog, State, fold,
 )
 
-TS_MS = 1_700_000_000_000  # the command clock of these tests; legs carry their transfer's time
+TS_MS = 1_700_000_000_000  # the record time of these tests' commands unless a test says otherwise
+BANK, OPERATOR = "bank", "operator"
 _tx_numbers = itertools.count(1)
 
 
@@ -36,43 +39,51 @@ def new_tx() -> str:
 
 
 def open_account(account_id: str, currency: str = "USD", kind: str = "user", *, tx: str | None = None,
-                 ts_ms: int = TS_MS) -> OpenAccount:
-    return OpenAccount(transaction_id=tx or new_tx(), ts_ms=ts_ms, account_id=account_id, currency=currency, kind=kind)
+                 actor: str | None = None) -> OpenAccount:
+    return OpenAccount(transaction_id=tx or new_tx(), actor=actor or account_id, role="user", account_id=account_id,
+                       currency=currency, kind=kind)
 
 
-def deposit(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None,
-            ts_ms: int = TS_MS) -> Deposit:
-    return Deposit(transaction_id=tx or new_tx(), ts_ms=ts_ms, account_id=account_id, amount=amount, currency=currency)
+def deposit(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None, actor: str = BANK,
+            role: str = "bank") -> Deposit:
+    return Deposit(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount,
+                   currency=currency)
 
 
-def withdraw(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None,
-             ts_ms: int = TS_MS) -> Withdraw:
-    return Withdraw(transaction_id=tx or new_tx(), ts_ms=ts_ms, account_id=account_id, amount=amount, currency=currency)
+def withdraw(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None, actor: str = BANK,
+             role: str = "bank") -> Withdraw:
+    return Withdraw(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount,
+                    currency=currency)
 
 
 def transfer(from_account: str, to_account: str, amount: str, currency: str = "USD", *, tx: str | None = None,
-             ts_ms: int = TS_MS, merchant: bool = False) -> Transfer | PayMerchant:
+             merchant: bool = False, actor: str | None = None, role: str = "user") -> Transfer | PayMerchant:
     kind = PayMerchant if merchant else Transfer
-    return kind(transaction_id=tx or new_tx(), ts_ms=ts_ms, from_account=from_account, to_account=to_account,
-                amount=amount, currency=currency)
+    return kind(transaction_id=tx or new_tx(), actor=actor or from_account, role=role, from_account=from_account,
+                to_account=to_account, amount=amount, currency=currency)
 
 
-def freeze(account_id: str, *, tx: str | None = None, ts_ms: int = TS_MS) -> Freeze:
-    return Freeze(transaction_id=tx or new_tx(), ts_ms=ts_ms, account_id=account_id)
+def freeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: str = "operator") -> Freeze:
+    return Freeze(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def unfreeze(account_id: str, *, tx: str | None = None, ts_ms: int = TS_MS) -> Unfreeze:
-    return Unfreeze(transaction_id=tx or new_tx(), ts_ms=ts_ms, account_id=account_id)
+def unfreeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: str = "operator") -> Unfreeze:
+    return Unfreeze(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def close(account_id: str, *, tx: str | None = None, ts_ms: int = TS_MS) -> Close:
-    return Close(transaction_id=tx or new_tx(), ts_ms=ts_ms, account_id=account_id)
+def close(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: str = "operator") -> Close:
+    return Close(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def succeed(state: State, *commands: Command) -> State:
+def apply(state: State, command: Command, record_time_ms: int = TS_MS) -> Decision:
+    """The core's apply, at the record time of these tests unless one is given."""
+    return core_apply(state, command, record_time_ms)
+
+
+def succeed(state: State, *commands: Command, at_ms: int = TS_MS) -> State:
     """Applies client commands that must each be accepted outright (no legs)."""
     for command in commands:
-        decision = apply(state, command)
+        decision = apply(state, command, at_ms)
         assert decision.outcome is not None and decision.outcome.status == "success", decision
     return state
 
@@ -87,12 +98,12 @@ def ledger(*accounts: tuple[str, str, str, str]) -> State:
     return state
 
 
-def settle(state: State, command: Command) -> list[Decision]:
+def settle(state: State, command: Command, at_ms: int = TS_MS) -> list[Decision]:
     """Applies a command and every leg it leads to on one partition, in the order Kafka would deliver them."""
     decisions = []
     pending: list[Command] = [command]
     while pending:
-        decision = apply(state, pending.pop(0))
+        decision = apply(state, pending.pop(0), at_ms)
         decisions.append(decision)
         pending.extend(decision.follow_ups)
     return decisions
@@ -120,7 +131,8 @@ def snapshot(state: State) -> tuple:
 
 def assert_rejected(decision: Decision, command: Command, reason: str) -> None:
     """Refused: one decision event naming the reason, no leg, and a failure outcome for this request."""
-    assert decision.outcome == Outcome(transaction_id=command.transaction_id, status="failure", reason=reason,
+    assert decision.outcome == Outcome(transaction_id=command.transaction_id, account_id=owner_account(command),
+                                       actor=command.actor, status="failure", reason=reason,
                                        digest=command_digest(command))
     assert decision.follow_ups == []
     [event] = decision.events
@@ -136,10 +148,10 @@ def test_open_account_starts_active_at_zero_with_sequence_one() -> None:
     command = open_account("alice", "BHD", "merchant")
     decision = apply(state, command)
     assert decision.events == [AccountOpened(account_id="alice", transaction_id=command.transaction_id, ts_ms=TS_MS,
-                                             command="open_account", digest=command_digest(command), seq=1,
-                                             currency="BHD", kind="merchant", balance="0.000")]
+                                             command="open_account", digest=command_digest(command), actor="alice",
+                                             seq=1, owner="alice", currency="BHD", kind="merchant", balance="0.000")]
     assert decision.outcome.status == "success"
-    assert state.accounts["alice"] == Account("BHD", "merchant", ACTIVE, 0, 1)
+    assert state.accounts["alice"] == Account("BHD", "merchant", ACTIVE, 0, 1, "alice")
 
 
 def test_open_account_in_an_unknown_currency_is_refused() -> None:
@@ -153,7 +165,7 @@ def test_opening_an_existing_account_is_refused_and_keeps_the_first_one() -> Non
     state = ledger(("alice", "USD", "user", "5.00"))
     command = open_account("alice", "JPY", "merchant")
     assert_rejected(apply(state, command), command, Reason.ACCOUNT_EXISTS)
-    assert state.accounts["alice"] == Account("USD", "user", ACTIVE, 500, 2)
+    assert state.accounts["alice"] == Account("USD", "user", ACTIVE, 500, 2, "alice")
 
 
 def test_a_closed_account_cannot_be_opened_again() -> None:
@@ -170,7 +182,8 @@ def test_deposit_adds_to_the_balance_and_takes_the_next_sequence_number() -> Non
     command = deposit("alice", "12.3")
     decision = apply(state, command)
     assert decision.events == [Deposited(account_id="alice", transaction_id=command.transaction_id, ts_ms=TS_MS,
-                                         command="deposit", digest=command_digest(command), seq=3, amount="12.30",
+                                         command="deposit", digest=command_digest(command), actor=BANK, seq=3,
+                                         amount="12.30",
                                          currency="USD", balance="17.30")]
     assert decision.follow_ups == []
     assert balance(state, "alice") == 1730
@@ -292,18 +305,20 @@ def test_transfer_debits_the_sender_then_credits_the_receiver_and_answers_succes
     digest = command_digest(command)
     debit = apply(state, command)
     assert debit.events == [TransferDebited(account_id="alice", transaction_id="t-1", ts_ms=TS_MS, command="transfer",
-                                            digest=digest, seq=3, amount="2.50", currency="USD", balance="7.50",
+                                            digest=digest, actor="alice", seq=3, amount="2.50", currency="USD", balance="7.50",
                                             to_account="bob", merchant_only=False)]
-    assert debit.follow_ups == [CreditLeg(transaction_id="t-1", ts_ms=TS_MS, from_account="alice", to_account="bob",
+    assert debit.follow_ups == [CreditLeg(transaction_id="t-1", actor="alice", issued_ms=TS_MS, from_account="alice",
+                                          to_account="bob",
                                           amount="2.50", currency="USD", digest=digest, merchant_only=False,
                                           resend=False)]
     assert debit.outcome is None  # not final while the money is in flight
     credit = apply(state, debit.follow_ups[0])
     assert credit.events == [TransferCredited(account_id="bob", transaction_id="t-1", ts_ms=TS_MS, command="credit_leg",
-                                              digest=digest, seq=3, amount="2.50", currency="USD", balance="3.50",
-                                              from_account="alice")]
+                                              digest=digest, actor="alice", seq=3, amount="2.50", currency="USD", balance="3.50",
+                                              from_account="alice", issued_ms=TS_MS)]
     assert credit.follow_ups == []
-    assert credit.outcome == Outcome(transaction_id="t-1", status="success", reason=None, digest=digest)
+    assert credit.outcome == Outcome(transaction_id="t-1", account_id="alice", actor="alice", status="success",
+                                     reason=None, digest=digest)
 
 
 def test_transfer_across_two_partitions_takes_the_same_two_legs() -> None:
@@ -347,12 +362,14 @@ def test_transfer_the_receiver_cannot_take_is_refunded_and_fails_with_its_reason
     decisions = settle(state, command)
     events = [event for decision in decisions for event in decision.events]
     assert [type(event) for event in events] == [TransferDebited, CommandRejected, TransferRefunded]
-    assert decisions[1].follow_ups == [RefundLeg(transaction_id=command.transaction_id, ts_ms=TS_MS,
+    assert decisions[1].follow_ups == [RefundLeg(transaction_id=command.transaction_id, actor="alice", issued_ms=TS_MS,
                                                  from_account="alice", to_account="bob", amount="3.00",
-                                                 currency="USD", digest=command_digest(command), reason=reason)]
+                                                 currency="USD", digest=command_digest(command), reason=reason,
+                                                 debit_ms=TS_MS)]
     assert (events[1].account_id, events[1].command, events[1].reason) == ("bob", "credit_leg", reason)
     assert (events[2].account_id, events[2].reason, events[2].balance) == ("alice", reason, "10.00")
-    assert outcomes_of(decisions) == [Outcome(transaction_id=command.transaction_id, status="failure", reason=reason,
+    assert outcomes_of(decisions) == [Outcome(transaction_id=command.transaction_id, account_id="alice", actor="alice",
+                                              status="failure", reason=reason,
                                               digest=command_digest(command))]
     assert balance(state, "alice") == 1000
     assert "bob" not in state.accounts or balance(state, "bob") == 0
@@ -399,16 +416,30 @@ def test_refund_to_a_sender_frozen_meanwhile_is_applied() -> None:
     assert balance(state, "alice") == 1000
 
 
-def test_refund_to_a_sender_closed_meanwhile_is_applied() -> None:
+def test_close_while_the_accounts_debit_is_in_flight_is_refused_as_transfer_in_flight() -> None:
+    # Closing here once stranded the refund in a closed account for good.
     state = ledger(("alice", "USD", "user", "10.00"), ("bob", "EUR", "user", ""))
     leg = debit_in_transit(state, transfer("alice", "bob", "10.00"))  # everything: the balance is now zero
-    succeed(state, close("alice"))
-    decisions = [apply(state, leg)]
-    decisions += [apply(state, refund) for refund in decisions[0].follow_ups]
-    [event] = decisions[1].events
-    assert type(event) is TransferRefunded
+    assert (state.accounts["alice"].in_flight_count, state.accounts["alice"].in_flight_minor) == (1, 1000)
+    command = close("alice")
+    assert_rejected(apply(state, command), command, Reason.TRANSFER_IN_FLIGHT)
+    [refund] = apply(state, leg).follow_ups
+    apply(state, refund)
+    assert balance(state, "alice") == 1000
+    assert (state.accounts["alice"].in_flight_count, state.accounts["alice"].in_flight_minor) == (0, 0)
+    succeed(state, withdraw("alice", "10.00"), close("alice"))
     assert state.accounts["alice"].status == CLOSED
-    assert balance(state, "alice") == 1000  # the money is the sender's; refusing it would destroy it
+
+
+def test_a_debit_stays_in_flight_for_its_sender_until_refunded_or_forgotten() -> None:
+    # The sender never hears of a credit on another partition: its pending debit counts as in
+    # flight until the idempotency window forgets it; then the account may close.
+    sender = ledger(("alice", "USD", "user", "10.00"))
+    debit_in_transit(sender, transfer("alice", "bob", "10.00"))
+    later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
+    command = close("alice")
+    assert_rejected(apply(sender, command, later_ms - IDEMPOTENCY_EVICT_STEP_MS), command, Reason.TRANSFER_IN_FLIGHT)
+    succeed(sender, close("alice"), at_ms=later_ms)
 
 
 # --- idempotency ------------------------------------------------------------------------------------------------------
@@ -418,7 +449,7 @@ def test_retry_after_success_returns_the_same_outcome_and_changes_nothing() -> N
     command = deposit("alice", "5.00", tx="dep-1")
     first = apply(state, command)
     before = snapshot(state)
-    retry = apply(state, msgspec.structs.replace(command, ts_ms=TS_MS + 1000))
+    retry = apply(state, command, TS_MS + 1000)
     assert (retry.events, retry.follow_ups) == ([], [])
     assert encode(retry.outcome) == encode(first.outcome)
     assert snapshot(state) == before
@@ -430,7 +461,7 @@ def test_retry_after_failure_returns_the_first_failure_even_when_it_would_now_su
     first = apply(state, command)
     assert first.outcome.reason == Reason.INSUFFICIENT_FUNDS
     succeed(state, deposit("alice", "100.00"))
-    retry = apply(state, msgspec.structs.replace(command, ts_ms=TS_MS + 1000))
+    retry = apply(state, command, TS_MS + 1000)
     assert (retry.events, retry.follow_ups) == ([], [])
     assert encode(retry.outcome) == encode(first.outcome)
     assert balance(state, "alice") == 10100
@@ -441,10 +472,10 @@ def test_retry_of_a_transfer_in_flight_resends_a_credit_leg_that_never_moves_mon
     state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
     command = transfer("alice", "bob", "4.00", tx="t-1")
     original = debit_in_transit(state, command)
-    retry = apply(state, msgspec.structs.replace(command, ts_ms=TS_MS + 500))
+    retry = apply(state, command, TS_MS + 500)
     assert (retry.events, retry.outcome) == ([], None)
     [resent] = retry.follow_ups
-    assert resent == msgspec.structs.replace(original, ts_ms=TS_MS + 500, resend=True)
+    assert resent == msgspec.structs.replace(original, issued_ms=TS_MS + 500, resend=True)
     legs = [resent, original] if resend_first else [original, resent]
     decisions = [apply(state, leg) for leg in legs]
     credited = [event for decision in decisions for event in decision.events]
@@ -452,7 +483,8 @@ def test_retry_of_a_transfer_in_flight_resends_a_credit_leg_that_never_moves_mon
     assert [decision.follow_ups for decision in decisions] == [[], []]
     outcomes = outcomes_of(decisions)
     assert outcomes and {encode(outcome) for outcome in outcomes} == {
-        encode(Outcome(transaction_id="t-1", status="success", digest=command_digest(command)))}
+        encode(Outcome(transaction_id="t-1", account_id="alice", actor="alice", status="success",
+                       digest=command_digest(command)))}
     assert (balance(state, "alice"), balance(state, "bob")) == (600, 400)
 
 
@@ -461,7 +493,7 @@ def test_retry_of_a_completed_transfer_gets_the_same_success_from_the_receiver()
     command = transfer("alice", "bob", "4.00")
     [first] = outcomes_of(settle(state, command))
     before = snapshot(state)
-    retry = settle(state, msgspec.structs.replace(command, ts_ms=TS_MS + 1))
+    retry = settle(state, command, TS_MS + 1)
     assert [event for decision in retry for event in decision.events] == []
     assert [encode(outcome) for outcome in outcomes_of(retry)] == [encode(first)]
     assert snapshot(state) == before
@@ -473,7 +505,7 @@ def test_retry_of_a_refunded_transfer_gets_the_same_failure() -> None:
     [first] = outcomes_of(settle(state, command))
     assert (first.status, first.reason) == ("failure", Reason.ACCOUNT_NOT_FOUND)
     succeed(state, open_account("ghost"))  # would succeed now: the first answer still stands
-    retry = settle(state, msgspec.structs.replace(command, ts_ms=TS_MS + 1))
+    retry = settle(state, command, TS_MS + 1)
     assert [event for decision in retry for event in decision.events] == []
     assert [encode(outcome) for outcome in outcomes_of(retry)] == [encode(first)]
     assert balance(state, "alice") == 1000
@@ -483,10 +515,10 @@ def test_same_transaction_id_with_another_payload_is_a_duplicate_conflict_that_k
     state = ledger(("alice", "USD", "user", ""))
     first_command = deposit("alice", "5.00", tx="dep-1")
     first = apply(state, first_command)
-    conflicting = deposit("alice", "6.00", tx="dep-1", ts_ms=TS_MS + 1)
-    assert_rejected(apply(state, conflicting), conflicting, Reason.DUPLICATE_CONFLICT)
+    conflicting = deposit("alice", "6.00", tx="dep-1")
+    assert_rejected(apply(state, conflicting, TS_MS + 1), conflicting, Reason.DUPLICATE_CONFLICT)
     assert balance(state, "alice") == 500
-    retry = apply(state, msgspec.structs.replace(first_command, ts_ms=TS_MS + 2))
+    retry = apply(state, first_command, TS_MS + 2)
     assert encode(retry.outcome) == encode(first.outcome)
 
 
@@ -504,10 +536,11 @@ def test_transfer_under_an_id_the_receiver_used_for_its_own_request_is_refunded_
     [own_answer] = outcomes_of(settle(state, own_request))
     command = transfer("alice", "bob", "4.00", tx="shared-id")
     outcomes = outcomes_of(settle(state, command))
-    assert outcomes == [Outcome(transaction_id="shared-id", status="failure", reason=Reason.DUPLICATE_CONFLICT,
+    assert outcomes == [Outcome(transaction_id="shared-id", account_id="alice", actor="alice", status="failure",
+                                reason=Reason.DUPLICATE_CONFLICT,
                                 digest=command_digest(command))]
     assert (balance(state, "alice"), balance(state, "bob")) == (1000, 100)
-    retry = apply(state, msgspec.structs.replace(own_request, ts_ms=TS_MS + 1))
+    retry = apply(state, own_request, TS_MS + 1)
     assert encode(retry.outcome) == encode(own_answer)  # the conflict did not overwrite bob's own answer
 
 
@@ -519,23 +552,23 @@ def test_transaction_ids_are_scoped_to_the_account_that_owns_the_command() -> No
 
 def test_retry_within_the_idempotency_window_gets_the_first_answer() -> None:
     state = ledger(("alice", "USD", "user", ""))
-    command = deposit("alice", "5.00", tx="dep-1", ts_ms=TS_MS)
-    first = apply(state, command)
+    command = deposit("alice", "5.00", tx="dep-1")
+    first = apply(state, command, TS_MS)
     last_moment_ms = TS_MS + IDEMPOTENCY_WINDOW_MS - 1
-    succeed(state, deposit("alice", "1.00", ts_ms=last_moment_ms))  # moves the partition's clock
-    retry = apply(state, msgspec.structs.replace(command, ts_ms=last_moment_ms))
+    succeed(state, deposit("alice", "1.00"), at_ms=last_moment_ms)  # moves the partition's clock
+    retry = apply(state, command, last_moment_ms)
     assert encode(retry.outcome) == encode(first.outcome)
     assert balance(state, "alice") == 600
 
 
 def test_retry_after_the_idempotency_window_of_the_partition_clock_is_a_new_request() -> None:
     state = ledger(("alice", "USD", "user", ""))
-    command = deposit("alice", "5.00", tx="dep-1", ts_ms=TS_MS)
-    apply(state, command)
+    command = deposit("alice", "5.00", tx="dep-1")
+    apply(state, command, TS_MS)
     later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
-    succeed(state, deposit("alice", "1.00", ts_ms=later_ms))
+    succeed(state, deposit("alice", "1.00"), at_ms=later_ms)
     assert ("alice", "dep-1") not in state.memory
-    retry = apply(state, msgspec.structs.replace(command, ts_ms=later_ms + 1))
+    retry = apply(state, command, later_ms + 1)
     assert [type(event) for event in retry.events] == [Deposited]
     assert balance(state, "alice") == 1100
 
@@ -706,38 +739,45 @@ def test_fold_raises_corrupt_log_on_a_deposit_of_a_negative_amount() -> None:
         fold(state, msgspec.structs.replace(deposited, seq=3, amount="-1.00", balance="4.00"))
 
 
-def test_a_transfer_retried_after_the_sender_forgot_it_is_credited_again_not_stranded_in_flight() -> None:
-    # Two partitions; the receiver's is quiet, so it still remembers the first credit when the
-    # sender, whose clock moved past the window, accepts the retry as a new request and debits again.
+@pytest.mark.parametrize("receiver_time", ["quiet_clock", "record_time"])
+def test_a_transfer_retried_after_the_sender_forgot_it_is_credited_again_not_stranded_in_flight(
+        receiver_time: str) -> None:
+    # Two partitions. The sender's clock moved past the window, so it takes the retry as a new
+    # request and debits again; the second leg is issued more than half a window after the
+    # receiver's first credit, so it is not a copy of the first leg even where the receiver
+    # still remembers that credit (a leg whose record time is behind the receiver's clock).
     sender = ledger(("alice", "USD", "user", "10.00"))
     receiver = ledger(("bob", "USD", "user", ""))
-    command = transfer("alice", "bob", "1.00", tx="t-1", ts_ms=TS_MS + 1)
-    [leg] = apply(sender, command).follow_ups
-    assert apply(receiver, leg).outcome.status == "success"
+    command = transfer("alice", "bob", "1.00", tx="t-1")
+    [leg] = apply(sender, command, TS_MS + 1).follow_ups
+    assert apply(receiver, leg, TS_MS + 1).outcome.status == "success"
     later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
-    succeed(sender, deposit("alice", "1.00", ts_ms=later_ms))
-    [second_leg] = apply(sender, msgspec.structs.replace(command, ts_ms=later_ms + 1)).follow_ups
+    succeed(sender, deposit("alice", "1.00"), at_ms=later_ms)
+    [second_leg] = apply(sender, command, later_ms + 1).follow_ups
     assert balance(sender, "alice") == 900  # debited twice in all: 10.00 − 1.00 + 1.00 − 1.00
-    decision = apply(receiver, second_leg)
-    for refund in decision.follow_ups:
-        apply(sender, refund)
-    # Nothing is left in flight: the second debit was credited or refunded.
-    assert balance(sender, "alice") + balance(receiver, "bob") == 1100
+    decision = apply(receiver, second_leg, TS_MS + 1 if receiver_time == "quiet_clock" else later_ms + 1)
+    assert [type(event) for event in decision.events] == [TransferCredited]
+    assert balance(sender, "alice") + balance(receiver, "bob") == 1100  # nothing left in flight
 
 
-def test_every_refund_leg_is_refunded_even_after_an_earlier_refund_of_the_same_transaction() -> None:
-    # The transfer is retried after the sender forgot it, both debits are refused by a frozen
-    # receiver that also forgot the first refusal: two refund legs for one (account, id).
+def test_a_refund_of_a_debit_the_sender_has_forgotten_is_undecidable_and_changes_nothing() -> None:
+    # The saga outlived the idempotency window: the sender no longer remembers the debit, so a
+    # refund of it matches nothing (it could as well be a copy of one already applied). It is
+    # dead-lettered and the audit lists the transfer in flight; a later debit of the same
+    # request still gets its own refund.
     sender = ledger(("alice", "USD", "user", "10.00"))
     receiver = succeed(ledger(("bob", "USD", "user", "")), freeze("bob"))
-    command = transfer("alice", "bob", "1.00", tx="t-1", ts_ms=TS_MS + 1)
-    [first_leg] = apply(sender, command).follow_ups
+    command = transfer("alice", "bob", "1.00", tx="t-1")
+    [first_leg] = apply(sender, command, TS_MS + 1).follow_ups
+    [first_refund] = apply(receiver, first_leg, TS_MS + 1).follow_ups
     later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
-    succeed(sender, deposit("alice", "1.00", ts_ms=later_ms))
-    [second_leg] = apply(sender, msgspec.structs.replace(command, ts_ms=later_ms + 1)).follow_ups
-    [first_refund] = apply(receiver, first_leg).follow_ups
-    succeed(receiver, open_account("carol", ts_ms=later_ms))  # the receiver's clock passes the window too
-    [second_refund] = apply(receiver, second_leg).follow_ups
-    apply(sender, first_refund)
-    apply(sender, second_refund)
-    assert balance(sender, "alice") == 1100  # both debits given back
+    succeed(sender, deposit("alice", "1.00"), at_ms=later_ms)
+    assert sender.accounts["alice"].in_flight_count == 0  # forgotten with its id
+    before = snapshot(sender)
+    with pytest.raises(UndecidableInput):
+        apply(sender, first_refund, later_ms + 1)
+    assert snapshot(sender) == before
+    [second_leg] = apply(sender, command, later_ms + 1).follow_ups
+    [second_refund] = apply(receiver, second_leg, later_ms + 1).follow_ups
+    assert apply(sender, second_refund, later_ms + 2).outcome.status == "failure"
+    assert balance(sender, "alice") == 1000  # the second debit is given back; the first is with the operators

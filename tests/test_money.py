@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 
 from schemas.outcomes import Reason
-from streams.core.money import AMOUNT_MINOR_MAX, AmountError, canonical_minor, format_amount, parse_amount_minor
+from streams.core.money import (
+    AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, AmountError, canonical_balance_minor, canonical_minor, format_amount,
+    parse_amount_minor,
+)
 
 
 @pytest.mark.parametrize(("text", "currency", "amount_minor"), [
@@ -97,7 +100,10 @@ def test_unknown_currencies_are_refused_before_the_amount_is_read(currency: obje
 ])
 def test_format_writes_exactly_the_currency_decimal_places(amount_minor: int, currency: str, text: str) -> None:
     assert format_amount(amount_minor, currency) == text
-    assert canonical_minor(text, currency) == amount_minor
+    if amount_minor > 0:
+        assert canonical_minor(text, currency) == amount_minor
+    if amount_minor >= 0:
+        assert canonical_balance_minor(text, currency) == amount_minor
 
 
 @pytest.mark.parametrize(("text", "currency"), [("12.3", "USD"), ("12", "USD"), ("1.0", "JPY"), ("", "USD"),
@@ -105,3 +111,20 @@ def test_format_writes_exactly_the_currency_decimal_places(amount_minor: int, cu
 def test_canonical_reading_refuses_what_the_core_never_writes(text: str, currency: str) -> None:
     with pytest.raises(ValueError):
         canonical_minor(text, currency)
+
+
+@pytest.mark.parametrize(("text", "currency"), [("-5.00", "USD"), ("0.00", "USD"), ("-0.00", "USD"), ("-.50", "USD"),
+                                                ("00005.00", "USD"), ("0", "JPY"), ("-1", "JPY"), ("05", "JPY"),
+                                                ("+5.00", "USD"), ("5.00", "XYZ"), ("5.00", None),
+                                                (format_amount(AMOUNT_MINOR_MAX + 1, "USD"), "USD")])
+def test_canonical_amounts_are_positive_without_sign_or_leading_zero(text: str, currency: str) -> None:
+    # A saga leg of "-5.00" once took money from its receiver; "0.00" and "00005.00" were read too.
+    with pytest.raises(ValueError):
+        canonical_minor(text, currency)  # type: ignore[arg-type]
+
+
+def test_canonical_balances_may_be_zero_but_never_negative_or_above_the_cap() -> None:
+    assert canonical_balance_minor("0.00", "USD") == 0
+    for text in ("-0.01", "-0.00", "00.00", format_amount(BALANCE_MINOR_MAX + 1, "USD")):
+        with pytest.raises(ValueError):
+            canonical_balance_minor(text, "USD")

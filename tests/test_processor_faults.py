@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 
 from consumers.audit import run_audit
 from schemas.codec import command_digest, decode_outcome
+from tests.support.commands import edge
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.cli import state_dump
 from streams.runtime.processor import Processor, ProcessorConfig
@@ -32,8 +33,8 @@ def _accounts_and_funding(ts_ms: int) -> tuple[list[str], list]:
     accounts = [f"acct-{i:04d}" for i in range(ACCOUNTS)]
     commands = []
     for account in accounts:
-        commands.append(OpenAccount(transaction_id=f"open-{account}", ts_ms=ts_ms, account_id=account, currency="USD"))
-        commands.append(Deposit(transaction_id=f"fund-{account}", ts_ms=ts_ms, account_id=account, amount="50.00",
+        commands.append(edge(OpenAccount, transaction_id=f"open-{account}", account_id=account, currency="USD"))
+        commands.append(edge(Deposit, transaction_id=f"fund-{account}", account_id=account, amount="50.00",
                                 currency="USD"))
     return accounts, commands
 
@@ -45,15 +46,15 @@ def _transfer_stream(accounts: list[str], ts_ms: int, rng: random.Random) -> lis
         roll = rng.random()
         if roll < 0.03 and transfers:
             previous = rng.choice(transfers)  # a client retry of an earlier request
-            transfers.append(Transfer(**{**_fields(previous), "ts_ms": ts_ms + i}))
+            transfers.append(previous)
             continue
         if roll < 0.04 and transfers:
             previous = rng.choice(transfers)  # the same id reused for another payload
-            transfers.append(Transfer(**{**_fields(previous), "ts_ms": ts_ms + i, "amount": "0.01"}))
+            transfers.append(Transfer(**{**_fields(previous), "amount": "0.01"}))
             continue
         sender = rng.choice(accounts)
         receiver = rng.choice(accounts) if roll > 0.06 else f"missing-{i}"
-        transfers.append(Transfer(transaction_id=f"tx-{i}", ts_ms=ts_ms + i, from_account=sender,
+        transfers.append(edge(Transfer, transaction_id=f"tx-{i}", from_account=sender,
                                   to_account=receiver if receiver != sender else accounts[0 if sender != accounts[0] else 1],
                                   amount=f"{rng.randint(1, 2000) / 100:.2f}", currency="USD"))
     return transfers
@@ -156,7 +157,7 @@ def test_poison_records_go_to_the_dead_letter_topic_and_processing_continues(mak
         for key, value in poison:
             raw.produce(settings.commands_topic, value, key, partition=0)
         raw.flush(10)
-        after = OpenAccount(transaction_id="after-poison", ts_ms=1, account_id="acct", currency="USD")
+        after = edge(OpenAccount, transaction_id="after-poison", account_id="acct", currency="USD")
         publish(command_producer(settings), settings, [after])
         assert outcomes.wait("after-poison")[0].status == "success"
     finally:
@@ -178,7 +179,7 @@ def test_a_transaction_that_fails_to_commit_is_redone_from_the_log_not_guessed(m
     ts_ms = int(time.time() * 1000)
     accounts, funding = _accounts_and_funding(ts_ms)
     accounts, funding = accounts[:20], funding[:40]
-    transfers = [Transfer(transaction_id=f"tx-{i}", ts_ms=ts_ms + i, from_account=accounts[i % 20],
+    transfers = [edge(Transfer, transaction_id=f"tx-{i}", from_account=accounts[i % 20],
                           to_account=accounts[(i * 7 + 1) % 20], amount="1.25", currency="USD") for i in range(300)]
     processor = Processor(settings, ProcessorConfig(instance_id="flaky", store_path=settings.run_dir / "flaky",
                                                     batch_size_max=100))

@@ -13,7 +13,7 @@ from consumers.readmodel.query_api import HISTORY_LIMIT_MAX, create_app
 from consumers.readmodel.store import ReadModelStore
 from schemas.events import Deposited
 from schemas.outcomes import Outcome
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
 from benchmarks.support.reference_pipeline import ReferenceLog, publish
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
@@ -105,12 +105,13 @@ def test_a_read_waits_for_the_callers_own_write_and_answers_504_when_it_does_not
                       if account[3] == "active" and account[0] != _busiest_account(published_log)[0])
     before = client.get(f"/v1/accounts/{account_id}").json()
     currency, sequence = before["currency"], before["sequence"]
-    balance_minor = canonical_minor(before["balance"], currency)
+    balance_minor = canonical_balance_minor(before["balance"], currency)
     transaction_id = f"own-write-{uuid.uuid4().hex[:8]}"
     deposit = Deposited(account_id=account_id, transaction_id=transaction_id, ts_ms=1, command="deposit",
-                        digest=transaction_id, seq=sequence + 1, amount=format_amount(500, currency),
+                        actor="bank", digest=transaction_id, seq=sequence + 1, amount=format_amount(500, currency),
                         currency=currency, balance=format_amount(balance_minor + 500, currency))
-    outcome = Outcome(transaction_id=transaction_id, status="success", digest=transaction_id)
+    outcome = Outcome(transaction_id=transaction_id, account_id=account_id, actor="bank", status="success",
+                      digest=transaction_id)
 
     def write_later() -> None:
         time.sleep(0.3)  # the request below is already waiting

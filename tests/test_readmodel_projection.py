@@ -6,6 +6,7 @@ import pytest
 
 from consumers.readmodel.projection import AccountRow, TransactionRow, merge_status, project
 from schemas.codec import decode_event
+from tests.support.commands import edge
 from schemas.commands import Deposit, Freeze, OpenAccount, Transfer, Withdraw
 from schemas.events import CommandRejected
 from schemas.outcomes import Reason
@@ -41,15 +42,15 @@ def test_transaction_status_merge_keeps_the_transactions_own_first_final_answer(
 
 def _scenario_events():
     commands = [
-        OpenAccount(transaction_id="o1", ts_ms=1, account_id="alice", currency="USD"),
-        OpenAccount(transaction_id="o2", ts_ms=2, account_id="bob", currency="USD"),
-        OpenAccount(transaction_id="o3", ts_ms=3, account_id="carol", currency="USD"),
-        Deposit(transaction_id="d1", ts_ms=4, account_id="alice", amount="100.00", currency="USD"),
-        Withdraw(transaction_id="w1", ts_ms=5, account_id="alice", amount="10.50", currency="USD"),
-        Freeze(transaction_id="f1", ts_ms=6, account_id="carol"),
-        Transfer(transaction_id="t1", ts_ms=7, from_account="alice", to_account="bob", amount="20.00", currency="USD"),
-        Transfer(transaction_id="t2", ts_ms=8, from_account="alice", to_account="carol", amount="5.00", currency="USD"),
-        Withdraw(transaction_id="w2", ts_ms=9, account_id="bob", amount="999.00", currency="USD"),
+        edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
+        edge(OpenAccount, transaction_id="o2", account_id="bob", currency="USD"),
+        edge(OpenAccount, transaction_id="o3", account_id="carol", currency="USD"),
+        edge(Deposit, transaction_id="d1", account_id="alice", amount="100.00", currency="USD"),
+        edge(Withdraw, transaction_id="w1", account_id="alice", amount="10.50", currency="USD"),
+        edge(Freeze, transaction_id="f1", account_id="carol"),
+        edge(Transfer, transaction_id="t1", from_account="alice", to_account="bob", amount="20.00", currency="USD"),
+        edge(Transfer, transaction_id="t2", from_account="alice", to_account="carol", amount="5.00", currency="USD"),
+        edge(Withdraw, transaction_id="w2", account_id="bob", amount="999.00", currency="USD"),
     ]
     return [decode_event(record.value) for record in decide(commands, partition_count=1).events[0]]
 

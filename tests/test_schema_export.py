@@ -53,10 +53,11 @@ def test_the_schema_describes_the_bytes_the_codec_writes() -> None:
     # Not a full validator: the field names and required fields of real encoded messages match.
     definitions = {**schema_of("command.schema.json")["$defs"], **schema_of("outcome.schema.json")["$defs"]}
     messages = [
-        Deposit(transaction_id="t1", ts_ms=1, account_id="alice", amount="1.00", currency="USD"),
-        CreditLeg(transaction_id="t1", ts_ms=1, from_account="alice", to_account="bob", amount="1.00",
-                  currency="USD", digest="abc"),
-        Outcome(transaction_id="t1", status="failure", reason="insufficient_funds", digest="abc"),
+        Deposit(transaction_id="t1", actor="bank", role="bank", account_id="alice", amount="1.00", currency="USD"),
+        CreditLeg(transaction_id="t1", actor="alice", issued_ms=1, kid="k1", mac="00" * 16, from_account="alice",
+                  to_account="bob", amount="1.00", currency="USD", digest="abc"),
+        Outcome(transaction_id="t1", account_id="alice", actor="alice", status="failure", reason="insufficient_funds",
+                digest="abc"),
     ]
     for message in messages:
         encoded = json.loads(encode(message))
@@ -64,3 +65,15 @@ def test_the_schema_describes_the_bytes_the_codec_writes() -> None:
         assert set(encoded) <= set(definition["properties"])
         assert set(definition["required"]) <= set(encoded)
         assert definition["additionalProperties"] is False
+
+
+def test_every_message_is_version_2_and_commands_carry_no_client_time() -> None:
+    for file_name in ("command.schema.json", "event.schema.json", "outcome.schema.json"):
+        assert schema_of(file_name)["x-schema-version"] == 2
+    commands = schema_of("command.schema.json")["$defs"]
+    for name in ("OpenAccount", "Deposit", "Withdraw", "Transfer", "PayMerchant", "Freeze", "Unfreeze", "Close"):
+        assert "ts_ms" not in commands[name]["properties"]
+        assert {"actor", "role"} <= set(commands[name]["required"])
+    for name in ("CreditLeg", "RefundLeg"):
+        assert {"actor", "issued_ms"} <= set(commands[name]["required"])
+        assert {"kid", "mac"} <= set(commands[name]["properties"])

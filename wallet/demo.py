@@ -89,10 +89,10 @@ def _run_workload(settings: Settings, state: StackState, args: argparse.Namespac
 
 
 def _print_balances(settings: Settings, state: StackState, spec, balances: dict[str, str | None]) -> None:
-    from streams.core.money import canonical_minor, format_amount, parse_amount_minor
+    from streams.core.money import canonical_balance_minor, format_amount, parse_amount_minor
 
     account_ids = spec.account_ids()
-    total_minor = sum(canonical_minor(b, spec.currency) for b in balances.values() if b is not None)
+    total_minor = sum(canonical_balance_minor(b, spec.currency) for b in balances.values() if b is not None)
     funded_minor = parse_amount_minor(spec.funding_amount, spec.currency) * len(account_ids)
     verdict = "conserved" if total_minor == funded_minor else "NOT conserved"
     print(f"money: the {len(account_ids)} accounts hold {format_amount(total_minor, spec.currency)} {spec.currency}, "

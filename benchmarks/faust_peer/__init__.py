@@ -52,8 +52,9 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
     first_record_seen = False
 
     async def answer(transaction_id: str, digest: str, reason: str | None = None) -> None:
-        outcome = Outcome(transaction_id=transaction_id, status="success" if reason is None else "failure",
-                          reason=reason, digest=digest)
+        # The peer keeps no owners: its answers name no account or actor.
+        outcome = Outcome(transaction_id=transaction_id, account_id="", actor="",
+                          status="success" if reason is None else "failure", reason=reason, digest=digest)
         await outcomes.send(key=transaction_id, value=encode(outcome))
 
     @app.agent(commands)
@@ -75,14 +76,15 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
                     await answer(command.transaction_id, digest, Reason.INSUFFICIENT_FUNDS)
                 else:
                     balances[command.from_account] = balance_minor - amount_minor
-                    leg = CreditLeg(transaction_id=command.transaction_id, ts_ms=command.ts_ms,
+                    leg = CreditLeg(transaction_id=command.transaction_id, actor=command.actor, issued_ms=0,
                                     from_account=command.from_account, to_account=command.to_account,
                                     amount=command.amount, currency=command.currency, digest=digest)
                     await commands.send(key=command.to_account, value=encode(leg))
             elif kind is CreditLeg:
                 balance_minor = balances.get(command.to_account)
                 if balance_minor is None:
-                    refund = RefundLeg(transaction_id=command.transaction_id, ts_ms=command.ts_ms,
+                    refund = RefundLeg(transaction_id=command.transaction_id, actor=command.actor, issued_ms=0,
+                                       debit_ms=command.issued_ms,
                                        from_account=command.from_account, to_account=command.to_account,
                                        amount=command.amount, currency=command.currency, digest=command.digest,
                                        reason=Reason.ACCOUNT_NOT_FOUND)

@@ -8,11 +8,19 @@ would hold after a clean run. `publish` writes it to real topics. Tests and benc
 against it (the audit), read it (the read model) or tamper with copies of it. It is not a
 second processor: it has no restore and no crash handling, which are what the processor is about.
 
+Every record gets a record time when it is appended, as the broker's LogAppendTime would
+stamp it (a deterministic clock: RECORD_TIME_STEP_MS per record), and the core decides it at
+that time; legs are signed with a leg key. `publish` writes the commands with those record
+times (it switches the commands topic to CreateTime for that, so the topic is a recording, not
+one a processor may run on) and re-signs the legs with the settings' leg keys, so the audit
+re-decides the log exactly as the processors would have.
+
 The deciding part (`decide`, `workload`, `ReferenceLog`) does no I/O; only `publish` talks to Kafka.
 """
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -20,11 +28,19 @@ from dataclasses import dataclass, field
 
 import msgspec
 from confluent_kafka import Producer
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
 from schemas.commands import (
-    Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, Transfer, Unfreeze, Withdraw, owner_account,
+    LEG_COMMANDS, local_credentials, Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, Transfer, Unfreeze, Withdraw,
+    owner_account,
 )
+from schemas.leg_auth import LegKeyring
+from infra.admin import admin_client
+from infra.secrets import leg_keys_text
+from streams.core.errors import UndecidableInput
+from streams.core.machine import dead_letter_outcome
+from schemas.outcomes import Reason
 from schemas.events import Deposited, Event
 from schemas.outcomes import Outcome
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
@@ -42,12 +58,19 @@ TRANSACTION_RECORDS_MAX = 2_000  # records per Kafka transaction when publishing
 PUBLISH_TIMEOUT_S = 120.0  # one flush, transaction commit or metadata request
 PRODUCE_QUEUE_FULL_WAIT_S = 30.0
 ABORTED_TRANSACTION_PREFIX = "aborted-"
+START_MS = 1_700_000_000_000  # record time of the first record
+RECORD_TIME_STEP_MS = 7  # between two records appended to the commands topic
+# The leg key `decide` signs with; `publish` re-signs with the settings' keys.
+REFERENCE_LEG_KEYS = "ref:" + "7e" * 32
+CONFIG_WAIT_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
     key: bytes
     value: bytes
+    timestamp_ms: int = 0  # record time; 0 on a record not appended yet
+    leg: bool = False  # a saga leg `decide` emitted (re-signed by `publish`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +142,18 @@ def raw_command(key: str, value: bytes) -> Record:
 
 
 def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
-           hold_legs_of: frozenset[str] = frozenset(), legs_waiting_max: int = LEGS_WAITING_MAX) -> ReferenceLog:
+           hold_legs_of: frozenset[str] = frozenset(), legs_waiting_max: int = LEGS_WAITING_MAX,
+           start_ms: int = START_MS, leg_keys: str = REFERENCE_LEG_KEYS) -> ReferenceLog:
     """Decides `client_commands` (in order) and the saga legs they cause the way the processors
     would; `hold_legs_of` names transfers whose credit leg is never delivered."""
     log = ReferenceLog.empty(partition_count)
     legs: deque[Command] = deque()
+    keyring = LegKeyring.parse(leg_keys)
+    clock = [start_ms]
 
     def deliver(record: Record) -> None:
+        record = Record(record.key, record.value, clock[0], record.leg)
+        clock[0] += RECORD_TIME_STEP_MS
         partition = partition_for(record.key.decode(), partition_count)
         commands = log.commands[partition]
         commands.append(record)
@@ -133,24 +161,38 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
             command = decode_command(record.value)
         except SchemaError as error:
             log.dead_letters.append(DeadLetter(record, str(error), partition, len(commands) - 1))
+            outcome = dead_letter_outcome(record.value, Reason.INVALID_COMMAND)
+            if outcome is not None:
+                log.add(outcome)
             return
         if partition_for(owner_account(command), partition_count) != partition:
             log.dead_letters.append(DeadLetter(record, "command on a partition that does not own its account",
                                                partition, len(commands) - 1))
+            outcome = dead_letter_outcome(record.value, Reason.WRONG_PARTITION, command)
+            if outcome is not None:
+                log.add(outcome)
             return
-        decision = apply(log.states[partition], command)
+        refused = keyring.verify(command) if type(command) in LEG_COMMANDS else None
+        if refused is not None:
+            log.dead_letters.append(DeadLetter(record, refused, partition, len(commands) - 1))
+            return
+        try:
+            decision = apply(log.states[partition], command, record.timestamp_ms)
+        except UndecidableInput as error:
+            log.dead_letters.append(DeadLetter(record, str(error), partition, len(commands) - 1))
+            return
         for event in decision.events:
             log.add(event)
         for leg in decision.follow_ups:
             if type(leg) is CreditLeg and leg.transaction_id in hold_legs_of:
                 log.in_flight.add(leg.transaction_id)
             else:
-                legs.append(leg)
+                legs.append(keyring.sign(leg))
         if decision.outcome is not None:
             log.add(decision.outcome)
 
     def command_record(command: Command) -> Record:
-        return Record(owner_account(command).encode(), encode(command))
+        return Record(owner_account(command).encode(), encode(command), leg=type(command) in LEG_COMMANDS)
 
     for item in client_commands:
         deliver(item if type(item) is Record else command_record(item))
@@ -161,20 +203,20 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
     return log
 
 
-def workload(seed: int, account_count: int, operation_count: int, start_ts_ms: int = 1_700_000_000_000) -> list[Command]:
+def _edge(command_class: type, **fields) -> Command:
+    """A client command with the actor and role a trusted local edge gives it (`local_credentials`)."""
+    actor, role = local_credentials(command_class, fields[command_class.owner_field])
+    return command_class(actor=actor, role=role, **fields)
+
+
+def workload(seed: int, account_count: int, operation_count: int) -> list[Command]:
     """Client commands of a busy wallet: opens, deposits, transfers and merchant payments that
     succeed or are refunded (frozen receiver, missing receiver, other currency, not a merchant),
     withdrawals, freezes, closes, client retries and transaction ids reused with another payload."""
     rng = random.Random(seed)
-    ts_ms = start_ts_ms
     commands: list[Command] = []
     currencies = {}
     kinds = {}
-
-    def next_ts_ms() -> int:
-        nonlocal ts_ms
-        ts_ms += rng.randint(1, 40)
-        return ts_ms
 
     def transaction_id() -> str:
         return f"tx-{seed}-{len(commands)}"
@@ -186,15 +228,15 @@ def workload(seed: int, account_count: int, operation_count: int, start_ts_ms: i
     for account_id in account_ids:
         currencies[account_id] = rng.choices(["USD", "JPY", "BHD"], weights=[8, 1, 1])[0]
         kinds[account_id] = "merchant" if rng.random() < 0.15 else "user"
-        commands.append(OpenAccount(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=account_id,
+        commands.append(_edge(OpenAccount, transaction_id=transaction_id(), account_id=account_id,
                                     currency=currencies[account_id], kind=kinds[account_id]))
-        commands.append(Deposit(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=account_id,
+        commands.append(_edge(Deposit, transaction_id=transaction_id(), account_id=account_id,
                                 amount=amount(currencies[account_id], 1_000_000), currency=currencies[account_id]))
 
     unfreezes_due: dict[int, list[str]] = {}
     for operation in range(operation_count):
         for frozen_account in unfreezes_due.pop(operation, ()):
-            commands.append(Unfreeze(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=frozen_account))
+            commands.append(_edge(Unfreeze, transaction_id=transaction_id(), account_id=frozen_account))
         account_id = rng.choice(account_ids)
         currency = currencies[account_id]
         other = rng.choice(account_ids)
@@ -202,30 +244,30 @@ def workload(seed: int, account_count: int, operation_count: int, start_ts_ms: i
         if roll < 0.40:
             # Mostly the sender's currency; sometimes another one, refused by the receiver.
             to_account = other if rng.random() < 0.97 else f"missing-{rng.randint(0, 99)}"
-            command: Command = Transfer(transaction_id=transaction_id(), ts_ms=next_ts_ms(), from_account=account_id,
+            command: Command = _edge(Transfer, transaction_id=transaction_id(), from_account=account_id,
                                         to_account=to_account, amount=amount(currency), currency=currency)
         elif roll < 0.50:
-            command = PayMerchant(transaction_id=transaction_id(), ts_ms=next_ts_ms(), from_account=account_id,
+            command = _edge(PayMerchant, transaction_id=transaction_id(), from_account=account_id,
                                   to_account=other, amount=amount(currency), currency=currency)
         elif roll < 0.68:
-            command = Deposit(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=account_id,
+            command = _edge(Deposit, transaction_id=transaction_id(), account_id=account_id,
                               amount=amount(currency), currency=currency)
         elif roll < 0.80:
-            command = Withdraw(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=account_id,
+            command = _edge(Withdraw, transaction_id=transaction_id(), account_id=account_id,
                                amount=amount(currency), currency=currency)
         elif roll < 0.83:
-            command = Freeze(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=account_id)
+            command = _edge(Freeze, transaction_id=transaction_id(), account_id=account_id)
             unfreezes_due.setdefault(operation + rng.randint(5, 60), []).append(account_id)
         elif roll < 0.84:
-            command = Close(transaction_id=transaction_id(), ts_ms=next_ts_ms(), account_id=account_id)
+            command = _edge(Close, transaction_id=transaction_id(), account_id=account_id)
         elif roll < 0.92:
             # A client retry: the same request again (same id, same payload) a little later.
-            command = msgspec.structs.replace(rng.choice(commands[-50:]), ts_ms=next_ts_ms())
+            command = rng.choice(commands[-50:])
         else:
             # A reused transaction id with another payload: a duplicate_conflict.
             reused = rng.choice(commands[-50:])
             owner = owner_account(reused)
-            command = Deposit(transaction_id=reused.transaction_id, ts_ms=next_ts_ms(), account_id=owner,
+            command = _edge(Deposit, transaction_id=reused.transaction_id, account_id=owner,
                               amount=amount(currencies[owner]), currency=currencies[owner])
         commands.append(command)
     return commands
@@ -257,9 +299,13 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
         if error is not None:
             failures.append(error.str())
 
+    _record_times_from_producers(settings)
+    keyring = LegKeyring.parse(leg_keys_text(settings))
     for partition, records in enumerate(log.commands):
         for record in records:
-            _produce(commands, settings.commands_topic, record.key, record.value, partition, on_delivery=on_delivery)
+            value = encode(keyring.sign(decode_command(record.value))) if record.leg else record.value
+            _produce(commands, settings.commands_topic, record.key, value, partition, on_delivery=on_delivery,
+                     timestamp_ms=record.timestamp_ms)
     remaining = commands.flush(PUBLISH_TIMEOUT_S)
     if remaining or failures:
         raise RuntimeError(f"writing {settings.commands_topic}: {remaining} records undelivered after "
@@ -295,7 +341,8 @@ def _publish_aborted(producer: Producer, settings: Settings, log: ReferenceLog) 
     victim = next(event for topic, _, record in log.decided()
                   if topic == EVENTS and type(event := decode_event(record.value)) is Deposited)
     forged_event = msgspec.structs.replace(victim, transaction_id=f"{ABORTED_TRANSACTION_PREFIX}event", digest="forged")
-    forged_outcome = Outcome(transaction_id=f"{ABORTED_TRANSACTION_PREFIX}outcome", status="success", digest="forged")
+    forged_outcome = Outcome(transaction_id=f"{ABORTED_TRANSACTION_PREFIX}outcome", account_id=victim.account_id,
+                             actor="forger", status="success", digest="forged")
     producer.begin_transaction()
     _produce(producer, settings.events_topic, victim.account_id.encode(), encode(forged_event),
              partition_for(victim.account_id, log.partition_count))
@@ -306,6 +353,23 @@ def _publish_aborted(producer: Producer, settings: Settings, log: ReferenceLog) 
     producer.abort_transaction(PUBLISH_TIMEOUT_S)
 
 
+def _record_times_from_producers(settings: Settings) -> None:
+    """Switches the commands topic to CreateTime (and waits until the broker says so), so the
+    reference's record times are the ones written: a recording of what was decided."""
+    admin = admin_client(settings.bootstrap)
+    entry = ConfigEntry("message.timestamp.type", "CreateTime", incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(ResourceType.TOPIC, settings.commands_topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=PUBLISH_TIMEOUT_S)
+    deadline_s = time.monotonic() + CONFIG_WAIT_S
+    described = ConfigResource(ResourceType.TOPIC, settings.commands_topic)
+    while admin.describe_configs([described])[described].result(
+            timeout=PUBLISH_TIMEOUT_S)["message.timestamp.type"].value != "CreateTime":
+        if time.monotonic() > deadline_s:
+            raise RuntimeError(f"{settings.commands_topic} did not switch to CreateTime within {CONFIG_WAIT_S:.0f} s")
+        time.sleep(0.1)
+
+
 def _producer_config(bootstrap: str) -> dict:
     return {**kafka_security("admin"), "bootstrap.servers": bootstrap, "partitioner": KAFKA_PARTITIONER,
             "enable.idempotence": True,
@@ -314,11 +378,12 @@ def _producer_config(bootstrap: str) -> dict:
 
 
 def _produce(producer: Producer, topic: str, key: bytes, value: bytes, partition: int,
-             headers: list | None = None, on_delivery=None) -> None:
+             headers: list | None = None, on_delivery=None, timestamp_ms: int = 0) -> None:
     waited_s = 0.0
     while True:
         try:
-            producer.produce(topic, value, key, partition, headers=headers, on_delivery=on_delivery)
+            producer.produce(topic, value, key, partition, headers=headers, on_delivery=on_delivery,
+                             timestamp=timestamp_ms)
             return
         except BufferError:
             # The local queue is full: let deliveries drain it rather than drop a record.

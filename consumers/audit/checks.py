@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
-from schemas.commands import owner_account
+from schemas.commands import LEG_COMMANDS, owner_account
+from schemas.outcomes import Reason
+from streams.core.errors import UndecidableInput
 from schemas.events import (
     AccountClosed, AccountFrozen, AccountOpened, AccountUnfrozen, CommandRejected, Deposited, Event,
     TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
@@ -38,7 +40,7 @@ from schemas.events import (
 from schemas.partitioning import partition_for
 from streams.core.currencies import MINOR_UNITS
 from streams.core.machine import apply
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
 from streams.core.state import ACTIVE, BALANCE_SIGN, FAILURE, STATUS_AFTER, SUCCESS, Account, CorruptLog, State, fold
 
 if TYPE_CHECKING:
@@ -49,6 +51,10 @@ INTERLEAVE_SLICE_RECORDS = 1_024
 # Commands re-decided between two progress reports: small enough for a live progress bar,
 # large enough that reporting costs nothing.
 PROGRESS_CHUNK_RECORDS = 16_384
+
+
+# Reasons of the answers the processor gives records it dead-letters (no decision event).
+_DEAD_LETTER_REASONS = (Reason.INVALID_COMMAND, Reason.WRONG_PARTITION)
 
 
 class Kind:
@@ -302,6 +308,8 @@ class LedgerReplay:
                                     topic=self.outcomes_topic)
                     continue
                 transaction_id = outcome.transaction_id
+                if outcome.reason in _DEAD_LETTER_REASONS:
+                    continue  # the answer to a record nobody could decide: no decision event by design
                 if keys[index] != transaction_id.encode():
                     self._violation(Kind.MISKEYED_OUTCOME, f"record key {keys[index]!r} is not the outcome's "
                                     f"transaction id", partition, offsets[index], topic=self.outcomes_topic,
@@ -334,7 +342,9 @@ class LedgerReplay:
         for number, log in sorted(logs.items()):
             cuts = sorted((bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
                           for order, snapshot in enumerate(snapshots) if snapshot.partition == number)
-            cursors.append([log, self.states.setdefault(number, State()), 0, cuts])
+            # Without the memory (cleared below): refunds are checked against debits by the
+            # transfer checks here, not by the fold's pairing with its pending debit.
+            cursors.append([log, self.states.setdefault(number, State(tracks_memory=False)), 0, cuts])
         while cursors:
             for cursor in list(cursors):
                 log, state, position, cuts = cursor
@@ -527,7 +537,7 @@ class LedgerReplay:
         if event_class in BALANCE_SIGN:
             try:
                 amount_minor = canonical_minor(event.amount, account.currency) if event.currency == account.currency else 0
-                stated_minor = canonical_minor(event.balance, account.currency)
+                stated_minor = canonical_balance_minor(event.balance, account.currency)
             except (ValueError, KeyError):
                 amount_minor, stated_minor = 0, None
             account.balance_minor += BALANCE_SIGN[event_class] * amount_minor
@@ -856,9 +866,14 @@ class DeterminismResult:
 
 def check_determinism(commands: PartitionLog, events: PartitionLog, partition_count: int, commands_topic: str,
                       events_topic: str, dead_lettered: set[tuple[int, int]], result: DeterminismResult, *,
-                      settled: bool, on_progress: Callable[[int], None] | None = None) -> None:
+                      settled: bool, on_progress: Callable[[int], None] | None = None, keyring=None) -> None:
     """Re-decides one partition's commands with the core from an empty state and compares each
     event, encoded, with the log's event at the same position of the same partition.
+
+    Each command is decided at its record's timestamp (LogAppendTime), as the processor did; a
+    saga leg must verify with `keyring` (the processors' leg keys) first, and a leg that does
+    not, or that the core cannot decide (UndecidableInput), belongs in the DLQ. Without a
+    keyring every leg is taken as verified.
 
     Stops at the first difference: from there on the replayed state has diverged from the
     processor's and every later comparison would only repeat the finding. `dead_lettered` holds
@@ -872,7 +887,7 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
     event_count = len(event_values)
     position = 0
     owner_partition: dict[str, int] = {}
-    values, offsets = commands.values, commands.offsets
+    values, offsets, timestamps = commands.values, commands.offsets, commands.timestamps
     reported = 0
     undelivered: list[Violation] = []
     decided_offset = -1  # of the last command whose events are in the log
@@ -889,15 +904,18 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
                 owner_here = owner_partition[owner] = partition_for(owner, partition_count)
             if owner_here != partition:
                 raise SchemaError(f"command for account {owner!r} (partition {owner_here}) on partition {partition}")
-        except SchemaError as error:
+            if keyring is not None and type(command) in LEG_COMMANDS:
+                refused = keyring.verify(command)
+                if refused is not None:
+                    raise SchemaError(refused)
+            decision = apply(state, command, timestamps[index])
+        except (SchemaError, UndecidableInput) as error:
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
                 undelivered.append(Violation(Kind.NOT_DEAD_LETTERED, f"the processor cannot decide this record "
                                              f"({error}) and the DLQ has no record of it", commands_topic, partition,
                                              offset))
             continue
-        try:
-            decision = apply(state, command)
         except Exception as error:  # noqa: BLE001 - any failure of the core on a logged command is a finding
             result.violations.append(Violation(Kind.CORE_ERROR, f"the core raised {type(error).__name__}: {error}",
                                                commands_topic, partition, offset, owner, command.transaction_id))

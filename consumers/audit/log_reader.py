@@ -46,6 +46,7 @@ class PartitionLog:
     offsets: list[int] = field(default_factory=list)
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
+    timestamps: list[int] = field(default_factory=list)  # record times (LogAppendTime on wallet.commands)
     headers: list[list[tuple[str, bytes]] | None] | None = None  # only when asked for
 
     def __len__(self) -> int:
@@ -221,6 +222,7 @@ def _consume_to_end(consumer: Consumer, logs: dict[tuple[str, int], PartitionLog
             log.offsets.append(offset)
             log.keys.append(record.key())
             log.values.append(record.value())
+            log.timestamps.append(record.timestamp()[1])
             if log.headers is not None:
                 log.headers.append(record.headers())
             log.end_offset = offset + 1

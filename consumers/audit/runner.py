@@ -18,7 +18,9 @@ from consumers.audit.report import AuditReport, TopicRead
 from consumers.audit.workers import check_commands, replay_events, worker_count_default
 from schemas.partitioning import partition_for
 from streams.core.state import Account
+from infra.secrets import leg_keys_text
 from infra.settings import Settings
+from schemas.leg_auth import LegKeyring
 
 # The read model may be written while it is read; its offsets are read before and after its
 # accounts, and the pair retried until they agree, at most this many times.
@@ -106,7 +108,9 @@ def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = 
 
         if commands is not None:
             started_determinism_s = time.monotonic()
-            report.determinism = _determinism(commands, events, dead_letters, settled, workers, progress)
+            # The same leg verification as the processors', so a forged leg is expected in the DLQ.
+            keyring = LegKeyring.parse(leg_keys_text(settings))
+            report.determinism = _determinism(commands, events, dead_letters, settled, workers, progress, keyring)
             report.determinism_s = time.monotonic() - started_determinism_s
             violations += report.determinism.violations
             if settled:
@@ -123,7 +127,7 @@ def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = 
 
 
 def _determinism(commands: TopicLog, events: TopicLog, dead_letters: TopicLog, settled: bool, workers: int,
-                 progress: bool) -> DeterminismResult:
+                 progress: bool, keyring=None) -> DeterminismResult:
     if commands.partition_count != events.partition_count:
         result = DeterminismResult()
         result.violations.append(Violation(
@@ -138,7 +142,7 @@ def _determinism(commands: TopicLog, events: TopicLog, dead_letters: TopicLog, s
                 sources.add((int(named["source_partition"]), int(named["source_offset"])))
     with _progress("re-deciding commands", commands.record_count, progress) as update:
         return check_commands(commands.partitions, events.partitions, commands.partition_count, commands.topic,
-                              events.topic, sources, settled, workers, update)
+                              events.topic, sources, settled, workers, update, keyring)
 
 
 def _truncations(log: TopicLog) -> list[Violation]:

@@ -53,7 +53,7 @@ def replay_events(replay: LedgerReplay, logs: dict[int, PartitionLog], snapshots
 
 def check_commands(commands: dict[int, PartitionLog], events: dict[int, PartitionLog], partition_count: int,
                    commands_topic: str, events_topic: str, dead_lettered: set[tuple[int, int]], settled: bool,
-                   workers: int, on_progress: Callable[[int], None] | None) -> DeterminismResult:
+                   workers: int, on_progress: Callable[[int], None] | None, keyring=None) -> DeterminismResult:
     """`check_determinism` for every partition, split between `workers` processes."""
     groups = _groups(commands, workers)
 
@@ -61,7 +61,7 @@ def check_commands(commands: dict[int, PartitionLog], events: dict[int, Partitio
         result = DeterminismResult()
         for number in sorted(groups[index]):
             check_determinism(commands[number], events[number], partition_count, commands_topic, events_topic,
-                              dead_lettered, result, settled=settled, on_progress=progress)
+                              dead_lettered, result, settled=settled, on_progress=progress, keyring=keyring)
         return result
 
     if len(groups) <= 1:

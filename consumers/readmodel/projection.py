@@ -59,7 +59,7 @@ def project(accounts: dict[str, AccountRow], transactions: dict[str, Transaction
     the batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
     """
     state = State(accounts={row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
-                            for row in accounts.values()})
+                            for row in accounts.values()}, tracks_memory=False)
     entries: list[EntryRow] = []
     changed_accounts: set[str] = set()
     statuses = dict(transactions)

@@ -1,20 +1,40 @@
-"""The wallet state machine: (state, command) -> (state, events, follow-up commands, outcome).
+"""The wallet state machine: (state, command, record time) -> (state, events, follow-up commands, outcome).
 
-Pure and deterministic: no clock but the command's own `ts_ms`, no randomness, no I/O, and
-no import of Kafka, RocksDB or HTTP. The machine decides; `fold` (state.py) records. Every
-command it decides leaves at least one event, rejections included, so that the partition's
-state, idempotency memory included, is a fold of `wallet.events` alone.
+Pure and deterministic: the only clock is the record time the runtime passes in (the broker's
+LogAppendTime of the command's record), and the core's clock never runs backwards: a
+decision's time is `max(state.clock_ms, record_time_ms)`, and every event carries it as
+`ts_ms`. No randomness, no I/O, no import of Kafka, RocksDB or HTTP. The machine decides;
+`fold` (state.py) records. Every command it decides leaves at least one event, rejections
+included, so that the partition's state, idempotency memory included, is a fold of
+`wallet.events` alone.
+
+Who may ask what (rejection `not_authorized`): `open_account` any role (the actor becomes the
+owner); `deposit` role bank; `withdraw` role bank or the owner; `transfer` and `pay_merchant`
+the owner of `from_account`; `freeze`, `unfreeze`, `close` role operator.
 
 A transfer is a saga with one path whatever the partitions: the sender's side debits and
 emits a credit leg keyed by the receiver; the receiver's side credits and answers
 `success`, or refuses and emits a refund leg back; the sender's side refunds and answers
-`failure`. Between the legs the money is in flight.
+`failure`. Between the legs the money is in flight. Legs reach the core only after the
+runtime verified their MAC (schemas.leg_auth); the core still validates every leg fully and
+raises `UndecidableInput`, folding nothing, for one it cannot decide:
+- a leg's amount must be a positive canonical amount of a known currency;
+- a refund must match the sender's pending debit (transaction id, digest, amount, currency,
+  receiving account, and the debit's time `debit_ms`) that the sender still remembers; anything else (a copy of a refund
+  already applied, a refund of a debit forgotten because the saga outlived the idempotency
+  window) is dead-lettered and, in the second case, listed in flight by the audit;
+- a copy of a credit leg already decided (same receiver, transaction id, digest and issued_ms,
+  remembered from the credit or refusal event) moves nothing and repeats the answer;
+- a credit leg older than LEG_AGE_MAX_MS on the receiver's clock is refused (`leg_expired`)
+  and refunded: the sender, which remembers its pending debit for a whole window, gets its
+  money back, and any copy of a leg the receiver still accepts is one it still remembers.
+The balance cap holds for balance + the account's pending debits, so a refund never passes it.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from schemas.codec import command_digest
+from schemas.codec import command_digest, readable_request
 from schemas.commands import (
     Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Unfreeze, Withdraw,
     command_type, owner_account,
@@ -24,10 +44,13 @@ from schemas.events import (
     TransferCredited, TransferDebited, TransferRefunded, Withdrawn,
 )
 from schemas.outcomes import Outcome, Reason
+from streams.core.errors import UndecidableInput
 from streams.core.money import (
     BALANCE_MINOR_MAX, AmountError, canonical_minor, format_amount, minor_units_of, parse_amount_minor,
 )
-from streams.core.state import CLOSED, FAILURE, FROZEN, PENDING, SUCCESS, Account, State, fold
+from streams.core.state import (
+    CLOSED, FAILURE, FROZEN, LEG_AGE_MAX_MS, PENDING, SUCCESS, Account, State, advance_clock, fold, recall,
+)
 
 
 class Decision(NamedTuple):
@@ -37,155 +60,202 @@ class Decision(NamedTuple):
     outcome: Outcome | None
 
 
-def apply(state: State, command: Command) -> Decision:
-    handler = _HANDLERS[type(command)]
-    if type(command) in (CreditLeg, RefundLeg):
-        return handler(state, command)
+def apply(state: State, command: Command, record_time_ms: int) -> Decision:
+    """Decides one command at the record's time (the broker's LogAppendTime of its record)."""
+    assert type(record_time_ms) is int and record_time_ms >= 0, f"record time {record_time_ms!r}: a runtime bug"
+    now_ms = state.clock_ms if state.clock_ms > record_time_ms else record_time_ms
+    command_class = type(command)
+    if command_class is CreditLeg:
+        return _on_credit_leg(state, command, now_ms)
+    if command_class is RefundLeg:
+        return _on_refund_leg(state, command, now_ms)
+    handler = _HANDLERS[command_class]
     digest = command_digest(command)
-    remembered = state.memory.get((owner_account(command), command.transaction_id))
+    remembered = recall(state, (owner_account(command), command.transaction_id), now_ms)
     if remembered is not None:
-        return _repeat(state, command, digest, remembered)
-    return handler(state, command, digest)
+        return _repeat(state, command, digest, remembered, now_ms)
+    # From here on the command leaves an event at `now_ms`: forget first what that forgets.
+    advance_clock(state, now_ms)
+    return handler(state, command, digest, now_ms)
 
 
-def _repeat(state: State, command: Command, digest: str, remembered) -> Decision:
+def _repeat(state: State, command: Command, digest: str, remembered, now_ms: int) -> Decision:
     """A transaction id this account has already decided: the first answer, never a second effect."""
     if remembered.digest != digest:
-        return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT)
+        return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT, now_ms)
     if remembered.status == PENDING:
         # The transfer is still in flight (or its success was decided on the receiver's side):
         # ask the receiver to repeat its answer; a resent leg can never move money.
-        leg = _credit_leg(command, format_amount(parse_amount_minor(command.amount, command.currency), command.currency),
-                          digest, resend=True)
-        return Decision(state, [], [leg], None)
-    return Decision(state, [], [], Outcome(transaction_id=command.transaction_id, status=remembered.status,
-                                           reason=remembered.reason, digest=digest))
+        amount = format_amount(remembered.amount_minor, command.currency)
+        return Decision(state, [], [_credit_leg(command, amount, digest, now_ms, resend=True)], None)
+    return Decision(state, [], [], _outcome(command, remembered.status, remembered.reason, digest))
 
 
-def _open_account(state: State, command: OpenAccount, digest: str) -> Decision:
+def _open_account(state: State, command: OpenAccount, digest: str, now_ms: int) -> Decision:
     try:
         minor_units_of(command.currency)
     except AmountError as error:
-        return _reject(state, command, digest, error.reason)
+        return _reject(state, command, digest, error.reason, now_ms)
     if command.account_id in state.accounts:
-        return _reject(state, command, digest, Reason.ACCOUNT_EXISTS)
-    event = AccountOpened(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
-                          command="open_account", digest=digest, seq=1, currency=command.currency, kind=command.kind,
-                          balance=format_amount(0, command.currency))
+        return _reject(state, command, digest, Reason.ACCOUNT_EXISTS, now_ms)
+    event = AccountOpened(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
+                          command="open_account", digest=digest, actor=command.actor, seq=1, owner=command.actor,
+                          currency=command.currency, kind=command.kind, balance=format_amount(0, command.currency))
     return _accept(state, command, digest, event)
 
 
-def _deposit(state: State, command: Deposit, digest: str) -> Decision:
-    account, amount_minor, reason = _usable_account(state, command.account_id, command.amount, command.currency)
-    if reason is None and account.balance_minor + amount_minor > BALANCE_MINOR_MAX:
+def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decision:
+    account, amount_minor, reason = _usable_account(state, command.account_id, command.amount, command.currency,
+                                                    command, lambda account: command.role == "bank")
+    if reason is None and account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
         reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
-        return _reject(state, command, digest, reason)
-    event = _move_money(state, Deposited, command, digest, account, command.account_id, amount_minor)
+        return _reject(state, command, digest, reason, now_ms)
+    event = _move_money(state, Deposited, command, digest, now_ms, account, command.account_id, amount_minor)
     return Decision(state, [event], [], _success(command, digest))
 
 
-def _withdraw(state: State, command: Withdraw, digest: str) -> Decision:
-    account, amount_minor, reason = _usable_account(state, command.account_id, command.amount, command.currency)
+def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Decision:
+    account, amount_minor, reason = _usable_account(
+        state, command.account_id, command.amount, command.currency, command,
+        lambda account: command.role == "bank" or command.actor == account.owner)
     if reason is None and account.balance_minor < amount_minor:
         reason = Reason.INSUFFICIENT_FUNDS
     if reason is not None:
-        return _reject(state, command, digest, reason)
-    event = _move_money(state, Withdrawn, command, digest, account, command.account_id, -amount_minor)
+        return _reject(state, command, digest, reason, now_ms)
+    event = _move_money(state, Withdrawn, command, digest, now_ms, account, command.account_id, -amount_minor)
     return Decision(state, [event], [], _success(command, digest))
 
 
-def _transfer(state: State, command: Transfer | PayMerchant, digest: str) -> Decision:
+def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms: int) -> Decision:
     if command.from_account == command.to_account:
-        return _reject(state, command, digest, Reason.SAME_ACCOUNT)
-    account, amount_minor, reason = _usable_account(state, command.from_account, command.amount, command.currency)
+        return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
+    account, amount_minor, reason = _usable_account(state, command.from_account, command.amount, command.currency,
+                                                    command, lambda account: command.actor == account.owner)
     if reason is None and account.balance_minor < amount_minor:
         reason = Reason.INSUFFICIENT_FUNDS
     if reason is not None:
-        return _reject(state, command, digest, reason)
-    event = _move_money(state, TransferDebited, command, digest, account, command.from_account, -amount_minor,
+        return _reject(state, command, digest, reason, now_ms)
+    event = _move_money(state, TransferDebited, command, digest, now_ms, account, command.from_account, -amount_minor,
                         to_account=command.to_account, merchant_only=type(command) is PayMerchant)
-    return Decision(state, [event], [_credit_leg(command, event.amount, digest, resend=False)], None)
+    return Decision(state, [event], [_credit_leg(command, event.amount, digest, now_ms, resend=False)], None)
 
 
-def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, resend: bool) -> CreditLeg:
-    return CreditLeg(transaction_id=command.transaction_id, ts_ms=command.ts_ms, from_account=command.from_account,
-                     to_account=command.to_account, amount=amount, currency=command.currency, digest=digest,
-                     merchant_only=type(command) is PayMerchant, resend=resend)
+def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, now_ms: int, resend: bool) -> CreditLeg:
+    return CreditLeg(transaction_id=command.transaction_id, actor=command.actor, issued_ms=now_ms,
+                     from_account=command.from_account, to_account=command.to_account, amount=amount,
+                     currency=command.currency, digest=digest, merchant_only=type(command) is PayMerchant,
+                     resend=resend)
 
 
-def _on_credit_leg(state: State, leg: CreditLeg) -> Decision:
-    # Kafka's exactly-once delivery hands every leg to the core once, so a leg that is not a
-    # resend always answers a debit of its own, even one repeated after the sender forgot the
-    # id: it is credited or refunded, never taken for a repeat (that would strand the money).
-    remembered = state.memory.get((leg.to_account, leg.transaction_id))
+def _leg_amount_minor(leg: CreditLeg | RefundLeg) -> int:
+    """The leg's amount; a leg that is not a positive canonical amount of a known currency, or
+    that names one account on both sides, cannot be decided."""
+    if leg.from_account == leg.to_account:
+        raise UndecidableInput(f"{command_type(leg)} {leg.transaction_id!r} names {leg.to_account!r} on both sides")
+    try:
+        return canonical_minor(leg.amount, leg.currency)
+    except ValueError as error:
+        raise UndecidableInput(f"{command_type(leg)} {leg.transaction_id!r}: {error}") from None
+
+
+def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
+    amount_minor = _leg_amount_minor(leg)
+    remembered = recall(state, (leg.to_account, leg.transaction_id), now_ms)
     if leg.resend:
         # Only a success is answered from here: a refusal's answer belongs to the sender's
         # side, which gives it when the refund leg arrives.
         if remembered is not None and remembered.digest == leg.digest and remembered.status == SUCCESS:
-            return Decision(state, [], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS,
-                                                   digest=remembered.digest))
+            return Decision(state, [], [], _leg_outcome(leg, SUCCESS, None))
         return Decision(state, [], [], None)
+    if remembered is not None and remembered.digest == leg.digest and remembered.issued_ms == leg.issued_ms:
+        # A copy of a leg this receiver already decided (a replayed record): no second effect.
+        # A leg of the same request with another issued_ms is another debit, taken by a sender
+        # that had forgotten the first: it is decided afresh below.
+        if remembered.status == SUCCESS:
+            return Decision(state, [], [], _leg_outcome(leg, SUCCESS, None))
+        return Decision(state, [], [], None)
+    advance_clock(state, now_ms)  # the leg leaves an event at `now_ms`
     account = state.accounts.get(leg.to_account)
-    amount_minor = _leg_amount_minor(leg)
-    # The receiver has used this transaction id for another request of its own: crediting
-    # under it would make two answers for one id, so the transfer is refunded instead.
-    conflicting = remembered is not None and remembered.digest != leg.digest
-    reason = Reason.DUPLICATE_CONFLICT if conflicting else _refusal_to_receive(account, leg.currency)
+    if remembered is not None and remembered.digest != leg.digest:
+        # The receiver has used this transaction id for another request of its own: crediting
+        # under it would make two answers for one id, so the transfer is refunded instead.
+        reason = Reason.DUPLICATE_CONFLICT
+    elif now_ms - leg.issued_ms > LEG_AGE_MAX_MS:
+        reason = Reason.LEG_EXPIRED
+    else:
+        reason = _refusal_to_receive(account, leg.currency)
     if reason is None and leg.merchant_only and account.kind != "merchant":
         reason = Reason.NOT_A_MERCHANT
-    if reason is None and account.balance_minor + amount_minor > BALANCE_MINOR_MAX:
+    if reason is None and account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
         reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
-        event = _rejection(leg, leg.to_account, leg.digest, reason)
-        refund = RefundLeg(transaction_id=leg.transaction_id, ts_ms=leg.ts_ms, from_account=leg.from_account,
-                           to_account=leg.to_account, amount=leg.amount, currency=leg.currency, digest=leg.digest,
-                           reason=reason)
+        event = CommandRejected(account_id=leg.to_account, transaction_id=leg.transaction_id, ts_ms=now_ms,
+                                command="credit_leg", digest=leg.digest, actor=leg.actor, reason=reason,
+                                issued_ms=leg.issued_ms)
+        refund = RefundLeg(transaction_id=leg.transaction_id, actor=leg.actor, issued_ms=now_ms,
+                           from_account=leg.from_account, to_account=leg.to_account, amount=leg.amount,
+                           currency=leg.currency, digest=leg.digest, reason=reason, debit_ms=leg.issued_ms)
         fold(state, event)
         return Decision(state, [event], [refund], None)
-    event = _move_money(state, TransferCredited, leg, leg.digest, account, leg.to_account, amount_minor,
-                        from_account=leg.from_account)
-    return Decision(state, [event], [], Outcome(transaction_id=leg.transaction_id, status=SUCCESS, digest=leg.digest))
+    event = _move_money(state, TransferCredited, leg, leg.digest, now_ms, account, leg.to_account, amount_minor,
+                        from_account=leg.from_account, issued_ms=leg.issued_ms)
+    return Decision(state, [event], [], _leg_outcome(leg, SUCCESS, None))
 
 
-def _on_refund_leg(state: State, leg: RefundLeg) -> Decision:
-    # Every refund leg answers one debit (exactly-once delivery), so it is always applied.
+def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
+    amount_minor = _leg_amount_minor(leg)
     account = state.accounts.get(leg.from_account)
-    if account is None:
-        raise AssertionError(f"refund of {leg.transaction_id!r} to account {leg.from_account!r} that was never debited")
+    pending = recall(state, (leg.from_account, leg.transaction_id), now_ms)
+    if (account is None or pending is None or pending.status != PENDING or pending.digest != leg.digest
+            or pending.to_account != leg.to_account or pending.amount_minor != amount_minor
+            or pending.ts_ms != leg.debit_ms
+            or leg.currency != account.currency):
+        raise UndecidableInput(f"refund_leg {leg.transaction_id!r} of {leg.amount} {leg.currency} to "
+                               f"{leg.from_account!r} matches no debit that account remembers as pending")
+    advance_clock(state, now_ms)
     # A refund is never refused: the money is the sender's whatever happened to the account
-    # meanwhile (frozen, closed), and refusing it would destroy it.
-    event = _move_money(state, TransferRefunded, leg, leg.digest, account, leg.from_account, _leg_amount_minor(leg),
+    # meanwhile (frozen, closed), and refusing it would destroy it. It cannot pass the cap:
+    # the cap holds for the balance plus the pending debits, this one included.
+    event = _move_money(state, TransferRefunded, leg, leg.digest, now_ms, account, leg.from_account, amount_minor,
                         to_account=leg.to_account, reason=leg.reason)
-    outcome = Outcome(transaction_id=leg.transaction_id, status=FAILURE, reason=leg.reason, digest=leg.digest)
-    return Decision(state, [event], [], outcome)
+    return Decision(state, [event], [], _leg_outcome(leg, FAILURE, leg.reason))
 
 
-def _freeze(state: State, command: Freeze, digest: str) -> Decision:
+def _freeze(state: State, command: Freeze, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = _refusal_to_change(account) or (Reason.ACCOUNT_FROZEN if account.status == FROZEN else None)
-    return _status_change(state, command, digest, account, reason, AccountFrozen)
+    reason = (_refusal_to_operate(command) or _refusal_to_change(account)
+              or (Reason.ACCOUNT_FROZEN if account.status == FROZEN else None))
+    return _status_change(state, command, digest, now_ms, account, reason, AccountFrozen)
 
 
-def _unfreeze(state: State, command: Unfreeze, digest: str) -> Decision:
+def _unfreeze(state: State, command: Unfreeze, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = _refusal_to_change(account) or (Reason.ACCOUNT_NOT_FROZEN if account.status != FROZEN else None)
-    return _status_change(state, command, digest, account, reason, AccountUnfrozen)
+    reason = (_refusal_to_operate(command) or _refusal_to_change(account)
+              or (Reason.ACCOUNT_NOT_FROZEN if account.status != FROZEN else None))
+    return _status_change(state, command, digest, now_ms, account, reason, AccountUnfrozen)
 
 
-def _close(state: State, command: Close, digest: str) -> Decision:
+def _close(state: State, command: Close, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = _refusal_to_change(account) or (Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None)
-    return _status_change(state, command, digest, account, reason, AccountClosed)
+    reason = (_refusal_to_operate(command) or _refusal_to_change(account)
+              # A refund of a debit in flight must find the account open to its money.
+              or (Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None)
+              or (Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None))
+    return _status_change(state, command, digest, now_ms, account, reason, AccountClosed)
 
 
-def _status_change(state: State, command, digest: str, account: Account | None, reason: str | None,
+def _status_change(state: State, command, digest: str, now_ms: int, account: Account | None, reason: str | None,
                    event_class) -> Decision:
     if reason is not None:
-        return _reject(state, command, digest, reason)
-    event = event_class(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
-                        command=command_type(command), digest=digest, seq=account.seq + 1)
+        return _reject(state, command, digest, reason, now_ms)
+    event = event_class(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
+                        command=command_type(command), digest=digest, actor=command.actor, seq=account.seq + 1)
     return _accept(state, command, digest, event)
+
+
+def _refusal_to_operate(command: Freeze | Unfreeze | Close) -> str | None:
+    return None if command.role == "operator" else Reason.NOT_AUTHORIZED
 
 
 def _refusal_to_change(account: Account | None) -> str | None:
@@ -205,37 +275,51 @@ def _refusal_to_receive(account: Account | None, currency: str) -> str | None:
     return reason
 
 
-def _usable_account(state: State, account_id: str, amount: str, currency: str) -> tuple[Account | None, int, str | None]:
-    """The account a client command moves money on, the amount, and why it cannot, if it cannot."""
+def _usable_account(state: State, account_id: str, amount: str, currency: str, command,
+                    authorised) -> tuple[Account | None, int, str | None]:
+    """The account a client command moves money on, the amount, and why it cannot, if it cannot.
+
+    The order of refusals: the amount, whether the account exists, whether the actor may ask
+    (so a stranger learns no more than that the account exists), then the account's state."""
     try:
         amount_minor = parse_amount_minor(amount, currency)
     except AmountError as error:
         return None, 0, error.reason
     account = state.accounts.get(account_id)
+    if account is None:
+        return None, 0, Reason.ACCOUNT_NOT_FOUND
+    if not authorised(account):
+        return account, amount_minor, Reason.NOT_AUTHORIZED
     return account, amount_minor, _refusal_to_receive(account, currency)
 
 
-def _leg_amount_minor(leg: CreditLeg | RefundLeg) -> int:
-    # Legs are written by the processor in the currency's canonical form; anything else on
-    # the topic is forged or corrupt and raises instead of being decided.
-    return canonical_minor(leg.amount, leg.currency)
-
-
-def _move_money(state: State, event_class, command, digest: str, account: Account, account_id: str,
+def _move_money(state: State, event_class, command, digest: str, now_ms: int, account: Account, account_id: str,
                 signed_amount_minor: int, **details) -> Event:
     """Builds the event of a balance change and folds it, handing fold the balance it has."""
     currency = account.currency
     balance_minor = account.balance_minor + signed_amount_minor
-    event = event_class(account_id=account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
-                        command=command_type(command), digest=digest, seq=account.seq + 1,
+    assert 0 <= balance_minor <= BALANCE_MINOR_MAX and signed_amount_minor != 0, (account_id, balance_minor)
+    event = event_class(account_id=account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
+                        command=command_type(command), digest=digest, actor=command.actor, seq=account.seq + 1,
                         amount=format_amount(abs(signed_amount_minor), currency), currency=currency,
                         balance=format_amount(balance_minor, currency), **details)
     fold(state, event, balance_minor)
     return event
 
 
+def _outcome(command: Command, status: str, reason: str | None, digest: str) -> Outcome:
+    return Outcome(transaction_id=command.transaction_id, account_id=owner_account(command), actor=command.actor,
+                   status=status, reason=reason, digest=digest)
+
+
+def _leg_outcome(leg: CreditLeg | RefundLeg, status: str, reason: str | None) -> Outcome:
+    # The request belongs to the sender's account, whichever side answers it.
+    return Outcome(transaction_id=leg.transaction_id, account_id=leg.from_account, actor=leg.actor, status=status,
+                   reason=reason, digest=leg.digest)
+
+
 def _success(command: Command, digest: str) -> Outcome:
-    return Outcome(transaction_id=command.transaction_id, status=SUCCESS, digest=digest)
+    return _outcome(command, SUCCESS, None, digest)
 
 
 def _accept(state: State, command: Command, digest: str, event: Event) -> Decision:
@@ -243,19 +327,37 @@ def _accept(state: State, command: Command, digest: str, event: Event) -> Decisi
     return Decision(state, [event], [], _success(command, digest))
 
 
-def _rejection(command: Command, account_id: str, digest: str, reason: str) -> CommandRejected:
-    return CommandRejected(account_id=account_id, transaction_id=command.transaction_id, ts_ms=command.ts_ms,
-                           command=command_type(command), digest=digest, reason=reason)
+def _rejection(command: Command, account_id: str, digest: str, reason: str, now_ms: int) -> CommandRejected:
+    return CommandRejected(account_id=account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
+                           command=command_type(command), digest=digest, actor=command.actor, reason=reason)
 
 
-def _reject(state: State, command: Command, digest: str, reason: str) -> Decision:
-    event = _rejection(command, owner_account(command), digest, reason)
+def _reject(state: State, command: Command, digest: str, reason: str, now_ms: int) -> Decision:
+    event = _rejection(command, owner_account(command), digest, reason, now_ms)
     fold(state, event)
-    return Decision(state, [event], [], Outcome(transaction_id=command.transaction_id, status=FAILURE, reason=reason,
-                                                digest=digest))
+    return Decision(state, [event], [], _outcome(command, FAILURE, reason, digest))
+
+
+def dead_letter_outcome(value: bytes, reason: str, command: Command | None = None) -> Outcome | None:
+    """The `failure` answer to a client record that cannot be decided (`reason` invalid_command
+    or wrong_partition), when its transaction id and owning account can be read; else None.
+
+    Without it the client would wait `pending` forever. Never for a saga leg: a leg has no
+    client waiting, and answering a forged one would let anyone write answers."""
+    if command is not None:
+        if type(command) in (CreditLeg, RefundLeg):
+            return None
+        return Outcome(transaction_id=command.transaction_id, account_id=owner_account(command), actor=command.actor,
+                       status=FAILURE, reason=reason, digest=command_digest(command))
+    request = readable_request(value)
+    if request is None:
+        return None
+    transaction_id, account_id, actor = request
+    return Outcome(transaction_id=transaction_id, account_id=account_id, actor=actor, status=FAILURE, reason=reason,
+                   digest="")
 
 
 _HANDLERS = {
     OpenAccount: _open_account, Deposit: _deposit, Withdraw: _withdraw, Transfer: _transfer, PayMerchant: _transfer,
-    Freeze: _freeze, Unfreeze: _unfreeze, Close: _close, CreditLeg: _on_credit_leg, RefundLeg: _on_refund_leg,
+    Freeze: _freeze, Unfreeze: _unfreeze, Close: _close,
 }

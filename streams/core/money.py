@@ -15,6 +15,8 @@ AMOUNT_MINOR_MAX = 10**15
 # The largest balance an account may hold, in minor units. A credit that would pass it is
 # refused (`balance_limit_exceeded`), never wrapped or truncated.
 BALANCE_MINOR_MAX = 10**17
+# One amount always fits in a balance: the cap checks below rely on it.
+assert 0 < AMOUNT_MINOR_MAX <= BALANCE_MINOR_MAX
 
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,20})(?:\.([0-9]{1,12}))?")
 
@@ -78,22 +80,45 @@ def _why_not_decimal(amount: str) -> str:
 
 
 def canonical_minor(amount: str, currency: str) -> int:
-    """Reads an amount the core itself wrote (exactly the currency's decimal places), fast.
+    """Reads a positive amount the core itself wrote (exactly the currency's decimal places), fast.
 
-    Events and saga legs carry canonical amounts; anything else there is a corrupt log,
-    not a client mistake, so it raises rather than being rejected politely.
+    Events and saga legs carry canonical amounts: no sign, no leading zero, exactly the
+    currency's decimals, greater than zero and at most AMOUNT_MINOR_MAX. Anything else there
+    ("-5.00", "0.00", "-.50", "00005.00", "5.0") is corrupt or forged, not a client mistake:
+    it raises ValueError rather than being rejected politely.
     """
-    digits = MINOR_UNITS[currency]
+    amount_minor = _canonical_digits(amount, currency)
+    if not 0 < amount_minor <= AMOUNT_MINOR_MAX:
+        raise ValueError(f"{amount!r} is not a canonical {currency} amount: not in (0, {AMOUNT_MINOR_MAX}] minor units")
+    return amount_minor
+
+
+def canonical_balance_minor(balance: str, currency: str) -> int:
+    """Reads a balance the core wrote: like `canonical_minor`, but zero is a balance, and the
+    bound is BALANCE_MINOR_MAX."""
+    balance_minor = _canonical_digits(balance, currency)
+    if balance_minor > BALANCE_MINOR_MAX:
+        raise ValueError(f"{balance!r} is not a canonical {currency} balance: above {BALANCE_MINOR_MAX} minor units")
+    return balance_minor
+
+
+def _canonical_digits(text: str, currency: str) -> int:
+    digits = MINOR_UNITS.get(currency) if type(currency) is str else None
+    if digits is None or type(text) is not str:
+        raise ValueError(f"{text!r} is not a canonical {currency!r} amount")
+    whole = text
     if digits:
-        dot = len(amount) - digits - 1
-        if dot < 1 or amount[dot] != ".":
-            raise ValueError(f"{amount!r} is not a canonical {currency} amount")
-        amount = amount[:dot] + amount[dot + 1:]
-    negative = amount[:1] == "-"
-    digits_text = amount[1:] if negative else amount
-    if not (digits_text.isascii() and digits_text.isdigit()):
-        raise ValueError(f"{amount!r} is not a canonical {currency} amount")
-    return -int(digits_text) if negative else int(digits_text)
+        dot = len(text) - digits - 1
+        if dot < 1 or text[dot] != ".":
+            raise ValueError(f"{text!r} is not a canonical {currency} amount")
+        whole, fraction = text[:dot], text[dot + 1:]
+        if not (fraction.isascii() and fraction.isdigit()):
+            raise ValueError(f"{text!r} is not a canonical {currency} amount")
+    else:
+        fraction = ""
+    if not (whole.isascii() and whole.isdigit()) or (whole[0] == "0" and len(whole) > 1) or len(whole) > 21:
+        raise ValueError(f"{text!r} is not a canonical {currency} amount")
+    return int(whole + fraction)
 
 
 def format_amount(amount_minor: int, currency: str) -> str:

@@ -17,10 +17,10 @@ from schemas.events import (
 )
 from schemas.outcomes import Reason
 from streams.core.currencies import MINOR_UNITS
-from streams.core.money import canonical_minor, format_amount
+from streams.core.money import BALANCE_MINOR_MAX, canonical_balance_minor, canonical_minor, format_amount
 
-# How long a transaction id is remembered, on the partition's command clock (the largest
-# `ts_ms` folded so far, never the wall clock): an id is kept until that clock passes
+# How long a transaction id is remembered, on the partition's clock (the largest decision time
+# folded so far: record times from the broker, never a client's field, never the wall clock): an id is kept until that clock passes
 # `ts_ms + IDEMPOTENCY_WINDOW_MS`, rounded to the eviction step. A retry before then gets
 # the first answer; a retry after it is a new request (so "one answer per request" holds
 # within the window). A quiet partition's clock stands still, and so does its forgetting.
@@ -38,6 +38,11 @@ def memory_horizon_ms(clock_ms: int) -> int:
     return (clock_ms // IDEMPOTENCY_EVICT_STEP_MS) * IDEMPOTENCY_EVICT_STEP_MS - IDEMPOTENCY_WINDOW_MS
 
 
+# A credit leg older than this on the receiver's clock (its `issued_ms` behind the decision
+# time) is refused and refunded (`leg_expired`). So a copy of a genuine leg that is still
+# accepted is young enough that the receiver still remembers crediting the original.
+LEG_AGE_MAX_MS = IDEMPOTENCY_WINDOW_MS // 2
+
 ACTIVE, FROZEN, CLOSED = "active", "frozen", "closed"
 PENDING, SUCCESS, FAILURE = "pending", "success", "failure"
 
@@ -53,14 +58,28 @@ class Account:
     status: str
     balance_minor: int
     seq: int
+    owner: str = ""  # the actor that opened the account
+    # Debits of this account whose transfer the account still remembers as pending (not refunded,
+    # not forgotten): how many, and how much. The balance cap holds for balance + in flight, so
+    # a refund can never pass it; close is refused while any is pending.
+    in_flight_count: int = 0
+    in_flight_minor: int = 0
 
 
 class Remembered(msgspec.Struct, frozen=True, gc=False):
-    """What the partition remembers of a transaction id, to answer retries alike."""
+    """What the partition remembers of a transaction id, to answer retries alike.
+
+    For a pending debit (status pending) also what a refund must match: the amount (in the
+    account's currency) and the receiving account."""
     digest: str
     status: str  # pending (a debited transfer in flight), success or failure
     reason: str | None
     ts_ms: int
+    amount_minor: int = 0
+    to_account: str | None = None
+    # For a credit leg decided on this side (credited or refused): the leg's issued_ms, so a
+    # copy of that leg is told apart from a later debit of the same request.
+    issued_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +93,10 @@ class State:
     # long log crosses a step every minute of command time. Derived from `memory`, so not
     # part of the state's identity; it may name keys already forgotten or re-remembered.
     expiry: dict[int, list[tuple[str, str]]] = field(default_factory=dict, compare=False, repr=False)
+    # False for a fold over accounts alone (the read model folds rows it stored, without the
+    # idempotency memory): refunds are then not paired with their pending debits and money in
+    # flight is not counted. The processor, its restore and the audit fold with the memory.
+    tracks_memory: bool = field(default=True, compare=False, repr=False)
 
 
 def index_memory(state: State) -> State:
@@ -84,62 +107,95 @@ def index_memory(state: State) -> State:
     return state
 
 
+def recall(state: State, key: tuple[str, str], now_ms: int) -> Remembered | None:
+    """What is remembered of `key` at decision time `now_ms`: entries the clock's advance to
+    `now_ms` will forget are forgotten already."""
+    remembered = state.memory.get(key)
+    if remembered is not None and remembered.ts_ms < memory_horizon_ms(now_ms):
+        return None
+    return remembered
+
+
 def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
     """Applies one event to the state, in place, and returns it.
 
-    Folding an event whose `seq` the account has already reached changes nothing, so a
-    restore that starts from a conservative checkpoint is still exact. The state machine,
+    The clock advances first (forgetting what falls behind the horizon), then the event is
+    applied. Folding an event whose `seq` the account has already reached changes nothing, so
+    a restore that starts from a conservative checkpoint is still exact. The state machine,
     which has just computed a money event's new balance, passes it as `balance_minor` to
     spare reading back the text it wrote; everyone else lets the event's text be checked.
     """
     event_class = type(event)
     if event_class is CommandRejected:
+        advance_clock(state, event.ts_ms)
         if event.reason != Reason.DUPLICATE_CONFLICT:  # a conflict must not overwrite the first answer
-            _remember(state, event.account_id, event.transaction_id, event.digest, FAILURE, event.reason, event.ts_ms)
-        _advance_clock(state, event.ts_ms)
+            _remember(state, event.account_id, event.transaction_id,
+                      Remembered(event.digest, FAILURE, event.reason, event.ts_ms, issued_ms=event.issued_ms))
         return state
 
     account = state.accounts.get(event.account_id)
     if account is None:
         if event_class is not AccountOpened:
             raise CorruptLog(f"{event_type(event)} for account {event.account_id!r} that was never opened")
-        state.accounts[event.account_id] = account = Account(event.currency, event.kind, ACTIVE, 0, 0)
+        account = Account(event.currency, event.kind, ACTIVE, 0, 0, event.owner)
     if event.seq <= account.seq:
         return state  # already folded
     if event.seq != account.seq + 1:
         raise CorruptLog(f"account {event.account_id!r}: seq {event.seq} follows {account.seq}")
-    if event_class is AccountOpened and (event.seq != 1 or event.currency not in MINOR_UNITS
-                                         or event.balance != format_amount(0, event.currency)):
-        raise CorruptLog(f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
-                         f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty")
+    if event_class is AccountOpened:
+        if event.seq != 1 or event.currency not in MINOR_UNITS or event.balance != format_amount(0, event.currency):
+            raise CorruptLog(f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
+                             f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty")
+        state.accounts[event.account_id] = account
+    advance_clock(state, event.ts_ms)
 
-    status = SUCCESS
-    reason = None
+    remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms)
     if event_class in BALANCE_SIGN:
         if balance_minor is None:
             try:
                 amount_minor = canonical_minor(event.amount, account.currency)
-                balance_minor = canonical_minor(event.balance, account.currency)
+                balance_minor = canonical_balance_minor(event.balance, account.currency)
             except ValueError as error:
                 raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: {error}") from None
             expected_minor = account.balance_minor + BALANCE_SIGN[event_class] * amount_minor
         else:
-            amount_minor, expected_minor = 1, balance_minor
+            amount_minor = abs(balance_minor - account.balance_minor)
+            expected_minor = balance_minor
         if (event.currency != account.currency or balance_minor != expected_minor or balance_minor < 0
                 or amount_minor <= 0):
             raise CorruptLog(
                 f"account {event.account_id!r} seq {event.seq}: balance {event.balance} {event.currency} does not follow "
                 f"{account.balance_minor} minor units {account.currency} and amount {event.amount}")
-        account.balance_minor = balance_minor
-        if event_class is TransferDebited:
-            status = PENDING
+        in_flight_count, in_flight_minor = account.in_flight_count, account.in_flight_minor
+        if not state.tracks_memory:
+            pass
+        elif event_class is TransferCredited:
+            remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms, issued_ms=event.issued_ms)
+        elif event_class is TransferDebited:
+            in_flight_count += 1
+            in_flight_minor += amount_minor
+            remembered = Remembered(event.digest, PENDING, None, event.ts_ms, amount_minor, event.to_account)
         elif event_class is TransferRefunded:
-            status, reason = FAILURE, event.reason
+            key = (event.account_id, event.transaction_id)
+            pending = state.memory.get(key)
+            if (pending is None or pending.status != PENDING or pending.digest != event.digest
+                    or pending.amount_minor != amount_minor or pending.to_account != event.to_account):
+                raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: refund of {event.transaction_id!r} "
+                                 f"matches no pending debit")
+            in_flight_count -= 1
+            in_flight_minor -= amount_minor
+            # A refund keeps the time of the debit it answers, so the pair is forgotten together.
+            remembered = Remembered(event.digest, FAILURE, event.reason, pending.ts_ms, amount_minor,
+                                    event.to_account)
+        if balance_minor + in_flight_minor > BALANCE_MINOR_MAX or in_flight_minor < 0 or in_flight_count < 0:
+            raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: balance {balance_minor} + in flight "
+                             f"{in_flight_minor} minor units breaks the cap {BALANCE_MINOR_MAX}")
+        account.balance_minor = balance_minor
+        account.in_flight_count, account.in_flight_minor = in_flight_count, in_flight_minor
     elif event_class in STATUS_AFTER:
         account.status = STATUS_AFTER[event_class]
     account.seq = event.seq
-    _remember(state, event.account_id, event.transaction_id, event.digest, status, reason, event.ts_ms)
-    _advance_clock(state, event.ts_ms)
+    _remember(state, event.account_id, event.transaction_id, remembered)
     return state
 
 
@@ -148,17 +204,14 @@ BALANCE_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredit
 STATUS_AFTER = {AccountFrozen: FROZEN, AccountUnfrozen: ACTIVE, AccountClosed: CLOSED}
 
 
-def _remember(state: State, account_id: str, transaction_id: str, digest: str, status: str, reason: str | None,
-              ts_ms: int) -> None:
+def _remember(state: State, account_id: str, transaction_id: str, remembered: Remembered) -> None:
+    if remembered.ts_ms < memory_horizon_ms(state.clock_ms):
+        return  # decided after its id would already have been forgotten (only a refund can be)
     key = (account_id, transaction_id)
     first = state.memory.get(key)
-    # A refund keeps the time of the debit it answers, so the pair is forgotten together.
-    remembered_ts_ms = first.ts_ms if first is not None else ts_ms
-    if remembered_ts_ms < memory_horizon_ms(state.clock_ms):
-        return  # decided after its id would already have been forgotten
-    state.memory[key] = Remembered(digest, status, reason, remembered_ts_ms)
-    if first is None:
-        step = remembered_ts_ms // IDEMPOTENCY_EVICT_STEP_MS
+    state.memory[key] = remembered
+    if first is None or first.ts_ms != remembered.ts_ms:
+        step = remembered.ts_ms // IDEMPOTENCY_EVICT_STEP_MS
         bucket = state.expiry.get(step)
         if bucket is None:
             state.expiry[step] = [key]
@@ -166,7 +219,12 @@ def _remember(state: State, account_id: str, transaction_id: str, digest: str, s
             bucket.append(key)
 
 
-def _advance_clock(state: State, ts_ms: int) -> None:
+def advance_clock(state: State, ts_ms: int) -> None:
+    """Moves the clock to `ts_ms` if that is later, forgetting what falls behind the horizon.
+
+    The state machine calls it before deciding a command that will leave an event of time
+    `ts_ms` (whose fold would advance the clock the same way first), so that the decision
+    sees exactly the state that folding its events produces."""
     if ts_ms <= state.clock_ms:
         return
     horizon_before_ms = memory_horizon_ms(state.clock_ms)
@@ -180,3 +238,10 @@ def _advance_clock(state: State, ts_ms: int) -> None:
                 remembered = memory.get(key)
                 if remembered is not None and remembered.ts_ms < horizon_ms:
                     del memory[key]
+                    if remembered.status == PENDING:
+                        # A debit forgotten while pending is no longer the account's in flight:
+                        # a refund of it would match nothing (the saga outlived the window).
+                        account = state.accounts[key[0]]
+                        account.in_flight_count -= 1
+                        account.in_flight_minor -= remembered.amount_minor
+                        assert account.in_flight_count >= 0 and account.in_flight_minor >= 0, key

@@ -19,12 +19,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING, TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, KafkaException, Producer, TopicPartition,
+)
 
 from schemas.codec import SchemaError, decode_command, encode
+from schemas.commands import LEG_COMMANDS
 from schemas.events import CommandRejected
+from schemas.leg_auth import LegKeyring
+from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
-from streams.core.machine import apply
+from infra.secrets import leg_keys_text
+from streams.core.errors import UndecidableInput
+from streams.core.machine import apply, dead_letter_outcome
 from streams.core.state import State, memory_horizon_ms
 from infra.kafka_clients import (
     processor_consumer_config, processor_producer_config, restore_consumer_config,
@@ -75,6 +82,8 @@ class Processor:
         self.transactional_id = settings.processor_transactional_id(config.instance_id)
         self._stopping = False
         self._tasks: dict[int, _Task] = {}
+        # The processors' leg keys: every leg is verified before the core sees it, every emitted leg signed.
+        self._keyring = LegKeyring.parse(leg_keys_text(settings))
         self._store = StateStore(config.store_path)
         self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
         self._restore_consumer = Consumer(restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
@@ -147,23 +156,36 @@ class Processor:
             partition = record.partition()
             task = tasks[partition]
             next_offsets[partition] = record.offset() + 1
+            timestamp_type, record_time_ms = record.timestamp()
+            if timestamp_type != TIMESTAMP_LOG_APPEND_TIME:
+                # The time that decides must be the broker's: a producer's CreateTime would let
+                # clients move the partition's clock (and with it the idempotency window).
+                raise RuntimeError(f"{record.topic()}[{partition}]@{record.offset()} has timestamp type "
+                                   f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
+                                   f"message.timestamp.type=LogAppendTime (wallet topics create)")
             try:
                 command = decode_command(record.value())
             except SchemaError as schema_error:
-                self._dead_letter(record, str(schema_error))
+                self._dead_letter(record, str(schema_error), dead_letter_outcome(record.value(), Reason.INVALID_COMMAND))
                 continue
             owner = getattr(command, command.owner_field)
             if owner_partition(owner) != partition:
                 self._dead_letter(record, f"command for account {owner!r} arrived on partition {partition}, but the "
                                           f"account belongs to partition {owner_partition(owner)}: its producer "
-                                          f"does not use the murmur2 partitioner")
+                                          f"does not use the murmur2 partitioner",
+                                  dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command))
                 continue
+            if type(command) in LEG_COMMANDS:
+                refused = self._keyring.verify(command)
+                if refused is not None:
+                    self._dead_letter(record, refused)
+                    continue
             try:
-                decision = apply(task.state, command)
-            except (ValueError, KeyError, AssertionError) as refused:
-                # Only a forged or corrupt saga leg gets here (client commands are always decided),
-                # and the core raises before folding anything, so the state is untouched.
-                self._dead_letter(record, f"the state machine cannot decide it: {refused!r}")
+                decision = apply(task.state, command, record_time_ms)
+            except UndecidableInput as undecidable:
+                # The core raises before folding anything, so the state is untouched; any other
+                # exception is a bug and stops the processor before this batch commits.
+                self._dead_letter(record, f"the state machine cannot decide it: {undecidable}")
                 continue
             changed_accounts, changed_memory = task.changes.accounts, task.changes.memory_keys
             for event in decision.events:
@@ -173,7 +195,7 @@ class Processor:
                     changed_accounts.add(account_id)
                 changed_memory.add((account_id, event.transaction_id))
             for leg in decision.follow_ups:
-                value, key = encode(leg), getattr(leg, leg.owner_field)
+                value, key = encode(self._keyring.sign(leg)), getattr(leg, leg.owner_field)
                 try:
                     produce(commands_topic, value, key)
                 except BufferError:
@@ -224,7 +246,7 @@ class Processor:
                     raise RuntimeError(f"producer queue stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: "
                                        f"is the broker reachable?") from None
 
-    def _dead_letter(self, record, error: str) -> None:
+    def _dead_letter(self, record, error: str, outcome=None) -> None:
         log.warning("dead-lettering %s[%d]@%d: %s", record.topic(), record.partition(), record.offset(), error)
         headers = [("error", error.encode()), ("source_topic", record.topic().encode()),
                    ("source_partition", str(record.partition()).encode()),
@@ -234,6 +256,13 @@ class Processor:
         except BufferError:
             self._producer.flush(PRODUCE_QUEUE_FULL_WAIT_S)
             self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
+        if outcome is not None:
+            # The client that sent it would otherwise wait `pending` forever.
+            value = encode(outcome)
+            try:
+                self._producer.produce(self.settings.outcomes_topic, value, outcome.transaction_id)
+            except BufferError:
+                self._produce_when_room(self.settings.outcomes_topic, value, outcome.transaction_id, None)
 
     def _commit(self, offsets: list[TopicPartition]) -> bool:
         producer = self._producer

@@ -5,9 +5,16 @@ produced its events has committed, together with the offset of `wallet.events` i
 Restoring a partition = load the snapshot, then fold `wallet.events` from that offset on.
 
 Layout (one RocksDB per instance; partitions kept apart by a key prefix):
-  a/<partition>/<account_id>            -> account (currency, kind, status, balance_minor, seq)
-  s/<partition>/<segment number><max ts> -> the memory entries written by one flush
-  o/<partition>                         -> (events_offset, clock_ms, next segment number)
+  a/<partition>/<account_id>            -> account (currency, kind, status, balance_minor, seq, owner)
+  s/<partition>/<segment number><max ts> -> the memory entries written by one flush, pending debits
+                                           with their amount and receiver, decided credit legs with
+                                           their issued_ms
+  o/<partition>                         -> (events_offset, clock_ms, next segment number, format)
+An account's money in flight is not stored: it is exactly its pending debits in the memory
+(a debit adds one, its refund or its forgetting removes it), so `load` derives it from the
+restored memory, and an account whose pending debit was forgotten without an event of its
+own can never restore a stale count. A snapshot of another format is ignored: the partition
+is then restored from the log alone.
 Memory entries are stored in segments, one value per flush, because a flush writes tens of
 thousands of new transaction ids and one value per id would cost more than the rest of the
 processor; the core's memory is defined as a set (state.memory_horizon_ms), so replaying the
@@ -22,12 +29,13 @@ from pathlib import Path
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from streams.core.state import Account, Remembered, State, index_memory, memory_horizon_ms
+from streams.core.state import PENDING, Account, Remembered, State, index_memory, memory_horizon_ms
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.decode
 _PARTITION = struct.Struct(">I")
 _SEGMENT = struct.Struct(">Q")
+SNAPSHOT_FORMAT = 2  # contract v2: owners, pending debits' amounts, credit legs' issued_ms
 
 
 def _prefix(kind: bytes, partition: int) -> bytes:
@@ -75,18 +83,26 @@ class StateStore:
         meta = self._db.get(_prefix(b"o", partition)[:-1])
         if meta is None:
             return State(), Checkpoint()
-        checkpoint = Checkpoint(*_unpack(meta))
+        fields = _unpack(meta)
+        if len(fields) != 4 or fields[3] != SNAPSHOT_FORMAT:
+            return State(), Checkpoint()  # another format: restore from the log alone
+        checkpoint = Checkpoint(*fields[:3])
         state = State(clock_ms=checkpoint.clock_ms)
         for account_id, fields in self._scan(_prefix(b"a", partition)):
             state.accounts[account_id.decode()] = Account(*_unpack(fields))
         horizon_ms = memory_horizon_ms(checkpoint.clock_ms)
         for _, segment in self._scan(_prefix(b"s", partition)):
-            for account_id, transaction_id, digest, status, reason, ts_ms in _unpack(segment):
+            for account_id, transaction_id, *remembered in _unpack(segment):
                 key = (account_id, transaction_id)
-                if ts_ms >= horizon_ms:
-                    state.memory[key] = Remembered(digest, status, reason, ts_ms)
+                if remembered[3] >= horizon_ms:
+                    state.memory[key] = Remembered(*remembered)
                 else:
                     state.memory.pop(key, None)
+        for (account_id, _), remembered in state.memory.items():
+            if remembered.status == PENDING:
+                account = state.accounts[account_id]
+                account.in_flight_count += 1
+                account.in_flight_minor += remembered.amount_minor
         return index_memory(state), checkpoint
 
     def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
@@ -95,14 +111,15 @@ class StateStore:
         account_prefix = _prefix(b"a", partition)
         for account_id in changes.accounts:
             account = state.accounts[account_id]
-            batch.put(account_prefix + account_id.encode(),
-                      _pack((account.currency, account.kind, account.status, account.balance_minor, account.seq)))
+            batch.put(account_prefix + account_id.encode(), _pack(
+                (account.currency, account.kind, account.status, account.balance_minor, account.seq, account.owner)))
         entries = []
         for key in changes.memory_keys:
             remembered = state.memory.get(key)
             if remembered is not None:
                 entries.append((key[0], key[1], remembered.digest, remembered.status, remembered.reason,
-                                remembered.ts_ms))
+                                remembered.ts_ms, remembered.amount_minor, remembered.to_account,
+                                remembered.issued_ms))
         if entries:
             newest_ts_ms = max(entry[5] for entry in entries)
             segment_key = _SEGMENT.pack(checkpoint.next_segment) + _SEGMENT.pack(newest_ts_ms)
@@ -110,7 +127,7 @@ class StateStore:
             checkpoint.next_segment += 1
         checkpoint.clock_ms = state.clock_ms
         batch.put(_prefix(b"o", partition)[:-1], _pack((checkpoint.events_offset, checkpoint.clock_ms,
-                                                         checkpoint.next_segment)))
+                                                         checkpoint.next_segment, SNAPSHOT_FORMAT)))
         self._db.write(batch)
 
     def drop_expired_segments(self, partition: int, clock_ms: int) -> int:

@@ -25,8 +25,9 @@ class ProcessorProcess:
         self.process: Supervised | None = None
 
     def start(self) -> ProcessorProcess:
+        # The test's run folder: the processor's leg keys are the ones the test (and its audit) read.
         env = dict(os.environ, WALLET_KAFKA_BOOTSTRAP=self.settings.bootstrap,
-                   WALLET_TOPIC_PREFIX=self.settings.topic_prefix)
+                   WALLET_TOPIC_PREFIX=self.settings.topic_prefix, WALLET_RUN_DIR=str(self.settings.run_dir))
         self.process = Supervised.start(
             f"processor {self.instance_id}",
             [sys.executable, "-m", "wallet.cli", "processor", "--instance-id", self.instance_id,

@@ -9,8 +9,14 @@ path. The caller chooses which partition consumes its next record: that is how a
 hypothesis) explores interleavings. Every record is decoded from and every message encoded
 to bytes with `schemas.codec`, as on the wire.
 
-Kafka's exactly-once processing means a leg record is processed once: the driver never
-duplicates a record. Duplicates come only from clients, who may `submit` a command again.
+Each record is stamped, when appended, with the driver's clock (`clock_ms`, which the caller
+moves), as the broker stamps LogAppendTime; the core decides it at that record time. The
+driver does what the processor does around the core: a leg must verify with the processors'
+keyring (else it is dead-lettered), the legs it emits are signed, and a record the core
+cannot decide (`UndecidableInput`) or cannot decode is dead-lettered and changes nothing.
+Kafka's exactly-once processing means a leg record is processed once: the driver itself
+never duplicates a record. Duplicates come from clients, who may `submit` a command again,
+and from an attacker, who may `inject` any bytes, copies of genuine legs included.
 
 Money in flight is reported by folding the events (debited − credited − refunded), the way
 the audit does, not by asking the core.
@@ -20,13 +26,13 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-import msgspec
-
-from schemas.codec import decode_command, decode_event, encode
-from schemas.commands import Command, owner_account
+from schemas.codec import SchemaError, decode_command, decode_event, encode
+from schemas.commands import LEG_COMMANDS, Command, owner_account
+from schemas.leg_auth import LegKeyring
 from schemas.events import Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
+from streams.core.errors import UndecidableInput
 from streams.core.machine import apply
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
@@ -36,6 +42,8 @@ from streams.core.state import State, fold
 QUEUE_LENGTH_MAX = 100_000
 # `drain` gives up after this many steps: a saga that never settles is a bug to report, not a hang.
 DRAIN_STEPS_MAX = 1_000_000
+# The processors' leg key in these tests.
+PROCESSOR_LEG_KEYS = "p1:" + "5a" * 32
 
 
 class DriverError(AssertionError):
@@ -45,7 +53,7 @@ class DriverError(AssertionError):
 @dataclass
 class Partition:
     state: State = field(default_factory=State)
-    queue: deque[bytes] = field(default_factory=deque)
+    queue: deque[tuple[bytes, int]] = field(default_factory=deque)  # (value, record time)
     event_records: list[bytes] = field(default_factory=list)
 
 
@@ -81,9 +89,17 @@ class MoneyTotals:
 @dataclass(frozen=True)
 class Step:
     partition: int
-    command: Command
+    command: Command | None  # None when the record was not a decodable command
     events: list[Event]
     outcome: Outcome | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    partition: int
+    value: bytes
+    reason: str
+    command: Command | None  # the decoded command, when it decoded
 
 
 class SagaDriver:
@@ -93,6 +109,10 @@ class SagaDriver:
         self.money = MoneyTotals()
         self.outcome_records: list[bytes] = []
         self.outcomes: list[Outcome] = []
+        self.keyring = LegKeyring.parse(PROCESSOR_LEG_KEYS)
+        self.clock_ms = 0  # the "broker's" clock: the record time of what is appended now
+        self.dead_letters: list[DeadLetter] = []
+        self.leg_records: list[tuple[str, bytes]] = []  # (owner account, value) of every signed leg emitted
 
     def partition_of(self, account_id: str) -> int:
         return partition_for(account_id, self.partition_count)
@@ -104,12 +124,18 @@ class SagaDriver:
         if len(queue) >= QUEUE_LENGTH_MAX:
             raise DriverError(f"partition {partition} holds {len(queue)} unconsumed records "
                               f"(bound {QUEUE_LENGTH_MAX})")
-        queue.append(encode(command))
+        queue.append((encode(command), self.clock_ms))
         return partition
 
-    def retry(self, command: Command, ts_ms: int) -> int:
-        """A client sends a request again, as clients do after a timeout: same payload, a new timestamp."""
-        return self.submit(msgspec.structs.replace(command, ts_ms=ts_ms))
+    def inject(self, account_id: str, value: bytes) -> int:
+        """Anyone with write access to the topic appends any bytes under an account's key."""
+        partition = self.partition_of(account_id)
+        self.partitions[partition].queue.append((value, self.clock_ms))
+        return partition
+
+    def retry(self, command: Command) -> int:
+        """A client sends a request again, as clients do after a timeout: the same command, a later record."""
+        return self.submit(command)
 
     def waiting(self) -> list[int]:
         """Partitions with records not yet consumed."""
@@ -120,17 +146,36 @@ class SagaDriver:
         owner = self.partitions[partition]
         if not owner.queue:
             raise DriverError(f"partition {partition} has no record to consume")
-        command = decode_command(owner.queue.popleft())
-        decision = apply(owner.state, command)
+        value, record_time_ms = owner.queue.popleft()
+        try:
+            command = decode_command(value)
+        except SchemaError as error:
+            return self._dead_letter(partition, value, str(error), None)
+        if self.partition_of(owner_account(command)) != partition:
+            return self._dead_letter(partition, value, "wrong partition", command)
+        if type(command) in LEG_COMMANDS:
+            refused = self.keyring.verify(command)
+            if refused is not None:
+                return self._dead_letter(partition, value, refused, command)
+        try:
+            decision = apply(owner.state, command, record_time_ms)
+        except UndecidableInput as error:
+            return self._dead_letter(partition, value, str(error), command)
         for event in decision.events:
             owner.event_records.append(encode(event))
             self.money.add(event)
         for follow_up in decision.follow_ups:
-            self.submit(follow_up)
+            signed = self.keyring.sign(follow_up)
+            self.leg_records.append((owner_account(signed), encode(signed)))
+            self.submit(signed)
         if decision.outcome is not None:
             self.outcome_records.append(encode(decision.outcome))
             self.outcomes.append(decision.outcome)
         return Step(partition, command, decision.events, decision.outcome)
+
+    def _dead_letter(self, partition: int, value: bytes, reason: str, command: Command | None) -> Step:
+        self.dead_letters.append(DeadLetter(partition, value, reason, command))
+        return Step(partition, command, [], None)
 
     def drain(self, steps_max: int = DRAIN_STEPS_MAX) -> int:
         """Consumes every partition round-robin until no record is left; returns the steps taken."""

@@ -1,0 +1,56 @@
+"""The client library's side of contract v2: one id rule, actor and role, and no saga legs ever."""
+from __future__ import annotations
+
+import pytest
+
+from producers.client import CommandPublisher, check_ids, client_command, local_command
+from schemas.commands import (
+    ACCOUNT_ID_LENGTH_MAX, CreditLeg, Deposit, Freeze, OpenAccount, RefundLeg, Transfer, is_valid_id,
+)
+
+
+@pytest.mark.parametrize("text", ["alice\n", "alice\r\n", "\nalice", "al ice", "", "-alice", "ali/ce", "é",
+                                  "a" * (ACCOUNT_ID_LENGTH_MAX + 1)])
+def test_ids_the_contract_refuses_are_refused_by_the_one_rule(text: str) -> None:
+    # re.match with "$" accepted "alice\n" in the client library while the API refused it.
+    assert not is_valid_id(text, ACCOUNT_ID_LENGTH_MAX)
+    with pytest.raises(ValueError):
+        check_ids(local_command(Deposit, transaction_id="t-1", account_id=text, amount="1.00", currency="USD"))
+
+
+@pytest.mark.parametrize("text", ["alice", "a", "A.b_c:d@e-f", "0" * ACCOUNT_ID_LENGTH_MAX])
+def test_ids_the_contract_allows_pass(text: str) -> None:
+    assert is_valid_id(text, ACCOUNT_ID_LENGTH_MAX)
+    check_ids(local_command(Deposit, transaction_id="t-1", account_id=text, amount="1.00", currency="USD"))
+
+
+def test_client_commands_carry_the_actor_and_role_given_or_the_local_edges() -> None:
+    assert (client_command(Freeze, transaction_id="t", account_id="a").actor,
+            client_command(Freeze, transaction_id="t", account_id="a").role) == ("operator", "operator")
+    opened = client_command(OpenAccount, transaction_id="t", account_id="a", currency="USD", actor="alice")
+    assert (opened.actor, opened.role) == ("alice", "user")
+    sent = client_command(Transfer, transaction_id="t", from_account="a", to_account="b", amount="1.00",
+                          currency="USD")
+    assert (sent.actor, sent.role) == ("a", "user")
+    with pytest.raises(ValueError):
+        client_command(Freeze, transaction_id="t\n", account_id="a")
+
+
+def _legs() -> list:
+    common = dict(transaction_id="t", actor="a", issued_ms=1, from_account="a", to_account="b", amount="1.00",
+                  currency="USD", digest="d")
+    return [CreditLeg(**common), RefundLeg(**common, reason="account_frozen", debit_ms=1)]
+
+
+@pytest.mark.parametrize("leg", _legs(), ids=["credit_leg", "refund_leg"])
+def test_the_client_library_refuses_to_publish_saga_legs(leg) -> None:
+    publisher = CommandPublisher("127.0.0.1:1", "never.used", message_timeout_ms=100)
+    try:
+        with pytest.raises(ValueError, match="saga leg"):
+            publisher.submit(leg)
+        with pytest.raises(ValueError, match="saga leg"):
+            publisher.publish_batch([leg])
+        with pytest.raises(ValueError):
+            client_command(type(leg), transaction_id="t")
+    finally:
+        publisher.close(timeout_s=0)

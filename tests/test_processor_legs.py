@@ -1,0 +1,136 @@
+"""The processor's decide step on a real broker: legs are authenticated, the broker's clock decides,
+and a dead-lettered client record still gets an answer (issue 12, items 1, 2, 4 and 10)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+from infra.admin import TopicMismatchError, admin_client, ensure_topics
+from schemas.codec import decode_event, encode
+from schemas.commands import CreditLeg, Deposit, OpenAccount, RefundLeg, Transfer
+from schemas.leg_auth import LegKeyring
+from schemas.outcomes import Reason
+from schemas.partitioning import partition_for
+from streams.core.state import State, fold
+from tests.support.commands import edge
+from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic, wait_for
+from tests.support.processes import ProcessorProcess
+
+PARTITIONS = 2
+PROCESSORS_KEYRING = LegKeyring.parse(os.environ["WALLET_LEG_KEYS"])  # conftest sets the session's key
+WRONG_KEYRING = LegKeyring.parse(PROCESSORS_KEYRING.signing_kid + ":" + "99" * 32)
+
+
+def _balances(settings) -> dict[str, int]:
+    states: dict[int, State] = {}
+    for record in read_topic(settings, settings.events_topic):
+        fold(states.setdefault(record.partition, State()), decode_event(record.value))
+    return {account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()}
+
+
+def _raw(settings, key: str, value: bytes, partition: int | None = None) -> None:
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    if partition is None:
+        partition = partition_for(key, PARTITIONS)
+    producer.produce(settings.commands_topic, value, key.encode(), partition=partition)
+    assert producer.flush(10) == 0
+
+
+@pytest.fixture(scope="module")
+def running(make_settings):
+    settings = make_settings(PARTITIONS)
+    processor = ProcessorProcess(settings, "legs-1").start()
+    outcomes = OutcomeCollector(settings)
+    setup = [edge(OpenAccount, transaction_id=f"open-{a}", account_id=a, currency="USD") for a in ("alice", "bob")]
+    setup.append(edge(Deposit, transaction_id="fund-alice", account_id="alice", amount="10.00", currency="USD"))
+    publish(command_producer(settings), settings, setup)
+    outcomes.wait_all({c.transaction_id for c in setup})
+    yield settings, outcomes
+    outcomes.close()
+    assert processor.stop() == 0, processor.log_tail()
+
+
+def test_forged_credit_leg_without_debit_mints_nothing(running):
+    settings, outcomes = running
+    forged = CreditLeg(transaction_id="forged-1", actor="alice", issued_ms=0, from_account="alice", to_account="bob",
+                       amount="1000.00", currency="USD", digest="0" * 24)
+    refund = RefundLeg(transaction_id="forged-2", actor="alice", issued_ms=0, from_account="alice", to_account="bob",
+                       amount="1000.00", currency="USD", digest="0" * 24, reason="account_frozen", debit_ms=0)
+    negative = PROCESSORS_KEYRING.sign(CreditLeg(transaction_id="forged-3", actor="alice", issued_ms=0,
+                                                 from_account="alice", to_account="bob", amount="-5.00",
+                                                 currency="USD", digest="0" * 24))
+    for leg in (forged, WRONG_KEYRING.sign(forged), refund, negative):
+        _raw(settings, leg.to_account if type(leg) is CreditLeg else leg.from_account, encode(leg))
+    after = edge(Deposit, transaction_id="after-forgeries", account_id="bob", amount="1.00", currency="USD")
+    publish(command_producer(settings), settings, [after])
+    assert outcomes.wait("after-forgeries")[0].status == "success"
+    dead = {record.value: record.headers["error"].decode() for record in read_topic(settings, settings.dlq_topic)}
+    assert "unsigned" in dead[encode(forged)]
+    assert "does not verify" in dead[encode(WRONG_KEYRING.sign(forged))]
+    assert "unsigned" in dead[encode(refund)]
+    assert "cannot decide" in dead[encode(negative)]
+    assert _balances(settings) == {"alice": 1000, "bob": 100}
+    outcomes.poll()
+    assert not [tx for tx in outcomes.by_transaction if tx.startswith("forged-")]
+
+
+def test_a_dead_lettered_client_record_with_a_readable_id_is_answered_failure(running):
+    settings, outcomes = running
+    _raw(settings, "alice", b'{"type": "deposit", "transaction_id": "bad-amount-type", "account_id": "alice", '
+                            b'"amount": 5, "currency": "USD", "actor": "bank", "role": "bank"}')
+    misrouted = edge(Transfer, transaction_id="misrouted-1", from_account="alice", to_account="bob", amount="1.00",
+                     currency="USD")
+    _raw(settings, "alice", encode(misrouted), partition=1 - partition_for("alice", PARTITIONS))
+    [invalid] = outcomes.wait("bad-amount-type")
+    assert (invalid.status, invalid.reason, invalid.account_id, invalid.actor) == (
+        "failure", Reason.INVALID_COMMAND, "alice", "bank")
+    [wrong] = outcomes.wait("misrouted-1")
+    assert (wrong.status, wrong.reason, wrong.account_id) == ("failure", Reason.WRONG_PARTITION, "alice")
+    assert _balances(settings)["alice"] == 1000
+
+
+def test_the_broker_stamps_every_command_and_the_decision_carries_its_time(running):
+    settings, outcomes = running
+    command = edge(Deposit, transaction_id="stamped-1", account_id="alice", amount="0.01", currency="USD")
+    publish(command_producer(settings), settings, [command])
+    outcomes.wait("stamped-1")
+    [record] = [r for r in read_topic(settings, settings.events_topic) if b'"stamped-1"' in r.value]
+    [logged] = [r for r in _command_records(settings) if b'"stamped-1"' in r[1]]
+    assert decode_event(record.value).ts_ms >= logged[0] > 0  # never before the broker's own stamp
+
+
+def _command_records(settings) -> list[tuple[int, bytes]]:
+    from consumers.audit.log_reader import read_topic as read_log
+    log = read_log(settings.bootstrap, settings.commands_topic)
+    return [(stamp, value) for part in log.partitions.values() for stamp, value in zip(part.timestamps, part.values)]
+
+
+def test_a_commands_topic_stamped_by_producers_is_a_mismatch_and_the_processor_refuses_it(make_settings):
+    settings = make_settings(PARTITIONS)
+    admin = admin_client(settings.bootstrap)
+    entry = ConfigEntry("message.timestamp.type", "CreateTime", incremental_operation=AlterConfigOpType.SET)
+    for future in admin.incremental_alter_configs(
+            [ConfigResource(ResourceType.TOPIC, settings.commands_topic, incremental_configs=[entry])]).values():
+        future.result(timeout=30)
+
+    def reported() -> bool:
+        try:
+            ensure_topics(settings)
+        except TopicMismatchError as error:
+            return "message.timestamp.type=CreateTime" in str(error)
+        return False
+    wait_for(reported, 15, "ensure_topics to report the CreateTime commands topic")
+
+    processor = ProcessorProcess(settings, "create-time").start()
+    try:
+        publish(command_producer(settings), settings, [
+            edge(OpenAccount, transaction_id="open-x", account_id="x", currency="USD")])
+        wait_for(lambda: processor.process.poll() is not None, 60, "the processor to stop")
+        assert processor.process.returncode != 0
+        assert "LogAppendTime" in processor.log_tail(50)
+    finally:
+        processor.stop()
+    assert read_topic(settings, settings.events_topic) == []
