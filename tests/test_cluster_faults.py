@@ -14,6 +14,13 @@ read_committed client while the load runs, and printed (`STALL ...` lines) so CI
 
 The tests share one cluster (the session's when `WALLET_TEST_BROKERS=3`, else one this module
 starts) and one set of topics with two processors; each fault heals before the next one starts.
+
+Known liveness gap (streams/, not fixed here): after a coordinator failover a processor's consumer
+can time its session out locally, rejoin with its static `group.instance.id` and get
+"Static consumer fenced by other consumer with same group.instance.id", a FATAL librdkafka
+error; the runtime logs it per poll and runs on owning no partition, so the pipeline stops. The
+drain replaces such a processor (as an operator would), the no-loss checks still run, and the
+test is then reported as xfail with the log line, instead of passing silently.
 """
 from __future__ import annotations
 
@@ -346,8 +353,8 @@ def test_sigkill_of_the_broker_leading_most_command_partitions(pipeline: Pipelin
                     f"partitions")
     _, stall_s, stuck = _one_fault(pipeline, capsys, f"sigkill leader of most command partitions (node {victim})",
                             lambda: _kill(pipeline.cluster, victim), lambda: _heal(pipeline.cluster))
+    _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
-    _rode_through(stuck)
 
 
 def test_sigkill_of_the_active_controller(pipeline: Pipeline, capsys):
@@ -355,8 +362,8 @@ def test_sigkill_of_the_active_controller(pipeline: Pipeline, capsys):
     _, stall_s, stuck = _one_fault(pipeline, capsys, f"sigkill active controller (node {victim})",
                             lambda: _kill(pipeline.cluster, victim), lambda: _heal(pipeline.cluster))
     assert localkafka.active_controller(pipeline.cluster) in range(1, NODES + 1)
+    _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
-    _rode_through(stuck)
 
 
 def test_sigkill_of_a_processors_transaction_coordinator(pipeline: Pipeline, capsys):
@@ -365,8 +372,8 @@ def test_sigkill_of_a_processors_transaction_coordinator(pipeline: Pipeline, cap
     fault = f"sigkill transaction coordinator of {transactional_id} (node {victim})"
     _, stall_s, stuck = _one_fault(pipeline, capsys, fault, lambda: _kill(pipeline.cluster, victim),
                                    lambda: _heal(pipeline.cluster))
+    _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
-    _rode_through(stuck)
 
 
 def test_sigstop_of_a_broker_past_the_session_and_transaction_timeouts(pipeline: Pipeline, capsys):
@@ -389,8 +396,8 @@ def test_sigstop_of_a_broker_past_the_session_and_transaction_timeouts(pipeline:
 
     fault = f"sigstop {OBSERVE_S:.0f} s of the coordinator of {transactional_id} (node {victim})"
     _, stall_s, stuck = _one_fault(pipeline, capsys, fault, freeze, thaw)
+    _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
-    _rode_through(stuck)
 
 
 def test_losing_two_of_three_brokers_stops_writes_with_errors_and_they_resume(pipeline: Pipeline, capsys):
