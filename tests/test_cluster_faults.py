@@ -269,7 +269,8 @@ def _stuck_reason(processor: ProcessorProcess, since_byte: int) -> str | None:
         with processor.log_path.open("rb") as log:
             log.seek(since_byte)
             for line in log.read().decode(errors="replace").splitlines():
-                if "_FATAL" in line or "Fatal error" in line:
+                # The consumer's fatal errors only: a fatal (fenced) producer the runtime replaces itself.
+                if ("FATAL" in line and "#consumer-" in line) or ("consumer error" in line and "_FATAL" in line):
                     return f"consumer fatal, the process keeps running with no partitions: {line.strip()[:300]}"
     return None
 
