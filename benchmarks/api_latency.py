@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 RATE_PER_S_DEFAULT = 200.0
+TOKEN_TTL_S = 3600
 DURATION_S_DEFAULT = 20.0
 WARMUP_S_DEFAULT = 3.0
 ACCOUNTS_DEFAULT = 100
@@ -82,13 +83,16 @@ class _Connection:
         self._host, self._port = parsed.hostname, parsed.port or 80
         self._local = threading.local()
 
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
+    def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = http.client.HTTPConnection(self._host, self._port,
                                                                               timeout=REQUEST_TIMEOUT_S)
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         try:
-            connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            connection.request("POST", path, json.dumps(body), headers)
             reply = connection.getresponse()
             return reply.status, json.loads(reply.read() or b"{}")
         except BaseException:
@@ -97,24 +101,44 @@ class _Connection:
             raise
 
 
-def _setup_accounts(connection: _Connection, run_id: str, accounts: int, currency: str) -> list[str]:
+class _Tokens:
+    """Each account is owned by its own principal (so the per-principal rate limit is not what is
+    measured); a bank principal funds them. Without a signing secret no token is sent."""
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret
+        self._tokens: dict[str, str] = {}
+
+    def __call__(self, sub: str, scope: str) -> str | None:
+        if self._secret is None:
+            return None
+        if sub not in self._tokens:
+            from producers.auth import issue_token
+            self._tokens[sub] = issue_token(self._secret, sub, scope, ttl_s=TOKEN_TTL_S)
+        return self._tokens[sub]
+
+
+def _setup_accounts(connection: _Connection, run_id: str, accounts: int, currency: str,
+                    tokens: _Tokens) -> list[str]:
     account_ids = [f"bench-{run_id}-{index}" for index in range(accounts)]
 
-    def command(path: str, body: dict) -> None:
-        status, reply = connection.post(path, body)
+    def command(path: str, body: dict, token: str | None) -> None:
+        status, reply = connection.post(path, body, token)
         if status != 200 or reply.get("status") != "success":
             raise BenchmarkError(f"setup {path} answered {status}: {reply}")
 
     with ThreadPoolExecutor(SETUP_WORKERS) as pool:
         list(pool.map(lambda a: command("/v1/accounts", {"account_id": a, "currency": currency,
-                                                         "transaction_id": f"{a}-open"}), account_ids))
+                                                         "transaction_id": f"{a}-open"}, tokens(a, "wallet:user")),
+                      account_ids))
         list(pool.map(lambda a: command(f"/v1/accounts/{a}/deposit", {"amount": FUNDING, "currency": currency,
-                                                                       "transaction_id": f"{a}-fund"}), account_ids))
+                                                                       "transaction_id": f"{a}-fund"},
+                                        tokens(f"bench-{run_id}-bank", "wallet:bank")), account_ids))
     return account_ids
 
 
 def _offer(connection: _Connection, account_ids: list[str], run_id: str, rate_per_s: float, duration_s: float,
-           currency: str, label: str) -> tuple[list[float], collections.Counter, float]:
+           currency: str, label: str, tokens: _Tokens) -> tuple[list[float], collections.Counter, float]:
     count = int(rate_per_s * duration_s)
     latencies_ms: list[float] = []
     statuses: collections.Counter = collections.Counter()
@@ -137,7 +161,7 @@ def _offer(connection: _Connection, account_ids: list[str], run_id: str, rate_pe
             body = {"from_account": sender, "to_account": receiver, "amount": TRANSFER_AMOUNT, "currency": currency,
                     "transaction_id": f"bench-{run_id}-{label}-{index}"}
             try:
-                status, reply = connection.post("/v1/wallet/balance_transfer", body)
+                status, reply = connection.post("/v1/wallet/balance_transfer", body, tokens(sender, "wallet:user"))
                 outcome = f"{status} {reply.get('status', '')}".strip()
             except (OSError, http.client.HTTPException, ValueError) as error:
                 outcome = f"error: {type(error).__name__}"
@@ -152,17 +176,17 @@ def _offer(connection: _Connection, account_ids: list[str], run_id: str, rate_pe
 
 
 def _measure(base_url: str, rate_per_s: float, duration_s: float, warmup_s: float, accounts: int,
-             currency: str) -> LatencyResult:
+             currency: str, tokens: _Tokens) -> LatencyResult:
     run_id = uuid.uuid4().hex[:8]
     connection = _Connection(base_url)
     try:
-        account_ids = _setup_accounts(connection, run_id, accounts, currency)
+        account_ids = _setup_accounts(connection, run_id, accounts, currency, tokens)
     except (OSError, http.client.HTTPException) as error:
         raise BenchmarkError(f"the API at {base_url} is unreachable: {error}") from None
     if warmup_s > 0:  # connections opened, the processor's batches flowing: not measured
-        _offer(connection, account_ids, run_id, rate_per_s, warmup_s, currency, "warmup")
+        _offer(connection, account_ids, run_id, rate_per_s, warmup_s, currency, "warmup", tokens)
     latencies_ms, statuses, elapsed_s = _offer(connection, account_ids, run_id, rate_per_s, duration_s, currency,
-                                               "measured")
+                                               "measured", tokens)
     ordered = sorted(latencies_ms)
     return LatencyResult(
         requests=len(ordered), offered_rate_per_s=rate_per_s, achieved_rate_per_s=len(ordered) / elapsed_s,
@@ -173,11 +197,16 @@ def _measure(base_url: str, rate_per_s: float, duration_s: float, warmup_s: floa
 
 def measure_api_latency(base_url: str, *, rate_per_s: float = RATE_PER_S_DEFAULT,
                         duration_s: float = DURATION_S_DEFAULT, warmup_s: float = WARMUP_S_DEFAULT,
-                        accounts: int = ACCOUNTS_DEFAULT, currency: str = "USD") -> LatencyResult:
-    """Open and fund `accounts` accounts through the API, warm up, then measure for `duration_s`."""
+                        accounts: int = ACCOUNTS_DEFAULT, currency: str = "USD",
+                        jwt_secret: str | None = None) -> LatencyResult:
+    """Open and fund `accounts` accounts through the API, warm up, then measure for `duration_s`.
+
+    With `jwt_secret` (the API's HS256 key), every request carries a token signed with it, so
+    the cost of authentication is part of what is measured.
+    """
     if rate_per_s <= 0 or duration_s <= 0 or accounts < 2:
         raise ValueError("rate_per_s and duration_s must be positive and accounts at least 2")
-    return _measure(base_url, rate_per_s, duration_s, warmup_s, accounts, currency)
+    return _measure(base_url, rate_per_s, duration_s, warmup_s, accounts, currency, _Tokens(jwt_secret))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,6 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from infra.secrets import jwt_secret
     from infra.settings import settings_from_args
     from wallet.stack import StackState, state_path
 
@@ -206,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         url = state.api_url
     try:
         result = measure_api_latency(url, rate_per_s=args.rate, duration_s=args.duration, warmup_s=args.warmup,
-                                     accounts=args.accounts)
+                                     accounts=args.accounts, jwt_secret=jwt_secret(settings_from_args(args)))
     except BenchmarkError as error:
         print(f"error: {error}")
         return 1

@@ -1,6 +1,8 @@
-"""`wallet bench`: the processor beside the raw Kafka ceiling and the faust-streaming peer.
+"""`wallet bench`: the processor beside the Kafka Streams peer, the faust-streaming peer and the
+saga ceiling, on the same input and broker in one run.
 
-One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), deleted at the end:
+One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), deleted at the end
+(and on a broker this run starts itself when none is configured and none runs):
 
 0. input: open and fund `--accounts` accounts, then `--transfers` transfers among them, produced
    once by one idempotent producer with the project's partitioner (key = owning account). Most
@@ -8,8 +10,13 @@ One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), delet
    no balance can reach) and a fixed share goes to an account that does not exist (debited,
    refused by the receiver's side, refunded), so the expected outcome of every transfer is
    known and checked.
-1. raw ceiling: `benchmarks.raw_ceiling` copies the commands topic with a transactional
-   consume-and-copy loop (the processor's client settings, batch size and commit style).
+1. copy loop: `benchmarks.raw_ceiling` copies the commands topic with a transactional
+   consume-and-copy loop (the processor's client settings, batch size and commit style): what
+   moving the bytes costs, with no decision at all.
+1b. the saga ceiling: `benchmarks.saga_ceiling`, the same saga as a bare transactional loop on
+   dict state with no validation, on the same commands topic: the most a Python saga reaches.
+1c. the Kafka Streams peer (`benchmarks/kafka_streams_peer/`, Java, Processor API, RocksDB,
+   exactly_once_v2, 2 threads, commit 1,000 ms) on the same commands topic.
 2. ours: one `wallet processor` process on the prepared topics, until every transfer's outcome
    is visible to a read_committed consumer.
 3. latency: with the processor still running, transfers offered at half of the rate measured in
@@ -20,6 +27,10 @@ One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), delet
 Each stage's window runs from its first consumed record (the processor's "assigned partitions"
 log line, the faust agent's first-record marker, the copy loop's first batch) to its last
 outcome, so process start-up and the consumer group join are left out of every figure alike.
+Every saga stage is checked the same way: every transfer exactly one outcome, the expected one;
+and for the stages that write the project's events (ours, the Kafka Streams peer, the saga
+ceiling) the events topic read whole (`benchmarks.ledger_check`): sequences gap-free, balances
+chained, money conserved, events in the project's format. Each stage's `checks_ok` says so.
 Messages count what a stage reads and writes: a copied record is 1 consumed + 1 produced; a
 successful transfer through the processor is 2 commands consumed + 2 events + 1 leg + 1
 outcome produced (see MESSAGES_OURS and MESSAGES_FAUST for every kind of outcome).
@@ -34,6 +45,7 @@ import math
 import os
 import pstats
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -47,15 +59,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import ConfigResource, NewTopic
 from tqdm import tqdm
 
+from benchmarks import kafka_streams_peer, saga_ceiling
+from benchmarks.ledger_check import check_ledger
+from benchmarks.support.local_broker import broker_for
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.kafka_clients import kafka_security
+from infra.produce import QueueFullTimeout, produce_with_room
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
-from schemas.codec import SchemaError, decode_outcome, encode
 from producers.client import local_command
+from schemas.codec import SchemaError, decode_outcome, encode
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
@@ -92,13 +108,19 @@ KAFKA_TIMEOUT_S = 30.0
 # A stage that shows no new outcome for this long is stuck (start-up included): give up, say where.
 STALL_TIMEOUT_S = 60.0
 # The slowest stage we wait for: a run far below it is broken, not slow.
-STAGE_RATE_FLOOR_PER_S = {"ours": 1_000, "ceiling": 5_000, "faust": 50}
+# Floors measured on a 2-core machine shared at a load average of 25, with room below.
+STAGE_RATE_FLOOR_PER_S = {"ours": 500, "copy": 1_000, "ceiling": 250, "kafka_streams": 250, "faust": 20}
+# Issue 14's set-up of the Kafka Streams peer.
+KAFKA_STREAMS_THREADS = 2
+KAFKA_STREAMS_COMMIT_INTERVAL_MS = 1_000
+# The JVM's start, the group join and RocksDB's opening come before its first record.
+KAFKA_STREAMS_STALL_TIMEOUT_S = 120.0
 STAGE_TIMEOUT_FLOOR_S = 60.0
 LATENCY_DRAIN_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
 # faust's exactly-once shutdown can fail ("Not in the middle of a transaction") and then hang.
 FAUST_STOP_TIMEOUT_S = 5.0
-PRODUCE_QUEUE_FULL_WAIT_S = 30.0
+PRODUCE_QUEUE_FULL_WAIT_MS = 30_000
 OUTCOME_BATCH_SIZE_MAX = 10_000
 LATENCY_TICK_S = 0.002
 LATENCY_POLL_WAIT_S = 0.005
@@ -168,8 +190,9 @@ def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: 
                 result = SUCCESS
             results[result] += 1
             from_account = names[sender]
-            yield from_account, encode(local_command(Transfer, 
-                transaction_id=f"{kind}-{index}", from_account=from_account, to_account=to_account, amount=amount, currency=CURRENCY))
+            yield from_account, encode(local_command(
+                Transfer, transaction_id=f"{kind}-{index}", from_account=from_account, to_account=to_account,
+                amount=amount, currency=CURRENCY))
     finally:
         expected.update(results)
 
@@ -203,19 +226,9 @@ class _InputProducer:
 
     def produce(self, topic: str, key: str, value: bytes) -> None:
         try:
-            self._producer.produce(topic, value, key)
-        except BufferError:
-            deadline_s = time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
-            while True:
-                self._producer.poll(0.05)
-                try:
-                    self._producer.produce(topic, value, key)
-                    break
-                except BufferError:
-                    if time.monotonic() > deadline_s:
-                        raise BenchError(f"the input producer's queue stayed full for "
-                                         f"{PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: is the broker at {self._bootstrap} "
-                                         f"reachable?") from None
+            produce_with_room(self._producer, topic, value, key, queue_full_wait_ms=PRODUCE_QUEUE_FULL_WAIT_MS)
+        except QueueFullTimeout as error:
+            raise BenchError(f"{error} (broker {self._bootstrap})") from None
         self.produced += 1
 
     def poll(self) -> None:
@@ -248,10 +261,9 @@ class _Heartbeat:
         if now_s < self._next_s:
             return
         self._next_s = now_s + FAUST_HEARTBEAT_INTERVAL_S
-        ts_ms = time.time_ns() // 1_000_000
         for account_id in self._accounts.values():
-            self._producer.produce(self._topic, account_id, encode(local_command(OpenAccount, 
-                transaction_id=f"{HEARTBEAT}-{self._sent}", account_id=account_id, currency=CURRENCY)))
+            self._producer.produce(self._topic, account_id, encode(local_command(
+                OpenAccount, transaction_id=f"{HEARTBEAT}-{self._sent}", account_id=account_id, currency=CURRENCY)))
             self._sent += 1
         self._producer.poll()
 
@@ -281,6 +293,8 @@ class OutcomeTally:
         self.by_kind_result: Counter = Counter()
         # A transaction with two different answers (not a duplicate_conflict answering another request).
         self.contradictions: list[str] = []
+        # A transaction answered again with the same result.
+        self.repeats: list[str] = []
 
     def poll(self, timeout_s: float) -> list[str]:
         """Consumes what is there (waiting up to timeout_s); returns the newly decided transaction ids."""
@@ -306,6 +320,8 @@ class OutcomeTally:
                 decided.append(transaction_id)
             elif previous != result and result != Reason.DUPLICATE_CONFLICT:
                 self.contradictions.append(f"{transaction_id}: {previous} then {result}")
+            elif not transaction_id.startswith(HEARTBEAT):
+                self.repeats.append(transaction_id)
         return decided
 
     def results_of(self, kind: str) -> Counter:
@@ -386,6 +402,9 @@ class StageResult:
     elapsed_s: float
     window_start: str
     outcomes: dict = field(default_factory=dict)
+    # What the stage's checks found wrong (outcomes, ledger); None: the stage has no checks.
+    problems: list[str] | None = None
+    ledger: dict | None = None
 
     @property
     def transfers_per_s(self) -> float:
@@ -399,6 +418,11 @@ class StageResult:
         data = {"transfers": self.transfers, "messages": self.messages, "elapsed_s": round(self.elapsed_s, 3),
                 "transfers_per_s": round(self.transfers_per_s, 1), "messages_per_s": round(self.messages_per_s, 1),
                 "window_start": self.window_start, "outcomes": self.outcomes}
+        if self.problems is not None:
+            data["checks_ok"] = not self.problems
+            data["problems"] = self.problems
+        if self.ledger is not None:
+            data["ledger"] = self.ledger
         if ceiling_messages_per_s:
             data["messages_ratio_to_ceiling"] = round(self.messages_per_s / ceiling_messages_per_s, 4)
         return data
@@ -440,6 +464,7 @@ class BenchOptions:
     seed: int
     profile_processor: Path | None
     keep_topics: bool
+    kafka_streams: bool = True
 
     @property
     def faust_accounts(self) -> int:
@@ -455,6 +480,14 @@ class Bench:
         self.settings = base.with_overrides(topic_prefix=self.prefix, partitions=options.partitions)
         self.bootstrap = self.settings.bootstrap
         self.copy_topic = f"{self.prefix}bench.copy"
+        self.ceiling_topics = {name: f"{self.prefix}{topic}" for name, topic in (
+            ("commands", saga_ceiling.COMMANDS_TOPIC), ("events", saga_ceiling.EVENTS_TOPIC),
+            ("outcomes", saga_ceiling.OUTCOMES_TOPIC))}
+        self.kafka_streams_topics = {name: f"{self.prefix}{topic}" for name, topic in (
+            ("commands", kafka_streams_peer.COMMANDS_TOPIC), ("events", kafka_streams_peer.EVENTS_TOPIC),
+            ("outcomes", kafka_streams_peer.OUTCOMES_TOPIC))} if options.kafka_streams else {}
+        # The peers sign their own legs with a key of this run; ours signs with the run folder's.
+        self.peer_leg_key = f"bench:{secrets.token_hex(32)}"
         self.work_dir = Path(tempfile.mkdtemp(prefix="wallet-bench-"))
         self._children: list[Child] = []
         self._tallies: list[OutcomeTally] = []
@@ -491,9 +524,29 @@ class Bench:
     def _faust_prefix(self, guarantee: str) -> str:
         return f"{self.prefix}{guarantee.replace('_', '-')}."
 
-    def _create_extra_topics(self, names: list[str]) -> None:
+    def _commands_topic_config(self) -> dict[str, str]:
+        """The configuration ours' commands topic was created with (its record-time rule)."""
         admin = admin_client(self.bootstrap)
-        futures = admin.create_topics([NewTopic(name, self.options.partitions, self.settings.replication_factor)
+        resource = ConfigResource(ConfigResource.Type.TOPIC, self.settings.commands_topic)
+        deadline_s = time.monotonic() + KAFKA_TIMEOUT_S
+        while True:
+            try:
+                entries = admin.describe_configs([resource])[resource].result(timeout=KAFKA_TIMEOUT_S)
+                break
+            except KafkaException as error:
+                # A topic created a moment ago may not be known yet to the broker that answers.
+                if error.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline_s:
+                    raise
+                time.sleep(0.2)
+        entry = entries.get("message.timestamp.type")
+        return {"message.timestamp.type": entry.value} if entry is not None else {}
+
+    def _create_extra_topics(self, names: list[str], config: dict[str, str] | None = None) -> None:
+        if not names:
+            return
+        admin = admin_client(self.bootstrap)
+        futures = admin.create_topics([NewTopic(name, self.options.partitions, self.settings.replication_factor,
+                                                config=config or {})
                                        for name in names], operation_timeout=KAFKA_TIMEOUT_S,
                                       request_timeout=KAFKA_TIMEOUT_S)
         for name, future in futures.items():
@@ -512,7 +565,14 @@ class Bench:
         faust_topics = {guarantee: (f"{self._faust_prefix(guarantee)}{COMMANDS_TOPIC}",
                                     f"{self._faust_prefix(guarantee)}{OUTCOMES_TOPIC}")
                         for guarantee in options.faust_guarantees}
-        self._create_extra_topics([self.copy_topic, *(name for pair in faust_topics.values() for name in pair)])
+        # The saga stages' own commands topics get ours' record-time rule; they hold ours' input and their legs.
+        saga_commands_topics = [topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics)
+                                if topics]
+        self._create_extra_topics(saga_commands_topics, self._commands_topic_config())
+        saga_output_topics = [name for topics in (self.ceiling_topics, self.kafka_streams_topics)
+                              for kind, name in topics.items() if kind != "commands"]
+        self._create_extra_topics([self.copy_topic, *saga_output_topics,
+                                   *(name for pair in faust_topics.values() for name in pair)])
 
         setup_count = 2 * options.accounts
         faust_count = (2 * options.faust_accounts + options.faust_transfers) * len(faust_topics)
@@ -521,25 +581,29 @@ class Bench:
                  + (f", and {faust_count:,} commands for the faust peer" if faust_topics else ""))
         ts_ms = time.time_ns() // 1_000_000
         producer = _InputProducer(self.bootstrap, linger_ms=50)
-        streams = [(self.settings.commands_topic, setup_records(options.accounts, ts_ms)),
-                   (self.settings.commands_topic, transfer_records(options.accounts, options.transfers, options.seed,
-                                                                   TRANSFER, self.expected, ts_ms))]
+        # The main input goes, record for record, to ours' commands topic and to each saga stage's own.
+        main_topics = (self.settings.commands_topic, *saga_commands_topics)
+        total += (setup_count + options.transfers) * len(saga_commands_topics)
+        streams = [(main_topics, setup_records(options.accounts, ts_ms)),
+                   (main_topics, transfer_records(options.accounts, options.transfers, options.seed,
+                                                  TRANSFER, self.expected, ts_ms))]
         for guarantee, (commands_topic, _) in faust_topics.items():
-            streams += [(commands_topic, setup_records(options.faust_accounts, ts_ms)),
-                        (commands_topic, transfer_records(options.faust_accounts, options.faust_transfers,
-                                                          options.seed, TRANSFER, self.faust_expected[guarantee],
-                                                          ts_ms))]
+            streams += [((commands_topic,), setup_records(options.faust_accounts, ts_ms)),
+                        ((commands_topic,), transfer_records(options.faust_accounts, options.faust_transfers,
+                                                             options.seed, TRANSFER, self.faust_expected[guarantee],
+                                                             ts_ms))]
         started_s = time.monotonic()
         with self._bar(total, "input", "msg") as bar:
-            for topic, records in streams:
+            for topics, records in streams:
                 for key, value in records:
-                    producer.produce(topic, key, value)
-                    if producer.produced % 10_000 == 0:
-                        producer.poll()
-                        bar.update(10_000)
+                    for topic in topics:
+                        producer.produce(topic, key, value)
+                        if producer.produced % 10_000 == 0:
+                            producer.poll()
+                            bar.update(10_000)
             producer.flush()
         elapsed_s = time.monotonic() - started_s
-        self._check_input_counts({self.settings.commands_topic: setup_count + options.transfers,
+        self._check_input_counts({**{topic: setup_count + options.transfers for topic in main_topics},
                                   **{commands: 2 * options.faust_accounts + options.faust_transfers
                                      for commands, _ in faust_topics.values()}})
         return {"records": total, "elapsed_s": round(elapsed_s, 3), "messages_per_s": round(total / elapsed_s, 1)}
@@ -559,15 +623,15 @@ class Bench:
     def raw_ceiling(self) -> StageResult:
         options = self.options
         records = 2 * options.accounts + options.transfers
-        self.say(f"[1] raw ceiling: copying {records:,} records of {self.settings.commands_topic} with a transactional "
+        self.say(f"[1] copy loop: copying {records:,} records of {self.settings.commands_topic} with a transactional "
                  f"consume-and-copy loop")
-        timeout_s = self._stage_timeout_s("ceiling", records)
-        child = self._start("ceiling", [
+        timeout_s = self._stage_timeout_s("copy", records)
+        child = self._start("copy", [
             sys.executable, "-m", "benchmarks.raw_ceiling", "--bootstrap", self.bootstrap,
             "--input-topic", self.settings.commands_topic, "--output-topic", self.copy_topic,
-            "--group-id", f"{self.prefix}bench-ceiling", "--batch-size-max", str(options.batch_size_max),
+            "--group-id", f"{self.prefix}bench-copy", "--batch-size-max", str(options.batch_size_max),
             "--commit-interval-ms", str(options.commit_interval_ms), "--timeout-s", str(timeout_s)], marker=None)
-        with self._bar(records, "ceiling", "rec") as bar:
+        with self._bar(records, "copy", "rec") as bar:
             while child.exited() is None:
                 time.sleep(0.2)
                 if time.monotonic() - child.started_s > timeout_s + KAFKA_TIMEOUT_S:
@@ -583,6 +647,67 @@ class Bench:
         return StageResult(0, report["messages"], report["elapsed_s"],
                            "first consumed batch", {"records": report["records"],
                                                     "transactions": report["transactions"]})
+
+    def saga_ceiling(self) -> StageResult:
+        """The same saga as a bare transactional loop, no validation, dict state: the ceiling."""
+        options = self.options
+        topics = self.ceiling_topics
+        self.say(f"[1b] saga ceiling: the saga as a bare transactional loop on {options.transfers:,} transfers after "
+                 f"{2 * options.accounts:,} account commands")
+        tally = self._tally(topics["outcomes"], "ceiling")
+        child = self._start("ceiling", [
+            sys.executable, "-m", "benchmarks.saga_ceiling", "--bootstrap", self.bootstrap,
+            "--commands-topic", topics["commands"], "--events-topic", topics["events"],
+            "--outcomes-topic", topics["outcomes"],
+            "--group-id", f"{self.prefix}bench-ceiling", "--leg-key", self.peer_leg_key,
+            "--batch-size-max", str(options.batch_size_max), "--commit-interval-ms", str(options.commit_interval_ms)],
+            marker=saga_ceiling.FIRST_RECORD_MARKER)
+        return self._saga_stage("ceiling", child, tally, topics["events"], "first record")
+
+    def kafka_streams(self) -> StageResult:
+        """The Kafka Streams peer on the same commands topic (built first, outside the window)."""
+        options = self.options
+        topics = self.kafka_streams_topics
+        started_s = time.monotonic()
+        kafka_streams_peer.build(self.settings.cache_dir, say=self.say)
+        self.say(f"[1c] Kafka Streams peer (built in {time.monotonic() - started_s:.1f} s): {options.transfers:,} "
+                 f"transfers after {2 * options.accounts:,} account commands, exactly_once_v2, "
+                 f"{KAFKA_STREAMS_THREADS} threads, commit {KAFKA_STREAMS_COMMIT_INTERVAL_MS} ms")
+        tally = self._tally(topics["outcomes"], "kafka-streams")
+        child = self._start("kafka-streams", kafka_streams_peer.java_argv(
+            bootstrap=self.bootstrap, application_id=f"{self.prefix}kstreams-peer",
+            commands_topic=topics["commands"], events_topic=topics["events"],
+            outcomes_topic=topics["outcomes"], state_dir=self.work_dir / "kafka-streams-state",
+            leg_key=self.peer_leg_key, threads=KAFKA_STREAMS_THREADS,
+            commit_interval_ms=KAFKA_STREAMS_COMMIT_INTERVAL_MS), marker=kafka_streams_peer.FIRST_RECORD_MARKER)
+        return self._saga_stage("kafka_streams", child, tally, topics["events"], "first record",
+                                stall_timeout_s=KAFKA_STREAMS_STALL_TIMEOUT_S)
+
+    def _saga_stage(self, stage: str, child: Child, tally: OutcomeTally, events_topic: str, marker_meaning: str,
+                    stall_timeout_s: float = STALL_TIMEOUT_S) -> StageResult:
+        """Waits for every transfer's outcome, stops the child, checks outcomes and ledger."""
+        options = self.options
+        timeout_s = self._stage_timeout_s(stage, 2 * options.accounts + 2 * options.transfers)
+        try:
+            end_s = self._await_outcomes(child, tally, options.transfers, timeout_s, stage,
+                                         stall_timeout_s=stall_timeout_s)
+        finally:
+            child.stop()
+        window_start_s, window_start = self._window_start(child, marker_meaning)
+        problems = self._check_results(stage, tally, options.accounts, self.expected)
+        ledger = self._check_ledger(stage, events_topic)
+        problems += ledger["problems"]
+        return StageResult(options.transfers, self._messages(tally, options.accounts, MESSAGES_OURS),
+                           end_s - window_start_s, window_start, dict(tally.results_of(TRANSFER)), problems,
+                           ledger)
+
+    def _check_ledger(self, stage: str, events_topic: str) -> dict:
+        started_s = time.monotonic()
+        ledger = check_ledger(self.bootstrap, events_topic, self.options.partitions,
+                              f"{self.prefix}bench-ledger-{stage}").as_dict()
+        ledger["check_s"] = round(time.monotonic() - started_s, 1)
+        self.problems += [f"{stage}: {problem}" for problem in ledger["problems"]]
+        return ledger
 
     def start_processor(self) -> Child:
         options = self.options
@@ -600,10 +725,12 @@ class Bench:
         timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
         end_s = self._await_outcomes(processor, tally, options.transfers, timeout_s, "ours")
         window_start_s, window_start = self._window_start(processor, "first consume after assignment")
-        self._check_results("ours", tally, options.accounts, self.expected)
+        problems = self._check_results("ours", tally, options.accounts, self.expected)
+        # Before the latency phase: with every transfer answered, the ledger is quiet.
+        ledger = self._check_ledger("ours", self.settings.events_topic)
         return StageResult(options.transfers,
                            self._messages(tally, options.accounts, MESSAGES_OURS), end_s - window_start_s,
-                           window_start, dict(tally.results_of(TRANSFER)))
+                           window_start, dict(tally.results_of(TRANSFER)), problems + ledger["problems"], ledger)
 
     def latency(self, processor: Child, tally: OutcomeTally, rate_per_s: float) -> LatencyResult:
         options = self.options
@@ -689,15 +816,17 @@ class Bench:
             # Its figures are taken by now, so a SIGKILL after a short grace period loses nothing.
             worker.stop(FAUST_STOP_TIMEOUT_S)
         window_start_s, window_start = self._window_start(worker, "first record")
-        self._check_results(f"faust {guarantee}", tally, options.faust_accounts, self.faust_expected[guarantee])
+        # faust writes no events (its table's changelog holds balances only): outcome checks only.
+        problems = self._check_results(f"faust {guarantee}", tally, options.faust_accounts,
+                                       self.faust_expected[guarantee])
         return StageResult(options.faust_transfers,
                            self._messages(tally, options.faust_accounts, MESSAGES_FAUST), end_s - window_start_s,
-                           window_start, dict(tally.results_of(TRANSFER)))
+                           window_start, dict(tally.results_of(TRANSFER)), problems)
 
     # -- waiting and checking --------------------------------------------------------------
 
     def _await_outcomes(self, child: Child, tally: OutcomeTally, transfers: int, timeout_s: float, stage: str,
-                        on_tick=None) -> float:
+                        on_tick=None, stall_timeout_s: float = STALL_TIMEOUT_S) -> float:
         """Reads outcomes until every transfer has one; returns when the last was seen."""
         deadline_s = time.monotonic() + timeout_s
         progress_s = time.monotonic()
@@ -713,8 +842,8 @@ class Bench:
                 if child.exited() is not None:
                     raise child.failure(f"{stage}: {child.name} exited with code {child.exited()} after "
                                         f"{tally.per_kind[TRANSFER]:,} of {transfers:,} transfer outcomes")
-                if now_s - progress_s > STALL_TIMEOUT_S:
-                    raise child.failure(f"{stage}: no new transfer outcome for {STALL_TIMEOUT_S:.0f} s "
+                if now_s - progress_s > stall_timeout_s:
+                    raise child.failure(f"{stage}: no new transfer outcome for {stall_timeout_s:.0f} s "
                                         f"({tally.per_kind[TRANSFER]:,} of {transfers:,} transfers decided)")
                 if now_s > deadline_s:
                     raise child.failure(f"{stage}: only {tally.per_kind[TRANSFER]:,} of {transfers:,} transfers "
@@ -727,21 +856,31 @@ class Bench:
             return child.marker_s, marker_meaning
         return child.started_s, f"process start ({child.marker!r} never appeared in its output)"
 
-    def _check_results(self, stage: str, tally: OutcomeTally, accounts: int, expected: Counter) -> None:
+    def _check_results(self, stage: str, tally: OutcomeTally, accounts: int, expected: Counter) -> list[str]:
+        """The stage's outcome problems, also added to the run's: every request one outcome, the expected one."""
         # The setup outcomes are all in long before the last transfer's: a short grace read suffices.
         deadline_s = time.monotonic() + KAFKA_TIMEOUT_S
         while sum(tally.per_kind[kind] for kind in SETUP_KINDS) < 2 * accounts and time.monotonic() < deadline_s:
             tally.poll(0.1)
+        # Anything still arriving now is a second answer: read what is there.
+        tally.poll(0.5)
+        problems = []
         for kind in SETUP_KINDS:
             results = tally.results_of(kind)
             if results != Counter({SUCCESS: accounts}):
-                self.problems.append(f"{stage}: {kind} outcomes {dict(results)}, expected {accounts} successes")
+                problems.append(f"{stage}: {kind} outcomes {dict(results)}, expected {accounts} successes")
         results = tally.results_of(TRANSFER)
         if results != expected:
-            self.problems.append(f"{stage}: transfer outcomes {dict(results)}, expected {dict(expected)}")
+            problems.append(f"{stage}: transfer outcomes {dict(results)}, expected {dict(expected)}")
         if tally.contradictions:
-            self.problems.append(f"{stage}: {len(tally.contradictions)} transactions with two different outcomes, "
-                                 f"e.g. {tally.contradictions[:3]}")
+            problems.append(f"{stage}: {len(tally.contradictions)} transactions with two different outcomes, "
+                            f"e.g. {tally.contradictions[:3]}")
+        if tally.repeats:
+            # The bench sends no retries, so no request may be answered twice, even alike.
+            problems.append(f"{stage}: {len(tally.repeats)} transactions answered more than once, "
+                            f"e.g. {tally.repeats[:3]}")
+        self.problems += problems
+        return problems
 
     @staticmethod
     def _messages(tally: OutcomeTally, accounts: int, costs: dict[str, int]) -> int:
@@ -770,10 +909,22 @@ class Bench:
         started_s = run_started_s
         report["input"] = self.prepare()
         started_s = phase_done("input", started_s)
-        ceiling = self.raw_ceiling()
+        copy = self.raw_ceiling()
+        started_s = phase_done("copy", started_s)
+        # The peers and the ceiling run before ours: ours writes its legs into the commands topic.
+        ceiling = self.saga_ceiling()
         ceiling_rate = ceiling.messages_per_s
         report["ceiling"] = ceiling.as_dict(ceiling_rate)
+        report["copy"] = copy.as_dict(ceiling_rate)
         started_s = phase_done("ceiling", started_s)
+        report["peers"] = {}
+        skipped = self.kafka_streams_skipped()
+        if skipped:
+            self.say(f"[1c] Kafka Streams peer skipped: {skipped}")
+            report["peers"]["kafka_streams"] = {"skipped": skipped}
+        else:
+            report["peers"]["kafka_streams"] = self.kafka_streams().as_dict(ceiling_rate)
+            started_s = phase_done("kafka streams", started_s)
 
         tally = self._tally(self.settings.outcomes_topic, "outcomes")
         processor = self.start_processor()
@@ -797,10 +948,25 @@ class Bench:
             report["faust"][guarantee] = {**faust.as_dict(ceiling_rate), "accounts": options.faust_accounts}
             report.setdefault("ours_over_faust", {})[guarantee] = round(ours.transfers_per_s / faust.transfers_per_s, 2)
             started_s = phase_done(f"faust {guarantee}", started_s)
+        if report["faust"]:
+            guarantee = "exactly_once" if "exactly_once" in report["faust"] else next(iter(report["faust"]))
+            report["peers"]["faust"] = {**report["faust"][guarantee], "guarantee": guarantee}
+        else:
+            report["peers"]["faust"] = {"skipped": "--skip-faust"}
+        add_ratios(report)
         report["problems"] = self.problems
         report["ok"] = not self.problems
         report["run_s"] = round(time.monotonic() - run_started_s, 1)
         return report
+
+    def kafka_streams_skipped(self) -> str | None:
+        """Why the Kafka Streams peer does not run, or None."""
+        if not self.options.kafka_streams:
+            return "--skip-kafka-streams"
+        missing = kafka_streams_peer.missing_tools()
+        if missing:
+            return f"{', '.join(missing)} not on PATH"
+        return None
 
     def cleanup(self, keep_work_dir: bool) -> None:
         for child in self._children:
@@ -829,6 +995,24 @@ class Bench:
             self.say(f"deleting the benchmark topics under {self.prefix!r} failed: {error}; delete them by hand")
 
 
+def _saga_stages(report: dict) -> list[tuple[str, dict]]:
+    """(name, stage) of every saga stage that ran: ours, the peers, the ceiling."""
+    stages = [("ours", report["ours"]), *((f"peers.{name}", stage) for name, stage in report["peers"].items()),
+              *((f"faust.{guarantee}", stage) for guarantee, stage in report.get("faust", {}).items()),
+              ("ceiling", report["ceiling"])]
+    return [(name, stage) for name, stage in stages if "transfers_per_s" in stage]
+
+
+def add_ratios(report: dict) -> None:
+    """Each saga stage's transfers/s as a share of the Kafka Streams peer's and of the ceiling's."""
+    references = {"ratio_to_ceiling": report["ceiling"].get("transfers_per_s"),
+                  "ratio_to_kafka_streams": report["peers"].get("kafka_streams", {}).get("transfers_per_s")}
+    for _, stage in _saga_stages(report):
+        for key, reference in references.items():
+            if reference:
+                stage[key] = round(stage["transfers_per_s"] / reference, 3)
+
+
 def profile_top(path: Path, count: int = PROFILE_TOP_ENTRIES) -> list[dict]:
     stats = pstats.Stats(str(path), stream=io.StringIO())
     total_s = stats.total_tt
@@ -843,8 +1027,13 @@ def profile_top(path: Path, count: int = PROFILE_TOP_ENTRIES) -> list[dict]:
 
 # -- output ------------------------------------------------------------------------------------
 
+def _ratio_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"  # faust's are hundredths
+
+
 def format_report(report: dict) -> str:
-    ceiling = report["ceiling"]
     lines = [
         f"wallet bench: {report['transfers']:,} transfers among {report['accounts']:,} accounts, "
         f"{report['partitions']} partitions, broker {report['bootstrap']}, batch {report['batch_size_max']:,} / "
@@ -852,19 +1041,29 @@ def format_report(report: dict) -> str:
         f"input: {report['input']['records']:,} records produced in {report['input']['elapsed_s']:.1f} s "
         f"({report['input']['messages_per_s']:,.0f} msg/s)",
         "",
-        f"{'stage':<32}{'transfers':>11}{'window':>10}{'transfers/s':>13}{'messages/s':>13}{'vs ceiling':>12}",
+        f"{'stage':<34}{'transfers':>11}{'window':>10}{'transfers/s':>13}{'messages/s':>13}{'vs KStreams':>13}"
+        f"{'vs ceiling':>12}{'checks':>8}",
     ]
 
     def row(name: str, stage: dict) -> str:
+        if "skipped" in stage:
+            return f"{name:<34}  skipped: {stage['skipped']}"
         transfers_per_s = f"{stage['transfers_per_s']:,.0f}" if stage["transfers"] else "-"
         transfers = f"{stage['transfers']:,}" if stage["transfers"] else "-"
-        return (f"{name:<32}{transfers:>11}{stage['elapsed_s']:>9.1f}s{transfers_per_s:>13}"
-                f"{stage['messages_per_s']:>13,.0f}{stage.get('messages_ratio_to_ceiling', 0):>12.2f}")
+        to_kafka_streams = _ratio_text(stage.get("ratio_to_kafka_streams"))
+        to_ceiling = _ratio_text(stage.get("ratio_to_ceiling"))
+        checks = "-" if "checks_ok" not in stage else ("ok" if stage["checks_ok"] else "FAILED")
+        return (f"{name:<34}{transfers:>11}{stage['elapsed_s']:>9.1f}s{transfers_per_s:>13}"
+                f"{stage['messages_per_s']:>13,.0f}{to_kafka_streams:>13}{to_ceiling:>12}{checks:>8}")
 
-    lines.append(row("raw ceiling (copy loop)", ceiling))
     lines.append(row("wallet processor (ours)", report["ours"]))
+    lines.append(row("Kafka Streams peer (Java, EOS v2)", report["peers"]["kafka_streams"]))
     for guarantee, stage in report["faust"].items():
         lines.append(row(f"faust-streaming ({guarantee})", stage))
+    if not report["faust"]:
+        lines.append(row("faust-streaming", report["peers"]["faust"]))
+    lines.append(row("saga ceiling (bare Python loop)", report["ceiling"]))
+    lines.append(row("copy loop (no decisions)", report["copy"]))
     for guarantee, ratio in report.get("ours_over_faust", {}).items():
         lines.append(f"ours / faust ({guarantee}), transfers/s: {ratio:,.1f}x")
     latency = report.get("latency")
@@ -887,8 +1086,12 @@ def format_report(report: dict) -> str:
         "messages = records consumed + records produced by the stage: copy loop 1 + 1 per record; a transfer through "
         "the processor 6 on success (2 commands consumed, 2 events, 1 leg, 1 outcome), 3 if refused for insufficient "
         "funds, 9 if refunded; faust's 6 / 2 / 8 (its table changelog writes in place of events); opening or "
-        "funding an account 3. Windows run from the stage's first consumed record to its last outcome visible to a "
-        "read_committed consumer (the copy loop: to its last commit).",
+        "funding an account 3; the Kafka Streams peer and the saga ceiling write what ours writes, so theirs are "
+        "counted alike. Windows run from the stage's first consumed record to its last outcome visible to a "
+        "read_committed consumer (the copy loop: to its last commit). vs KStreams and vs ceiling are transfers/s "
+        "ratios; the faust peer runs a smaller sample. checks: every transfer exactly one, expected, outcome; for "
+        "ours, the Kafka Streams peer and the ceiling also their events read whole (sequences gap-free, balances "
+        "chained, money conserved, the project's event format).",
         f"outcomes of ours: {report['ours']['outcomes']}",
         *([f"faust: one heartbeat command per partition every {FAUST_HEARTBEAT_INTERVAL_S:g} s keeps its exactly-once "
            f"transactions committing; without it the last saga legs of a finite input are never committed."]
@@ -926,6 +1129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faust-guarantee", choices=("exactly_once", "at_least_once", "both"), default="exactly_once",
                         help="processing guarantee of the faust peer (default exactly_once, like ours)")
     parser.add_argument("--skip-faust", action="store_true", help="do not run the faust peer")
+    parser.add_argument("--skip-kafka-streams", action="store_true",
+                        help="do not build and run the Kafka Streams peer (skipped anyway without javac, mvn, java)")
     parser.add_argument("--latency-seconds", type=float, default=LATENCY_SECONDS_DEFAULT,
                         help=f"how long to offer load for the latency percentiles; 0 skips them "
                              f"(default {LATENCY_SECONDS_DEFAULT:g})")
@@ -954,8 +1159,18 @@ def run(args: argparse.Namespace) -> int:
         faust_transfers=args.faust_transfers, faust_guarantees=guarantees, latency_seconds=args.latency_seconds,
         batch_size_max=args.batch_size_max, commit_interval_ms=args.commit_interval_ms, seed=args.seed,
         profile_processor=args.profile_processor.resolve() if args.profile_processor else None,
-        keep_topics=args.keep_topics)
-    bench = Bench(settings_from_args(args), options)
+        keep_topics=args.keep_topics, kafka_streams=not args.skip_kafka_streams)
+    from wallet.localkafka import LocalKafkaError
+
+    try:
+        with broker_for(settings_from_args(args), say=Bench.say) as settings:
+            return _run_bench(Bench(settings, options), args)
+    except LocalKafkaError as error:
+        print(f"wallet bench: starting a local broker failed: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_bench(bench: Bench, args: argparse.Namespace) -> int:
     failed = True
     interrupt_on_sigterm = threading.current_thread() is threading.main_thread()
     if interrupt_on_sigterm:
@@ -964,7 +1179,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = bench.run()
         failed = not report["ok"]
-    except (BenchError, BrokerUnavailableError, TopicProvisioningError, KafkaException) as error:
+    except (BenchError, BrokerUnavailableError, TopicProvisioningError, KafkaException,
+            kafka_streams_peer.PeerBuildError) as error:
         print(f"wallet bench: {error}", file=sys.stderr)
         return 1
     finally:

@@ -22,7 +22,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from infra.kafka_clients import processor_consumer_config, processor_producer_config
-from streams.runtime.processor import KAFKA_CALL_TIMEOUT_S, PRODUCE_QUEUE_FULL_WAIT_S, ProcessorConfig
+from infra.produce import produce_with_room
+from streams.runtime.processor import ProcessorConfig
+
+KAFKA_CALL_TIMEOUT_S = ProcessorConfig(instance_id="", store_path=Path()).kafka_call_timeout_ms / 1000
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -70,7 +73,6 @@ def _end_offsets(consumer: Consumer, topic: str) -> dict[int, int]:
 
 def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic: str, ends: dict[int, int],
           batch_size_max: int, commit_interval_ms: int, timeout_s: float, on_progress) -> CopyResult:
-    produce = producer.produce
     remaining = {partition for partition, end in ends.items() if end > 0}
     deadline_s = time.monotonic() + timeout_s
     started_s = None
@@ -95,10 +97,7 @@ def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic
                     raise KafkaException(error)
                 continue
             partition = record.partition()
-            try:
-                produce(output_topic, record.value(), record.key(), partition)
-            except BufferError:
-                _produce_when_room(producer, output_topic, record.value(), record.key(), partition)
+            produce_with_room(producer, output_topic, record.value(), record.key(), partition=partition)
             next_offsets[partition] = record.offset() + 1
             batch_copied += 1
         producer.send_offsets_to_transaction(
@@ -114,19 +113,6 @@ def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic
             last_progress_s = now_s
     elapsed_s = time.monotonic() - started_s if started_s is not None else 0.0
     return CopyResult(records=copied, elapsed_s=elapsed_s, transactions=transactions)
-
-
-def _produce_when_room(producer: Producer, topic: str, value: bytes, key: bytes, partition: int) -> None:
-    deadline_s = time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
-    while True:
-        producer.poll(0.05)
-        try:
-            producer.produce(topic, value, key, partition)
-            return
-        except BufferError:
-            if time.monotonic() > deadline_s:
-                raise RuntimeError(f"producer queue stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: "
-                                   f"is the broker reachable?") from None
 
 
 def main(argv: list[str] | None = None) -> int:

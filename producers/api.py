@@ -16,24 +16,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated, Any, Literal
+import hmac
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal, NamedTuple
 
-from fastapi import FastAPI, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from infra.http import ApiError, FieldError, error_response, error_responses
+from infra.settings import Settings
+from producers.auth import SCOPE_BANK, SCOPE_OPERATOR, SCOPE_USER, SCOPES, Gate, Principal
 from producers.client import (
-    REQUEST_WAIT_MS_DEFAULT, CommandPublisher, OutcomesUnavailableError, OutcomeWaiter, PublishError, WalletClient,
-    canonical_amount, local_command,
+    REQUEST_WAIT_MS_DEFAULT,
+    CommandPublisher,
+    OutcomesUnavailableError,
+    OutcomeWaiter,
+    PublishError,
+    WalletClient,
+    canonical_amount,
 )
 from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX, ID_PATTERN, TRANSACTION_ID_LENGTH_MAX, Close, Command, Deposit, Freeze, OpenAccount,
-    PayMerchant, Transfer, Unfreeze, Withdraw, is_valid_id,
+    ACCOUNT_ID_LENGTH_MAX,
+    ID_PATTERN,
+    TRANSACTION_ID_LENGTH_MAX,
+    Close,
+    Command,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    Transfer,
+    Unfreeze,
+    Withdraw,
+    is_valid_id,
 )
+from streams.core.currencies import MINOR_UNITS
 from streams.core.money import AmountError, minor_units_of
-from infra.settings import Settings
 
 REQUEST_WAIT_MS_MAX = 30_000
 PUBLISH_TIMEOUT_MS_DEFAULT = 5000
@@ -77,9 +97,33 @@ def _amount_is_text(value: Any) -> Any:
     return value
 
 
+def _amount_pattern(decimals: int) -> str:
+    """A positive plain decimal with at most `decimals` places and at most 10^15 minor units, as a regex.
+
+    Written out without lookahead, so that fuzzers generating from the document can use it.
+    """
+    whole = f"[1-9][0-9]{{0,{AMOUNT_DIGITS_MAX - decimals - 1}}}"
+    if decimals == 0:
+        return f"^{whole}$"
+    below_one = "|".join(f"0\\.{'0' * zeros}[1-9][0-9]{{0,{decimals - zeros - 1}}}" for zeros in range(decimals))
+    return f"^({whole}(\\.[0-9]{{1,{decimals}}})?|{below_one})$"
+
+
+# The amount's rule depends on the currency's minor units: stated in the document as JSON
+# Schema if/then per group of currencies, so that a request the document allows is one the API accepts.
+AMOUNT_DIGITS_MAX = 15
+_CURRENCIES_BY_DECIMALS = {decimals: sorted(code for code, units in MINOR_UNITS.items() if units == decimals)
+                           for decimals in sorted(set(MINOR_UNITS.values()))}
+_AMOUNT_BY_CURRENCY: dict[str, Any] = {"allOf": [
+    {"if": {"properties": {"currency": {"enum": codes}}, "required": ["currency"]},
+     "then": {"properties": {"amount": {"pattern": _amount_pattern(decimals)}}}}
+    for decimals, codes in _CURRENCIES_BY_DECIMALS.items()]}
+
 AmountText = Annotated[str, BeforeValidator(_amount_is_text), Field(
-    description="positive decimal string, at most the currency's decimal places, e.g. \"12.34\"", examples=["12.34"])]
-CurrencyCode = Annotated[str, Field(description="ISO 4217 code with minor units, e.g. USD", examples=["USD"])]
+    description="positive decimal string, at most the currency's decimal places, e.g. \"12.34\"", examples=["12.34"],
+    json_schema_extra={"pattern": _amount_pattern(max(MINOR_UNITS.values()))})]
+CurrencyCode = Annotated[str, Field(description="ISO 4217 code with minor units, e.g. USD", examples=["USD"],
+                                    json_schema_extra={"enum": sorted(MINOR_UNITS)})]
 
 
 class _Body(BaseModel):
@@ -108,6 +152,8 @@ class _Body(BaseModel):
 
 # `currency` is declared before `amount` in the money bodies because the amount's check needs it.
 class BalanceTransferRequest(_Body):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_AMOUNT_BY_CURRENCY)
+
     from_account: AccountIdText
     to_account: AccountIdText
     currency: CurrencyCode
@@ -124,6 +170,8 @@ class OpenAccountRequest(_Body):
 
 
 class MoneyRequest(_Body):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_AMOUNT_BY_CURRENCY)
+
     currency: CurrencyCode
     amount: AmountText
     transaction_id: TransactionIdText
@@ -146,153 +194,210 @@ class TransactionStatusReply(BaseModel):
     reason: str | None = None
 
 
-class FieldError(BaseModel):
-    field: str
-    reason: str
-    message: str
+class ApiOptions(NamedTuple):
+    """The command API's bounds; the defaults are `wallet api`'s."""
+    request_wait_ms: int = REQUEST_WAIT_MS_DEFAULT
+    request_wait_ms_max: int = REQUEST_WAIT_MS_MAX
+    publish_timeout_ms: int = PUBLISH_TIMEOUT_MS_DEFAULT
+    body_bytes_max: int = BODY_BYTES_MAX
+
+    def check(self) -> None:
+        if not 0 <= self.request_wait_ms <= self.request_wait_ms_max:
+            raise ValueError(f"request_wait_ms must be within 0..{self.request_wait_ms_max}, "
+                             f"got {self.request_wait_ms}")
 
 
-class ErrorReply(BaseModel):
-    error: str
-    message: str
-    errors: list[FieldError] = []
-
-
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+_COMMAND_RESPONSES = {
     202: {"model": CommandReply, "description": "pending: the outcome was not known within the wait"},
-    400: {"model": ErrorReply, "description": "the body is not valid JSON"},
-    413: {"model": ErrorReply, "description": "the body is larger than the limit"},
-    415: {"model": ErrorReply, "description": "the body is not sent as application/json"},
-    422: {"model": ErrorReply, "description": "a field is missing or invalid; `errors` names each"},
-    503: {"model": ErrorReply, "description": "Kafka is unavailable; retry with the same transaction_id"},
+    **error_responses(400, 401, 403, 413, 415, 422, 429, 503),
 }
 
 AccountPath = Annotated[str, Path(**_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
 WaitMs = Annotated[int | None, Query(ge=0, description="how long to wait for the outcome, in ms "
                                      "(default and maximum are server settings; larger values are capped)")]
+# Who may ask for each command (CONTRACT.md); the first scope the token holds becomes `role`.
+SCOPES_OPEN = (SCOPE_USER, SCOPE_OPERATOR)
+SCOPES_MOVE = (SCOPE_USER,)
+SCOPES_BANK = (SCOPE_BANK,)
+SCOPES_WITHDRAW = (SCOPE_BANK, SCOPE_USER)
+SCOPES_STATUS = (SCOPE_OPERATOR,)
 
 
-def create_app(
-    settings: Settings,
-    request_wait_ms: int = REQUEST_WAIT_MS_DEFAULT,
-    readmodel_db: str | None = None,
-    *,
-    request_wait_ms_max: int = REQUEST_WAIT_MS_MAX,
-    publish_timeout_ms: int = PUBLISH_TIMEOUT_MS_DEFAULT,
-    body_bytes_max: int = BODY_BYTES_MAX,
-) -> FastAPI:
-    """The API for the topics of `settings`; with `readmodel_db`, also the read model's query routes."""
-    if not 0 <= request_wait_ms <= request_wait_ms_max:
-        raise ValueError(f"request_wait_ms must be within 0..{request_wait_ms_max}, got {request_wait_ms}")
+@contextlib.asynccontextmanager
+async def command_side(app: FastAPI, settings: Settings, publish_timeout_ms: int) -> AsyncIterator[None]:
+    """The process's one outcome waiter and one publisher, as `app.state.client`, for the app's life."""
+    waiter = OutcomeWaiter.from_settings(settings, cache_size_max=STATUS_CACHE_SIZE)
+    # Not waiting for readiness here: the API starts during an outage and answers 503
+    # until Kafka is back, instead of refusing to start.
+    waiter.start()
+    publisher = CommandPublisher.from_settings(settings, message_timeout_ms=publish_timeout_ms, linger_ms=1,
+                                               client_id="wallet-api")
+    app.state.client = WalletClient(publisher, waiter)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(app.state.client.close)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        waiter = OutcomeWaiter.from_settings(settings, cache_size_max=STATUS_CACHE_SIZE)
-        # Not waiting for readiness here: the API starts during an outage and answers 503
-        # until Kafka is back, instead of refusing to start.
-        waiter.start()
-        publisher = CommandPublisher.from_settings(settings, message_timeout_ms=publish_timeout_ms, linger_ms=1,
-                                                   client_id="wallet-api")
-        app.state.client = WalletClient(publisher, waiter)
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(app.state.client.close)
 
-    app = FastAPI(
-        title="Streamwallet command API",
-        version="1",
-        description=__doc__,
-        lifespan=lifespan,
-        responses=_ERROR_RESPONSES,
-    )
-    app.add_middleware(_BodyGate, body_bytes_max=body_bytes_max)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+class _Executor:
+    """Publishes one command for a caller and waits for its answer, within the caller's bound of waits."""
 
-    async def execute(request: Request, command: Command, wait_ms: int | None) -> JSONResponse:
+    def __init__(self, gate: Gate, options: ApiOptions) -> None:
+        self.gate = gate
+        self.options = options
+
+    async def __call__(self, request: Request, command: Command, wait_ms: int | None) -> JSONResponse:
         client: WalletClient = request.app.state.client
-        wait_s = min(request_wait_ms if wait_ms is None else wait_ms, request_wait_ms_max) / 1000
+        wait_s = min(self.options.request_wait_ms if wait_ms is None else wait_ms,
+                     self.options.request_wait_ms_max) / 1000
         unavailable = await _kafka_unavailable_reason(client)
         if unavailable is not None:
-            return _error(503, "kafka_unavailable", unavailable)
+            raise ApiError(503, "kafka_unavailable", unavailable)
+        limited = self.gate.verifier is not None  # authentication off: no principals to bound
+        if limited and not self.gate.limiter.enter_wait(command.actor):
+            raise ApiError(429, "too_many_waiting",
+                           f"{command.actor} already has {self.gate.limiter.limits.concurrent_waits_max} requests "
+                           "waiting for outcomes; retry after one has answered", headers={"Retry-After": "1"})
         try:
             outcome = await client.request_async(command, wait_s)
         except OutcomesUnavailableError as error:
-            return _error(503, "kafka_unavailable", str(error))
+            raise ApiError(503, "kafka_unavailable", str(error)) from None
         except PublishError as error:
             fate = ("it may have been recorded" if error.possibly_persisted else "it was not recorded")
-            return _error(503, "kafka_unavailable",
-                          f"Kafka did not accept the command ({error}); {fate}: retry with the same transaction_id")
+            raise ApiError(503, "kafka_unavailable", f"Kafka did not accept the command ({error}); {fate}: retry "
+                                                     "with the same transaction_id") from None
+        finally:
+            if limited:
+                self.gate.limiter.leave_wait(command.actor)
         if outcome is None:
             return JSONResponse(CommandReply(status="pending", transaction_id=command.transaction_id).model_dump(),
                                 status_code=202)
         return JSONResponse(CommandReply(status=outcome.status, transaction_id=outcome.transaction_id,
                                          reason=outcome.reason).model_dump())
 
-    @app.post("/v1/wallet/balance_transfer", response_model=CommandReply, tags=["commands"],
-              summary="move money from one wallet to another (or pay a merchant)")
-    async def balance_transfer(body: BalanceTransferRequest, request: Request, wait_ms: WaitMs = None) -> JSONResponse:
+
+def command_type_name(command_class: type[Command]) -> str:
+    """The route name of a command class: its tag on the wire."""
+    return str(command_class.__struct_config__.tag)
+
+
+def _who(caller: Principal, scopes: tuple[str, ...]) -> dict[str, Any]:
+    """The command's `actor` and `role`: set here, at the trusted edge, never from the body."""
+    role = caller.role_for(scopes)
+    assert role is not None, f"{caller.sub} passed the gate without any of {scopes}"
+    return {"actor": caller.sub, "role": role}
+
+
+def command_router(gate: Gate, options: ApiOptions) -> APIRouter:
+    """Every command route: authenticate, authorise by scope, publish with the caller as actor, wait."""
+    options.check()
+    router = APIRouter(tags=["commands"], responses=_COMMAND_RESPONSES)
+    execute = _Executor(gate, options)
+    _transfer_routes(router, gate, execute)
+    _money_routes(router, gate, execute)
+    _status_routes(router, gate, execute)
+    return router
+
+
+# The gate's dependencies are made once per router and named, because FastAPI resolves a
+# parameter's annotation in the module's namespace (postponed annotations) but its default as a value.
+def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
+    mover, opener = Depends(gate.requires(*SCOPES_MOVE)), Depends(gate.requires(*SCOPES_OPEN))
+
+    @router.post("/v1/wallet/balance_transfer", response_model=CommandReply,
+                 summary="move money from one of your wallets to any wallet (or pay a merchant); scope wallet:user")
+    async def balance_transfer(body: BalanceTransferRequest, request: Request, wait_ms: WaitMs = None,
+                               caller: Principal = mover) -> JSONResponse:
         command_class = PayMerchant if body.merchant_payment else Transfer
-        command = local_command(command_class, transaction_id=body.transaction_id,
-                                from_account=body.from_account, to_account=body.to_account, amount=body.amount,
-                                currency=body.currency)
+        command = command_class(transaction_id=body.transaction_id, from_account=body.from_account,
+                                to_account=body.to_account, amount=body.amount, currency=body.currency,
+                                **_who(caller, SCOPES_MOVE))
         return await execute(request, command, wait_ms)
 
-    @app.post("/v1/accounts", response_model=CommandReply, tags=["commands"], summary="open an account")
-    async def open_account(body: OpenAccountRequest, request: Request, wait_ms: WaitMs = None) -> JSONResponse:
-        command = local_command(OpenAccount, transaction_id=body.transaction_id, account_id=body.account_id,
-                              currency=body.currency, kind=body.kind)
+    @router.post("/v1/accounts", response_model=CommandReply,
+                 summary="open an account, owned by the caller; scope wallet:user or wallet:operator")
+    async def open_account(body: OpenAccountRequest, request: Request, wait_ms: WaitMs = None,
+                           caller: Principal = opener) -> JSONResponse:
+        command = OpenAccount(transaction_id=body.transaction_id, account_id=body.account_id, currency=body.currency,
+                              kind=body.kind, **_who(caller, SCOPES_OPEN))
         return await execute(request, command, wait_ms)
 
-    def money_route(path: str, command_class: type[Deposit] | type[Withdraw], summary: str) -> None:
-        @app.post(path, response_model=CommandReply, tags=["commands"], summary=summary,
-                  name=command_class.__struct_config__.tag)
-        async def move_money(account_id: AccountPath, body: MoneyRequest, request: Request,
-                             wait_ms: WaitMs = None) -> JSONResponse:
-            command = local_command(command_class, transaction_id=body.transaction_id, account_id=account_id,
-                                    amount=body.amount, currency=body.currency)
+
+def _money_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
+    def money_route(path: str, command_class: type[Deposit] | type[Withdraw], scopes: tuple[str, ...],
+                    summary: str) -> None:
+        allowed = Depends(gate.requires(*scopes))
+
+        @router.post(path, response_model=CommandReply, summary=summary, name=command_type_name(command_class))
+        async def move_money(account_id: AccountPath, body: MoneyRequest, request: Request, wait_ms: WaitMs = None,
+                             caller: Principal = allowed) -> JSONResponse:
+            command = command_class(transaction_id=body.transaction_id, account_id=account_id, amount=body.amount,
+                                    currency=body.currency, **_who(caller, scopes))
             return await execute(request, command, wait_ms)
+
+    money_route("/v1/accounts/{account_id}/deposit", Deposit, SCOPES_BANK,
+                "deposit money from a bank account; scope wallet:bank")
+    money_route("/v1/accounts/{account_id}/withdraw", Withdraw, SCOPES_WITHDRAW,
+                "withdraw money to a bank account; scope wallet:bank, or wallet:user for the owner")
+
+
+def _status_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
+    operator = Depends(gate.requires(*SCOPES_STATUS))
 
     def status_route(path: str, command_class: type[Freeze] | type[Unfreeze] | type[Close], summary: str) -> None:
-        @app.post(path, response_model=CommandReply, tags=["commands"], summary=summary,
-                  name=command_class.__struct_config__.tag)
+        @router.post(path, response_model=CommandReply, summary=summary, name=command_type_name(command_class))
         async def change_status(account_id: AccountPath, body: StatusChangeRequest, request: Request,
-                                wait_ms: WaitMs = None) -> JSONResponse:
-            command = local_command(command_class, transaction_id=body.transaction_id, account_id=account_id)
+                                wait_ms: WaitMs = None, caller: Principal = operator) -> JSONResponse:
+            command = command_class(transaction_id=body.transaction_id, account_id=account_id,
+                                    **_who(caller, SCOPES_STATUS))
             return await execute(request, command, wait_ms)
 
-    money_route("/v1/accounts/{account_id}/deposit", Deposit, "deposit money from a bank account")
-    money_route("/v1/accounts/{account_id}/withdraw", Withdraw, "withdraw money to a bank account")
-    status_route("/v1/accounts/{account_id}/freeze", Freeze, "freeze an account (it can neither send nor receive)")
-    status_route("/v1/accounts/{account_id}/unfreeze", Unfreeze, "unfreeze a frozen account")
-    status_route("/v1/accounts/{account_id}/close", Close, "close an account whose balance is zero")
+    status_route("/v1/accounts/{account_id}/freeze", Freeze,
+                 "freeze an account (it can neither send nor receive); scope wallet:operator")
+    status_route("/v1/accounts/{account_id}/unfreeze", Unfreeze, "unfreeze a frozen account; scope wallet:operator")
+    status_route("/v1/accounts/{account_id}/close", Close, "close an account whose balance is zero; "
+                                                           "scope wallet:operator")
 
-    @app.get("/healthz", tags=["operations"], summary="the process answers; is its outcome consumer connected?")
-    async def health(request: Request) -> dict:
+
+def cached_status_router(gate: Gate) -> APIRouter:
+    """`GET /v1/transactions/{id}` from this process's memory, for an API without a read model."""
+    router = APIRouter(tags=["queries"], responses=error_responses(401, 403, 422, 429))
+    reader = Depends(gate.requires(*SCOPES))
+
+    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionStatusReply,
+                summary="status of one of your recent transactions, from this API process's memory",
+                description="Without a read model (`--readmodel-db`), the status comes from a bounded cache of "
+                            f"the last {STATUS_CACHE_SIZE} transactions this process published or saw an "
+                            "outcome of since it started; any other, or another caller's, is `unknown`.")
+    async def transaction_status(transaction_id: Annotated[str, Path(max_length=TRANSACTION_ID_LENGTH_MAX)],
+                                 request: Request, account_id: Annotated[str | None, Query(max_length=64)] = None,
+                                 caller: Principal = reader) -> TransactionStatusReply:
         client: WalletClient = request.app.state.client
-        return {"status": "ok", "outcomes_consumer_ready": client.waiter.ready,
-                "readmodel": readmodel_db is not None}
+        known = client.waiter.status(transaction_id)
+        if known is None or not (caller.reads_everything or hmac.compare_digest(known.actor, caller.sub)) or (
+                account_id is not None and known.account_id != account_id):
+            return TransactionStatusReply(transaction_id=transaction_id, status="unknown")
+        return TransactionStatusReply.model_validate({"transaction_id": transaction_id, "status": known.status,
+                                                      "reason": known.reason})
 
-    if readmodel_db is not None:
-        # Imported only when configured: the command API runs without the read model's dependencies.
-        from consumers.readmodel.query_api import query_router
-        app.include_router(query_router(readmodel_db, settings))
-    else:
-        @app.get("/v1/transactions/{transaction_id}", response_model=TransactionStatusReply, tags=["queries"],
-                 summary="status of a recent transaction, from this API process's memory",
-                 description="Without a read model (`--readmodel-db`), the status comes from a bounded cache of "
-                             f"the last {STATUS_CACHE_SIZE} transactions this process published or saw an "
-                             "outcome of since it started; any other is `unknown`. With a read model, the read "
-                             "model serves this path from the ledger, in the same shape.")
-        async def transaction_status(transaction_id: Annotated[str, Path(max_length=TRANSACTION_ID_LENGTH_MAX)],
-                                     request: Request) -> TransactionStatusReply:
-            client: WalletClient = request.app.state.client
-            known = client.waiter.status(transaction_id)
-            if known is None:
-                return TransactionStatusReply(transaction_id=transaction_id, status="unknown")
-            return TransactionStatusReply(transaction_id=transaction_id, status=known.status, reason=known.reason)
+    return router
 
-    return app
+
+def health_router(readmodel: bool) -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", summary="the process answers; is its outcome consumer connected? (no token needed)")
+    async def health(request: Request) -> HealthReply:
+        client: WalletClient = request.app.state.client
+        return HealthReply(status="ok", outcomes_consumer_ready=client.waiter.ready, readmodel=readmodel)
+
+    return router
+
+
+class HealthReply(BaseModel):
+    status: Literal["ok"]
+    outcomes_consumer_ready: bool
+    readmodel: bool
 
 
 async def _kafka_unavailable_reason(client: WalletClient) -> str | None:
@@ -305,37 +410,7 @@ async def _kafka_unavailable_reason(client: WalletClient) -> str | None:
     return None
 
 
-def _error(status_code: int, error: str, message: str, errors: list[FieldError] | None = None) -> JSONResponse:
-    body = ErrorReply(error=error, message=message, errors=errors or [])
-    return JSONResponse(body.model_dump(), status_code=status_code)
-
-
-# pydantic's error types that deserve a plainer name for API clients.
-_REASONS = {"missing": "missing", "extra_forbidden": "unknown_field", "string_type": "must_be_string",
-            "bool_type": "must_be_boolean", "string_pattern_mismatch": "invalid_characters",
-            "string_too_short": "too_short", "string_too_long": "too_long", "literal_error": "not_allowed",
-            "model_attributes_type": "must_be_object", "dict_type": "must_be_object", "json_invalid": "malformed_json"}
-
-
-_ID_CHARACTERS = "must start with a letter or digit and contain only letters, digits and . _ : @ -"
-
-
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    errors = []
-    for item in error.errors():
-        location = [str(part) for part in item["loc"]]
-        field = ".".join(location[1:]) if item["type"] != "json_invalid" and len(location) > 1 else location[0]
-        reason = _REASONS.get(item["type"], item["type"])
-        message = _ID_CHARACTERS if reason == "invalid_characters" else item["msg"]
-        errors.append(FieldError(field=field, reason=reason, message=message))
-    malformed = any(item.reason == "malformed_json" for item in errors)
-    summary = "; ".join(f"{item.field}: {item.message}" for item in errors)
-    if malformed:
-        return _error(400, "malformed_json", f"the body is not valid JSON ({summary})", errors)
-    return _error(422, "invalid_request", summary, errors)
-
-
-class _BodyGate:
+class BodyGate:
     """Refuses non-JSON bodies (415) and bodies above the limit (413) before validation sees them.
 
     Without the content-type check a form-encoded body (curl's default) would reach the
@@ -353,29 +428,19 @@ class _BodyGate:
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if content_type != b"application/json" and not content_type.endswith(b"+json"):
-            await _send(send, _error(415, "unsupported_media_type",
-                                     f"the body must be JSON sent with Content-Type: application/json, "
-                                     f"not {content_type.decode(errors='replace')}",
-                                     [FieldError(field="content-type", reason="not_json",
-                                                 message="use Content-Type: application/json")]))
+            await _send(send, error_response(415, "unsupported_media_type",
+                                             f"the body must be JSON sent with Content-Type: application/json, "
+                                             f"not {content_type.decode(errors='replace')}",
+                                             [FieldError(field="content-type", reason="not_json",
+                                                         message="use Content-Type: application/json")]))
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.body_bytes_max:
             await self._refuse(send)
             return
-        chunks, size_bytes, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk = message.get("body", b"")
-            size_bytes += len(chunk)
-            if size_bytes > self.body_bytes_max:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await self._read_body(receive, send)
+        if body is None:
+            return
         replayed = False
 
         async def replay() -> dict:
@@ -387,10 +452,26 @@ class _BodyGate:
 
         await self.app(scope, replay, send)
 
+    async def _read_body(self, receive, send) -> bytes | None:
+        """The whole body, or None when it was refused (too large) or the client went away."""
+        chunks, size_bytes, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size_bytes += len(chunk)
+            if size_bytes > self.body_bytes_max:
+                await self._refuse(send)
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
     async def _refuse(self, send) -> None:
-        await _send(send, _error(413, "body_too_large", f"the request body exceeds {self.body_bytes_max} bytes",
-                                 [FieldError(field="body", reason="too_large",
-                                             message=f"at most {self.body_bytes_max} bytes are accepted")]))
+        await _send(send, error_response(413, "body_too_large", f"the request body exceeds {self.body_bytes_max} bytes",
+                                         [FieldError(field="body", reason="too_large",
+                                                     message=f"at most {self.body_bytes_max} bytes are accepted")]))
 
 
 async def _send(send, response: JSONResponse) -> None:

@@ -1,46 +1,62 @@
-"""`wallet api`, `wallet account ...`, `wallet transfer`, `wallet status`, `wallet load`.
+"""`wallet auth token`, `wallet account ...`, `wallet transfer`, `wallet status`, `wallet load`.
 
-The account and transfer commands publish straight to Kafka through the client library (not
-through HTTP) and wait for the outcome. Exit status: 0 success, 1 failure or error, 2 the
-outcome is not known yet (pending: ask again with `wallet status TX`).
+The account, transfer and status commands are clients of the HTTP API (`--api URL`, default
+`WALLET_API_URL` or http://127.0.0.1:8080) with the bearer token in `WALLET_TOKEN`, so they
+are authorised like any other caller: the API, not the terminal, sets who asks. Exit status:
+0 success, 1 failure or error, 2 the outcome is not known yet (pending: ask again with
+`wallet status TX`). `wallet load` publishes straight to Kafka, as a trusted service.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import logging
+import json
+import os
 import sys
 import time
-import uuid
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
+from infra.settings import settings_from_args
 from producers.client import (
-    REQUEST_WAIT_MS_DEFAULT, OutcomesUnavailableError, PublishError, WalletClient, canonical_amount, check_ids,
-    client_command, new_transaction_id,
+    OutcomesUnavailableError,
+    PublishError,
+    canonical_amount,
+    check_ids,
+    client_command,
+    new_transaction_id,
 )
 from producers.load import ACCOUNTS_DEFAULT, OUTCOME_WAIT_S_DEFAULT, LoadError, LoadSpec, run_load
-from schemas.codec import SchemaError, decode_outcome
 from schemas.commands import (
-    Close, Command, Deposit, Freeze, OpenAccount, PayMerchant, Transfer, Unfreeze, Withdraw, command_type,
+    Close,
+    Command,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    Transfer,
+    Unfreeze,
+    Withdraw,
+    command_type,
 )
-from schemas.outcomes import Outcome, Reason
-from schemas.partitioning import partition_for
 from streams.core.money import AmountError
-from infra.settings import settings_from_args
-from infra.settings import Settings
-from infra.kafka_clients import kafka_security
 
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_PENDING = 0, 1, 2
 EXIT_STATUS_TEXT = ("Exit status: 0 success, 1 failure or error, 2 pending (the outcome was not known in time; "
                     "ask later with `wallet status TX`).")
 WAIT_S_DEFAULT = 10.0
 STATUS_READ_TIMEOUT_S = 60.0
+API_URL_DEFAULT = "http://127.0.0.1:8080"
+HTTP_TIMEOUT_MARGIN_S = 10.0
+REQUEST_WAIT_MS_MAX = 30_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _register_api(subparsers)
+    _register_auth(subparsers)
 
     account = subparsers.add_parser("account", help="open, fund, withdraw from, freeze, unfreeze or close an account")
     actions = account.add_subparsers(dest="account_action", metavar="ACTION", required=True)
@@ -66,8 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("currency")
     transfer.add_argument("--merchant", action="store_true", help="a merchant payment: the receiver must be a merchant")
 
-    status = subparsers.add_parser("status", help="the outcome of a transaction, read from wallet.outcomes")
+    status = subparsers.add_parser("status", help="the outcome of one of your transactions, from the API")
     status.add_argument("transaction_id")
+    status.add_argument("--account", help="the account that owns the request (narrows the lookup)")
+    _add_api_option(status)
     status.set_defaults(handler=_reporting_errors(_status))
 
     _register_load(subparsers)
@@ -78,8 +96,15 @@ def _command_parser(subparsers: argparse._SubParsersAction, name: str, help_text
     parser.add_argument("--tx", dest="transaction_id", help="transaction id (default: a new one); reuse it to retry")
     parser.add_argument("--wait-s", type=float, default=WAIT_S_DEFAULT,
                         help=f"how long to wait for the outcome (default {WAIT_S_DEFAULT:.0f})")
+    _add_api_option(parser)
     parser.set_defaults(handler=_reporting_errors(_run_command), command_name=name)
     return parser
+
+
+def _add_api_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", default=os.environ.get("WALLET_API_URL", API_URL_DEFAULT),
+                        help=f"the wallet API's URL (default WALLET_API_URL or {API_URL_DEFAULT}); the bearer token "
+                             "is read from WALLET_TOKEN")
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -91,7 +116,7 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
         except AmountError as error:
             print(f"error: invalid amount: {error}", file=sys.stderr)
             return EXIT_FAILURE
-        except (OutcomesUnavailableError, PublishError, KafkaException, ValueError) as error:
+        except (OutcomesUnavailableError, PublishError, KafkaException, ValueError, ApiCallError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_FAILURE
 
@@ -118,106 +143,117 @@ def build_command(args: argparse.Namespace) -> Command:
     return client_command(command_class, **common, account_id=args.account_id)
 
 
+class ApiCallError(Exception):
+    """The API did not answer, or answered an error: the message says which and why."""
+
+
+def _route(command: Command) -> tuple[str, dict]:
+    """The API route and JSON body of a command; the API sets actor and role itself."""
+    body = {"transaction_id": command.transaction_id}
+    if isinstance(command, OpenAccount):
+        return "/v1/accounts", {**body, "account_id": command.account_id, "currency": command.currency,
+                                "kind": command.kind}
+    if isinstance(command, (Transfer, PayMerchant)):
+        return "/v1/wallet/balance_transfer", {**body, "from_account": command.from_account,
+                                               "to_account": command.to_account, "amount": command.amount,
+                                               "currency": command.currency,
+                                               "merchant_payment": isinstance(command, PayMerchant)}
+    path = f"/v1/accounts/{urllib.parse.quote(command.account_id, safe='')}/{command_type(command)}"
+    if isinstance(command, (Deposit, Withdraw)):
+        return path, {**body, "amount": command.amount, "currency": command.currency}
+    return path, body
+
+
+def call_api(base_url: str, method: str, path: str, body: dict | None, timeout_s: float,
+             token: str | None = None) -> tuple[int, dict]:
+    """One HTTP request with the bearer token (`WALLET_TOKEN` unless given): (status, JSON body)."""
+    token = token if token is not None else os.environ.get("WALLET_TOKEN", "").strip()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base_url.rstrip("/") + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return reply.status, json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read() or b"{}")
+        except ValueError:
+            return error.code, {"error": "http_error", "message": f"HTTP {error.code}"}
+    except (OSError, ValueError) as error:
+        raise ApiCallError(f"the wallet API at {base_url} did not answer: {error} "
+                           "(is the stack up? `wallet up`)") from None
+
+
+def _api_failure(status: int, body: dict) -> ApiCallError:
+    hint = ""
+    if status == 401:
+        hint = ' (set WALLET_TOKEN: `export WALLET_TOKEN=$(wallet auth token --sub NAME --scope "wallet:user")`)'
+    return ApiCallError(f"HTTP {status} {body.get('error', '')}: {body.get('message', body)}{hint}")
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
     command = build_command(args)
     check_ids(command)
+    path, body = _route(command)
+    wait_ms = min(int(args.wait_s * 1000), REQUEST_WAIT_MS_MAX)
     started_s = time.monotonic()
-    with WalletClient.connect(settings) as client:
-        outcome = client.request(command, args.wait_s)
+    status, reply = call_api(args.api, "POST", f"{path}?wait_ms={wait_ms}", body,
+                             wait_ms / 1000 + HTTP_TIMEOUT_MARGIN_S)
     elapsed_ms = (time.monotonic() - started_s) * 1000
     what = f"{command_type(command)} {command.transaction_id}"
-    if outcome is None:
+    if status == 202:
         print(f"pending: {what} was published but its outcome was not known within {args.wait_s:.0f} s; "
               f"ask later with `wallet status {command.transaction_id}`")
         return EXIT_PENDING
-    return _report_final(outcome, what, f" ({elapsed_ms:.0f} ms)")
-
-
-def transaction_outcome(settings: Settings, transaction_id: str) -> tuple[Outcome | None, int]:
-    """The transaction's answer from `wallet.outcomes`, and how many conflicting requests reused its id.
-
-    Outcomes are keyed by transaction id, so only the one partition that holds it is read,
-    from its first offset to its current end.
-    """
-    consumer = Consumer({**kafka_security("api"), "bootstrap.servers": settings.bootstrap,
-                         "group.id": f"wallet-status-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
-    try:
-        metadata = consumer.list_topics(settings.outcomes_topic, timeout=10)
-        topic = metadata.topics.get(settings.outcomes_topic)
-        if topic is None or topic.error is not None:
-            raise ValueError(f"topic {settings.outcomes_topic} is not available at {settings.bootstrap}")
-        partition = partition_for(transaction_id, len(topic.partitions))
-        consumer.assign([TopicPartition(settings.outcomes_topic, partition, 0)])
-        answer, conflicts = None, 0
-        deadline_s = time.monotonic() + STATUS_READ_TIMEOUT_S
-        while time.monotonic() < deadline_s:
-            for message in consumer.consume(10_000, 0.5):
-                if message.error() is not None:
-                    if message.error().code() == KafkaError._PARTITION_EOF:
-                        return answer, conflicts
-                    raise ValueError(f"reading {settings.outcomes_topic}: {message.error().str()}")
-                if message.key() != transaction_id.encode():
-                    continue
-                try:
-                    outcome = decode_outcome(message.value())
-                except SchemaError:
-                    continue
-                if answer is None and outcome.reason != Reason.DUPLICATE_CONFLICT:
-                    answer = outcome
-                elif outcome.reason == Reason.DUPLICATE_CONFLICT and (
-                        answer is None or outcome.digest != answer.digest):
-                    conflicts += 1
-        raise ValueError(f"reading partition {partition} of {settings.outcomes_topic} did not finish within "
-                         f"{STATUS_READ_TIMEOUT_S:.0f} s")
-    finally:
-        consumer.close()
+    if status != 200:
+        raise _api_failure(status, reply)
+    return _report_final(reply, what, f" ({elapsed_ms:.0f} ms)")
 
 
 def _status(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    outcome, conflicts = transaction_outcome(settings, args.transaction_id)
-    note = f" ({conflicts} conflicting request(s) reused this id and were refused)" if conflicts else ""
-    if outcome is None:
-        print(f"unknown: no outcome for {args.transaction_id} on {settings.outcomes_topic} yet "
-              f"(still in flight, or never published){note}")
+    query = f"?account_id={urllib.parse.quote(args.account, safe='')}" if args.account else ""
+    status, reply = call_api(args.api, "GET", f"/v1/transactions/{urllib.parse.quote(args.transaction_id, safe='')}"
+                                              f"{query}", None, HTTP_TIMEOUT_MARGIN_S)
+    if status != 200:
+        raise _api_failure(status, reply)
+    if reply.get("status") in ("unknown", "pending"):
+        print(f"{reply['status']}: no final outcome for {args.transaction_id} of yours yet "
+              "(still in flight, never published, or another caller's)")
         return EXIT_PENDING
-    return _report_final(outcome, args.transaction_id, note)
+    return _report_final(reply, args.transaction_id, "")
 
 
-def _report_final(outcome, what: str, note: str) -> int:
-    if outcome.status == "success":
+def _report_final(reply: dict, what: str, note: str) -> int:
+    if reply.get("status") == "success":
         print(f"success: {what}{note}")
         return EXIT_SUCCESS
-    print(f"failure: {what}: {outcome.reason}{note}")
+    print(f"failure: {what}: {reply.get('reason')}{note}")
     return EXIT_FAILURE
 
 
-def _register_api(subparsers: argparse._SubParsersAction) -> None:
-    api = subparsers.add_parser("api", help="serve the HTTP command API (uvicorn, foreground)")
-    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    api.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    api.add_argument("--readmodel-db", help="read model database URL; adds the query routes (balances, history)")
-    api.add_argument("--request-wait-ms", type=int, default=REQUEST_WAIT_MS_DEFAULT,
-                     help=f"how long a request waits for its outcome before answering pending "
-                          f"(default {REQUEST_WAIT_MS_DEFAULT})")
-    api.set_defaults(handler=_serve_api)
+def _register_auth(subparsers: argparse._SubParsersAction) -> None:
+    auth = subparsers.add_parser("auth", help="bearer tokens for the local API")
+    actions = auth.add_subparsers(dest="auth_action", metavar="ACTION", required=True)
+    token = actions.add_parser("token", help="print a token signed by the run folder's key (HS256)",
+                               description="Prints a JWT with the claims sub and scope, signed with the local HS256 "
+                                           "secret (WALLET_JWT_SECRET, else <run dir>/secrets/jwt-hs256). Scopes: "
+                                           "wallet:user wallet:bank wallet:operator wallet:audit.")
+    token.add_argument("--sub", required=True, help="the principal: it becomes the actor of its commands")
+    token.add_argument("--scope", required=True, help='space-separated scopes, e.g. "wallet:user"')
+    token.add_argument("--ttl-s", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.set_defaults(handler=_reporting_errors(_auth_token))
 
 
-def _serve_api(args: argparse.Namespace) -> int:
-    import uvicorn
+def _auth_token(args: argparse.Namespace) -> int:
+    from infra.secrets import jwt_secret
+    from producers.auth import issue_token
 
-    from producers.api import create_app
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s api %(levelname)s %(name)s %(message)s")
-    logging.getLogger("wallet.producers.kafka").setLevel(logging.CRITICAL)  # one line per refused connection otherwise
-    app = create_app(settings_from_args(args), request_wait_ms=args.request_wait_ms, readmodel_db=args.readmodel_db)
-    print(f"serving the wallet API at http://{args.host}:{args.port} (OpenAPI: /docs, /openapi.json)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    if args.ttl_s < 1:
+        raise ValueError("--ttl-s must be at least 1")
+    print(issue_token(jwt_secret(settings_from_args(args)), args.sub, args.scope, args.ttl_s))
+    return EXIT_SUCCESS
 
 
 def _register_load(subparsers: argparse._SubParsersAction) -> None:

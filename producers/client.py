@@ -9,8 +9,8 @@ Usable from any Python program; it needs only a bootstrap address and topic name
   becomes a result (`send`, or the future of `submit`) or a `PublishError`; a full local
   queue makes the caller wait, with a bound, and never drops a command.
 - `OutcomeWaiter` is the one consumer of `wallet.outcomes` a process needs: it starts at the
-  end of the topic and resolves every waiting request by (transaction id, digest), so the
-  answer to a retried or conflicting request is never mistaken for another's.
+  end of the topic and resolves every waiting request by (owning account, transaction id,
+  digest), so the answer to a retried or conflicting request is never mistaken for another's.
 - `WalletClient` joins the two into request-reply: publish, then wait a bounded time for
   the outcome; `None` means the answer is not known yet (the request is `pending`).
 """
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from infra.produce import QueueFullTimeout, produce_with_room
 from schemas.codec import SchemaError, command_digest, decode_outcome, encode
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX, CLIENT_COMMANDS, LEG_COMMANDS, LOCAL_BANK_ACTOR, LOCAL_OPERATOR_ACTOR,
@@ -251,7 +252,12 @@ class CommandPublisher:
             else:
                 future.set_exception(_publish_error(error, message))
 
-        self._with_room(lambda: self._producer.produce(self.commands_topic, value, key, on_delivery=on_delivery))
+        self._replace_if_fatal()
+        try:
+            produce_with_room(self._producer, self.commands_topic, value, key, on_delivery=on_delivery,
+                              queue_full_wait_ms=int(self._enqueue_timeout_s * 1000))
+        except QueueFullTimeout as error:
+            raise BackPressureTimeout(f"{error} ({self._queue_messages_max} commands)") from None
         return future
 
     def send(self, command: Command, timeout_s: float | None = None) -> Delivery:
@@ -348,20 +354,6 @@ class CommandPublisher:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _with_room(self, produce: Callable[[], None]) -> None:
-        self._replace_if_fatal()
-        deadline_s = time.monotonic() + self._enqueue_timeout_s
-        while True:
-            try:
-                produce()
-                return
-            except BufferError:
-                if time.monotonic() >= deadline_s:
-                    raise BackPressureTimeout(
-                        f"the local queue stayed full ({self._queue_messages_max} commands) for "
-                        f"{self._enqueue_timeout_s:.0f} s; the broker is not keeping up or is unreachable") from None
-                self._producer.poll(DELIVERY_POLL_INTERVAL_S)
-
     def _wait_for_room(self, message_count: int) -> None:
         self._replace_if_fatal()
         deadline_s = time.monotonic() + self._enqueue_timeout_s
@@ -431,12 +423,14 @@ class TransactionStatus:
     status: str  # pending | success | failure
     reason: str | None
     digest: str
+    account_id: str = ""  # the account that owns the request
+    actor: str = ""  # who asked for it
 
 
 class OutcomeExpectation:
     """A registered wait for one request's outcome. Register before publishing, then wait."""
 
-    def __init__(self, waiter: "OutcomeWaiter", key: tuple[str, str]) -> None:
+    def __init__(self, waiter: "OutcomeWaiter", key: tuple[str, str, str]) -> None:
         self._waiter = waiter
         self.key = key
         self.future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
@@ -501,7 +495,7 @@ class OutcomeWaiter:
             "error_cb": self._on_client_error,
         })
         self._lock = threading.Lock()
-        self._waiting: dict[tuple[str, str], list[OutcomeExpectation]] = {}
+        self._waiting: dict[tuple[str, str, str], list[OutcomeExpectation]] = {}
         self._waiting_count = 0
         self._statuses: collections.OrderedDict[str, TransactionStatus] = collections.OrderedDict()
         self._listeners: list[OutcomeListener] = []
@@ -534,9 +528,14 @@ class OutcomeWaiter:
         return (f"not connected to Kafka: the outcome consumer of {self.outcomes_topic} was not ready within "
                 f"{waited_s:.1f} s (last error: {self.last_error or 'none reported'})")
 
-    def expect(self, transaction_id: str, digest: str) -> OutcomeExpectation:
-        """Register interest in the outcome of the request (transaction_id, digest)."""
-        expectation = OutcomeExpectation(self, (transaction_id, digest))
+    def expect(self, transaction_id: str, digest: str, account_id: str = "") -> OutcomeExpectation:
+        """Register interest in the outcome of the request (account_id, transaction_id, digest).
+
+        A request is identified by its owning account and its transaction id: two callers who
+        pick the same id for different accounts never get each other's answers. An empty
+        `account_id` matches the outcome of any account (for callers that know only the id).
+        """
+        expectation = OutcomeExpectation(self, (account_id, transaction_id, digest))
         with self._lock:
             if self._waiting_count >= self._waits_max:
                 raise OutcomesUnavailableError(f"{self._waits_max} requests are already waiting for outcomes")
@@ -544,11 +543,11 @@ class OutcomeWaiter:
             self._waiting_count += 1
         return expectation
 
-    def note_published(self, transaction_id: str, digest: str) -> None:
+    def note_published(self, transaction_id: str, digest: str, account_id: str = "", actor: str = "") -> None:
         """Record that this process published a request whose outcome is not known yet."""
         with self._lock:
             if transaction_id not in self._statuses:
-                self._remember(TransactionStatus(transaction_id, "pending", None, digest))
+                self._remember(TransactionStatus(transaction_id, "pending", None, digest, account_id, actor))
 
     def status(self, transaction_id: str) -> TransactionStatus | None:
         """The status of a transaction this process published or saw an outcome of recently."""
@@ -627,7 +626,9 @@ class OutcomeWaiter:
             self.outcomes_seen += len(outcomes)
             for outcome in outcomes:
                 self._record(outcome)
-                for expectation in self._waiting.pop((outcome.transaction_id, outcome.digest), ()):
+                # account_id "" in `expect` is "any account": for callers that know only the id.
+                exact = self._waiting.pop((outcome.account_id, outcome.transaction_id, outcome.digest), [])
+                for expectation in exact + self._waiting.pop(("", outcome.transaction_id, outcome.digest), []):
                     self._waiting_count -= 1
                     resolved.append((expectation, outcome))
             listeners = list(self._listeners)
@@ -646,7 +647,8 @@ class OutcomeWaiter:
                 del self._statuses[outcome.transaction_id]
             return
         if known is None or known.status == "pending":
-            self._remember(TransactionStatus(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest))
+            self._remember(TransactionStatus(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
+                                             outcome.account_id, outcome.actor))
 
     def _remember(self, status: TransactionStatus) -> None:
         self._statuses[status.transaction_id] = status
@@ -688,15 +690,15 @@ class WalletClient:
         Raises PublishError if the broker did not take the command.
         """
         digest = command_digest(command)
-        with self.waiter.expect(command.transaction_id, digest) as expectation:
+        with self.waiter.expect(command.transaction_id, digest, owner_account(command)) as expectation:
             self.publisher.send(command, publish_timeout_s)
-            self.waiter.note_published(command.transaction_id, digest)
+            self.waiter.note_published(command.transaction_id, digest, owner_account(command), command.actor)
             return expectation.wait(wait_s)
 
     async def request_async(self, command: Command, wait_s: float) -> Outcome | None:
         """`request` for an event loop: neither the publish nor the wait blocks the loop."""
         digest = command_digest(command)
-        with self.waiter.expect(command.transaction_id, digest) as expectation:
+        with self.waiter.expect(command.transaction_id, digest, owner_account(command)) as expectation:
             delivery = asyncio.wrap_future(self.publisher.submit(command))
             bound_s = self.publisher.delivery_bound_s
             done, _ = await asyncio.wait({delivery}, timeout=bound_s)
@@ -704,7 +706,7 @@ class WalletClient:
                 raise PublishError(f"the broker did not acknowledge {command.transaction_id!r} within {bound_s:.1f} s",
                                    code="publish_timeout", possibly_persisted=True)
             delivery.result()  # raises the PublishError of a failed delivery
-            self.waiter.note_published(command.transaction_id, digest)
+            self.waiter.note_published(command.transaction_id, digest, owner_account(command), command.actor)
             return await expectation.wait_async(wait_s)
 
     def request_many(self, commands: Iterable[Command], wait_s: float) -> dict[str, Outcome]:
@@ -713,7 +715,8 @@ class WalletClient:
         Returns the outcomes that arrived, by transaction id; each command needs its own id.
         """
         commands = list(commands)
-        expectations = [self.waiter.expect(command.transaction_id, command_digest(command)) for command in commands]
+        expectations = [self.waiter.expect(command.transaction_id, command_digest(command), owner_account(command))
+                        for command in commands]
         try:
             self.publisher.publish_batch(commands)
             deadline_s = time.monotonic() + wait_s

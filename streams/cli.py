@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     parser.add_argument("--transaction-timeout-ms", type=int, default=defaults.transaction_timeout_ms,
                         help="how long the broker waits before aborting a dead instance's transaction "
                              f"(default {defaults.transaction_timeout_ms})")
+    parser.add_argument("--kafka-call-timeout-ms", type=int, default=defaults.kafka_call_timeout_ms,
+                        help="bound of every blocking Kafka call (commit, abort, producer start); past it the batch "
+                             f"is redone from the log (default {defaults.kafka_call_timeout_ms})")
     parser.set_defaults(handler=_run)
     actions = parser.add_subparsers(dest="processor_action", metavar="ACTION")
     dump = actions.add_parser("dump-state", help="print a processor's RocksDB snapshot as JSON")
@@ -52,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         commit_interval_ms=args.commit_interval_ms,
         state_flush_interval_ms=args.state_flush_interval_ms,
         transaction_timeout_ms=args.transaction_timeout_ms,
+        kafka_call_timeout_ms=args.kafka_call_timeout_ms,
     )
     Processor(settings, config).run()
     return 0

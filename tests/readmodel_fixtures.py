@@ -29,20 +29,28 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from benchmarks.support.reference_pipeline import decide, publish, workload
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
+from consumers.readmodel.projection import TransactionRow
 from consumers.readmodel.store import ReadModelStore
+from infra.admin import admin_client
+from infra.kafka_clients import kafka_security
+from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
-from schemas.commands import Command, Transfer
+from schemas.commands import Command, Transfer, owner_account
 from schemas.events import (
-    CommandRejected, Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn, event_type,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+    event_type,
 )
 from schemas.outcomes import Outcome
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
-from benchmarks.support.reference_pipeline import decide, publish, workload
-from infra.settings import Settings
-from infra.admin import admin_client
-from infra.kafka_clients import kafka_security
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -251,27 +259,34 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
                             account.balance_minor, counterparty, event.ts_ms))
         for account_id, account in state.accounts.items():
             accounts[account_id] = (account_id, account.currency, account.kind, account.status, account.balance_minor,
-                                    account.seq)
+                                    account.seq, getattr(account, "owner", ""))
     return {"accounts": sorted(accounts.values()), "entries": sorted(entries)}
 
 
-def expected_transactions(log: PublishedLog) -> dict[str, tuple[str, str | None]]:
-    """Each transaction's status from what the clients sent: the first answer carrying the digest
-    of the first request under that id, else pending if that request's transfer was debited."""
-    original_digest: dict[str, str] = {}
+def expected_transactions(log: PublishedLog) -> dict[tuple[str, str], tuple[str, str | None]]:
+    """Each request's status, by (owning account, transaction id), from what the clients sent:
+    the first answer carrying the digest of the first request under that id on that account,
+    else pending if that request's transfer was debited."""
+    original_digest: dict[tuple[str, str], str] = {}
+    owner_of: dict[tuple[str, str], str] = {}  # (transaction id, digest) -> owning account
     for command in log.commands:
-        original_digest.setdefault(command.transaction_id, command_digest(command))
-    statuses: dict[str, tuple[str, str | None]] = {}
+        owner, digest = owner_account(command), command_digest(command)
+        original_digest.setdefault((owner, command.transaction_id), digest)
+        owner_of[(command.transaction_id, digest)] = owner
+    statuses: dict[tuple[str, str], tuple[str, str | None]] = {}
     for records in log.events.values():
         for _, event in records:
-            if type(event) is TransferDebited and event.digest == original_digest[event.transaction_id]:
-                statuses[event.transaction_id] = ("pending", None)
-    answered: set[str] = set()
+            key = (event.account_id, event.transaction_id)
+            if type(event) is TransferDebited and event.digest == original_digest[key]:
+                statuses[key] = ("pending", None)
+    answered: set[tuple[str, str]] = set()
     for records in log.outcomes.values():
         for _, outcome in records:
-            if outcome.transaction_id not in answered and outcome.digest == original_digest[outcome.transaction_id]:
-                statuses[outcome.transaction_id] = (outcome.status, outcome.reason)
-                answered.add(outcome.transaction_id)
+            owner = getattr(outcome, "account_id", None) or owner_of[(outcome.transaction_id, outcome.digest)]
+            key = (owner, outcome.transaction_id)
+            if key not in answered and outcome.digest == original_digest[key]:
+                statuses[key] = (outcome.status, outcome.reason)
+                answered.add(key)
     return statuses
 
 
@@ -279,8 +294,9 @@ def stored_rows(store: ReadModelStore) -> dict[str, list[tuple]]:
     return {"accounts": sorted(store.table_rows("accounts")), "entries": sorted(store.table_rows("entries"))}
 
 
-def stored_transactions(store: ReadModelStore) -> dict[str, tuple[str, str | None]]:
-    return {transaction_id: (status, reason) for transaction_id, status, reason, _ in store.table_rows("transactions")}
+def stored_transactions(store: ReadModelStore) -> dict[tuple[str, str], tuple[str, str | None]]:
+    rows = [TransactionRow(*row) for row in store.table_rows("transactions")]
+    return {(row.account_id, row.transaction_id): (row.status, row.reason) for row in rows}
 
 
 _AMOUNT_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}

@@ -19,9 +19,11 @@ import httpx
 import pytest
 
 from benchmarks.api_latency import measure_api_latency
-from producers.api import create_app
+from producers.api import ApiOptions
 from tests.support.serving import serving_in_thread
 from tests.conftest import free_loopback_ports
+from tests.support.auth import TEST_SECRET, auth_config, bearer, token
+from wallet.api_app import create_app
 from tests.support.processes import ProcessorProcess
 from wallet import localkafka
 from infra.admin import ensure_topics
@@ -47,8 +49,10 @@ def processor(wallet_settings: Settings):
 
 @pytest.fixture(scope="module")
 def api(wallet_settings: Settings, processor: ProcessorProcess):
-    app = create_app(wallet_settings, request_wait_ms=REQUEST_WAIT_MS)
-    with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
+    # One principal with every scope: this module tests the commands, test_api_auth.py the scopes.
+    app = create_app(wallet_settings, ApiOptions(request_wait_ms=REQUEST_WAIT_MS), auth=auth_config())
+    with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S,
+                                                     headers=bearer("e2e")) as client:
         yield client
 
 
@@ -218,11 +222,10 @@ def test_a_request_is_pending_while_no_processor_runs_and_gets_its_answer_after_
     assert ledger_balances(wallet_settings, [sender, receiver]) == {sender: "7.50", receiver: "2.50"}
 
 
-# -- the CLI: the same commands from a terminal, straight to Kafka ------------------------------
+# -- the CLI: the same commands from a terminal, through the HTTP API with WALLET_TOKEN ----------
 
-def _wallet(settings: Settings, *arguments: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "WALLET_KAFKA_BOOTSTRAP": settings.bootstrap,
-                   "WALLET_TOPIC_PREFIX": settings.topic_prefix}
+def _wallet(api: httpx.Client, *arguments: str, scope: str = "wallet:user wallet:bank") -> subprocess.CompletedProcess:
+    environment = {**os.environ, "WALLET_TOKEN": token("e2e-cli", scope), "WALLET_API_URL": str(api.base_url)}
     return subprocess.run([sys.executable, "-m", "wallet.cli", *arguments], env=environment, capture_output=True,
                           text=True, timeout=HTTP_TIMEOUT_S)
 
@@ -232,25 +235,34 @@ def test_the_cli_answers_with_readable_output_and_an_exit_status_per_outcome(
     sender, receiver = _id("cli"), _id("cli")
     for arguments in (("account", "open", sender, "USD"), ("account", "open", receiver, "USD"),
                       ("account", "deposit", sender, "10", "USD")):
-        done = _wallet(wallet_settings, *arguments, "--wait-s", "30")
+        done = _wallet(api, *arguments, "--wait-s", "30")
         assert (done.returncode, done.stdout.split(":")[0]) == (0, "success"), done.stdout + done.stderr
     transaction_id = _id("cli-tx")
-    moved = _wallet(wallet_settings, "transfer", sender, receiver, "2.50", "USD", "--tx", transaction_id)
+    moved = _wallet(api, "transfer", sender, receiver, "2.50", "USD", "--tx", transaction_id)
     assert moved.returncode == 0 and moved.stdout.startswith(f"success: transfer {transaction_id}")
-    retried = _wallet(wallet_settings, "transfer", sender, receiver, "2.5", "USD", "--tx", transaction_id)
+    retried = _wallet(api, "transfer", sender, receiver, "2.5", "USD", "--tx", transaction_id)
     assert retried.returncode == 0 and retried.stdout.startswith("success")
-    conflict = _wallet(wallet_settings, "transfer", sender, receiver, "3.00", "USD", "--tx", transaction_id)
+    conflict = _wallet(api, "transfer", sender, receiver, "3.00", "USD", "--tx", transaction_id)
     assert conflict.returncode == 1 and "duplicate_conflict" in conflict.stdout
-    poor = _wallet(wallet_settings, "transfer", sender, receiver, "100.00", "USD")
+    poor = _wallet(api, "transfer", sender, receiver, "100.00", "USD")
     assert poor.returncode == 1 and "insufficient_funds" in poor.stdout
-    invalid = _wallet(wallet_settings, "transfer", sender, receiver, "1.001", "USD")
+    invalid = _wallet(api, "transfer", sender, receiver, "1.001", "USD")
     assert invalid.returncode == 1 and "invalid amount" in invalid.stderr
 
-    status = _wallet(wallet_settings, "status", transaction_id)
+    status = _wallet(api, "status", transaction_id)
     assert status.returncode == 0 and status.stdout.startswith(f"success: {transaction_id}")
-    assert "1 conflicting request" in status.stdout
-    unknown = _wallet(wallet_settings, "status", _id("never"))
+    unknown = _wallet(api, "status", _id("never"))
     assert unknown.returncode == 2 and unknown.stdout.startswith("unknown")
+    not_mine = subprocess.run([sys.executable, "-m", "wallet.cli", "status", transaction_id],
+                              env={**os.environ, "WALLET_TOKEN": token("someone-else", "wallet:user"),
+                                   "WALLET_API_URL": str(api.base_url)}, capture_output=True, text=True,
+                              timeout=HTTP_TIMEOUT_S)
+    assert not_mine.returncode == 2 and not_mine.stdout.startswith("unknown")
+    no_token = subprocess.run([sys.executable, "-m", "wallet.cli", "status", transaction_id],
+                              env={**{k: v for k, v in os.environ.items() if k != "WALLET_TOKEN"},
+                                   "WALLET_API_URL": str(api.base_url)}, capture_output=True, text=True,
+                              timeout=HTTP_TIMEOUT_S)
+    assert no_token.returncode == 1 and "401" in no_token.stderr and "WALLET_TOKEN" in no_token.stderr
     assert ledger_balances(wallet_settings, [sender, receiver]) == {sender: "7.50", receiver: "2.50"}
 
 
@@ -281,11 +293,18 @@ def test_requests_during_a_broker_outage_get_503_within_a_bound(tmp_path: Path) 
     localkafka.start(settings, timeout_s=PRIVATE_BROKER_START_TIMEOUT_S, stop_with_parent=True)
     try:
         ensure_topics(settings)
-        app = create_app(settings, request_wait_ms=PENDING_WAIT_MS, publish_timeout_ms=OUTAGE_PUBLISH_TIMEOUT_MS)
-        with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
+        app = create_app(settings, ApiOptions(request_wait_ms=PENDING_WAIT_MS,
+                                              publish_timeout_ms=OUTAGE_PUBLISH_TIMEOUT_MS), auth=auth_config())
+        with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S,
+                                                         headers=bearer("outage")) as client:
+            # A fresh broker may still be electing the topics' leaders: the outage starts once the API is connected.
+            deadline_s = time.monotonic() + PRIVATE_BROKER_START_TIMEOUT_S
+            while not client.get("/healthz").json()["outcomes_consumer_ready"]:
+                assert time.monotonic() < deadline_s, "the API never connected to the private broker"
+                time.sleep(0.2)
             request = {"account_id": "outage", "currency": "USD", "transaction_id": "outage-open"}
             before = client.post("/v1/accounts", json=request)  # no processor runs: accepted, then pending
-            assert (before.status_code, before.json()["status"]) == (202, "pending")
+            assert (before.status_code, before.json().get("status")) == (202, "pending"), before.text
             localkafka.stop(settings)
             # Answered by the quick broker check once librdkafka has noticed the outage (about 1 s),
             # by the publish timeout before that: within the bound either way.
@@ -302,7 +321,8 @@ def test_requests_during_a_broker_outage_get_503_within_a_bound(tmp_path: Path) 
 # -- the latency harness -----------------------------------------------------------------------
 
 def test_the_latency_harness_measures_answered_transfers_at_the_offered_rate(api: httpx.Client) -> None:
-    result = measure_api_latency(str(api.base_url), rate_per_s=20, duration_s=1.5, warmup_s=0, accounts=4)
+    result = measure_api_latency(str(api.base_url), rate_per_s=20, duration_s=1.5, warmup_s=0, accounts=4,
+                                 jwt_secret=TEST_SECRET)
     assert result.requests == 30
     assert result.statuses == {"200 success": 30}
     assert 0 < result.latency_ms_p50 <= result.latency_ms_p95 <= result.latency_ms_p99 <= result.latency_ms_max

@@ -1,6 +1,7 @@
 """The HTTP API's edge without a broker: every invalid request gets a 4xx naming the field and
-the reason, the OpenAPI document lists the contract's paths, and an unreachable Kafka gives a
-503 within a bound instead of a hang."""
+the reason in the one error shape (framework refusals included), the OpenAPI document lists the
+contract's paths and their bearer security, and an unreachable Kafka gives a 503 within a bound
+instead of a hang."""
 from __future__ import annotations
 
 import time
@@ -8,10 +9,12 @@ import time
 import httpx
 import pytest
 
-from producers.api import create_app
-from tests.support.serving import serving_in_thread
-from tests.conftest import free_loopback_ports
 from infra.settings import Settings
+from producers.api import ApiOptions
+from tests.conftest import free_loopback_ports
+from tests.support.serving import serving_in_thread
+from tests.support.auth import auth_config, bearer
+from wallet.api_app import create_app
 
 TRANSFER = {"from_account": "alice", "to_account": "bob", "amount": "12.34", "currency": "USD",
             "transaction_id": "tx-validation-1"}
@@ -22,13 +25,14 @@ OUTAGE_ANSWER_BOUND_S = 5  # the API gives up on an unconnected outcome consumer
 def api_url():
     (port,) = free_loopback_ports(1)
     # Nobody listens on this port: requests that pass validation meet a Kafka outage.
-    app = create_app(Settings().with_overrides(kafka_bootstrap=f"127.0.0.1:{port}"), request_wait_ms=1000)
+    app = create_app(Settings().with_overrides(kafka_bootstrap=f"127.0.0.1:{port}"), ApiOptions(request_wait_ms=1000),
+                     auth=auth_config())
     with serving_in_thread(app) as url:
         yield url
 
 
-def _post(url: str, path: str, **request) -> httpx.Response:
-    return httpx.post(f"{url}{path}", timeout=30, **request)
+def _post(url: str, path: str, headers: dict | None = None, **request) -> httpx.Response:
+    return httpx.post(f"{url}{path}", timeout=30, headers={**bearer(), **(headers or {})}, **request)
 
 
 def _field_error(response: httpx.Response) -> tuple[int, str, str]:
@@ -130,7 +134,7 @@ def test_a_valid_request_during_a_kafka_outage_gets_a_503_within_a_bound(api_url
 
 
 def test_the_status_of_a_transaction_this_api_never_saw_is_unknown(api_url: str) -> None:
-    response = httpx.get(f"{api_url}/v1/transactions/never-seen", timeout=10)
+    response = httpx.get(f"{api_url}/v1/transactions/never-seen", timeout=10, headers=bearer())
     assert (response.status_code, response.json()["status"]) == (200, "unknown")
 
 
@@ -149,16 +153,109 @@ def test_the_openapi_document_describes_the_command_paths_and_their_bodies(api_u
 
 def test_a_wait_above_the_maximum_is_refused_at_startup() -> None:
     with pytest.raises(ValueError, match="request_wait_ms"):
-        create_app(Settings(), request_wait_ms=10**6)
+        create_app(Settings(), ApiOptions(request_wait_ms=10**6), auth=auth_config())
 
 
 def test_with_a_read_model_the_app_also_serves_its_query_routes(tmp_path) -> None:
     (port,) = free_loopback_ports(1)
     settings = Settings().with_overrides(kafka_bootstrap=f"127.0.0.1:{port}")
-    app = create_app(settings, readmodel_db=f"sqlite:///{tmp_path / 'readmodel.db'}")
+    app = create_app(settings, readmodel_db=f"sqlite:///{tmp_path / 'readmodel.db'}", auth=auth_config())
     with serving_in_thread(app) as url:
         paths = set(httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"])
         health = httpx.get(f"{url}/healthz", timeout=10).json()
     assert {"/v1/accounts/{account_id}", "/v1/accounts/{account_id}/transactions", "/v1/transactions/{transaction_id}",
             "/v1/wallet/balance_transfer"} <= paths
     assert health["readmodel"] is True
+
+
+def _error_shape(response: httpx.Response) -> str:
+    body = response.json()
+    assert set(body) == {"error", "message", "errors"}, body
+    return body["error"]
+
+
+def test_an_unknown_route_answers_the_error_shape(api_url: str) -> None:
+    response = httpx.get(f"{api_url}/v1/nowhere", timeout=10)
+    assert (response.status_code, _error_shape(response)) == (404, "not_found")
+
+
+def test_a_wrong_method_answers_the_error_shape(api_url: str) -> None:
+    response = httpx.delete(f"{api_url}/v1/wallet/balance_transfer", timeout=10, headers=bearer())
+    assert (response.status_code, _error_shape(response)) == (405, "method_not_allowed")
+
+
+def test_a_request_without_a_token_is_401_with_www_authenticate(api_url: str) -> None:
+    response = httpx.post(f"{api_url}/v1/wallet/balance_transfer", json=TRANSFER, timeout=10)
+    assert (response.status_code, _error_shape(response)) == (401, "unauthorized")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_the_openapi_document_declares_bearer_security_on_every_route_but_health(api_url: str) -> None:
+    document = httpx.get(f"{api_url}/openapi.json", timeout=10).json()
+    assert document["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": document["components"]["securitySchemes"]["HTTPBearer"]
+        ["description"]}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            expected = [] if path == "/healthz" else [{"HTTPBearer": []}]
+            assert operation.get("security", []) == expected, (method, path)
+            if path != "/healthz":
+                assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
+
+
+def _self_signed_certificate(folder) -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_wallet_api_serves_https_with_a_certificate_and_key(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import ssl
+
+    cert, key = _self_signed_certificate(tmp_path)
+    trusted = ssl.create_default_context(cafile=cert)
+    kafka_port, api_port = free_loopback_ports(2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wallet.cli", "--bootstrap", f"127.0.0.1:{kafka_port}", "api", "--port", str(api_port),
+         "--tls-cert", cert, "--tls-key", key],
+        env={**os.environ, "WALLET_RUN_DIR": str(tmp_path / "run")}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline_s = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"https://127.0.0.1:{api_port}/healthz", verify=trusted, timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline_s, "wallet api did not serve HTTPS"
+                time.sleep(0.2)
+        assert (health.status_code, health.json()["status"]) == (200, "ok")
+        refused = httpx.get(f"https://127.0.0.1:{api_port}/v1/transactions/t", verify=trusted, timeout=5)
+        assert refused.status_code == 401
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0]
+    assert f"https://127.0.0.1:{api_port}" in output

@@ -6,20 +6,24 @@ from dataclasses import dataclass
 
 import msgspec
 
-from consumers.audit.checks import (
-    DeterminismResult, Kind, LedgerReplay, StateSnapshot, accounts_view, check_determinism,
-)
+from benchmarks.support.reference_pipeline import REFERENCE_LEG_KEYS, Record, ReferenceLog, decide, raw_command
+from consumers.audit.determinism import DeterminismResult, check_determinism
+from consumers.audit.ledger import LedgerReplay
 from consumers.audit.log_reader import PartitionLog
-from schemas.codec import decode_event, encode
-from tests.support.commands import edge
-from schemas.commands import Deposit, OpenAccount, Transfer
+from consumers.audit.snapshots import StateSnapshot, accounts_view
+from consumers.audit.violations import Kind
+from schemas.codec import decode_event, decode_outcome, encode
+from schemas.commands import CreditLeg, Deposit, OpenAccount, Transfer
 from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded
+from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
-from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
-from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, raw_command
+from streams.core.money import canonical_balance_minor, format_amount
+from tests.support.commands import edge
 
 PARTITIONS = 2
+# The reference pipeline's processors sign legs with this keyring; the audit verifies with it.
+KEYRING = LegKeyring.parse(REFERENCE_LEG_KEYS)
 SENDER, RECEIVER = "alice", "bob"  # on partitions 1 and 0 of 2
 T0_MS = 1_767_225_600_000
 
@@ -136,7 +140,8 @@ def test_a_refund_for_a_credited_transfer_is_settled_twice():
     log = _log()
     sender_events = log.events[partition_for(SENDER, PARTITIONS)]
     last = decode_event(sender_events[-1].value)
-    refund = TransferRefunded(account_id=SENDER, transaction_id="t-1", ts_ms=last.ts_ms, command="refund_leg", actor=SENDER,
+    refund = TransferRefunded(account_id=SENDER, transaction_id="t-1", ts_ms=last.ts_ms, command="refund_leg",
+                              actor=SENDER,
                               digest=decode_event(sender_events[_position(sender_events, TransferDebited, "t-1")].value
                                                   ).digest, seq=last.seq + 1, amount="4.00", currency="USD",
                               balance="9.00", to_account=RECEIVER, reason="account_frozen")
@@ -167,12 +172,13 @@ def test_undecodable_events_and_outcomes_are_named_and_skipped():
         (Kind.UNDECODABLE_EVENT, 0, len(log.events[0]) - 1), (Kind.UNDECODABLE_OUTCOME, 0, len(log.outcomes[0]) - 1)}
 
 
-def _determinism(log: ReferenceLog, dead_lettered: set, *, settled: bool = False) -> DeterminismResult:
+def _determinism(log: ReferenceLog, dead_lettered: set, *, settled: bool = False,
+                 keyring: LegKeyring = KEYRING) -> DeterminismResult:
     result = DeterminismResult()
     commands, events = _partition_logs(log.commands), _partition_logs(log.events)
     for partition in range(PARTITIONS):
         check_determinism(commands[partition], events[partition], PARTITIONS, "commands", "events", dead_lettered,
-                          result, settled=settled)
+                          result, keyring=keyring, settled=settled)
     return result
 
 
@@ -195,8 +201,8 @@ def test_commands_not_processed_yet_are_pending_and_a_trailing_poison_is_judged_
     log = _log()
     partition = partition_for(SENDER, PARTITIONS)
     log.commands[partition] += [raw_command(SENDER, b"poison"),
-                                Record(SENDER.encode(), encode(edge(Deposit, transaction_id="late", account_id=SENDER, amount="1.00",
-                                                                       currency="USD")))]
+                                Record(SENDER.encode(), encode(edge(Deposit, transaction_id="late", account_id=SENDER,
+                                                                    amount="1.00", currency="USD")))]
     live = _determinism(log, set())
     assert live.violations == [] and live.pending == [(partition, len(log.commands[partition]) - 1)]
     drained = _determinism(log, set(), settled=True)
@@ -260,7 +266,7 @@ def test_re_deciding_in_worker_processes_finds_exactly_what_one_process_finds(mo
 
     def check(worker_count: int) -> DeterminismResult:
         return workers.check_commands(commands, events, PARTITIONS, "commands", "events", set(), False,
-                                      worker_count, None)
+                                      worker_count, None, KEYRING)
 
     monkeypatch.setattr(workers, "PARALLEL_RECORDS_MIN", 0)
     alone, split = check(1), check(2)
@@ -283,3 +289,59 @@ def test_a_whole_transfer_written_twice_is_named():
     # repetition gives it away, named on the second debit and the second credit.
     assert {(v.kind, v.transaction_id) for v in violations} == {(Kind.DEBITED_TWICE, "t-1"),
                                                                 (Kind.SETTLED_TWICE, "t-1")}
+
+
+def test_every_money_event_is_listed_with_its_actor_when_asked(monkeypatch):
+    from consumers.audit import workers
+
+    log = _log()
+    events, outcomes = _partition_logs(log.events), _partition_logs(log.outcomes)
+
+    def movements(worker_count: int) -> list:
+        replay = LedgerReplay("events", "outcomes", PARTITIONS, record_movements=True)
+        replay.index_outcomes(outcomes.values())
+        workers.replay_events(replay, events, (), worker_count, None)
+        return sorted(replay.movements)
+
+    monkeypatch.setattr(workers, "PARALLEL_RECORDS_MIN", 0)
+    alone = movements(1)
+    assert alone == movements(2)
+    assert sorted((m.type, m.account_id, m.transaction_id, m.amount_minor) for m in alone) == sorted([
+        ("deposited", SENDER, "d-s", 1000), ("transfer_debited", SENDER, "t-1", -400),
+        ("transfer_credited", RECEIVER, "t-1", 400), ("transfer_debited", SENDER, "t-2", -100),
+        ("transfer_refunded", SENDER, "t-2", 100)])
+    logged_actors = {(event.transaction_id, getattr(event, "actor", None)) for records in log.events
+                     for event in map(lambda record: decode_event(record.value), records)}
+    assert {(m.transaction_id, m.actor) for m in alone} <= logged_actors
+    assert LedgerReplay("events", "outcomes", PARTITIONS).movements is None  # not kept unless asked
+
+
+def test_an_answer_naming_another_account_than_its_request_is_named():
+    log = _log()
+    records = log.outcomes[partition_for("d-s", PARTITIONS)]
+    index = next(i for i, record in enumerate(records) if decode_outcome(record.value).transaction_id == "d-s")
+    records[index] = Record(records[index].key, encode(msgspec.structs.replace(decode_outcome(records[index].value),
+                                                                               account_id=RECEIVER)))
+    [violation] = _replay(log).violations
+    assert (violation.kind, violation.transaction_id, violation.account_id) == (
+        Kind.OUTCOME_WRONG_ACCOUNT, "d-s", RECEIVER)
+
+
+def test_a_forged_leg_is_skipped_as_the_processor_skips_it_and_must_be_in_the_dlq():
+    forged = CreditLeg(transaction_id="forged", from_account=SENDER, to_account=RECEIVER, amount="500.00",
+                       currency="USD", digest="f" * 24, actor=SENDER, issued_ms=T0_MS)  # unsigned: no kid, no mac
+    log = _log(raw_command(RECEIVER, encode(forged)))
+    [letter] = log.dead_letters  # the reference processor refused it
+    result = _determinism(log, {(letter.source_partition, letter.source_offset)})
+    assert result.violations == [] and result.commands_dead_lettered == 1
+    [violation] = _determinism(log, set()).violations
+    assert (violation.kind, violation.offset) == (Kind.NOT_DEAD_LETTERED, letter.source_offset)
+    assert "only a processor may originate a leg" in violation.message
+
+
+def test_legs_verified_with_another_keyring_are_not_decided():
+    log = _log()
+    other = LegKeyring.parse("other:" + "5a" * 32)
+    kinds = {violation.kind for violation in _determinism(log, set(), keyring=other, settled=True).violations}
+    # Every genuine leg now looks forged: not in the DLQ, and the events it decided have no command.
+    assert {Kind.NOT_DEAD_LETTERED, Kind.EXTRA_EVENT} <= kinds

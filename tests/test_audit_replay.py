@@ -20,18 +20,19 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from consumers.audit import run_audit
 from consumers.audit.balance import balance_at, parse_time_ms
-from consumers.audit.checks import Kind, accounts_view
 from consumers.audit.log_reader import read_topic
+from consumers.audit.snapshots import accounts_view
+from consumers.audit.violations import Kind
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
-from tests.support.commands import edge
 from schemas.commands import CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, RefundLeg, Transfer, Withdraw
 from schemas.events import CommandRejected, Deposited, TransferCredited, TransferRefunded
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
-from streams.core.money import canonical_balance_minor, canonical_minor, format_amount
+from streams.core.money import canonical_balance_minor, format_amount
 from streams.core.state import State, fold
-from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
+from tests.support.commands import edge
 from wallet.cli import main
 
 PARTITIONS = 4
@@ -132,8 +133,9 @@ def _write_aborted_forgery(settings, log: ReferenceLog) -> None:
     """A deposit continuing alice's sequence, written in a transaction that is aborted: a
     read_committed reader must never see it."""
     partition, _, last = [item for item in _events_of(log, ACCOUNTS["alice"]) if hasattr(item[2], "seq")][-1]
-    forged = Deposited(account_id=last.account_id, transaction_id="aborted-forgery", ts_ms=last.ts_ms, command="deposit",
-                       actor="bank", digest="0" * 24, seq=last.seq + 1, amount="1000.00", currency="USD", balance="99999.00")
+    forged = Deposited(account_id=last.account_id, transaction_id="aborted-forgery", ts_ms=last.ts_ms,
+                       command="deposit", actor="bank", digest="0" * 24, seq=last.seq + 1, amount="1000.00",
+                       currency="USD", balance="99999.00")
     producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
                          "transactional.id": f"{settings.topic_prefix}forger-{uuid.uuid4().hex[:6]}"})
     producer.init_transactions(30)
@@ -189,6 +191,12 @@ def test_cli_exit_code_and_json_report(clean_settings, tmp_path, capsys):
     assert main([*prefix, "audit", "--json", "--no-progress"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["passed"] and document["violation_count"] == 0 and document["events_replayed"] > 0
+    # Who moved money: every money event, with its actor.
+    movements = document["movements"]
+    assert {movement["type"] for movement in movements} == {"deposited", "withdrawn", "transfer_debited",
+                                                            "transfer_credited", "transfer_refunded"}
+    assert all(set(movement) >= {"account_id", "transaction_id", "amount", "currency", "actor", "offset"}
+               for movement in movements)
 
     dump_file = tmp_path / "dump.json"
     dump_file.write_text(json.dumps({"partitions": {"0": {"events_offset": 1, "accounts": {}}}}))

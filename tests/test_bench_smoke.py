@@ -1,7 +1,8 @@
 """`wallet bench` end to end on a tiny input, against the real broker and a real processor.
 
 The figures of a run this small mean nothing; what is checked is that every stage ran,
-measured something, saw every outcome it should, and left no topic behind.
+measured something, saw every outcome it should, passed its checks, and left no topic behind.
+The Kafka Streams peer needs javac, mvn and java; its test is skipped, saying so, without them.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections import Counter
 
 import pytest
 
-from benchmarks import pipeline_bench
+from benchmarks import kafka_streams_peer, pipeline_bench
+from benchmarks.support.local_broker import broker_for
+from infra.admin import admin_client
+from infra.settings import Settings
 from schemas.codec import decode_command
 from schemas.commands import Transfer
 from schemas.outcomes import Reason
-from infra.admin import admin_client
 
 TRANSFERS = 2_000
 ACCOUNTS = 200
@@ -29,6 +32,13 @@ def _bench_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--topic-prefix")
     pipeline_bench.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def _report(capsys: pytest.CaptureFixture[str]) -> dict:
+    """The JSON report on stdout; a bench that printed none failed, and its stderr says why."""
+    captured = capsys.readouterr()
+    assert captured.out.startswith("{"), captured.err[-3000:]
+    return json.loads(captured.out)
 
 
 def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> None:
@@ -46,19 +56,21 @@ def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> No
     assert again == expected
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(kafka_bootstrap: str, capsys) -> None:
     args = _bench_args(["--bootstrap", kafka_bootstrap, "--transfers", str(TRANSFERS), "--accounts", str(ACCOUNTS),
-                        "--partitions", "4", "--seed", str(SEED), "--skip-faust", "--latency-seconds", "1", "--json"])
+                        "--partitions", "4", "--seed", str(SEED), "--skip-faust", "--skip-kafka-streams",
+                        "--latency-seconds", "1", "--json"])
 
     exit_code = pipeline_bench.run(args)
 
-    report = json.loads(capsys.readouterr().out)
+    report = _report(capsys)
     assert exit_code == 0 and report["ok"], report["problems"]
 
-    assert report["ceiling"]["outcomes"]["records"] == 2 * ACCOUNTS + TRANSFERS
-    assert report["ceiling"]["messages"] == 2 * (2 * ACCOUNTS + TRANSFERS)
-    assert report["ceiling"]["messages_per_s"] > 0
+    assert report["copy"]["outcomes"]["records"] == 2 * ACCOUNTS + TRANSFERS
+    assert report["copy"]["messages"] == 2 * (2 * ACCOUNTS + TRANSFERS)
+    assert report["copy"]["messages_per_s"] > 0
+    assert report["peers"]["kafka_streams"] == {"skipped": "--skip-kafka-streams"}
 
     ours = report["ours"]
     expected = Counter()
@@ -69,6 +81,12 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     assert ours["messages"] == 2 * ACCOUNTS * costs["setup"] + sum(costs[result] * count
                                                                    for result, count in expected.items())
     assert ours["transfers_per_s"] > 0 and ours["messages_per_s"] > 0
+    assert ours["checks_ok"] and ours["ledger"]["problems"] == []
+    assert ours["ledger"]["balances_minor"] == ours["ledger"]["money_in_minor"] > 0
+    ceiling = report["ceiling"]
+    assert ceiling["checks_ok"] and ceiling["outcomes"] == dict(expected) and ceiling["transfers_per_s"] > 0
+    assert ceiling["ledger"]["events"] == ours["ledger"]["events"]  # the same saga writes the same events
+    assert ours["ratio_to_ceiling"] == pytest.approx(ours["transfers_per_s"] / ceiling["transfers_per_s"], rel=1e-2)
     ceiling_messages_per_s = report["ceiling"]["messages_per_s"]
     assert ours["messages_ratio_to_ceiling"] == pytest.approx(ours["messages_per_s"] / ceiling_messages_per_s, rel=1e-2)
     assert ours["window_start"] == "first consume after assignment"
@@ -82,18 +100,20 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     assert left == []
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str, capsys) -> None:
     faust_transfers = 200
     args = _bench_args(["--bootstrap", kafka_bootstrap, "--transfers", str(TRANSFERS), "--accounts", str(ACCOUNTS),
                         "--partitions", "4", "--seed", str(SEED), "--faust-transfers", str(faust_transfers),
-                        "--latency-seconds", "0", "--json"])
+                        "--skip-kafka-streams", "--latency-seconds", "0", "--json"])
 
     exit_code = pipeline_bench.run(args)
 
-    report = json.loads(capsys.readouterr().out)
+    report = _report(capsys)
     assert exit_code == 0 and report["ok"], report["problems"]
     faust = report["faust"]["exactly_once"]
+    assert report["peers"]["faust"]["transfers_per_s"] == faust["transfers_per_s"] > 0
+    assert report["peers"]["faust"]["checks_ok"]
     # The sample keeps the main run's accounts-to-transfers ratio.
     assert faust["accounts"] == ACCOUNTS * faust_transfers // TRANSFERS
     expected = Counter()
@@ -103,3 +123,41 @@ def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str
     assert faust["transfers_per_s"] > 0 and faust["window_start"] == "first record"
     assert report["ours_over_faust"]["exactly_once"] == pytest.approx(
         report["ours"]["transfers_per_s"] / faust["transfers_per_s"], rel=1e-2)
+
+
+@pytest.mark.timeout(600)
+def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_figure(kafka_bootstrap: str,
+                                                                                     capsys) -> None:
+    missing = kafka_streams_peer.missing_tools()
+    if missing:
+        pytest.skip(f"the Kafka Streams peer needs {', '.join(missing)}, not on PATH here")
+    transfers, accounts = 500, 50
+    args = _bench_args(["--bootstrap", kafka_bootstrap, "--transfers", str(transfers), "--accounts", str(accounts),
+                        "--partitions", "4", "--seed", str(SEED), "--skip-faust", "--latency-seconds", "0", "--json"])
+
+    exit_code = pipeline_bench.run(args)
+
+    report = _report(capsys)
+    assert exit_code == 0 and report["ok"], report["problems"]
+    expected = Counter()
+    for _ in pipeline_bench.transfer_records(accounts, transfers, SEED, "t", expected, ts_ms=1):
+        pass
+    ours, kafka_streams, ceiling = report["ours"], report["peers"]["kafka_streams"], report["ceiling"]
+    for stage in (ours, kafka_streams, ceiling):
+        assert stage["transfers_per_s"] > 0 and stage["checks_ok"] and stage["outcomes"] == dict(expected)
+        assert stage["ledger"]["balances_minor"] == stage["ledger"]["money_in_minor"] > 0
+        assert stage["ratio_to_kafka_streams"] == pytest.approx(
+            stage["transfers_per_s"] / kafka_streams["transfers_per_s"], rel=1e-2)
+        assert stage["ratio_to_ceiling"] == pytest.approx(stage["transfers_per_s"] / ceiling["transfers_per_s"],
+                                                          rel=1e-2)
+    # The peer writes, event for event, what ours writes for the same input.
+    assert kafka_streams["ledger"]["events"] == ours["ledger"]["events"]
+    assert kafka_streams["messages"] == ours["messages"]
+    assert kafka_streams["window_start"] == "first record"
+    assert report["peers"]["faust"] == {"skipped": "--skip-faust"}
+
+
+def test_a_configured_broker_is_used_as_it_is_and_nothing_is_started() -> None:
+    configured = Settings().with_overrides(kafka_bootstrap="127.0.0.1:1")
+    with broker_for(configured, say=lambda text: pytest.fail(f"started a broker: {text}")) as settings:
+        assert settings is configured

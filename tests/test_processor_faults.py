@@ -20,7 +20,8 @@ from tests.support.commands import edge
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.cli import state_dump
 from streams.runtime.processor import Processor, ProcessorConfig
-from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
+from streams.runtime.transactions import TransactionAborted
+from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic, wait_for
 from tests.support.processes import ProcessorProcess
 
 ACCOUNTS = 1_000
@@ -134,7 +135,9 @@ def test_a_second_instance_joining_and_leaving_mid_stream_moves_partitions_not_m
         publisher = _publish_steadily(settings, transfers, duration_s=8)
         time.sleep(2)
         second.start()
-        time.sleep(3)
+        # Stopped once it has taken partitions: a SIGTERM while Python still imports kills it.
+        wait_for(lambda: "assigned partitions" in second.log_tail(200), DRAIN_TIMEOUT_S, "the second instance to join")
+        time.sleep(1)
         assert second.stop() == 0, second.log_tail()
         publisher.join(timeout=120)
         outcomes.wait_all({t.transaction_id for t in transfers}, timeout_s=DRAIN_TIMEOUT_S)
@@ -183,17 +186,18 @@ def test_a_transaction_that_fails_to_commit_is_redone_from_the_log_not_guessed(m
                           to_account=accounts[(i * 7 + 1) % 20], amount="1.25", currency="USD") for i in range(300)]
     processor = Processor(settings, ProcessorConfig(instance_id="flaky", store_path=settings.run_dir / "flaky",
                                                     batch_size_max=100))
-    commit = processor._commit
+    transactions = processor._transactions
+    commit = transactions.commit
     commits = []
 
-    def commit_failing_now_and_then(offsets):
+    def commit_failing_now_and_then(offsets, group_metadata):
         commits.append(offsets)
         if len(commits) in (1, 4):
-            processor._producer.abort_transaction(30)  # as if the commit had failed and been aborted
-            return False
-        return commit(offsets)
+            transactions.abort()  # as if the commit had failed and been aborted
+            raise TransactionAborted("injected: the commit failed")
+        return commit(offsets, group_metadata)
 
-    processor._commit = commit_failing_now_and_then
+    transactions.commit = commit_failing_now_and_then
     publish(command_producer(settings), settings, funding)
 
     def drive():

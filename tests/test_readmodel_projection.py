@@ -4,20 +4,20 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from benchmarks.support.reference_pipeline import decide
 from consumers.readmodel.projection import AccountRow, TransactionRow, merge_status, project
 from schemas.codec import decode_event
-from tests.support.commands import edge
 from schemas.commands import Deposit, Freeze, OpenAccount, Transfer, Withdraw
 from schemas.events import CommandRejected
 from schemas.outcomes import Reason
 from streams.core.state import CorruptLog
-from benchmarks.support.reference_pipeline import decide
+from tests.support.commands import edge
 
-PENDING_A = TransactionRow("t1", "pending", None, "digest-a")
-SUCCESS_A = TransactionRow("t1", "success", None, "digest-a")
-FAILURE_A = TransactionRow("t1", "failure", Reason.INSUFFICIENT_FUNDS, "digest-a")
-CONFLICT_A = TransactionRow("t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-a")
-CONFLICT_B = TransactionRow("t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-b")
+PENDING_A = TransactionRow("alice", "t1", "pending", None, "digest-a")
+SUCCESS_A = TransactionRow("alice", "t1", "success", None, "digest-a")
+FAILURE_A = TransactionRow("alice", "t1", "failure", Reason.INSUFFICIENT_FUNDS, "digest-a")
+CONFLICT_A = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-a")
+CONFLICT_B = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-b")
 
 
 @pytest.mark.parametrize("current, incoming, expected", [
@@ -89,7 +89,8 @@ def test_events_already_stored_are_not_applied_twice() -> None:
 
 
 def test_a_gap_in_an_accounts_sequence_stops_the_projection() -> None:
-    events = [event for event in _scenario_events() if event.account_id == "alice" and type(event) is not CommandRejected]
+    events = [event for event in _scenario_events()
+              if event.account_id == "alice" and type(event) is not CommandRejected]
     with pytest.raises(CorruptLog, match="seq 3 follows 1"):
         project({}, {}, [events[0], events[2]], [])
 
@@ -99,3 +100,42 @@ def test_a_balance_that_does_not_follow_from_the_amount_stops_the_projection() -
     forged = msgspec.structs.replace(events[1], balance="1000.00")
     with pytest.raises(CorruptLog):
         project({}, {}, [events[0], forged], [])
+
+
+def _same_id_on_two_accounts():
+    """T succeeds as a deposit on alice and fails as a withdrawal on bob; U is a transfer from bob
+    refunded because carol is frozen, and alice has a request V of her own."""
+    commands = [
+        edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
+        edge(OpenAccount, transaction_id="o2", account_id="bob", currency="USD"),
+        edge(OpenAccount, transaction_id="o3", account_id="carol", currency="USD"),
+        edge(Deposit, transaction_id="T", account_id="alice", amount="10.00", currency="USD"),
+        edge(Withdraw, transaction_id="T", account_id="bob", amount="10.00", currency="USD"),
+        edge(Deposit, transaction_id="U", account_id="bob", amount="10.00", currency="USD"),
+        edge(Deposit, transaction_id="U", account_id="carol", amount="1.00", currency="USD"),
+        edge(Freeze, transaction_id="f", account_id="carol"),
+        edge(Transfer, transaction_id="V", from_account="bob", to_account="carol", amount="2.00", currency="USD"),
+        edge(Deposit, transaction_id="V", account_id="alice", amount="3.00", currency="USD"),
+    ]
+    log = decide(commands, partition_count=1)
+    return [decode_event(record.value) for record in log.events[0]]
+
+
+def test_one_transaction_id_on_two_accounts_is_two_requests_with_their_own_answers() -> None:
+    changes = project({}, {}, _same_id_on_two_accounts(), [])
+    statuses = {(row.account_id, row.transaction_id): (row.status, row.reason) for row in changes.transactions}
+    assert statuses[("alice", "T")] == ("success", None)
+    assert statuses[("bob", "T")] == ("failure", Reason.INSUFFICIENT_FUNDS)
+    # A transfer refunded by a frozen receiver is the sender's failure, whatever the receiver did with V.
+    assert statuses[("bob", "V")] == ("failure", Reason.ACCOUNT_FROZEN)
+    assert statuses[("alice", "V")] == ("success", None)
+    assert ("carol", "V") not in statuses  # the receiver's refusal of the leg answers no request of carol's
+
+
+def test_a_v2_outcome_answers_the_request_of_the_account_it_names() -> None:
+    from schemas.outcomes import Outcome
+
+    outcome = Outcome(transaction_id="T", account_id="bob", actor="bob", status="failure",
+                      reason=Reason.INSUFFICIENT_FUNDS, digest="d")
+    [row] = project({}, {}, [], [outcome]).transactions
+    assert (row.account_id, row.transaction_id, row.status, row.actor) == ("bob", "T", "failure", "bob")

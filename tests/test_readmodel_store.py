@@ -1,16 +1,19 @@
 """The read model's database layer, on SQLite and PostgreSQL: one transaction per batch, one writer."""
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import msgspec
 import pytest
 
+from benchmarks.support.reference_pipeline import decide, workload
 from consumers.readmodel.consumer import ReadModelConsumer, ReadModelError
-from consumers.readmodel.store import Batch, ConcurrentWriterError, ReadModelStore, TABLES
+from consumers.readmodel.projection import TS_MS_STORED_MAX
+from consumers.readmodel.store import TABLES, Batch, ConcurrentWriterError, ReadModelStore
+from infra.settings import Settings
 from schemas.events import MONEY_EVENTS
 from schemas.outcomes import Outcome
 from streams.core.state import CorruptLog
-from benchmarks.support.reference_pipeline import decide, workload
-from infra.settings import Settings
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 
@@ -78,8 +81,9 @@ def test_outcomes_and_events_of_one_batch_advance_their_own_partitions(db_url: s
         store.create_schema()
         changes = store.apply(batch)
         assert store.offsets() == {EVENTS: 170, OUTCOMES: 130}
-        stored = {row[0]: row[1:3] for row in store.table_rows("transactions")}
-        assert stored == {row.transaction_id: (row.status, row.reason) for row in changes.transactions}
+        stored = {row[:2]: row[2:4] for row in store.table_rows("transactions")}
+        assert stored == {(row.account_id, row.transaction_id): (row.status, row.reason)
+                          for row in changes.transactions}
         assert len(store.table_rows("entries")) == len(changes.entries)
 
 
@@ -92,3 +96,59 @@ def test_a_database_holding_another_prefixs_topics_is_refused(db_url: str) -> No
         consumer = ReadModelConsumer(store, Settings().with_overrides(topic_prefix="other."))
         with pytest.raises(ReadModelError, match=r"other topics \['t.events'\]"):
             consumer.start()
+
+
+def test_an_event_time_beyond_what_the_database_holds_is_stored_clamped_and_the_read_model_goes_on(
+        db_url: str) -> None:
+    records = _records()
+    first_money = next(i for i, r in enumerate(records) if type(r) in MONEY_EVENTS)
+    huge = list(records[:first_money + 1])
+    huge[first_money] = msgspec.structs.replace(huge[first_money], ts_ms=2**63)  # past int64 and year 9999
+    with ReadModelStore(db_url) as store:
+        store.create_schema()
+        store.apply(_batch(huge, 0, len(huge), None))
+        [entry] = [e for e in store.entries(huge[first_money].account_id, 10) if e.sequence == huge[first_money].seq]
+        assert entry.ts_ms == TS_MS_STORED_MAX
+        assert datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=entry.ts_ms) < datetime.max.replace(
+            tzinfo=UTC)
+        store.apply(_batch(records, len(huge), len(huge) + 50, len(huge)))  # what follows is applied as ever
+        assert store.offsets() == {EVENTS: len(huge) + 50}
+
+
+def test_a_request_is_looked_up_by_its_account_and_never_answers_for_another(db_url: str) -> None:
+    from schemas.commands import Deposit, OpenAccount, Withdraw
+    from tests.support.commands import edge
+
+    log = decide([edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
+                  edge(OpenAccount, transaction_id="o2", account_id="bob", currency="USD"),
+                  edge(Deposit, transaction_id="T", account_id="alice", amount="10.00", currency="USD"),
+                  edge(Withdraw, transaction_id="T", account_id="bob", amount="10.00", currency="USD"),
+                  edge(Deposit, transaction_id="only-alice", account_id="alice", amount="1.00", currency="USD")],
+                 partition_count=1)
+    records = log.messages()
+    with ReadModelStore(db_url) as store:
+        store.create_schema()
+        store.apply(_batch(records, 0, len(records), None))
+        assert store.request("alice", "T").status == "success"
+        assert (store.request("bob", "T").status, store.request("bob", "T").reason) == ("failure", "insufficient_funds")
+        assert store.request("carol", "T") is None
+        assert [row.account_id for row in store.requests_visible_to(None, "T")] == ["alice", "bob"]
+        assert store.requests_visible_to("", "T") == []  # "" is nobody, never "every account without an owner"
+
+
+def test_a_read_model_of_the_first_layout_is_dropped_so_the_consumer_rebuilds_it(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE transactions (transaction_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+                           "reason TEXT, digest TEXT NOT NULL)")
+        connection.execute("CREATE TABLE offsets (topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, "
+                           "next_offset BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition))")
+        connection.execute("INSERT INTO offsets VALUES ('t.events', 0, 99)")
+    with ReadModelStore(f"sqlite:///{path}") as store:
+        store.create_schema()
+        assert store.offsets() == {}  # from the first offset again, into the new tables
+        records = _records()
+        store.apply(_batch(records, 0, 50, None))
+        assert store.offsets() == {EVENTS: 50}

@@ -81,8 +81,13 @@ def test_up_starts_a_working_stack_that_outlives_it_and_down_stops_exactly_that(
 
         base = f"http://127.0.0.1:{port}"
         account = f"stack-{uuid.uuid4().hex[:8]}"
-        opened = httpx.post(f"{base}/v1/accounts", json={"account_id": account, "currency": "USD",
-                                                         "transaction_id": f"{account}-open"}, timeout=HTTP_TIMEOUT_S)
+        request = {"account_id": account, "currency": "USD", "transaction_id": f"{account}-open"}
+        assert "authentication is on" in started.stdout and "wallet auth token" in started.stdout
+        assert httpx.post(f"{base}/v1/accounts", json=request, timeout=HTTP_TIMEOUT_S).status_code == 401
+        minted = _wallet(stack_env, "auth", "token", "--sub", "stack-user", "--scope", "wallet:user")
+        assert minted.returncode == 0, minted.stderr
+        opened = httpx.post(f"{base}/v1/accounts", json=request, timeout=HTTP_TIMEOUT_S,
+                            headers={"Authorization": f"Bearer {minted.stdout.strip()}"})
         assert opened.json()["status"] == "success", opened.text
     finally:
         stopped = _wallet(stack_env, "down")

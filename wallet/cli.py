@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "wallet.commands_kafka",
     "wallet.stack",
     "wallet.demo",
+    "wallet.commands_api",
     "streams.cli",
     "producers.cli",
     "consumers.readmodel.cli",

@@ -16,6 +16,7 @@ from wallet.stack import (
     get_json,
     is_alive,
     logs_dir,
+    print_auth,
     readmodel_db_url,
     reporting_errors,
     state_path,
@@ -65,8 +66,9 @@ def _stack_for_the_demo(settings: Settings, args: argparse.Namespace) -> tuple[S
         return state, False
     print("== starting the local stack ==")
     state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel,
-               timeout_s=args.timeout_s)
+               timeout_s=args.timeout_s, auth=args.auth == "on")
     print(f"API at {state.api_url}; logs in {logs_dir(settings)}")
+    print_auth(args.auth == "on")
     return state, True
 
 
@@ -98,7 +100,7 @@ def _print_balances(settings: Settings, state: StackState, spec, balances: dict[
     print(f"money: the {len(account_ids)} accounts hold {format_amount(total_minor, spec.currency)} {spec.currency}, "
           f"deposited {format_amount(funded_minor, spec.currency)}: {verdict}")
     sample = account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:]
-    readmodel = _readmodel_balances(state, sample)
+    readmodel = _readmodel_balances(settings, state, sample)
     print("balances (ledger = fold of wallet.events" + (", read model = the query API)" if readmodel else ")"))
     for account in sample:
         frozen = " (frozen)" if account in account_ids[len(account_ids) - spec.frozen_accounts:] else ""
@@ -108,17 +110,24 @@ def _print_balances(settings: Settings, state: StackState, spec, balances: dict[
         print(shown)
 
 
-def _readmodel_balances(state: StackState, account_ids: list[str]) -> dict[str, str]:
+def _readmodel_balances(settings: Settings, state: StackState, account_ids: list[str]) -> dict[str, str]:
     """Balances from the read model once it has caught up with the topics; {} without a read model."""
+    from infra.secrets import jwt_secret
+    from producers.auth import SCOPE_AUDIT, issue_token
+
+    # The demo reads as an auditor, with a short-lived token of the run folder's key.
+    token = issue_token(jwt_secret(settings), "wallet-demo", SCOPE_AUDIT, ttl_s=300)
     try:
         if not get_json(f"{state.api_url}/healthz", API_PROBE_TIMEOUT_S)[1].get("readmodel"):
             return {}
         deadline_s = time.monotonic() + READMODEL_CATCH_UP_TIMEOUT_S
-        while get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S)[1].get("total_lag") != 0:
+        while get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S,
+                       token)[1].get("total_lag") != 0:
             if time.monotonic() > deadline_s:
                 return {}
             time.sleep(0.2)
-        replies = {a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S) for a in account_ids}
+        replies = {a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S, token)
+                   for a in account_ids}
     except (OSError, ValueError):
         return {}
     return {a: body["balance"] for a, (status, body) in replies.items() if status == 200}

@@ -126,6 +126,8 @@ def add_up_options(parser: argparse.ArgumentParser) -> None:
                              "cluster with replication factor 3, chosen when its run folder is first formatted")
     parser.add_argument("--readmodel", action=argparse.BooleanOptionalAction, default=True,
                         help="run the read model and its query routes (default: yes)")
+    parser.add_argument("--auth", choices=("on", "off"), default="on",
+                        help="bearer tokens on the API (default on; off is for local experiments only)")
     parser.add_argument("--timeout-s", type=float, default=STACK_READY_TIMEOUT_S,
                         help="how long to wait until the API answers and the processors own every partition "
                              f"(default {STACK_READY_TIMEOUT_S:.0f})")
@@ -152,7 +154,7 @@ def readmodel_db_url(settings: Settings) -> str:
 
 
 def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeout_s: float,
-       out: TextIO = sys.stdout) -> StackState:
+       out: TextIO = sys.stdout, auth: bool = True) -> StackState:
     """Start the stack and return its state once it serves; if anything fails, stop what was started."""
     if not 1 <= processors <= PROCESSORS_MAX:
         raise StackError(f"--processors must be within 1..{PROCESSORS_MAX}, got {processors}")
@@ -185,6 +187,7 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
             api_arguments = ["api", "--host", "127.0.0.1", "--port", str(port)]
             if db_url is not None:
                 api_arguments += ["--readmodel-db", db_url]
+            api_arguments += ["--auth", "on" if auth else "off"]
             started.append(_spawn(settings, "api", "api", port, api_arguments))
             state = StackState(f"http://127.0.0.1:{port}", settings.bootstrap, settings.topic_prefix, started)
             state.save(state_path(settings))
@@ -332,10 +335,11 @@ def _assigned_partitions(assignment: bytes | None, topic: str) -> list[int]:
     return partitions
 
 
-def get_json(url: str, timeout_s: float) -> tuple[int, dict]:
+def get_json(url: str, timeout_s: float, token: str | None = None) -> tuple[int, dict]:
     """GET a JSON document: (HTTP status, body). Raises OSError when nothing answers."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as reply:
             return reply.status, json.loads(reply.read() or b"{}")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -412,11 +416,24 @@ def running_processes(settings: Settings) -> list[ManagedProcess]:
 
 def _up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel, timeout_s=args.timeout_s)
+    state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel, timeout_s=args.timeout_s,
+               auth=args.auth == "on")
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")
     print(f"the wallet API answers at {state.api_url} (OpenAPI: {state.api_url}/docs); stop with `wallet down`")
+    print_auth(args.auth == "on")
     return 0
+
+
+def print_auth(auth: bool) -> None:
+    """Says whether the API wants tokens and how to get one; loudly when it does not."""
+    if not auth:
+        print("!" * 78 + "\nAUTHENTICATION IS OFF: anyone who reaches the API may move any money "
+              "(--auth off, local experiments only)\n" + "!" * 78)
+        return
+    print('authentication is on: get a token with `export WALLET_TOKEN=$(wallet auth token --sub alice '
+          '--scope "wallet:user")` and send `Authorization: Bearer $WALLET_TOKEN`; scopes: wallet:user, '
+          'wallet:bank, wallet:operator, wallet:audit')
 
 
 def _down(args: argparse.Namespace) -> int:

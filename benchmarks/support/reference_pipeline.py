@@ -30,25 +30,35 @@ import msgspec
 from confluent_kafka import Producer
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
+from infra.admin import admin_client
+from infra.kafka_clients import kafka_security
+from infra.produce import produce_with_room
+from infra.secrets import leg_keys_text
+from infra.settings import Settings
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
 from schemas.commands import (
-    LEG_COMMANDS, local_credentials, Close, Command, CreditLeg, Deposit, Freeze, OpenAccount, PayMerchant, Transfer, Unfreeze, Withdraw,
+    LEG_COMMANDS,
+    Close,
+    Command,
+    CreditLeg,
+    Deposit,
+    Freeze,
+    OpenAccount,
+    PayMerchant,
+    Transfer,
+    Unfreeze,
+    Withdraw,
+    local_credentials,
     owner_account,
 )
-from schemas.leg_auth import LegKeyring
-from infra.admin import admin_client
-from infra.secrets import leg_keys_text
-from streams.core.errors import UndecidableInput
-from streams.core.machine import dead_letter_outcome
-from schemas.outcomes import Reason
 from schemas.events import Deposited, Event
-from schemas.outcomes import Outcome
+from schemas.leg_auth import LegKeyring
+from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
-from streams.core.machine import apply
+from streams.core.errors import UndecidableInput
+from streams.core.machine import apply, dead_letter_outcome
 from streams.core.money import format_amount
 from streams.core.state import State
-from infra.settings import Settings
-from infra.kafka_clients import kafka_security
 
 # Saga legs waiting before the oldest is delivered: transfers stay in flight across this many
 # later legs, as they do between the partitions of a live processor.
@@ -56,7 +66,7 @@ LEGS_WAITING_MAX = 8
 EVENTS, OUTCOMES = "events", "outcomes"
 TRANSACTION_RECORDS_MAX = 2_000  # records per Kafka transaction when publishing
 PUBLISH_TIMEOUT_S = 120.0  # one flush, transaction commit or metadata request
-PRODUCE_QUEUE_FULL_WAIT_S = 30.0
+PRODUCE_QUEUE_FULL_WAIT_MS = 30_000
 ABORTED_TRANSACTION_PREFIX = "aborted-"
 START_MS = 1_700_000_000_000  # record time of the first record
 RECORD_TIME_STEP_MS = 7  # between two records appended to the commands topic
@@ -379,15 +389,5 @@ def _producer_config(bootstrap: str) -> dict:
 
 def _produce(producer: Producer, topic: str, key: bytes, value: bytes, partition: int,
              headers: list | None = None, on_delivery=None, timestamp_ms: int = 0) -> None:
-    waited_s = 0.0
-    while True:
-        try:
-            producer.produce(topic, value, key, partition, headers=headers, on_delivery=on_delivery,
-                             timestamp=timestamp_ms)
-            return
-        except BufferError:
-            # The local queue is full: let deliveries drain it rather than drop a record.
-            if waited_s >= PRODUCE_QUEUE_FULL_WAIT_S:
-                raise RuntimeError(f"producer queue to {topic} stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s") from None
-            producer.poll(0.1)
-            waited_s += 0.1
+    produce_with_room(producer, topic, value, key, partition=partition, headers=headers, on_delivery=on_delivery,
+                      timestamp_ms=timestamp_ms, queue_full_wait_ms=PRODUCE_QUEUE_FULL_WAIT_MS)

@@ -10,15 +10,15 @@ The account's events are folded with the core's `fold` in log order, up to and i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from consumers.audit.log_reader import READ_TIMEOUT_S_DEFAULT, partition_count, read_topic
+from infra.settings import Settings
 from schemas.codec import decode_event
 from schemas.events import CommandRejected
 from schemas.partitioning import partition_for
 from streams.core.money import format_amount
 from streams.core.state import CorruptLog, State, fold
-from infra.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ def parse_time_ms(text: str) -> int:
     except ValueError:
         raise ValueError(f"{text!r} is neither epoch milliseconds nor an ISO 8601 time") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
 
 
@@ -72,7 +72,7 @@ def balance_at(settings: Settings, account_id: str, *, at_ms: int | None = None,
     state = State()
     last_offset = last_ts_ms = None
     folded = 0
-    for record_offset, record_key, value in zip(part.offsets, part.keys, part.values):
+    for record_offset, record_key, value in zip(part.offsets, part.keys, part.values, strict=True):
         if offset is not None and record_offset > offset:
             break
         if record_key != key:
@@ -92,5 +92,6 @@ def balance_at(settings: Settings, account_id: str, *, at_ms: int | None = None,
     account = state.accounts.get(account_id)
     if account is None:
         return BalanceAt(account_id, partition, False, None, None, None, 0, None, None, 0)
-    return BalanceAt(account_id, partition, True, account.currency, format_amount(account.balance_minor, account.currency),
+    balance = format_amount(account.balance_minor, account.currency)
+    return BalanceAt(account_id, partition, True, account.currency, balance,
                      account.status, account.seq, last_offset, last_ts_ms, folded)

@@ -14,7 +14,8 @@ from confluent_kafka import KafkaException
 
 from consumers.audit.balance import balance_at, parse_time_ms
 from consumers.audit.log_reader import READ_TIMEOUT_S_DEFAULT, LogReadError
-from consumers.audit.runner import AuditSetupError, run_audit
+from consumers.audit.runner import run_audit
+from consumers.audit.snapshots import AuditSetupError
 from streams.core.state import CorruptLog
 
 EXIT_PASSED, EXIT_VIOLATIONS, EXIT_CANNOT_AUDIT = 0, 1, 2
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="the pipeline has been drained: a transfer still in flight is a violation")
     audit.add_argument("--no-determinism", action="store_true",
                        help="skip re-deciding wallet.commands (the slowest check)")
-    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON, with every money event and "
+                       "its actor (who moved the money) under \"movements\"")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     audit.add_argument("--workers", type=int, metavar="N",
                        help="processes the replays are split between (default: one per core)")
@@ -66,7 +68,7 @@ def _audit(args: argparse.Namespace) -> int:
         report = run_audit(settings_from_args(args), state_dumps=args.state_dump, readmodel_db=args.readmodel_db,
                            check_determinism=not args.no_determinism, settled=args.settled,
                            progress=not args.no_progress and sys.stderr.isatty(), timeout_s=args.timeout_s,
-                           workers=args.workers)
+                           workers=args.workers, movements=args.json)
     except (LogReadError, AuditSetupError, KafkaException) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CANNOT_AUDIT

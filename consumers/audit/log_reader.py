@@ -46,7 +46,9 @@ class PartitionLog:
     offsets: list[int] = field(default_factory=list)
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
-    timestamps: list[int] = field(default_factory=list)  # record times (LogAppendTime on wallet.commands)
+    # The record's timestamp in ms (for wallet.commands the broker's LogAppendTime: the time
+    # the core decides with); only when asked for.
+    timestamps: list[int] | None = None
     headers: list[list[tuple[str, bytes]] | None] | None = None  # only when asked for
 
     def __len__(self) -> int:
@@ -98,23 +100,26 @@ def partition_count(bootstrap: str, topic: str) -> int:
 
 
 def read_topic(bootstrap: str, topic: str, *, start_offsets: dict[int, int] | None = None,
-               partitions: list[int] | None = None, with_headers: bool = False,
+               partitions: list[int] | None = None, with_headers: bool = False, with_timestamps: bool = False,
                timeout_s: float = READ_TIMEOUT_S_DEFAULT, batch_size_max: int = READ_BATCH_SIZE_MAX,
                on_progress: Callable[[int], None] | None = None) -> TopicLog:
     """Every committed record of `topic` (or of its `partitions`) from `start_offsets` (default:
     the first offset the broker holds) to the end, per partition. See `read_topics`."""
     return read_topics(bootstrap, [topic], start_offsets={topic: start_offsets or {}},
                        partitions={topic: partitions} if partitions is not None else None,
-                       with_headers={topic} if with_headers else (), timeout_s=timeout_s,
+                       with_headers={topic} if with_headers else (),
+                       with_timestamps={topic} if with_timestamps else (), timeout_s=timeout_s,
                        batch_size_max=batch_size_max, on_progress=on_progress)[topic]
 
 
 def read_topics(bootstrap: str, topics: list[str], *, start_offsets: dict[str, dict[int, int]] | None = None,
                 partitions: dict[str, list[int] | None] | None = None, with_headers: Collection[str] = (),
-                timeout_s: float = READ_TIMEOUT_S_DEFAULT, batch_size_max: int = READ_BATCH_SIZE_MAX,
+                with_timestamps: Collection[str] = (), timeout_s: float = READ_TIMEOUT_S_DEFAULT,
+                batch_size_max: int = READ_BATCH_SIZE_MAX,
                 on_progress: Callable[[int], None] | None = None) -> dict[str, TopicLog]:
     """Reads several topics at once (one start-up, fetches in parallel).
 
+    `with_headers`, `with_timestamps`: the topics whose records' headers or timestamps to keep.
     `on_progress(n)` is called after each batch with the number of records it added.
     Raises LogReadError if some partition's end is not reached within `timeout_s`.
     """
@@ -139,7 +144,8 @@ def read_topics(bootstrap: str, topics: list[str], *, start_offsets: dict[str, d
                 # and can say the log no longer starts where it asked.
                 start = max((start_offsets or {}).get(topic, {}).get(number, low_offset), low_offset)
                 logs[(topic, number)] = PartitionLog(number, low_offset, min(start, high_offset),
-                                                     headers=[] if topic in with_headers else None)
+                                                     headers=[] if topic in with_headers else None,
+                                                     timestamps=[] if topic in with_timestamps else None)
                 if start < high_offset:
                     assignment.append(TopicPartition(topic, number, start))
         _consume_in_parallel(bootstrap, logs, assignment, deadline_s, timeout_s, batch_size_max, on_progress)
@@ -222,9 +228,10 @@ def _consume_to_end(consumer: Consumer, logs: dict[tuple[str, int], PartitionLog
             log.offsets.append(offset)
             log.keys.append(record.key())
             log.values.append(record.value())
-            log.timestamps.append(record.timestamp()[1])
             if log.headers is not None:
                 log.headers.append(record.headers())
+            if log.timestamps is not None:
+                log.timestamps.append(record.timestamp()[1])
             log.end_offset = offset + 1
             added += 1
         if added and on_progress is not None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from consumers.audit.checks import CurrencyTotals, DeterminismResult, InFlight, Violation
+from consumers.audit.conservation import CurrencyTotals
+from consumers.audit.determinism import DeterminismResult
+from consumers.audit.ledger import MoneyMovement
+from consumers.audit.transfers import InFlight
+from consumers.audit.violations import Violation
 
 # The text report shows this many violations of each kind; the JSON report has them all.
 TEXT_VIOLATIONS_PER_KIND_MAX = 20
@@ -23,7 +27,8 @@ class TopicRead:
     def to_json(self) -> dict:
         return {"topic": self.topic, "partitions": self.partitions, "records": self.records,
                 "low_offsets": {str(p): o for p, o in sorted(self.low_offsets.items())},
-                "end_offsets": {str(p): o for p, o in sorted(self.end_offsets.items())}, "read_s": round(self.read_s, 3)}
+                "end_offsets": {str(p): o for p, o in sorted(self.end_offsets.items())},
+                "read_s": round(self.read_s, 3)}
 
 
 @dataclass(slots=True)
@@ -42,6 +47,7 @@ class AuditReport:
     determinism_s: float = 0.0
     explained_by_later_events: int = 0  # findings a record written during the audit explained
     workers: int = 1  # processes the replay of the events was split between
+    movements: list[MoneyMovement] | None = None  # every money event with its actor, when asked for
     total_s: float = 0.0
 
     @property
@@ -91,6 +97,8 @@ class AuditReport:
             "topics": [topic.to_json() for topic in self.topics],
             "workers": self.workers,
             "total_s": round(self.total_s, 3),
+            **({"movements": [movement.to_json() for movement in self.movements]}
+               if self.movements is not None else {}),
         }
 
     def to_json_text(self) -> str:
@@ -147,7 +155,8 @@ class AuditReport:
                     lines.append(f"    {_where(violation)}: {violation.message}")
                 if len(violations) > TEXT_VIOLATIONS_PER_KIND_MAX:
                     lines.append(f"    ... and {len(violations) - TEXT_VIOLATIONS_PER_KIND_MAX} more (see --json)")
-        lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}" + (f" ({len(self.violations)} violation(s))" if self.violations else ""))
+        lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}"
+                     + (f" ({len(self.violations)} violation(s))" if self.violations else ""))
         return "\n".join(lines)
 
 
@@ -156,7 +165,8 @@ def _ordered(violations: list[Violation]) -> list[Violation]:
     kind_rank: dict[str, int] = {}
     for violation in violations:
         kind_rank.setdefault(violation.kind, len(kind_rank))
-    return sorted(violations, key=lambda v: (kind_rank[v.kind], v.topic or "", -1 if v.partition is None else v.partition,
+    return sorted(violations, key=lambda v: (kind_rank[v.kind], v.topic or "",
+                                             -1 if v.partition is None else v.partition,
                                              -1 if v.offset is None else v.offset))
 
 

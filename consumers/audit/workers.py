@@ -15,8 +15,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import TypeVar
 
-from consumers.audit.checks import DeterminismResult, LedgerReplay, StateSnapshot, check_determinism
+from consumers.audit.determinism import DeterminismResult, check_determinism
+from consumers.audit.ledger import LedgerReplay
 from consumers.audit.log_reader import PartitionLog
+from consumers.audit.snapshots import StateSnapshot
+from schemas.leg_auth import LegKeyring
 
 PARALLEL_RECORDS_MIN = 100_000
 PROGRESS_POLL_S = 0.2  # how often the parent reads the workers' shared progress counter
@@ -53,7 +56,8 @@ def replay_events(replay: LedgerReplay, logs: dict[int, PartitionLog], snapshots
 
 def check_commands(commands: dict[int, PartitionLog], events: dict[int, PartitionLog], partition_count: int,
                    commands_topic: str, events_topic: str, dead_lettered: set[tuple[int, int]], settled: bool,
-                   workers: int, on_progress: Callable[[int], None] | None, keyring=None) -> DeterminismResult:
+                   workers: int, on_progress: Callable[[int], None] | None,
+                   keyring: LegKeyring) -> DeterminismResult:
     """`check_determinism` for every partition, split between `workers` processes."""
     groups = _groups(commands, workers)
 
@@ -61,7 +65,7 @@ def check_commands(commands: dict[int, PartitionLog], events: dict[int, Partitio
         result = DeterminismResult()
         for number in sorted(groups[index]):
             check_determinism(commands[number], events[number], partition_count, commands_topic, events_topic,
-                              dead_lettered, result, settled=settled, on_progress=progress, keyring=keyring)
+                              dead_lettered, result, keyring=keyring, settled=settled, on_progress=progress)
         return result
 
     if len(groups) <= 1:

@@ -154,6 +154,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from consumers.readmodel.query_api import create_app
+    # The same token gate as `wallet api`: the query side alone is no less private.
+    from producers.auth import SCOPES, AuthConfig, Gate, RateLimits
 
-    uvicorn.run(create_app(_db_url(args), settings_from_args(args)), host=args.host, port=args.port)
+    settings = settings_from_args(args)
+    gate = Gate(AuthConfig.from_environment(settings), RateLimits.from_environment())
+    uvicorn.run(create_app(_db_url(args), settings, caller=gate.requires(*SCOPES)), host=args.host, port=args.port)
     return 0

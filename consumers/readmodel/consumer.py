@@ -20,9 +20,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaErr
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey
-from schemas.codec import SchemaError, decode_event, decode_outcome
-from infra.settings import Settings
 from infra.kafka_clients import kafka_security
+from infra.settings import Settings
+from schemas.codec import SchemaError, decode_event, decode_outcome
 
 log = logging.getLogger("wallet.readmodel")
 
@@ -75,7 +75,8 @@ def partition_counts(admin_or_consumer: AdminClient | Consumer, topics: list[str
     return {topic: len(metadata.topics[topic].partitions) for topic in topics}
 
 
-def end_offsets(admin: AdminClient, settings: Settings, timeout_s: float = KAFKA_TIMEOUT_S) -> dict[TopicPartitionKey, int]:
+def end_offsets(admin: AdminClient, settings: Settings,
+                timeout_s: float = KAFKA_TIMEOUT_S) -> dict[TopicPartitionKey, int]:
     """The last stable offset of every partition of both topics, in one request."""
     topics = [settings.events_topic, settings.outcomes_topic]
     counts = partition_counts(admin, topics, timeout_s)

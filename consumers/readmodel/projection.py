@@ -4,15 +4,41 @@ The database layer loads the rows a batch touches, hands them here, and writes b
 comes out, all in one database transaction. Balances move only through the core's `fold`,
 so the read model checks the log's arithmetic (gap-free sequences, balance = previous
 balance ± amount) as it goes and stops on a corrupt log instead of storing a wrong balance.
+
+A request is identified by (owning account, transaction id): the same id on two accounts is two
+requests with two answers, and no lookup ever gives one's answer for the other. The status of a
+request comes from the events of its owning account (every decision leaves one: a debit is
+`pending`, a credit or refund settles it, a rejection is its failure) and from its answer on
+wallet.outcomes, which names the owning account (contract v2); the first final answer wins.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from schemas.events import CommandRejected, Event, TransferDebited, event_type
+from schemas.events import (
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    CommandRejected,
+    Deposited,
+    Event,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+    event_type,
+)
 from schemas.outcomes import Outcome, Reason
-from streams.core.state import FAILURE, PENDING, Account, State, fold
+from streams.core.state import FAILURE, PENDING, SUCCESS, Account, State, fold
+
+# Event times are stored and shown within what every database column (BIGINT) and every
+# datetime (years 1 to 9999) can hold: 0001-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
+# The log's own bound on ts_ms is the broker's; a record beyond this one is stored clamped
+# rather than stopping the read model.
+TS_MS_STORED_MIN = -62_135_596_800_000
+TS_MS_STORED_MAX = 253_402_300_799_999
 
 
 # Rows are named tuples: they go to the database drivers as they are, and are cheap to make
@@ -24,6 +50,7 @@ class AccountRow(NamedTuple):
     status: str
     balance_minor: int
     sequence: int
+    owner: str = ""  # the actor that opened the account
 
 
 class EntryRow(NamedTuple):
@@ -34,84 +61,143 @@ class EntryRow(NamedTuple):
     amount_minor: int  # signed: what the event did to the balance
     balance_after_minor: int
     counterparty: str | None  # the other account of a transfer
-    ts_ms: int
+    ts_ms: int  # the event's, within [TS_MS_STORED_MIN, TS_MS_STORED_MAX]
 
 
 class TransactionRow(NamedTuple):
+    account_id: str  # the account that owns the request: with transaction_id, the key
     transaction_id: str
     status: str  # pending | success | failure
     reason: str | None
     digest: str  # digest of the request this status answers
+    actor: str | None = None  # who asked (None: an answer to a dead-lettered record that did not say)
+
+
+RequestKey = tuple[str, str]  # (account_id, transaction_id)
+# The events that change an account (every one but command_rejected).
+ChangeEvent = (AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited | TransferRefunded
+               | AccountFrozen | AccountUnfrozen | AccountClosed)
 
 
 @dataclass(frozen=True, slots=True)
 class Changes:
     accounts: list[AccountRow]  # every account the batch changed, in its new state
     entries: list[EntryRow]  # new rows only
-    transactions: list[TransactionRow]  # every transaction whose status changed, in its new state
+    transactions: list[TransactionRow]  # every request whose status changed, in its new state
 
 
-def project(accounts: dict[str, AccountRow], transactions: dict[str, TransactionRow], events: list[Event],
+def stored_ts_ms(ts_ms: int) -> int:
+    return min(max(ts_ms, TS_MS_STORED_MIN), TS_MS_STORED_MAX)
+
+
+def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, TransactionRow], events: list[Event],
             outcomes: list[Outcome]) -> Changes:
     """The changes `events` and `outcomes` (each in log order) make to the stored rows given.
 
-    `accounts` and `transactions` must hold the stored row of every account and transaction
-    the batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
+    `accounts` and `transactions` must hold the stored row of every account and request the
+    batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
     """
     state = State(accounts={row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
                             for row in accounts.values()}, tracks_memory=False)
+    owners = {row.account_id: row.owner for row in accounts.values()}
     entries: list[EntryRow] = []
     changed_accounts: set[str] = set()
     statuses = dict(transactions)
-    changed_transactions: set[str] = set()
+    changed_transactions: set[RequestKey] = set()
 
     for event in events:
-        event_class = type(event)
-        if event_class is CommandRejected:
-            continue  # a decision, not a change: its answer arrives on wallet.outcomes
-        before = state.accounts.get(event.account_id)
-        if before is not None and event.seq <= before.seq:
+        request = request_status_of(event)
+        if request is not None:
+            _merge_into(statuses, changed_transactions, request)
+        if isinstance(event, CommandRejected):
+            continue  # a decision, not a change of any account
+        entry = _fold_entry(state, event)
+        if entry is None:
             continue  # already stored; `fold` would skip it too
-        balance_before_minor = before.balance_minor if before is not None else 0
-        fold(state, event)
-        account = state.accounts[event.account_id]
+        entries.append(entry)
         changed_accounts.add(event.account_id)
-        # `fold` has checked that the new balance is the old one moved by the event's amount.
-        entries.append(EntryRow(event.account_id, event.seq, event.transaction_id, event_type(event),
-                                account.balance_minor - balance_before_minor, account.balance_minor,
-                                getattr(event, "to_account", None) or getattr(event, "from_account", None),
-                                event.ts_ms))
-        if event_class is TransferDebited:
-            incoming = TransactionRow(event.transaction_id, PENDING, None, event.digest)
-            _merge_into(statuses, changed_transactions, incoming)
+        if type(event) is AccountOpened:
+            owners[event.account_id] = event.owner
 
     for outcome in outcomes:
-        _merge_into(statuses, changed_transactions,
-                    TransactionRow(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest))
+        request = request_status_of_outcome(outcome)
+        if request is not None:
+            _merge_into(statuses, changed_transactions, request)
 
     account_rows = []
     for account_id in changed_accounts:
         account = state.accounts[account_id]
         account_rows.append(AccountRow(account_id, account.currency, account.kind, account.status,
-                                       account.balance_minor, account.seq))
-    return Changes(account_rows, entries, [statuses[transaction_id] for transaction_id in changed_transactions])
+                                       account.balance_minor, account.seq, owners.get(account_id, "")))
+    return Changes(account_rows, entries, [statuses[key] for key in changed_transactions])
 
 
-def _merge_into(statuses: dict[str, TransactionRow], changed: set[str], incoming: TransactionRow) -> None:
-    merged = merge_status(statuses.get(incoming.transaction_id), incoming)
+def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
+    """Folds an event that changes an account; its entry, or None if it is stored already."""
+    before = state.accounts.get(event.account_id)
+    if before is not None and event.seq <= before.seq:
+        return None
+    balance_before_minor = before.balance_minor if before is not None else 0
+    fold(state, event)
+    account = state.accounts[event.account_id]
+    # `fold` has checked that the new balance is the old one moved by the event's amount.
+    return EntryRow(event.account_id, event.seq, event.transaction_id, event_type(event),
+                    account.balance_minor - balance_before_minor, account.balance_minor,
+                    getattr(event, "to_account", None) or getattr(event, "from_account", None),
+                    stored_ts_ms(event.ts_ms))
+
+
+_SUCCESS_EVENTS = frozenset({AccountOpened, Deposited, Withdrawn, AccountFrozen, AccountUnfrozen, AccountClosed})
+_LEG_COMMANDS = frozenset({"credit_leg", "refund_leg"})
+
+
+def request_status_of(event: Event) -> TransactionRow | None:
+    """The status of its request that an event records, keyed by the request's owning account;
+    None for a receiver's refusal of a credit leg (the sender's refund answers the request)."""
+    actor = event.actor  # who asked (a leg's events carry the transfer's)
+    reason: str | None = None
+    if isinstance(event, TransferCredited):
+        owner, status = event.from_account, SUCCESS
+    elif isinstance(event, TransferDebited):
+        owner, status = event.account_id, PENDING
+    elif isinstance(event, TransferRefunded):
+        owner, status, reason = event.account_id, FAILURE, event.reason
+    elif isinstance(event, CommandRejected):
+        if event.command in _LEG_COMMANDS:
+            return None
+        owner, status, reason = event.account_id, FAILURE, event.reason
+    elif type(event) in _SUCCESS_EVENTS:
+        owner, status = event.account_id, SUCCESS
+    else:
+        return None
+    return TransactionRow(owner, event.transaction_id, status, reason, event.digest, actor)
+
+
+def request_status_of_outcome(outcome: Outcome) -> TransactionRow | None:
+    """The answer an outcome gives, keyed by the request's owning account (None for an answer to
+    a dead-lettered record whose account could not be read)."""
+    if not outcome.account_id:
+        return None
+    return TransactionRow(outcome.account_id, outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
+                          outcome.actor or None)
+
+
+def _merge_into(statuses: dict[RequestKey, TransactionRow], changed: set[RequestKey], incoming: TransactionRow) -> None:
+    key = (incoming.account_id, incoming.transaction_id)
+    merged = merge_status(statuses.get(key), incoming)
     if merged is not None:
-        statuses[incoming.transaction_id] = merged
-        changed.add(incoming.transaction_id)
+        statuses[key] = merged
+        changed.add(key)
 
 
 def merge_status(current: TransactionRow | None, incoming: TransactionRow) -> TransactionRow | None:
-    """The new status of a transaction, or None if `incoming` changes nothing.
+    """The new status of a request, or None if `incoming` changes nothing.
 
-    `incoming` is a `pending` (a transfer was debited) or a final outcome. The first final
-    answer wins, since retries re-publish it. A `duplicate_conflict` answers the request that
-    reused the id, not the transaction, unless it carries the transaction's own digest (a
-    receiver that refused the credit under a reused id); one that arrives before anything
-    else is known is kept only until the transaction's own debit or answer shows up.
+    `incoming` is a `pending` (a transfer was debited) or a final answer (an event's or an
+    outcome's). The first final answer wins, since retries re-publish it. A `duplicate_conflict`
+    answers another request that reused the id on the same account, not this one, unless it
+    carries this request's own digest; one that arrives before anything else is known is kept
+    only until the request's own debit or answer shows up.
     """
     if current is None:
         return incoming

@@ -1,44 +1,48 @@
 """The query side of the HTTP API: balances, history and transaction status, read from the read model.
 
-`query_router(db_url)` is mounted by the command API's app (`producers/api.py`), so one HTTP
-app serves both sides; `wallet readmodel serve` runs it alone (`create_app`).
+`query_router(db_url, settings, caller=...)` is mounted by the app of `wallet api`
+(`wallet/api_app.py`), so one HTTP app serves both sides; `wallet readmodel serve` runs it
+alone (`create_app`). `caller` is the FastAPI dependency that authenticates a request and
+answers who it is (`.sub`) and whether it may read every account (`.reads_everything`:
+the operator and audit scopes); a user reads only the accounts it owns and the requests it
+made. Another's account answers 404 like a missing one, so ids do not leak.
 
 Reading your own write: the account and history routes take `min_sequence` (the account
 sequence a client's write produced) and `wait_ms` (default 1000, at most 10000); they answer
-once the read model has reached that sequence, or with 504 and a JSON error naming the
-sequence reached when the wait runs out. Nothing stale is ever returned as if it were fresh.
+once the read model has reached that sequence; when the wait runs out they answer 404
+`account_not_found` if the read model has no such account, else 409 `not_caught_up` naming the
+sequence reached. Nothing stale is ever returned as if it were fresh.
 
-Errors are JSON `{"error": code, "message": text, "field": name?}` like the command API's:
-404 `account_not_found`, 504 `not_caught_up` for a wait that ran out, 503 `readmodel_unavailable`
-or `kafka_unavailable`; out-of-bounds parameters are 422 `invalid_request` (in the command
-API's app, its own validation handler answers them).
+Errors are the project's one shape (`infra/http.py`): 404 `account_not_found`, 409
+`not_caught_up`, 503 `readmodel_unavailable` or `kafka_unavailable`, 422 `invalid_request`.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import sqlite3
 import threading
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import psycopg
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
-from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from consumers.readmodel.consumer import PartitionLag, ReadModelError, read_lag
 from consumers.readmodel.projection import AccountRow
 from consumers.readmodel.store import ReadModelStore, describe_db_url
-from streams.core.money import format_amount
-from infra.settings import Settings
 from infra.admin import admin_client
-
+from infra.http import ApiError, FieldError, error_responses, install_error_handlers
+from infra.settings import Settings
+from streams.core.money import format_amount
 
 WAIT_MS_DEFAULT = 1_000
 WAIT_MS_MAX = 10_000
@@ -47,14 +51,8 @@ WAIT_POLL_INTERVAL_S = 0.02
 HISTORY_LIMIT_DEFAULT = 50
 HISTORY_LIMIT_MAX = 500
 LAG_TIMEOUT_S = 5.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
-
-
-class ErrorBody(BaseModel):
-    error: str  # machine readable
-    message: str
-    field: str | None = None
 
 
 class AccountView(BaseModel):
@@ -141,75 +139,97 @@ def iso_utc(ts_ms: int) -> str:
     return (_EPOCH + timedelta(milliseconds=ts_ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _error(status_code: int, error: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status_code,
-                        content=ErrorBody(error=error, message=message, field=field).model_dump(exclude_none=True))
+@dataclass(frozen=True)
+class OpenReader:
+    """The caller of a query API served without authentication: reads everything."""
+    sub: str = "anonymous"
+    reads_everything: bool = True
 
 
-def query_router(db_url: str, settings: Settings | None = None) -> APIRouter:
+async def _open_reader() -> OpenReader:
+    return OpenReader()
+
+
+def _owns(caller: Any, owner: str) -> bool:
+    return caller.reads_everything or (bool(owner) and hmac.compare_digest(owner.encode(), caller.sub.encode()))
+
+
+def _field_error(status_code: int, error: str, message: str, field: str) -> ApiError:
+    return ApiError(status_code, error, message, [FieldError(field=field, reason=error, message=message)])
+
+
+def query_router(db_url: str, settings: Settings | None = None, caller: Callable | None = None) -> APIRouter:
     """The query routes, reading the read model at `db_url`; `settings` names the Kafka
-    cluster and topics for the lag route (default: from the environment)."""
+    cluster and topics for the lag route (default: from the environment); `caller` is the
+    authentication dependency (default: none, everything readable)."""
     readers = _Readers(db_url)
-    kafka_settings = settings if settings is not None else Settings()
-    router = APIRouter(tags=["queries"])
-    account_errors = {404: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}}
-    unavailable = {503: {"model": ErrorBody}}
+    who = Depends(caller if caller is not None else _open_reader)
+    router = APIRouter(tags=["queries"], responses=error_responses(401, 403, 422, 429, 503))
+    _account_routes(router, readers, who)
+    _transaction_route(router, readers, who)
+    _lag_route(router, readers, who, settings if settings is not None else Settings())
+    return router
 
-    async def read(method: str, *args: object) -> object:
+
+async def _read(readers: _Readers, method: str, *args: object) -> Any:
+    try:
         return await run_in_threadpool(readers.call, method, *args)
+    except _Unavailable as error:
+        raise ApiError(503, "readmodel_unavailable", str(error)) from None
 
-    async def account_at(account_id: str, min_sequence: int | None, wait_ms: int) -> AccountRow | JSONResponse:
-        """The account once the read model has reached `min_sequence`, or the error to answer."""
-        deadline_s = time.monotonic() + wait_ms / 1000
-        while True:
-            try:
-                account = await read("account", account_id)
-            except _Unavailable as error:
-                return _error(503, "readmodel_unavailable", str(error))
-            if min_sequence is None:
-                return account if account is not None else _error(
-                    404, "account_not_found", f"account {account_id!r} not found", "account_id")
-            if account is not None and account.sequence >= min_sequence:
-                return account
-            remaining_s = deadline_s - time.monotonic()
-            if remaining_s <= 0:
-                reached = f"is at sequence {account.sequence}" if account is not None else "does not have it yet"
-                return _error(504, "not_caught_up", f"the read model {reached}; account {account_id!r} did not reach "
-                                                    f"sequence {min_sequence} within {wait_ms} ms, retry later",
-                              "min_sequence")
-            await asyncio.sleep(min(WAIT_POLL_INTERVAL_S, remaining_s))
 
-    min_sequence_query = Query(None, ge=1, description="wait until the account has reached this sequence")
-    wait_ms_query = Query(WAIT_MS_DEFAULT, ge=0, le=WAIT_MS_MAX,
-                          description="how long to wait for min_sequence before answering 504")
-
-    @router.get("/v1/accounts/{account_id}", response_model=AccountView, responses=account_errors)
-    async def get_account(account_id: str = Path(max_length=64), min_sequence: int | None = min_sequence_query,
-                          wait_ms: int = wait_ms_query):
-        account = await account_at(account_id, min_sequence, wait_ms)
-        if isinstance(account, JSONResponse):
+async def _account_at(readers: _Readers, caller: Any, account_id: str, min_sequence: int | None,
+                      wait_ms: int) -> AccountRow:
+    """The caller's account once the read model has reached `min_sequence`; raises the error to answer."""
+    deadline_s = time.monotonic() + wait_ms / 1000
+    while True:
+        account = await _read(readers, "account", account_id)
+        if account is not None and not _owns(caller, account.owner):
+            account = None  # another's account: answered like a missing one, which leaks nothing
+            min_sequence = None
+        if account is not None and (min_sequence is None or account.sequence >= min_sequence):
             return account
+        remaining_s = deadline_s - time.monotonic()
+        if min_sequence is None or remaining_s <= 0:
+            if account is None:
+                raise _field_error(404, "account_not_found", f"account {account_id!r} not found", "account_id")
+            raise _field_error(409, "not_caught_up", f"the read model is at sequence {account.sequence} of account "
+                                                     f"{account_id!r}, not {min_sequence}, after {wait_ms} ms; "
+                                                     "retry later", "min_sequence")
+        await asyncio.sleep(min(WAIT_POLL_INTERVAL_S, remaining_s))
+
+
+AccountIdPath = Path(max_length=64)
+MIN_SEQUENCE_QUERY = Query(None, ge=1, description="wait until the account has reached this sequence")
+WAIT_MS_QUERY = Query(WAIT_MS_DEFAULT, ge=0, le=WAIT_MS_MAX,
+                      description="how long to wait for min_sequence before answering 404 or 409")
+_ACCOUNT_ERRORS = error_responses(404, 409)
+
+
+def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
+    @router.get("/v1/accounts/{account_id}", response_model=AccountView, responses=_ACCOUNT_ERRORS,
+                summary="balance and status of one of your accounts (any account for operator and audit)")
+    async def get_account(account_id: str = AccountIdPath, min_sequence: int | None = MIN_SEQUENCE_QUERY,
+                          wait_ms: int = WAIT_MS_QUERY, caller: Any = who):
+        account = await _account_at(readers, caller, account_id, min_sequence, wait_ms)
         return AccountView(account_id=account.account_id, currency=account.currency, kind=account.kind,
                            status=account.status, balance=format_amount(account.balance_minor, account.currency),
                            sequence=account.sequence)
 
-    @router.get("/v1/accounts/{account_id}/transactions", response_model=HistoryPage, responses=account_errors)
+    @router.get("/v1/accounts/{account_id}/transactions", response_model=HistoryPage, responses=_ACCOUNT_ERRORS,
+                summary="history of one of your accounts, newest first, in pages")
     async def get_history(
-        account_id: str = Path(max_length=64),
+        account_id: str = AccountIdPath,
         limit: int = Query(HISTORY_LIMIT_DEFAULT, ge=1, le=HISTORY_LIMIT_MAX),
         cursor: str | None = Query(None, pattern=r"^[1-9][0-9]{0,17}$",
                                    description="the next_cursor of the previous page (opaque)"),
-        min_sequence: int | None = min_sequence_query,
-        wait_ms: int = wait_ms_query,
+        min_sequence: int | None = MIN_SEQUENCE_QUERY,
+        wait_ms: int = WAIT_MS_QUERY,
+        caller: Any = who,
     ):
-        account = await account_at(account_id, min_sequence, wait_ms)
-        if isinstance(account, JSONResponse):
-            return account
-        try:
-            # One row more than asked tells whether an older page exists.
-            rows = await read("entries", account_id, limit + 1, int(cursor) if cursor is not None else None)
-        except _Unavailable as error:
-            return _error(503, "readmodel_unavailable", str(error))
+        account = await _account_at(readers, caller, account_id, min_sequence, wait_ms)
+        # One row more than asked tells whether an older page exists.
+        rows = await _read(readers, "entries", account_id, limit + 1, int(cursor) if cursor is not None else None)
         currency = account.currency
         page = rows[:limit]
         return HistoryPage(
@@ -220,16 +240,38 @@ def query_router(db_url: str, settings: Settings | None = None) -> APIRouter:
                                time=iso_utc(row.ts_ms), counterparty=row.counterparty) for row in page],
             next_cursor=str(page[-1].sequence) if len(rows) > limit else None)
 
-    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionView, responses=unavailable)
-    async def get_transaction(transaction_id: str = Path(max_length=128)):
-        try:
-            row = await read("transaction", transaction_id)
-        except _Unavailable as error:
-            return _error(503, "readmodel_unavailable", str(error))
-        if row is None:
+
+def _transaction_route(router: APIRouter, readers: _Readers, who: Any) -> None:
+    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionView, responses=error_responses(409),
+                summary="status of one of your requests (any request for operator and audit)",
+                description="A request is identified by its owning account and its transaction id; "
+                            "`account_id` narrows the lookup to one account, and is needed (409 "
+                            "`ambiguous_transaction_id`) when you used the id on several accounts. Another "
+                            "caller's request is `unknown`, as is one the read model has not seen.")
+    async def get_transaction(transaction_id: str = Path(max_length=128),
+                              account_id: str | None = Query(None, max_length=64,
+                                                             description="the account that owns the request"),
+                              caller: Any = who):
+        rows = await _read(readers, "requests_visible_to", None if caller.reads_everything else caller.sub,
+                           transaction_id)
+        # Only the caller's own requests: one that another principal made on an account the caller
+        # owns (a bank deposit, say) is that principal's request, not the caller's.
+        mine = [row for row in rows if caller.reads_everything
+                or (bool(row.actor) and hmac.compare_digest(row.actor.encode(), caller.sub.encode()))]
+        if account_id is not None:
+            mine = [row for row in mine if row.account_id == account_id]
+        if len(mine) > 1:
+            accounts = ", ".join(sorted(row.account_id for row in mine))
+            raise _field_error(409, "ambiguous_transaction_id", f"transaction id {transaction_id!r} names requests "
+                                                                f"of accounts {accounts}: ask with ?account_id=",
+                               "account_id")
+        if not mine:
             return TransactionView(transaction_id=transaction_id, status="unknown", reason=None)
+        row = mine[0]
         return TransactionView(transaction_id=transaction_id, status=row.status, reason=row.reason)
 
+
+def _lag_route(router: APIRouter, readers: _Readers, who: Any, kafka_settings: Settings) -> None:
     @functools.cache
     def admin() -> AdminClient:
         return admin_client(kafka_settings.bootstrap, role="readmodel")
@@ -237,33 +279,24 @@ def query_router(db_url: str, settings: Settings | None = None) -> APIRouter:
     def lag() -> list[PartitionLag]:
         return read_lag(admin(), kafka_settings, readers.call("offsets"), LAG_TIMEOUT_S)
 
-    @router.get("/v1/readmodel/lag", response_model=LagView, responses=unavailable)
-    async def get_lag():
+    @router.get("/v1/readmodel/lag", response_model=LagView, summary="how far the read model is behind the log")
+    async def get_lag(caller: Any = who):
         try:
             lags = await run_in_threadpool(lag)
         except _Unavailable as error:
-            return _error(503, "readmodel_unavailable", str(error))
+            raise ApiError(503, "readmodel_unavailable", str(error)) from None
         except (KafkaException, ReadModelError, TimeoutError) as error:
-            return _error(503, "kafka_unavailable",
-                          f"cannot read the end offsets from Kafka at {kafka_settings.bootstrap}: {error}")
+            raise ApiError(503, "kafka_unavailable",
+                           f"cannot read the end offsets from Kafka at {kafka_settings.bootstrap}: {error}") from None
         return LagView(total_lag=sum(item.lag for item in lags),
                        partitions=[PartitionLagView(topic=item.topic, partition=item.partition,
                                                     next_offset=item.next_offset, end_offset=item.end_offset,
                                                     lag=item.lag) for item in lags])
 
-    return router
 
-
-async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    """A 422 naming the first offending parameter, in the API's error shape."""
-    first = error.errors()[0]
-    field = str(first["loc"][-1]) if first.get("loc") else None
-    return _error(422, "invalid_request", f"{field}: {first['msg']}" if field else first["msg"], field)
-
-
-def create_app(db_url: str, settings: Settings | None = None) -> FastAPI:
+def create_app(db_url: str, settings: Settings | None = None, caller: Callable | None = None) -> FastAPI:
     """The query API on its own (`wallet readmodel serve`)."""
     app = FastAPI(title="Streamwallet query API", version="1")
-    app.include_router(query_router(db_url, settings))
-    app.add_exception_handler(RequestValidationError, validation_error)
+    install_error_handlers(app)
+    app.include_router(query_router(db_url, settings, caller))
     return app

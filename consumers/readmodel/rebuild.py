@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from consumers.readmodel.consumer import (
-    BATCH_SIZE_MAX_DEFAULT, KAFKA_TIMEOUT_S, ReadModelConsumer, ReadModelError, end_offsets,
+    BATCH_SIZE_MAX_DEFAULT,
+    KAFKA_TIMEOUT_S,
+    ReadModelConsumer,
+    ReadModelError,
+    end_offsets,
 )
 from consumers.readmodel.store import ReadModelStore
-from infra.settings import Settings
 from infra.admin import admin_client
+from infra.settings import Settings
 
 # A replay that reads nothing for this long is stuck (a broker gone, an open transaction
 # that never ends), not slow.

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from consumers.readmodel.projection import AccountRow, Changes, EntryRow, TransactionRow, project
-from schemas.events import CommandRejected, Event, TransferDebited
-from schemas.outcomes import Outcome
 from infra.settings import Settings
+from schemas.events import CommandRejected, Event
+from schemas.outcomes import Outcome
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
@@ -40,7 +40,8 @@ _SCHEMA = (
         kind TEXT NOT NULL,
         status TEXT NOT NULL,
         balance_minor BIGINT NOT NULL CHECK (balance_minor >= 0),
-        sequence BIGINT NOT NULL CHECK (sequence >= 1))""",
+        sequence BIGINT NOT NULL CHECK (sequence >= 1),
+        owner TEXT NOT NULL)""",
     # One row per event that changed an account (`command_rejected` changes none).
     """CREATE TABLE IF NOT EXISTS entries (
         account_id TEXT NOT NULL,
@@ -52,12 +53,19 @@ _SCHEMA = (
         counterparty TEXT,
         ts_ms BIGINT NOT NULL,
         PRIMARY KEY (account_id, sequence))""",
-    # The status of every client request by transaction id (transfers and all the others).
+    # The status of every client request (transfers and all the others). A request is its
+    # owning account and its transaction id: the same id on two accounts is two requests.
     """CREATE TABLE IF NOT EXISTS transactions (
-        transaction_id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        transaction_id TEXT NOT NULL,
         status TEXT NOT NULL CHECK (status IN ('pending', 'success', 'failure')),
         reason TEXT,
-        digest TEXT NOT NULL)""",
+        digest TEXT NOT NULL,
+        actor TEXT,
+        PRIMARY KEY (account_id, transaction_id))""",
+    # Every request with a given transaction id, whatever its account (the batch's lookups, and
+    # the caller's "my request T" when the caller does not name the account).
+    "CREATE INDEX IF NOT EXISTS transactions_by_transaction_id ON transactions (transaction_id)",
     """CREATE TABLE IF NOT EXISTS offsets (
         topic TEXT NOT NULL,
         kafka_partition INTEGER NOT NULL,
@@ -68,6 +76,11 @@ _SCHEMA = (
 _ACCOUNT_COLUMNS = AccountRow._fields
 _ENTRY_COLUMNS = EntryRow._fields
 _TRANSACTION_COLUMNS = TransactionRow._fields
+_KEY_COLUMNS = {"accounts": ("account_id",), "transactions": ("account_id", "transaction_id")}
+# Columns added since the first layout: a database without them is dropped and rebuilt from
+# the log (the read model is a projection; the log has everything).
+_LAYOUT_PROBES = ("SELECT owner FROM accounts WHERE 1 = 0",
+                  "SELECT account_id, actor FROM transactions WHERE 1 = 0")
 
 TopicPartitionKey = tuple[str, int]
 
@@ -104,7 +117,8 @@ def describe_db_url(db_url: str) -> str:
     if db_url.startswith(POSTGRES_PREFIXES):
         from psycopg.conninfo import conninfo_to_dict
         info = conninfo_to_dict(db_url)
-        return f"postgresql://{info.get('user', '')}@{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        host, port = info.get('host', ''), info.get('port', '')
+        return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
     return db_url
 
 
@@ -155,7 +169,7 @@ class _SQLite:
     def upsert_many(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
         placeholders = ", ".join("?" * len(columns))
         cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) "
-                           f"ON CONFLICT ({columns[0]}) DO UPDATE SET {_set_excluded(columns[1:])}", rows)
+                           f"{_on_conflict_update(table, columns)}", rows)
 
 
 class _Postgres:
@@ -201,11 +215,13 @@ class _Postgres:
         cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS")
         cls.insert_many(cursor, stage, columns, rows)
         cursor.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {stage} "
-                       f"ON CONFLICT ({columns[0]}) DO UPDATE SET {_set_excluded(columns[1:])}")
+                       f"{_on_conflict_update(table, columns)}")
 
 
-def _set_excluded(columns: Sequence[str]) -> str:
-    return ", ".join(f"{column} = excluded.{column}" for column in columns)
+def _on_conflict_update(table: str, columns: Sequence[str]) -> str:
+    key = _KEY_COLUMNS[table]
+    updated = ", ".join(f"{column} = excluded.{column}" for column in columns if column not in key)
+    return f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updated}"
 
 
 def _backend(db_url: str) -> _SQLite | _Postgres:
@@ -235,6 +251,10 @@ class ReadModelStore:
         self.close()
 
     def create_schema(self) -> None:
+        """Creates the tables where missing; a read model of an older layout is dropped first, so
+        the consumer rebuilds it from the first offset."""
+        if self._has_old_layout():
+            self.drop_schema()
         with self._backend.transaction(self._connection):
             cursor = self._connection.cursor()
             if isinstance(self._backend, _Postgres):
@@ -242,6 +262,18 @@ class ReadModelStore:
                 cursor.execute("SELECT pg_advisory_xact_lock(hashtext('wallet readmodel schema'))")
             for statement in _SCHEMA:
                 cursor.execute(statement)
+
+    def _has_old_layout(self) -> bool:
+        try:
+            self._connection.execute("SELECT 1 FROM offsets WHERE 1 = 0")
+        except Exception:  # noqa: BLE001 - no table yet (each driver has its own error): a new database
+            return False
+        for probe in _LAYOUT_PROBES:
+            try:
+                self._connection.execute(probe)
+            except Exception:  # noqa: BLE001 - a missing column or table: the older layout
+                return True
+        return False
 
     def drop_schema(self) -> None:
         with self._backend.transaction(self._connection):
@@ -261,12 +293,14 @@ class ReadModelStore:
             # waits here and then fails the compare instead of reading rows we are changing.
             self._advance_offsets(cursor, batch)
             account_ids = {event.account_id for event in batch.events if type(event) is not CommandRejected}
+            # Every stored request with a transaction id the batch names, whatever its account:
+            # one indexed lookup per id, and a few rows more than needed at most.
             transaction_ids = {outcome.transaction_id for outcome in batch.outcomes}
-            transaction_ids.update(event.transaction_id for event in batch.events if type(event) is TransferDebited)
-            accounts = {row.account_id: row for row in self._select_in(cursor, "accounts", _ACCOUNT_COLUMNS,
-                                                                     account_ids, AccountRow)}
-            transactions = {row.transaction_id: row for row in self._select_in(
-                cursor, "transactions", _TRANSACTION_COLUMNS, transaction_ids, TransactionRow)}
+            transaction_ids.update(event.transaction_id for event in batch.events)
+            accounts = {row.account_id: row for row in self._select_in(cursor, "accounts", "account_id",
+                                                                     _ACCOUNT_COLUMNS, account_ids, AccountRow)}
+            transactions = {(row.account_id, row.transaction_id): row for row in self._select_in(
+                cursor, "transactions", "transaction_id", _TRANSACTION_COLUMNS, transaction_ids, TransactionRow)}
             changes = project(accounts, transactions, batch.events, batch.outcomes)
             # The row tuples' fields are in the order of the column lists.
             if changes.entries:
@@ -282,7 +316,8 @@ class ReadModelStore:
             expected = batch.offsets_before.get((topic, partition))
             if expected is None:
                 try:
-                    cursor.execute(self._sql("INSERT INTO offsets (topic, kafka_partition, next_offset) VALUES (?, ?, ?)"),
+                    cursor.execute(self._sql("INSERT INTO offsets (topic, kafka_partition, next_offset) "
+                                             "VALUES (?, ?, ?)"),
                                    (topic, partition, next_offset))
                 except self._backend.integrity_error:
                     raise ConcurrentWriterError(
@@ -297,13 +332,14 @@ class ReadModelStore:
                     f"{topic}[{partition}]: the stored offset is no longer {expected}; another writer (a second "
                     f"consumer or a rebuild) changed this database; one consumer (or rebuild) per database")
 
-    def _select_in(self, cursor: Any, table: str, columns: Sequence[str], keys: set[str], row_class: type) -> list:
-        found = []
+    def _select_in(self, cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: set[str],
+                   row_class: type) -> list:
+        found: list = []
         key_list = list(keys)
         for start in range(0, len(key_list), SELECT_IN_CHUNK_SIZE):
             chunk = key_list[start:start + SELECT_IN_CHUNK_SIZE]
             cursor.execute(self._sql(f"SELECT {', '.join(columns)} FROM {table} "
-                                     f"WHERE {columns[0]} IN ({', '.join('?' * len(chunk))})"), chunk)
+                                     f"WHERE {key_column} IN ({', '.join('?' * len(chunk))})"), chunk)
             found.extend(row_class(*row) for row in cursor.fetchall())
         return found
 
@@ -324,17 +360,37 @@ class ReadModelStore:
                       "ORDER BY sequence DESC LIMIT ?"), parameters).fetchall()
         return [EntryRow(*row) for row in rows]
 
-    def transaction(self, transaction_id: str) -> TransactionRow | None:
+    def request(self, account_id: str, transaction_id: str) -> TransactionRow | None:
+        """The request `transaction_id` of the account that owns it."""
         row = self._connection.execute(
-            self._sql(f"SELECT {', '.join(_TRANSACTION_COLUMNS)} FROM transactions WHERE transaction_id = ?"),
-            (transaction_id,),
+            self._sql(f"SELECT {', '.join(_TRANSACTION_COLUMNS)} FROM transactions "
+                      "WHERE account_id = ? AND transaction_id = ?"), (account_id, transaction_id),
         ).fetchone()
         return TransactionRow(*row) if row is not None else None
+
+    def requests_visible_to(self, actor: str | None, transaction_id: str) -> list[TransactionRow]:
+        """Every request with `transaction_id` that `actor` may see, by owning account: the ones
+        it asked for and the ones of accounts it owns. `actor` None: every one (operators, audit).
+        The caller decides who reads everything; this never widens what an actor sees."""
+        if actor == "":
+            return []  # no one: "" is the owner of accounts opened before contract v2
+        columns = ", ".join(f"t.{column}" for column in _TRANSACTION_COLUMNS)
+        if actor is None:
+            rows = self._connection.execute(
+                self._sql(f"SELECT {columns} FROM transactions t WHERE t.transaction_id = ? ORDER BY t.account_id"),
+                (transaction_id,)).fetchall()
+        else:
+            rows = self._connection.execute(
+                self._sql(f"SELECT {columns} FROM transactions t LEFT JOIN accounts a ON a.account_id = t.account_id "
+                          "WHERE t.transaction_id = ? AND (t.actor = ? OR a.owner = ?) ORDER BY t.account_id"),
+                (transaction_id, actor, actor)).fetchall()
+        return [TransactionRow(*row) for row in rows]
 
     def table_rows(self, table: str) -> list[tuple]:
         """Every row of a table in primary-key order: for comparing two read models."""
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}")
-        order = {"accounts": "account_id", "entries": "account_id, sequence", "transactions": "transaction_id",
+        order = {"accounts": "account_id", "entries": "account_id, sequence",
+                 "transactions": "account_id, transaction_id",
                  "offsets": "topic, kafka_partition"}[table]
         return [tuple(row) for row in self._connection.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()]

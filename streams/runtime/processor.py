@@ -4,10 +4,17 @@ One instance consumes some partitions of `wallet.commands` (a consumer group spl
 and, per batch, in ONE Kafka transaction: decides every command with the core, produces its
 events (to the same partition number of `wallet.events`), its saga legs (to
 `wallet.commands`, placed by the shared partitioner) and its outcomes, sends the consumed
-offsets, and commits. The RocksDB snapshot is written only after the commit. On any
-transaction error the instance aborts where it can, replaces its producer (same
-transactional id, which fences a zombie of itself) and rebuilds every owned partition from
-the snapshot and the log: it never guesses whether a commit happened.
+offsets, and commits. The transaction calls live in `transactions.py`; this file is the loop
+and its decisions.
+
+The snapshot holds only what Kafka committed. A batch changes its tasks' states in memory
+before its commit, so a task is marked `uncommitted` from the first record of a batch until
+the commit returns; a task so marked is never saved (not by the periodic flush, not on
+revocation, not on the way out of `run()` after an exception or a signal). When a batch does
+not commit, its in-memory state is thrown away before anything else is tried: the producer
+is replaced (same transactional id, which fences a zombie of itself) and every owned
+partition is rebuilt from the snapshot and the log. It never guesses whether a commit
+happened.
 """
 from __future__ import annotations
 
@@ -20,31 +27,33 @@ from functools import lru_cache
 from pathlib import Path
 
 from confluent_kafka import (
-    OFFSET_BEGINNING, TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, KafkaException, Producer, TopicPartition,
+    OFFSET_BEGINNING,
+    TIMESTAMP_LOG_APPEND_TIME,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
 )
 
+from infra.admin import admin_client
+from infra.kafka_clients import processor_consumer_config, processor_producer_config, restore_consumer_config
+from infra.secrets import leg_keys_text
+from infra.settings import Settings
 from schemas.codec import SchemaError, decode_command, encode
 from schemas.commands import LEG_COMMANDS
 from schemas.events import CommandRejected
 from schemas.leg_auth import LegKeyring
-from schemas.outcomes import Reason
+from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import partition_for
-from infra.secrets import leg_keys_text
 from streams.core.errors import UndecidableInput
-from streams.core.machine import apply, dead_letter_outcome
+from streams.core.machine import Decision, apply, dead_letter_outcome
 from streams.core.state import State, memory_horizon_ms
-from infra.kafka_clients import (
-    processor_consumer_config, processor_producer_config, restore_consumer_config,
-)
-from streams.runtime.restore import fold_event_tail
+from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
-from infra.settings import Settings
+from streams.runtime.transactions import TransactionAborted, TransactionalProducer
 
 log = logging.getLogger("wallet.processor")
 
-PRODUCE_QUEUE_FULL_WAIT_S = 30.0
-KAFKA_CALL_TIMEOUT_S = 30.0
-COMMIT_RETRIES_MAX = 3
 REPORT_INTERVAL_S = 5.0
 GC_YOUNG_THRESHOLD = 200_000  # allocations between young-generation collections
 
@@ -57,13 +66,16 @@ class ProcessorConfig:
     commit_interval_ms: int = 25  # longest a command waits for its batch to fill (a transfer waits twice)
     state_flush_interval_ms: int = 5_000  # how often the RocksDB snapshot catches up (restore folds the rest)
     transaction_timeout_ms: int = 10_000
+    kafka_call_timeout_ms: int = 30_000  # bound of every blocking Kafka call (commit, abort, init, committed)
+    commit_attempts_max: int = 3  # commits retried while librdkafka calls the error retriable
     restore_timeout_s: float = 600.0
 
 
 class _Task:
     """One owned partition: its state, its snapshot checkpoint and what changed since."""
 
-    __slots__ = ("partition", "state", "checkpoint", "changes", "events_offset", "segments_dropped_at_horizon_ms")
+    __slots__ = ("partition", "state", "checkpoint", "changes", "events_offset", "uncommitted",
+                 "segments_dropped_at_horizon_ms")
 
     def __init__(self, partition: int, state: State, checkpoint: Checkpoint, events_offset: int) -> None:
         self.partition = partition
@@ -71,7 +83,23 @@ class _Task:
         self.checkpoint = checkpoint
         self.changes = PartitionChanges()
         self.events_offset = events_offset  # next offset of wallet.events after the last committed event
+        # True from a batch's first record of this partition until the batch commits: the state
+        # then holds decisions Kafka may never have, and must not reach the snapshot.
+        self.uncommitted = False
         self.segments_dropped_at_horizon_ms: int | None = None
+
+
+class _Batch:
+    """What one batch collected for its transaction."""
+
+    __slots__ = ("next_offsets", "events", "delivered")
+
+    def __init__(self) -> None:
+        self.next_offsets: dict[int, int] = {}  # partition -> next commands offset to commit
+        # Events are produced after the decisions so that the last one of each partition can
+        # carry the batch's only delivery callback: its offset is the snapshot's checkpoint.
+        self.events: list[tuple[int, str, bytes]] = []
+        self.delivered: dict[int, int] = {}  # partition -> next events offset, once delivered
 
 
 class Processor:
@@ -80,17 +108,28 @@ class Processor:
         self.config = config
         self.group_id = settings.processor_group_id
         self.transactional_id = settings.processor_transactional_id(config.instance_id)
+        self._call_timeout_s = config.kafka_call_timeout_ms / 1000
         self._stopping = False
+        # First: a SIGTERM while the clients start (init_transactions can take seconds) is a stop.
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
         self._tasks: dict[int, _Task] = {}
         # The processors' leg keys: every leg is verified before the core sees it, every emitted leg signed.
         self._keyring = LegKeyring.parse(leg_keys_text(settings))
         self._store = StateStore(config.store_path)
         self._consumer = Consumer(processor_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
-        self._restore_consumer = Consumer(restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
-        self._producer = self._new_producer()
+        self._restore_consumer = Consumer(
+            restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
+        self._admin = admin_client(settings.bootstrap, role="processor")  # the restore's offset queries
+        self._transactions = TransactionalProducer(
+            processor_producer_config(settings.bootstrap, self.transactional_id, config.transaction_timeout_ms),
+            settings.dlq_topic, call_timeout_s=self._call_timeout_s, commit_attempts_max=config.commit_attempts_max)
         self._partition_count = self._check_topics()
-        self._owner_partition = lru_cache(maxsize=1 << 20)(lambda account: partition_for(account, self._partition_count))
+        self._owner_partition = lru_cache(maxsize=1 << 20)(
+            lambda account: partition_for(account, self._partition_count))
         self._last_flush_s = time.monotonic()
+        self._report_s = time.monotonic()
+        self._reported = 0
         self.commands_processed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -102,14 +141,10 @@ class Processor:
         # Let the young generation grow to a batch's worth of short-lived tuples and lists before
         # a pass: at the default of 700 the collector cost several microseconds per command.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
         self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("instance %s started (group %s, transactional id %s)", self.config.instance_id, self.group_id,
                  self.transactional_id)
-        report_s = time.monotonic()
-        reported = 0
         try:
             while not self._stopping:
                 records = self._consumer.consume(num_messages=self.config.batch_size_max,
@@ -117,204 +152,161 @@ class Processor:
                 if records:
                     try:
                         self._process_batch(records)
-                    except KafkaException as error:
-                        self._recover(f"Kafka failed during a batch: {error}")
-                now_s = time.monotonic()
-                if now_s - self._last_flush_s >= self.config.state_flush_interval_ms / 1000:
-                    self._flush_state()
-                if now_s - report_s >= REPORT_INTERVAL_S:
-                    rate = (self.commands_processed - reported) / (now_s - report_s)
-                    log.info("partitions %s: %d commands processed (%.0f/s), lag %d", sorted(self._tasks),
-                             self.commands_processed, rate, self._lag())
-                    report_s, reported = now_s, self.commands_processed
+                    except TransactionAborted as error:
+                        self._recover(str(error))
+                self._housekeeping()
         finally:
+            self._shut_down()
+
+    def _housekeeping(self) -> None:
+        now_s = time.monotonic()
+        if now_s - self._last_flush_s >= self.config.state_flush_interval_ms / 1000:
             self._flush_state()
-            self._consumer.close()  # leaves the group so the partitions move at once
-            self._restore_consumer.close()
-            self._store.close()
-            log.info("instance %s stopped after %d commands", self.config.instance_id, self.commands_processed)
+        if now_s - self._report_s >= REPORT_INTERVAL_S:
+            rate = (self.commands_processed - self._reported) / (now_s - self._report_s)
+            log.info("partitions %s: %d commands processed (%.0f/s), lag %d", sorted(self._tasks),
+                     self.commands_processed, rate, self._lag())
+            self._report_s, self._reported = now_s, self.commands_processed
+
+    def _shut_down(self) -> None:
+        # Whatever brought us here (a stop, an exception out of a batch or a recovery), only
+        # committed state is saved: `_save` skips uncommitted tasks.
+        self._flush_state()
+        self._consumer.close()  # leaves the group so the partitions move at once (revocation saves again)
+        self._restore_consumer.close()
+        self._store.close()
+        log.info("instance %s stopped after %d commands", self.config.instance_id, self.commands_processed)
 
     # -- the batch: one Kafka transaction ----------------------------------------------------
 
     def _process_batch(self, records: list) -> None:
-        producer = self._producer
-        produce = producer.produce
-        events_topic, commands_topic = self.settings.events_topic, self.settings.commands_topic
-        outcomes_topic = self.settings.outcomes_topic
-        tasks = self._tasks
-        owner_partition = self._owner_partition
-        next_offsets: dict[int, int] = {}
-        # Events are produced after the loop so that the last one of each partition can carry
-        # the batch's only delivery callback: its offset is the snapshot's checkpoint.
-        events: list[tuple[int, str, bytes]] = []
-        producer.begin_transaction()
+        batch = _Batch()
+        self._transactions.begin()
         for record in records:
-            if record.error() is not None:
-                if record.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", record.error())
-                continue
-            partition = record.partition()
-            task = tasks[partition]
-            next_offsets[partition] = record.offset() + 1
-            timestamp_type, record_time_ms = record.timestamp()
-            if timestamp_type != TIMESTAMP_LOG_APPEND_TIME:
-                # The time that decides must be the broker's: a producer's CreateTime would let
-                # clients move the partition's clock (and with it the idempotency window).
-                raise RuntimeError(f"{record.topic()}[{partition}]@{record.offset()} has timestamp type "
-                                   f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
-                                   f"message.timestamp.type=LogAppendTime (wallet topics create)")
-            try:
-                command = decode_command(record.value())
-            except SchemaError as schema_error:
-                self._dead_letter(record, str(schema_error), dead_letter_outcome(record.value(), Reason.INVALID_COMMAND))
-                continue
-            owner = getattr(command, command.owner_field)
-            if owner_partition(owner) != partition:
-                self._dead_letter(record, f"command for account {owner!r} arrived on partition {partition}, but the "
-                                          f"account belongs to partition {owner_partition(owner)}: its producer "
-                                          f"does not use the murmur2 partitioner",
-                                  dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command))
-                continue
-            if type(command) in LEG_COMMANDS:
-                refused = self._keyring.verify(command)
-                if refused is not None:
-                    self._dead_letter(record, refused)
-                    continue
-            try:
-                decision = apply(task.state, command, record_time_ms)
-            except UndecidableInput as undecidable:
-                # The core raises before folding anything, so the state is untouched; any other
-                # exception is a bug and stops the processor before this batch commits.
-                self._dead_letter(record, f"the state machine cannot decide it: {undecidable}")
-                continue
-            changed_accounts, changed_memory = task.changes.accounts, task.changes.memory_keys
-            for event in decision.events:
-                account_id = event.account_id
-                events.append((partition, account_id, encode(event)))
-                if type(event) is not CommandRejected:
-                    changed_accounts.add(account_id)
-                changed_memory.add((account_id, event.transaction_id))
-            for leg in decision.follow_ups:
-                value, key = encode(self._keyring.sign(leg)), getattr(leg, leg.owner_field)
-                try:
-                    produce(commands_topic, value, key)
-                except BufferError:
-                    self._produce_when_room(commands_topic, value, key, None)
-            outcome = decision.outcome
-            if outcome is not None:
-                value = encode(outcome)
-                try:
-                    produce(outcomes_topic, value, outcome.transaction_id)
-                except BufferError:
-                    self._produce_when_room(outcomes_topic, value, outcome.transaction_id, None)
-        delivered: dict[int, int] = {}
-        last_index = {partition: index for index, (partition, _, _) in enumerate(events)}
-        def checkpoint_on_delivery(error, message) -> None:
-            if error is None:
-                delivered[message.partition()] = message.offset() + 1
-
-        for index, (partition, key, value) in enumerate(events):
-            on_delivery = checkpoint_on_delivery if last_index[partition] == index else None
-            try:
-                produce(events_topic, value, key, partition, on_delivery=on_delivery)
-            except BufferError:
-                self._produce_when_room(events_topic, value, key, partition, on_delivery)
+            self._handle(record, batch)
+        self._produce_events(batch)
         self.commands_processed += len(records)
-        if not next_offsets:
-            producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+        if not batch.next_offsets:
+            self._transactions.abort_empty()  # only consumer errors: nothing to commit
             return
-        offsets = [TopicPartition(commands_topic, partition, offset) for partition, offset in next_offsets.items()]
-        if not self._commit(offsets):
-            self._recover("the batch's transaction did not commit")
+        offsets = [TopicPartition(self.settings.commands_topic, partition, offset)
+                   for partition, offset in batch.next_offsets.items()]
+        self._transactions.commit(offsets, self._consumer.consumer_group_metadata())
+        for partition, events_offset in batch.delivered.items():
+            self._tasks[partition].events_offset = events_offset
+        for partition in batch.next_offsets:
+            self._tasks[partition].uncommitted = False
+
+    def _handle(self, record, batch: _Batch) -> None:
+        error = record.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", error)
             return
-        for partition, events_offset in delivered.items():
-            tasks[partition].events_offset = events_offset
+        partition = record.partition()
+        task = self._tasks[partition]
+        task.uncommitted = True
+        batch.next_offsets[partition] = record.offset() + 1
+        decision = self._decide(task, record)
+        if decision is not None:
+            self._emit(task, decision, batch)
 
-    def _produce_when_room(self, topic: str, value: bytes, key, partition: int | None, on_delivery=None) -> None:
-        """The local queue is full: serve deliveries until there is room, never drop."""
-        deadline_s = time.monotonic() + PRODUCE_QUEUE_FULL_WAIT_S
-        while True:
-            self._producer.poll(0.05)
-            try:
-                if partition is None:
-                    self._producer.produce(topic, value, key, on_delivery=on_delivery)
-                else:
-                    self._producer.produce(topic, value, key, partition, on_delivery=on_delivery)
-                return
-            except BufferError:
-                if time.monotonic() > deadline_s:
-                    raise RuntimeError(f"producer queue stayed full for {PRODUCE_QUEUE_FULL_WAIT_S:.0f} s: "
-                                       f"is the broker reachable?") from None
-
-    def _dead_letter(self, record, error: str, outcome=None) -> None:
-        log.warning("dead-lettering %s[%d]@%d: %s", record.topic(), record.partition(), record.offset(), error)
-        headers = [("error", error.encode()), ("source_topic", record.topic().encode()),
-                   ("source_partition", str(record.partition()).encode()),
-                   ("source_offset", str(record.offset()).encode())]
+    def _decide(self, task: _Task, record) -> Decision | None:
+        """The core's decision on one record, or None when the record was dead-lettered."""
+        partition = task.partition
+        timestamp_type, record_time_ms = record.timestamp()
+        if timestamp_type != TIMESTAMP_LOG_APPEND_TIME:
+            # The time that decides must be the broker's: a producer's CreateTime would let
+            # clients move the partition's clock (and with it the idempotency window).
+            raise RuntimeError(f"{record.topic()}[{partition}]@{record.offset()} has timestamp type "
+                               f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
+                               f"message.timestamp.type=LogAppendTime (wallet topics create)")
         try:
-            self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
-        except BufferError:
-            self._producer.flush(PRODUCE_QUEUE_FULL_WAIT_S)
-            self._producer.produce(self.settings.dlq_topic, record.value(), record.key(), headers=headers)
+            command = decode_command(record.value())
+        except SchemaError as schema_error:
+            self._dead_letter(record, str(schema_error), dead_letter_outcome(record.value(), Reason.INVALID_COMMAND))
+            return None
+        owner = getattr(command, command.owner_field)
+        if self._owner_partition(owner) != partition:
+            self._dead_letter(
+                record, f"command for account {owner!r} arrived on partition {partition}, but the account belongs "
+                        f"to partition {self._owner_partition(owner)}: its producer does not use the murmur2 "
+                        f"partitioner", dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command))
+            return None
+        if type(command) in LEG_COMMANDS:
+            refused = self._keyring.verify(command)
+            if refused is not None:
+                self._dead_letter(record, refused)
+                return None
+        try:
+            return apply(task.state, command, record_time_ms)
+        except UndecidableInput as undecidable:
+            # The core raises before folding anything, so the state is untouched. Any other
+            # exception is a bug and stops the process, before the batch commits.
+            self._dead_letter(record, f"the state machine cannot decide it: {undecidable}")
+            return None
+
+    def _dead_letter(self, record, reason: str, outcome: Outcome | None = None) -> None:
+        self._transactions.dead_letter(record, reason)
         if outcome is not None:
             # The client that sent it would otherwise wait `pending` forever.
-            value = encode(outcome)
-            try:
-                self._producer.produce(self.settings.outcomes_topic, value, outcome.transaction_id)
-            except BufferError:
-                self._produce_when_room(self.settings.outcomes_topic, value, outcome.transaction_id, None)
+            self._transactions.send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)
 
-    def _commit(self, offsets: list[TopicPartition]) -> bool:
-        producer = self._producer
-        try:
-            producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S)
-            for attempt in range(COMMIT_RETRIES_MAX):
-                try:
-                    producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
-                    return True
-                except KafkaException as error:
-                    if not error.args[0].retriable() or attempt == COMMIT_RETRIES_MAX - 1:
-                        raise
-                    log.warning("commit failed, retrying: %s", error)
-        except KafkaException as error:
-            log.error("transaction failed: %s", error)
-            if error.args[0].txn_requires_abort():
-                try:
-                    producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
-                except KafkaException as abort_error:
-                    log.error("abort failed too: %s", abort_error)
-        return False
+    def _emit(self, task: _Task, decision: Decision, batch: _Batch) -> None:
+        """Queues the decision's events for the batch and sends its legs and outcome now."""
+        partition = task.partition
+        changed_accounts, changed_memory = task.changes.accounts, task.changes.memory_keys
+        for event in decision.events:
+            account_id = event.account_id
+            batch.events.append((partition, account_id, encode(event)))
+            if type(event) is not CommandRejected:
+                changed_accounts.add(account_id)
+            changed_memory.add((account_id, event.transaction_id))
+        send = self._transactions.send
+        for leg in decision.follow_ups:
+            send(self.settings.commands_topic, encode(self._keyring.sign(leg)), getattr(leg, leg.owner_field))
+        outcome = decision.outcome
+        if outcome is not None:
+            send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)
+
+    def _produce_events(self, batch: _Batch) -> None:
+        """Produces the batch's events; the last of each partition reports the events offset."""
+        events, delivered = batch.events, batch.delivered
+        last_index = {partition: index for index, (partition, _, _) in enumerate(events)}
+
+        def checkpoint_on_delivery(error, message) -> None:
+            if error is None:  # served inside the commit, which waits for every delivery
+                delivered[message.partition()] = message.offset() + 1
+
+        send, events_topic = self._transactions.send, self.settings.events_topic
+        for index, (partition, key, value) in enumerate(events):
+            on_delivery = checkpoint_on_delivery if last_index[partition] == index else None
+            send(events_topic, value, key, partition, on_delivery)
 
     def _recover(self, why: str) -> None:
-        """Replaces the producer and rebuilds every owned partition from snapshot + log."""
-        log.warning("recovering: %s; replacing the producer and rebuilding partitions %s", why, sorted(self._tasks))
-        self._producer.flush(0)
-        self._producer = self._new_producer()
+        """Throws away the failed batch, replaces the producer and rebuilds every owned partition."""
         partitions = sorted(self._tasks)
+        log.warning("recovering: %s; replacing the producer and rebuilding partitions %s", why, partitions)
+        # First, before any call that can fail: the failed batch's state must never be saved.
         self._tasks.clear()
+        self._transactions.abort()
+        self._transactions.replace()
         self._restore(partitions)
         committed = self._consumer.committed(
-            [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=KAFKA_CALL_TIMEOUT_S)
+            [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=self._call_timeout_s)
         for topic_partition in committed:
             if topic_partition.offset < 0:
                 # Nothing committed yet: the failed batch was the partition's first.
                 topic_partition.offset = OFFSET_BEGINNING
             self._consumer.seek(topic_partition)
 
-    def _new_producer(self) -> Producer:
-        producer = Producer(processor_producer_config(self.settings.bootstrap, self.transactional_id,
-                                                      self.config.transaction_timeout_ms))
-        # Fences any earlier producer with this transactional id and settles its open transaction.
-        producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
-        return producer
-
     # -- partitions: restore on assignment, drop on revocation -------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        # Waits until no transaction that wrote these partitions' offsets is still open, so the
-        # events read next are all that will ever belong before our first command.
-        consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
+        # Waits until no transaction that wrote these partitions' offsets is still open; the
+        # restore then waits the same for the events partitions (see restore.py).
+        consumer.committed(partitions, timeout=self._call_timeout_s)
         self._restore(numbers)
         # The restored state is long-lived: keep the cyclic collector from re-scanning it.
         gc.freeze()
@@ -329,9 +321,13 @@ class Processor:
         log.info("revoked partitions %s; now owning %s", numbers, sorted(self._tasks))
 
     def _restore(self, partitions: list[int]) -> None:
+        if not partitions:
+            return
         loaded = {p: self._store.load(p) for p in partitions}
         tails = {p: (state, checkpoint.events_offset) for p, (state, checkpoint) in loaded.items()}
-        ends = fold_event_tail(self._restore_consumer, self.settings.events_topic, tails, self.config.restore_timeout_s)
+        topic, timeout_s = self.settings.events_topic, self.config.restore_timeout_s
+        ends = fold_event_tail(self._restore_consumer, topic, tails, stable_ends(self._admin, topic, partitions,
+                                                                                 timeout_s), timeout_s)
         for partition, (state, checkpoint) in loaded.items():
             task = _Task(partition, state, checkpoint, ends[partition])
             if ends[partition] != checkpoint.events_offset:
@@ -341,7 +337,7 @@ class Processor:
                 task.changes.memory_keys.update(state.memory)
             self._tasks[partition] = task
 
-    # -- the snapshot ------------------------------------------------------------------------
+    # -- the snapshot: committed state only --------------------------------------------------
 
     def _flush_state(self) -> None:
         for task in self._tasks.values():
@@ -349,8 +345,15 @@ class Processor:
         self._last_flush_s = time.monotonic()
 
     def _save(self, task: _Task) -> None:
+        if task.uncommitted:
+            log.warning("partition %d holds an uncommitted batch: not saved; the next owner rebuilds it from the log",
+                        task.partition)
+            return
         if task.events_offset == task.checkpoint.events_offset:
             return
+        assert task.events_offset > task.checkpoint.events_offset, (
+            f"partition {task.partition}: events offset {task.events_offset} behind its snapshot's "
+            f"{task.checkpoint.events_offset}")
         task.checkpoint.events_offset = task.events_offset
         self._store.save(task.partition, task.state, task.changes, task.checkpoint)
         task.changes = PartitionChanges()
@@ -362,7 +365,7 @@ class Processor:
     # -- observability -----------------------------------------------------------------------
 
     def _check_topics(self) -> int:
-        metadata = self._consumer.list_topics(timeout=KAFKA_CALL_TIMEOUT_S)
+        metadata = self._consumer.list_topics(timeout=self._call_timeout_s)
         counts = {}
         for topic in (self.settings.commands_topic, self.settings.events_topic):
             found = metadata.topics.get(topic)

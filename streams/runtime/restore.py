@@ -1,10 +1,24 @@
-"""Bringing a partition's state level with `wallet.events` before any command is processed."""
+"""Bringing a partition's state level with `wallet.events` before any command is processed.
+
+Two steps, in this order:
+
+1. `stable_ends`: wait until no transaction is open on each events partition, i.e. its last
+   stable offset (what read_committed readers may see) equals its high watermark (what has
+   been written). The previous owner's last commit writes its markers to `__consumer_offsets`
+   and to `wallet.events` separately; `Consumer.committed()` waits only for the first. A
+   read_committed read ends at the last stable offset *of the moment*, so without this wait a
+   restore could end just before the previous owner's last events, while the consumer starts
+   after the commands that made them: their effect would be lost from the state.
+2. `fold_event_tail`: fold each partition's events from its snapshot's offset until the
+   read_committed consumer reports the end, which is then at least that stable end.
+"""
 from __future__ import annotations
 
 import logging
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from schemas.codec import decode_event
 from streams.core.state import State, fold
@@ -13,23 +27,67 @@ log = logging.getLogger("wallet.processor")
 
 RESTORE_BATCH_SIZE_MAX = 10_000
 RESTORE_PROGRESS_INTERVAL_S = 2.0
+STABLE_END_POLL_INTERVAL_S = 0.02
+LIST_OFFSETS_TIMEOUT_S = 10.0
 
 
 class RestoreTimeout(RuntimeError):
     pass
 
 
-def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tuple[State, int]],
-                    timeout_s: float) -> dict[int, int]:
-    """Folds each partition's events from its offset to the current end (read_committed).
+def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel) -> dict[int, int]:
+    request = {TopicPartition(topic, partition): OffsetSpec.latest() for partition in partitions}
+    futures = admin.list_offsets(request, isolation_level=isolation, request_timeout=LIST_OFFSETS_TIMEOUT_S)
+    return {topic_partition.partition: future.result().offset for topic_partition, future in futures.items()}
 
-    `tails` maps partition -> (state, first offset not yet folded); returns partition -> the
-    next offset after the last event folded. Raises RestoreTimeout if the end is not reached
-    within `timeout_s`, since processing on a state that is behind would decide wrongly.
+
+def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s: float) -> dict[int, int]:
+    """Each partition's last stable offset, read once it equals the high watermark.
+
+    Raises RestoreTimeout if a transaction stays open past `timeout_s` (it cannot: the broker
+    aborts a transaction after `transaction.timeout.ms`, and a restarted instance's producer
+    settles its own at once).
+    """
+    waiting = sorted(partitions)
+    ends: dict[int, int] = {}
+    deadline_s = time.monotonic() + timeout_s
+    open_seen: dict[int, tuple[int, int]] = {}
+    while waiting:
+        stable = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED)
+        written = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED)
+        for partition in waiting:
+            # Read in this order, stable <= written unless a transaction completed in between;
+            # either way the partition is settled only when they agree.
+            if stable[partition] == written[partition]:
+                ends[partition] = stable[partition]
+            else:
+                open_seen[partition] = (stable[partition], written[partition])
+        waiting = [partition for partition in waiting if partition not in ends]
+        if waiting:
+            if time.monotonic() > deadline_s:
+                raise RestoreTimeout(f"{topic} partitions {waiting} still had an open transaction after "
+                                     f"{timeout_s:.0f} s (stable, written: {[open_seen[p] for p in waiting]})")
+            time.sleep(STABLE_END_POLL_INTERVAL_S)
+    if open_seen:
+        log.info("waited for open transactions on %s partitions %s to end before restoring", topic,
+                 sorted(open_seen))
+    return ends
+
+
+def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tuple[State, int]],
+                    ends: dict[int, int], timeout_s: float) -> dict[int, int]:
+    """Folds each partition's events from its offset to (at least) its stable end (read_committed).
+
+    `tails` maps partition -> (state, first offset not yet folded) and `ends` partition -> the
+    stable end from `stable_ends`; returns partition -> the next offset after the last event
+    folded. Raises RestoreTimeout if the end is not reached within `timeout_s`, since
+    processing on a state that is behind would decide wrongly.
     """
     if not tails:
         return {}
     next_offsets = {partition: offset for partition, (_, offset) in tails.items()}
+    assert all(ends[partition] >= offset for partition, offset in next_offsets.items()), (
+        f"a snapshot of {events_topic} is ahead of the log: snapshot {next_offsets}, log ends {ends}")
     consumer.assign([TopicPartition(events_topic, partition, offset) for partition, offset in next_offsets.items()])
     remaining = set(tails)
     started_s = last_report_s = time.monotonic()
@@ -48,12 +106,15 @@ def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tupl
                 error = record.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
+                        # The end of a fetch issued after `ends` was read: the stable offset
+                        # only grows, so everything up to `ends` has been folded.
                         remaining.discard(record.partition())
                         continue
                     raise KafkaException(error)
-                partition = record.partition()
-                fold(tails[partition][0], decode_event(record.value()))
-                next_offsets[partition] = record.offset() + 1
+                partition, offset, value = record.partition(), record.offset(), record.value()
+                assert partition is not None and offset is not None and value is not None, "a record without data"
+                fold(tails[partition][0], decode_event(value))
+                next_offsets[partition] = offset + 1
                 folded += 1
     finally:
         consumer.unassign()

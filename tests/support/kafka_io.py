@@ -7,11 +7,12 @@ from typing import NamedTuple
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.audit import log_reader
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
+from infra.produce import produce_with_room
+from infra.settings import Settings
 from schemas.codec import encode
 from schemas.commands import Command, owner_account
 from schemas.partitioning import KAFKA_PARTITIONER
-from infra.settings import Settings
-from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 
 READ_TIMEOUT_S = 60.0
 
@@ -23,12 +24,7 @@ def command_producer(settings: Settings) -> Producer:
 
 def publish(producer: Producer, settings: Settings, commands: list[Command]) -> None:
     for command in commands:
-        while True:
-            try:
-                producer.produce(settings.commands_topic, encode(command), owner_account(command))
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_with_room(producer, settings.commands_topic, encode(command), owner_account(command))
     remaining = producer.flush(30)
     assert remaining == 0, f"{remaining} commands were not delivered within 30 s"
 
@@ -48,7 +44,7 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = READ_TIMEOUT_S
     return [LoggedRecord(number, offset, key, value, dict(headers or ()))
             for number, partition in sorted(log.partitions.items())
             for offset, key, value, headers in zip(partition.offsets, partition.keys, partition.values,
-                                                   partition.headers)]
+                                                   partition.headers, strict=True)]
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):

@@ -705,8 +705,11 @@ def _format_storage_once(java: str, classpath: str, nodes: list[BrokerFiles], pa
     if shared.cluster_id_file.exists():
         cluster_id = shared.cluster_id_file.read_text().strip()
     else:
-        # Kafka's Uuid text form: URL-safe base64 of 16 random bytes, without padding.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Kafka's Uuid text form: URL-safe base64 of 16 random bytes, without padding; like Kafka's
+        # Uuid.randomUuid, never one that starts with "-", which StorageTool would read as an option.
+        cluster_id = "-"
+        while cluster_id.startswith("-"):
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         shared.cluster_id_file.write_text(cluster_id + "\n")
     running: list[tuple[BrokerFiles, subprocess.Popen]] = []
     try:
