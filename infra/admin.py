@@ -62,13 +62,16 @@ def wait_for_broker(
     *,
     abort_reason: Callable[[], str | None] | None = None,
     security: dict[str, str] | None = None,
+    brokers_min: int = 1,
 ) -> ClusterMetadata:
-    """Return the cluster's metadata once a broker answers a real metadata request.
+    """Return the cluster's metadata once a broker answers a real metadata request that lists
+    at least `brokers_min` brokers.
 
     `abort_reason` is asked between attempts; when it returns a text (for example "the broker
     process exited"), waiting is pointless and that text is raised at once.
     """
-    return _wait_for_metadata(admin_client(bootstrap, security=security), bootstrap, timeout_s, abort_reason)
+    return _wait_for_metadata(admin_client(bootstrap, security=security), bootstrap, timeout_s, abort_reason,
+                              brokers_min)
 
 
 def _wait_for_metadata(
@@ -76,6 +79,7 @@ def _wait_for_metadata(
     bootstrap: str,
     timeout_s: float,
     abort_reason: Callable[[], str | None] | None = None,
+    brokers_min: int = 1,
 ) -> ClusterMetadata:
     deadline_s = time.monotonic() + timeout_s
     last_error = "no attempt made"
@@ -90,9 +94,10 @@ def _wait_for_metadata(
         except KafkaException as error:
             last_error = str(error.args[0]) if error.args else repr(error)
         else:
-            if metadata.brokers:
+            if len(metadata.brokers) >= max(1, brokers_min):
                 return metadata
-            last_error = "metadata listed no brokers yet"
+            last_error = (f"metadata listed {len(metadata.brokers)} of {brokers_min} brokers"
+                          if metadata.brokers else "metadata listed no brokers yet")
         if abort_reason is not None:
             reason = abort_reason()
             if reason is not None:

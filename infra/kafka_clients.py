@@ -51,6 +51,13 @@ _SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 _PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+# Every client's failover tuning: librdkafka backs off reconnecting to a broker it lost up to
+# `reconnect.backoff.max.ms` (10 s by default), and a transactional producer looks its
+# coordinator up again only when it reconnects, so with the default one broker's loss stalled
+# commits for 11-18 s; with 1 s, 5-8 s (measured, ../shared/recipes/cluster-recipe.md).
+FAILOVER_TUNING = {"reconnect.backoff.max.ms": 1000}
+
+
 class KafkaSecurityConfigError(ValueError):
     """The Kafka security settings in the environment are incomplete or malformed."""
 
@@ -121,6 +128,7 @@ def _check_complete(merged: dict[str, str], origin: dict[str, str], role: str) -
 def processor_consumer_config(bootstrap: str, group_id: str, instance_id: str) -> dict:
     return {
         **kafka_security("processor"),
+        **FAILOVER_TUNING,
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
         "client.id": f"{group_id}-{instance_id}",
@@ -145,10 +153,15 @@ def processor_consumer_config(bootstrap: str, group_id: str, instance_id: str) -
 def processor_producer_config(bootstrap: str, transactional_id: str, transaction_timeout_ms: int) -> dict:
     return {
         **kafka_security("processor"),
+        **FAILOVER_TUNING,
         "bootstrap.servers": bootstrap,
         "transactional.id": transactional_id,
         "client.id": transactional_id,
         "partitioner": KAFKA_PARTITIONER,
+        # A transactional producer is idempotent and acknowledged by every in-sync replica; said
+        # explicitly so no later edit can weaken it (librdkafka refuses a weaker acks here).
+        "enable.idempotence": True,
+        "acks": "all",
         # A dead instance's open transaction blocks readers of its partitions until the
         # coordinator aborts it: keep that stall short.
         "transaction.timeout.ms": transaction_timeout_ms,
@@ -162,6 +175,7 @@ def processor_producer_config(bootstrap: str, transactional_id: str, transaction
 def restore_consumer_config(bootstrap: str, group_id: str, instance_id: str) -> dict:
     return {
         **kafka_security("processor"),
+        **FAILOVER_TUNING,
         "bootstrap.servers": bootstrap,
         # Never subscribes or commits; librdkafka wants a group id all the same.
         "group.id": f"{group_id}-restore-{instance_id}",

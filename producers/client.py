@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 from infra.produce import QueueFullTimeout, produce_with_room
 from schemas.codec import SchemaError, command_digest, decode_outcome, encode
 from schemas.commands import (
@@ -206,6 +206,7 @@ class CommandPublisher:
         self._queue_messages_max = queue_messages_max
         self._config = {
             **kafka_security("api"),
+            **FAILOVER_TUNING,
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
             "enable.idempotence": True,

@@ -6,20 +6,23 @@ Every other test must pass without a broker, so no fixture here is autouse.
 
 The broker is, in order of preference: the cluster named by WALLET_KAFKA_BOOTSTRAP; the
 project's local broker if one already answers on its port (`wallet kafka start`); or one this
-session starts on free ports in a temporary folder and stops at its end.
+session starts on free ports in a temporary folder and stops at its end. With
+WALLET_TEST_BROKERS=3 the session starts a local KRaft cluster of three nodes instead (never
+reusing a running broker), and the topics the tests make have replication factor 3.
 """
 from __future__ import annotations
 
 import os
+import random
 import socket
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from wallet import localkafka
-from infra.settings import Settings
 from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
+from infra.settings import LOCAL_NODE_PORT_STEP, Settings
+from wallet import localkafka
 
 # One leg key for the whole session: the processes a test starts, the audits it runs in-process
 # (whatever run folder their settings name) and the reference pipeline sign and verify alike.
@@ -30,6 +33,15 @@ CONFIGURED_CLUSTER_TIMEOUT_S = 30
 REUSE_PROBE_TIMEOUT_S = 10
 BROKER_START_TIMEOUT_S = 90  # CI machines are slower than a warm laptop; a local start takes ~3 s
 TOPIC_TIMEOUT_S = 30
+TEST_BROKERS_VARIABLE = "WALLET_TEST_BROKERS"
+CLUSTER_START_TIMEOUT_S = 240  # three JVMs on a loaded 2-core machine: measured 80-90 s at a load of 20
+# Below Linux's ephemeral range (32768-60999), so no client socket or `bind(0)` of a parallel test
+# session takes a cluster node's fixed port between the check and the JVM's bind.
+_LADDER_PORTS = (20000, 32000)
+
+
+def session_broker_count() -> int:
+    return int(os.environ.get(TEST_BROKERS_VARIABLE, "").strip() or "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,6 +62,38 @@ def free_loopback_ports(count: int) -> list[int]:
             probe.close()
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_ports(nodes: int) -> tuple[int, int]:
+    """(client port, controller port) of node 1 of a local cluster such that every node's pair
+    (each `LOCAL_NODE_PORT_STEP` further) is free right now."""
+    low, high = _LADDER_PORTS
+    for _ in range(1000):
+        base = random.randrange(low, high - LOCAL_NODE_PORT_STEP * nodes, 2)
+        if all(_port_is_free(base + LOCAL_NODE_PORT_STEP * node + offset)
+               for node in range(nodes) for offset in (0, 1)):
+            return base, base + 1
+    raise RuntimeError(f"no free ports for a {nodes}-node cluster in {low}..{high}")
+
+
+def start_private_cluster(run_dir, nodes: int) -> Settings:
+    """A local KRaft cluster of `nodes` nodes in `run_dir` on free ports, dying with this process."""
+    kafka_port, controller_port = free_cluster_ports(nodes)
+    settings = Settings().with_overrides(kafka_bootstrap="", run_dir=run_dir, local_kafka_port=kafka_port,
+                                         local_controller_port=controller_port, local_kafka_brokers=nodes)
+    localkafka.fetch_jars(settings)
+    localkafka.start(settings, timeout_s=CLUSTER_START_TIMEOUT_S, stop_with_parent=True)
+    return settings
+
+
 def _port_accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -59,11 +103,21 @@ def _port_accepts(port: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def session_local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings | None]:
+    """The Settings of the local broker or cluster this session started (None: it uses one it did not)."""
     configured = Settings()
     if not configured.uses_local_kafka:
         wait_for_broker(configured.bootstrap, CONFIGURED_CLUSTER_TIMEOUT_S)
-        yield configured.bootstrap
+        yield None
+        return
+
+    nodes = session_broker_count()
+    if nodes > 1:
+        cluster = start_private_cluster(tmp_path_factory.mktemp("kafka-cluster-run"), nodes)
+        try:
+            yield cluster
+        finally:
+            localkafka.stop(cluster)
         return
 
     if _port_accepts(configured.local_kafka_port):
@@ -71,7 +125,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             wait_for_broker(configured.bootstrap, REUSE_PROBE_TIMEOUT_S)
         except BrokerUnavailableError as error:
             pytest.fail(f"something listens on {configured.bootstrap} but is not a working Kafka broker: {error}")
-        yield configured.bootstrap  # started by `wallet kafka start`; whoever started it stops it
+        yield None  # started by `wallet kafka start`; whoever started it stops it
         return
 
     # Free ports and a private folder: parallel test sessions in one checkout never share a broker.
@@ -81,9 +135,16 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     localkafka.fetch_jars(settings)
     localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True)
     try:
-        yield settings.bootstrap
+        yield settings
     finally:
         localkafka.stop(settings)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(session_local_kafka: Settings | None) -> str:
+    # Settings() rather than session_local_kafka.bootstrap when none was started here: the
+    # configured cluster, or the broker `wallet kafka start` runs on its default port.
+    return session_local_kafka.bootstrap if session_local_kafka is not None else Settings().bootstrap
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +159,8 @@ def make_settings(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
             topic_prefix=prefix,
             partitions=partitions,
             run_dir=tmp_path_factory.mktemp(f"run-{prefix.rstrip('.')}"),
+            # On the session's own cluster, replicated as the cluster allows (3 on 3 nodes).
+            replication_factor=min(3, session_broker_count()) if session_broker_count() > 1 else None,
         )
         ensure_topics(settings, timeout_s=TOPIC_TIMEOUT_S)
         made.append(settings)

@@ -21,7 +21,8 @@ _OPERATING_ERRORS = (localkafka.LocalKafkaError, BrokerUnavailableError, TopicPr
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    kafka = subparsers.add_parser("kafka", help="the project's local Kafka broker (KRaft, one node, 127.0.0.1)")
+    kafka = subparsers.add_parser("kafka", help="the project's local Kafka (KRaft on 127.0.0.1: one node, or "
+                                                "--brokers N)")
     kafka_commands = kafka.add_subparsers(dest="kafka_command", metavar="ACTION", required=True)
 
     fetch = kafka_commands.add_parser("fetch", help=f"download Kafka {localkafka.KAFKA_VERSION}'s jars once with Maven")
@@ -33,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--sasl", action="store_true",
                        help="SASL/SCRAM-SHA-512 users per service and ACLs enforced (env WALLET_LOCAL_KAFKA_SASL=1); "
                             "chosen when the run folder is first formatted")
+    start.add_argument("--brokers", type=int,
+                       help="KRaft nodes, each its own JVM, ports and folder (env WALLET_LOCAL_KAFKA_BROKERS; "
+                            "default 1); chosen when the run folder is first formatted and kept after")
     start.set_defaults(handler=_reporting_errors(_start))
 
     stop = kafka_commands.add_parser("stop", help="stop the local broker by the PID it recorded")
@@ -42,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     status = kafka_commands.add_parser("status", help="is the broker running and answering? (exit 0 when ready)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--no-quorum", dest="quorum", action="store_false",
+                        help="do not ask a cluster's KRaft quorum for its active controller (a JVM tool, ~1 s)")
     status.set_defaults(handler=_reporting_errors(_status))
 
     topics = subparsers.add_parser("topics", help="the project's Kafka topics")
@@ -96,8 +102,13 @@ def _start(args: argparse.Namespace) -> int:
         return 0
     result = localkafka.start(settings, timeout_s=args.timeout_s, sasl=True if args.sasl else None)
     state = "already running" if result.already_running else "started"
-    print(f"Kafka {localkafka.KAFKA_VERSION} {state} at {settings.bootstrap} (pid {result.pid}), "
+    pids = ", ".join(str(node.pid) for node in result.nodes)
+    print(f"Kafka {localkafka.KAFKA_VERSION} {state} at {settings.bootstrap} (pid {pids}), "
           f"ready after {result.ready_after_s:.1f} s; data and logs in {settings.run_dir / 'kafka'}")
+    if len(result.nodes) > 1:
+        for node in result.nodes:
+            print(f"  node {node.node_id}: pid {node.pid}, port {node.port}"
+                  f"{'' if node.started_now else ' (was running)'}, log {node.log_file}")
     if localkafka.sasl_enabled(settings):
         print("SASL/SCRAM-SHA-512 with ACLs: each role's credentials are a 0600 file; give each service its own:")
         for name, path in localkafka.client_environment(settings).items():
@@ -112,7 +123,7 @@ def _stop(args: argparse.Namespace) -> int:
         print(f"nothing stopped: {_external_cluster_note(settings)}")
         return 0
     if localkafka.stop(settings, timeout_s=args.timeout_s):
-        print(f"stopped the local Kafka broker at {settings.bootstrap}")
+        print(f"stopped the local Kafka at {settings.bootstrap}")
     else:
         print("the local Kafka broker was not running")
     return 0
@@ -120,11 +131,16 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    report = localkafka.status(settings)
+    clustered = settings.uses_local_kafka and settings.local_broker_count > 1
+    report = localkafka.status(settings, quorum=args.quorum and clustered)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
-    elif report["ready"]:
+        return 0 if report["ready"] else 1
+    if report["ready"]:
         where = f"local broker pid {report['pid']}" if report["managed_locally"] else "existing cluster"
+        if clustered:
+            running = sum(1 for node in report["nodes"] if node["running"])
+            where = f"local cluster, {running} of {len(report['nodes'])} nodes running"
         print(f"ready: {report['bootstrap']} ({where}), {report['brokers']} broker(s), "
               f"cluster id {report['cluster_id']}, {report['topics']} topic(s)")
         if report["managed_locally"]:
@@ -133,6 +149,17 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"SASL/SCRAM-SHA-512 with ACLs; credentials per role in {report['data_dir']}/sasl/")
     else:
         print(f"not ready: {report['error']}")
+    if clustered:
+        leader = report.get("quorum", {}).get("leader_id")
+        for node in report["nodes"]:
+            state = "running" if node["running"] else "NOT RUNNING"
+            if node["running"] and node.get("registered") is False:
+                state += ", not in the cluster's metadata (fenced or still starting)"
+            role = ", active controller" if node["node_id"] == leader else ""
+            print(f"  node {node['node_id']}: {state}{role}, pid {node['pid'] or '-'}, port {node['port']}, "
+                  f"log {node['log_file']}")
+        if "error" in report.get("quorum", {}):
+            print(f"  quorum: {report['quorum']['error']}")
     return 0 if report["ready"] else 1
 
 

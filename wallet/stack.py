@@ -1,7 +1,8 @@
 """`wallet up`, `wallet down`, `wallet ps`: the whole local stack in the background.
 
 `up` starts, each detached in its own session so it outlives the command: the local broker
-(unless a cluster is configured), the topics, N processors, the read model and the HTTP API;
+(unless a cluster is configured; `--brokers 3` makes it a cluster of three KRaft nodes, and the
+run folder keeps that shape), the topics, N processors, the read model and the HTTP API;
 it returns once the API answers and the processors own every partition. It records what it
 started in `<run dir>/stack.json` and writes each process's output to
 `<run dir>/logs/<name>.log`. `down` stops exactly what that file lists (SIGTERM by PID, SIGKILL
@@ -17,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 import time
 import urllib.error
@@ -26,8 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka import KafkaException
 
+from infra.acls import AclProvisioningError, ensure_acls
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.settings import Settings, settings_from_args
 from infra.supervision import Supervised, SupervisionError, is_running, log_tail, start_ticks_of, stop_together
@@ -36,7 +39,7 @@ from wallet import localkafka
 STATE_FILE_NAME = "stack.json"
 STACK_READY_TIMEOUT_S = 60.0
 API_PROBE_TIMEOUT_S = 2.0
-KAFKA_START_TIMEOUT_S = 90.0
+KAFKA_START_TIMEOUT_S = 240.0  # a bound, not a wait: three JVMs took 80-110 s on a loaded 2-core machine
 STOP_TIMEOUT_S = 20.0
 PROCESSORS_MAX = 64
 LOG_TAIL_LINES = 20
@@ -58,6 +61,7 @@ class ManagedProcess:
     start_ticks: int | None  # from /proc/<pid>/stat: tells our process from a later one with its PID
     started_by_up: bool = True
     arguments: tuple[str, ...] = ()  # the `wallet` arguments it was started with, to restart it alike
+    node_id: int | None = None  # a Kafka node's KRaft id
 
     def supervised(self) -> Supervised:
         # Every process `up` spawns leads its own session; the broker is stopped through localkafka.
@@ -107,7 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     down.set_defaults(handler=reporting_errors(_down))
 
     ps = subparsers.add_parser("ps", help="what the stack runs: role, PID, port")
-    ps.add_argument("--json", action="store_true", help='print a JSON list of {"role", "pid", "port"} objects')
+    ps.add_argument("--json", action="store_true", help='print a JSON list of {"role", "pid", "port"} objects '
+                                                         '(Kafka nodes also "node_id")')
     ps.set_defaults(handler=reporting_errors(_ps))
 
 
@@ -116,6 +121,9 @@ def add_up_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=API_PORT_DEFAULT,
                         help=f"the API's port (default {API_PORT_DEFAULT})")
     parser.add_argument("--processors", type=int, default=1, help="processor instances (default 1)")
+    parser.add_argument("--brokers", type=int,
+                        help="nodes of the local Kafka (env WALLET_LOCAL_KAFKA_BROKERS; default 1): 3 gives a KRaft "
+                             "cluster with replication factor 3, chosen when its run folder is first formatted")
     parser.add_argument("--readmodel", action=argparse.BooleanOptionalAction, default=True,
                         help="run the read model and its query routes (default: yes)")
     parser.add_argument("--auth", choices=("on", "off"), default="on",
@@ -131,7 +139,7 @@ def reporting_errors(handler):
         try:
             return handler(args)
         except (StackError, SupervisionError, localkafka.LocalKafkaError, BrokerUnavailableError,
-                TopicProvisioningError) as error:
+                TopicProvisioningError, AclProvisioningError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
 
@@ -155,16 +163,20 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
         if existing is not None:
             alive = [process for process in existing.processes if process.started_by_up and is_alive(process)]
             if alive:
+                localkafka.use_local_credentials(settings)  # what is restarted runs as its own principal again
                 return _restart_exited(settings, existing, timeout_s, out)
             state_path(settings).unlink()  # every process of an old stack has exited
         _require_free_port(port)
         logs_dir(settings).mkdir(parents=True, exist_ok=True)
         started: list[ManagedProcess] = []
         try:
-            broker = _start_kafka(settings, out)
-            if broker is not None:
-                started.append(broker)
+            started += _start_kafka(settings, out)
+            # A SASL local broker: this process provisions as admin and every service it starts runs as
+            # its own principal (the credentials files' paths go into the environment they inherit).
+            own_principals = localkafka.use_local_credentials(settings)
             print(f"topics: {', '.join(f'{name} {how}' for name, how in ensure_topics(settings).items())}", file=out)
+            if own_principals:
+                print(f"acls: {len(ensure_acls(settings))} grants for the service principals", file=out)
             for index in range(1, processors + 1):
                 name = f"processor-{index}"
                 started.append(_spawn(settings, "processor", name, None,
@@ -191,13 +203,15 @@ def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out
     """`wallet up` on a running stack: start again, alike, whatever of it has exited (a killed
     processor resumes from its snapshot and the log under the same instance id)."""
     processes = []
+    restarted_nodes: dict[int, ManagedProcess] | None = None
     for process in state.processes:
         if not process.started_by_up or is_alive(process):
             processes.append(process)
         elif process.role == "kafka":
-            broker = _start_kafka(settings, out)
-            assert broker is not None, "a recorded broker is the local one"
-            processes.append(broker)
+            if restarted_nodes is None:  # one start brings back every node that has exited
+                restarted_nodes = {node.node_id or 1: node for node in _start_kafka(settings, out)}
+            assert restarted_nodes, "a recorded broker is the local one"
+            processes.append(restarted_nodes[process.node_id or 1])
         elif not process.arguments:
             raise StackError(f"{process.name} has exited and its command line was not recorded; "
                              "run `wallet down`, then `wallet up`")
@@ -214,17 +228,22 @@ def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out
     return state
 
 
-def _start_kafka(settings: Settings, out: TextIO) -> ManagedProcess | None:
+def _start_kafka(settings: Settings, out: TextIO) -> list[ManagedProcess]:
+    """The local broker's nodes (each node that has exited is started again), [] for a configured cluster."""
     if not settings.uses_local_kafka:
         print(f"kafka: using the configured cluster {settings.bootstrap}", file=out)
-        return None
+        return []
     localkafka.fetch_jars(settings)
     result = localkafka.start(settings, timeout_s=KAFKA_START_TIMEOUT_S)
     print(f"kafka: {'already running' if result.already_running else 'started'} at {settings.bootstrap} "
-          f"(pid {result.pid})", file=out)
-    return ManagedProcess("kafka", "kafka", result.pid, settings.local_kafka_port,
-                          str(settings.run_dir / "kafka" / "server.log"), start_ticks_of(result.pid),
-                          started_by_up=not result.already_running)
+          f"(pid {', '.join(str(node.pid) for node in result.nodes)})", file=out)
+    one_node = len(result.nodes) == 1
+    # A node that was running before this `up` is not ours to stop, unless an earlier `up` started it
+    # (the caller keeps that entry).
+    return [ManagedProcess("kafka", "kafka" if one_node else f"kafka-{node.node_id}", node.pid, node.port,
+                           node.log_file, start_ticks_of(node.pid), started_by_up=node.started_now,
+                           node_id=node.node_id)
+            for node in result.nodes]
 
 
 def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments: list[str]) -> ManagedProcess:
@@ -270,17 +289,50 @@ def _api_not_ready(state: StackState) -> str | None:
 
 def processors_not_ready(admin, settings: Settings) -> str | None:
     """None once the processors' group is stable and owns every partition of the commands topic, else
-    what it waits for. A freshly started broker answers NOT_COORDINATOR for a while: not ready yet, not an error."""
+    what it waits for. A freshly started broker answers NOT_COORDINATOR for a while: not ready yet, not an error.
+
+    Asked with DescribeGroups sent to every broker (`list_groups`), not `describe_consumer_groups`:
+    librdkafka 2.16's coordinator lookup of the latter aborts the whole process (assertion
+    `eonce->refcnt > 0`, librdkafka issue #4605) when its request times out while a FindCoordinator
+    is in flight, which a cluster that is still electing coordinators makes common."""
     group = settings.processor_group_id
     try:
-        description = admin.describe_consumer_groups([group], request_timeout=API_PROBE_TIMEOUT_S)[group].result()
+        found = admin.list_groups(group, timeout=API_PROBE_TIMEOUT_S * 5)
     except KafkaException as error:
         return f"the processors' group {group} ({error})"
-    owned = len({tp.partition for member in description.members for tp in member.assignment.topic_partitions
-                 if tp.topic == settings.commands_topic})
-    if description.state == ConsumerGroupState.STABLE and owned == settings.partitions:
+    description = next((g for g in found if g.id == group), None)
+    if description is None or description.error is not None:
+        return f"the processors' group {group} ({description.error if description else 'not found'})"
+    owned: set[int] = set()
+    for member in description.members:
+        owned.update(_assigned_partitions(member.assignment, settings.commands_topic))
+    if description.state == "Stable" and len(owned) == settings.partitions:
         return None
-    return f"the processors (they own {owned} of {settings.partitions} partitions)"
+    return f"the processors (they own {len(owned)} of {settings.partitions} partitions)"
+
+
+def _assigned_partitions(assignment: bytes | None, topic: str) -> list[int]:
+    """The partitions of `topic` in a classic consumer group member's assignment (Kafka's
+    ConsumerProtocolAssignment: int16 version, [topic: string, partitions: [int32]], user data)."""
+    if not assignment:
+        return []
+    view = memoryview(assignment)
+    offset = 2  # the version
+    (topic_count,) = struct.unpack_from(">i", view, offset)
+    offset += 4
+    partitions: list[int] = []
+    for _ in range(topic_count):
+        (name_length,) = struct.unpack_from(">h", view, offset)
+        offset += 2
+        name = bytes(view[offset:offset + name_length]).decode()
+        offset += name_length
+        (count,) = struct.unpack_from(">i", view, offset)
+        offset += 4
+        numbers = struct.unpack_from(f">{count}i", view, offset)
+        offset += 4 * count
+        if name == topic:
+            partitions.extend(numbers)
+    return partitions
 
 
 def get_json(url: str, timeout_s: float, token: str | None = None) -> tuple[int, dict]:
@@ -329,7 +381,7 @@ def _stop(processes: list[ManagedProcess], timeout_s: float, settings: Settings)
     services = [p for p in ordered if p.role != "kafka" and is_alive(p)]
     stop_together([p.supervised() for p in services], timeout_s)
     brokers = [p for p in ordered if p.role == "kafka" and is_alive(p)]
-    if brokers:  # there is one local broker, stopped through its own PID file and lock
+    if brokers:  # the local broker (every node of it), stopped through its own PID files and lock
         localkafka.stop(settings, timeout_s=timeout_s)
     stop_together([p.supervised() for p in brokers], timeout_s)  # in case its PID file named another
     return services + brokers
@@ -351,10 +403,12 @@ def running_processes(settings: Settings) -> list[ManagedProcess]:
     state = StackState.load(state_path(settings))
     processes = [p for p in (state.processes if state else []) if is_alive(p)]
     if settings.uses_local_kafka and not any(p.role == "kafka" for p in processes):
-        broker = localkafka.status(settings)
-        if broker["running"]:
-            processes.insert(0, ManagedProcess("kafka", "kafka", broker["pid"], settings.local_kafka_port,
-                                               broker["log_file"], start_ticks_of(broker["pid"]), started_by_up=False))
+        nodes = localkafka.status(settings)["nodes"]
+        running = [node for node in nodes if node["running"]]
+        processes[:0] = [ManagedProcess("kafka", "kafka" if len(nodes) == 1 else f"kafka-{node['node_id']}",
+                                        node["pid"], node["port"], node["log_file"], start_ticks_of(node["pid"]),
+                                        started_by_up=False, node_id=node["node_id"])
+                         for node in running]
     return processes
 
 
@@ -395,7 +449,8 @@ def _ps(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     processes = running_processes(settings)
     if args.json:
-        print(json.dumps([{"role": p.role, "pid": p.pid, "port": p.port} for p in processes]))
+        print(json.dumps([{"role": p.role, "pid": p.pid, "port": p.port,
+                           **({"node_id": p.node_id or 1} if p.role == "kafka" else {})} for p in processes]))
         return 0
     if not processes:
         print("nothing runs (start the stack with `wallet up`)")

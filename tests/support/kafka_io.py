@@ -7,7 +7,7 @@ from typing import NamedTuple
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.audit import log_reader
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 from infra.produce import produce_with_room
 from infra.settings import Settings
 from schemas.codec import encode
@@ -18,8 +18,8 @@ READ_TIMEOUT_S = 60.0
 
 
 def command_producer(settings: Settings) -> Producer:
-    return Producer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
-                     "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True, "linger.ms": 5})
+    return Producer({**kafka_security("admin"), **FAILOVER_TUNING, "bootstrap.servers": settings.bootstrap,
+                     "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
 
 
 def publish(producer: Producer, settings: Settings, commands: list[Command]) -> None:
