@@ -9,6 +9,7 @@ status mix is reported so that a run with failures or pending answers is visible
 For `wallet bench api` (registered by benchmarks/cli.py): `add_arguments(parser)` and
 `run(args)`; or call `measure_api_latency(base_url, ...)` directly against any running API.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,9 @@ class _Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             assert self._host is not None, "the base URL names a host"
-            connection = self._local.connection = http.client.HTTPConnection(self._host, self._port,
-                                                                              timeout=REQUEST_TIMEOUT_S)
+            connection = self._local.connection = http.client.HTTPConnection(
+                self._host, self._port, timeout=REQUEST_TIMEOUT_S
+            )
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -115,12 +117,12 @@ class _Tokens:
             return None
         if sub not in self._tokens:
             from producers.auth import issue_token
+
             self._tokens[sub] = issue_token(self._secret, sub, scope, ttl_s=TOKEN_TTL_S)
         return self._tokens[sub]
 
 
-def _setup_accounts(connection: _Connection, run_id: str, accounts: int, currency: str,
-                    tokens: _Tokens) -> list[str]:
+def _setup_accounts(connection: _Connection, run_id: str, accounts: int, currency: str, tokens: _Tokens) -> list[str]:
     account_ids = [f"bench-{run_id}-{index}" for index in range(accounts)]
 
     def command(path: str, body: dict, token: str | None) -> None:
@@ -129,17 +131,39 @@ def _setup_accounts(connection: _Connection, run_id: str, accounts: int, currenc
             raise BenchmarkError(f"setup {path} answered {status}: {reply}")
 
     with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-        list(pool.map(lambda a: command("/v1/accounts", {"account_id": a, "currency": currency,
-                                                         "transaction_id": f"{a}-open"}, tokens(a, "wallet:user")),
-                      account_ids))
-        list(pool.map(lambda a: command(f"/v1/accounts/{a}/deposit", {"amount": FUNDING, "currency": currency,
-                                                                       "transaction_id": f"{a}-fund"},
-                                        tokens(f"bench-{run_id}-bank", "wallet:bank")), account_ids))
+        list(
+            pool.map(
+                lambda a: command(
+                    "/v1/accounts",
+                    {"account_id": a, "currency": currency, "transaction_id": f"{a}-open"},
+                    tokens(a, "wallet:user"),
+                ),
+                account_ids,
+            )
+        )
+        list(
+            pool.map(
+                lambda a: command(
+                    f"/v1/accounts/{a}/deposit",
+                    {"amount": FUNDING, "currency": currency, "transaction_id": f"{a}-fund"},
+                    tokens(f"bench-{run_id}-bank", "wallet:bank"),
+                ),
+                account_ids,
+            )
+        )
     return account_ids
 
 
-def _offer(connection: _Connection, account_ids: list[str], run_id: str, rate_per_s: float, duration_s: float,
-           currency: str, label: str, tokens: _Tokens) -> tuple[list[float], collections.Counter, float]:
+def _offer(
+    connection: _Connection,
+    account_ids: list[str],
+    run_id: str,
+    rate_per_s: float,
+    duration_s: float,
+    currency: str,
+    label: str,
+    tokens: _Tokens,
+) -> tuple[list[float], collections.Counter, float]:
     count = int(rate_per_s * duration_s)
     latencies_ms: list[float] = []
     statuses: collections.Counter = collections.Counter()
@@ -159,8 +183,13 @@ def _offer(connection: _Connection, account_ids: list[str], run_id: str, rate_pe
             receiver = account_ids[(index * 7 + 1) % len(account_ids)]
             if receiver == sender:
                 receiver = account_ids[(index + 1) % len(account_ids)]
-            body = {"from_account": sender, "to_account": receiver, "amount": TRANSFER_AMOUNT, "currency": currency,
-                    "transaction_id": f"bench-{run_id}-{label}-{index}"}
+            body = {
+                "from_account": sender,
+                "to_account": receiver,
+                "amount": TRANSFER_AMOUNT,
+                "currency": currency,
+                "transaction_id": f"bench-{run_id}-{label}-{index}",
+            }
             try:
                 status, reply = connection.post("/v1/wallet/balance_transfer", body, tokens(sender, "wallet:user"))
                 outcome = f"{status} {reply.get('status', '')}".strip()
@@ -176,8 +205,9 @@ def _offer(connection: _Connection, account_ids: list[str], run_id: str, rate_pe
     return latencies_ms, statuses, time.monotonic() - started_s
 
 
-def _measure(base_url: str, rate_per_s: float, duration_s: float, warmup_s: float, accounts: int,
-             currency: str, tokens: _Tokens) -> LatencyResult:
+def _measure(
+    base_url: str, rate_per_s: float, duration_s: float, warmup_s: float, accounts: int, currency: str, tokens: _Tokens
+) -> LatencyResult:
     run_id = uuid.uuid4().hex[:8]
     connection = _Connection(base_url)
     try:
@@ -186,20 +216,33 @@ def _measure(base_url: str, rate_per_s: float, duration_s: float, warmup_s: floa
         raise BenchmarkError(f"the API at {base_url} is unreachable: {error}") from None
     if warmup_s > 0:  # connections opened, the processor's batches flowing: not measured
         _offer(connection, account_ids, run_id, rate_per_s, warmup_s, currency, "warmup", tokens)
-    latencies_ms, statuses, elapsed_s = _offer(connection, account_ids, run_id, rate_per_s, duration_s, currency,
-                                               "measured", tokens)
+    latencies_ms, statuses, elapsed_s = _offer(
+        connection, account_ids, run_id, rate_per_s, duration_s, currency, "measured", tokens
+    )
     ordered = sorted(latencies_ms)
     return LatencyResult(
-        requests=len(ordered), offered_rate_per_s=rate_per_s, achieved_rate_per_s=len(ordered) / elapsed_s,
-        duration_s=elapsed_s, latency_ms_p50=percentile(ordered, 0.50), latency_ms_p95=percentile(ordered, 0.95),
-        latency_ms_p99=percentile(ordered, 0.99), latency_ms_max=ordered[-1] if ordered else math.nan,
-        statuses=dict(statuses))
+        requests=len(ordered),
+        offered_rate_per_s=rate_per_s,
+        achieved_rate_per_s=len(ordered) / elapsed_s,
+        duration_s=elapsed_s,
+        latency_ms_p50=percentile(ordered, 0.50),
+        latency_ms_p95=percentile(ordered, 0.95),
+        latency_ms_p99=percentile(ordered, 0.99),
+        latency_ms_max=ordered[-1] if ordered else math.nan,
+        statuses=dict(statuses),
+    )
 
 
-def measure_api_latency(base_url: str, *, rate_per_s: float = RATE_PER_S_DEFAULT,
-                        duration_s: float = DURATION_S_DEFAULT, warmup_s: float = WARMUP_S_DEFAULT,
-                        accounts: int = ACCOUNTS_DEFAULT, currency: str = "USD",
-                        jwt_secret: str | None = None) -> LatencyResult:
+def measure_api_latency(
+    base_url: str,
+    *,
+    rate_per_s: float = RATE_PER_S_DEFAULT,
+    duration_s: float = DURATION_S_DEFAULT,
+    warmup_s: float = WARMUP_S_DEFAULT,
+    accounts: int = ACCOUNTS_DEFAULT,
+    currency: str = "USD",
+    jwt_secret: str | None = None,
+) -> LatencyResult:
     """Open and fund `accounts` accounts through the API, warm up, then measure for `duration_s`.
 
     With `jwt_secret` (the API's HS256 key), every request carries a token signed with it, so
@@ -212,14 +255,30 @@ def measure_api_latency(base_url: str, *, rate_per_s: float = RATE_PER_S_DEFAULT
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="base URL of a running API (default: the one `wallet up` started)")
-    parser.add_argument("--rate", type=float, default=RATE_PER_S_DEFAULT,
-                        help=f"offered requests per second (default {RATE_PER_S_DEFAULT:.0f})")
-    parser.add_argument("--duration", type=float, default=DURATION_S_DEFAULT,
-                        help=f"measured seconds (default {DURATION_S_DEFAULT:.0f})")
-    parser.add_argument("--warmup", type=float, default=WARMUP_S_DEFAULT,
-                        help=f"unmeasured seconds first (default {WARMUP_S_DEFAULT:.0f})")
-    parser.add_argument("--accounts", type=int, default=ACCOUNTS_DEFAULT,
-                        help=f"accounts the transfers move between (default {ACCOUNTS_DEFAULT})")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=RATE_PER_S_DEFAULT,
+        help=f"offered requests per second (default {RATE_PER_S_DEFAULT:.0f})",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=DURATION_S_DEFAULT,
+        help=f"measured seconds (default {DURATION_S_DEFAULT:.0f})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=WARMUP_S_DEFAULT,
+        help=f"unmeasured seconds first (default {WARMUP_S_DEFAULT:.0f})",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=ACCOUNTS_DEFAULT,
+        help=f"accounts the transfers move between (default {ACCOUNTS_DEFAULT})",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -236,8 +295,14 @@ def run(args: argparse.Namespace) -> int:
             return 1
         url = state.api_url
     try:
-        result = measure_api_latency(url, rate_per_s=args.rate, duration_s=args.duration, warmup_s=args.warmup,
-                                     accounts=args.accounts, jwt_secret=jwt_secret(settings_from_args(args)))
+        result = measure_api_latency(
+            url,
+            rate_per_s=args.rate,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            accounts=args.accounts,
+            jwt_secret=jwt_secret(settings_from_args(args)),
+        )
     except BenchmarkError as error:
         print(f"error: {error}")
         return 1

@@ -9,6 +9,7 @@ currency), refused withdrawals and transfers, client retries and conflicting reu
 transaction id. It is written to topics under a fresh prefix, audited once, and the topics
 are deleted (unless --keep). Not a test: it asserts only that the clean log passes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,10 @@ def workload(account_count: int, command_count: int, seed: int) -> Iterator[Comm
     for account in accounts:
         currency = "EUR" if account in euro_accounts else "USD"
         yield local_command(OpenAccount, transaction_id=f"open-{account}", account_id=account, currency=currency)
-        yield local_command(Deposit, transaction_id=f"fund-{account}", account_id=account, amount="1000.00",
-                      currency=currency)
-    dollar_accounts = accounts[len(euro_accounts):]
+        yield local_command(
+            Deposit, transaction_id=f"fund-{account}", account_id=account, amount="1000.00", currency=currency
+        )
+    dollar_accounts = accounts[len(euro_accounts) :]
     frozen: set[str] = set()
     for number in range(command_count - 2 * account_count):
         roll = rng.random()
@@ -56,17 +58,26 @@ def workload(account_count: int, command_count: int, seed: int) -> Iterator[Comm
             target = rng.choice(accounts) if rng.random() < 0.97 else f"missing-{number}"
             if target == account:
                 continue
-            command = local_command(Transfer, transaction_id=transaction_id, from_account=account, to_account=target,
-                               amount=amount, currency="USD")
+            command = local_command(
+                Transfer,
+                transaction_id=transaction_id,
+                from_account=account,
+                to_account=target,
+                amount=amount,
+                currency="USD",
+            )
         elif roll < 0.80:
-            command = local_command(Deposit, transaction_id=transaction_id, account_id=account, amount=amount,
-                              currency="USD")
+            command = local_command(
+                Deposit, transaction_id=transaction_id, account_id=account, amount=amount, currency="USD"
+            )
         elif roll < 0.92:
-            command = local_command(Withdraw, transaction_id=transaction_id, account_id=account, amount=amount,
-                               currency="USD")
+            command = local_command(
+                Withdraw, transaction_id=transaction_id, account_id=account, amount=amount, currency="USD"
+            )
         elif roll < 0.94:
-            command = local_command(Unfreeze if account in frozen else Freeze, transaction_id=transaction_id,
-                                    account_id=account)
+            command = local_command(
+                Unfreeze if account in frozen else Freeze, transaction_id=transaction_id, account_id=account
+            )
             frozen.symmetric_difference_update({account})
         elif roll < 0.99 and recent:
             # A client retry: the same request again, later.
@@ -79,8 +90,9 @@ def workload(account_count: int, command_count: int, seed: int) -> Iterator[Comm
             if not account_id:
                 assert isinstance(previous, Transfer)  # the only command here without an account_id
                 account_id = previous.from_account
-            command = local_command(Deposit, transaction_id=previous.transaction_id, account_id=account_id,
-                                    amount="0.01", currency="USD")
+            command = local_command(
+                Deposit, transaction_id=previous.transaction_id, account_id=account_id, amount="0.01", currency="USD"
+            )
         else:
             continue
         recent.append(command)
@@ -105,16 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     started_s = time.monotonic()
     log = decide(workload(args.accounts, command_count, args.seed), args.partitions)
     generated_s = time.monotonic() - started_s
-    print(f"generated {log.event_count:,} events from {sum(map(len, log.commands)):,} commands in "
-          f"{generated_s:.1f} s (reference pipeline)", file=sys.stderr)
+    print(
+        f"generated {log.event_count:,} events from {sum(map(len, log.commands)):,} commands in "
+        f"{generated_s:.1f} s (reference pipeline)",
+        file=sys.stderr,
+    )
     ensure_topics(settings)
     try:
         started_s = time.monotonic()
         publish(settings, log, transaction_records_max=TRANSACTION_RECORDS_MAX)
-        print(f"wrote the log to {settings.topic_prefix}* in {time.monotonic() - started_s:.1f} s"
-              + (" (kept)" if args.keep else ""), file=sys.stderr)
-        report = run_audit(settings, check_determinism=not args.no_determinism, progress=sys.stderr.isatty(),
-                           workers=args.workers)
+        print(
+            f"wrote the log to {settings.topic_prefix}* in {time.monotonic() - started_s:.1f} s"
+            + (" (kept)" if args.keep else ""),
+            file=sys.stderr,
+        )
+        report = run_audit(
+            settings, check_determinism=not args.no_determinism, progress=sys.stderr.isatty(), workers=args.workers
+        )
     finally:
         if not args.keep:
             delete_topics(settings)
@@ -122,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     read_s = max(topic.read_s for topic in report.topics if topic.topic == settings.events_topic)
     print(report.render_text())
     print()
-    print(f"events replayed: {report.events_replayed:,} in {report.replay_s:.2f} s = "
-          f"{report.replay_events_per_s:,.0f} events/s (decode + fold + every check, {report.workers} process(es))")
-    print(f"events read: {report.topics[0].records:,} in {read_s:.2f} s = {report.topics[0].records / read_s:,.0f} "
-          f"records/s; all topics {read_records:,} records")
+    print(
+        f"events replayed: {report.events_replayed:,} in {report.replay_s:.2f} s = "
+        f"{report.replay_events_per_s:,.0f} events/s (decode + fold + every check, {report.workers} process(es))"
+    )
+    print(
+        f"events read: {report.topics[0].records:,} in {read_s:.2f} s = {report.topics[0].records / read_s:,.0f} "
+        f"records/s; all topics {read_records:,} records"
+    )
     if report.determinism is not None:
-        print(f"determinism: {report.determinism.commands_replayed:,} commands in {report.determinism_s:.2f} s = "
-              f"{report.determinism_commands_per_s:,.0f} commands/s")
+        print(
+            f"determinism: {report.determinism.commands_replayed:,} commands in {report.determinism_s:.2f} s = "
+            f"{report.determinism_commands_per_s:,.0f} commands/s"
+        )
     print(f"whole audit: {report.total_s:.2f} s = {report.events_replayed / report.total_s:,.0f} events/s end to end")
     return 0 if report.passed else 1
 

@@ -1,4 +1,5 @@
 """`wallet bench ...`: the benchmarks, one subcommand each; each benchmark's code lives in its own module."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from benchmarks import pipeline_bench
 
     bench = subparsers.add_parser(
-        "bench", help="run a benchmark (default: the processor against the raw Kafka ceiling and the faust peer)",
+        "bench",
+        help="run a benchmark (default: the processor against the raw Kafka ceiling and the faust peer)",
         description="Without a subcommand: the pipeline benchmark of one processor process against the raw Kafka "
-                    "ceiling and the faust-streaming peer, with end-to-end latency. Benchmarks are not tests: "
-                    "they print figures.")
+        "ceiling and the faust-streaming peer, with end-to-end latency. Benchmarks are not tests: "
+        "they print figures.",
+    )
     pipeline_bench.add_arguments(bench)
     bench.set_defaults(handler=pipeline_bench.run)
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
@@ -22,11 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     api_latency.add_arguments(api)
     api.set_defaults(handler=api_latency.run)
 
-    core = benchmarks.add_parser("core", help="µs per command of the pure core on a transfer's whole path "
-                                              "(decode, apply, encode; no Kafka)")
+    core = benchmarks.add_parser(
+        "core", help="µs per command of the pure core on a transfer's whole path (decode, apply, encode; no Kafka)"
+    )
     core.add_argument("--transfers", type=int, default=200_000, help="transfers timed (default 200000)")
-    core.add_argument("--accounts", type=int, default=10_000,
-                      help="accounts the transfers move between (default 10000)")
+    core.add_argument(
+        "--accounts", type=int, default=10_000, help="accounts the transfers move between (default 10000)"
+    )
     core.add_argument("--seed", type=int, default=1, help="seed of the random transfers")
     core.add_argument("--profile", action="store_true", help="also print a cProfile of the whole path, by own time")
     core.add_argument("--json", action="store_true", help="print the result as one JSON line")

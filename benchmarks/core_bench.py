@@ -11,6 +11,7 @@ accounts held in one partition's `State`, and reports µs per transfer and per c
 split is measured in a second pass that runs each part over a chunk of transfers at a time,
 so no timer call sits inside the per-message work; its sum is close to the end-to-end figure.
 """
+
 from __future__ import annotations
 
 import cProfile
@@ -56,10 +57,22 @@ KEYRING = LegKeyring.parse("bench:" + "42" * 32)
 def funded_state(account_ids: list[str]) -> State:
     state = State()
     for account_id in account_ids:
-        apply(state, local_command(OpenAccount, transaction_id=f"open-{account_id}", account_id=account_id,
-                                   currency="USD"), RECORD_TIME_MS)
-        apply(state, local_command(Deposit, transaction_id=f"fund-{account_id}", account_id=account_id,
-                                   amount=OPENING_DEPOSIT, currency="USD"), RECORD_TIME_MS)
+        apply(
+            state,
+            local_command(OpenAccount, transaction_id=f"open-{account_id}", account_id=account_id, currency="USD"),
+            RECORD_TIME_MS,
+        )
+        apply(
+            state,
+            local_command(
+                Deposit,
+                transaction_id=f"fund-{account_id}",
+                account_id=account_id,
+                amount=OPENING_DEPOSIT,
+                currency="USD",
+            ),
+            RECORD_TIME_MS,
+        )
     return state
 
 
@@ -69,9 +82,18 @@ def transfer_records(account_ids: list[str], count: int, seed: int, tx_prefix: s
     records = []
     for index in range(count):
         from_account, to_account = rng.sample(account_ids, 2)
-        records.append(encode(local_command(Transfer, transaction_id=f"{tx_prefix}{index}", from_account=from_account,
-                                            to_account=to_account,
-                                            amount=f"{rng.randint(1, 500)}.{rng.randint(0, 99):02d}", currency="USD")))
+        records.append(
+            encode(
+                local_command(
+                    Transfer,
+                    transaction_id=f"{tx_prefix}{index}",
+                    from_account=from_account,
+                    to_account=to_account,
+                    amount=f"{rng.randint(1, 500)}.{rng.randint(0, 99):02d}",
+                    currency="USD",
+                )
+            )
+        )
     return records
 
 
@@ -101,7 +123,7 @@ def run_split(state: State, records: list[bytes]) -> tuple[float, float, float]:
     clock = time.perf_counter
     decode_s = apply_s = encode_s = 0.0
     for start in range(0, len(records), CHUNK_TRANSFERS):
-        chunk = records[start:start + CHUNK_TRANSFERS]
+        chunk = records[start : start + CHUNK_TRANSFERS]
         t0 = clock()
         transfers = [decode_command(record) for record in chunk]
         t1 = clock()
@@ -137,10 +159,13 @@ def run(transfer_count: int, account_count: int, seed: int = 1) -> CoreBenchResu
     decode_s, apply_s, encode_s = run_split(funded_state(account_ids), records)
     per_transfer_us = 1e6 / transfer_count
     return CoreBenchResult(
-        transfers=transfer_count, accounts=account_count,
+        transfers=transfer_count,
+        accounts=account_count,
         us_per_transfer=elapsed_s * per_transfer_us,
         us_per_command=elapsed_s * per_transfer_us / COMMANDS_PER_TRANSFER,
-        decode_us=decode_s * per_transfer_us, apply_us=apply_s * per_transfer_us, encode_us=encode_s * per_transfer_us,
+        decode_us=decode_s * per_transfer_us,
+        apply_us=apply_s * per_transfer_us,
+        encode_us=encode_s * per_transfer_us,
     )
 
 
@@ -158,16 +183,18 @@ def profile(transfer_count: int, account_count: int, seed: int = 1, lines: int =
 
 def format_result(result: CoreBenchResult) -> str:
     split_total_us = result.decode_us + result.apply_us + result.encode_us
-    return "\n".join([
-        f"core, whole transfer path: {result.transfers} transfers among {result.accounts} accounts "
-        f"(gc {'on' if gc.isenabled() else 'off'})",
-        f"  {result.us_per_transfer:6.2f} µs per transfer (2 commands consumed, 5 messages written)",
-        f"  {result.us_per_command:6.2f} µs per command",
-        f"split, µs per transfer (sum {split_total_us:.2f}):",
-        f"  decode {result.decode_us:6.2f}  (transfer + leg)",
-        f"  apply  {result.apply_us:6.2f}  (debit + credit, digest and fold included)",
-        f"  encode {result.encode_us:6.2f}  (2 events + leg + outcome)",
-    ])
+    return "\n".join(
+        [
+            f"core, whole transfer path: {result.transfers} transfers among {result.accounts} accounts "
+            f"(gc {'on' if gc.isenabled() else 'off'})",
+            f"  {result.us_per_transfer:6.2f} µs per transfer (2 commands consumed, 5 messages written)",
+            f"  {result.us_per_command:6.2f} µs per command",
+            f"split, µs per transfer (sum {split_total_us:.2f}):",
+            f"  decode {result.decode_us:6.2f}  (transfer + leg)",
+            f"  apply  {result.apply_us:6.2f}  (debit + credit, digest and fold included)",
+            f"  encode {result.encode_us:6.2f}  (2 events + leg + outcome)",
+        ]
+    )
 
 
 def to_json(result: CoreBenchResult) -> str:

@@ -10,6 +10,7 @@ the saga ceiling), beside the outcome checks of `pipeline_bench`:
   decoder (`schemas.codec.decode_event`), so a peer cannot pass with messages of its own shape,
   and sit on their account's partition by the project's partitioner.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,6 +34,7 @@ INFLOW, OUTFLOW = "deposited", "withdrawn"
 
 class _Entry(msgspec.Struct, gc=False):
     """The fields of any event that the check reads; the others are skipped by the decoder."""
+
     type: str
     account_id: str
     seq: int | None = None
@@ -57,15 +59,28 @@ class LedgerReport:
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"events": self.events, "accounts": self.accounts, "money_in_minor": self.money_in_minor,
-                "balances_minor": self.balances_minor, "problems": self.problems}
+        return {
+            "events": self.events,
+            "accounts": self.accounts,
+            "money_in_minor": self.money_in_minor,
+            "balances_minor": self.balances_minor,
+            "problems": self.problems,
+        }
 
 
 def check_ledger(bootstrap: str, topic: str, partitions: int, group_id: str) -> LedgerReport:
     """Reads `topic` (read_committed) to its end and checks it; problems are in the report."""
-    consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": bootstrap, "group.id": group_id,
-                         "isolation.level": "read_committed", "enable.auto.commit": False,
-                         "enable.partition.eof": True, "fetch.wait.max.ms": 10})
+    consumer = Consumer(
+        {
+            **kafka_security("admin"),
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
     report = LedgerReport()
     seq_of: dict[str, int] = {}
@@ -80,8 +95,9 @@ def check_ledger(bootstrap: str, topic: str, partitions: int, group_id: str) -> 
     try:
         while len(at_end) < partitions:
             if time.monotonic() > deadline_s:
-                report.problems.append(f"{topic}: not read to its end within {READ_TIMEOUT_S:.0f} s "
-                                       f"({report.events:,} events read)")
+                report.problems.append(
+                    f"{topic}: not read to its end within {READ_TIMEOUT_S:.0f} s ({report.events:,} events read)"
+                )
                 return report
             for record in consumer.consume(READ_BATCH_MAX, 0.5):
                 error = record.error()
@@ -96,15 +112,18 @@ def check_ledger(bootstrap: str, topic: str, partitions: int, group_id: str) -> 
                         decode_event(value)
                     except SchemaError as schema_error:
                         if len(report.problems) < PROBLEMS_SHOWN_MAX:
-                            report.problems.append(f"{topic}: not the project's event format: {schema_error}: "
-                                                   f"{value[:200]!r}")
+                            report.problems.append(
+                                f"{topic}: not the project's event format: {schema_error}: {value[:200]!r}"
+                            )
                 report.events += 1
                 entry = _decode_entry(value)
                 if report.events <= FORMAT_SAMPLE and len(report.problems) < PROBLEMS_SHOWN_MAX:
                     owner_partition = partition_for(entry.account_id, partitions)
                     if record.partition() != owner_partition:
-                        report.problems.append(f"{topic}: an event of {entry.account_id} on partition "
-                                               f"{record.partition()}, not {owner_partition}")
+                        report.problems.append(
+                            f"{topic}: an event of {entry.account_id} on partition "
+                            f"{record.partition()}, not {owner_partition}"
+                        )
                 if entry.seq is None:  # a decision event (command_rejected): no change
                     continue
                 account_id = entry.account_id
@@ -122,8 +141,10 @@ def check_ledger(bootstrap: str, topic: str, partitions: int, group_id: str) -> 
                     if balance_minor != expected or entry.amount is None:
                         chain_break_count += 1
                         if len(chain_breaks) < PROBLEMS_SHOWN_MAX:
-                            chain_breaks.append(f"{account_id} seq {entry.seq}: balance {entry.balance}, amount "
-                                                f"{entry.amount}, expected {expected / 100:.2f}")
+                            chain_breaks.append(
+                                f"{account_id} seq {entry.seq}: balance {entry.balance}, amount "
+                                f"{entry.amount}, expected {expected / 100:.2f}"
+                            )
                     if entry.type == INFLOW:
                         report.money_in_minor += amount_minor
                     elif entry.type == OUTFLOW:
@@ -136,11 +157,14 @@ def check_ledger(bootstrap: str, topic: str, partitions: int, group_id: str) -> 
     if gap_count:
         report.problems.append(f"{topic}: {gap_count} sequence gaps, e.g. {gaps}")
     if chain_break_count:
-        report.problems.append(f"{topic}: {chain_break_count} balances that are not the previous one plus the "
-                               f"change, e.g. {chain_breaks}")
+        report.problems.append(
+            f"{topic}: {chain_break_count} balances that are not the previous one plus the change, e.g. {chain_breaks}"
+        )
     if report.balances_minor != report.money_in_minor:
-        report.problems.append(f"{topic}: money not conserved: balances add up to {report.balances_minor / 100:.2f}, "
-                               f"{report.money_in_minor / 100:.2f} came in")
+        report.problems.append(
+            f"{topic}: money not conserved: balances add up to {report.balances_minor / 100:.2f}, "
+            f"{report.money_in_minor / 100:.2f} came in"
+        )
     if report.events == 0:
         report.problems.append(f"{topic}: no events")
     return report

@@ -35,6 +35,7 @@ Messages count what a stage reads and writes: a copied record is 1 consumed + 1 
 successful transfer through the processor is 2 commands consumed + 2 events + 1 leg + 1
 outcome produced (see MESSAGES_OURS and MESSAGES_FAUST for every kind of outcome).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -145,6 +146,7 @@ class BenchError(RuntimeError):
 
 # -- input -------------------------------------------------------------------------------------
 
+
 def _account(index: int) -> str:
     return f"a{index}"
 
@@ -153,14 +155,29 @@ def setup_records(accounts: int, ts_ms: int) -> Iterator[tuple[str, bytes]]:
     """Open and fund every account: (key, value) records for the commands topic."""
     for index in range(accounts):
         account_id = _account(index)
-        yield account_id, encode(local_command(OpenAccount, transaction_id=f"{OPEN}-{index}", account_id=account_id,
-                                             currency=CURRENCY))
-        yield account_id, encode(local_command(Deposit, transaction_id=f"{FUND}-{index}", account_id=account_id,
-                                         amount=FUNDING_AMOUNT, currency=CURRENCY))
+        yield (
+            account_id,
+            encode(
+                local_command(OpenAccount, transaction_id=f"{OPEN}-{index}", account_id=account_id, currency=CURRENCY)
+            ),
+        )
+        yield (
+            account_id,
+            encode(
+                local_command(
+                    Deposit,
+                    transaction_id=f"{FUND}-{index}",
+                    account_id=account_id,
+                    amount=FUNDING_AMOUNT,
+                    currency=CURRENCY,
+                )
+            ),
+        )
 
 
-def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: Counter,
-                     ts_ms: int | None = None) -> Iterator[tuple[str, bytes]]:
+def transfer_records(
+    accounts: int, count: int, seed: int, kind: str, expected: Counter, ts_ms: int | None = None
+) -> Iterator[tuple[str, bytes]]:
     """`count` transfers among the accounts; adds each one's certain outcome to `expected`.
 
     `ts_ms` None stamps each command with the wall clock when it is made (for live load).
@@ -190,9 +207,19 @@ def transfer_records(accounts: int, count: int, seed: int, kind: str, expected: 
                 result = SUCCESS
             results[result] += 1
             from_account = names[sender]
-            yield from_account, encode(local_command(
-                Transfer, transaction_id=f"{kind}-{index}", from_account=from_account, to_account=to_account,
-                amount=amount, currency=CURRENCY))
+            yield (
+                from_account,
+                encode(
+                    local_command(
+                        Transfer,
+                        transaction_id=f"{kind}-{index}",
+                        from_account=from_account,
+                        to_account=to_account,
+                        amount=amount,
+                        currency=CURRENCY,
+                    )
+                ),
+            )
     finally:
         expected.update(results)
 
@@ -262,8 +289,18 @@ class _Heartbeat:
             return
         self._next_s = now_s + FAUST_HEARTBEAT_INTERVAL_S
         for account_id in self._accounts.values():
-            self._producer.produce(self._topic, account_id, encode(local_command(
-                OpenAccount, transaction_id=f"{HEARTBEAT}-{self._sent}", account_id=account_id, currency=CURRENCY)))
+            self._producer.produce(
+                self._topic,
+                account_id,
+                encode(
+                    local_command(
+                        OpenAccount,
+                        transaction_id=f"{HEARTBEAT}-{self._sent}",
+                        account_id=account_id,
+                        currency=CURRENCY,
+                    )
+                ),
+            )
             self._sent += 1
         self._producer.poll()
 
@@ -273,19 +310,22 @@ class _Heartbeat:
 
 # -- outcomes ----------------------------------------------------------------------------------
 
+
 class OutcomeTally:
     """Reads an outcomes topic from the start, read_committed, and keeps each transaction's
     first final outcome: `results[transaction id]` is "success" or the failure reason."""
 
     def __init__(self, bootstrap: str, topic: str, partitions: int, group_id: str) -> None:
-        self._consumer = Consumer({
-            **kafka_security("api"),
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,  # never joined nor committed: partitions are assigned
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-        })
+        self._consumer = Consumer(
+            {
+                **kafka_security("api"),
+                "bootstrap.servers": bootstrap,
+                "group.id": group_id,  # never joined nor committed: partitions are assigned
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+            }
+        )
         self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
         self.topic = topic
         self.results: dict[str, str | None] = {}
@@ -335,6 +375,7 @@ class OutcomeTally:
 
 # -- child processes ---------------------------------------------------------------------------
 
+
 class Child:
     """A process this run started (through `infra.supervision`): its output goes to a log file,
     read by a thread that notes when `marker` first appears and keeps the last JSON line (the
@@ -348,8 +389,15 @@ class Child:
         self.last_json: dict | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         # The kernel stops the child if this process dies, even by SIGKILL: no orphan keeps running.
-        self.process = Supervised.start(name, argv, log_path=None, cwd=PROJECT_ROOT, own_session=True,
-                                        stop_with_parent=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = Supervised.start(
+            name,
+            argv,
+            log_path=None,
+            cwd=PROJECT_ROOT,
+            own_session=True,
+            stop_with_parent=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.started_s = self.process.started_s
         self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
         self._reader.start()
@@ -397,6 +445,7 @@ class Child:
 
 # -- results -----------------------------------------------------------------------------------
 
+
 @dataclass
 class StageResult:
     transfers: int
@@ -417,9 +466,15 @@ class StageResult:
         return self.messages / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def as_dict(self, ceiling_messages_per_s: float | None) -> dict:
-        data = {"transfers": self.transfers, "messages": self.messages, "elapsed_s": round(self.elapsed_s, 3),
-                "transfers_per_s": round(self.transfers_per_s, 1), "messages_per_s": round(self.messages_per_s, 1),
-                "window_start": self.window_start, "outcomes": self.outcomes}
+        data = {
+            "transfers": self.transfers,
+            "messages": self.messages,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "transfers_per_s": round(self.transfers_per_s, 1),
+            "messages_per_s": round(self.messages_per_s, 1),
+            "window_start": self.window_start,
+            "outcomes": self.outcomes,
+        }
         if self.problems is not None:
             data["checks_ok"] = not self.problems
             data["problems"] = self.problems
@@ -440,10 +495,14 @@ class LatencyResult:
     percentiles_ms: dict[str, float]
 
     def as_dict(self) -> dict:
-        return {"offered_transfers_per_s": round(self.offered_transfers_per_s, 1),
-                "achieved_transfers_per_s": round(self.achieved_transfers_per_s, 1), "seconds": self.seconds,
-                "sent": self.sent, "answered": self.answered,
-                **{f"{name}_ms": round(value, 2) for name, value in self.percentiles_ms.items()}}
+        return {
+            "offered_transfers_per_s": round(self.offered_transfers_per_s, 1),
+            "achieved_transfers_per_s": round(self.achieved_transfers_per_s, 1),
+            "seconds": self.seconds,
+            "sent": self.sent,
+            "answered": self.answered,
+            **{f"{name}_ms": round(value, 2) for name, value in self.percentiles_ms.items()},
+        }
 
 
 def percentile(sorted_values: list[float], share: float) -> float:
@@ -452,6 +511,7 @@ def percentile(sorted_values: list[float], share: float) -> float:
 
 
 # -- the run -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -482,12 +542,26 @@ class Bench:
         self.settings = base.with_overrides(topic_prefix=self.prefix, partitions=options.partitions)
         self.bootstrap = self.settings.bootstrap
         self.copy_topic = f"{self.prefix}bench.copy"
-        self.ceiling_topics = {name: f"{self.prefix}{topic}" for name, topic in (
-            ("commands", saga_ceiling.COMMANDS_TOPIC), ("events", saga_ceiling.EVENTS_TOPIC),
-            ("outcomes", saga_ceiling.OUTCOMES_TOPIC))}
-        self.kafka_streams_topics = {name: f"{self.prefix}{topic}" for name, topic in (
-            ("commands", kafka_streams_peer.COMMANDS_TOPIC), ("events", kafka_streams_peer.EVENTS_TOPIC),
-            ("outcomes", kafka_streams_peer.OUTCOMES_TOPIC))} if options.kafka_streams else {}
+        self.ceiling_topics = {
+            name: f"{self.prefix}{topic}"
+            for name, topic in (
+                ("commands", saga_ceiling.COMMANDS_TOPIC),
+                ("events", saga_ceiling.EVENTS_TOPIC),
+                ("outcomes", saga_ceiling.OUTCOMES_TOPIC),
+            )
+        }
+        self.kafka_streams_topics = (
+            {
+                name: f"{self.prefix}{topic}"
+                for name, topic in (
+                    ("commands", kafka_streams_peer.COMMANDS_TOPIC),
+                    ("events", kafka_streams_peer.EVENTS_TOPIC),
+                    ("outcomes", kafka_streams_peer.OUTCOMES_TOPIC),
+                )
+            }
+            if options.kafka_streams
+            else {}
+        )
         # The peers sign their own legs with a key of this run; ours signs with the run folder's.
         self.peer_leg_key = f"bench:{secrets.token_hex(32)}"
         self.work_dir = Path(tempfile.mkdtemp(prefix="wallet-bench-"))
@@ -505,9 +579,16 @@ class Bench:
 
     @staticmethod
     def _bar(total: int, desc: str, unit: str) -> tqdm:
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
-                    mininterval=PROGRESS_MIN_INTERVAL_S if sys.stderr.isatty() else PROGRESS_MIN_INTERVAL_S_NOT_TTY,
-                    dynamic_ncols=True, leave=False)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=True,
+            file=sys.stderr,
+            mininterval=PROGRESS_MIN_INTERVAL_S if sys.stderr.isatty() else PROGRESS_MIN_INTERVAL_S_NOT_TTY,
+            dynamic_ncols=True,
+            leave=False,
+        )
 
     def _start(self, name: str, argv: list[str], marker: str | None) -> Child:
         child = Child(name, argv, self.work_dir / f"{name}.log", marker)
@@ -547,10 +628,14 @@ class Bench:
         if not names:
             return
         admin = admin_client(self.bootstrap)
-        futures = admin.create_topics([NewTopic(name, self.options.partitions, self.settings.replication_factor,
-                                                config=config or {})
-                                       for name in names], operation_timeout=KAFKA_TIMEOUT_S,
-                                      request_timeout=KAFKA_TIMEOUT_S)
+        futures = admin.create_topics(
+            [
+                NewTopic(name, self.options.partitions, self.settings.replication_factor, config=config or {})
+                for name in names
+            ],
+            operation_timeout=KAFKA_TIMEOUT_S,
+            request_timeout=KAFKA_TIMEOUT_S,
+        )
         for name, future in futures.items():
             try:
                 future.result(timeout=KAFKA_TIMEOUT_S)
@@ -564,36 +649,62 @@ class Bench:
 
         options = self.options
         ensure_topics(self.settings, timeout_s=KAFKA_TIMEOUT_S)
-        faust_topics = {guarantee: (f"{self._faust_prefix(guarantee)}{COMMANDS_TOPIC}",
-                                    f"{self._faust_prefix(guarantee)}{OUTCOMES_TOPIC}")
-                        for guarantee in options.faust_guarantees}
+        faust_topics = {
+            guarantee: (
+                f"{self._faust_prefix(guarantee)}{COMMANDS_TOPIC}",
+                f"{self._faust_prefix(guarantee)}{OUTCOMES_TOPIC}",
+            )
+            for guarantee in options.faust_guarantees
+        }
         # The saga stages' own commands topics get ours' record-time rule; they hold ours' input and their legs.
-        saga_commands_topics = [topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics)
-                                if topics]
+        saga_commands_topics = [
+            topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics) if topics
+        ]
         self._create_extra_topics(saga_commands_topics, self._commands_topic_config())
-        saga_output_topics = [name for topics in (self.ceiling_topics, self.kafka_streams_topics)
-                              for kind, name in topics.items() if kind != "commands"]
-        self._create_extra_topics([self.copy_topic, *saga_output_topics,
-                                   *(name for pair in faust_topics.values() for name in pair)])
+        saga_output_topics = [
+            name
+            for topics in (self.ceiling_topics, self.kafka_streams_topics)
+            for kind, name in topics.items()
+            if kind != "commands"
+        ]
+        self._create_extra_topics(
+            [self.copy_topic, *saga_output_topics, *(name for pair in faust_topics.values() for name in pair)]
+        )
 
         setup_count = 2 * options.accounts
         faust_count = (2 * options.faust_accounts + options.faust_transfers) * len(faust_topics)
         total = setup_count + options.transfers + faust_count
-        self.say(f"[0] producing the input: {setup_count:,} account commands and {options.transfers:,} transfers"
-                 + (f", and {faust_count:,} commands for the faust peer" if faust_topics else ""))
+        self.say(
+            f"[0] producing the input: {setup_count:,} account commands and {options.transfers:,} transfers"
+            + (f", and {faust_count:,} commands for the faust peer" if faust_topics else "")
+        )
         ts_ms = time.time_ns() // 1_000_000
         producer = _InputProducer(self.bootstrap, linger_ms=50)
         # The main input goes, record for record, to ours' commands topic and to each saga stage's own.
         main_topics = (self.settings.commands_topic, *saga_commands_topics)
         total += (setup_count + options.transfers) * len(saga_commands_topics)
-        streams = [(main_topics, setup_records(options.accounts, ts_ms)),
-                   (main_topics, transfer_records(options.accounts, options.transfers, options.seed,
-                                                  TRANSFER, self.expected, ts_ms))]
+        streams = [
+            (main_topics, setup_records(options.accounts, ts_ms)),
+            (
+                main_topics,
+                transfer_records(options.accounts, options.transfers, options.seed, TRANSFER, self.expected, ts_ms),
+            ),
+        ]
         for guarantee, (commands_topic, _) in faust_topics.items():
-            streams += [((commands_topic,), setup_records(options.faust_accounts, ts_ms)),
-                        ((commands_topic,), transfer_records(options.faust_accounts, options.faust_transfers,
-                                                             options.seed, TRANSFER, self.faust_expected[guarantee],
-                                                             ts_ms))]
+            streams += [
+                ((commands_topic,), setup_records(options.faust_accounts, ts_ms)),
+                (
+                    (commands_topic,),
+                    transfer_records(
+                        options.faust_accounts,
+                        options.faust_transfers,
+                        options.seed,
+                        TRANSFER,
+                        self.faust_expected[guarantee],
+                        ts_ms,
+                    ),
+                ),
+            ]
         started_s = time.monotonic()
         with self._bar(total, "input", "msg") as bar:
             for topics, records in streams:
@@ -605,18 +716,27 @@ class Bench:
                             bar.update(10_000)
             producer.flush()
         elapsed_s = time.monotonic() - started_s
-        self._check_input_counts({**{topic: setup_count + options.transfers for topic in main_topics},
-                                  **{commands: 2 * options.faust_accounts + options.faust_transfers
-                                     for commands, _ in faust_topics.values()}})
+        self._check_input_counts(
+            {
+                **{topic: setup_count + options.transfers for topic in main_topics},
+                **{
+                    commands: 2 * options.faust_accounts + options.faust_transfers
+                    for commands, _ in faust_topics.values()
+                },
+            }
+        )
         return {"records": total, "elapsed_s": round(elapsed_s, 3), "messages_per_s": round(total / elapsed_s, 1)}
 
     def _check_input_counts(self, expected_counts: dict[str, int]) -> None:
-        consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": self.bootstrap,
-                             "group.id": f"{self.prefix}bench-check"})
+        consumer = Consumer(
+            {**kafka_security("admin"), "bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}bench-check"}
+        )
         try:
             for topic, expected_count in expected_counts.items():
-                stored = sum(consumer.get_watermark_offsets(TopicPartition(topic, partition), KAFKA_TIMEOUT_S)[1]
-                             for partition in range(self.options.partitions))
+                stored = sum(
+                    consumer.get_watermark_offsets(TopicPartition(topic, partition), KAFKA_TIMEOUT_S)[1]
+                    for partition in range(self.options.partitions)
+                )
                 if stored != expected_count:
                     raise BenchError(f"{topic} holds {stored} records after producing {expected_count}")
         finally:
@@ -625,14 +745,34 @@ class Bench:
     def raw_ceiling(self) -> StageResult:
         options = self.options
         records = 2 * options.accounts + options.transfers
-        self.say(f"[1] copy loop: copying {records:,} records of {self.settings.commands_topic} with a transactional "
-                 f"consume-and-copy loop")
+        self.say(
+            f"[1] copy loop: copying {records:,} records of {self.settings.commands_topic} with a transactional "
+            f"consume-and-copy loop"
+        )
         timeout_s = self._stage_timeout_s("copy", records)
-        child = self._start("copy", [
-            sys.executable, "-m", "benchmarks.raw_ceiling", "--bootstrap", self.bootstrap,
-            "--input-topic", self.settings.commands_topic, "--output-topic", self.copy_topic,
-            "--group-id", f"{self.prefix}bench-copy", "--batch-size-max", str(options.batch_size_max),
-            "--commit-interval-ms", str(options.commit_interval_ms), "--timeout-s", str(timeout_s)], marker=None)
+        child = self._start(
+            "copy",
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.raw_ceiling",
+                "--bootstrap",
+                self.bootstrap,
+                "--input-topic",
+                self.settings.commands_topic,
+                "--output-topic",
+                self.copy_topic,
+                "--group-id",
+                f"{self.prefix}bench-copy",
+                "--batch-size-max",
+                str(options.batch_size_max),
+                "--commit-interval-ms",
+                str(options.commit_interval_ms),
+                "--timeout-s",
+                str(timeout_s),
+            ],
+            marker=None,
+        )
         with self._bar(records, "copy", "rec") as bar:
             while child.exited() is None:
                 time.sleep(0.2)
@@ -646,24 +786,48 @@ class Bench:
             raise child.failure(f"the copy loop failed (exit code {code}): {report.get('error', 'no report')}")
         if report["records"] != records:
             self.problems.append(f"the copy loop copied {report['records']} records, the input has {records}")
-        return StageResult(0, report["messages"], report["elapsed_s"],
-                           "first consumed batch", {"records": report["records"],
-                                                    "transactions": report["transactions"]})
+        return StageResult(
+            0,
+            report["messages"],
+            report["elapsed_s"],
+            "first consumed batch",
+            {"records": report["records"], "transactions": report["transactions"]},
+        )
 
     def saga_ceiling(self) -> StageResult:
         """The same saga as a bare transactional loop, no validation, dict state: the ceiling."""
         options = self.options
         topics = self.ceiling_topics
-        self.say(f"[1b] saga ceiling: the saga as a bare transactional loop on {options.transfers:,} transfers after "
-                 f"{2 * options.accounts:,} account commands")
+        self.say(
+            f"[1b] saga ceiling: the saga as a bare transactional loop on {options.transfers:,} transfers after "
+            f"{2 * options.accounts:,} account commands"
+        )
         tally = self._tally(topics["outcomes"], "ceiling")
-        child = self._start("ceiling", [
-            sys.executable, "-m", "benchmarks.saga_ceiling", "--bootstrap", self.bootstrap,
-            "--commands-topic", topics["commands"], "--events-topic", topics["events"],
-            "--outcomes-topic", topics["outcomes"],
-            "--group-id", f"{self.prefix}bench-ceiling", "--leg-key", self.peer_leg_key,
-            "--batch-size-max", str(options.batch_size_max), "--commit-interval-ms", str(options.commit_interval_ms)],
-            marker=saga_ceiling.FIRST_RECORD_MARKER)
+        child = self._start(
+            "ceiling",
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.saga_ceiling",
+                "--bootstrap",
+                self.bootstrap,
+                "--commands-topic",
+                topics["commands"],
+                "--events-topic",
+                topics["events"],
+                "--outcomes-topic",
+                topics["outcomes"],
+                "--group-id",
+                f"{self.prefix}bench-ceiling",
+                "--leg-key",
+                self.peer_leg_key,
+                "--batch-size-max",
+                str(options.batch_size_max),
+                "--commit-interval-ms",
+                str(options.commit_interval_ms),
+            ],
+            marker=saga_ceiling.FIRST_RECORD_MARKER,
+        )
         return self._saga_stage("ceiling", child, tally, topics["events"], "first record")
 
     def kafka_streams(self) -> StageResult:
@@ -672,41 +836,73 @@ class Bench:
         topics = self.kafka_streams_topics
         started_s = time.monotonic()
         kafka_streams_peer.build(self.settings.cache_dir, say=self.say)
-        self.say(f"[1c] Kafka Streams peer (built in {time.monotonic() - started_s:.1f} s): {options.transfers:,} "
-                 f"transfers after {2 * options.accounts:,} account commands, exactly_once_v2, "
-                 f"{KAFKA_STREAMS_THREADS} threads, commit {KAFKA_STREAMS_COMMIT_INTERVAL_MS} ms")
+        self.say(
+            f"[1c] Kafka Streams peer (built in {time.monotonic() - started_s:.1f} s): {options.transfers:,} "
+            f"transfers after {2 * options.accounts:,} account commands, exactly_once_v2, "
+            f"{KAFKA_STREAMS_THREADS} threads, commit {KAFKA_STREAMS_COMMIT_INTERVAL_MS} ms"
+        )
         tally = self._tally(topics["outcomes"], "kafka-streams")
-        child = self._start("kafka-streams", kafka_streams_peer.java_argv(
-            bootstrap=self.bootstrap, application_id=f"{self.prefix}kstreams-peer",
-            commands_topic=topics["commands"], events_topic=topics["events"],
-            outcomes_topic=topics["outcomes"], state_dir=self.work_dir / "kafka-streams-state",
-            leg_key=self.peer_leg_key, threads=KAFKA_STREAMS_THREADS,
-            commit_interval_ms=KAFKA_STREAMS_COMMIT_INTERVAL_MS), marker=kafka_streams_peer.FIRST_RECORD_MARKER)
-        return self._saga_stage("kafka_streams", child, tally, topics["events"], "first record",
-                                stall_timeout_s=KAFKA_STREAMS_STALL_TIMEOUT_S)
+        child = self._start(
+            "kafka-streams",
+            kafka_streams_peer.java_argv(
+                bootstrap=self.bootstrap,
+                application_id=f"{self.prefix}kstreams-peer",
+                commands_topic=topics["commands"],
+                events_topic=topics["events"],
+                outcomes_topic=topics["outcomes"],
+                state_dir=self.work_dir / "kafka-streams-state",
+                leg_key=self.peer_leg_key,
+                threads=KAFKA_STREAMS_THREADS,
+                commit_interval_ms=KAFKA_STREAMS_COMMIT_INTERVAL_MS,
+            ),
+            marker=kafka_streams_peer.FIRST_RECORD_MARKER,
+        )
+        return self._saga_stage(
+            "kafka_streams",
+            child,
+            tally,
+            topics["events"],
+            "first record",
+            stall_timeout_s=KAFKA_STREAMS_STALL_TIMEOUT_S,
+        )
 
-    def _saga_stage(self, stage: str, child: Child, tally: OutcomeTally, events_topic: str, marker_meaning: str,
-                    stall_timeout_s: float = STALL_TIMEOUT_S) -> StageResult:
+    def _saga_stage(
+        self,
+        stage: str,
+        child: Child,
+        tally: OutcomeTally,
+        events_topic: str,
+        marker_meaning: str,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+    ) -> StageResult:
         """Waits for every transfer's outcome, stops the child, checks outcomes and ledger."""
         options = self.options
         timeout_s = self._stage_timeout_s(stage, 2 * options.accounts + 2 * options.transfers)
         try:
-            end_s = self._await_outcomes(child, tally, options.transfers, timeout_s, stage,
-                                         stall_timeout_s=stall_timeout_s)
+            end_s = self._await_outcomes(
+                child, tally, options.transfers, timeout_s, stage, stall_timeout_s=stall_timeout_s
+            )
         finally:
             child.stop()
         window_start_s, window_start = self._window_start(child, marker_meaning)
         problems = self._check_results(stage, tally, options.accounts, self.expected)
         ledger = self._check_ledger(stage, events_topic)
         problems += ledger["problems"]
-        return StageResult(options.transfers, self._messages(tally, options.accounts, MESSAGES_OURS),
-                           end_s - window_start_s, window_start, dict(tally.results_of(TRANSFER)), problems,
-                           ledger)
+        return StageResult(
+            options.transfers,
+            self._messages(tally, options.accounts, MESSAGES_OURS),
+            end_s - window_start_s,
+            window_start,
+            dict(tally.results_of(TRANSFER)),
+            problems,
+            ledger,
+        )
 
     def _check_ledger(self, stage: str, events_topic: str) -> dict:
         started_s = time.monotonic()
-        ledger = check_ledger(self.bootstrap, events_topic, self.options.partitions,
-                              f"{self.prefix}bench-ledger-{stage}").as_dict()
+        ledger = check_ledger(
+            self.bootstrap, events_topic, self.options.partitions, f"{self.prefix}bench-ledger-{stage}"
+        ).as_dict()
         ledger["check_s"] = round(time.monotonic() - started_s, 1)
         self.problems += [f"{stage}: {problem}" for problem in ledger["problems"]]
         return ledger
@@ -714,25 +910,51 @@ class Bench:
     def start_processor(self) -> Child:
         options = self.options
         profile = ["-m", "cProfile", "-o", str(options.profile_processor)] if options.profile_processor else []
-        return self._start("processor", [
-            sys.executable, *profile, "-m", "wallet.cli", "--bootstrap", self.bootstrap, "--topic-prefix", self.prefix,
-            "processor", "--instance-id", "bench", "--store", str(self.work_dir / "processor-store"),
-            "--batch-size-max", str(options.batch_size_max), "--commit-interval-ms", str(options.commit_interval_ms)],
-            marker=PROCESSOR_READY_MARKER)
+        return self._start(
+            "processor",
+            [
+                sys.executable,
+                *profile,
+                "-m",
+                "wallet.cli",
+                "--bootstrap",
+                self.bootstrap,
+                "--topic-prefix",
+                self.prefix,
+                "processor",
+                "--instance-id",
+                "bench",
+                "--store",
+                str(self.work_dir / "processor-store"),
+                "--batch-size-max",
+                str(options.batch_size_max),
+                "--commit-interval-ms",
+                str(options.commit_interval_ms),
+            ],
+            marker=PROCESSOR_READY_MARKER,
+        )
 
     def ours(self, processor: Child, tally: OutcomeTally) -> StageResult:
         options = self.options
-        self.say(f"[2] ours: one wallet processor (pid {processor.pid}) on {options.transfers:,} transfers "
-                 f"after {2 * options.accounts:,} account commands")
+        self.say(
+            f"[2] ours: one wallet processor (pid {processor.pid}) on {options.transfers:,} transfers "
+            f"after {2 * options.accounts:,} account commands"
+        )
         timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
         end_s = self._await_outcomes(processor, tally, options.transfers, timeout_s, "ours")
         window_start_s, window_start = self._window_start(processor, "first consume after assignment")
         problems = self._check_results("ours", tally, options.accounts, self.expected)
         # Before the latency phase: with every transfer answered, the ledger is quiet.
         ledger = self._check_ledger("ours", self.settings.events_topic)
-        return StageResult(options.transfers,
-                           self._messages(tally, options.accounts, MESSAGES_OURS), end_s - window_start_s,
-                           window_start, dict(tally.results_of(TRANSFER)), problems + ledger["problems"], ledger)
+        return StageResult(
+            options.transfers,
+            self._messages(tally, options.accounts, MESSAGES_OURS),
+            end_s - window_start_s,
+            window_start,
+            dict(tally.results_of(TRANSFER)),
+            problems + ledger["problems"],
+            ledger,
+        )
 
     def latency(self, processor: Child, tally: OutcomeTally, rate_per_s: float) -> LatencyResult:
         options = self.options
@@ -760,8 +982,9 @@ class Bench:
         collector = threading.Thread(target=collect, name="latency-outcomes", daemon=True)
         collector.start()
         producer = _InputProducer(self.bootstrap, linger_ms=1)
-        records = transfer_records(options.accounts, math.ceil(rate_per_s * seconds), options.seed + 1, LATENCY,
-                                   Counter())
+        records = transfer_records(
+            options.accounts, math.ceil(rate_per_s * seconds), options.seed + 1, LATENCY, Counter()
+        )
         topic = self.settings.commands_topic
         try:
             with self._bar(int(rate_per_s * seconds), "latency", "tx") as bar:
@@ -779,8 +1002,9 @@ class Bench:
             deadline_s = time.monotonic() + LATENCY_DRAIN_TIMEOUT_S
             while len(answered_s) < len(sent_s) and time.monotonic() < deadline_s and not errors:
                 if processor.exited() is not None:
-                    raise processor.failure(f"the processor exited with code {processor.exited()} during the "
-                                            f"latency phase")
+                    raise processor.failure(
+                        f"the processor exited with code {processor.exited()} during the latency phase"
+                    )
                 time.sleep(0.05)
         finally:
             stop.set()
@@ -788,11 +1012,19 @@ class Bench:
         if errors:
             raise BenchError(f"reading outcomes during the latency phase failed: {errors[0]}")
         if len(answered_s) < len(sent_s):
-            self.problems.append(f"latency: {len(sent_s) - len(answered_s)} of {len(sent_s)} transfers had no "
-                                 f"outcome {LATENCY_DRAIN_TIMEOUT_S:.0f} s after the load stopped")
+            self.problems.append(
+                f"latency: {len(sent_s) - len(answered_s)} of {len(sent_s)} transfers had no "
+                f"outcome {LATENCY_DRAIN_TIMEOUT_S:.0f} s after the load stopped"
+            )
         latencies_ms = sorted((seen_s - sent_s[index]) * 1000 for index, seen_s in answered_s.items())
-        percentiles = ({name: percentile(latencies_ms, share) for name, share in
-                        (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))} if latencies_ms else {})
+        percentiles = (
+            {
+                name: percentile(latencies_ms, share)
+                for name, share in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
+            }
+            if latencies_ms
+            else {}
+        )
         return LatencyResult(rate_per_s, len(sent_s) / offered_s, seconds, len(sent_s), len(answered_s), percentiles)
 
     def faust(self, guarantee: str) -> StageResult:
@@ -800,35 +1032,69 @@ class Bench:
 
         options = self.options
         prefix = self._faust_prefix(guarantee)
-        self.say(f"[4] faust peer ({guarantee}): {options.faust_transfers:,} transfers after "
-                 f"{2 * options.faust_accounts:,} account commands")
+        self.say(
+            f"[4] faust peer ({guarantee}): {options.faust_transfers:,} transfers after "
+            f"{2 * options.faust_accounts:,} account commands"
+        )
         tally = self._tally(f"{prefix}{OUTCOMES_TOPIC}", f"faust-{guarantee}")
-        worker = self._start(f"faust-{guarantee}", [
-            sys.executable, "-m", "benchmarks.faust_peer", "--bootstrap", self.bootstrap, "--topic-prefix", prefix,
-            "--guarantee", guarantee, "--partitions", str(options.partitions),
-            "--data-dir", str(self.work_dir / f"faust-{guarantee}"), "worker", "--loglevel", "warn"],
-            marker=FIRST_RECORD_MARKER)
+        worker = self._start(
+            f"faust-{guarantee}",
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.faust_peer",
+                "--bootstrap",
+                self.bootstrap,
+                "--topic-prefix",
+                prefix,
+                "--guarantee",
+                guarantee,
+                "--partitions",
+                str(options.partitions),
+                "--data-dir",
+                str(self.work_dir / f"faust-{guarantee}"),
+                "worker",
+                "--loglevel",
+                "warn",
+            ],
+            marker=FIRST_RECORD_MARKER,
+        )
         heartbeat = _Heartbeat(self.bootstrap, f"{prefix}{COMMANDS_TOPIC}", options.partitions)
         timeout_s = self._stage_timeout_s("faust", 2 * options.faust_accounts + 2 * options.faust_transfers)
         try:
-            end_s = self._await_outcomes(worker, tally, options.faust_transfers, timeout_s, f"faust {guarantee}",
-                                         on_tick=heartbeat.tick)
+            end_s = self._await_outcomes(
+                worker, tally, options.faust_transfers, timeout_s, f"faust {guarantee}", on_tick=heartbeat.tick
+            )
         finally:
             heartbeat.close()
             # Its figures are taken by now, so a SIGKILL after a short grace period loses nothing.
             worker.stop(FAUST_STOP_TIMEOUT_S)
         window_start_s, window_start = self._window_start(worker, "first record")
         # faust writes no events (its table's changelog holds balances only): outcome checks only.
-        problems = self._check_results(f"faust {guarantee}", tally, options.faust_accounts,
-                                       self.faust_expected[guarantee])
-        return StageResult(options.faust_transfers,
-                           self._messages(tally, options.faust_accounts, MESSAGES_FAUST), end_s - window_start_s,
-                           window_start, dict(tally.results_of(TRANSFER)), problems)
+        problems = self._check_results(
+            f"faust {guarantee}", tally, options.faust_accounts, self.faust_expected[guarantee]
+        )
+        return StageResult(
+            options.faust_transfers,
+            self._messages(tally, options.faust_accounts, MESSAGES_FAUST),
+            end_s - window_start_s,
+            window_start,
+            dict(tally.results_of(TRANSFER)),
+            problems,
+        )
 
     # -- waiting and checking --------------------------------------------------------------
 
-    def _await_outcomes(self, child: Child, tally: OutcomeTally, transfers: int, timeout_s: float, stage: str,
-                        on_tick=None, stall_timeout_s: float = STALL_TIMEOUT_S) -> float:
+    def _await_outcomes(
+        self,
+        child: Child,
+        tally: OutcomeTally,
+        transfers: int,
+        timeout_s: float,
+        stage: str,
+        on_tick=None,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+    ) -> float:
         """Reads outcomes until every transfer has one; returns when the last was seen."""
         deadline_s = time.monotonic() + timeout_s
         progress_s = time.monotonic()
@@ -842,14 +1108,20 @@ class Bench:
                     bar.update(tally.per_kind[TRANSFER] - bar.n)
                 now_s = time.monotonic()
                 if child.exited() is not None:
-                    raise child.failure(f"{stage}: {child.name} exited with code {child.exited()} after "
-                                        f"{tally.per_kind[TRANSFER]:,} of {transfers:,} transfer outcomes")
+                    raise child.failure(
+                        f"{stage}: {child.name} exited with code {child.exited()} after "
+                        f"{tally.per_kind[TRANSFER]:,} of {transfers:,} transfer outcomes"
+                    )
                 if now_s - progress_s > stall_timeout_s:
-                    raise child.failure(f"{stage}: no new transfer outcome for {stall_timeout_s:.0f} s "
-                                        f"({tally.per_kind[TRANSFER]:,} of {transfers:,} transfers decided)")
+                    raise child.failure(
+                        f"{stage}: no new transfer outcome for {stall_timeout_s:.0f} s "
+                        f"({tally.per_kind[TRANSFER]:,} of {transfers:,} transfers decided)"
+                    )
                 if now_s > deadline_s:
-                    raise child.failure(f"{stage}: only {tally.per_kind[TRANSFER]:,} of {transfers:,} transfers "
-                                        f"decided within {timeout_s:.0f} s")
+                    raise child.failure(
+                        f"{stage}: only {tally.per_kind[TRANSFER]:,} of {transfers:,} transfers "
+                        f"decided within {timeout_s:.0f} s"
+                    )
             return time.monotonic()
 
     @staticmethod
@@ -875,12 +1147,15 @@ class Bench:
         if results != expected:
             problems.append(f"{stage}: transfer outcomes {dict(results)}, expected {dict(expected)}")
         if tally.contradictions:
-            problems.append(f"{stage}: {len(tally.contradictions)} transactions with two different outcomes, "
-                            f"e.g. {tally.contradictions[:3]}")
+            problems.append(
+                f"{stage}: {len(tally.contradictions)} transactions with two different outcomes, "
+                f"e.g. {tally.contradictions[:3]}"
+            )
         if tally.repeats:
             # The bench sends no retries, so no request may be answered twice, even alike.
-            problems.append(f"{stage}: {len(tally.repeats)} transactions answered more than once, "
-                            f"e.g. {tally.repeats[:3]}")
+            problems.append(
+                f"{stage}: {len(tally.repeats)} transactions answered more than once, e.g. {tally.repeats[:3]}"
+            )
         self.problems += problems
         return problems
 
@@ -898,10 +1173,16 @@ class Bench:
         options = self.options
         run_started_s = time.monotonic()
         phase_wall_s: dict[str, float] = {}
-        report: dict = {"transfers": options.transfers, "accounts": options.accounts, "partitions": options.partitions,
-                        "bootstrap": self.bootstrap, "topic_prefix": self.prefix,
-                        "batch_size_max": options.batch_size_max, "commit_interval_ms": options.commit_interval_ms,
-                        "phase_wall_s": phase_wall_s}
+        report: dict = {
+            "transfers": options.transfers,
+            "accounts": options.accounts,
+            "partitions": options.partitions,
+            "bootstrap": self.bootstrap,
+            "topic_prefix": self.prefix,
+            "batch_size_max": options.batch_size_max,
+            "commit_interval_ms": options.commit_interval_ms,
+            "phase_wall_s": phase_wall_s,
+        }
 
         def phase_done(name: str, started_s: float) -> float:
             now_s = time.monotonic()
@@ -940,8 +1221,10 @@ class Bench:
         if not processor.stop():
             self.problems.append(f"the processor did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM")
         if options.profile_processor:
-            report["profile"] = {"path": str(options.profile_processor),
-                                 "top_by_tottime": profile_top(options.profile_processor)}
+            report["profile"] = {
+                "path": str(options.profile_processor),
+                "top_by_tottime": profile_top(options.profile_processor),
+            }
         started_s = phase_done("processor stop", started_s)
 
         report["faust"] = {}
@@ -990,8 +1273,9 @@ class Bench:
         try:
             names = [name for name in admin.list_topics(timeout=KAFKA_TIMEOUT_S).topics if name.startswith(self.prefix)]
             if names:
-                for future in admin.delete_topics(names, operation_timeout=KAFKA_TIMEOUT_S,
-                                                        request_timeout=KAFKA_TIMEOUT_S).values():
+                for future in admin.delete_topics(
+                    names, operation_timeout=KAFKA_TIMEOUT_S, request_timeout=KAFKA_TIMEOUT_S
+                ).values():
                     future.result(timeout=KAFKA_TIMEOUT_S)
         except KafkaException as error:
             self.say(f"deleting the benchmark topics under {self.prefix!r} failed: {error}; delete them by hand")
@@ -999,16 +1283,21 @@ class Bench:
 
 def _saga_stages(report: dict) -> list[tuple[str, dict]]:
     """(name, stage) of every saga stage that ran: ours, the peers, the ceiling."""
-    stages = [("ours", report["ours"]), *((f"peers.{name}", stage) for name, stage in report["peers"].items()),
-              *((f"faust.{guarantee}", stage) for guarantee, stage in report.get("faust", {}).items()),
-              ("ceiling", report["ceiling"])]
+    stages = [
+        ("ours", report["ours"]),
+        *((f"peers.{name}", stage) for name, stage in report["peers"].items()),
+        *((f"faust.{guarantee}", stage) for guarantee, stage in report.get("faust", {}).items()),
+        ("ceiling", report["ceiling"]),
+    ]
     return [(name, stage) for name, stage in stages if "transfers_per_s" in stage]
 
 
 def add_ratios(report: dict) -> None:
     """Each saga stage's transfers/s as a share of the Kafka Streams peer's and of the ceiling's."""
-    references = {"ratio_to_ceiling": report["ceiling"].get("transfers_per_s"),
-                  "ratio_to_kafka_streams": report["peers"].get("kafka_streams", {}).get("transfers_per_s")}
+    references = {
+        "ratio_to_ceiling": report["ceiling"].get("transfers_per_s"),
+        "ratio_to_kafka_streams": report["peers"].get("kafka_streams", {}).get("transfers_per_s"),
+    }
     for _, stage in _saga_stages(report):
         for key, reference in references.items():
             if reference:
@@ -1020,14 +1309,21 @@ def profile_top(path: Path, count: int = PROFILE_TOP_ENTRIES) -> list[dict]:
     total_s = stats.total_tt  # type: ignore[attr-defined]  # undocumented, absent from typeshed's pstats
     rows = []
     for (filename, line, function), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]  # likewise
-        rows.append({"function": f"{Path(filename).name}:{line}({function})", "calls": calls,
-                     "tottime_s": round(tottime, 3), "tottime_share": round(tottime / total_s, 4) if total_s else 0.0,
-                     "cumtime_s": round(cumtime, 3)})
+        rows.append(
+            {
+                "function": f"{Path(filename).name}:{line}({function})",
+                "calls": calls,
+                "tottime_s": round(tottime, 3),
+                "tottime_share": round(tottime / total_s, 4) if total_s else 0.0,
+                "cumtime_s": round(cumtime, 3),
+            }
+        )
     rows.sort(key=lambda row: row["tottime_s"], reverse=True)
     return rows[:count]
 
 
 # -- output ------------------------------------------------------------------------------------
+
 
 def _ratio_text(ratio: float | None) -> str:
     if ratio is None:
@@ -1055,8 +1351,10 @@ def format_report(report: dict) -> str:
         to_kafka_streams = _ratio_text(stage.get("ratio_to_kafka_streams"))
         to_ceiling = _ratio_text(stage.get("ratio_to_ceiling"))
         checks = "-" if "checks_ok" not in stage else ("ok" if stage["checks_ok"] else "FAILED")
-        return (f"{name:<34}{transfers:>11}{stage['elapsed_s']:>9.1f}s{transfers_per_s:>13}"
-                f"{stage['messages_per_s']:>13,.0f}{to_kafka_streams:>13}{to_ceiling:>12}{checks:>8}")
+        return (
+            f"{name:<34}{transfers:>11}{stage['elapsed_s']:>9.1f}s{transfers_per_s:>13}"
+            f"{stage['messages_per_s']:>13,.0f}{to_kafka_streams:>13}{to_ceiling:>12}{checks:>8}"
+        )
 
     lines.append(row("wallet processor (ours)", report["ours"]))
     lines.append(row("Kafka Streams peer (Java, EOS v2)", report["peers"]["kafka_streams"]))
@@ -1070,19 +1368,29 @@ def format_report(report: dict) -> str:
         lines.append(f"ours / faust ({guarantee}), transfers/s: {ratio:,.1f}x")
     latency = report.get("latency")
     if latency:
-        lines += ["", f"latency, command produced -> outcome seen read_committed, at "
-                      f"{latency['offered_transfers_per_s']:,.0f} transfers/s offered "
-                      f"({LATENCY_LOAD_SHARE:.0%} of ours; {latency['achieved_transfers_per_s']:,.0f} achieved) "
-                      f"for {latency['seconds']:g} s, "
-                      f"{latency['answered']:,} of {latency['sent']:,} answered:"]
+        lines += [
+            "",
+            f"latency, command produced -> outcome seen read_committed, at "
+            f"{latency['offered_transfers_per_s']:,.0f} transfers/s offered "
+            f"({LATENCY_LOAD_SHARE:.0%} of ours; {latency['achieved_transfers_per_s']:,.0f} achieved) "
+            f"for {latency['seconds']:g} s, "
+            f"{latency['answered']:,} of {latency['sent']:,} answered:",
+        ]
         if "p50_ms" in latency:
-            lines.append(f"  p50 {latency['p50_ms']:.1f} ms   p95 {latency['p95_ms']:.1f} ms   "
-                         f"p99 {latency['p99_ms']:.1f} ms   max {latency['max_ms']:.1f} ms")
+            lines.append(
+                f"  p50 {latency['p50_ms']:.1f} ms   p95 {latency['p95_ms']:.1f} ms   "
+                f"p99 {latency['p99_ms']:.1f} ms   max {latency['max_ms']:.1f} ms"
+            )
     if report.get("profile"):
-        lines += ["", f"processor profile ({report['profile']['path']}; ours ran under cProfile, slower than "
-                      f"without), top by own time:"]
-        lines += [f"  {entry['tottime_s']:>8.2f} s {entry['tottime_share']:>6.1%} {entry['calls']:>10,}  "
-                  f"{entry['function']}" for entry in report["profile"]["top_by_tottime"][:15]]
+        lines += [
+            "",
+            f"processor profile ({report['profile']['path']}; ours ran under cProfile, slower than "
+            f"without), top by own time:",
+        ]
+        lines += [
+            f"  {entry['tottime_s']:>8.2f} s {entry['tottime_share']:>6.1%} {entry['calls']:>10,}  {entry['function']}"
+            for entry in report["profile"]["top_by_tottime"][:15]
+        ]
     lines += [
         "",
         "messages = records consumed + records produced by the stage: copy loop 1 + 1 per record; a transfer through "
@@ -1095,11 +1403,18 @@ def format_report(report: dict) -> str:
         "ours, the Kafka Streams peer and the ceiling also their events read whole (sequences gap-free, balances "
         "chained, money conserved, the project's event format).",
         f"outcomes of ours: {report['ours']['outcomes']}",
-        *([f"faust: one heartbeat command per partition every {FAUST_HEARTBEAT_INTERVAL_S:g} s keeps its exactly-once "
-           f"transactions committing; without it the last saga legs of a finite input are never committed."]
-          if report["faust"] else []),
-        f"run time {report['run_s']:.0f} s (" + ", ".join(f"{name} {seconds:g} s" for name, seconds
-                                                          in report["phase_wall_s"].items()) + "); "
+        *(
+            [
+                f"faust: one heartbeat command per partition every {FAUST_HEARTBEAT_INTERVAL_S:g} s "
+                "keeps its exactly-once "
+                f"transactions committing; without it the last saga legs of a finite input are never committed."
+            ]
+            if report["faust"]
+            else []
+        ),
+        f"run time {report['run_s']:.0f} s ("
+        + ", ".join(f"{name} {seconds:g} s" for name, seconds in report["phase_wall_s"].items())
+        + "); "
         + ("all checks passed" if report["ok"] else "PROBLEMS:"),
     ]
     lines += [f"  - {problem}" for problem in report["problems"]]
@@ -1119,31 +1434,68 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProcessorConfig(instance_id="", store_path=Path())
-    parser.add_argument("--transfers", type=_positive_int, default=TRANSFERS_DEFAULT,
-                        help=f"transfers through the processor and the copy loop (default {TRANSFERS_DEFAULT:,})")
-    parser.add_argument("--accounts", type=_positive_int, default=ACCOUNTS_DEFAULT,
-                        help=f"accounts the transfers move money among, at least 2 (default {ACCOUNTS_DEFAULT:,})")
-    parser.add_argument("--partitions", type=_positive_int, default=PARTITIONS_DEFAULT,
-                        help=f"partitions of every benchmark topic (default {PARTITIONS_DEFAULT})")
-    parser.add_argument("--faust-transfers", type=_positive_int, default=FAUST_TRANSFERS_DEFAULT,
-                        help=f"transfers for the faust-streaming peer, among accounts in the same ratio "
-                             f"(default {FAUST_TRANSFERS_DEFAULT:,})")
-    parser.add_argument("--faust-guarantee", choices=("exactly_once", "at_least_once", "both"), default="exactly_once",
-                        help="processing guarantee of the faust peer (default exactly_once, like ours)")
+    parser.add_argument(
+        "--transfers",
+        type=_positive_int,
+        default=TRANSFERS_DEFAULT,
+        help=f"transfers through the processor and the copy loop (default {TRANSFERS_DEFAULT:,})",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=_positive_int,
+        default=ACCOUNTS_DEFAULT,
+        help=f"accounts the transfers move money among, at least 2 (default {ACCOUNTS_DEFAULT:,})",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=PARTITIONS_DEFAULT,
+        help=f"partitions of every benchmark topic (default {PARTITIONS_DEFAULT})",
+    )
+    parser.add_argument(
+        "--faust-transfers",
+        type=_positive_int,
+        default=FAUST_TRANSFERS_DEFAULT,
+        help=f"transfers for the faust-streaming peer, among accounts in the same ratio "
+        f"(default {FAUST_TRANSFERS_DEFAULT:,})",
+    )
+    parser.add_argument(
+        "--faust-guarantee",
+        choices=("exactly_once", "at_least_once", "both"),
+        default="exactly_once",
+        help="processing guarantee of the faust peer (default exactly_once, like ours)",
+    )
     parser.add_argument("--skip-faust", action="store_true", help="do not run the faust peer")
-    parser.add_argument("--skip-kafka-streams", action="store_true",
-                        help="do not build and run the Kafka Streams peer (skipped anyway without javac, mvn, java)")
-    parser.add_argument("--latency-seconds", type=float, default=LATENCY_SECONDS_DEFAULT,
-                        help=f"how long to offer load for the latency percentiles; 0 skips them "
-                             f"(default {LATENCY_SECONDS_DEFAULT:g})")
-    parser.add_argument("--batch-size-max", type=_positive_int, default=defaults.batch_size_max,
-                        help=f"records per transaction of the processor and the copy loop "
-                             f"(default {defaults.batch_size_max:,})")
-    parser.add_argument("--commit-interval-ms", type=_positive_int, default=defaults.commit_interval_ms,
-                        help=f"longest wait for a batch to fill, both (default {defaults.commit_interval_ms})")
+    parser.add_argument(
+        "--skip-kafka-streams",
+        action="store_true",
+        help="do not build and run the Kafka Streams peer (skipped anyway without javac, mvn, java)",
+    )
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=LATENCY_SECONDS_DEFAULT,
+        help=f"how long to offer load for the latency percentiles; 0 skips them (default {LATENCY_SECONDS_DEFAULT:g})",
+    )
+    parser.add_argument(
+        "--batch-size-max",
+        type=_positive_int,
+        default=defaults.batch_size_max,
+        help=f"records per transaction of the processor and the copy loop (default {defaults.batch_size_max:,})",
+    )
+    parser.add_argument(
+        "--commit-interval-ms",
+        type=_positive_int,
+        default=defaults.commit_interval_ms,
+        help=f"longest wait for a batch to fill, both (default {defaults.commit_interval_ms})",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated transfers (default 1)")
-    parser.add_argument("--profile-processor", type=Path, metavar="FILE",
-                        help="run the processor under cProfile, write its stats to FILE and print the top entries")
+    parser.add_argument(
+        "--profile-processor",
+        type=Path,
+        metavar="FILE",
+        help="run the processor under cProfile, write its stats to FILE and print the top entries",
+    )
     parser.add_argument("--keep-topics", action="store_true", help="leave the benchmark topics for inspection")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
 
@@ -1154,14 +1506,25 @@ def run(args: argparse.Namespace) -> int:
     if args.accounts < 2:
         print("wallet bench: --accounts must be at least 2", file=sys.stderr)
         return 2
-    guarantees = () if args.skip_faust else (
-        ("exactly_once", "at_least_once") if args.faust_guarantee == "both" else (args.faust_guarantee,))
+    guarantees = (
+        ()
+        if args.skip_faust
+        else (("exactly_once", "at_least_once") if args.faust_guarantee == "both" else (args.faust_guarantee,))
+    )
     options = BenchOptions(
-        transfers=args.transfers, accounts=args.accounts, partitions=args.partitions,
-        faust_transfers=args.faust_transfers, faust_guarantees=guarantees, latency_seconds=args.latency_seconds,
-        batch_size_max=args.batch_size_max, commit_interval_ms=args.commit_interval_ms, seed=args.seed,
+        transfers=args.transfers,
+        accounts=args.accounts,
+        partitions=args.partitions,
+        faust_transfers=args.faust_transfers,
+        faust_guarantees=guarantees,
+        latency_seconds=args.latency_seconds,
+        batch_size_max=args.batch_size_max,
+        commit_interval_ms=args.commit_interval_ms,
+        seed=args.seed,
         profile_processor=args.profile_processor.resolve() if args.profile_processor else None,
-        keep_topics=args.keep_topics, kafka_streams=not args.skip_kafka_streams)
+        keep_topics=args.keep_topics,
+        kafka_streams=not args.skip_kafka_streams,
+    )
     from wallet.localkafka import LocalKafkaError
 
     try:
@@ -1181,8 +1544,13 @@ def _run_bench(bench: Bench, args: argparse.Namespace) -> int:
     try:
         report = bench.run()
         failed = not report["ok"]
-    except (BenchError, BrokerUnavailableError, TopicProvisioningError, KafkaException,
-            kafka_streams_peer.PeerBuildError) as error:
+    except (
+        BenchError,
+        BrokerUnavailableError,
+        TopicProvisioningError,
+        KafkaException,
+        kafka_streams_peer.PeerBuildError,
+    ) as error:
         print(f"wallet bench: {error}", file=sys.stderr)
         return 1
     finally:

@@ -10,6 +10,7 @@ Run as `python -m benchmarks.raw_ceiling --input-topic T --output-topic O ...`: 
 the input topic as it is at start (up to the end offsets it finds then) and prints one JSON
 line per progress step and a final JSON line `{"records", "elapsed_s", ...}`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,35 @@ class CopyResult:
         return 2 * self.records  # one consumed + one produced per record
 
 
-def copy_topic(bootstrap: str, input_topic: str, output_topic: str, group_id: str, instance_id: str,
-               batch_size_max: int, commit_interval_ms: int, transaction_timeout_ms: int, timeout_s: float,
-               on_progress=None) -> CopyResult:
+def copy_topic(
+    bootstrap: str,
+    input_topic: str,
+    output_topic: str,
+    group_id: str,
+    instance_id: str,
+    batch_size_max: int,
+    commit_interval_ms: int,
+    transaction_timeout_ms: int,
+    timeout_s: float,
+    on_progress=None,
+) -> CopyResult:
     consumer = Consumer(processor_consumer_config(bootstrap, group_id, instance_id))
     producer = Producer(processor_producer_config(bootstrap, f"{group_id}-{instance_id}", transaction_timeout_ms))
     try:
         ends = _end_offsets(consumer, input_topic)
         producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
         consumer.subscribe([input_topic])
-        return _copy(consumer, producer, input_topic, output_topic, ends, batch_size_max, commit_interval_ms,
-                     timeout_s, on_progress)
+        return _copy(
+            consumer,
+            producer,
+            input_topic,
+            output_topic,
+            ends,
+            batch_size_max,
+            commit_interval_ms,
+            timeout_s,
+            on_progress,
+        )
     finally:
         consumer.close()
         producer.flush(KAFKA_CALL_TIMEOUT_S)
@@ -67,12 +86,23 @@ def _end_offsets(consumer: Consumer, topic: str) -> dict[int, int]:
     metadata = consumer.list_topics(topic, timeout=KAFKA_CALL_TIMEOUT_S).topics[topic]
     if metadata.error is not None:
         raise KafkaException(metadata.error)
-    return {partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), KAFKA_CALL_TIMEOUT_S)[1]
-            for partition in metadata.partitions}
+    return {
+        partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), KAFKA_CALL_TIMEOUT_S)[1]
+        for partition in metadata.partitions
+    }
 
 
-def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic: str, ends: dict[int, int],
-          batch_size_max: int, commit_interval_ms: int, timeout_s: float, on_progress) -> CopyResult:
+def _copy(
+    consumer: Consumer,
+    producer: Producer,
+    input_topic: str,
+    output_topic: str,
+    ends: dict[int, int],
+    batch_size_max: int,
+    commit_interval_ms: int,
+    timeout_s: float,
+    on_progress,
+) -> CopyResult:
     remaining = {partition for partition, end in ends.items() if end > 0}
     deadline_s = time.monotonic() + timeout_s
     started_s = None
@@ -80,8 +110,10 @@ def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic
     last_progress_s = 0.0
     while remaining:
         if time.monotonic() > deadline_s:
-            raise CopyTimeout(f"copied {copied} records of {input_topic} in {timeout_s:.0f} s; partitions "
-                              f"{sorted(remaining)} did not reach their end offsets {ends}")
+            raise CopyTimeout(
+                f"copied {copied} records of {input_topic} in {timeout_s:.0f} s; partitions "
+                f"{sorted(remaining)} did not reach their end offsets {ends}"
+            )
         records = consumer.consume(num_messages=batch_size_max, timeout=commit_interval_ms / 1000)
         if not records:
             continue
@@ -103,7 +135,9 @@ def _copy(consumer: Consumer, producer: Producer, input_topic: str, output_topic
             batch_copied += 1
         producer.send_offsets_to_transaction(
             [TopicPartition(input_topic, partition, offset) for partition, offset in next_offsets.items()],
-            consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S)
+            consumer.consumer_group_metadata(),
+            KAFKA_CALL_TIMEOUT_S,
+        )
         producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
         transactions += 1
         copied += batch_copied
@@ -134,9 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"copied": copied}), flush=True)
 
     try:
-        result = copy_topic(args.bootstrap, args.input_topic, args.output_topic, args.group_id, args.instance_id,
-                            args.batch_size_max, args.commit_interval_ms, args.transaction_timeout_ms, args.timeout_s,
-                            on_progress=report)
+        result = copy_topic(
+            args.bootstrap,
+            args.input_topic,
+            args.output_topic,
+            args.group_id,
+            args.instance_id,
+            args.batch_size_max,
+            args.commit_interval_ms,
+            args.transaction_timeout_ms,
+            args.timeout_s,
+            on_progress=report,
+        )
     except (CopyTimeout, KafkaException) as error:
         print(json.dumps({"error": str(error)}), flush=True)
         return 1

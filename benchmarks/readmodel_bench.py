@@ -16,6 +16,7 @@ the process is printed too, with the load average.
 
 The topics are deleted at the end. The target is 50,000 events/s into SQLite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started_s = time.monotonic()
         publish(settings, log, transaction_records_max=10_000)
-        print(f"published to {settings.bootstrap} under prefix {settings.topic_prefix} "
-              f"in {time.monotonic() - started_s:.1f} s")
+        print(
+            f"published to {settings.bootstrap} under prefix {settings.topic_prefix} "
+            f"in {time.monotonic() - started_s:.1f} s"
+        )
         results = [_measure(db_url, settings, records, event_count, args.batch_size) for db_url in args.db]
     finally:
         delete_topics(settings)
@@ -78,11 +81,15 @@ def _measure(db_url: str, settings: Settings, records: list, event_count: int, b
         store.create_schema()
         started_s = time.monotonic()
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            store.apply(Batch(events=[r for r in chunk if type(r) is not Outcome],
-                              outcomes=[r for r in chunk if type(r) is Outcome],
-                              offsets_before={("bench", 0): start or None},
-                              offsets_after={("bench", 0): start + len(chunk)}))
+            chunk = records[start : start + batch_size]
+            store.apply(
+                Batch(
+                    events=[r for r in chunk if type(r) is not Outcome],
+                    outcomes=[r for r in chunk if type(r) is Outcome],
+                    offsets_before={("bench", 0): start or None},
+                    offsets_after={("bench", 0): start + len(chunk)},
+                )
+            )
         store_only_s = time.monotonic() - started_s
     result = {
         "db": describe_db_url(db_url),
@@ -98,9 +105,11 @@ def _measure(db_url: str, settings: Settings, records: list, event_count: int, b
         "load_average_1m": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(),
     }
-    print(f"{result['db']}: {result['end_to_end_events_per_s']} events/s end to end from Kafka "
-          f"({result['end_to_end_events_per_cpu_s']} per CPU second), "
-          f"{result['store_only_events_per_s']} events/s database only; load average {result['load_average_1m']}")
+    print(
+        f"{result['db']}: {result['end_to_end_events_per_s']} events/s end to end from Kafka "
+        f"({result['end_to_end_events_per_cpu_s']} per CPU second), "
+        f"{result['store_only_events_per_s']} events/s database only; load average {result['load_average_1m']}"
+    )
     return result
 
 

@@ -16,6 +16,7 @@ Run as `python -m benchmarks.saga_ceiling --commands-topic C --events-topic E
 --outcomes-topic O ...`; it prints FIRST_RECORD_MARKER when its first batch arrives and runs
 until SIGTERM (the harness stops it once every transfer has its outcome).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def _text(minor: int) -> str:
 class Saga:
     """The decisions, on a dict of accounts: account id -> [balance_minor, seq, owner]."""
 
-    def __init__(self, produce, commands_topic: str, events_topic: str, outcomes_topic: str, leg_key_id: str,
-                 leg_key: bytes) -> None:
+    def __init__(
+        self, produce, commands_topic: str, events_topic: str, outcomes_topic: str, leg_key_id: str, leg_key: bytes
+    ) -> None:
         self.accounts: dict[str, list] = {}
         self._produce = produce
         self._commands_topic = commands_topic
@@ -100,42 +102,101 @@ class Saga:
         sender[1] += 1
         v = command.get("v", 1)
         actor = command.get("actor", "")
-        event = {"type": "transfer_debited", "v": v, "account_id": sender_id,
-                 "transaction_id": command["transaction_id"], "ts_ms": time_ms, "command": "transfer",
-                 "digest": digest}
+        event = {
+            "type": "transfer_debited",
+            "v": v,
+            "account_id": sender_id,
+            "transaction_id": command["transaction_id"],
+            "ts_ms": time_ms,
+            "command": "transfer",
+            "digest": digest,
+        }
         if v >= 2:
             event["actor"] = actor
-        event.update(seq=sender[1], amount=amount, currency=command["currency"], balance=_text(sender[0]),
-                     to_account=command["to_account"], merchant_only=False)
+        event.update(
+            seq=sender[1],
+            amount=amount,
+            currency=command["currency"],
+            balance=_text(sender[0]),
+            to_account=command["to_account"],
+            merchant_only=False,
+        )
         self._produce(self._events_topic, _encode(event), sender_id)
-        self._leg(command["to_account"], {
-            "type": "credit_leg", "v": v, "transaction_id": command["transaction_id"], "actor": actor,
-            "issued_ms": time_ms, "kid": self._kid, "mac": "", "from_account": sender_id,
-            "to_account": command["to_account"], "amount": amount, "currency": command["currency"], "digest": digest,
-            "merchant_only": False, "resend": False})
+        self._leg(
+            command["to_account"],
+            {
+                "type": "credit_leg",
+                "v": v,
+                "transaction_id": command["transaction_id"],
+                "actor": actor,
+                "issued_ms": time_ms,
+                "kid": self._kid,
+                "mac": "",
+                "from_account": sender_id,
+                "to_account": command["to_account"],
+                "amount": amount,
+                "currency": command["currency"],
+                "digest": digest,
+                "merchant_only": False,
+                "resend": False,
+            },
+        )
 
     def _credit(self, leg: dict, time_ms: int) -> None:
         receiver_id = leg["to_account"]
         receiver = self.accounts.get(receiver_id)
         v = leg["v"]
         if receiver is None:
-            self._reject(leg, leg["from_account"], receiver_id, leg["digest"], "account_not_found", time_ms,
-                         issued_ms=leg["issued_ms"], answer=False)
-            self._leg(leg["from_account"], {
-                "type": "refund_leg", "v": v, "transaction_id": leg["transaction_id"], "actor": leg["actor"],
-                "issued_ms": time_ms, "kid": self._kid, "mac": "", "from_account": leg["from_account"],
-                "to_account": receiver_id, "amount": leg["amount"], "currency": leg["currency"],
-                "digest": leg["digest"], "reason": "account_not_found", "debit_ms": leg["issued_ms"]})
+            self._reject(
+                leg,
+                leg["from_account"],
+                receiver_id,
+                leg["digest"],
+                "account_not_found",
+                time_ms,
+                issued_ms=leg["issued_ms"],
+                answer=False,
+            )
+            self._leg(
+                leg["from_account"],
+                {
+                    "type": "refund_leg",
+                    "v": v,
+                    "transaction_id": leg["transaction_id"],
+                    "actor": leg["actor"],
+                    "issued_ms": time_ms,
+                    "kid": self._kid,
+                    "mac": "",
+                    "from_account": leg["from_account"],
+                    "to_account": receiver_id,
+                    "amount": leg["amount"],
+                    "currency": leg["currency"],
+                    "digest": leg["digest"],
+                    "reason": "account_not_found",
+                    "debit_ms": leg["issued_ms"],
+                },
+            )
             return
         receiver[0] += _minor(leg["amount"])
         receiver[1] += 1
-        event = {"type": "transfer_credited", "v": v, "account_id": receiver_id,
-                 "transaction_id": leg["transaction_id"], "ts_ms": time_ms, "command": "credit_leg",
-                 "digest": leg["digest"]}
+        event = {
+            "type": "transfer_credited",
+            "v": v,
+            "account_id": receiver_id,
+            "transaction_id": leg["transaction_id"],
+            "ts_ms": time_ms,
+            "command": "credit_leg",
+            "digest": leg["digest"],
+        }
         if v >= 2:
             event["actor"] = leg["actor"]
-        event.update(seq=receiver[1], amount=leg["amount"], currency=leg["currency"], balance=_text(receiver[0]),
-                     from_account=leg["from_account"])
+        event.update(
+            seq=receiver[1],
+            amount=leg["amount"],
+            currency=leg["currency"],
+            balance=_text(receiver[0]),
+            from_account=leg["from_account"],
+        )
         if v >= 2:
             event["issued_ms"] = leg["issued_ms"]
         self._produce(self._events_topic, _encode(event), receiver_id)
@@ -147,13 +208,25 @@ class Saga:
         sender[0] += _minor(leg["amount"])
         sender[1] += 1
         v = leg["v"]
-        event = {"type": "transfer_refunded", "v": v, "account_id": sender_id,
-                 "transaction_id": leg["transaction_id"], "ts_ms": time_ms, "command": "refund_leg",
-                 "digest": leg["digest"]}
+        event = {
+            "type": "transfer_refunded",
+            "v": v,
+            "account_id": sender_id,
+            "transaction_id": leg["transaction_id"],
+            "ts_ms": time_ms,
+            "command": "refund_leg",
+            "digest": leg["digest"],
+        }
         if v >= 2:
             event["actor"] = leg["actor"]
-        event.update(seq=sender[1], amount=leg["amount"], currency=leg["currency"], balance=_text(sender[0]),
-                     to_account=leg["to_account"], reason=leg["reason"])
+        event.update(
+            seq=sender[1],
+            amount=leg["amount"],
+            currency=leg["currency"],
+            balance=_text(sender[0]),
+            to_account=leg["to_account"],
+            reason=leg["reason"],
+        )
         self._produce(self._events_topic, _encode(event), sender_id)
         self._answer(leg, sender_id, leg["digest"], leg["reason"])
 
@@ -165,9 +238,15 @@ class Saga:
         v = command.get("v", 1)
         actor = command.get("actor", "")
         self.accounts[account_id] = [0, 1, actor]
-        event = {"type": "account_opened", "v": v, "account_id": account_id,
-                 "transaction_id": command["transaction_id"], "ts_ms": time_ms, "command": "open_account",
-                 "digest": digest}
+        event = {
+            "type": "account_opened",
+            "v": v,
+            "account_id": account_id,
+            "transaction_id": command["transaction_id"],
+            "ts_ms": time_ms,
+            "command": "open_account",
+            "digest": digest,
+        }
         if v >= 2:
             event.update(actor=actor, seq=1, owner=actor)
         else:
@@ -185,23 +264,44 @@ class Saga:
         account[0] += _minor(command["amount"])
         account[1] += 1
         v = command.get("v", 1)
-        event = {"type": "deposited", "v": v, "account_id": account_id, "transaction_id": command["transaction_id"],
-                 "ts_ms": time_ms, "command": "deposit", "digest": digest}
+        event = {
+            "type": "deposited",
+            "v": v,
+            "account_id": account_id,
+            "transaction_id": command["transaction_id"],
+            "ts_ms": time_ms,
+            "command": "deposit",
+            "digest": digest,
+        }
         if v >= 2:
             event["actor"] = command["actor"]
-        event.update(seq=account[1], amount=command["amount"], currency=command["currency"],
-                     balance=_text(account[0]))
+        event.update(seq=account[1], amount=command["amount"], currency=command["currency"], balance=_text(account[0]))
         self._produce(self._events_topic, _encode(event), account_id)
         self._answer(command, account_id, digest, None)
 
     # -- messages ----------------------------------------------------------------------------
 
-    def _reject(self, command: dict, owning_account: str, account_id: str, digest: str, reason: str, time_ms: int,
-                issued_ms: int | None = None, answer: bool = True) -> None:
+    def _reject(
+        self,
+        command: dict,
+        owning_account: str,
+        account_id: str,
+        digest: str,
+        reason: str,
+        time_ms: int,
+        issued_ms: int | None = None,
+        answer: bool = True,
+    ) -> None:
         v = command.get("v", 1)
-        event = {"type": "command_rejected", "v": v, "account_id": account_id,
-                 "transaction_id": command["transaction_id"], "ts_ms": time_ms,
-                 "command": command["type"], "digest": digest}
+        event = {
+            "type": "command_rejected",
+            "v": v,
+            "account_id": account_id,
+            "transaction_id": command["transaction_id"],
+            "ts_ms": time_ms,
+            "command": command["type"],
+            "digest": digest,
+        }
         if v >= 2:
             event.update(actor=command.get("actor", ""), reason=reason, issued_ms=issued_ms)
         else:
@@ -224,8 +324,17 @@ class Saga:
         self._produce(self._commands_topic, _encode(leg), key)
 
 
-def run(bootstrap: str, commands_topic: str, events_topic: str, outcomes_topic: str, group_id: str,
-        leg_key: str, batch_size_max: int, commit_interval_ms: int, transaction_timeout_ms: int) -> int:
+def run(
+    bootstrap: str,
+    commands_topic: str,
+    events_topic: str,
+    outcomes_topic: str,
+    group_id: str,
+    leg_key: str,
+    batch_size_max: int,
+    commit_interval_ms: int,
+    transaction_timeout_ms: int,
+) -> int:
     consumer = Consumer(processor_consumer_config(bootstrap, group_id, "ceiling"))
     producer = Producer(processor_producer_config(bootstrap, f"{group_id}-ceiling", transaction_timeout_ms))
     raw_produce = producer.produce
@@ -270,7 +379,9 @@ def run(bootstrap: str, commands_topic: str, events_topic: str, outcomes_topic: 
                 next_offsets[record.partition()] = record.offset() + 1  # type: ignore[index, operator]
             producer.send_offsets_to_transaction(
                 [TopicPartition(commands_topic, partition, offset) for partition, offset in next_offsets.items()],
-                consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S)
+                consumer.consumer_group_metadata(),
+                KAFKA_CALL_TIMEOUT_S,
+            )
             producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
             transactions += 1
     finally:
@@ -295,9 +406,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started_s = time.monotonic()
     try:
-        return run(args.bootstrap, args.commands_topic, args.events_topic, args.outcomes_topic,
-                   args.group_id, args.leg_key, args.batch_size_max, args.commit_interval_ms,
-                   args.transaction_timeout_ms)
+        return run(
+            args.bootstrap,
+            args.commands_topic,
+            args.events_topic,
+            args.outcomes_topic,
+            args.group_id,
+            args.leg_key,
+            args.batch_size_max,
+            args.commit_interval_ms,
+            args.transaction_timeout_ms,
+        )
     except KafkaException as error:
         print(f"saga ceiling failed after {time.monotonic() - started_s:.1f} s: {error}", file=sys.stderr, flush=True)
         return 1

@@ -12,11 +12,13 @@ The honest limit: the API must write `wallet.commands` (client commands), and sa
 on the same topic, so ACLs alone cannot stop the API's principal from publishing a forged leg.
 The processors' leg MAC (`schemas/leg_auth.py`, keys the API never holds) is what refuses it.
 """
+
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
@@ -51,8 +53,15 @@ class AclGrant:
     operation: AclOperation
 
     def binding(self) -> AclBinding:
-        return AclBinding(self.resource_type, self.name, self.pattern, self.principal, _ANY_HOST,
-                          self.operation, AclPermissionType.ALLOW)
+        return AclBinding(
+            self.resource_type,
+            self.name,
+            self.pattern,
+            self.principal,
+            _ANY_HOST,
+            self.operation,
+            AclPermissionType.ALLOW,
+        )
 
     def describe(self) -> str:
         pattern = "prefix " if self.pattern == ResourcePatternType.PREFIXED else ""
@@ -76,21 +85,39 @@ def service_grants(settings: Settings, environ: dict[str, str] | None = None) ->
     outcomes, dlq = settings.outcomes_topic, settings.dlq_topic
     processor_prefix = settings.processor_group_id  # group, restore readers' groups and transactional ids
     wanted = {
-        "api": [(topic, commands, literal, write), (topic, outcomes, literal, read),
-                (group, "wallet-outcome-waiter-", prefixed, read), (group, "wallet-status-", prefixed, read)],
-        "processor": [(topic, commands, literal, read), (topic, events, literal, read),
-                      (topic, events, literal, write), (topic, commands, literal, write),
-                      (topic, outcomes, literal, write), (topic, dlq, literal, write),
-                      (group, processor_prefix, prefixed, read),
-                      (txn, processor_prefix, prefixed, write), (txn, processor_prefix, prefixed, describe),
-                      (ResourceType.BROKER, _CLUSTER, literal, AclOperation.IDEMPOTENT_WRITE)],
-        "readmodel": [(topic, events, literal, read), (topic, outcomes, literal, read),
-                      (group, f"{settings.topic_prefix}wallet-readmodel", prefixed, read)],
-        "audit": [*((topic, name, literal, read) for name in (commands, events, outcomes, dlq)),
-                  (group, "wallet-audit-", prefixed, read)],
+        "api": [
+            (topic, commands, literal, write),
+            (topic, outcomes, literal, read),
+            (group, "wallet-outcome-waiter-", prefixed, read),
+            (group, "wallet-status-", prefixed, read),
+        ],
+        "processor": [
+            (topic, commands, literal, read),
+            (topic, events, literal, read),
+            (topic, events, literal, write),
+            (topic, commands, literal, write),
+            (topic, outcomes, literal, write),
+            (topic, dlq, literal, write),
+            (group, processor_prefix, prefixed, read),
+            (txn, processor_prefix, prefixed, write),
+            (txn, processor_prefix, prefixed, describe),
+            (ResourceType.BROKER, _CLUSTER, literal, AclOperation.IDEMPOTENT_WRITE),
+        ],
+        "readmodel": [
+            (topic, events, literal, read),
+            (topic, outcomes, literal, read),
+            (group, f"{settings.topic_prefix}wallet-readmodel", prefixed, read),
+        ],
+        "audit": [
+            *((topic, name, literal, read) for name in (commands, events, outcomes, dlq)),
+            (group, "wallet-audit-", prefixed, read),
+        ],
     }
-    return [AclGrant(role, principal_of(role, environ), resource_type, name, pattern, operation)
-            for role in SERVICE_ROLES for resource_type, name, pattern, operation in wanted[role]]
+    return [
+        AclGrant(role, principal_of(role, environ), resource_type, name, pattern, operation)
+        for role in SERVICE_ROLES
+        for resource_type, name, pattern, operation in wanted[role]
+    ]
 
 
 def ensure_acls(settings: Settings, timeout_s: float = 30) -> list[AclGrant]:
@@ -123,21 +150,32 @@ def _wait_in_force(settings: Settings, grants: list[AclGrant], timeout_s: float)
         if not missing:
             return
         if time.monotonic() >= deadline_s:
-            raise AclProvisioningError(f"{len(missing)} of {len(wanted)} ACLs created at {settings.bootstrap} were "
-                                       f"not in force after {timeout_s:.0f} s, e.g. {sorted(missing)[0]}")
+            raise AclProvisioningError(
+                f"{len(missing)} of {len(wanted)} ACLs created at {settings.bootstrap} were "
+                f"not in force after {timeout_s:.0f} s, e.g. {sorted(missing)[0]}"
+            )
         time.sleep(ACL_POLL_INTERVAL_S)
 
 
 def _key(binding: AclBinding) -> tuple:
-    return (str(binding.restype), binding.name, str(binding.resource_pattern_type), binding.principal,
-            binding.host, str(binding.operation), str(binding.permission_type))
+    return (
+        str(binding.restype),
+        binding.name,
+        str(binding.resource_pattern_type),
+        binding.principal,
+        binding.host,
+        str(binding.operation),
+        str(binding.permission_type),
+    )
 
 
 def present_acls(settings: Settings, timeout_s: float = 30) -> list[AclBinding]:
     """Every ALLOW ACL the cluster holds (for checks and `--acls` reports)."""
     # None matches any name, principal and host (the stubs declare str, the client takes None).
-    any_filter = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
-                                  AclOperation.ANY, AclPermissionType.ANY)
+    anything: Any = None
+    any_filter = AclBindingFilter(
+        ResourceType.ANY, anything, ResourcePatternType.ANY, anything, anything, AclOperation.ANY, AclPermissionType.ANY
+    )
     admin = admin_client(settings.bootstrap)  # referenced until the future resolves: a dropped client cancels it
     return list(admin.describe_acls(any_filter, request_timeout=timeout_s).result(timeout=timeout_s))
 

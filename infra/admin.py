@@ -6,6 +6,7 @@ error. Repartitioning a keyed topic moves accounts to other partitions and break
 co-partitioning of commands and events, so it must be a deliberate migration, never a
 side effect of `wallet topics create`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,8 +71,9 @@ def wait_for_broker(
     `abort_reason` is asked between attempts; when it returns a text (for example "the broker
     process exited"), waiting is pointless and that text is raised at once.
     """
-    return _wait_for_metadata(admin_client(bootstrap, security=security), bootstrap, timeout_s, abort_reason,
-                              brokers_min)
+    return _wait_for_metadata(
+        admin_client(bootstrap, security=security), bootstrap, timeout_s, abort_reason, brokers_min
+    )
 
 
 def _wait_for_metadata(
@@ -96,8 +98,11 @@ def _wait_for_metadata(
         else:
             if len(metadata.brokers) >= max(1, brokers_min):
                 return metadata
-            last_error = (f"metadata listed {len(metadata.brokers)} of {brokers_min} brokers"
-                          if metadata.brokers else "metadata listed no brokers yet")
+            last_error = (
+                f"metadata listed {len(metadata.brokers)} of {brokers_min} brokers"
+                if metadata.brokers
+                else "metadata listed no brokers yet"
+            )
         if abort_reason is not None:
             reason = abort_reason()
             if reason is not None:
@@ -126,14 +131,16 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     replication_factor = settings.replication_factor
     if partition_count < 1 or replication_factor < 1:
         raise TopicProvisioningError(
-            f"partitions ({partition_count}) and replication factor ({replication_factor}) must be at least 1")
+            f"partitions ({partition_count}) and replication factor ({replication_factor}) must be at least 1"
+        )
     wanted_config = _topic_config(replication_factor)
     admin = admin_client(settings.bootstrap)
     metadata = _wait_for_metadata(admin, settings.bootstrap, timeout_s)
 
     existing = [name for name in topic_names(settings) if name in metadata.topics]
-    mismatches = _shape_mismatches(admin, metadata, existing, partition_count, replication_factor, timeout_s,
-                                   settings.commands_topic)
+    mismatches = _shape_mismatches(
+        admin, metadata, existing, partition_count, replication_factor, timeout_s, settings.commands_topic
+    )
     if mismatches:
         raise TopicMismatchError(
             "existing topics differ from the requested shape (not changed; migrate or delete them deliberately):\n  "
@@ -143,10 +150,15 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
     result = {name: "exists" for name in existing}
     missing = [name for name in topic_names(settings) if name not in metadata.topics]
     if missing:
-        new_topics = [NewTopic(name, partition_count, replication_factor,
-                               config={**wanted_config,
-                                       **(_COMMANDS_CONFIG if name == settings.commands_topic else {})})
-                      for name in missing]
+        new_topics = [
+            NewTopic(
+                name,
+                partition_count,
+                replication_factor,
+                config={**wanted_config, **(_COMMANDS_CONFIG if name == settings.commands_topic else {})},
+            )
+            for name in missing
+        ]
         futures = admin.create_topics(new_topics, operation_timeout=timeout_s, request_timeout=timeout_s)
         raced = []
         for name, future in futures.items():
@@ -156,15 +168,18 @@ def ensure_topics(settings: Settings, partitions: int | None = None, timeout_s: 
             except KafkaException as error:
                 if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TopicProvisioningError(
-                        f"creating {name} at {settings.bootstrap} failed: {error.args[0].str()}") from None
+                        f"creating {name} at {settings.bootstrap} failed: {error.args[0].str()}"
+                    ) from None
                 raced.append(name)  # another process created it between our look and our create
         if raced:
             metadata = admin.list_topics(timeout=timeout_s)
-            mismatches = _shape_mismatches(admin, metadata, raced, partition_count, replication_factor, timeout_s,
-                                           settings.commands_topic)
+            mismatches = _shape_mismatches(
+                admin, metadata, raced, partition_count, replication_factor, timeout_s, settings.commands_topic
+            )
             if mismatches:
-                raise TopicMismatchError("topics created concurrently with another shape:\n  "
-                                         + "\n  ".join(mismatches))
+                raise TopicMismatchError(
+                    "topics created concurrently with another shape:\n  " + "\n  ".join(mismatches)
+                )
             result.update({name: "exists" for name in raced})
     return {name: result[name] for name in topic_names(settings)}
 
@@ -198,8 +213,10 @@ def _shape_mismatches(
                 for key, wanted in _COMMANDS_CONFIG.items():
                     actual = configs[key].value
                     if actual != wanted:
-                        mismatches.append(f"{resource.name}: has {key}={actual}, requested {wanted} (the broker's "
-                                          f"record time decides, never a producer's)")
+                        mismatches.append(
+                            f"{resource.name}: has {key}={actual}, requested {wanted} (the broker's "
+                            f"record time decides, never a producer's)"
+                        )
     return mismatches
 
 

@@ -5,6 +5,7 @@ command API, the query routes and the framework's own refusals (malformed JSON, 
 route, wrong method, a bug) all answer it, so a client and the OpenAPI document need one
 error model. `install_error_handlers(app)` puts it on an app; routes raise `ApiError`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,14 @@ class ErrorReply(BaseModel):
 class ApiError(Exception):
     """Raised by a route or a dependency: answered as `ErrorReply` with `status_code`."""
 
-    def __init__(self, status_code: int, error: str, message: str, errors: list[FieldError] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        error: str,
+        message: str,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.error = error
@@ -43,8 +50,13 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_response(status_code: int, error: str, message: str, errors: list[FieldError] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status_code: int,
+    error: str,
+    message: str,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorReply(error=error, message=message, errors=errors or [])
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
@@ -55,13 +67,27 @@ def field_error_response(status_code: int, error: str, message: str, field: str)
 
 
 # pydantic's error types that deserve a plainer name for API clients.
-_REASONS = {"missing": "missing", "extra_forbidden": "unknown_field", "string_type": "must_be_string",
-            "bool_type": "must_be_boolean", "string_pattern_mismatch": "invalid_characters",
-            "string_too_short": "too_short", "string_too_long": "too_long", "literal_error": "not_allowed",
-            "model_attributes_type": "must_be_object", "dict_type": "must_be_object", "json_invalid": "malformed_json"}
+_REASONS = {
+    "missing": "missing",
+    "extra_forbidden": "unknown_field",
+    "string_type": "must_be_string",
+    "bool_type": "must_be_boolean",
+    "string_pattern_mismatch": "invalid_characters",
+    "string_too_short": "too_short",
+    "string_too_long": "too_long",
+    "literal_error": "not_allowed",
+    "model_attributes_type": "must_be_object",
+    "dict_type": "must_be_object",
+    "json_invalid": "malformed_json",
+}
 _ID_CHARACTERS = "must start with a letter or digit and contain only letters, digits and . _ : @ -"
-_STATUS_ERRORS = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "body_too_large",
-                  415: "unsupported_media_type"}
+_STATUS_ERRORS = {
+    404: "not_found",
+    405: "method_not_allowed",
+    400: "bad_request",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
 async def _validation_error(_: Request, error: Exception) -> JSONResponse:
@@ -87,8 +113,9 @@ async def _api_error(_: Request, error: Exception) -> JSONResponse:
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     code = _STATUS_ERRORS.get(error.status_code, "http_error")
-    message = {404: f"no route {request.url.path}",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        error.status_code, str(error.detail)
+    )
     headers = dict(error.headers) if error.headers else None
     return error_response(error.status_code, code, message, headers=headers)
 
@@ -107,10 +134,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # For the OpenAPI document: the statuses every route may answer with the error shape.
 def error_responses(*status_codes: int) -> dict[int | str, dict]:
-    descriptions = {400: "the body is not valid JSON", 401: "no valid bearer token", 403: "the token lacks the scope",
-                    404: "not found", 413: "the body is larger than the limit",
-                    415: "the body is not sent as application/json",
-                    422: "a field or parameter is missing or invalid; `errors` names each",
-                    429: "too many requests from this principal; retry after `Retry-After` seconds",
-                    503: "a dependency (Kafka, the read model) is unavailable; retry"}
+    descriptions = {
+        400: "the body is not valid JSON",
+        401: "no valid bearer token",
+        403: "the token lacks the scope",
+        404: "not found",
+        413: "the body is larger than the limit",
+        415: "the body is not sent as application/json",
+        422: "a field or parameter is missing or invalid; `errors` names each",
+        429: "too many requests from this principal; retry after `Retry-After` seconds",
+        503: "a dependency (Kafka, the read model) is unavailable; retry",
+    }
     return {code: {"model": ErrorReply, "description": descriptions.get(code, "error")} for code in status_codes}

@@ -19,6 +19,7 @@ processors, read model and audit can run as different Kafka principals. Layers, 
 the shared file, the shared variables, the role's file, the role's variables. Nothing set
 means PLAINTEXT without authentication, the local broker's default.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,7 +100,8 @@ def read_properties_file(path: Path, named_by: str) -> dict[str, str]:
             raise KafkaSecurityConfigError(f"{path}:{number}: expected key=value")
         if not key.startswith(_FILE_KEY_PREFIXES):
             raise KafkaSecurityConfigError(
-                f"{path}:{number}: {key} is not a security setting (allowed: {', '.join(_FILE_KEY_PREFIXES)}*)")
+                f"{path}:{number}: {key} is not a security setting (allowed: {', '.join(_FILE_KEY_PREFIXES)}*)"
+            )
         properties[key] = value.strip()
     return properties
 
@@ -116,13 +118,15 @@ def _check_complete(merged: dict[str, str], origin: dict[str, str], role: str) -
         raise KafkaSecurityConfigError(
             f"Kafka role {role}: {protocol} with {mechanism} needs {' and '.join(missing)} "
             f"(set {ENV_PREFIX}SASL_USERNAME/_PASSWORD, optionally with the suffix _{role.upper()}, "
-            f"or name a properties file in {ENV_PREFIX}{CONFIG_FILE_VARIABLE})")
+            f"or name a properties file in {ENV_PREFIX}{CONFIG_FILE_VARIABLE})"
+        )
     user_from, password_from = origin["sasl.username"], origin["sasl.password"]
     if user_from.endswith(f"_{role.upper()}") != password_from.endswith(f"_{role.upper()}"):
         # A role's own user with the shared password (or the reverse) is a half-done override.
         raise KafkaSecurityConfigError(
             f"Kafka role {role}: sasl.username comes from {user_from} but sasl.password from {password_from}; "
-            "set both for the role or neither")
+            "set both for the role or neither"
+        )
 
 
 def processor_consumer_config(bootstrap: str, group_id: str, instance_id: str) -> dict:

@@ -5,6 +5,7 @@ full; the cure is always the same: serve delivery reports (`poll`) until there i
 producer of the project calls `produce_with_room`, so the bound and the message exist once
 (the spirit of quixstreams' `kafka/producer.py` and Kafka Streams' `StreamsProducer`).
 """
+
 from __future__ import annotations
 
 import time
@@ -24,10 +25,17 @@ class QueueFullTimeout(RuntimeError):
     """The local produce queue stayed full for the whole bound: the broker is gone or far behind."""
 
 
-def produce_with_room(producer: Producer, topic: str, value: bytes | None, key: bytes | str | None = None,
-                      partition: int | None = None, on_delivery: Callable[..., Any] | None = None,
-                      headers: Headers | None = None, timestamp_ms: int = 0,
-                      queue_full_wait_ms: int = QUEUE_FULL_WAIT_MS_DEFAULT) -> None:
+def produce_with_room(
+    producer: Producer,
+    topic: str,
+    value: bytes | None,
+    key: bytes | str | None = None,
+    partition: int | None = None,
+    on_delivery: Callable[..., Any] | None = None,
+    headers: Headers | None = None,
+    timestamp_ms: int = 0,
+    queue_full_wait_ms: int = QUEUE_FULL_WAIT_MS_DEFAULT,
+) -> None:
     """`producer.produce(...)`, waiting at most `queue_full_wait_ms` for room in the local queue.
 
     `timestamp_ms` 0 lets the client stamp the record (a topic with LogAppendTime ignores it anyway).
@@ -53,4 +61,5 @@ def produce_with_room(producer: Producer, topic: str, value: bytes | None, key: 
             if time.monotonic() >= deadline_s:
                 raise QueueFullTimeout(
                     f"the local produce queue ({len(producer)} records) stayed full for {queue_full_wait_ms} ms "
-                    f"while producing to {topic}: the broker is unreachable or not keeping up") from None
+                    f"while producing to {topic}: the broker is unreachable or not keeping up"
+                ) from None

@@ -6,6 +6,7 @@ readable by their owner only; an environment variable, when set, wins over the f
   signs, every one verifies, so keys rotate by prepending a new one);
 - the HS256 secret that signs the local API's bearer tokens (`WALLET_JWT_SECRET`).
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Every name here can be overridden by an environment variable of the same name in
 case with the `WALLET_` prefix (for example `WALLET_KAFKA_BOOTSTRAP`), and most commands
 also take a flag of the same meaning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,8 @@ class Settings:
     partitions: int = field(default_factory=lambda: int(_env("PARTITIONS", "8")))
     # None: 3 on a local cluster of 3 or more nodes, else the node count (1 on an existing cluster).
     replication_factor_setting: int | None = field(
-        default_factory=lambda: _optional_int(_env("REPLICATION_FACTOR", "")))
+        default_factory=lambda: _optional_int(_env("REPLICATION_FACTOR", ""))
+    )
     run_dir: Path = field(default_factory=lambda: Path(_env("RUN_DIR", str(PROJECT_ROOT / ".run"))))
     cache_dir: Path = field(default_factory=lambda: Path(_env("CACHE_DIR", str(PROJECT_ROOT / ".cache"))))
     local_kafka_port: int = field(default_factory=lambda: int(_env("LOCAL_KAFKA_PORT", str(LOCAL_KAFKA_PORT_DEFAULT))))
@@ -91,8 +93,7 @@ class Settings:
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
         # Every node: a client must still find the cluster when node 1 is the one that is down.
-        return ",".join(f"127.0.0.1:{self.local_node_ports(node)[0]}"
-                        for node in range(1, self.local_broker_count + 1))
+        return ",".join(f"127.0.0.1:{self.local_node_ports(node)[0]}" for node in range(1, self.local_broker_count + 1))
 
     def topic(self, base_name: str) -> str:
         return f"{self.topic_prefix}{base_name}"
@@ -129,6 +130,8 @@ class Settings:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by the `wallet` command's global flags."""
-    return Settings().with_overrides(kafka_bootstrap=getattr(args, "bootstrap", None),
-                                     topic_prefix=getattr(args, "topic_prefix", None),
-                                     local_kafka_brokers=getattr(args, "brokers", None))
+    return Settings().with_overrides(
+        kafka_bootstrap=getattr(args, "bootstrap", None),
+        topic_prefix=getattr(args, "topic_prefix", None),
+        local_kafka_brokers=getattr(args, "brokers", None),
+    )

@@ -9,6 +9,7 @@ Two kinds of handle, one class: `Supervised.start` runs a child of this process 
 is known); `Supervised.attach` names a process another invocation started (`wallet down` stops
 what an earlier `wallet up` started), whose exit code is not ours to read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,8 +89,16 @@ def log_tail(log_path: Path | str | None, line_count: int) -> str:
 class Supervised:
     """A process this one started (`start`) or knows by PID and start time (`attach`)."""
 
-    def __init__(self, name: str, pid: int, start_ticks: int | None, *, leads_group: bool,
-                 popen: subprocess.Popen | None = None, started_s: float | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        pid: int,
+        start_ticks: int | None,
+        *,
+        leads_group: bool,
+        popen: subprocess.Popen | None = None,
+        started_s: float | None = None,
+    ) -> None:
         self.name = name
         self.pid = pid
         self.start_ticks = start_ticks
@@ -98,8 +107,17 @@ class Supervised:
         self.started_s = time.monotonic() if started_s is None else started_s  # monotonic; attach: when attached
 
     @classmethod
-    def start(cls, name: str, argv: list[str], *, log_path: Path | None, env: Mapping[str, str] | None = None,
-              cwd: Path | None = None, own_session: bool = False, stop_with_parent: bool = False) -> Supervised:
+    def start(
+        cls,
+        name: str,
+        argv: list[str],
+        *,
+        log_path: Path | None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        own_session: bool = False,
+        stop_with_parent: bool = False,
+    ) -> Supervised:
         """Run `argv` with stdin closed and stdout and stderr appended to `log_path`, or piped to
         `self.stdout` when `log_path` is None.
 
@@ -111,14 +129,21 @@ class Supervised:
         log: IO[bytes] | None = open(log_path, "ab") if log_path is not None else None
         started_s = time.monotonic()
         try:
-            popen = subprocess.Popen(prefix + argv, cwd=cwd, env=None if env is None else dict(env),
-                                     stdin=subprocess.DEVNULL, stdout=log if log is not None else subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=own_session)
+            popen = subprocess.Popen(
+                prefix + argv,
+                cwd=cwd,
+                env=None if env is None else dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log if log is not None else subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=own_session,
+            )
         finally:
             if log is not None:
                 log.close()  # the child holds its own descriptor
-        return cls(name, popen.pid, start_ticks_of(popen.pid), leads_group=own_session, popen=popen,
-                   started_s=started_s)
+        return cls(
+            name, popen.pid, start_ticks_of(popen.pid), leads_group=own_session, popen=popen, started_s=started_s
+        )
 
     @classmethod
     def attach(cls, name: str, pid: int, start_ticks: int | None, *, leads_group: bool) -> Supervised:

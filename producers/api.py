@@ -12,6 +12,7 @@ transaction id and payload returns the first answer; with another payload it ans
 `failure` / `duplicate_conflict`. Invalid input answers 4xx with the field and the reason;
 a Kafka outage answers 503 within the publish bound, never a hang.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -74,26 +75,43 @@ def _valid_id(length_max: int):
     # documents it for clients and fuzzers.
     def check(value: str) -> str:
         if not is_valid_id(value, length_max):
-            raise PydanticCustomError("invalid_id", "ids are 1 to {length_max} letters, digits and . _ : @ -, "
-                                      "starting with a letter or digit", {"length_max": length_max})
+            raise PydanticCustomError(
+                "invalid_id",
+                "ids are 1 to {length_max} letters, digits and . _ : @ -, starting with a letter or digit",
+                {"length_max": length_max},
+            )
         return value
+
     return AfterValidator(check)
 
 
-AccountIdText = Annotated[str, Field(description=f"account id: letters, digits and . _ : @ -, 1 to "
-                                                 f"{ACCOUNT_ID_LENGTH_MAX} characters",
-                                     **_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
-TransactionIdText = Annotated[str, Field(description=f"client-chosen id of this request, 1 to "
-                                                     f"{TRANSACTION_ID_LENGTH_MAX} characters; reuse it to retry the "
-                                                     "same request", **_id_constraints(TRANSACTION_ID_LENGTH_MAX)),
-                             _valid_id(TRANSACTION_ID_LENGTH_MAX)]
+AccountIdText = Annotated[
+    str,
+    Field(
+        description=f"account id: letters, digits and . _ : @ -, 1 to {ACCOUNT_ID_LENGTH_MAX} characters",
+        **_id_constraints(ACCOUNT_ID_LENGTH_MAX),
+    ),
+    _valid_id(ACCOUNT_ID_LENGTH_MAX),
+]
+TransactionIdText = Annotated[
+    str,
+    Field(
+        description=f"client-chosen id of this request, 1 to "
+        f"{TRANSACTION_ID_LENGTH_MAX} characters; reuse it to retry the "
+        "same request",
+        **_id_constraints(TRANSACTION_ID_LENGTH_MAX),
+    ),
+    _valid_id(TRANSACTION_ID_LENGTH_MAX),
+]
 
 
 def _amount_is_text(value: Any) -> Any:
     if not isinstance(value, str):
-        raise PydanticCustomError("amount_not_string",
-                                  "amount must be a JSON string such as \"12.34\", not a {kind}: "
-                                  "numbers lose cents in many JSON libraries", {"kind": type(value).__name__})
+        raise PydanticCustomError(
+            "amount_not_string",
+            'amount must be a JSON string such as "12.34", not a {kind}: numbers lose cents in many JSON libraries',
+            {"kind": type(value).__name__},
+        )
     return value
 
 
@@ -112,18 +130,37 @@ def _amount_pattern(decimals: int) -> str:
 # The amount's rule depends on the currency's minor units: stated in the document as JSON
 # Schema if/then per group of currencies, so that a request the document allows is one the API accepts.
 AMOUNT_DIGITS_MAX = 15
-_CURRENCIES_BY_DECIMALS = {decimals: sorted(code for code, units in MINOR_UNITS.items() if units == decimals)
-                           for decimals in sorted(set(MINOR_UNITS.values()))}
-_AMOUNT_BY_CURRENCY: dict[str, Any] = {"allOf": [
-    {"if": {"properties": {"currency": {"enum": codes}}, "required": ["currency"]},
-     "then": {"properties": {"amount": {"pattern": _amount_pattern(decimals)}}}}
-    for decimals, codes in _CURRENCIES_BY_DECIMALS.items()]}
+_CURRENCIES_BY_DECIMALS = {
+    decimals: sorted(code for code, units in MINOR_UNITS.items() if units == decimals)
+    for decimals in sorted(set(MINOR_UNITS.values()))
+}
+_AMOUNT_BY_CURRENCY: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"currency": {"enum": codes}}, "required": ["currency"]},
+            "then": {"properties": {"amount": {"pattern": _amount_pattern(decimals)}}},
+        }
+        for decimals, codes in _CURRENCIES_BY_DECIMALS.items()
+    ]
+}
 
-AmountText = Annotated[str, BeforeValidator(_amount_is_text), Field(
-    description="positive decimal string, at most the currency's decimal places, e.g. \"12.34\"", examples=["12.34"],
-    json_schema_extra={"pattern": _amount_pattern(max(MINOR_UNITS.values()))})]
-CurrencyCode = Annotated[str, Field(description="ISO 4217 code with minor units, e.g. USD", examples=["USD"],
-                                    json_schema_extra={"enum": sorted(MINOR_UNITS)})]
+AmountText = Annotated[
+    str,
+    BeforeValidator(_amount_is_text),
+    Field(
+        description='positive decimal string, at most the currency\'s decimal places, e.g. "12.34"',
+        examples=["12.34"],
+        json_schema_extra={"pattern": _amount_pattern(max(MINOR_UNITS.values()))},
+    ),
+]
+CurrencyCode = Annotated[
+    str,
+    Field(
+        description="ISO 4217 code with minor units, e.g. USD",
+        examples=["USD"],
+        json_schema_extra={"enum": sorted(MINOR_UNITS)},
+    ),
+]
 
 
 class _Body(BaseModel):
@@ -189,6 +226,7 @@ class CommandReply(BaseModel):
 
 class TransactionStatusReply(BaseModel):
     """The read model's shape of a transaction's status, so that clients see one shape either way."""
+
     transaction_id: str
     status: Literal["success", "failure", "pending", "unknown"]
     reason: str | None = None
@@ -196,6 +234,7 @@ class TransactionStatusReply(BaseModel):
 
 class ApiOptions(NamedTuple):
     """The command API's bounds; the defaults are `wallet api`'s."""
+
     request_wait_ms: int = REQUEST_WAIT_MS_DEFAULT
     request_wait_ms_max: int = REQUEST_WAIT_MS_MAX
     publish_timeout_ms: int = PUBLISH_TIMEOUT_MS_DEFAULT
@@ -203,8 +242,9 @@ class ApiOptions(NamedTuple):
 
     def check(self) -> None:
         if not 0 <= self.request_wait_ms <= self.request_wait_ms_max:
-            raise ValueError(f"request_wait_ms must be within 0..{self.request_wait_ms_max}, "
-                             f"got {self.request_wait_ms}")
+            raise ValueError(
+                f"request_wait_ms must be within 0..{self.request_wait_ms_max}, got {self.request_wait_ms}"
+            )
 
 
 _COMMAND_RESPONSES = {
@@ -213,8 +253,14 @@ _COMMAND_RESPONSES = {
 }
 
 AccountPath = Annotated[str, Path(**_id_constraints(ACCOUNT_ID_LENGTH_MAX)), _valid_id(ACCOUNT_ID_LENGTH_MAX)]
-WaitMs = Annotated[int | None, Query(ge=0, description="how long to wait for the outcome, in ms "
-                                     "(default and maximum are server settings; larger values are capped)")]
+WaitMs = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        description="how long to wait for the outcome, in ms "
+        "(default and maximum are server settings; larger values are capped)",
+    ),
+]
 # Who may ask for each command (CONTRACT.md); the first scope the token holds becomes `role`.
 SCOPES_OPEN = (SCOPE_USER, SCOPE_OPERATOR)
 SCOPES_MOVE = (SCOPE_USER,)
@@ -230,8 +276,9 @@ async def command_side(app: FastAPI, settings: Settings, publish_timeout_ms: int
     # Not waiting for readiness here: the API starts during an outage and answers 503
     # until Kafka is back, instead of refusing to start.
     waiter.start()
-    publisher = CommandPublisher.from_settings(settings, message_timeout_ms=publish_timeout_ms, linger_ms=1,
-                                               client_id="wallet-api")
+    publisher = CommandPublisher.from_settings(
+        settings, message_timeout_ms=publish_timeout_ms, linger_ms=1, client_id="wallet-api"
+    )
     app.state.client = WalletClient(publisher, waiter)
     try:
         yield
@@ -248,32 +295,44 @@ class _Executor:
 
     async def __call__(self, request: Request, command: Command, wait_ms: int | None) -> JSONResponse:
         client: WalletClient = request.app.state.client
-        wait_s = min(self.options.request_wait_ms if wait_ms is None else wait_ms,
-                     self.options.request_wait_ms_max) / 1000
+        wait_s = (
+            min(self.options.request_wait_ms if wait_ms is None else wait_ms, self.options.request_wait_ms_max) / 1000
+        )
         unavailable = await _kafka_unavailable_reason(client)
         if unavailable is not None:
             raise ApiError(503, "kafka_unavailable", unavailable)
         limited = self.gate.verifier is not None  # authentication off: no principals to bound
         if limited and not self.gate.limiter.enter_wait(command.actor):
-            raise ApiError(429, "too_many_waiting",
-                           f"{command.actor} already has {self.gate.limiter.limits.concurrent_waits_max} requests "
-                           "waiting for outcomes; retry after one has answered", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "too_many_waiting",
+                f"{command.actor} already has {self.gate.limiter.limits.concurrent_waits_max} requests "
+                "waiting for outcomes; retry after one has answered",
+                headers={"Retry-After": "1"},
+            )
         try:
             outcome = await client.request_async(command, wait_s)
         except OutcomesUnavailableError as error:
             raise ApiError(503, "kafka_unavailable", str(error)) from None
         except PublishError as error:
-            fate = ("it may have been recorded" if error.possibly_persisted else "it was not recorded")
-            raise ApiError(503, "kafka_unavailable", f"Kafka did not accept the command ({error}); {fate}: retry "
-                                                     "with the same transaction_id") from None
+            fate = "it may have been recorded" if error.possibly_persisted else "it was not recorded"
+            raise ApiError(
+                503,
+                "kafka_unavailable",
+                f"Kafka did not accept the command ({error}); {fate}: retry with the same transaction_id",
+            ) from None
         finally:
             if limited:
                 self.gate.limiter.leave_wait(command.actor)
         if outcome is None:
-            return JSONResponse(CommandReply(status="pending", transaction_id=command.transaction_id).model_dump(),
-                                status_code=202)
-        return JSONResponse(CommandReply(status=outcome.status, transaction_id=outcome.transaction_id,
-                                         reason=outcome.reason).model_dump())
+            return JSONResponse(
+                CommandReply(status="pending", transaction_id=command.transaction_id).model_dump(), status_code=202
+            )
+        return JSONResponse(
+            CommandReply(
+                status=outcome.status, transaction_id=outcome.transaction_id, reason=outcome.reason
+            ).model_dump()
+        )
 
 
 def command_type_name(command_class: type[Command]) -> str:
@@ -304,41 +363,78 @@ def command_router(gate: Gate, options: ApiOptions) -> APIRouter:
 def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
     mover, opener = Depends(gate.requires(*SCOPES_MOVE)), Depends(gate.requires(*SCOPES_OPEN))
 
-    @router.post("/v1/wallet/balance_transfer", response_model=CommandReply,
-                 summary="move money from one of your wallets to any wallet (or pay a merchant); scope wallet:user")
-    async def balance_transfer(body: BalanceTransferRequest, request: Request, wait_ms: WaitMs = None,
-                               caller: Principal = mover) -> JSONResponse:
+    @router.post(
+        "/v1/wallet/balance_transfer",
+        response_model=CommandReply,
+        summary="move money from one of your wallets to any wallet (or pay a merchant); scope wallet:user",
+    )
+    async def balance_transfer(
+        body: BalanceTransferRequest, request: Request, wait_ms: WaitMs = None, caller: Principal = mover
+    ) -> JSONResponse:
         command_class = PayMerchant if body.merchant_payment else Transfer
-        command = command_class(transaction_id=body.transaction_id, from_account=body.from_account,
-                                to_account=body.to_account, amount=body.amount, currency=body.currency,
-                                **_who(caller, SCOPES_MOVE))
+        command = command_class(
+            transaction_id=body.transaction_id,
+            from_account=body.from_account,
+            to_account=body.to_account,
+            amount=body.amount,
+            currency=body.currency,
+            **_who(caller, SCOPES_MOVE),
+        )
         return await execute(request, command, wait_ms)
 
-    @router.post("/v1/accounts", response_model=CommandReply,
-                 summary="open an account, owned by the caller; scope wallet:user or wallet:operator")
-    async def open_account(body: OpenAccountRequest, request: Request, wait_ms: WaitMs = None,
-                           caller: Principal = opener) -> JSONResponse:
-        command = OpenAccount(transaction_id=body.transaction_id, account_id=body.account_id, currency=body.currency,
-                              kind=body.kind, **_who(caller, SCOPES_OPEN))
+    @router.post(
+        "/v1/accounts",
+        response_model=CommandReply,
+        summary="open an account, owned by the caller; scope wallet:user or wallet:operator",
+    )
+    async def open_account(
+        body: OpenAccountRequest, request: Request, wait_ms: WaitMs = None, caller: Principal = opener
+    ) -> JSONResponse:
+        command = OpenAccount(
+            transaction_id=body.transaction_id,
+            account_id=body.account_id,
+            currency=body.currency,
+            kind=body.kind,
+            **_who(caller, SCOPES_OPEN),
+        )
         return await execute(request, command, wait_ms)
 
 
 def _money_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
-    def money_route(path: str, command_class: type[Deposit] | type[Withdraw], scopes: tuple[str, ...],
-                    summary: str) -> None:
+    def money_route(
+        path: str, command_class: type[Deposit] | type[Withdraw], scopes: tuple[str, ...], summary: str
+    ) -> None:
         allowed = Depends(gate.requires(*scopes))
 
         @router.post(path, response_model=CommandReply, summary=summary, name=command_type_name(command_class))
-        async def move_money(account_id: AccountPath, body: MoneyRequest, request: Request, wait_ms: WaitMs = None,
-                             caller: Principal = allowed) -> JSONResponse:
-            command = command_class(transaction_id=body.transaction_id, account_id=account_id, amount=body.amount,
-                                    currency=body.currency, **_who(caller, scopes))
+        async def move_money(
+            account_id: AccountPath,
+            body: MoneyRequest,
+            request: Request,
+            wait_ms: WaitMs = None,
+            caller: Principal = allowed,
+        ) -> JSONResponse:
+            command = command_class(
+                transaction_id=body.transaction_id,
+                account_id=account_id,
+                amount=body.amount,
+                currency=body.currency,
+                **_who(caller, scopes),
+            )
             return await execute(request, command, wait_ms)
 
-    money_route("/v1/accounts/{account_id}/deposit", Deposit, SCOPES_BANK,
-                "deposit money from a bank account; scope wallet:bank")
-    money_route("/v1/accounts/{account_id}/withdraw", Withdraw, SCOPES_WITHDRAW,
-                "withdraw money to a bank account; scope wallet:bank, or wallet:user for the owner")
+    money_route(
+        "/v1/accounts/{account_id}/deposit",
+        Deposit,
+        SCOPES_BANK,
+        "deposit money from a bank account; scope wallet:bank",
+    )
+    money_route(
+        "/v1/accounts/{account_id}/withdraw",
+        Withdraw,
+        SCOPES_WITHDRAW,
+        "withdraw money to a bank account; scope wallet:bank, or wallet:user for the owner",
+    )
 
 
 def _status_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
@@ -346,17 +442,27 @@ def _status_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
 
     def status_route(path: str, command_class: type[Freeze] | type[Unfreeze] | type[Close], summary: str) -> None:
         @router.post(path, response_model=CommandReply, summary=summary, name=command_type_name(command_class))
-        async def change_status(account_id: AccountPath, body: StatusChangeRequest, request: Request,
-                                wait_ms: WaitMs = None, caller: Principal = operator) -> JSONResponse:
-            command = command_class(transaction_id=body.transaction_id, account_id=account_id,
-                                    **_who(caller, SCOPES_STATUS))
+        async def change_status(
+            account_id: AccountPath,
+            body: StatusChangeRequest,
+            request: Request,
+            wait_ms: WaitMs = None,
+            caller: Principal = operator,
+        ) -> JSONResponse:
+            command = command_class(
+                transaction_id=body.transaction_id, account_id=account_id, **_who(caller, SCOPES_STATUS)
+            )
             return await execute(request, command, wait_ms)
 
-    status_route("/v1/accounts/{account_id}/freeze", Freeze,
-                 "freeze an account (it can neither send nor receive); scope wallet:operator")
+    status_route(
+        "/v1/accounts/{account_id}/freeze",
+        Freeze,
+        "freeze an account (it can neither send nor receive); scope wallet:operator",
+    )
     status_route("/v1/accounts/{account_id}/unfreeze", Unfreeze, "unfreeze a frozen account; scope wallet:operator")
-    status_route("/v1/accounts/{account_id}/close", Close, "close an account whose balance is zero; "
-                                                           "scope wallet:operator")
+    status_route(
+        "/v1/accounts/{account_id}/close", Close, "close an account whose balance is zero; scope wallet:operator"
+    )
 
 
 def cached_status_router(gate: Gate) -> APIRouter:
@@ -364,21 +470,31 @@ def cached_status_router(gate: Gate) -> APIRouter:
     router = APIRouter(tags=["queries"], responses=error_responses(401, 403, 422, 429))
     reader = Depends(gate.requires(*SCOPES))
 
-    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionStatusReply,
-                summary="status of one of your recent transactions, from this API process's memory",
-                description="Without a read model (`--readmodel-db`), the status comes from a bounded cache of "
-                            f"the last {STATUS_CACHE_SIZE} transactions this process published or saw an "
-                            "outcome of since it started; any other, or another caller's, is `unknown`.")
-    async def transaction_status(transaction_id: Annotated[str, Path(max_length=TRANSACTION_ID_LENGTH_MAX)],
-                                 request: Request, account_id: Annotated[str | None, Query(max_length=64)] = None,
-                                 caller: Principal = reader) -> TransactionStatusReply:
+    @router.get(
+        "/v1/transactions/{transaction_id}",
+        response_model=TransactionStatusReply,
+        summary="status of one of your recent transactions, from this API process's memory",
+        description="Without a read model (`--readmodel-db`), the status comes from a bounded cache of "
+        f"the last {STATUS_CACHE_SIZE} transactions this process published or saw an "
+        "outcome of since it started; any other, or another caller's, is `unknown`.",
+    )
+    async def transaction_status(
+        transaction_id: Annotated[str, Path(max_length=TRANSACTION_ID_LENGTH_MAX)],
+        request: Request,
+        account_id: Annotated[str | None, Query(max_length=64)] = None,
+        caller: Principal = reader,
+    ) -> TransactionStatusReply:
         client: WalletClient = request.app.state.client
         known = client.waiter.status(transaction_id)
-        if known is None or not (caller.reads_everything or hmac.compare_digest(known.actor, caller.sub)) or (
-                account_id is not None and known.account_id != account_id):
+        if (
+            known is None
+            or not (caller.reads_everything or hmac.compare_digest(known.actor, caller.sub))
+            or (account_id is not None and known.account_id != account_id)
+        ):
             return TransactionStatusReply(transaction_id=transaction_id, status="unknown")
-        return TransactionStatusReply.model_validate({"transaction_id": transaction_id, "status": known.status,
-                                                      "reason": known.reason})
+        return TransactionStatusReply.model_validate(
+            {"transaction_id": transaction_id, "status": known.status, "reason": known.reason}
+        )
 
     return router
 
@@ -404,8 +520,9 @@ async def _kafka_unavailable_reason(client: WalletClient) -> str | None:
     """Why a command cannot be published now, found quickly; None when it can be tried."""
     if not client.waiter.ready and not await asyncio.to_thread(client.waiter.wait_ready, CONSUMER_READY_WAIT_S):
         return client.waiter.unavailable_reason(CONSUMER_READY_WAIT_S)
-    if client.publisher.brokers_down and not await asyncio.to_thread(client.publisher.broker_reachable,
-                                                                     BROKER_CHECK_TIMEOUT_S):
+    if client.publisher.brokers_down and not await asyncio.to_thread(
+        client.publisher.broker_reachable, BROKER_CHECK_TIMEOUT_S
+    ):
         return f"no Kafka broker answered within {BROKER_CHECK_TIMEOUT_S:.0f} s; retry with the same transaction_id"
     return None
 
@@ -428,11 +545,16 @@ class BodyGate:
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if content_type != b"application/json" and not content_type.endswith(b"+json"):
-            await _send(send, error_response(415, "unsupported_media_type",
-                                             f"the body must be JSON sent with Content-Type: application/json, "
-                                             f"not {content_type.decode(errors='replace')}",
-                                             [FieldError(field="content-type", reason="not_json",
-                                                         message="use Content-Type: application/json")]))
+            await _send(
+                send,
+                error_response(
+                    415,
+                    "unsupported_media_type",
+                    f"the body must be JSON sent with Content-Type: application/json, "
+                    f"not {content_type.decode(errors='replace')}",
+                    [FieldError(field="content-type", reason="not_json", message="use Content-Type: application/json")],
+                ),
+            )
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.body_bytes_max:
@@ -469,9 +591,19 @@ class BodyGate:
         return b"".join(chunks)
 
     async def _refuse(self, send) -> None:
-        await _send(send, error_response(413, "body_too_large", f"the request body exceeds {self.body_bytes_max} bytes",
-                                         [FieldError(field="body", reason="too_large",
-                                                     message=f"at most {self.body_bytes_max} bytes are accepted")]))
+        await _send(
+            send,
+            error_response(
+                413,
+                "body_too_large",
+                f"the request body exceeds {self.body_bytes_max} bytes",
+                [
+                    FieldError(
+                        field="body", reason="too_large", message=f"at most {self.body_bytes_max} bytes are accepted"
+                    )
+                ],
+            ),
+        )
 
 
 async def _send(send, response: JSONResponse) -> None:

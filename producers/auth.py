@@ -20,6 +20,7 @@ burst `WALLET_RATE_LIMIT_BURST`, default 200) and a bound on a principal's reque
 for outcomes at once (`WALLET_CONCURRENT_WAITS_MAX`, default 64). Both are held in the memory
 of one API process: N API processes allow N times the rate.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,6 +86,7 @@ class Principal:
 @dataclass(frozen=True)
 class AuthConfig:
     """How tokens are verified. `None` keys mean authentication is off (local experiments only)."""
+
     enabled: bool
     secret: str | None = None
     public_key: str | None = None
@@ -97,9 +99,12 @@ class AuthConfig:
     def from_environment(cls, settings: Settings, enabled: bool = True) -> AuthConfig:
         if not enabled:
             return cls(enabled=False)
-        base = cls(enabled=True, issuer=os.environ.get("WALLET_JWT_ISSUER") or None,
-                   audience=os.environ.get("WALLET_JWT_AUDIENCE") or None,
-                   leeway_s=int(os.environ.get("WALLET_JWT_LEEWAY_S", LEEWAY_S_DEFAULT)))
+        base = cls(
+            enabled=True,
+            issuer=os.environ.get("WALLET_JWT_ISSUER") or None,
+            audience=os.environ.get("WALLET_JWT_AUDIENCE") or None,
+            leeway_s=int(os.environ.get("WALLET_JWT_LEEWAY_S", LEEWAY_S_DEFAULT)),
+        )
         jwks_url = os.environ.get("WALLET_JWT_JWKS_URL", "").strip()
         if jwks_url:
             return replace(base, jwks_url=jwks_url)
@@ -120,9 +125,15 @@ class TokenVerifier:
         token = _bearer_token(authorization)
         key, algorithms = self._key(token)
         try:
-            claims = jwt.decode(token, key, algorithms=algorithms, issuer=self.config.issuer,
-                                audience=self.config.audience, leeway=self.config.leeway_s,
-                                options={"require": ["sub", "exp"], "verify_aud": self.config.audience is not None})
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                issuer=self.config.issuer,
+                audience=self.config.audience,
+                leeway=self.config.leeway_s,
+                options={"require": ["sub", "exp"], "verify_aud": self.config.audience is not None},
+            )
         except jwt.ExpiredSignatureError:
             raise AuthError("the token has expired") from None
         except jwt.ImmatureSignatureError:
@@ -162,8 +173,15 @@ def _principal_of(claims: dict) -> Principal:
     return Principal(sub=sub, scopes=frozenset(scope.split()))
 
 
-def issue_token(secret: str, sub: str, scopes: str, ttl_s: int = TOKEN_TTL_S_DEFAULT, *,
-                now_s: float | None = None, not_before_s: float | None = None) -> str:
+def issue_token(
+    secret: str,
+    sub: str,
+    scopes: str,
+    ttl_s: int = TOKEN_TTL_S_DEFAULT,
+    *,
+    now_s: float | None = None,
+    not_before_s: float | None = None,
+) -> str:
     """An HS256 token signed with the local secret (`wallet auth token`, tests)."""
     unknown = set(scopes.split()) - set(SCOPES)
     if unknown:
@@ -171,8 +189,13 @@ def issue_token(secret: str, sub: str, scopes: str, ttl_s: int = TOKEN_TTL_S_DEF
     if not 1 <= len(sub) <= SUB_LENGTH_MAX:
         raise ValueError(f"sub must be 1 to {SUB_LENGTH_MAX} characters")
     issued_s = int(time.time() if now_s is None else now_s)
-    claims = {"sub": sub, "scope": " ".join(scopes.split()), "iat": issued_s, "exp": issued_s + ttl_s,
-              "iss": LOCAL_ISSUER}
+    claims = {
+        "sub": sub,
+        "scope": " ".join(scopes.split()),
+        "iat": issued_s,
+        "exp": issued_s + ttl_s,
+        "iss": LOCAL_ISSUER,
+    }
     if not_before_s is not None:
         claims["nbf"] = int(not_before_s)
     return jwt.encode(claims, secret, algorithm="HS256")
@@ -186,10 +209,11 @@ class RateLimits:
 
     @classmethod
     def from_environment(cls) -> RateLimits:
-        return cls(rate_per_s=float(os.environ.get("WALLET_RATE_LIMIT_RPS", RATE_LIMIT_RPS_DEFAULT)),
-                   burst=int(os.environ.get("WALLET_RATE_LIMIT_BURST", RATE_LIMIT_BURST_DEFAULT)),
-                   concurrent_waits_max=int(os.environ.get("WALLET_CONCURRENT_WAITS_MAX",
-                                                           CONCURRENT_WAITS_MAX_DEFAULT)))
+        return cls(
+            rate_per_s=float(os.environ.get("WALLET_RATE_LIMIT_RPS", RATE_LIMIT_RPS_DEFAULT)),
+            burst=int(os.environ.get("WALLET_RATE_LIMIT_BURST", RATE_LIMIT_BURST_DEFAULT)),
+            concurrent_waits_max=int(os.environ.get("WALLET_CONCURRENT_WAITS_MAX", CONCURRENT_WAITS_MAX_DEFAULT)),
+        )
 
     def __post_init__(self) -> None:
         if self.rate_per_s <= 0 or self.burst < 1 or self.concurrent_waits_max < 1:
@@ -270,9 +294,11 @@ def retry_after_header(wait_s: float) -> str:
 
 # -- the FastAPI edge ----------------------------------------------------------------------------
 
+
 def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, "unauthorized", message,
-                    headers={"WWW-Authenticate": 'Bearer realm="streamwallet", error="invalid_token"'})
+    return ApiError(
+        401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="streamwallet", error="invalid_token"'}
+    )
 
 
 class Gate:
@@ -287,8 +313,10 @@ class Gate:
         self.config = config
         self.verifier = TokenVerifier(config) if config.enabled else None
         self.limiter = RateLimiter(limits)
-        self._bearer = HTTPBearer(auto_error=False, description="a JWT with `sub` and `scope` claims; "
-                                                                "`wallet auth token` makes one for the local stack")
+        self._bearer = HTTPBearer(
+            auto_error=False,
+            description="a JWT with `sub` and `scope` claims; `wallet auth token` makes one for the local stack",
+        )
         self._credentials = Security(self._bearer)
 
     def requires(self, *scopes: str):
@@ -302,14 +330,20 @@ class Gate:
             wait_s = self.limiter.take(caller.sub)
             if wait_s is not None:
                 retry_after = retry_after_header(wait_s)
-                raise ApiError(429, "rate_limited",
-                               f"{caller.sub} sent more than {self.limiter.limits.rate_per_s:g} requests/s (burst "
-                               f"{self.limiter.limits.burst}); retry after {retry_after} s",
-                               headers={"Retry-After": retry_after})
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"{caller.sub} sent more than {self.limiter.limits.rate_per_s:g} requests/s (burst "
+                    f"{self.limiter.limits.burst}); retry after {retry_after} s",
+                    headers={"Retry-After": retry_after},
+                )
             if caller.scopes.isdisjoint(scopes):
-                raise ApiError(403, "forbidden", f"this needs the scope {wanted}; the token has "
-                                                 f"{' '.join(sorted(caller.scopes)) or 'none'}",
-                               headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{wanted}"'})
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"this needs the scope {wanted}; the token has {' '.join(sorted(caller.scopes)) or 'none'}",
+                    headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{wanted}"'},
+                )
             return caller
 
         return principal

@@ -6,6 +6,7 @@ are authorised like any other caller: the API, not the terminal, sets who asks. 
 0 success, 1 failure or error, 2 the outcome is not known yet (pending: ask again with
 `wallet status TX`). `wallet load` publishes straight to Kafka, as a trusted service.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ from schemas.commands import (
 from streams.core.money import AmountError
 
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_PENDING = 0, 1, 2
-EXIT_STATUS_TEXT = ("Exit status: 0 success, 1 failure or error, 2 pending (the outcome was not known in time; "
-                    "ask later with `wallet status TX`).")
+EXIT_STATUS_TEXT = (
+    "Exit status: 0 success, 1 failure or error, 2 pending (the outcome was not known in time; "
+    "ask later with `wallet status TX`)."
+)
 WAIT_S_DEFAULT = 10.0
 STATUS_READ_TIMEOUT_S = 60.0
 API_URL_DEFAULT = "http://127.0.0.1:8080"
@@ -67,15 +70,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opening.add_argument("account_id")
     opening.add_argument("currency", help="ISO 4217 code, e.g. USD")
     opening.add_argument("--merchant", action="store_true", help="a merchant account (can be paid with --merchant)")
-    for name, help_text in (("deposit", "deposit money from a bank account"),
-                            ("withdraw", "withdraw money to a bank account")):
+    for name, help_text in (
+        ("deposit", "deposit money from a bank account"),
+        ("withdraw", "withdraw money to a bank account"),
+    ):
         money = _command_parser(actions, name, help_text)
         money.add_argument("account_id")
-        money.add_argument("amount", help='decimal string, e.g. 12.34')
+        money.add_argument("amount", help="decimal string, e.g. 12.34")
         money.add_argument("currency")
-    for name, help_text in (("freeze", "freeze an account: it can neither send nor receive"),
-                            ("unfreeze", "unfreeze a frozen account"),
-                            ("close", "close an account whose balance is zero")):
+    for name, help_text in (
+        ("freeze", "freeze an account: it can neither send nor receive"),
+        ("unfreeze", "unfreeze a frozen account"),
+        ("close", "close an account whose balance is zero"),
+    ):
         _command_parser(actions, name, help_text).add_argument("account_id")
 
     transfer = _command_parser(subparsers, "transfer", "move money from one account to another")
@@ -97,17 +104,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _command_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text, description=f"{help_text}. {EXIT_STATUS_TEXT}")
     parser.add_argument("--tx", dest="transaction_id", help="transaction id (default: a new one); reuse it to retry")
-    parser.add_argument("--wait-s", type=float, default=WAIT_S_DEFAULT,
-                        help=f"how long to wait for the outcome (default {WAIT_S_DEFAULT:.0f})")
+    parser.add_argument(
+        "--wait-s",
+        type=float,
+        default=WAIT_S_DEFAULT,
+        help=f"how long to wait for the outcome (default {WAIT_S_DEFAULT:.0f})",
+    )
     _add_api_option(parser)
     parser.set_defaults(handler=_reporting_errors(_run_command), command_name=name)
     return parser
 
 
 def _add_api_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", default=os.environ.get("WALLET_API_URL", API_URL_DEFAULT),
-                        help=f"the wallet API's URL (default WALLET_API_URL or {API_URL_DEFAULT}); the bearer token "
-                             "is read from WALLET_TOKEN")
+    parser.add_argument(
+        "--api",
+        default=os.environ.get("WALLET_API_URL", API_URL_DEFAULT),
+        help=f"the wallet API's URL (default WALLET_API_URL or {API_URL_DEFAULT}); the bearer token "
+        "is read from WALLET_TOKEN",
+    )
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -132,16 +146,32 @@ def build_command(args: argparse.Namespace) -> Command:
     common: dict[str, Any] = {"transaction_id": args.transaction_id or new_transaction_id()}
     name = args.command_name
     if name == "open":
-        return client_command(OpenAccount, **common, account_id=args.account_id, currency=args.currency,
-                              kind="merchant" if args.merchant else "user")
+        return client_command(
+            OpenAccount,
+            **common,
+            account_id=args.account_id,
+            currency=args.currency,
+            kind="merchant" if args.merchant else "user",
+        )
     if name in ("deposit", "withdraw"):
         money_class = Deposit if name == "deposit" else Withdraw
-        return client_command(money_class, **common, account_id=args.account_id, currency=args.currency,
-                              amount=canonical_amount(args.amount, args.currency))
+        return client_command(
+            money_class,
+            **common,
+            account_id=args.account_id,
+            currency=args.currency,
+            amount=canonical_amount(args.amount, args.currency),
+        )
     if name == "transfer":
         transfer_class = PayMerchant if args.merchant else Transfer
-        return client_command(transfer_class, **common, from_account=args.from_account, to_account=args.to_account,
-                              currency=args.currency, amount=canonical_amount(args.amount, args.currency))
+        return client_command(
+            transfer_class,
+            **common,
+            from_account=args.from_account,
+            to_account=args.to_account,
+            currency=args.currency,
+            amount=canonical_amount(args.amount, args.currency),
+        )
     status_class = {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[name]
     return client_command(status_class, **common, account_id=args.account_id)
 
@@ -154,13 +184,21 @@ def _route(command: Command) -> tuple[str, dict]:
     """The API route and JSON body of a command; the API sets actor and role itself."""
     body = {"transaction_id": command.transaction_id}
     if isinstance(command, OpenAccount):
-        return "/v1/accounts", {**body, "account_id": command.account_id, "currency": command.currency,
-                                "kind": command.kind}
+        return "/v1/accounts", {
+            **body,
+            "account_id": command.account_id,
+            "currency": command.currency,
+            "kind": command.kind,
+        }
     if isinstance(command, (Transfer, PayMerchant)):
-        return "/v1/wallet/balance_transfer", {**body, "from_account": command.from_account,
-                                               "to_account": command.to_account, "amount": command.amount,
-                                               "currency": command.currency,
-                                               "merchant_payment": isinstance(command, PayMerchant)}
+        return "/v1/wallet/balance_transfer", {
+            **body,
+            "from_account": command.from_account,
+            "to_account": command.to_account,
+            "amount": command.amount,
+            "currency": command.currency,
+            "merchant_payment": isinstance(command, PayMerchant),
+        }
     assert not isinstance(command, (CreditLeg, RefundLeg)), "saga legs have no API route"
     path = f"/v1/accounts/{urllib.parse.quote(command.account_id, safe='')}/{command_type(command)}"
     if isinstance(command, (Deposit, Withdraw)):
@@ -168,8 +206,9 @@ def _route(command: Command) -> tuple[str, dict]:
     return path, body
 
 
-def call_api(base_url: str, method: str, path: str, body: dict | None, timeout_s: float,
-             token: str | None = None) -> tuple[int, dict]:
+def call_api(
+    base_url: str, method: str, path: str, body: dict | None, timeout_s: float, token: str | None = None
+) -> tuple[int, dict]:
     """One HTTP request with the bearer token (`WALLET_TOKEN` unless given): (status, JSON body)."""
     token = token if token is not None else os.environ.get("WALLET_TOKEN", "").strip()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -186,8 +225,9 @@ def call_api(base_url: str, method: str, path: str, body: dict | None, timeout_s
         except ValueError:
             return error.code, {"error": "http_error", "message": f"HTTP {error.code}"}
     except (OSError, ValueError) as error:
-        raise ApiCallError(f"the wallet API at {base_url} did not answer: {error} "
-                           "(is the stack up? `wallet up`)") from None
+        raise ApiCallError(
+            f"the wallet API at {base_url} did not answer: {error} (is the stack up? `wallet up`)"
+        ) from None
 
 
 def _api_failure(status: int, body: dict) -> ApiCallError:
@@ -203,13 +243,16 @@ def _run_command(args: argparse.Namespace) -> int:
     path, body = _route(command)
     wait_ms = min(int(args.wait_s * 1000), REQUEST_WAIT_MS_MAX)
     started_s = time.monotonic()
-    status, reply = call_api(args.api, "POST", f"{path}?wait_ms={wait_ms}", body,
-                             wait_ms / 1000 + HTTP_TIMEOUT_MARGIN_S)
+    status, reply = call_api(
+        args.api, "POST", f"{path}?wait_ms={wait_ms}", body, wait_ms / 1000 + HTTP_TIMEOUT_MARGIN_S
+    )
     elapsed_ms = (time.monotonic() - started_s) * 1000
     what = f"{command_type(command)} {command.transaction_id}"
     if status == 202:
-        print(f"pending: {what} was published but its outcome was not known within {args.wait_s:.0f} s; "
-              f"ask later with `wallet status {command.transaction_id}`")
+        print(
+            f"pending: {what} was published but its outcome was not known within {args.wait_s:.0f} s; "
+            f"ask later with `wallet status {command.transaction_id}`"
+        )
         return EXIT_PENDING
     if status != 200:
         raise _api_failure(status, reply)
@@ -218,13 +261,20 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     query = f"?account_id={urllib.parse.quote(args.account, safe='')}" if args.account else ""
-    status, reply = call_api(args.api, "GET", f"/v1/transactions/{urllib.parse.quote(args.transaction_id, safe='')}"
-                                              f"{query}", None, HTTP_TIMEOUT_MARGIN_S)
+    status, reply = call_api(
+        args.api,
+        "GET",
+        f"/v1/transactions/{urllib.parse.quote(args.transaction_id, safe='')}{query}",
+        None,
+        HTTP_TIMEOUT_MARGIN_S,
+    )
     if status != 200:
         raise _api_failure(status, reply)
     if reply.get("status") in ("unknown", "pending"):
-        print(f"{reply['status']}: no final outcome for {args.transaction_id} of yours yet "
-              "(still in flight, never published, or another caller's)")
+        print(
+            f"{reply['status']}: no final outcome for {args.transaction_id} of yours yet "
+            "(still in flight, never published, or another caller's)"
+        )
         return EXIT_PENDING
     return _report_final(reply, args.transaction_id, "")
 
@@ -240,10 +290,13 @@ def _report_final(reply: dict, what: str, note: str) -> int:
 def _register_auth(subparsers: argparse._SubParsersAction) -> None:
     auth = subparsers.add_parser("auth", help="bearer tokens for the local API")
     actions = auth.add_subparsers(dest="auth_action", metavar="ACTION", required=True)
-    token = actions.add_parser("token", help="print a token signed by the run folder's key (HS256)",
-                               description="Prints a JWT with the claims sub and scope, signed with the local HS256 "
-                                           "secret (WALLET_JWT_SECRET, else <run dir>/secrets/jwt-hs256). Scopes: "
-                                           "wallet:user wallet:bank wallet:operator wallet:audit.")
+    token = actions.add_parser(
+        "token",
+        help="print a token signed by the run folder's key (HS256)",
+        description="Prints a JWT with the claims sub and scope, signed with the local HS256 "
+        "secret (WALLET_JWT_SECRET, else <run dir>/secrets/jwt-hs256). Scopes: "
+        "wallet:user wallet:bank wallet:operator wallet:audit.",
+    )
     token.add_argument("--sub", required=True, help="the principal: it becomes the actor of its commands")
     token.add_argument("--scope", required=True, help='space-separated scopes, e.g. "wallet:user"')
     token.add_argument("--ttl-s", type=int, default=3600, help="lifetime in seconds (default 3600)")
@@ -262,22 +315,37 @@ def _auth_token(args: argparse.Namespace) -> int:
 
 def _register_load(subparsers: argparse._SubParsersAction) -> None:
     load = subparsers.add_parser(
-        "load", help="open and fund accounts, offer transfers at a rate, report throughput and outcomes",
+        "load",
+        help="open and fund accounts, offer transfers at a rate, report throughput and outcomes",
         description="Opens and funds --accounts accounts, then publishes transfers at --tps (unbounded if "
-                    "omitted) for --duration seconds or --count transfers, waits for their outcomes and prints "
-                    "the achieved throughput and the outcome mix.")
-    load.add_argument("--accounts", type=int, default=ACCOUNTS_DEFAULT,
-                      help=f"accounts to open and fund (default {ACCOUNTS_DEFAULT})")
+        "omitted) for --duration seconds or --count transfers, waits for their outcomes and prints "
+        "the achieved throughput and the outcome mix.",
+    )
+    load.add_argument(
+        "--accounts", type=int, default=ACCOUNTS_DEFAULT, help=f"accounts to open and fund (default {ACCOUNTS_DEFAULT})"
+    )
     load.add_argument("--tps", type=float, help="offered transfers per second (default: as fast as possible)")
     load.add_argument("--duration", type=float, help="seconds to publish for")
     load.add_argument("--count", type=int, help="transfers to publish")
-    load.add_argument("--zipf", type=float, default=0.0,
-                      help="skew: Zipf exponent of how often an account is picked (default 0: uniform)")
+    load.add_argument(
+        "--zipf",
+        type=float,
+        default=0.0,
+        help="skew: Zipf exponent of how often an account is picked (default 0: uniform)",
+    )
     load.add_argument("--currency", default="USD")
-    load.add_argument("--missing-receiver-share", type=float, default=0.0,
-                      help="share of transfers to accounts that do not exist (refunded; default 0)")
-    load.add_argument("--outcome-wait-s", type=float, default=OUTCOME_WAIT_S_DEFAULT,
-                      help=f"how long to wait for the outcomes after publishing (default {OUTCOME_WAIT_S_DEFAULT:.0f})")
+    load.add_argument(
+        "--missing-receiver-share",
+        type=float,
+        default=0.0,
+        help="share of transfers to accounts that do not exist (refunded; default 0)",
+    )
+    load.add_argument(
+        "--outcome-wait-s",
+        type=float,
+        default=OUTCOME_WAIT_S_DEFAULT,
+        help=f"how long to wait for the outcomes after publishing (default {OUTCOME_WAIT_S_DEFAULT:.0f})",
+    )
     load.add_argument("--no-progress", action="store_true", help="no progress bars")
     load.set_defaults(handler=_reporting_errors(_load))
 
@@ -286,9 +354,16 @@ def _load(args: argparse.Namespace) -> int:
     if args.count is None and args.duration is None:
         print("error: give --count N, or --duration S (with --tps R for a rate)", file=sys.stderr)
         return EXIT_FAILURE
-    spec = LoadSpec(accounts=args.accounts, rate_per_s=args.tps, duration_s=args.duration, count=args.count,
-                    zipf_s=args.zipf, currency=args.currency, missing_receiver_share=args.missing_receiver_share,
-                    outcome_wait_s=args.outcome_wait_s)
+    spec = LoadSpec(
+        accounts=args.accounts,
+        rate_per_s=args.tps,
+        duration_s=args.duration,
+        count=args.count,
+        zipf_s=args.zipf,
+        currency=args.currency,
+        missing_receiver_share=args.missing_receiver_share,
+        outcome_wait_s=args.outcome_wait_s,
+    )
     try:
         report = run_load(settings_from_args(args), spec, progress=not args.no_progress)
     except LoadError as error:

@@ -14,6 +14,7 @@ Usable from any Python program; it needs only a bootstrap address and topic name
 - `WalletClient` joins the two into request-reply: publish, then wait a bounded time for
   the outcome; `None` means the answer is not known yet (the request is `pending`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -37,6 +38,7 @@ from schemas.commands import (
     CLIENT_COMMANDS,
     LEG_COMMANDS,
     TRANSACTION_ID_LENGTH_MAX,
+    ClientCommand,
     Command,
     Role,
     is_valid_id,
@@ -97,7 +99,8 @@ def wall_clock_ms() -> int:
 
 _ACCOUNT_FIELDS = ("account_id", "from_account", "to_account")
 
-def local_command(command_class: type, **fields) -> Command:
+
+def local_command(command_class: type[ClientCommand], **fields: Any) -> Command:
     """`command_class(**fields)` with the `local_credentials` actor and role where not given; ids not
     checked (for bulk generators that make their ids themselves)."""
     actor, role = local_credentials(command_class, fields.get(command_class.owner_field, ""))
@@ -113,9 +116,9 @@ def client_command(command_class: type, *, actor: str | None = None, role: Role 
     owner = fields.get(command_class.owner_field, "")
     local_actor, local_role = local_credentials(command_class, owner)
     # local_credentials only ever answers "bank", "operator" or "user": a Role.
-    command = command_class(actor=local_actor if actor is None else actor,
-                            role=cast(Role, local_role) if role is None else role,
-                            **fields)
+    command = command_class(
+        actor=local_actor if actor is None else actor, role=cast(Role, local_role) if role is None else role, **fields
+    )
     check_ids(command)
     return command
 
@@ -134,8 +137,10 @@ def check_ids(command: Command) -> None:
     for name, length_max in fields:
         value = getattr(command, name)
         if not is_valid_id(value, length_max):
-            raise ValueError(f"{name} {value!r} must be 1 to {length_max} characters, start with a letter or digit "
-                             "and contain only letters, digits and . _ : @ -")
+            raise ValueError(
+                f"{name} {value!r} must be 1 to {length_max} characters, start with a letter or digit "
+                "and contain only letters, digits and . _ : @ -"
+            )
 
 
 def canonical_amount(amount: str, currency: str) -> str:
@@ -149,6 +154,7 @@ def canonical_amount(amount: str, currency: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """Where the broker stored a command."""
+
     topic: str
     partition: int
     offset: int
@@ -232,8 +238,9 @@ class CommandPublisher:
         self._first_batch_failure: PublishError | None = None
         self.batch_failure_count = 0
         self._closed = threading.Event()
-        self._poller = threading.Thread(target=self._serve_delivery_reports, name="wallet-delivery-reports",
-                                        daemon=True)
+        self._poller = threading.Thread(
+            target=self._serve_delivery_reports, name="wallet-delivery-reports", daemon=True
+        )
         self._poller.start()
 
     @classmethod
@@ -263,8 +270,14 @@ class CommandPublisher:
 
         self._replace_if_fatal()
         try:
-            produce_with_room(self._producer, self.commands_topic, value, key, on_delivery=on_delivery,
-                              queue_full_wait_ms=int(self._enqueue_timeout_s * 1000))
+            produce_with_room(
+                self._producer,
+                self.commands_topic,
+                value,
+                key,
+                on_delivery=on_delivery,
+                queue_full_wait_ms=int(self._enqueue_timeout_s * 1000),
+            )
         except QueueFullTimeout as error:
             raise BackPressureTimeout(f"{error} ({self._queue_messages_max} commands)") from None
         return future
@@ -279,8 +292,11 @@ class CommandPublisher:
         try:
             return future.result(timeout=bound_s)
         except concurrent.futures.TimeoutError:
-            raise PublishError(f"the broker did not acknowledge {command.transaction_id!r} within {bound_s:.1f} s",
-                               code="publish_timeout", possibly_persisted=True) from None
+            raise PublishError(
+                f"the broker did not acknowledge {command.transaction_id!r} within {bound_s:.1f} s",
+                code="publish_timeout",
+                possibly_persisted=True,
+            ) from None
 
     @property
     def delivery_bound_s(self) -> float:
@@ -299,7 +315,7 @@ class CommandPublisher:
         messages = [{"key": owner_account(command), "value": encode(command)} for command in commands]
         slice_size = min(PUBLISH_BATCH_SIZE_MAX, self._queue_messages_max)
         for start in range(0, len(messages), slice_size):
-            self._queue_slice(messages[start:start + slice_size])
+            self._queue_slice(messages[start : start + slice_size])
 
     def _queue_slice(self, messages: list[dict]) -> None:
         self._wait_for_room(len(messages))
@@ -312,14 +328,17 @@ class CommandPublisher:
             for message in failed:
                 error = message.pop("_error")
                 if error.code() != KafkaError._QUEUE_FULL:
-                    raise PublishError(f"queueing a command failed: {error.str()}", code=error.name(),
-                                       possibly_persisted=False)
+                    raise PublishError(
+                        f"queueing a command failed: {error.str()}", code=error.name(), possibly_persisted=False
+                    )
             messages = failed
             if messages:
                 # Another thread filled the queue between our look and our produce.
                 if time.monotonic() >= deadline_s:
-                    raise BackPressureTimeout(f"the local queue stayed full for {self._enqueue_timeout_s:.0f} s "
-                                              f"({len(messages)} commands not queued)")
+                    raise BackPressureTimeout(
+                        f"the local queue stayed full for {self._enqueue_timeout_s:.0f} s "
+                        f"({len(messages)} commands not queued)"
+                    )
                 self._producer.poll(DELIVERY_POLL_INTERVAL_S)
 
     def flush(self, timeout_s: float) -> None:
@@ -329,12 +348,18 @@ class CommandPublisher:
         """
         remaining = self._producer.flush(timeout_s)
         if remaining:
-            raise PublishError(f"{remaining} commands were not acknowledged within {timeout_s:.0f} s",
-                               code="flush_timeout", possibly_persisted=True)
+            raise PublishError(
+                f"{remaining} commands were not acknowledged within {timeout_s:.0f} s",
+                code="flush_timeout",
+                possibly_persisted=True,
+            )
         first = self._first_batch_failure
         if first is not None:
-            raise PublishError(f"{self.batch_failure_count} batched commands failed; first: {first}", code=first.code,
-                               possibly_persisted=first.possibly_persisted)
+            raise PublishError(
+                f"{self.batch_failure_count} batched commands failed; first: {first}",
+                code=first.code,
+                possibly_persisted=first.possibly_persisted,
+            )
 
     def broker_reachable(self, timeout_s: float = METADATA_TIMEOUT_S_DEFAULT) -> bool:
         """A quick metadata round trip: can a publish succeed at all right now?"""
@@ -370,7 +395,8 @@ class CommandPublisher:
             if time.monotonic() >= deadline_s:
                 raise BackPressureTimeout(
                     f"no room for {message_count} commands in the local queue within {self._enqueue_timeout_s:.0f} s "
-                    f"({len(self._producer)} queued); the broker is not keeping up or is unreachable")
+                    f"({len(self._producer)} queued); the broker is not keeping up or is unreachable"
+                )
             self._producer.poll(DELIVERY_POLL_INTERVAL_S)
 
     def _on_batch_delivery(self, error: KafkaError | None, message) -> None:
@@ -418,16 +444,23 @@ def _kafka_error_text(error: KafkaException) -> str:
 
 def _publish_error(error: KafkaError, message) -> PublishError:
     # A timeout after the request may have reached the broker leaves the record's fate unknown.
-    possibly_persisted = error.code() in (KafkaError._MSG_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT,
-                                          KafkaError._TIMED_OUT)
+    possibly_persisted = error.code() in (
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+    )
     key = message.key().decode() if message is not None and message.key() is not None else "?"
-    return PublishError(f"command for account {key!r} not delivered: {error.str()}", code=error.name(),
-                        possibly_persisted=possibly_persisted)
+    return PublishError(
+        f"command for account {key!r} not delivered: {error.str()}",
+        code=error.name(),
+        possibly_persisted=possibly_persisted,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class TransactionStatus:
     """What this process knows of a transaction: `pending` after it published it, then final."""
+
     transaction_id: str
     status: str  # pending | success | failure
     reason: str | None
@@ -490,19 +523,21 @@ class OutcomeWaiter:
         self.outcomes_topic = outcomes_topic
         self._cache_size_max = cache_size_max
         self._waits_max = waits_max
-        self._consumer = Consumer({
-            **kafka_security("api"),
-            "bootstrap.servers": bootstrap,
-            # librdkafka wants a group id even for assign(); nothing is ever committed under it.
-            "group.id": f"wallet-outcome-waiter-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            # A request must never be answered by an outcome of an aborted transaction.
-            "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 10,
-            "logger": _KAFKA_LOG,
-            "error_cb": self._on_client_error,
-        })
+        self._consumer = Consumer(
+            {
+                **kafka_security("api"),
+                "bootstrap.servers": bootstrap,
+                # librdkafka wants a group id even for assign(); nothing is ever committed under it.
+                "group.id": f"wallet-outcome-waiter-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                # A request must never be answered by an outcome of an aborted transaction.
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 10,
+                "logger": _KAFKA_LOG,
+                "error_cb": self._on_client_error,
+            }
+        )
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, str, str], list[OutcomeExpectation]] = {}
         self._waiting_count = 0
@@ -534,8 +569,10 @@ class OutcomeWaiter:
         return self._ready.is_set()
 
     def unavailable_reason(self, waited_s: float) -> str:
-        return (f"not connected to Kafka: the outcome consumer of {self.outcomes_topic} was not ready within "
-                f"{waited_s:.1f} s (last error: {self.last_error or 'none reported'})")
+        return (
+            f"not connected to Kafka: the outcome consumer of {self.outcomes_topic} was not ready within "
+            f"{waited_s:.1f} s (last error: {self.last_error or 'none reported'})"
+        )
 
     def expect(self, transaction_id: str, digest: str, account_id: str = "") -> OutcomeExpectation:
         """Register interest in the outcome of the request (account_id, transaction_id, digest).
@@ -602,8 +639,13 @@ class OutcomeWaiter:
                 try:
                     outcomes.append(decode_outcome(value))
                 except SchemaError as error:
-                    _LOG.warning("skipping an undecodable record at %s[%d]@%d: %s", message.topic(),
-                                 message.partition(), message.offset(), error)
+                    _LOG.warning(
+                        "skipping an undecodable record at %s[%d]@%d: %s",
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                        error,
+                    )
             if outcomes:
                 self._deliver(outcomes)
 
@@ -619,8 +661,9 @@ class OutcomeWaiter:
                 return False
             assignment = []
             for partition in sorted(topic.partitions):
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(self.outcomes_topic, partition),
-                                                               timeout=METADATA_TIMEOUT_S_DEFAULT * 5, cached=False)
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.outcomes_topic, partition), timeout=METADATA_TIMEOUT_S_DEFAULT * 5, cached=False
+                )
                 assignment.append(TopicPartition(self.outcomes_topic, partition, high))
             self._consumer.assign(assignment)
         except KafkaException as error:
@@ -659,8 +702,16 @@ class OutcomeWaiter:
                 del self._statuses[outcome.transaction_id]
             return
         if known is None or known.status == "pending":
-            self._remember(TransactionStatus(outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
-                                             outcome.account_id, outcome.actor))
+            self._remember(
+                TransactionStatus(
+                    outcome.transaction_id,
+                    outcome.status,
+                    outcome.reason,
+                    outcome.digest,
+                    outcome.account_id,
+                    outcome.actor,
+                )
+            )
 
     def _remember(self, status: TransactionStatus) -> None:
         self._statuses[status.transaction_id] = status
@@ -715,8 +766,11 @@ class WalletClient:
             bound_s = self.publisher.delivery_bound_s
             done, _ = await asyncio.wait({delivery}, timeout=bound_s)
             if not done:
-                raise PublishError(f"the broker did not acknowledge {command.transaction_id!r} within {bound_s:.1f} s",
-                                   code="publish_timeout", possibly_persisted=True)
+                raise PublishError(
+                    f"the broker did not acknowledge {command.transaction_id!r} within {bound_s:.1f} s",
+                    code="publish_timeout",
+                    possibly_persisted=True,
+                )
             delivery.result()  # raises the PublishError of a failed delivery
             self.waiter.note_published(command.transaction_id, digest, owner_account(command), command.actor)
             return await expectation.wait_async(wait_s)
@@ -727,8 +781,10 @@ class WalletClient:
         Returns the outcomes that arrived, by transaction id; each command needs its own id.
         """
         commands = list(commands)
-        expectations = [self.waiter.expect(command.transaction_id, command_digest(command), owner_account(command))
-                        for command in commands]
+        expectations = [
+            self.waiter.expect(command.transaction_id, command_digest(command), owner_account(command))
+            for command in commands
+        ]
         try:
             self.publisher.publish_batch(commands)
             deadline_s = time.monotonic() + wait_s

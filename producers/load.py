@@ -5,6 +5,7 @@ deliveries only), so one Python thread can offer well over 100,000 transfers a s
 outcomes are counted by a listener on the process's one `OutcomeWaiter`, never one future
 per transfer.
 """
+
 from __future__ import annotations
 
 import collections
@@ -184,12 +185,35 @@ def setup_accounts(client: WalletClient, spec: LoadSpec, out: TextIO) -> list[st
     account_ids = spec.account_ids()
     funding = canonical_amount(spec.funding_amount, spec.currency)
     phases = [
-        ("open", [local_command(OpenAccount, transaction_id=f"load-{spec.run_id}-open-{a}", account_id=a,
-                              currency=spec.currency) for a in account_ids]),
-        ("fund", [local_command(Deposit, transaction_id=f"load-{spec.run_id}-fund-{a}", account_id=a,
-                          amount=funding, currency=spec.currency) for a in account_ids]),
-        ("freeze", [local_command(Freeze, transaction_id=f"load-{spec.run_id}-freeze-{a}", account_id=a)
-                    for a in account_ids[len(account_ids) - spec.frozen_accounts:]]),
+        (
+            "open",
+            [
+                local_command(
+                    OpenAccount, transaction_id=f"load-{spec.run_id}-open-{a}", account_id=a, currency=spec.currency
+                )
+                for a in account_ids
+            ],
+        ),
+        (
+            "fund",
+            [
+                local_command(
+                    Deposit,
+                    transaction_id=f"load-{spec.run_id}-fund-{a}",
+                    account_id=a,
+                    amount=funding,
+                    currency=spec.currency,
+                )
+                for a in account_ids
+            ],
+        ),
+        (
+            "freeze",
+            [
+                local_command(Freeze, transaction_id=f"load-{spec.run_id}-freeze-{a}", account_id=a)
+                for a in account_ids[len(account_ids) - spec.frozen_accounts :]
+            ],
+        ),
     ]
     for name, commands in phases:
         if not commands:
@@ -199,8 +223,10 @@ def setup_accounts(client: WalletClient, spec: LoadSpec, out: TextIO) -> list[st
         outcomes = client.request_many(commands, spec.setup_wait_s)
         failures = collections.Counter(o.reason for o in outcomes.values() if o.status != "success")
         if len(outcomes) < len(commands) or failures:
-            raise LoadError(f"{name} of {len(commands)} accounts: {len(outcomes)} answered within "
-                            f"{spec.setup_wait_s:.0f} s, failures {dict(failures)}")
+            raise LoadError(
+                f"{name} of {len(commands)} accounts: {len(outcomes)} answered within "
+                f"{spec.setup_wait_s:.0f} s, failures {dict(failures)}"
+            )
         print(f"{name}: {len(commands):,} accounts in {time.monotonic() - started_s:.2f} s", file=out)
     return account_ids
 
@@ -214,13 +240,20 @@ class _TransferFactory:
         self._random = random.Random(seed)
         # Accounts drawn once by the skew into a table; picking uniformly from the table is
         # several times cheaper per transfer than a weighted draw.
-        weights = [1.0 / (rank ** spec.zipf_s) for rank in range(1, len(account_ids) + 1)]
-        self._picks = self._random.choices(range(len(account_ids)), cum_weights=list(itertools.accumulate(weights)),
-                                           k=ACCOUNT_PICK_TABLE_SIZE) if spec.zipf_s else range(len(account_ids))
+        weights = [1.0 / (rank**spec.zipf_s) for rank in range(1, len(account_ids) + 1)]
+        self._picks = (
+            self._random.choices(
+                range(len(account_ids)), cum_weights=list(itertools.accumulate(weights)), k=ACCOUNT_PICK_TABLE_SIZE
+            )
+            if spec.zipf_s
+            else range(len(account_ids))
+        )
         amount_minor_max = parse_amount_minor(spec.transfer_amount_max, spec.currency)
         # A fixed palette of amounts: drawing from a list is cheaper than formatting each one.
-        self._amounts = [format_amount(minor, spec.currency)
-                         for minor in self._random.sample(range(1, amount_minor_max + 1), min(256, amount_minor_max))]
+        self._amounts = [
+            format_amount(minor, spec.currency)
+            for minor in self._random.sample(range(1, amount_minor_max + 1), min(256, amount_minor_max))
+        ]
         self._transaction_prefix = f"load-{spec.run_id}-t"
 
     @property
@@ -238,21 +271,33 @@ class _TransferFactory:
         draws = [self._random.random() for _ in range(count)] if missing_share else itertools.repeat(1.0)
         prefix, currency, run_id = self._transaction_prefix, self._spec.currency, self._spec.run_id
         transfers: list[Transfer] = []
-        for offset, sender, receiver, amount, draw in zip(range(count), senders, receivers, amounts, draws,
-                                                          strict=False):  # draws may be endless
+        for offset, sender, receiver, amount, draw in zip(
+            range(count), senders, receivers, amounts, draws, strict=False
+        ):  # draws may be endless
             index = first_index + offset
             if draw < missing_share:
                 to_account = f"load-{run_id}-missing-{index}"
             else:
                 to_account = accounts[receiver if receiver != sender else (receiver + 1) % account_count]
-            transfers.append(cast(Transfer, local_command(
-                Transfer, transaction_id=f"{prefix}{index}", from_account=accounts[sender], to_account=to_account,
-                amount=amount, currency=currency)))
+            transfers.append(
+                cast(
+                    Transfer,
+                    local_command(
+                        Transfer,
+                        transaction_id=f"{prefix}{index}",
+                        from_account=accounts[sender],
+                        to_account=to_account,
+                        amount=amount,
+                        currency=currency,
+                    ),
+                )
+            )
         return transfers
 
 
-def _publish_transfers(publisher: CommandPublisher, factory: _TransferFactory, spec: LoadSpec,
-                       progress: bool) -> tuple[int, float]:
+def _publish_transfers(
+    publisher: CommandPublisher, factory: _TransferFactory, spec: LoadSpec, progress: bool
+) -> tuple[int, float]:
     """Offer transfers at the spec's rate; returns (published, seconds from the first to the last queued)."""
     total = spec.transfer_total
     # A rate and a duration make a count, which is then published in full, however late the
@@ -266,7 +311,7 @@ def _publish_transfers(publisher: CommandPublisher, factory: _TransferFactory, s
             elapsed_s = time.monotonic() - started_s
             if deadline_s is not None and elapsed_s >= deadline_s:
                 break
-            due = (int(spec.rate_per_s * elapsed_s) if spec.rate_per_s is not None else published + PUBLISH_SLICE_MAX)
+            due = int(spec.rate_per_s * elapsed_s) if spec.rate_per_s is not None else published + PUBLISH_SLICE_MAX
             if total is not None:
                 due = min(due, total)
             slice_size = min(due - published, PUBLISH_SLICE_MAX)
@@ -289,8 +334,9 @@ def run_load(settings: Settings, spec: LoadSpec, *, progress: bool = True, out: 
         factory = _TransferFactory(spec, account_ids)
         tally = OutcomeTally(factory.transaction_prefix)
         waiter.add_listener(tally)
-        publisher = CommandPublisher.from_settings(settings, report_successes=False, linger_ms=20,
-                                                   client_id="wallet-load")
+        publisher = CommandPublisher.from_settings(
+            settings, report_successes=False, linger_ms=20, client_id="wallet-load"
+        )
         try:
             published, publish_s = _publish_transfers(publisher, factory, spec, progress)
             first_publish_s = time.monotonic() - publish_s
@@ -311,8 +357,9 @@ def ledger_balances(settings: Settings, account_ids: list[str]) -> dict[str, str
     try:
         partition_count = log_reader.partition_count(settings.bootstrap, settings.events_topic)
         partitions = sorted({partition_for(account, partition_count) for account in account_ids})
-        log = log_reader.read_topic(settings.bootstrap, settings.events_topic, partitions=partitions,
-                                    timeout_s=LEDGER_READ_TIMEOUT_S)
+        log = log_reader.read_topic(
+            settings.bootstrap, settings.events_topic, partitions=partitions, timeout_s=LEDGER_READ_TIMEOUT_S
+        )
     except (log_reader.LogReadError, KafkaException) as error:
         raise LoadError(f"reading {settings.events_topic}: {error}") from None
     state = State()

@@ -5,6 +5,7 @@ decodes two commands and encodes five messages, and msgspec does each in about a
 of pydantic's time, which is the difference between meeting the processor's per-command
 budget and not. The message classes in this folder are the only definition of the shapes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,9 +81,13 @@ def readable_request(data: bytes) -> tuple[str, str, str] | None:
         return None
     owner_field = _CLIENT_OWNER_FIELDS.get(value.get("type"))
     transaction_id, owner, actor = value.get("transaction_id"), value.get(owner_field), value.get("actor")
-    if (owner_field is None
-            or type(transaction_id) is not str or not 1 <= len(transaction_id) <= TRANSACTION_ID_LENGTH_MAX
-            or type(owner) is not str or not 1 <= len(owner) <= ACCOUNT_ID_LENGTH_MAX):
+    if (
+        owner_field is None
+        or type(transaction_id) is not str
+        or not 1 <= len(transaction_id) <= TRANSACTION_ID_LENGTH_MAX
+        or type(owner) is not str
+        or not 1 <= len(owner) <= ACCOUNT_ID_LENGTH_MAX
+    ):
         return None
     if type(actor) is not str or len(actor) > ACTOR_LENGTH_MAX:
         actor = ""

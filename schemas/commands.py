@@ -11,6 +11,7 @@ only: each carries the transfer's `actor`, `issued_ms` (the decision time of the
 emitted it) and a MAC (`kid`, `mac`, see `schemas.leg_auth`) that the processor checks before
 the core ever sees the leg.
 """
+
 from __future__ import annotations
 
 import re
@@ -66,6 +67,7 @@ class _ClientCommand(_Command, frozen=True):
 
 class OpenAccount(_ClientCommand, tag="open_account", frozen=True):
     """Any role; the account's owner is the actor."""
+
     account_id: AccountId
     currency: str
     kind: AccountKind = "user"
@@ -73,6 +75,7 @@ class OpenAccount(_ClientCommand, tag="open_account", frozen=True):
 
 class Deposit(_ClientCommand, tag="deposit", frozen=True):
     """Money arrives from a bank account outside the ledger (role `bank` only)."""
+
     account_id: AccountId
     amount: AmountText
     currency: str
@@ -80,6 +83,7 @@ class Deposit(_ClientCommand, tag="deposit", frozen=True):
 
 class Withdraw(_ClientCommand, tag="withdraw", frozen=True):
     """Money leaves to a bank account outside the ledger (role `bank`, or the owner)."""
+
     account_id: AccountId
     amount: AmountText
     currency: str
@@ -87,6 +91,7 @@ class Withdraw(_ClientCommand, tag="withdraw", frozen=True):
 
 class Transfer(_ClientCommand, tag="transfer", frozen=True):
     """Only the owner of `from_account` may send."""
+
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
@@ -96,6 +101,7 @@ class Transfer(_ClientCommand, tag="transfer", frozen=True):
 
 class PayMerchant(_ClientCommand, tag="pay_merchant", frozen=True):
     """A transfer whose receiving account must be of kind `merchant`."""
+
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
@@ -129,6 +135,7 @@ class CreditLeg(_Leg, tag="credit_leg", frozen=True, kw_only=True):
     the request it answers. `resend` marks a leg re-sent because the client retried a
     transfer that was still in flight: it may only repeat an answer, never move money.
     """
+
     owner_field: ClassVar[str] = "to_account"
     from_account: AccountId
     to_account: AccountId
@@ -141,6 +148,7 @@ class CreditLeg(_Leg, tag="credit_leg", frozen=True, kw_only=True):
 
 class RefundLeg(_Leg, tag="refund_leg", frozen=True, kw_only=True):
     """Compensation of a transfer the receiving side refused, keyed by `from_account`."""
+
     owner_field: ClassVar[str] = "from_account"
     from_account: AccountId
     to_account: AccountId
@@ -153,9 +161,7 @@ class RefundLeg(_Leg, tag="refund_leg", frozen=True, kw_only=True):
     debit_ms: TimestampMs
 
 
-Command = (
-    OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close | CreditLeg | RefundLeg
-)
+Command = OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close | CreditLeg | RefundLeg
 ClientCommand = OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close
 Leg = CreditLeg | RefundLeg
 CLIENT_COMMANDS = (OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close)

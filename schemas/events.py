@@ -6,6 +6,7 @@ the account's new `seq` (1, 2, 3, ... with no gap) and, where money moved, its n
 `seq`, but records the outcome and digest of a refused command so that a retry, after any
 crash, gets the same first answer.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -52,6 +53,7 @@ class Withdrawn(_MoneyChange, tag="withdrawn", frozen=True):
 
 class TransferDebited(_MoneyChange, tag="transfer_debited", frozen=True):
     """The sending side of a transfer; the money is in flight until credited or refunded."""
+
     to_account: str
     merchant_only: bool = False
 
@@ -84,8 +86,16 @@ class CommandRejected(_Event, tag="command_rejected", frozen=True):
 
 
 Event = (
-    AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited | TransferRefunded
-    | AccountFrozen | AccountUnfrozen | AccountClosed | CommandRejected
+    AccountOpened
+    | Deposited
+    | Withdrawn
+    | TransferDebited
+    | TransferCredited
+    | TransferRefunded
+    | AccountFrozen
+    | AccountUnfrozen
+    | AccountClosed
+    | CommandRejected
 )
 MONEY_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
 

@@ -7,6 +7,7 @@ schema registry) and are checked in. `tests/test_schema_export.py` fails when th
     python -m schemas.export           # rewrite the files
     python -m schemas.export --check   # exit 1 if a file differs from a fresh export
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,17 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 # file name -> (message type, title, description)
 _EXPORTS = {
-    "command.schema.json": (Command, "Streamwallet command",
-                            "A value on the wallet.commands topic: a client command or a saga leg."),
+    "command.schema.json": (
+        Command,
+        "Streamwallet command",
+        "A value on the wallet.commands topic: a client command or a saga leg.",
+    ),
     "event.schema.json": (Event, "Streamwallet event", "A value on the wallet.events topic: one entry of the ledger."),
-    "outcome.schema.json": (Outcome, "Streamwallet outcome",
-                            "A value on the wallet.outcomes topic: the final answer to a client request."),
+    "outcome.schema.json": (
+        Outcome,
+        "Streamwallet outcome",
+        "A value on the wallet.outcomes topic: the final answer to a client request.",
+    ),
 }
 
 
@@ -37,8 +44,13 @@ def export_texts() -> dict[str, str]:
     """File name -> file text. Sorted keys and a trailing newline, so equal schemas give equal bytes."""
     texts = {}
     for file_name, (message_type, title, description) in _EXPORTS.items():
-        schema = {"$schema": JSON_SCHEMA_DIALECT, "title": title, "description": description,
-                  "x-schema-version": SCHEMA_VERSION, **msgspec.json.schema(message_type)}
+        schema = {
+            "$schema": JSON_SCHEMA_DIALECT,
+            "title": title,
+            "description": description,
+            "x-schema-version": SCHEMA_VERSION,
+            **msgspec.json.schema(message_type),
+        }
         texts[file_name] = json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     return texts
 
@@ -47,8 +59,11 @@ def stale_files(directory: Path = JSON_DIR) -> list[str]:
     """Names of the files in `directory` that a fresh export would write differently, add or remove."""
     texts = export_texts()
     present = {path.name for path in directory.glob("*.json")} if directory.is_dir() else set()
-    stale = [name for name, text in texts.items()
-             if name not in present or (directory / name).read_text(encoding="utf-8") != text]
+    stale = [
+        name
+        for name, text in texts.items()
+        if name not in present or (directory / name).read_text(encoding="utf-8") != text
+    ]
     return sorted(stale + [name for name in present if name not in texts])
 
 

@@ -11,6 +11,7 @@ reproduces the signed legs byte for byte.
     signed = keyring.sign(leg)
     keyring.verify(signed)  # None = genuine, else the reason it is not
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -9,6 +9,7 @@ never gets two different final outcomes for the same `digest`. A request that re
 transaction id with another payload gets `failure`/`duplicate_conflict` carrying its own
 digest, which is how a reader tells it apart from the first request's answer.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -20,8 +21,9 @@ from schemas.commands import SCHEMA_VERSION
 OutcomeStatus = Literal["success", "failure"]
 
 
-class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="outcome", tag_field="type",
-              gc=False):
+class Outcome(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="outcome", tag_field="type", gc=False
+):
     v: int = SCHEMA_VERSION
     transaction_id: str
     account_id: str  # the account that owns the request
@@ -33,6 +35,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 class Reason:
     """Machine-readable failure reasons, one namespace so producers and readers agree."""
+
     INSUFFICIENT_FUNDS = "insufficient_funds"
     ACCOUNT_NOT_FOUND = "account_not_found"
     ACCOUNT_EXISTS = "account_exists"

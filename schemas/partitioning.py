@@ -4,6 +4,7 @@ Every producer sets librdkafka's `partitioner=murmur2_random`, which places keye
 exactly as the Java client does; this module computes the same placement in Python for the
 places that must know it without producing (the processor's restore, tests, the audit).
 """
+
 from __future__ import annotations
 
 # librdkafka's name for Java's default partitioner; set on every producer of the project.

@@ -1,5 +1,6 @@
 """`wallet processor`: run one exactly-once processor instance, or dump a stopped or running
 instance's RocksDB snapshot as JSON (opened read-only, so it is safe beside a live one)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,25 +17,50 @@ from streams.runtime.store import StateStore
 
 def register(subparsers) -> None:
     defaults = ProcessorConfig(instance_id="", store_path=Path())
-    parser = subparsers.add_parser("processor", help="run one exactly-once stream processor instance",
-                                   description="Consume wallet.commands, decide with the core, produce events, legs "
-                                               "and outcomes in one Kafka transaction per batch.")
-    parser.add_argument("--instance-id", default=socket.gethostname(),
-                        help="stable name of this instance; a restart with the same id fences its predecessor "
-                             "(default: the host name)")
+    parser = subparsers.add_parser(
+        "processor",
+        help="run one exactly-once stream processor instance",
+        description="Consume wallet.commands, decide with the core, produce events, legs "
+        "and outcomes in one Kafka transaction per batch.",
+    )
+    parser.add_argument(
+        "--instance-id",
+        default=socket.gethostname(),
+        help="stable name of this instance; a restart with the same id fences its predecessor (default: the host name)",
+    )
     parser.add_argument("--store", type=Path, help="RocksDB folder (default: <run dir>/processor-<instance id>)")
-    parser.add_argument("--batch-size-max", type=int, default=defaults.batch_size_max,
-                        help=f"commands per Kafka transaction (default {defaults.batch_size_max})")
-    parser.add_argument("--commit-interval-ms", type=int, default=defaults.commit_interval_ms,
-                        help=f"longest wait for a batch to fill (default {defaults.commit_interval_ms})")
-    parser.add_argument("--state-flush-interval-ms", type=int, default=defaults.state_flush_interval_ms,
-                        help=f"how often the RocksDB snapshot is written (default {defaults.state_flush_interval_ms})")
-    parser.add_argument("--transaction-timeout-ms", type=int, default=defaults.transaction_timeout_ms,
-                        help="how long the broker waits before aborting a dead instance's transaction "
-                             f"(default {defaults.transaction_timeout_ms})")
-    parser.add_argument("--kafka-call-timeout-ms", type=int, default=defaults.kafka_call_timeout_ms,
-                        help="bound of every blocking Kafka call (commit, abort, producer start); past it the batch "
-                             f"is redone from the log (default {defaults.kafka_call_timeout_ms})")
+    parser.add_argument(
+        "--batch-size-max",
+        type=int,
+        default=defaults.batch_size_max,
+        help=f"commands per Kafka transaction (default {defaults.batch_size_max})",
+    )
+    parser.add_argument(
+        "--commit-interval-ms",
+        type=int,
+        default=defaults.commit_interval_ms,
+        help=f"longest wait for a batch to fill (default {defaults.commit_interval_ms})",
+    )
+    parser.add_argument(
+        "--state-flush-interval-ms",
+        type=int,
+        default=defaults.state_flush_interval_ms,
+        help=f"how often the RocksDB snapshot is written (default {defaults.state_flush_interval_ms})",
+    )
+    parser.add_argument(
+        "--transaction-timeout-ms",
+        type=int,
+        default=defaults.transaction_timeout_ms,
+        help="how long the broker waits before aborting a dead instance's transaction "
+        f"(default {defaults.transaction_timeout_ms})",
+    )
+    parser.add_argument(
+        "--kafka-call-timeout-ms",
+        type=int,
+        default=defaults.kafka_call_timeout_ms,
+        help="bound of every blocking Kafka call (commit, abort, producer start); past it the batch "
+        f"is redone from the log (default {defaults.kafka_call_timeout_ms})",
+    )
     parser.set_defaults(handler=_run)
     actions = parser.add_subparsers(dest="processor_action", metavar="ACTION")
     dump = actions.add_parser("dump-state", help="print a processor's RocksDB snapshot as JSON")
@@ -46,8 +72,11 @@ def _run(args: argparse.Namespace) -> int:
     from infra.settings import settings_from_args
 
     settings = settings_from_args(args)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s processor[{args.instance_id}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s processor[{args.instance_id}] %(levelname)s %(message)s",
+    )
     config = ProcessorConfig(
         instance_id=args.instance_id,
         store_path=args.store or settings.run_dir / f"processor-{args.instance_id}",
@@ -71,8 +100,13 @@ def state_dump(store_path: Path) -> dict:
             partitions[str(partition)] = {
                 "events_offset": checkpoint.events_offset,
                 "accounts": {
-                    account_id: {"currency": a.currency, "kind": a.kind, "status": a.status,
-                                 "balance": format_amount(a.balance_minor, a.currency), "seq": a.seq}
+                    account_id: {
+                        "currency": a.currency,
+                        "kind": a.kind,
+                        "status": a.status,
+                        "balance": format_amount(a.balance_minor, a.currency),
+                        "seq": a.seq,
+                    }
                     for account_id, a in sorted(state.accounts.items())
                 },
             }

@@ -10,6 +10,7 @@ session starts on free ports in a temporary folder and stops at its end. With
 WALLET_TEST_BROKERS=3 the session starts a local KRaft cluster of three nodes instead (never
 reusing a running broker), and the topics the tests make have replication factor 3.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,9 @@ def free_cluster_ports(nodes: int) -> tuple[int, int]:
     low, high = _LADDER_PORTS
     for _ in range(1000):
         base = random.randrange(low, high - LOCAL_NODE_PORT_STEP * nodes, 2)
-        if all(_port_is_free(base + LOCAL_NODE_PORT_STEP * node + offset)
-               for node in range(nodes) for offset in (0, 1)):
+        if all(
+            _port_is_free(base + LOCAL_NODE_PORT_STEP * node + offset) for node in range(nodes) for offset in (0, 1)
+        ):
             return base, base + 1
     raise RuntimeError(f"no free ports for a {nodes}-node cluster in {low}..{high}")
 
@@ -87,8 +89,13 @@ def free_cluster_ports(nodes: int) -> tuple[int, int]:
 def start_private_cluster(run_dir, nodes: int) -> Settings:
     """A local KRaft cluster of `nodes` nodes in `run_dir` on free ports, dying with this process."""
     kafka_port, controller_port = free_cluster_ports(nodes)
-    settings = Settings().with_overrides(kafka_bootstrap="", run_dir=run_dir, local_kafka_port=kafka_port,
-                                         local_controller_port=controller_port, local_kafka_brokers=nodes)
+    settings = Settings().with_overrides(
+        kafka_bootstrap="",
+        run_dir=run_dir,
+        local_kafka_port=kafka_port,
+        local_controller_port=controller_port,
+        local_kafka_brokers=nodes,
+    )
     localkafka.fetch_jars(settings)
     localkafka.start(settings, timeout_s=CLUSTER_START_TIMEOUT_S, stop_with_parent=True)
     return settings
@@ -130,8 +137,9 @@ def session_local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 
     # Free ports and a private folder: parallel test sessions in one checkout never share a broker.
     kafka_port, controller_port = free_loopback_ports(2)
-    settings = configured.with_overrides(run_dir=tmp_path_factory.mktemp("kafka-run"),
-                                         local_kafka_port=kafka_port, local_controller_port=controller_port)
+    settings = configured.with_overrides(
+        run_dir=tmp_path_factory.mktemp("kafka-run"), local_kafka_port=kafka_port, local_controller_port=controller_port
+    )
     localkafka.fetch_jars(settings)
     localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True)
     try:

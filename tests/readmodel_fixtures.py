@@ -9,6 +9,7 @@ pg_ctl on a free loopback port) from the binaries of Debian's `postgresql` packa
 at its end. Without those binaries the PostgreSQL cases fail under CI (CI=true) and are
 skipped elsewhere.
 """
+
 from __future__ import annotations
 
 import glob
@@ -64,8 +65,10 @@ def _running_in_ci() -> bool:
 
 
 def _postgres_bin_dir() -> Path | None:
-    candidates = sorted(glob.glob(POSTGRES_BIN_GLOB), key=lambda path: int(Path(path).parent.name)
-                        if Path(path).parent.name.isdigit() else 0)
+    candidates = sorted(
+        glob.glob(POSTGRES_BIN_GLOB),
+        key=lambda path: int(Path(path).parent.name) if Path(path).parent.name.isdigit() else 0,
+    )
     found = [Path(path) for path in candidates if (Path(path) / "initdb").exists()]
     return found[-1] if found else None
 
@@ -99,8 +102,10 @@ def postgres_server_url() -> Iterator[str]:
         return
     bin_dir = _postgres_bin_dir()
     if bin_dir is None:
-        message = (f"no PostgreSQL server binaries ({POSTGRES_BIN_GLOB}/initdb): install Debian's `postgresql` "
-                   f"package or set {POSTGRES_URL_ENV}")
+        message = (
+            f"no PostgreSQL server binaries ({POSTGRES_BIN_GLOB}/initdb): install Debian's `postgresql` "
+            f"package or set {POSTGRES_URL_ENV}"
+        )
         if _running_in_ci():
             pytest.fail(message)
         pytest.skip(message)
@@ -110,13 +115,31 @@ def postgres_server_url() -> Iterator[str]:
         shutil.chown(base_dir, POSTGRES_OS_USER, POSTGRES_OS_USER)
     data_dir = base_dir / "data"
     port = _free_loopback_port()
-    _run([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-         "initdb")
+    _run(
+        [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        "initdb",
+    )
     # Durability settings off: a test server's data dies with the session anyway.
-    server_options = (f"-p {port} -k {base_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                      "-c synchronous_commit=off -c full_page_writes=off")
-    _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(base_dir / "server.log"), "-o", server_options,
-          "-w", "-t", str(POSTGRES_START_TIMEOUT_S), "start"], "pg_ctl start")
+    server_options = (
+        f"-p {port} -k {base_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c synchronous_commit=off -c full_page_writes=off"
+    )
+    _run(
+        [
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data_dir),
+            "-l",
+            str(base_dir / "server.log"),
+            "-o",
+            server_options,
+            "-w",
+            "-t",
+            str(POSTGRES_START_TIMEOUT_S),
+            "start",
+        ],
+        "pg_ctl start",
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
@@ -188,17 +211,27 @@ def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
     held = frozenset(transfers[-LOG_HELD_TRANSFER_COUNT:])
     log = decide(commands, settings.partitions, hold_legs_of=held)
     publish(settings, log, aborted_transaction_after=(log.event_count + log.outcome_count) // 2)
-    return PublishedLog(settings, commands, frozenset(log.in_flight),
-                        read_back(settings, settings.events_topic, decode_event),
-                        read_back(settings, settings.outcomes_topic, decode_outcome))
+    return PublishedLog(
+        settings,
+        commands,
+        frozenset(log.in_flight),
+        read_back(settings, settings.events_topic, decode_event),
+        read_back(settings, settings.outcomes_topic, decode_outcome),
+    )
 
 
 def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) -> dict[int, list[tuple[int, Any]]]:
     """Every record a read_committed reader finds in `topic`, per partition, with its offset."""
-    consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
-                         "group.id": f"{settings.topic_prefix}test-reader",
-                         "isolation.level": "read_committed", "enable.partition.eof": True,
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            **kafka_security("admin"),
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": f"{settings.topic_prefix}test-reader",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
     try:
         partitions = range(len(consumer.list_topics(topic, timeout=KAFKA_READ_TIMEOUT_S).topics[topic].partitions))
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in partitions])
@@ -223,8 +256,9 @@ def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) ->
         consumer.close()
 
 
-def consume_until_caught_up(store: ReadModelStore, settings: Settings, batch_size_max: int = 1_000,
-                            steps_max: int | None = None) -> None:
+def consume_until_caught_up(
+    store: ReadModelStore, settings: Settings, batch_size_max: int = 1_000, steps_max: int | None = None
+) -> None:
     """Runs the read-model consumer in-process until its lag is 0 (or `steps_max` batches)."""
     consumer = ReadModelConsumer(store, settings, batch_size_max, batch_wait_ms=50)
     store.create_schema()
@@ -258,14 +292,34 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
                 continue
             account = state.accounts[event.account_id]
             # Exactly the events with a sign move an amount.
-            amount_minor = (_AMOUNT_SIGN[type(event)] * canonical_minor(event.amount, account.currency)
-                            if isinstance(event, _AMOUNT_EVENTS) else 0)
+            amount_minor = (
+                _AMOUNT_SIGN[type(event)] * canonical_minor(event.amount, account.currency)
+                if isinstance(event, _AMOUNT_EVENTS)
+                else 0
+            )
             counterparty = getattr(event, "to_account", None) or getattr(event, "from_account", None)
-            entries.append((event.account_id, event.seq, event.transaction_id, event_type(event), amount_minor,
-                            account.balance_minor, counterparty, event.ts_ms))
+            entries.append(
+                (
+                    event.account_id,
+                    event.seq,
+                    event.transaction_id,
+                    event_type(event),
+                    amount_minor,
+                    account.balance_minor,
+                    counterparty,
+                    event.ts_ms,
+                )
+            )
         for account_id, account in state.accounts.items():
-            accounts[account_id] = (account_id, account.currency, account.kind, account.status, account.balance_minor,
-                                    account.seq, getattr(account, "owner", ""))
+            accounts[account_id] = (
+                account_id,
+                account.currency,
+                account.kind,
+                account.status,
+                account.balance_minor,
+                account.seq,
+                getattr(account, "owner", ""),
+            )
     return {"accounts": sorted(accounts.values()), "entries": sorted(entries)}
 
 
@@ -306,5 +360,10 @@ def stored_transactions(store: ReadModelStore) -> dict[tuple[str, str], tuple[st
 
 
 _AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
-_AMOUNT_SIGN: dict[type, int] = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1,
-                                 TransferRefunded: 1}
+_AMOUNT_SIGN: dict[type, int] = {
+    Deposited: 1,
+    Withdrawn: -1,
+    TransferDebited: -1,
+    TransferCredited: 1,
+    TransferRefunded: 1,
+}

@@ -2,6 +2,7 @@
 processor and the read model: 401 and 403 publish nothing, every command carries its caller as
 actor, users read only what they own, the bank deposits, the operator freezes, the auditor reads
 everything and moves nothing, and a burst over the rate limit gets 429 and then recovers."""
+
 from __future__ import annotations
 
 import base64
@@ -65,8 +66,13 @@ def readmodel_db(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def api(wallet_settings: Settings, processor: ProcessorProcess, readmodel_db: str) -> Iterator[httpx.Client]:
-    app = create_app(wallet_settings, ApiOptions(request_wait_ms=REQUEST_WAIT_MS), readmodel_db=readmodel_db,
-                     auth=auth_config(), rate_limits=RateLimits(rate_per_s=1000, burst=1000))
+    app = create_app(
+        wallet_settings,
+        ApiOptions(request_wait_ms=REQUEST_WAIT_MS),
+        readmodel_db=readmodel_db,
+        auth=auth_config(),
+        rate_limits=RateLimits(rate_per_s=1000, burst=1000),
+    )
     with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
         yield client
 
@@ -97,9 +103,13 @@ class Caller:
 
 @pytest.fixture(scope="module")
 def people(api: httpx.Client) -> dict[str, Caller]:
-    return {"alice": Caller(api, _id("alice"), "wallet:user"), "bob": Caller(api, _id("bob"), "wallet:user"),
-            "bank": Caller(api, _id("bank"), "wallet:bank"), "operator": Caller(api, _id("ops"), "wallet:operator"),
-            "auditor": Caller(api, _id("audit"), "wallet:audit")}
+    return {
+        "alice": Caller(api, _id("alice"), "wallet:user"),
+        "bob": Caller(api, _id("bob"), "wallet:user"),
+        "bank": Caller(api, _id("bank"), "wallet:bank"),
+        "operator": Caller(api, _id("ops"), "wallet:operator"),
+        "auditor": Caller(api, _id("audit"), "wallet:audit"),
+    }
 
 
 def _open(owner: Caller, bank: Caller, funds: str | None = None) -> str:
@@ -114,9 +124,12 @@ def _open(owner: Caller, bank: Caller, funds: str | None = None) -> str:
 def _commands_end_offsets(settings: Settings) -> list[int]:
     consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": _id("watermarks")})
     try:
-        return [consumer.get_watermark_offsets(TopicPartition(settings.commands_topic, partition),
-                                               timeout=WATERMARK_TIMEOUT_S, cached=False)[1]
-                for partition in range(settings.partitions)]
+        return [
+            consumer.get_watermark_offsets(
+                TopicPartition(settings.commands_topic, partition), timeout=WATERMARK_TIMEOUT_S, cached=False
+            )[1]
+            for partition in range(settings.partitions)
+        ]
     finally:
         consumer.close()
 
@@ -125,8 +138,14 @@ def _logged_command(settings: Settings, account_id: str, transaction_id: str):
     """The client command with this transaction id on the account's partition of wallet.commands."""
     partition = partition_for(account_id, settings.partitions)
     end = _commands_end_offsets(settings)[partition]
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": _id("reader"),
-                         "isolation.level": "read_committed", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": _id("reader"),
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(settings.commands_topic, partition, 0)])
     deadline_s = time.monotonic() + LOG_READ_TIMEOUT_S
     try:
@@ -146,6 +165,7 @@ def _logged_command(settings: Settings, account_id: str, transaction_id: str):
 
 # -- authentication: nothing without a valid token reaches Kafka --------------------------------
 
+
 def _bad_headers() -> dict[str, dict[str, str]]:
     now_s = time.time()
     return {
@@ -155,20 +175,28 @@ def _bad_headers() -> dict[str, dict[str, str]]:
         "bad signature": {"Authorization": f"Bearer {issue_token('another-' + 'x' * 40, 'alice', 'wallet:user')}"},
         "expired": {"Authorization": f"Bearer {token('alice', 'wallet:user', ttl_s=60, now_s=now_s - 3600)}"},
         "not yet valid": {"Authorization": f"Bearer {token('alice', 'wallet:user', not_before_s=now_s + 3600)}"},
-        "no sub": {"Authorization": "Bearer " + jwt.encode({"scope": "wallet:user", "exp": int(now_s) + 60},
-                                                           TEST_SECRET, algorithm="HS256")},
-        "alg none": {"Authorization": "Bearer " + jwt.encode({"sub": "alice", "scope": "wallet:user",
-                                                              "exp": int(now_s) + 60}, "", algorithm="none")},
+        "no sub": {
+            "Authorization": "Bearer "
+            + jwt.encode({"scope": "wallet:user", "exp": int(now_s) + 60}, TEST_SECRET, algorithm="HS256")
+        },
+        "alg none": {
+            "Authorization": "Bearer "
+            + jwt.encode({"sub": "alice", "scope": "wallet:user", "exp": int(now_s) + 60}, "", algorithm="none")
+        },
     }
 
 
-def test_requests_without_a_valid_token_get_401_and_publish_nothing(api: httpx.Client,
-                                                                   wallet_settings: Settings) -> None:
+def test_requests_without_a_valid_token_get_401_and_publish_nothing(
+    api: httpx.Client, wallet_settings: Settings
+) -> None:
     before = _commands_end_offsets(wallet_settings)
     body = {"from_account": "a", "to_account": "b", "amount": "1.00", "currency": "USD", "transaction_id": _id("t")}
     for what, headers in _bad_headers().items():
-        for method, path, payload in (("POST", TRANSFER_PATH, body), ("GET", "/v1/accounts/a", None),
-                                      ("GET", "/v1/transactions/t", None)):
+        for method, path, payload in (
+            ("POST", TRANSFER_PATH, body),
+            ("GET", "/v1/accounts/a", None),
+            ("GET", "/v1/transactions/t", None),
+        ):
             response = api.request(method, path, json=payload, headers=headers)
             assert response.status_code == 401, (what, path, response.text)
             assert response.headers["www-authenticate"].startswith("Bearer"), what
@@ -177,14 +205,19 @@ def test_requests_without_a_valid_token_get_401_and_publish_nothing(api: httpx.C
 
 
 def test_a_valid_token_without_the_scope_gets_403_and_publishes_nothing(
-        api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings) -> None:
+    api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings
+) -> None:
     alice, bank, operator = people["alice"], people["bank"], people["operator"]
     money = {"amount": "1.00", "currency": "USD"}
     refused = [
-        (alice, "/v1/accounts/x/deposit", money), (alice, "/v1/accounts/x/freeze", {}),
-        (alice, "/v1/accounts/x/close", {}), (bank, TRANSFER_PATH, {"from_account": "x", "to_account": "y", **money}),
-        (bank, "/v1/accounts", {"account_id": "x", "currency": "USD"}), (bank, "/v1/accounts/x/unfreeze", {}),
-        (operator, "/v1/accounts/x/deposit", money), (operator, "/v1/accounts/x/withdraw", money),
+        (alice, "/v1/accounts/x/deposit", money),
+        (alice, "/v1/accounts/x/freeze", {}),
+        (alice, "/v1/accounts/x/close", {}),
+        (bank, TRANSFER_PATH, {"from_account": "x", "to_account": "y", **money}),
+        (bank, "/v1/accounts", {"account_id": "x", "currency": "USD"}),
+        (bank, "/v1/accounts/x/unfreeze", {}),
+        (operator, "/v1/accounts/x/deposit", money),
+        (operator, "/v1/accounts/x/withdraw", money),
         (operator, TRANSFER_PATH, {"from_account": "x", "to_account": "y", **money}),
     ]
     before = _commands_end_offsets(wallet_settings)
@@ -196,7 +229,8 @@ def test_a_valid_token_without_the_scope_gets_403_and_publishes_nothing(
 
 
 def test_the_auditor_reads_everything_and_moves_nothing(
-        api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str) -> None:
+    api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str
+) -> None:
     alice, bob, bank, auditor = people["alice"], people["bob"], people["bank"], people["auditor"]
     accounts = [_open(alice, bank, "5.00"), _open(bob, bank, "7.00")]
     with ReadModelStore(readmodel_db) as store:
@@ -205,25 +239,33 @@ def test_the_auditor_reads_everything_and_moves_nothing(
     assert all(auditor.get(f"/v1/accounts/{a}/transactions").status_code == 200 for a in accounts)
     before = _commands_end_offsets(wallet_settings)
     money = {"amount": "1.00", "currency": "USD"}
-    for path, body in ((TRANSFER_PATH, {"from_account": accounts[0], "to_account": accounts[1], **money}),
-                       ("/v1/accounts", {"account_id": _id("audit-acct"), "currency": "USD"}),
-                       (f"/v1/accounts/{accounts[0]}/deposit", money), (f"/v1/accounts/{accounts[0]}/withdraw", money),
-                       (f"/v1/accounts/{accounts[0]}/freeze", {}), (f"/v1/accounts/{accounts[0]}/close", {})):
+    for path, body in (
+        (TRANSFER_PATH, {"from_account": accounts[0], "to_account": accounts[1], **money}),
+        ("/v1/accounts", {"account_id": _id("audit-acct"), "currency": "USD"}),
+        (f"/v1/accounts/{accounts[0]}/deposit", money),
+        (f"/v1/accounts/{accounts[0]}/withdraw", money),
+        (f"/v1/accounts/{accounts[0]}/freeze", {}),
+        (f"/v1/accounts/{accounts[0]}/close", {}),
+    ):
         assert auditor.post(path, body).status_code == 403, path
     assert _commands_end_offsets(wallet_settings) == before
 
 
 # -- authorization: the caller is the actor; users move only their own money ------------------------
 
+
 def test_every_command_carries_the_token_subject_as_actor_and_the_scope_as_role(
-        api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings) -> None:
+    api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings
+) -> None:
     alice, bank, operator = people["alice"], people["bank"], people["operator"]
     account = _id("actor-acct")
     opening = alice.post("/v1/accounts", {"account_id": account, "currency": "USD", "actor": "mallory"})
     assert (opening.status_code, opening.json()["errors"][0]["reason"]) == (422, "unknown_field")
-    steps = [(alice, "/v1/accounts", {"account_id": account, "currency": "USD"}, "user"),
-             (bank, f"/v1/accounts/{account}/deposit", {"amount": "3.00", "currency": "USD"}, "bank"),
-             (operator, f"/v1/accounts/{account}/freeze", {}, "operator")]
+    steps = [
+        (alice, "/v1/accounts", {"account_id": account, "currency": "USD"}, "user"),
+        (bank, f"/v1/accounts/{account}/deposit", {"amount": "3.00", "currency": "USD"}, "bank"),
+        (operator, f"/v1/accounts/{account}/freeze", {}, "operator"),
+    ]
     for caller, path, body, role in steps:
         transaction_id = _id("actor-tx")
         assert caller.command(path, {**body, "transaction_id": transaction_id})["status"] == "success"
@@ -231,15 +273,18 @@ def test_every_command_carries_the_token_subject_as_actor_and_the_scope_as_role(
         assert (logged.actor, logged.role) == (caller.sub, role)
 
 
-def test_the_bank_deposits_and_the_operator_freezes(api: httpx.Client, people: dict[str, Caller],
-                                                    wallet_settings: Settings, readmodel_db: str) -> None:
+def test_the_bank_deposits_and_the_operator_freezes(
+    api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str
+) -> None:
     alice, bank, operator = people["alice"], people["bank"], people["operator"]
     account = _open(alice, bank, "10.00")
     withdrawn = bank.command(f"/v1/accounts/{account}/withdraw", {"amount": "1.00", "currency": "USD"})
     assert withdrawn["status"] == "success"
     assert operator.command(f"/v1/accounts/{account}/freeze", {})["status"] == "success"
-    frozen = alice.command(TRANSFER_PATH, {"from_account": account, "to_account": _open(people["bob"], bank),
-                                           "amount": "1.00", "currency": "USD"})
+    frozen = alice.command(
+        TRANSFER_PATH,
+        {"from_account": account, "to_account": _open(people["bob"], bank), "amount": "1.00", "currency": "USD"},
+    )
     assert (frozen["status"], frozen["reason"]) == ("failure", "account_frozen")
     with ReadModelStore(readmodel_db) as store:
         consume_until_caught_up(store, wallet_settings)
@@ -248,16 +293,20 @@ def test_the_bank_deposits_and_the_operator_freezes(api: httpx.Client, people: d
 
 
 def test_a_user_moves_money_to_anyone_but_out_of_its_own_accounts_only(
-        api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings) -> None:
+    api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings
+) -> None:
     alice, bob, bank = people["alice"], people["bob"], people["bank"]
     alices, bobs = _open(alice, bank, "10.00"), _open(bob, bank, "10.00")
-    paid = alice.command(TRANSFER_PATH, {"from_account": alices, "to_account": bobs, "amount": "2.00",
-                                         "currency": "USD"})
+    paid = alice.command(
+        TRANSFER_PATH, {"from_account": alices, "to_account": bobs, "amount": "2.00", "currency": "USD"}
+    )
     assert paid["status"] == "success"
     core_decides = hasattr(Reason, "NOT_AUTHORIZED")  # contract v2's core refuses a debit by a non-owner
-    for path, body in ((TRANSFER_PATH, {"from_account": bobs, "to_account": alices}),
-                       (TRANSFER_PATH, {"from_account": bobs, "to_account": alices, "merchant_payment": True}),
-                       (f"/v1/accounts/{bobs}/withdraw", {})):
+    for path, body in (
+        (TRANSFER_PATH, {"from_account": bobs, "to_account": alices}),
+        (TRANSFER_PATH, {"from_account": bobs, "to_account": alices, "merchant_payment": True}),
+        (f"/v1/accounts/{bobs}/withdraw", {}),
+    ):
         transaction_id = _id("steal")
         response = alice.post(path, {"amount": "1.00", "currency": "USD", "transaction_id": transaction_id, **body})
         assert response.status_code == 200, response.text
@@ -268,12 +317,24 @@ def test_a_user_moves_money_to_anyone_but_out_of_its_own_accounts_only(
 
 
 def test_a_user_cannot_read_another_users_account_history_or_requests(
-        api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str) -> None:
+    api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str
+) -> None:
     alice, bob, bank = people["alice"], people["bob"], people["bank"]
     alices, bobs = _open(alice, bank, "4.00"), _open(bob, bank, "4.00")
     transaction_id = _id("bobs-tx")
-    assert bob.command(TRANSFER_PATH, {"from_account": bobs, "to_account": alices, "amount": "1.00",
-                                       "currency": "USD", "transaction_id": transaction_id})["status"] == "success"
+    assert (
+        bob.command(
+            TRANSFER_PATH,
+            {
+                "from_account": bobs,
+                "to_account": alices,
+                "amount": "1.00",
+                "currency": "USD",
+                "transaction_id": transaction_id,
+            },
+        )["status"]
+        == "success"
+    )
     with ReadModelStore(readmodel_db) as store:
         consume_until_caught_up(store, wallet_settings)
     assert alice.get(f"/v1/accounts/{alices}").json()["balance"] == "5.00"
@@ -290,10 +351,16 @@ def test_a_user_cannot_read_another_users_account_history_or_requests(
 
 # -- rate limits ----------------------------------------------------------------------------------
 
-def test_a_burst_over_the_rate_limit_gets_429_and_recovers_after_retry_after(wallet_settings: Settings,
-                                                                             tmp_path: Path) -> None:
-    app = create_app(wallet_settings, readmodel_db=f"sqlite:///{tmp_path / 'rm.db'}", auth=auth_config(),
-                     rate_limits=RateLimits(rate_per_s=1, burst=5))
+
+def test_a_burst_over_the_rate_limit_gets_429_and_recovers_after_retry_after(
+    wallet_settings: Settings, tmp_path: Path
+) -> None:
+    app = create_app(
+        wallet_settings,
+        readmodel_db=f"sqlite:///{tmp_path / 'rm.db'}",
+        auth=auth_config(),
+        rate_limits=RateLimits(rate_per_s=1, burst=5),
+    )
     headers, other = bearer("bursty", "wallet:user"), bearer("calm", "wallet:user")
     with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
         statuses = [client.get("/v1/transactions/t-1", headers=headers).status_code for _ in range(8)]
@@ -329,6 +396,7 @@ def test_a_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
 
 # -- keys of an external identity provider ---------------------------------------------------------
 
+
 def _claims(**extra) -> dict:
     return {"sub": "idp-user", "scope": "wallet:user wallet:audit", "exp": int(time.time()) + 60, **extra}
 
@@ -345,8 +413,11 @@ def _hs256_by_hand(claims: dict, key: bytes) -> str:
 
 def test_an_rs256_token_verifies_with_the_configured_public_key_and_hs256_cannot_impersonate_it() -> None:
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    public_pem = (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     verifier = TokenVerifier(AuthConfig(enabled=True, public_key=public_pem, audience="wallet"))
     signed = jwt.encode(_claims(aud="wallet"), private_key, algorithm="RS256")
     principal = verifier.principal(f"Bearer {signed}")
@@ -380,8 +451,9 @@ def test_an_es256_token_verifies_with_a_key_from_the_identity_providers_jwks_url
         verifier = TokenVerifier(AuthConfig(enabled=True, jwks_url=f"http://127.0.0.1:{server.server_port}/jwks"))
         signed = jwt.encode(_claims(), private_key, algorithm="ES256", headers={"kid": "k1"})
         assert verifier.principal(f"Bearer {signed}").sub == "idp-user"
-        unknown = jwt.encode(_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
-                             headers={"kid": "k2"})
+        unknown = jwt.encode(
+            _claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": "k2"}
+        )
         with pytest.raises(AuthError):
             verifier.principal(f"Bearer {unknown}")
     finally:

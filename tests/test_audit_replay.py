@@ -8,6 +8,7 @@ the reference pipeline and written to real topics. Each tampered copy changes on
 is written to fresh topics. The logs are written in one Kafka transaction, so an event's
 offset is its position in its partition's list.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,9 +60,18 @@ def _pick_accounts() -> dict[str, str]:
     for name in names:
         by_partition.setdefault(partition_for(name, PARTITIONS), []).append(name)
     first, second, third = by_partition[0], by_partition[1], by_partition[2]
-    return {"alice": first[0], "bob": first[1], "carol": second[0], "euro": third[0], "frozen": second[1],
-            "shop": third[1], "inflight_src": first[2], "inflight_dst": second[2], "refund_src": third[2],
-            "ghost": "acct-never-opened"}
+    return {
+        "alice": first[0],
+        "bob": first[1],
+        "carol": second[0],
+        "euro": third[0],
+        "frozen": second[1],
+        "shop": third[1],
+        "inflight_src": first[2],
+        "inflight_dst": second[2],
+        "refund_src": third[2],
+        "ghost": "acct-never-opened",
+    }
 
 
 ACCOUNTS = _pick_accounts()
@@ -74,45 +84,122 @@ def _scenario() -> list:
     def t() -> int:
         return next(ts)
 
-    conflict_source = edge(Transfer, transaction_id="t-a-c", from_account=a["alice"], to_account=a["carol"],
-                               amount="7.50", currency="USD")
-    commands: list[Command | Record] = [edge(OpenAccount, transaction_id=f"open-{role}", account_id=a[role],
-                            currency="EUR" if role == "euro" else "USD", kind="merchant" if role == "shop" else "user")
-                for role in ("alice", "bob", "carol", "euro", "frozen", "shop", "inflight_src", "inflight_dst",
-                             "refund_src")]
-    commands += [edge(Deposit, transaction_id=f"fund-{role}", account_id=a[role], amount=amount,
-                         currency="EUR" if role == "euro" else "USD")
-                 for role, amount in (("alice", "100.00"), ("bob", "50.00"), ("carol", "20.00"), ("euro", "30.00"),
-                                      ("frozen", "10.00"), ("inflight_src", "40.00"), ("refund_src", "25.00"))]
+    conflict_source = edge(
+        Transfer, transaction_id="t-a-c", from_account=a["alice"], to_account=a["carol"], amount="7.50", currency="USD"
+    )
+    commands: list[Command | Record] = [
+        edge(
+            OpenAccount,
+            transaction_id=f"open-{role}",
+            account_id=a[role],
+            currency="EUR" if role == "euro" else "USD",
+            kind="merchant" if role == "shop" else "user",
+        )
+        for role in ("alice", "bob", "carol", "euro", "frozen", "shop", "inflight_src", "inflight_dst", "refund_src")
+    ]
+    commands += [
+        edge(
+            Deposit,
+            transaction_id=f"fund-{role}",
+            account_id=a[role],
+            amount=amount,
+            currency="EUR" if role == "euro" else "USD",
+        )
+        for role, amount in (
+            ("alice", "100.00"),
+            ("bob", "50.00"),
+            ("carol", "20.00"),
+            ("euro", "30.00"),
+            ("frozen", "10.00"),
+            ("inflight_src", "40.00"),
+            ("refund_src", "25.00"),
+        )
+    ]
     commands += [
         edge(Withdraw, transaction_id="w-alice", account_id=a["alice"], amount="10.00", currency="USD"),
-        edge(Transfer, transaction_id="t-a-b", from_account=a["alice"], to_account=a["bob"], amount="5.00",
-                 currency="USD"),  # within one partition
+        edge(
+            Transfer,
+            transaction_id="t-a-b",
+            from_account=a["alice"],
+            to_account=a["bob"],
+            amount="5.00",
+            currency="USD",
+        ),  # within one partition
         conflict_source,  # across partitions
-        edge(Transfer, transaction_id="t-b-a", from_account=a["bob"], to_account=a["alice"], amount="1.00",
-                 currency="USD"),
+        edge(
+            Transfer,
+            transaction_id="t-b-a",
+            from_account=a["bob"],
+            to_account=a["alice"],
+            amount="1.00",
+            currency="USD",
+        ),
         edge(Freeze, transaction_id="freeze", account_id=a["frozen"]),
-        edge(Transfer, transaction_id="t-to-frozen", from_account=a["carol"], to_account=a["frozen"],
-                 amount="2.00", currency="USD"),
-        edge(Transfer, transaction_id="t-to-euro", from_account=a["alice"], to_account=a["euro"],
-                 amount="3.00", currency="USD"),
-        edge(Transfer, transaction_id="t-too-much", from_account=a["carol"], to_account=a["alice"],
-                 amount="1000.00", currency="USD"),
+        edge(
+            Transfer,
+            transaction_id="t-to-frozen",
+            from_account=a["carol"],
+            to_account=a["frozen"],
+            amount="2.00",
+            currency="USD",
+        ),
+        edge(
+            Transfer,
+            transaction_id="t-to-euro",
+            from_account=a["alice"],
+            to_account=a["euro"],
+            amount="3.00",
+            currency="USD",
+        ),
+        edge(
+            Transfer,
+            transaction_id="t-too-much",
+            from_account=a["carol"],
+            to_account=a["alice"],
+            amount="1000.00",
+            currency="USD",
+        ),
         conflict_source,  # a client retry: the first answer again
         msgspec.structs.replace(conflict_source, amount="8.00"),  # same id, other payload
-        edge(PayMerchant, transaction_id="pay-shop", from_account=a["alice"], to_account=a["shop"],
-                    amount="4.00", currency="USD"),
-        edge(PayMerchant, transaction_id="pay-bob", from_account=a["alice"], to_account=a["bob"],
-                    amount="1.00", currency="USD"),  # not a merchant: refunded
+        edge(
+            PayMerchant,
+            transaction_id="pay-shop",
+            from_account=a["alice"],
+            to_account=a["shop"],
+            amount="4.00",
+            currency="USD",
+        ),
+        edge(
+            PayMerchant,
+            transaction_id="pay-bob",
+            from_account=a["alice"],
+            to_account=a["bob"],
+            amount="1.00",
+            currency="USD",
+        ),  # not a merchant: refunded
         edge(Withdraw, transaction_id="w-bob-too-much", account_id=a["bob"], amount="1000.00", currency="USD"),
         raw_command(a["alice"], b'{"type": "deposit", "not": "a command"}'),
         # A deposit for carol keyed by alice: lands on alice's partition, which does not own carol.
-        raw_command(a["alice"], encode(edge(Deposit, transaction_id="misrouted", account_id=a["carol"],
-                                               amount="1.00", currency="USD"))),
-        edge(Transfer, transaction_id="t-refund", from_account=a["refund_src"], to_account=a["ghost"],
-                 amount="5.00", currency="USD"),
-        edge(Transfer, transaction_id="t-inflight", from_account=a["inflight_src"],
-                 to_account=a["inflight_dst"], amount="6.00", currency="USD"),
+        raw_command(
+            a["alice"],
+            encode(edge(Deposit, transaction_id="misrouted", account_id=a["carol"], amount="1.00", currency="USD")),
+        ),
+        edge(
+            Transfer,
+            transaction_id="t-refund",
+            from_account=a["refund_src"],
+            to_account=a["ghost"],
+            amount="5.00",
+            currency="USD",
+        ),
+        edge(
+            Transfer,
+            transaction_id="t-inflight",
+            from_account=a["inflight_src"],
+            to_account=a["inflight_dst"],
+            amount="6.00",
+            currency="USD",
+        ),
     ]
     return commands
 
@@ -144,11 +231,25 @@ def _write_aborted_forgery(settings, log: ReferenceLog) -> None:
     """A deposit continuing alice's sequence, written in a transaction that is aborted: a
     read_committed reader must never see it."""
     partition, _, last = [item for item in _events_of(log, ACCOUNTS["alice"]) if hasattr(item[2], "seq")][-1]
-    forged = Deposited(account_id=last.account_id, transaction_id="aborted-forgery", ts_ms=last.ts_ms,
-                       command="deposit", actor="bank", digest="0" * 24, seq=last.seq + 1, amount="1000.00",
-                       currency="USD", balance="99999.00")
-    producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
-                         "transactional.id": f"{settings.topic_prefix}forger-{uuid.uuid4().hex[:6]}"})
+    forged = Deposited(
+        account_id=last.account_id,
+        transaction_id="aborted-forgery",
+        ts_ms=last.ts_ms,
+        command="deposit",
+        actor="bank",
+        digest="0" * 24,
+        seq=last.seq + 1,
+        amount="1000.00",
+        currency="USD",
+        balance="99999.00",
+    )
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "partitioner": KAFKA_PARTITIONER,
+            "transactional.id": f"{settings.topic_prefix}forger-{uuid.uuid4().hex[:6]}",
+        }
+    )
     producer.init_transactions(30)
     producer.begin_transaction()
     producer.produce(settings.events_topic, encode(forged), last.account_id.encode(), partition)
@@ -160,8 +261,11 @@ def _events_of(log: ReferenceLog, account_id: str) -> list[tuple[int, int, Any]]
     """(partition, position, event) of every event of an account, in log order. The event is Any:
     the tests pick events by their fields (hasattr), which mypy cannot follow through the tuple."""
     partition = partition_for(account_id, log.partition_count)
-    return [(partition, position, event) for position, record in enumerate(log.events[partition])
-            if (event := decode_event(record.value)).account_id == account_id]
+    return [
+        (partition, position, event)
+        for position, record in enumerate(log.events[partition])
+        if (event := decode_event(record.value)).account_id == account_id
+    ]
 
 
 def _tampered(log: ReferenceLog) -> ReferenceLog:
@@ -182,8 +286,12 @@ def _only(report, kind: str):
 
 
 def test_clean_log_passes_every_check_and_proves_the_totals(clean_settings, clean_log):
-    dump = {"partitions": {str(p): {"events_offset": len(clean_log.events[p]),
-                                    "accounts": accounts_view(clean_log.states[p])} for p in range(PARTITIONS)}}
+    dump = {
+        "partitions": {
+            str(p): {"events_offset": len(clean_log.events[p]), "accounts": accounts_view(clean_log.states[p])}
+            for p in range(PARTITIONS)
+        }
+    }
     report = run_audit(clean_settings, state_dumps=[dump], settled=True)
 
     assert report.passed, report.render_text()
@@ -205,10 +313,17 @@ def test_cli_exit_code_and_json_report(clean_settings, tmp_path, capsys):
     assert document["passed"] and document["violation_count"] == 0 and document["events_replayed"] > 0
     # Who moved money: every money event, with its actor.
     movements = document["movements"]
-    assert {movement["type"] for movement in movements} == {"deposited", "withdrawn", "transfer_debited",
-                                                            "transfer_credited", "transfer_refunded"}
-    assert all(set(movement) >= {"account_id", "transaction_id", "amount", "currency", "actor", "offset"}
-               for movement in movements)
+    assert {movement["type"] for movement in movements} == {
+        "deposited",
+        "withdrawn",
+        "transfer_debited",
+        "transfer_credited",
+        "transfer_refunded",
+    }
+    assert all(
+        set(movement) >= {"account_id", "transaction_id", "amount", "currency", "actor", "offset"}
+        for movement in movements
+    )
 
     dump_file = tmp_path / "dump.json"
     dump_file.write_text(json.dumps({"partitions": {"0": {"events_offset": 1, "accounts": {}}}}))
@@ -221,20 +336,35 @@ def test_cli_exit_code_and_json_report(clean_settings, tmp_path, capsys):
 
 def test_forged_credit_without_debit_is_named(make_settings, clean_log):
     log = _tampered(clean_log)
-    partition, position, last = next(item for item in reversed(_events_of(log, ACCOUNTS["bob"]))
-                                     if hasattr(item[2], "balance"))
+    partition, position, last = next(
+        item for item in reversed(_events_of(log, ACCOUNTS["bob"])) if hasattr(item[2], "balance")
+    )
     balance_minor = canonical_balance_minor(last.balance, "USD") + 50_000
-    forged = TransferCredited(account_id=last.account_id, transaction_id="forged-credit", ts_ms=last.ts_ms,
-                              command="credit_leg", actor=ACCOUNTS["carol"], digest="f" * 24, seq=last.seq + 1,
-                              amount="500.00", currency="USD", balance=format_amount(balance_minor, "USD"),
-                              from_account=ACCOUNTS["carol"], issued_ms=last.ts_ms)
+    forged = TransferCredited(
+        account_id=last.account_id,
+        transaction_id="forged-credit",
+        ts_ms=last.ts_ms,
+        command="credit_leg",
+        actor=ACCOUNTS["carol"],
+        digest="f" * 24,
+        seq=last.seq + 1,
+        amount="500.00",
+        currency="USD",
+        balance=format_amount(balance_minor, "USD"),
+        from_account=ACCOUNTS["carol"],
+        issued_ms=last.ts_ms,
+    )
     log.events[partition].insert(position + 1, _record(forged))
 
     report = run_audit(_written(make_settings, log))
 
     found = _only(report, Kind.CREDIT_WITHOUT_DEBIT)
     assert (found.partition, found.offset, found.account_id, found.transaction_id) == (
-        partition, position + 1, ACCOUNTS["bob"], "forged-credit")
+        partition,
+        position + 1,
+        ACCOUNTS["bob"],
+        "forged-credit",
+    )
     assert "500.00 created" in _only(report, Kind.CONSERVATION).message
     assert _only(report, Kind.NONDETERMINISTIC).offset == position + 1  # no command decides it
     assert _only(report, Kind.DECISION_WITHOUT_OUTCOME).transaction_id == "forged-credit"
@@ -251,7 +381,11 @@ def test_skipped_sequence_number_is_named(make_settings, clean_log):
 
     found = _only(report, Kind.SEQ_GAP)
     assert (found.partition, found.offset, found.account_id, found.transaction_id) == (
-        partition, first_position, ACCOUNTS["alice"], first.transaction_id)
+        partition,
+        first_position,
+        ACCOUNTS["alice"],
+        first.transaction_id,
+    )
     assert len(report.of_kind(Kind.SEQ_GAP)) == 1  # the events after it follow the gap: one finding
     assert not report.of_kind(Kind.BALANCE_MISMATCH) and not report.of_kind(Kind.CONSERVATION)
 
@@ -265,21 +399,30 @@ def test_duplicated_event_is_named(make_settings, clean_log):
 
     found = _only(report, Kind.SEQ_REPEATED)
     assert (found.partition, found.offset, found.account_id, found.transaction_id) == (
-        partition, position + 1, ACCOUNTS["carol"], event.transaction_id)
+        partition,
+        position + 1,
+        ACCOUNTS["carol"],
+        event.transaction_id,
+    )
     assert not report.of_kind(Kind.CONSERVATION)  # the duplicate is not folded: no money counted twice
 
 
 def test_balance_that_does_not_follow_is_named(make_settings, clean_log):
     log = _tampered(clean_log)
-    partition, position, deposit = next(item for item in _events_of(log, ACCOUNTS["alice"])
-                                        if type(item[2]) is Deposited)
+    partition, position, deposit = next(
+        item for item in _events_of(log, ACCOUNTS["alice"]) if type(item[2]) is Deposited
+    )
     log.events[partition][position] = _record(msgspec.structs.replace(deposit, balance="1100.00"))
 
     report = run_audit(_written(make_settings, log))
 
     found = _only(report, Kind.BALANCE_MISMATCH)
     assert (found.partition, found.offset, found.account_id, found.transaction_id) == (
-        partition, position, ACCOUNTS["alice"], deposit.transaction_id)
+        partition,
+        position,
+        ACCOUNTS["alice"],
+        deposit.transaction_id,
+    )
     assert len(report.of_kind(Kind.BALANCE_MISMATCH)) == 1  # the next events follow the amounts again
     assert _only(report, Kind.NONDETERMINISTIC).offset == position
 
@@ -314,8 +457,11 @@ def test_debit_without_outcome_is_in_flight_and_a_violation_only_when_settled(ma
     report = run_audit(settings)
     assert report.passed, report.render_text()
     [flying] = report.in_flight
-    assert (flying.transaction_id, flying.amount, flying.from_account) == ("t-inflight", "6.00",
-                                                                          ACCOUNTS["inflight_src"])
+    assert (flying.transaction_id, flying.amount, flying.from_account) == (
+        "t-inflight",
+        "6.00",
+        ACCOUNTS["inflight_src"],
+    )
     assert next(row for row in report.currencies if row.currency == "USD").in_flight_minor == 600
 
     settled = run_audit(settings, settled=True, check_determinism=False)
@@ -340,8 +486,9 @@ def test_failure_outcome_without_refund_is_named(make_settings, clean_log):
 
 def test_event_the_commands_do_not_reproduce_is_named(make_settings, clean_log):
     log = _tampered(clean_log)
-    partition, position, deposit = next(item for item in _events_of(log, ACCOUNTS["carol"])
-                                        if type(item[2]) is Deposited)
+    partition, position, deposit = next(
+        item for item in _events_of(log, ACCOUNTS["carol"]) if type(item[2]) is Deposited
+    )
     # One millisecond later: the fold, the sequences and the money all still agree.
     log.events[partition][position] = _record(msgspec.structs.replace(deposit, ts_ms=deposit.ts_ms + 1))
 
@@ -350,7 +497,11 @@ def test_event_the_commands_do_not_reproduce_is_named(make_settings, clean_log):
     assert report.kinds() == {Kind.NONDETERMINISTIC}
     found = report.violations[0]
     assert (found.partition, found.offset, found.account_id, found.transaction_id) == (
-        partition, position, ACCOUNTS["carol"], deposit.transaction_id)
+        partition,
+        position,
+        ACCOUNTS["carol"],
+        deposit.transaction_id,
+    )
 
 
 def test_state_dump_that_differs_from_the_fold_is_named(clean_settings, clean_log, tmp_path):
@@ -360,14 +511,15 @@ def test_state_dump_that_differs_from_the_fold_is_named(clean_settings, clean_lo
     # The dump of a processor that had folded the partition up to bob's third event, with bob's
     # balance off by one cent.
     state = State()
-    for record in clean_log.events[partition][:position + 1]:
+    for record in clean_log.events[partition][: position + 1]:
         fold(state, decode_event(record.value))
     accounts = accounts_view(state)
     true_balance = accounts[bob]["balance"]
     accounts[bob]["balance"] = format_amount(state.accounts[bob].balance_minor - 1, "USD")
     dump_file = tmp_path / "dump.json"
-    dump_file.write_text(json.dumps({"partitions": {str(partition): {"events_offset": position + 1,
-                                                                     "accounts": accounts}}}))
+    dump_file.write_text(
+        json.dumps({"partitions": {str(partition): {"events_offset": position + 1, "accounts": accounts}}})
+    )
 
     report = run_audit(clean_settings, state_dumps=[dump_file], check_determinism=False)
 
@@ -387,8 +539,9 @@ def test_read_model_is_compared_with_the_fold(clean_settings, tmp_path):
     assert run_audit(clean_settings, readmodel_db=db_url, check_determinism=False).passed
 
     with sqlite3.connect(tmp_path / "readmodel.db") as connection:
-        connection.execute("UPDATE accounts SET balance_minor = balance_minor + 1 WHERE account_id = ?",
-                           (ACCOUNTS["carol"],))
+        connection.execute(
+            "UPDATE accounts SET balance_minor = balance_minor + 1 WHERE account_id = ?", (ACCOUNTS["carol"],)
+        )
     report = run_audit(clean_settings, readmodel_db=db_url, check_determinism=False)
     found = _only(report, Kind.snapshot_mismatch("read_model"))
     assert found.account_id == ACCOUNTS["carol"] and "balance" in found.message
@@ -430,8 +583,13 @@ def test_balance_command_prints_the_balance(clean_settings, capsys):
 
 def test_reading_stops_at_an_open_transaction_without_its_records(make_settings):
     settings = make_settings(1)
-    producer = Producer({"bootstrap.servers": settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
-                         "transactional.id": f"{settings.topic_prefix}open-{uuid.uuid4().hex[:6]}"})
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "partitioner": KAFKA_PARTITIONER,
+            "transactional.id": f"{settings.topic_prefix}open-{uuid.uuid4().hex[:6]}",
+        }
+    )
     producer.init_transactions(30)
     producer.begin_transaction()
     producer.produce(settings.events_topic, b"committed", b"k", 0)

@@ -4,6 +4,7 @@ The figures of a run this small mean nothing; what is checked is that every stag
 measured something, saw every outcome it should, passed its checks, and left no topic behind.
 The Kafka Streams peer needs javac, mvn and java; its test is skipped, saying so, without them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,25 @@ def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> No
 
 @pytest.mark.timeout(180)
 def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(kafka_bootstrap: str, capsys) -> None:
-    args = _bench_args(["--bootstrap", kafka_bootstrap, "--transfers", str(TRANSFERS), "--accounts", str(ACCOUNTS),
-                        "--partitions", "4", "--seed", str(SEED), "--skip-faust", "--skip-kafka-streams",
-                        "--latency-seconds", "1", "--json"])
+    args = _bench_args(
+        [
+            "--bootstrap",
+            kafka_bootstrap,
+            "--transfers",
+            str(TRANSFERS),
+            "--accounts",
+            str(ACCOUNTS),
+            "--partitions",
+            "4",
+            "--seed",
+            str(SEED),
+            "--skip-faust",
+            "--skip-kafka-streams",
+            "--latency-seconds",
+            "1",
+            "--json",
+        ]
+    )
 
     exit_code = pipeline_bench.run(args)
 
@@ -78,8 +95,9 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
         pass
     assert ours["outcomes"] == dict(expected)
     costs = pipeline_bench.MESSAGES_OURS
-    assert ours["messages"] == 2 * ACCOUNTS * costs["setup"] + sum(costs[result] * count
-                                                                   for result, count in expected.items())
+    assert ours["messages"] == 2 * ACCOUNTS * costs["setup"] + sum(
+        costs[result] * count for result, count in expected.items()
+    )
     assert ours["transfers_per_s"] > 0 and ours["messages_per_s"] > 0
     assert ours["checks_ok"] and ours["ledger"]["problems"] == []
     assert ours["ledger"]["balances_minor"] == ours["ledger"]["money_in_minor"] > 0
@@ -95,17 +113,37 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     assert latency["sent"] > 0 and latency["answered"] == latency["sent"]
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
 
-    left = [name for name in admin_client(kafka_bootstrap).list_topics(timeout=10).topics
-            if name.startswith(report["topic_prefix"])]
+    left = [
+        name
+        for name in admin_client(kafka_bootstrap).list_topics(timeout=10).topics
+        if name.startswith(report["topic_prefix"])
+    ]
     assert left == []
 
 
 @pytest.mark.timeout(180)
 def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str, capsys) -> None:
     faust_transfers = 200
-    args = _bench_args(["--bootstrap", kafka_bootstrap, "--transfers", str(TRANSFERS), "--accounts", str(ACCOUNTS),
-                        "--partitions", "4", "--seed", str(SEED), "--faust-transfers", str(faust_transfers),
-                        "--skip-kafka-streams", "--latency-seconds", "0", "--json"])
+    args = _bench_args(
+        [
+            "--bootstrap",
+            kafka_bootstrap,
+            "--transfers",
+            str(TRANSFERS),
+            "--accounts",
+            str(ACCOUNTS),
+            "--partitions",
+            "4",
+            "--seed",
+            str(SEED),
+            "--faust-transfers",
+            str(faust_transfers),
+            "--skip-kafka-streams",
+            "--latency-seconds",
+            "0",
+            "--json",
+        ]
+    )
 
     exit_code = pipeline_bench.run(args)
 
@@ -122,18 +160,36 @@ def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str
     assert faust["outcomes"] == dict(expected)
     assert faust["transfers_per_s"] > 0 and faust["window_start"] == "first record"
     assert report["ours_over_faust"]["exactly_once"] == pytest.approx(
-        report["ours"]["transfers_per_s"] / faust["transfers_per_s"], rel=1e-2)
+        report["ours"]["transfers_per_s"] / faust["transfers_per_s"], rel=1e-2
+    )
 
 
 @pytest.mark.timeout(600)
-def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_figure(kafka_bootstrap: str,
-                                                                                     capsys) -> None:
+def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_figure(
+    kafka_bootstrap: str, capsys
+) -> None:
     missing = kafka_streams_peer.missing_tools()
     if missing:
         pytest.skip(f"the Kafka Streams peer needs {', '.join(missing)}, not on PATH here")
     transfers, accounts = 500, 50
-    args = _bench_args(["--bootstrap", kafka_bootstrap, "--transfers", str(transfers), "--accounts", str(accounts),
-                        "--partitions", "4", "--seed", str(SEED), "--skip-faust", "--latency-seconds", "0", "--json"])
+    args = _bench_args(
+        [
+            "--bootstrap",
+            kafka_bootstrap,
+            "--transfers",
+            str(transfers),
+            "--accounts",
+            str(accounts),
+            "--partitions",
+            "4",
+            "--seed",
+            str(SEED),
+            "--skip-faust",
+            "--latency-seconds",
+            "0",
+            "--json",
+        ]
+    )
 
     exit_code = pipeline_bench.run(args)
 
@@ -147,9 +203,11 @@ def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_fi
         assert stage["transfers_per_s"] > 0 and stage["checks_ok"] and stage["outcomes"] == dict(expected)
         assert stage["ledger"]["balances_minor"] == stage["ledger"]["money_in_minor"] > 0
         assert stage["ratio_to_kafka_streams"] == pytest.approx(
-            stage["transfers_per_s"] / kafka_streams["transfers_per_s"], rel=1e-2)
-        assert stage["ratio_to_ceiling"] == pytest.approx(stage["transfers_per_s"] / ceiling["transfers_per_s"],
-                                                          rel=1e-2)
+            stage["transfers_per_s"] / kafka_streams["transfers_per_s"], rel=1e-2
+        )
+        assert stage["ratio_to_ceiling"] == pytest.approx(
+            stage["transfers_per_s"] / ceiling["transfers_per_s"], rel=1e-2
+        )
     # The peer writes, event for event, what ours writes for the same input.
     assert kafka_streams["ledger"]["events"] == ours["ledger"]["events"]
     assert kafka_streams["messages"] == ours["messages"]

@@ -1,5 +1,6 @@
 """The producer library against the real broker: where commands land, delivery reports,
 back-pressure, and the outcome waiter's matching by (transaction id, digest)."""
+
 from __future__ import annotations
 
 import time
@@ -36,8 +37,14 @@ T = TypeVar("T")
 
 
 def _transfer(from_account: str, to_account: str = "receiver", amount: str = "1.00", tx: str | None = None) -> Transfer:
-    transfer = edge(Transfer, transaction_id=tx or new_transaction_id(), from_account=from_account,
-                    to_account=to_account, amount=amount, currency="USD")
+    transfer = edge(
+        Transfer,
+        transaction_id=tx or new_transaction_id(),
+        from_account=from_account,
+        to_account=to_account,
+        amount=amount,
+        currency="USD",
+    )
     assert isinstance(transfer, Transfer)  # edge builds the class it is given
     return transfer
 
@@ -49,8 +56,9 @@ def _present(answer: T | None) -> T:
 
 
 def _records(settings: Settings, topic: str, partition: int, start_offset: int, count: int) -> list:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False}
+    )
     try:
         consumer.assign([TopicPartition(topic, partition, start_offset)])
         records: list[Message] = []
@@ -85,10 +93,13 @@ def waiter(wallet_settings: Settings):
 
 
 def test_send_places_the_command_on_its_owner_accounts_partition_keyed_by_the_account(
-        wallet_settings: Settings) -> None:
+    wallet_settings: Settings,
+) -> None:
     with CommandPublisher.from_settings(wallet_settings) as publisher:
-        deliveries = {account: publisher.send(_transfer(account), DELIVERY_TIMEOUT_S)
-                      for account in (f"sender-{index}" for index in range(12))}
+        deliveries = {
+            account: publisher.send(_transfer(account), DELIVERY_TIMEOUT_S)
+            for account in (f"sender-{index}" for index in range(12))
+        }
     for account, delivery in deliveries.items():
         assert delivery.topic == wallet_settings.commands_topic
         assert delivery.partition == partition_for(account, 4)
@@ -101,7 +112,8 @@ def test_send_places_the_command_on_its_owner_accounts_partition_keyed_by_the_ac
 
 
 def test_a_batch_larger_than_the_local_queue_waits_for_room_and_arrives_complete_and_in_order(
-        wallet_settings: Settings) -> None:
+    wallet_settings: Settings,
+) -> None:
     account = f"batch-{uuid.uuid4().hex[:8]}"
     commands = [_transfer(account, tx=f"{account}-{index}") for index in range(300)]
     with CommandPublisher.from_settings(wallet_settings, queue_messages_max=16) as publisher:
@@ -120,8 +132,9 @@ def test_submitted_commands_beyond_the_queue_size_all_get_a_delivery(wallet_sett
 
 
 def test_a_full_queue_that_does_not_drain_fails_the_command_instead_of_dropping_it() -> None:
-    with CommandPublisher(_dead_bootstrap(), "wallet.commands", queue_messages_max=3,
-                          enqueue_timeout_s=0.5) as publisher:
+    with CommandPublisher(
+        _dead_bootstrap(), "wallet.commands", queue_messages_max=3, enqueue_timeout_s=0.5
+    ) as publisher:
         futures = [publisher.submit(_transfer("stuck")) for _ in range(3)]
         started_s = time.monotonic()
         with pytest.raises(BackPressureTimeout):
@@ -143,14 +156,21 @@ def test_publishing_while_no_broker_answers_fails_within_the_message_timeout() -
 
 
 def test_the_waiter_answers_each_request_with_the_outcome_of_its_own_digest(
-        wallet_settings: Settings, waiter: OutcomeWaiter) -> None:
+    wallet_settings: Settings, waiter: OutcomeWaiter
+) -> None:
     tx = new_transaction_id()
     first = waiter.expect(tx, "digest-first")
     conflicting = waiter.expect(tx, "digest-conflicting")
     _publish_outcomes(
         wallet_settings,
-        Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason=Reason.DUPLICATE_CONFLICT,
-                digest="digest-conflicting"),
+        Outcome(
+            transaction_id=tx,
+            account_id="acct",
+            actor="acct",
+            status="failure",
+            reason=Reason.DUPLICATE_CONFLICT,
+            digest="digest-conflicting",
+        ),
         Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="digest-first"),
     )
     assert _present(first.wait(OUTCOME_WAIT_S)).status == "success"
@@ -166,48 +186,79 @@ def test_the_waiter_gives_none_when_no_outcome_arrives_in_time(waiter: OutcomeWa
 
 def test_the_waiter_starts_at_the_end_of_the_topic_and_never_answers_with_history(wallet_settings: Settings) -> None:
     tx = new_transaction_id()
-    _publish_outcomes(wallet_settings, Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
-                                               reason="old", digest="d"))
+    _publish_outcomes(
+        wallet_settings,
+        Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure", reason="old", digest="d"),
+    )
     with OutcomeWaiter.from_settings(wallet_settings).start(ready_timeout_s=READY_TIMEOUT_S) as waiter:
         with waiter.expect(tx, "d") as expectation:
             assert expectation.wait(ABSENCE_WAIT_S) is None
-            _publish_outcomes(wallet_settings,
-                              Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="d"))
+            _publish_outcomes(
+                wallet_settings,
+                Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="d"),
+            )
             assert _present(expectation.wait(OUTCOME_WAIT_S)).status == "success"
 
 
 def test_the_waiter_never_answers_with_an_outcome_from_an_aborted_transaction(
-        wallet_settings: Settings, waiter: OutcomeWaiter) -> None:
+    wallet_settings: Settings, waiter: OutcomeWaiter
+) -> None:
     tx = new_transaction_id()
-    producer = Producer({"bootstrap.servers": wallet_settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
-                         "transactional.id": f"{wallet_settings.topic_prefix}outcomes-{uuid.uuid4().hex[:8]}"})
+    producer = Producer(
+        {
+            "bootstrap.servers": wallet_settings.bootstrap,
+            "partitioner": KAFKA_PARTITIONER,
+            "transactional.id": f"{wallet_settings.topic_prefix}outcomes-{uuid.uuid4().hex[:8]}",
+        }
+    )
     producer.init_transactions(DELIVERY_TIMEOUT_S)
     with waiter.expect(tx, "d") as expectation:
         producer.begin_transaction()
-        producer.produce(wallet_settings.outcomes_topic,
-                         encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
-                                        reason="aborted", digest="d")), tx)
+        producer.produce(
+            wallet_settings.outcomes_topic,
+            encode(
+                Outcome(
+                    transaction_id=tx, account_id="acct", actor="acct", status="failure", reason="aborted", digest="d"
+                )
+            ),
+            tx,
+        )
         producer.abort_transaction(DELIVERY_TIMEOUT_S)
         producer.begin_transaction()
-        producer.produce(wallet_settings.outcomes_topic,
-                         encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success",
-                                        digest="d")), tx)
+        producer.produce(
+            wallet_settings.outcomes_topic,
+            encode(Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="d")),
+            tx,
+        )
         producer.commit_transaction(DELIVERY_TIMEOUT_S)
         assert _present(expectation.wait(OUTCOME_WAIT_S)).status == "success"
 
 
 def test_the_status_cache_keeps_the_transactions_answer_despite_a_later_conflicting_request(
-        wallet_settings: Settings, waiter: OutcomeWaiter) -> None:
+    wallet_settings: Settings, waiter: OutcomeWaiter
+) -> None:
     tx = new_transaction_id()
     waiter.note_published(tx, "first")
     assert _present(waiter.status(tx)).status == "pending"
     with waiter.expect(tx, "first") as answer, waiter.expect(tx, "second") as conflict:
         _publish_outcomes(
             wallet_settings,
-            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
-                    reason=Reason.INSUFFICIENT_FUNDS, digest="first"),
-            Outcome(transaction_id=tx, account_id="acct", actor="acct", status="failure",
-                    reason=Reason.DUPLICATE_CONFLICT, digest="second"),
+            Outcome(
+                transaction_id=tx,
+                account_id="acct",
+                actor="acct",
+                status="failure",
+                reason=Reason.INSUFFICIENT_FUNDS,
+                digest="first",
+            ),
+            Outcome(
+                transaction_id=tx,
+                account_id="acct",
+                actor="acct",
+                status="failure",
+                reason=Reason.DUPLICATE_CONFLICT,
+                digest="second",
+            ),
         )
         assert answer.wait(OUTCOME_WAIT_S) is not None
         assert conflict.wait(OUTCOME_WAIT_S) is not None
@@ -248,8 +299,9 @@ def test_the_number_of_waiting_requests_is_bounded() -> None:
         waiter.close()
 
 
-@pytest.mark.parametrize(("amount", "currency", "canonical"), [("5", "USD", "5.00"), ("0.5", "BHD", "0.500"),
-                                                               ("12", "JPY", "12")])
+@pytest.mark.parametrize(
+    ("amount", "currency", "canonical"), [("5", "USD", "5.00"), ("0.5", "BHD", "0.500"), ("12", "JPY", "12")]
+)
 def test_canonical_amount_spells_a_sum_as_the_core_does(amount: str, currency: str, canonical: str) -> None:
     assert canonical_amount(amount, currency) == canonical
 
@@ -266,8 +318,10 @@ def test_a_publisher_for_failures_only_refuses_single_submits() -> None:
             publisher.submit(edge(Deposit, transaction_id="t", account_id="a", amount="1.00", currency="USD"))
 
 
-@pytest.mark.parametrize(("field", "value"), [("from_account", "bad id"), ("to_account", "-leading-dash"),
-                                              ("to_account", "x" * 65), ("transaction_id", "t/1")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("from_account", "bad id"), ("to_account", "-leading-dash"), ("to_account", "x" * 65), ("transaction_id", "t/1")],
+)
 def test_a_command_with_an_id_outside_the_contract_is_refused_naming_the_field(field: str, value: str) -> None:
     command = msgspec.structs.replace(_transfer("sender"), **{field: value})
     with CommandPublisher(_dead_bootstrap(), "wallet.commands") as publisher:

@@ -1,4 +1,5 @@
 """The client library's side of contract v2: one id rule, actor and role, and no saga legs ever."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,10 @@ from schemas.commands import (
 )
 
 
-@pytest.mark.parametrize("text", ["alice\n", "alice\r\n", "\nalice", "al ice", "", "-alice", "ali/ce", "é",
-                                  "a" * (ACCOUNT_ID_LENGTH_MAX + 1)])
+@pytest.mark.parametrize(
+    "text",
+    ["alice\n", "alice\r\n", "\nalice", "al ice", "", "-alice", "ali/ce", "é", "a" * (ACCOUNT_ID_LENGTH_MAX + 1)],
+)
 def test_ids_the_contract_refuses_are_refused_by_the_one_rule(text: str) -> None:
     # re.match with "$" accepted "alice\n" in the client library while the API refused it.
     assert not is_valid_id(text, ACCOUNT_ID_LENGTH_MAX)
@@ -40,8 +43,7 @@ def test_client_commands_carry_the_actor_and_role_given_or_the_local_edges() -> 
     opened = client_command(OpenAccount, transaction_id="t", account_id="a", currency="USD", actor="alice")
     assert isinstance(opened, OpenAccount)
     assert (opened.actor, opened.role) == ("alice", "user")
-    sent = client_command(Transfer, transaction_id="t", from_account="a", to_account="b", amount="1.00",
-                          currency="USD")
+    sent = client_command(Transfer, transaction_id="t", from_account="a", to_account="b", amount="1.00", currency="USD")
     assert isinstance(sent, Transfer)
     assert (sent.actor, sent.role) == ("a", "user")
     with pytest.raises(ValueError):
@@ -49,8 +51,16 @@ def test_client_commands_carry_the_actor_and_role_given_or_the_local_edges() -> 
 
 
 def _legs() -> list:
-    common: dict[str, Any] = dict(transaction_id="t", actor="a", issued_ms=1, from_account="a", to_account="b",
-                                  amount="1.00", currency="USD", digest="d")
+    common: dict[str, Any] = dict(
+        transaction_id="t",
+        actor="a",
+        issued_ms=1,
+        from_account="a",
+        to_account="b",
+        amount="1.00",
+        currency="USD",
+        digest="d",
+    )
     return [CreditLeg(**common), RefundLeg(**common, reason="account_frozen", debit_ms=1)]
 
 

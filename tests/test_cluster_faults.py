@@ -22,6 +22,7 @@ error; the runtime logs it per poll and runs on owning no partition, so the pipe
 drain replaces such a processor (as an operator would), the no-loss checks still run, and the
 test is then reported as xfail with the log line, instead of passing silently.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,9 +101,13 @@ def cluster(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(cluster: Settings, tmp_path_factory):
-    settings = Settings().with_overrides(kafka_bootstrap=cluster.bootstrap, topic_prefix=f"c{uuid.uuid4().hex[:8]}.",
-                                         partitions=PARTITIONS, replication_factor=NODES,
-                                         run_dir=tmp_path_factory.mktemp("cluster-pipeline"))
+    settings = Settings().with_overrides(
+        kafka_bootstrap=cluster.bootstrap,
+        topic_prefix=f"c{uuid.uuid4().hex[:8]}.",
+        partitions=PARTITIONS,
+        replication_factor=NODES,
+        run_dir=tmp_path_factory.mktemp("cluster-pipeline"),
+    )
     ensure_topics(settings, timeout_s=60)
     ts_ms = int(time.time() * 1000)
     accounts, funding = _accounts_and_funding(ts_ms)
@@ -141,6 +146,7 @@ def _renamed(command, prefix: str):
 
 # -- load and measurement ------------------------------------------------------------------------
 
+
 class SteadyLoad:
     """Offers transfers at a fixed rate on a thread until stopped; records which the cluster
     acknowledged and which failed (and why), and, on another thread, when committed outcomes arrive."""
@@ -151,19 +157,38 @@ class SteadyLoad:
         self.failed: list[tuple[object, str]] = []
         self.arrivals: list[float] = []  # monotonic time of each committed outcome seen
         self._stop = threading.Event()
-        self._producer = Producer({**kafka_security("admin"), **FAILOVER_TUNING, "logger": _QUIET,
-                                   "bootstrap.servers": line.settings.bootstrap, "partitioner": KAFKA_PARTITIONER,
-                                   "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-                                   "message.timeout.ms": message_timeout_ms})
-        self._consumer = Consumer({**kafka_security("admin"), **FAILOVER_TUNING, "logger": _QUIET,
-                                   "bootstrap.servers": line.settings.bootstrap, "group.id": "cluster-faults-outcomes",
-                                   "isolation.level": "read_committed", "enable.auto.commit": False})
+        self._producer = Producer(
+            {
+                **kafka_security("admin"),
+                **FAILOVER_TUNING,
+                "logger": _QUIET,
+                "bootstrap.servers": line.settings.bootstrap,
+                "partitioner": KAFKA_PARTITIONER,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "message.timeout.ms": message_timeout_ms,
+            }
+        )
+        self._consumer = Consumer(
+            {
+                **kafka_security("admin"),
+                **FAILOVER_TUNING,
+                "logger": _QUIET,
+                "bootstrap.servers": line.settings.bootstrap,
+                "group.id": "cluster-faults-outcomes",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+            }
+        )
         topic = line.settings.outcomes_topic
         partitions = self._consumer.list_topics(topic, timeout=30).topics[topic].partitions
         high = [self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions]
         self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in zip(partitions, high, strict=True)])
-        self._threads = [threading.Thread(target=self._offer, daemon=True),
-                         threading.Thread(target=self._watch, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._offer, daemon=True),
+            threading.Thread(target=self._watch, daemon=True),
+        ]
         self.offered = 0
 
     def start(self) -> SteadyLoad:
@@ -180,11 +205,13 @@ class SteadyLoad:
                 if not self.line.transfers:
                     break
                 command = self.line.transfers.pop(0)
+
                 def delivered(error, _message, command=command):
                     if error is None:
                         self.acked.append(command)
                     else:
                         self.failed.append((command, str(error)))
+
                 while True:
                     try:
                         self._producer.produce(topic, encode(command), owner_account(command), on_delivery=delivered)
@@ -222,6 +249,7 @@ def _report(capsys, text: str) -> None:
 
 
 # -- the cluster ---------------------------------------------------------------------------------
+
 
 def _leaders(settings: Settings, topic: str) -> Counter:
     metadata = admin_client(settings.bootstrap).list_topics(topic, timeout=30)
@@ -281,8 +309,9 @@ def _replace_stuck(line: Pipeline, capsys, fault: str, since: dict[str, int]) ->
         why = _stuck_reason(processor, since[name])
         if why is None:
             continue
-        tail = "\n".join(text for text in processor.log_tail(60).splitlines()
-                         if "Connection refused" not in text)[-4000:]
+        tail = "\n".join(text for text in processor.log_tail(60).splitlines() if "Connection refused" not in text)[
+            -4000:
+        ]
         line.events.append(f"{fault}: processor {name} {why}")
         _report(capsys, f"PROCESSOR DID NOT RIDE THROUGH {fault}: {name} {why}; its last lines:\n{tail}")
         if processor.process is not None and processor.process.poll() is None:
@@ -291,8 +320,16 @@ def _replace_stuck(line: Pipeline, capsys, fault: str, since: dict[str, int]) ->
         processor.start()
 
 
-def _drain_and_check(line: Pipeline, load: SteadyLoad, capsys, fault: str, fault_s: float, heal_s: float,
-                     until_s: float, since: dict[str, int]) -> tuple[float, list[str]]:
+def _drain_and_check(
+    line: Pipeline,
+    load: SteadyLoad,
+    capsys,
+    fault: str,
+    fault_s: float,
+    heal_s: float,
+    until_s: float,
+    since: dict[str, int],
+) -> tuple[float, list[str]]:
     events_before = len(line.events)
     outcomes = OutcomeCollector(line.settings)
     try:
@@ -310,9 +347,12 @@ def _drain_and_check(line: Pipeline, load: SteadyLoad, capsys, fault: str, fault
         outcomes.close()
     stall_s = load.longest_gap_s(fault_s - 1.0, until_s)
     stuck = line.events[events_before:]
-    _report(capsys, f"STALL {fault}: {stall_s:.1f} s without a committed outcome (goal {STALL_BOUND_S:.0f} s); "
-                    f"{len(load.acked)} transfers acknowledged, {len(load.failed)} failed, heal took {heal_s:.1f} s; "
-                    f"processors replaced: {len(stuck) or 'none'}")
+    _report(
+        capsys,
+        f"STALL {fault}: {stall_s:.1f} s without a committed outcome (goal {STALL_BOUND_S:.0f} s); "
+        f"{len(load.acked)} transfers acknowledged, {len(load.failed)} failed, heal took {heal_s:.1f} s; "
+        f"processors replaced: {len(stuck) or 'none'}",
+    )
     dumps = [state_dump(processor.store) for processor in line.processors.values()]
     check_ledger(line.settings, line.acknowledged, dumps)
     return stall_s, stuck
@@ -347,21 +387,33 @@ def _one_fault(line: Pipeline, capsys, fault: str, inject, heal, message_timeout
 
 # -- the faults ----------------------------------------------------------------------------------
 
+
 def test_sigkill_of_the_broker_leading_most_command_partitions(pipeline: Pipeline, capsys):
     leaders = _leaders(pipeline.settings, pipeline.settings.commands_topic)
     victim, led = leaders.most_common(1)[0]
-    _report(capsys, f"killing node {victim}, leader of {led} of {PARTITIONS} {pipeline.settings.commands_topic} "
-                    f"partitions")
-    _, stall_s, stuck = _one_fault(pipeline, capsys, f"sigkill leader of most command partitions (node {victim})",
-                            lambda: _kill(pipeline.cluster, victim), lambda: _heal(pipeline.cluster))
+    _report(
+        capsys, f"killing node {victim}, leader of {led} of {PARTITIONS} {pipeline.settings.commands_topic} partitions"
+    )
+    _, stall_s, stuck = _one_fault(
+        pipeline,
+        capsys,
+        f"sigkill leader of most command partitions (node {victim})",
+        lambda: _kill(pipeline.cluster, victim),
+        lambda: _heal(pipeline.cluster),
+    )
     _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
 
 
 def test_sigkill_of_the_active_controller(pipeline: Pipeline, capsys):
     victim = localkafka.active_controller(pipeline.cluster)
-    _, stall_s, stuck = _one_fault(pipeline, capsys, f"sigkill active controller (node {victim})",
-                            lambda: _kill(pipeline.cluster, victim), lambda: _heal(pipeline.cluster))
+    _, stall_s, stuck = _one_fault(
+        pipeline,
+        capsys,
+        f"sigkill active controller (node {victim})",
+        lambda: _kill(pipeline.cluster, victim),
+        lambda: _heal(pipeline.cluster),
+    )
     assert localkafka.active_controller(pipeline.cluster) in range(1, NODES + 1)
     _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
@@ -371,8 +423,9 @@ def test_sigkill_of_a_processors_transaction_coordinator(pipeline: Pipeline, cap
     transactional_id = pipeline.settings.processor_transactional_id(INSTANCES[0])
     victim = localkafka.transaction_coordinator(pipeline.cluster, transactional_id)["coordinator_id"]
     fault = f"sigkill transaction coordinator of {transactional_id} (node {victim})"
-    _, stall_s, stuck = _one_fault(pipeline, capsys, fault, lambda: _kill(pipeline.cluster, victim),
-                                   lambda: _heal(pipeline.cluster))
+    _, stall_s, stuck = _one_fault(
+        pipeline, capsys, fault, lambda: _kill(pipeline.cluster, victim), lambda: _heal(pipeline.cluster)
+    )
     _rode_through(stuck)  # first: a processor that stopped serving makes the stall as long as it waited
     assert stall_s < STALL_ASSERT_S
 
@@ -418,17 +471,25 @@ def test_losing_two_of_three_brokers_stops_writes_with_errors_and_they_resume(pi
         started_s = time.monotonic()
         # One node first: 2 of 3 controllers make a quorum and 2 replicas satisfy min.insync.replicas.
         state["first_back_s"] = time.monotonic()
-        localkafka.start(pipeline.cluster, timeout_s=CLUSTER_START_TIMEOUT_S, stop_with_parent=True,
-                         only={victims[0]})
+        localkafka.start(pipeline.cluster, timeout_s=CLUSTER_START_TIMEOUT_S, stop_with_parent=True, only={victims[0]})
         state["one_back_s"] = time.monotonic()
         _heal(pipeline.cluster)
         return time.monotonic() - started_s
 
-    load, _, stuck = _one_fault(pipeline, capsys, f"two of three brokers lost (nodes {victims})", lose_two, bring_back,
-                         message_timeout_ms=10_000)
+    load, _, stuck = _one_fault(
+        pipeline,
+        capsys,
+        f"two of three brokers lost (nodes {victims})",
+        lose_two,
+        bring_back,
+        message_timeout_ms=10_000,
+    )
     reasons = Counter(reason.split(":")[0] for _, reason in load.failed)
-    _report(capsys, f"two of three lost: {len(load.failed)} deliveries failed (none acknowledged and lost), by "
-                    f"reason {dict(reasons)}; the outage includes {OBSERVE_S:.0f} s with two nodes down on purpose "
-                    f"and their restart")
+    _report(
+        capsys,
+        f"two of three lost: {len(load.failed)} deliveries failed (none acknowledged and lost), by "
+        f"reason {dict(reasons)}; the outage includes {OBSERVE_S:.0f} s with two nodes down on purpose "
+        f"and their restart",
+    )
     assert load.failed, "with one broker of three no write may be acknowledged: the producer must report failures"
     _rode_through(stuck)

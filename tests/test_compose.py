@@ -4,6 +4,7 @@ Every service's command must be a real `wallet` subcommand with options the CLI 
 Kafka image must be the version the local broker pins, and the wiring (bootstrap address,
 database URL, health-gated start order) must agree between services.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,10 @@ def test_readmodel_database_url_matches_the_postgres_service(services: dict) -> 
     environment = services["postgres"]["environment"]
     assert (url.hostname, url.port) == ("postgres", 5432)
     assert (url.username, url.password, url.path.lstrip("/")) == (
-        environment["POSTGRES_USER"], environment["POSTGRES_PASSWORD"], environment["POSTGRES_DB"])
+        environment["POSTGRES_USER"],
+        environment["POSTGRES_PASSWORD"],
+        environment["POSTGRES_DB"],
+    )
     assert services["readmodel"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
@@ -97,7 +101,8 @@ def test_service_command_is_a_real_wallet_subcommand(services: dict, name: str) 
     parser = build_parser()
     registered = _registered_subcommands(parser)
     assert subcommand in registered, (
-        f"`{' '.join(command)}`: `{subcommand}` is not a wallet subcommand (registered: {sorted(registered)})")
+        f"`{' '.join(command)}`: `{subcommand}` is not a wallet subcommand (registered: {sorted(registered)})"
+    )
     try:
         parser.parse_args(command[1:])
     except SystemExit as error:

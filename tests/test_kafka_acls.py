@@ -7,6 +7,7 @@ role, the way a deployment would: the API cannot write the processors' topics or
 transactional id, the read model writes nothing, and a processor running as its own principal
 still processes a transfer exactly once.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -69,13 +70,22 @@ def test_nothing_configured_means_plaintext_without_credentials():
 
 def test_a_roles_own_settings_win_over_the_shared_file_and_variables(tmp_path):
     shared = tmp_path / "shared.properties"
-    shared.write_text("# shared\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
-                      "sasl.username=shared\nsasl.password=shared-secret\nssl.ca.location=/etc/ca.pem\n")
-    environ = {"WALLET_KAFKA_CONFIG_FILE": str(shared), "WALLET_KAFKA_SASL_USERNAME_PROCESSOR": "wallet-processor",
-               "WALLET_KAFKA_SASL_PASSWORD_PROCESSOR": "processor-secret"}
+    shared.write_text(
+        "# shared\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
+        "sasl.username=shared\nsasl.password=shared-secret\nssl.ca.location=/etc/ca.pem\n"
+    )
+    environ = {
+        "WALLET_KAFKA_CONFIG_FILE": str(shared),
+        "WALLET_KAFKA_SASL_USERNAME_PROCESSOR": "wallet-processor",
+        "WALLET_KAFKA_SASL_PASSWORD_PROCESSOR": "processor-secret",
+    }
     assert kafka_security("processor", environ) == {
-        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "wallet-processor",
-        "sasl.password": "processor-secret", "ssl.ca.location": "/etc/ca.pem"}
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "wallet-processor",
+        "sasl.password": "processor-secret",
+        "ssl.ca.location": "/etc/ca.pem",
+    }
     assert kafka_security("api", environ)["sasl.username"] == "shared"
 
 
@@ -92,38 +102,68 @@ def test_sasl_without_a_password_or_with_half_a_role_override_is_refused():
     with pytest.raises(KafkaSecurityConfigError, match="needs sasl.password"):
         kafka_security("audit", {**SCRAM, "WALLET_KAFKA_SASL_USERNAME": "wallet-audit"})
     with pytest.raises(KafkaSecurityConfigError, match="set both for the role or neither"):
-        kafka_security("audit", {**SCRAM, "WALLET_KAFKA_SASL_USERNAME": "shared", "WALLET_KAFKA_SASL_PASSWORD": "pw",
-                                 "WALLET_KAFKA_SASL_USERNAME_AUDIT": "wallet-audit"})
+        kafka_security(
+            "audit",
+            {
+                **SCRAM,
+                "WALLET_KAFKA_SASL_USERNAME": "shared",
+                "WALLET_KAFKA_SASL_PASSWORD": "pw",
+                "WALLET_KAFKA_SASL_USERNAME_AUDIT": "wallet-audit",
+            },
+        )
 
 
 def test_the_processors_clients_run_as_the_processor_principal(monkeypatch):
-    for name, value in {**SCRAM, "WALLET_KAFKA_SASL_USERNAME": "shared", "WALLET_KAFKA_SASL_PASSWORD": "pw",
-                        "WALLET_KAFKA_SASL_USERNAME_PROCESSOR": "wallet-processor",
-                        "WALLET_KAFKA_SASL_PASSWORD_PROCESSOR": "processor-secret"}.items():
+    for name, value in {
+        **SCRAM,
+        "WALLET_KAFKA_SASL_USERNAME": "shared",
+        "WALLET_KAFKA_SASL_PASSWORD": "pw",
+        "WALLET_KAFKA_SASL_USERNAME_PROCESSOR": "wallet-processor",
+        "WALLET_KAFKA_SASL_PASSWORD_PROCESSOR": "processor-secret",
+    }.items():
         monkeypatch.setenv(name, value)
-    configs = [processor_consumer_config("b:9092", "wallet-processor", "p1"),
-               processor_producer_config("b:9092", "wallet-processor-p1", 10_000),
-               restore_consumer_config("b:9092", "wallet-processor", "p1")]
+    configs = [
+        processor_consumer_config("b:9092", "wallet-processor", "p1"),
+        processor_producer_config("b:9092", "wallet-processor-p1", 10_000),
+        restore_consumer_config("b:9092", "wallet-processor", "p1"),
+    ]
     assert {(config["sasl.username"], config["bootstrap.servers"]) for config in configs} == {
-        ("wallet-processor", "b:9092")}
+        ("wallet-processor", "b:9092")
+    }
 
 
 def test_the_acl_table_gives_each_service_only_what_it_needs():
     settings = Settings().with_overrides(topic_prefix="staging.")
     grants = service_grants(settings, environ={"WALLET_KAFKA_PRINCIPAL_API": "User:payments-api"})
-    by_role = {role: {(g.resource_type, g.name, g.pattern, g.operation) for g in grants if g.role == role}
-               for role in ("api", "processor", "readmodel", "audit")}
+    by_role = {
+        role: {(g.resource_type, g.name, g.pattern, g.operation) for g in grants if g.role == role}
+        for role in ("api", "processor", "readmodel", "audit")
+    }
     assert {g.principal for g in grants if g.role == "api"} == {"User:payments-api"}
-    topic_writes = {role: {name for kind, name, _, operation in entries
-                           if kind == ResourceType.TOPIC and operation == AclOperation.WRITE}
-                    for role, entries in by_role.items()}
+    topic_writes = {
+        role: {
+            name
+            for kind, name, _, operation in entries
+            if kind == ResourceType.TOPIC and operation == AclOperation.WRITE
+        }
+        for role, entries in by_role.items()
+    }
     every_topic = {f"staging.wallet.{name}" for name in ("commands", "events", "outcomes", "dlq")}
-    assert topic_writes == {"api": {"staging.wallet.commands"}, "processor": every_topic,
-                            "readmodel": set(), "audit": set()}
-    assert (ResourceType.TRANSACTIONAL_ID, "staging.wallet-processor", ResourcePatternType.PREFIXED,
-            AclOperation.WRITE) in by_role["processor"]
-    assert not any(kind == ResourceType.TRANSACTIONAL_ID for role in ("api", "readmodel", "audit")
-                   for kind, *_ in by_role[role])
+    assert topic_writes == {
+        "api": {"staging.wallet.commands"},
+        "processor": every_topic,
+        "readmodel": set(),
+        "audit": set(),
+    }
+    assert (
+        ResourceType.TRANSACTIONAL_ID,
+        "staging.wallet-processor",
+        ResourcePatternType.PREFIXED,
+        AclOperation.WRITE,
+    ) in by_role["processor"]
+    assert not any(
+        kind == ResourceType.TRANSACTIONAL_ID for role in ("api", "readmodel", "audit") for kind, *_ in by_role[role]
+    )
     assert {operation for role in ("readmodel", "audit") for *_, operation in by_role[role]} == {AclOperation.READ}
 
 
@@ -134,7 +174,9 @@ def test_local_sasl_credentials_are_private_files_made_once(tmp_path):
     assert broker._ensure_sasl_credentials(settings, files) == passwords  # generated once per run folder
     assert files.sasl_dir.stat().st_mode & 0o777 == 0o700
     assert {path.name: path.stat().st_mode & 0o777 for path in files.sasl_dir.iterdir()} == {
-        **{f"{role}.properties": 0o600 for role in ROLES}, "controller.password": 0o600}
+        **{f"{role}.properties": 0o600 for role in ROLES},
+        "controller.password": 0o600,
+    }
     properties = broker._server_properties(settings, files, passwords)
     assert "allow.everyone.if.no.acl.found=false" in properties and "super.users=User:admin" in properties
     assert "PLAINTEXT://" not in properties.replace("SASL_PLAINTEXT://", "")
@@ -164,8 +206,12 @@ def test_a_sasl_run_folder_hands_each_role_its_credentials_file(tmp_path, monkey
 @pytest.fixture(scope="module")
 def sasl_broker(tmp_path_factory: pytest.TempPathFactory):
     kafka_port, controller_port = free_loopback_ports(2)
-    local = Settings().with_overrides(kafka_bootstrap="", run_dir=tmp_path_factory.mktemp("sasl-kafka-run"),
-                                      local_kafka_port=kafka_port, local_controller_port=controller_port)
+    local = Settings().with_overrides(
+        kafka_bootstrap="",
+        run_dir=tmp_path_factory.mktemp("sasl-kafka-run"),
+        local_kafka_port=kafka_port,
+        local_controller_port=controller_port,
+    )
     localkafka.fetch_jars(local)
     localkafka.start(local, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True, sasl=True)
     try:
@@ -191,16 +237,27 @@ def secured(sasl_broker: Settings, principals: pytest.MonkeyPatch) -> Settings:
     create --acls` against the local SASL broker, which finds the run folder's admin credentials itself."""
     prefix = f"a{uuid.uuid4().hex[:8]}."
     environment = {name: value for name, value in os.environ.items() if not name.startswith("WALLET_KAFKA_")}
-    environment.update(WALLET_RUN_DIR=str(sasl_broker.run_dir), WALLET_TOPIC_PREFIX=prefix,
-                       WALLET_LOCAL_KAFKA_PORT=str(sasl_broker.local_kafka_port),
-                       WALLET_LOCAL_CONTROLLER_PORT=str(sasl_broker.local_controller_port))
-    created = subprocess.run([sys.executable, "-m", "wallet.cli", "topics", "create", "--acls",
-                              "--partitions", str(PARTITIONS)], env=environment, capture_output=True, text=True,
-                             timeout=CLI_TIMEOUT_S)
+    environment.update(
+        WALLET_RUN_DIR=str(sasl_broker.run_dir),
+        WALLET_TOPIC_PREFIX=prefix,
+        WALLET_LOCAL_KAFKA_PORT=str(sasl_broker.local_kafka_port),
+        WALLET_LOCAL_CONTROLLER_PORT=str(sasl_broker.local_controller_port),
+    )
+    created = subprocess.run(
+        [sys.executable, "-m", "wallet.cli", "topics", "create", "--acls", "--partitions", str(PARTITIONS)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
     assert created.returncode == 0, created.stdout + created.stderr
     assert "ACLs present for the service principals" in created.stdout, created.stdout
-    settings = Settings().with_overrides(kafka_bootstrap=sasl_broker.bootstrap, topic_prefix=prefix,
-                                         partitions=PARTITIONS, run_dir=sasl_broker.run_dir / "stack")
+    settings = Settings().with_overrides(
+        kafka_bootstrap=sasl_broker.bootstrap,
+        topic_prefix=prefix,
+        partitions=PARTITIONS,
+        run_dir=sasl_broker.run_dir / "stack",
+    )
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     return settings
 
@@ -237,8 +294,15 @@ def _tx(label: str) -> str:
 def _delivery_errors(role: str, settings: Settings, topics: list[str], **config) -> dict[str, KafkaError | None]:
     """Produce one record to each topic as `role`; the delivery report's error per topic (None = written)."""
     reports: dict[str, KafkaError | None] = {}
-    producer = Producer({**kafka_security(role), "bootstrap.servers": settings.bootstrap, "acks": "all",
-                         "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000, **config})
+    producer = Producer(
+        {
+            **kafka_security(role),
+            "bootstrap.servers": settings.bootstrap,
+            "acks": "all",
+            "message.timeout.ms": DELIVERY_TIMEOUT_S * 1000,
+            **config,
+        }
+    )
 
     def on_delivery(error: KafkaError | None, message) -> None:
         reports[message.topic()] = error
@@ -260,8 +324,9 @@ def _balances(settings: Settings) -> dict[str, int]:
     states: dict[int, State] = {}
     for partition, event in _events(settings):
         fold(states.setdefault(partition, State()), event)
-    return {account_id: account.balance_minor
-            for state in states.values() for account_id, account in state.accounts.items()}
+    return {
+        account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()
+    }
 
 
 @kafka
@@ -279,20 +344,27 @@ def test_api_principal_cannot_write_events_outcomes_or_dlq(secured: Settings):
     for idempotence in (False, True):
         errors = _delivery_errors("api", secured, topics, **{"enable.idempotence": idempotence})
         assert {topic: error.code() if error else None for topic, error in errors.items()} == {
-            topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics}
+            topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics
+        }
         assert all(error is not None and error.name() == "TOPIC_AUTHORIZATION_FAILED" for error in errors.values())
 
 
 @kafka
 def test_api_principal_writes_client_commands(secured: Settings):
     assert _delivery_errors("api", secured, [secured.commands_topic], **{"enable.idempotence": True}) == {
-        secured.commands_topic: None}
+        secured.commands_topic: None
+    }
 
 
 @kafka
 def test_api_principal_cannot_use_the_processors_transactional_id(secured: Settings):
-    producer = Producer({**kafka_security("api"), "bootstrap.servers": secured.bootstrap,
-                         "transactional.id": secured.processor_transactional_id("acl-1")})
+    producer = Producer(
+        {
+            **kafka_security("api"),
+            "bootstrap.servers": secured.bootstrap,
+            "transactional.id": secured.processor_transactional_id("acl-1"),
+        }
+    )
     with pytest.raises(KafkaException) as raised:
         producer.init_transactions(DELIVERY_TIMEOUT_S)
     error = raised.value.args[0]
@@ -305,22 +377,35 @@ def test_readmodel_principal_cannot_write_anything(secured: Settings):
     topics = [secured.commands_topic, secured.events_topic, secured.outcomes_topic, secured.dlq_topic]
     errors = _delivery_errors("readmodel", secured, topics)
     assert {topic: error.code() if error else None for topic, error in errors.items()} == {
-        topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics}
+        topic: KafkaError.TOPIC_AUTHORIZATION_FAILED for topic in topics
+    }
 
 
 @kafka
 def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings, processor: ProcessorProcess):
     sender, receiver = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
-    transfer = _command(Transfer, transaction_id=_tx("t"), from_account=sender, to_account=receiver,
-                        amount="30.00", currency="USD")
+    transfer = _command(
+        Transfer, transaction_id=_tx("t"), from_account=sender, to_account=receiver, amount="30.00", currency="USD"
+    )
     # The API's path: its own principal publishes client commands and waits on wallet.outcomes.
     with WalletClient.connect(secured) as api:
         for account in (sender, receiver):
-            opened = api.request(_command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"),
-                                 REQUEST_WAIT_S)
+            opened = api.request(
+                _command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"), REQUEST_WAIT_S
+            )
             assert opened is not None and opened.status == "success", opened
-        deposited = api.request(_command(Deposit, transaction_id=_tx("dep"), account_id=sender, amount="100.00",
-                                         currency="USD", actor="bank", role="bank"), REQUEST_WAIT_S)
+        deposited = api.request(
+            _command(
+                Deposit,
+                transaction_id=_tx("dep"),
+                account_id=sender,
+                amount="100.00",
+                currency="USD",
+                actor="bank",
+                role="bank",
+            ),
+            REQUEST_WAIT_S,
+        )
         assert deposited is not None and deposited.status == "success", deposited
         first = api.request(transfer, REQUEST_WAIT_S)
         retried = api.request(transfer, REQUEST_WAIT_S)  # a client retry: the first answer, not a second transfer
@@ -329,8 +414,11 @@ def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings
 
     balances = _balances(secured)
     assert (balances[sender], balances[receiver]) == (7000, 3000)
-    kinds = [type(event).__name__ for _, event in _events(secured)
-             if getattr(event, "transaction_id", None) == transfer.transaction_id]
+    kinds = [
+        type(event).__name__
+        for _, event in _events(secured)
+        if getattr(event, "transaction_id", None) == transfer.transaction_id
+    ]
     assert kinds.count("TransferDebited") == 1 and kinds.count("TransferCredited") == 1, kinds
     assert processor.process is not None and processor.process.poll() is None, processor.log_tail()
 
@@ -339,10 +427,21 @@ def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings
 def test_readmodel_and_audit_principals_read_the_ledger(secured: Settings, processor: ProcessorProcess, tmp_path):
     account = f"carol-{uuid.uuid4().hex[:6]}"
     with WalletClient.connect(secured) as api:
-        opened = api.request(_command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"),
-                             REQUEST_WAIT_S)
-        deposited = api.request(_command(Deposit, transaction_id=_tx("dep"), account_id=account, amount="50.00",
-                                         currency="USD", actor="bank", role="bank"), REQUEST_WAIT_S)
+        opened = api.request(
+            _command(OpenAccount, transaction_id=_tx("open"), account_id=account, currency="USD"), REQUEST_WAIT_S
+        )
+        deposited = api.request(
+            _command(
+                Deposit,
+                transaction_id=_tx("dep"),
+                account_id=account,
+                amount="50.00",
+                currency="USD",
+                actor="bank",
+                role="bank",
+            ),
+            REQUEST_WAIT_S,
+        )
     assert opened is not None and opened.status == "success", opened
     assert deposited is not None and deposited.status == "success", deposited
     # The read model as its own principal: consume events and outcomes, measure its lag.

@@ -4,6 +4,7 @@ The pipeline's exactly-once rests on Kafka transactions: a `read_committed` cons
 a committed batch and never an aborted one, and consumed offsets sent inside a transaction
 must commit or vanish with it. These run against the real broker of the session.
 """
+
 from __future__ import annotations
 
 import socket
@@ -25,10 +26,12 @@ CONSUME_TIMEOUT_S = 30
 
 
 def _transactional_producer(settings: Settings) -> Producer:
-    producer = Producer({
-        "bootstrap.servers": settings.bootstrap,
-        "transactional.id": f"{settings.topic_prefix}test-{uuid.uuid4().hex[:8]}",
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "transactional.id": f"{settings.topic_prefix}test-{uuid.uuid4().hex[:8]}",
+        }
+    )
     producer.init_transactions(TRANSACTION_TIMEOUT_S)
     return producer
 
@@ -42,13 +45,15 @@ def _produce_batch(producer: Producer, topic: str, label: str, count: int = 5) -
 
 def _read_all(settings: Settings, topic: str, isolation_level: str) -> list[str]:
     """Every value in `topic` from offset 0 up to the end visible at this isolation level."""
-    consumer = Consumer({
-        "bootstrap.servers": settings.bootstrap,
-        "group.id": f"{settings.topic_prefix}reader-{uuid.uuid4().hex[:8]}",
-        "isolation.level": isolation_level,
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": f"{settings.topic_prefix}reader-{uuid.uuid4().hex[:8]}",
+            "isolation.level": isolation_level,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     try:
         partition_count = len(consumer.list_topics(topic, timeout=CONSUME_TIMEOUT_S).topics[topic].partitions)
         consumer.assign([TopicPartition(topic, partition, 0) for partition in range(partition_count)])
@@ -58,7 +63,8 @@ def _read_all(settings: Settings, topic: str, isolation_level: str) -> list[str]
         while len(partitions_at_end) < partition_count:
             assert time.monotonic() < deadline_s, (
                 f"reached the end of only {len(partitions_at_end)}/{partition_count} partitions "
-                f"of {topic} in {CONSUME_TIMEOUT_S} s")
+                f"of {topic} in {CONSUME_TIMEOUT_S} s"
+            )
             message = consumer.poll(0.5)
             if message is None:
                 continue
@@ -110,13 +116,15 @@ def test_offsets_sent_in_a_transaction_commit_and_abort_with_it(wallet_settings:
         seeder.produce(source_topic, key="account-a", value=f"command-{index}")
     assert seeder.flush(TRANSACTION_TIMEOUT_S) == 0
 
-    consumer = Consumer({
-        "bootstrap.servers": wallet_settings.bootstrap,
-        "group.id": group_id,
-        "isolation.level": "read_committed",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": wallet_settings.bootstrap,
+            "group.id": group_id,
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     producer = _transactional_producer(wallet_settings)
     try:
         consumer.subscribe([source_topic])
@@ -138,8 +146,11 @@ def test_offsets_sent_in_a_transaction_commit_and_abort_with_it(wallet_settings:
             last_offset = messages[-1].offset()
             assert last_offset is not None  # a consumed record has an offset
             next_offset = last_offset + 1
-            producer.send_offsets_to_transaction([TopicPartition(source_topic, partition, next_offset)],
-                                                 consumer.consumer_group_metadata(), TRANSACTION_TIMEOUT_S)
+            producer.send_offsets_to_transaction(
+                [TopicPartition(source_topic, partition, next_offset)],
+                consumer.consumer_group_metadata(),
+                TRANSACTION_TIMEOUT_S,
+            )
             if commit:
                 producer.commit_transaction(TRANSACTION_TIMEOUT_S)
             else:
@@ -158,8 +169,10 @@ def test_offsets_sent_in_a_transaction_commit_and_abort_with_it(wallet_settings:
     finally:
         consumer.close()
 
-    assert sorted(_read_all(wallet_settings, target_topic, "read_committed")) == ["outcome-of-command-0",
-                                                                                   "outcome-of-command-1"]
+    assert sorted(_read_all(wallet_settings, target_topic, "read_committed")) == [
+        "outcome-of-command-0",
+        "outcome-of-command-1",
+    ]
 
 
 def test_ensure_topics_is_idempotent_and_refuses_a_different_partition_count(wallet_settings: Settings) -> None:
@@ -171,7 +184,8 @@ def test_ensure_topics_is_idempotent_and_refuses_a_different_partition_count(wal
     admin = admin_client(wallet_settings.bootstrap)
     metadata = admin.list_topics(timeout=TRANSACTION_TIMEOUT_S)
     assert {name: len(metadata.topics[name].partitions) for name in topic_names(wallet_settings)} == {
-        name: 4 for name in topic_names(wallet_settings)}  # nothing was "fixed"
+        name: 4 for name in topic_names(wallet_settings)
+    }  # nothing was "fixed"
     events_config = ConfigResource(ResourceType.TOPIC, wallet_settings.events_topic)
     configs = admin.describe_configs([events_config])[events_config].result(timeout=TRANSACTION_TIMEOUT_S)
     assert configs["retention.ms"].value == "-1"
@@ -184,20 +198,26 @@ def test_ensure_topics_creates_only_what_is_missing(make_settings) -> None:
     admin.delete_topics([settings.dlq_topic])[settings.dlq_topic].result(timeout=TRANSACTION_TIMEOUT_S)
     deadline_s = time.monotonic() + TRANSACTION_TIMEOUT_S
     while settings.dlq_topic in admin.list_topics(timeout=TRANSACTION_TIMEOUT_S).topics:
-        assert time.monotonic() < deadline_s, \
+        assert time.monotonic() < deadline_s, (
             f"{settings.dlq_topic} still listed {TRANSACTION_TIMEOUT_S} s after delete"
+        )
         time.sleep(0.2)
 
     result = ensure_topics(settings)
-    assert result == {settings.commands_topic: "exists", settings.events_topic: "exists",
-                      settings.outcomes_topic: "exists", settings.dlq_topic: "created"}
+    assert result == {
+        settings.commands_topic: "exists",
+        settings.events_topic: "exists",
+        settings.outcomes_topic: "exists",
+        settings.dlq_topic: "created",
+    }
 
 
 @pytest.mark.kafka
 def test_local_broker_starts_reports_ready_and_stops_without_leaving_a_process(tmp_path) -> None:
     kafka_port, controller_port = free_loopback_ports(2)
-    settings = Settings(kafka_bootstrap="", run_dir=tmp_path, local_kafka_port=kafka_port,
-                        local_controller_port=controller_port)
+    settings = Settings(
+        kafka_bootstrap="", run_dir=tmp_path, local_kafka_port=kafka_port, local_controller_port=controller_port
+    )
     localkafka.fetch_jars(settings)
     result = localkafka.start(settings, timeout_s=90, stop_with_parent=True)
     try:
@@ -227,16 +247,22 @@ def test_start_reports_a_taken_port_clearly(tmp_path) -> None:
         squatter.listen()
         taken_port = squatter.getsockname()[1]
         [controller_port] = free_loopback_ports(1)
-        settings = Settings(kafka_bootstrap="", run_dir=tmp_path, local_kafka_port=taken_port,
-                            local_controller_port=controller_port)
+        settings = Settings(
+            kafka_bootstrap="", run_dir=tmp_path, local_kafka_port=taken_port, local_controller_port=controller_port
+        )
         with pytest.raises(localkafka.LocalKafkaError, match=rf"port {taken_port} on 127.0.0.1 is taken"):
             localkafka.start(settings, timeout_s=5)
 
 
 def test_start_without_fetched_jars_says_how_to_fetch_them(tmp_path) -> None:
     kafka_port, controller_port = free_loopback_ports(2)
-    settings = Settings(kafka_bootstrap="", run_dir=tmp_path / "run", cache_dir=tmp_path / "empty-cache",
-                        local_kafka_port=kafka_port, local_controller_port=controller_port)
+    settings = Settings(
+        kafka_bootstrap="",
+        run_dir=tmp_path / "run",
+        cache_dir=tmp_path / "empty-cache",
+        local_kafka_port=kafka_port,
+        local_controller_port=controller_port,
+    )
     with pytest.raises(localkafka.LocalKafkaError, match=r"jars are missing .*`wallet kafka fetch`"):
         localkafka.start(settings, timeout_s=5)
 

@@ -5,6 +5,7 @@ directly, as a compromised-but-signed or replayed record would arrive, and check
 validates every leg fully, never lets one record move money twice, keeps the balance cap and
 decides who may move whose money.
 """
+
 from __future__ import annotations
 
 import msgspec
@@ -48,10 +49,12 @@ def refused_transfer(amount: str = "4.00") -> tuple[State, CreditLeg, RefundLeg]
 
 # --- legs are validated fully before the core decides them ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("amount", ["-5.00", "0.00", "-0.00", "-.50", "00005.00", "5.0", "5", "1e3", ""])
 @pytest.mark.parametrize("leg_type", ["credit", "refund"])
-def test_a_leg_that_is_not_a_positive_canonical_amount_is_undecidable_and_folds_nothing(leg_type: str,
-                                                                                        amount: str) -> None:
+def test_a_leg_that_is_not_a_positive_canonical_amount_is_undecidable_and_folds_nothing(
+    leg_type: str, amount: str
+) -> None:
     state, credit, refund = refused_transfer()
     leg = msgspec.structs.replace(credit if leg_type == "credit" else refund, amount=amount)
     before = snapshot(state)
@@ -68,8 +71,16 @@ def test_a_leg_in_an_unknown_currency_is_undecidable() -> None:
 
 def test_a_negative_credit_leg_cannot_take_money_from_the_receiver() -> None:
     state = ledger(("bob", "USD", "user", "10.00"))
-    leg = CreditLeg(transaction_id="forged", actor="mallory", issued_ms=TS_MS, from_account="mallory",
-                    to_account="bob", amount="-5.00", currency="USD", digest="d")
+    leg = CreditLeg(
+        transaction_id="forged",
+        actor="mallory",
+        issued_ms=TS_MS,
+        from_account="mallory",
+        to_account="bob",
+        amount="-5.00",
+        currency="USD",
+        digest="d",
+    )
     with pytest.raises(UndecidableInput):
         apply(state, leg)
     assert balance(state, "bob") == 1000
@@ -77,22 +88,35 @@ def test_a_negative_credit_leg_cannot_take_money_from_the_receiver() -> None:
 
 def test_a_refund_leg_with_no_pending_debit_is_undecidable_and_pays_nobody() -> None:
     state = ledger(("alice", "USD", "user", "10.00"))
-    forged = RefundLeg(transaction_id="never-sent", actor="alice", issued_ms=TS_MS, from_account="alice",
-                       to_account="bob", amount="5.00", currency="USD", digest="d", reason="account_frozen",
-                       debit_ms=TS_MS)
+    forged = RefundLeg(
+        transaction_id="never-sent",
+        actor="alice",
+        issued_ms=TS_MS,
+        from_account="alice",
+        to_account="bob",
+        amount="5.00",
+        currency="USD",
+        digest="d",
+        reason="account_frozen",
+        debit_ms=TS_MS,
+    )
     with pytest.raises(UndecidableInput):
         apply(state, forged)
     assert balance(state, "alice") == 1000
 
 
-@pytest.mark.parametrize("change", [
-    {"currency": "JPY", "amount": "100"},  # once credited 1.00 USD: read with the leg's decimals
-    {"amount": "5.00"},
-    {"digest": "another"},
-    {"transaction_id": "t-2"},
-    {"to_account": "carol"},
-    {"debit_ms": TS_MS - 1},
-], ids=["other_currency", "other_amount", "other_digest", "other_transaction", "other_receiver", "other_debit"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"currency": "JPY", "amount": "100"},  # once credited 1.00 USD: read with the leg's decimals
+        {"amount": "5.00"},
+        {"digest": "another"},
+        {"transaction_id": "t-2"},
+        {"to_account": "carol"},
+        {"debit_ms": TS_MS - 1},
+    ],
+    ids=["other_currency", "other_amount", "other_digest", "other_transaction", "other_receiver", "other_debit"],
+)
 def test_a_refund_leg_that_does_not_match_the_pending_debit_is_undecidable(change: dict) -> None:
     state, _, refund = refused_transfer()
     before = snapshot(state)
@@ -199,6 +223,7 @@ def test_a_credit_leg_in_another_currency_than_the_receiver_is_refunded() -> Non
 
 # --- the balance cap --------------------------------------------------------------------------------------------------
 
+
 def test_the_balance_cap_counts_money_in_flight_so_a_refund_can_never_pass_it() -> None:
     # A refund cannot be refused (the money is the sender's), so the cap applies to balance +
     # pending debits: while alice's 1.00 is in flight, nothing may fill its place.
@@ -226,12 +251,18 @@ def test_fold_refuses_an_event_that_would_pass_the_cap() -> None:
     for event in events:
         fold(rebuilt, event)
     from streams.core.state import CorruptLog
+
     with pytest.raises(CorruptLog):
-        fold(rebuilt, msgspec.structs.replace(events[-1], seq=events[-1].seq + 1, amount="0.01",
-                                              balance=format_amount(BALANCE_MINOR_MAX + 1, "USD")))
+        fold(
+            rebuilt,
+            msgspec.structs.replace(
+                events[-1], seq=events[-1].seq + 1, amount="0.01", balance=format_amount(BALANCE_MINOR_MAX + 1, "USD")
+            ),
+        )
 
 
 # --- the clock --------------------------------------------------------------------------------------------------------
+
 
 def test_the_core_clock_never_runs_backwards() -> None:
     state = ledger(("alice", "USD", "user", ""))
@@ -257,6 +288,7 @@ def test_a_retry_is_remembered_for_the_window_of_record_time_whatever_the_client
 
 # --- who may move whose money -----------------------------------------------------------------------------------------
 
+
 def test_opening_an_account_records_the_actor_as_its_owner() -> None:
     state = State()
     [event] = apply(state, open_account("acct-1", actor="alice")).events
@@ -264,8 +296,10 @@ def test_opening_an_account_records_the_actor_as_its_owner() -> None:
     assert (event.owner, event.actor, state.accounts["acct-1"].owner) == ("alice", "alice", "alice")
 
 
-@pytest.mark.parametrize(("actor", "role", "allowed"), [
-    ("bank", "bank", True), ("alice", "user", False), ("alice", "operator", False), ("mallory", "user", False)])
+@pytest.mark.parametrize(
+    ("actor", "role", "allowed"),
+    [("bank", "bank", True), ("alice", "user", False), ("alice", "operator", False), ("mallory", "user", False)],
+)
 def test_only_the_bank_deposits(actor: str, role: Role, allowed: bool) -> None:
     state = ledger(("alice", "USD", "user", ""))
     command = deposit("alice", "1.00", actor=actor, role=role)
@@ -276,8 +310,10 @@ def test_only_the_bank_deposits(actor: str, role: Role, allowed: bool) -> None:
     assert balance(state, "alice") == (100 if allowed else 0)
 
 
-@pytest.mark.parametrize(("actor", "role", "allowed"), [
-    ("bank", "bank", True), ("alice", "user", True), ("mallory", "user", False), ("mallory", "operator", False)])
+@pytest.mark.parametrize(
+    ("actor", "role", "allowed"),
+    [("bank", "bank", True), ("alice", "user", True), ("mallory", "user", False), ("mallory", "operator", False)],
+)
 def test_withdraw_is_for_the_bank_or_the_owner(actor: str, role: Role, allowed: bool) -> None:
     state = ledger(("alice", "USD", "user", "10.00"))
     command = withdraw("alice", "1.00", actor=actor, role=role)
@@ -329,8 +365,16 @@ KEYS = "k2:" + "22" * 32 + ",k1:" + "11" * 32
 
 
 def a_leg() -> CreditLeg:
-    return CreditLeg(transaction_id="t-1", actor="alice", issued_ms=TS_MS, from_account="alice", to_account="bob",
-                     amount="1.00", currency="USD", digest="d")
+    return CreditLeg(
+        transaction_id="t-1",
+        actor="alice",
+        issued_ms=TS_MS,
+        from_account="alice",
+        to_account="bob",
+        amount="1.00",
+        currency="USD",
+        digest="d",
+    )
 
 
 def test_a_signed_leg_verifies_and_survives_the_wire() -> None:

@@ -9,6 +9,7 @@ amounts, other currencies) signed with the processors' own key, so that the core
 validation is what refuses them. Kafka's exactly-once processing consumes each record once;
 duplicates come from clients (a retry of a transfer in flight re-sends a leg) and attackers.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -44,9 +45,13 @@ PARTITION_COUNT = 3
 # account -> (currency, kind); with 3 partitions every currency has accounts on two partitions
 # and USD also two accounts on one, so transfers take both the cross- and same-partition path.
 ACCOUNTS: dict[str, tuple[str, AccountKind]] = {
-    "a0": ("USD", "user"), "a1": ("USD", "merchant"), "a5": ("USD", "user"),
-    "a2": ("JPY", "user"), "a6": ("JPY", "merchant"),
-    "a3": ("BHD", "merchant"), "a4": ("BHD", "user"),
+    "a0": ("USD", "user"),
+    "a1": ("USD", "merchant"),
+    "a5": ("USD", "user"),
+    "a2": ("JPY", "user"),
+    "a6": ("JPY", "merchant"),
+    "a3": ("BHD", "merchant"),
+    "a4": ("BHD", "user"),
 }
 NEVER_OPENED = "a7"
 ACCOUNT_IDS = sorted(ACCOUNTS) + [NEVER_OPENED]
@@ -60,25 +65,51 @@ WRONG_KEYRING = LegKeyring.parse("p1:" + "a5" * 32)  # same key id as the proces
 MALFORMED_AMOUNTS = ("-5.00", "0.00", "-0.00", "-.50", "00005.00", "5.0", "1e3", "-5")
 
 amounts = st.sampled_from(["minor"] * 9 + ["text"]).flatmap(
-    lambda kind: st.tuples(st.just(kind),
-                           st.integers(1, 3000) if kind == "minor" else st.sampled_from(INVALID_AMOUNTS)))
+    lambda kind: st.tuples(st.just(kind), st.integers(1, 3000) if kind == "minor" else st.sampled_from(INVALID_AMOUNTS))
+)
 # None: the account's own currency, the usual case.
 currency_choice = st.sampled_from([None] * 9 + ["other"]).flatmap(
-    lambda choice: st.just(None) if choice is None else st.sampled_from(CURRENCIES + ("EUR",)))
+    lambda choice: st.just(None) if choice is None else st.sampled_from(CURRENCIES + ("EUR",))
+)
 # The other side of a transfer: usually an account of the sender's currency ("peer", n), else any.
 counterparties = st.sampled_from(["peer"] * 4 + ["any"]).flatmap(
-    lambda kind: st.tuples(st.just(kind), st.integers(0, 9) if kind == "peer" else st.sampled_from(ACCOUNT_IDS)))
+    lambda kind: st.tuples(st.just(kind), st.integers(0, 9) if kind == "peer" else st.sampled_from(ACCOUNT_IDS))
+)
 # Who asks: usually the actor and role the rules expect, sometimes a stranger or the wrong role.
 credentials = st.sampled_from(["proper"] * 8 + ["stranger", "wrong_role"])
 client_specs = st.tuples(
-    st.sampled_from(["transfer", "deposit", "transfer", "pay_merchant", "withdraw", "transfer", "deposit", "freeze",
-                     "transfer", "unfreeze", "pay_merchant", "open", "transfer", "close"]),
-    st.sampled_from(ACCOUNT_IDS), counterparties, amounts, currency_choice,
-    st.integers(0, TRANSACTION_ID_COUNT - 1), credentials,
+    st.sampled_from(
+        [
+            "transfer",
+            "deposit",
+            "transfer",
+            "pay_merchant",
+            "withdraw",
+            "transfer",
+            "deposit",
+            "freeze",
+            "transfer",
+            "unfreeze",
+            "pay_merchant",
+            "open",
+            "transfer",
+            "close",
+        ]
+    ),
+    st.sampled_from(ACCOUNT_IDS),
+    counterparties,
+    amounts,
+    currency_choice,
+    st.integers(0, TRANSACTION_ID_COUNT - 1),
+    credentials,
 )
 # (kind, which genuine leg or account, amount in minor units, malformed amount)
-injections = st.tuples(st.sampled_from(["replay", "replay", "unsigned", "wrong_key", "malformed", "other_currency"]),
-                       st.integers(0, 10**6), st.integers(1, 3000), st.sampled_from(MALFORMED_AMOUNTS))
+injections = st.tuples(
+    st.sampled_from(["replay", "replay", "unsigned", "wrong_key", "malformed", "other_currency"]),
+    st.integers(0, 10**6),
+    st.integers(1, 3000),
+    st.sampled_from(MALFORMED_AMOUNTS),
+)
 # Mostly new requests and consumption, some client retries.
 action_arguments = {
     "send": client_specs,
@@ -88,21 +119,29 @@ action_arguments = {
     "inject": injections,
 }
 actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry"]).flatmap(
-    lambda action: st.tuples(st.just(action), action_arguments[action]))
+    lambda action: st.tuples(st.just(action), action_arguments[action])
+)
 attacked_actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry", "inject", "inject"]).flatmap(
-    lambda action: st.tuples(st.just(action), action_arguments[action]))
+    lambda action: st.tuples(st.just(action), action_arguments[action])
+)
 programs = st.lists(actions, min_size=30, max_size=150)
 attacked_programs = st.lists(attacked_actions, min_size=30, max_size=150)
 small_delays_ms = st.integers(0, 2000)
 # Jumps of half and more than a whole idempotency window, so that partitions forget
 # transaction ids while some of their transfers are still in flight and clients retry them.
-window_delays_ms = st.one_of(small_delays_ms, st.sampled_from(
-    [IDEMPOTENCY_WINDOW_MS // 2, IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS]))
+window_delays_ms = st.one_of(
+    small_delays_ms, st.sampled_from([IDEMPOTENCY_WINDOW_MS // 2, IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS])
+)
 
 
 def credentials_of(kind: str, account_id: str, how: str) -> dict[str, str]:
-    proper = {"deposit": ("bank", "bank"), "withdraw": ("bank", "bank"), "freeze": ("operator", "operator"),
-              "unfreeze": ("operator", "operator"), "close": ("operator", "operator")}.get(kind, (account_id, "user"))
+    proper = {
+        "deposit": ("bank", "bank"),
+        "withdraw": ("bank", "bank"),
+        "freeze": ("operator", "operator"),
+        "unfreeze": ("operator", "operator"),
+        "close": ("operator", "operator"),
+    }.get(kind, (account_id, "user"))
     if how == "stranger":
         return {"actor": "mallory", "role": proper[1]}
     if how == "wrong_role":
@@ -111,30 +150,45 @@ def credentials_of(kind: str, account_id: str, how: str) -> dict[str, str]:
 
 
 def client_command(spec: tuple) -> Command:
-    (kind, account_id, (counterparty_kind, counterparty), (amount_kind, amount_value), currency_override, tx_id,
-     how) = spec
+    (
+        kind,
+        account_id,
+        (counterparty_kind, counterparty),
+        (amount_kind, amount_value),
+        currency_override,
+        tx_id,
+        how,
+    ) = spec
     planned_currency, planned_kind = ACCOUNTS.get(account_id, ("USD", "user"))
     if counterparty_kind == "peer":
-        peers = [peer for peer, (currency, _) in ACCOUNTS.items()
-                 if currency == planned_currency and peer != account_id]
+        peers = [
+            peer for peer, (currency, _) in ACCOUNTS.items() if currency == planned_currency and peer != account_id
+        ]
         other_account = peers[counterparty % len(peers)]
     else:
         other_account = counterparty
     currency = currency_override or planned_currency
-    amount = format_amount(amount_value, currency if currency in CURRENCIES else "USD") if amount_kind == "minor" \
+    amount = (
+        format_amount(amount_value, currency if currency in CURRENCIES else "USD")
+        if amount_kind == "minor"
         else amount_value
+    )
     common: dict[str, Any] = dict(transaction_id=f"t{tx_id}", **credentials_of(kind, account_id, how))
     if kind == "open":
         return OpenAccount(**common, account_id=account_id, currency=currency, kind=planned_kind)
     if kind in ("deposit", "withdraw"):
-        return (Deposit if kind == "deposit" else Withdraw)(**common, account_id=account_id, amount=amount,
-                                                              currency=currency)
+        return (Deposit if kind == "deposit" else Withdraw)(
+            **common, account_id=account_id, amount=amount, currency=currency
+        )
     if kind in ("transfer", "pay_merchant"):
-        return (Transfer if kind == "transfer" else PayMerchant)(**common, from_account=account_id,
-                                                                 to_account=other_account, amount=amount,
-                                                                 currency=currency)
-    status_classes: dict[str, type[Freeze | Unfreeze | Close]] = {"freeze": Freeze, "unfreeze": Unfreeze,
-                                                                  "close": Close}
+        return (Transfer if kind == "transfer" else PayMerchant)(
+            **common, from_account=account_id, to_account=other_account, amount=amount, currency=currency
+        )
+    status_classes: dict[str, type[Freeze | Unfreeze | Close]] = {
+        "freeze": Freeze,
+        "unfreeze": Unfreeze,
+        "close": Close,
+    }
     return status_classes[kind](**common, account_id=account_id)
 
 
@@ -146,8 +200,9 @@ def with_another_payload(command: Command) -> Command:
         return msgspec.structs.replace(command, kind="merchant" if command.kind == "user" else "user")
     others: dict[type, type[Freeze | Unfreeze | Close]] = {Freeze: Unfreeze, Unfreeze: Close, Close: Freeze}
     other = others[type(command)]
-    return other(transaction_id=command.transaction_id, actor=command.actor, role=command.role,
-                 account_id=command.account_id)
+    return other(
+        transaction_id=command.transaction_id, actor=command.actor, role=command.role, account_id=command.account_id
+    )
 
 
 class History:
@@ -163,10 +218,26 @@ class History:
     def play(self, program: list[tuple]) -> None:
         for account_id in sorted(ACCOUNTS):
             currency, kind = ACCOUNTS[account_id]
-            self.send(OpenAccount(transaction_id=f"open-{account_id}", actor=account_id, role="user",
-                                  account_id=account_id, currency=currency, kind=kind))
-            self.send(Deposit(transaction_id=f"fund-{account_id}", actor="bank", role="bank", account_id=account_id,
-                              amount=format_amount(OPENING_DEPOSIT_MINOR, currency), currency=currency))
+            self.send(
+                OpenAccount(
+                    transaction_id=f"open-{account_id}",
+                    actor=account_id,
+                    role="user",
+                    account_id=account_id,
+                    currency=currency,
+                    kind=kind,
+                )
+            )
+            self.send(
+                Deposit(
+                    transaction_id=f"fund-{account_id}",
+                    actor="bank",
+                    role="bank",
+                    account_id=account_id,
+                    amount=format_amount(OPENING_DEPOSIT_MINOR, currency),
+                    currency=currency,
+                )
+            )
         for index, (action, argument) in enumerate(program):
             self.driver.clock_ms += self.delays_ms[index % len(self.delays_ms)]
             if action == "send":
@@ -175,8 +246,11 @@ class History:
                 self.inject(*argument)
             elif action == "retry":
                 position, same_payload, transfers_only = argument
-                pool = [command for command in self.sent if isinstance(command, (Transfer, PayMerchant))] \
-                    if transfers_only else self.sent
+                pool = (
+                    [command for command in self.sent if isinstance(command, (Transfer, PayMerchant))]
+                    if transfers_only
+                    else self.sent
+                )
                 if pool:
                     earlier = pool[position % len(pool)]
                     if same_payload:
@@ -203,12 +277,21 @@ class History:
             return
         sender, receiver = ACCOUNT_IDS[choice % len(ACCOUNT_IDS)], ACCOUNT_IDS[(choice // 7) % len(ACCOUNT_IDS)]
         currency = ACCOUNTS.get(receiver, ("USD", "user"))[0]
-        fields: dict[str, Any] = dict(transaction_id=f"forged-{self.injected}", actor=sender, issued_ms=driver.clock_ms,
-                                      from_account=sender, to_account=receiver,
-                                      amount=format_amount(amount_minor, currency), currency=currency,
-                                      digest=f"forged-{choice}")
-        leg: CreditLeg | RefundLeg = CreditLeg(**fields) if choice % 2 else RefundLeg(
-            **fields, reason="account_frozen", debit_ms=driver.clock_ms)
+        fields: dict[str, Any] = dict(
+            transaction_id=f"forged-{self.injected}",
+            actor=sender,
+            issued_ms=driver.clock_ms,
+            from_account=sender,
+            to_account=receiver,
+            amount=format_amount(amount_minor, currency),
+            currency=currency,
+            digest=f"forged-{choice}",
+        )
+        leg: CreditLeg | RefundLeg = (
+            CreditLeg(**fields)
+            if choice % 2
+            else RefundLeg(**fields, reason="account_frozen", debit_ms=driver.clock_ms)
+        )
         if kind == "unsigned":
             driver.inject(owner_account(leg), encode(leg))
         elif kind == "wrong_key":
@@ -223,8 +306,11 @@ class History:
                 altered = msgspec.structs.replace(genuine, amount=malformed_amount)
             else:
                 other = {"USD": "JPY", "JPY": "BHD", "BHD": "USD"}[genuine.currency]
-                altered = msgspec.structs.replace(genuine, currency=other, amount=format_amount(
-                    canonical_minor(genuine.amount, genuine.currency), other))
+                altered = msgspec.structs.replace(
+                    genuine,
+                    currency=other,
+                    amount=format_amount(canonical_minor(genuine.amount, genuine.currency), other),
+                )
             if type(altered) is RefundLeg or kind == "malformed":
                 driver.inject(owner, encode(driver.keyring.sign(altered)))
 
@@ -232,8 +318,10 @@ class History:
         driver = self.driver
         balances = driver.balances()
         for currency in driver.currencies():
-            assert balances[currency] + driver.money.in_flight[currency] == \
-                driver.money.deposited[currency] - driver.money.withdrawn[currency], currency
+            assert (
+                balances[currency] + driver.money.in_flight[currency]
+                == driver.money.deposited[currency] - driver.money.withdrawn[currency]
+            ), currency
             assert driver.money.in_flight[currency] >= 0, currency
         for partition in driver.partitions:
             for account_id, account in partition.state.accounts.items():
@@ -301,8 +389,9 @@ def test_money_is_conserved_and_every_request_gets_one_answer(program: list[tupl
 
 @PROPERTY_SETTINGS
 @given(program=attacked_programs, delays_ms=st.lists(small_delays_ms, min_size=1, max_size=8))
-def test_forged_replayed_and_malformed_legs_create_double_or_lose_no_money(program: list[tuple],
-                                                                         delays_ms: list[int]) -> None:
+def test_forged_replayed_and_malformed_legs_create_double_or_lose_no_money(
+    program: list[tuple], delays_ms: list[int]
+) -> None:
     history = History(delays_ms)
     history.play(program)
     history.check_settled()
@@ -324,16 +413,21 @@ DEPOSIT_A1 = ("send", ("deposit", "a1", ("peer", 0), ("minor", 1), None, 3, "pro
 CREDIT_LEG_DROPPED = [TRANSFER_A0_TO_A1, DEPOSIT_A0, TRANSFER_A0_TO_A1]
 # Both debits of t0 are refused by the frozen receiver, which forgot the first refusal; the
 # sender, which remembers the first refund as t0's answer, drops the second refund leg.
-REFUND_LEG_DROPPED = ([FREEZE_A1, TRANSFER_A0_TO_A1, DEPOSIT_A0, TRANSFER_A0_TO_A1] + [("step", 0)] * 9
-                      + [("step", 2)] * 4 + [DEPOSIT_A1, ("step", 2)])
+REFUND_LEG_DROPPED = (
+    [FREEZE_A1, TRANSFER_A0_TO_A1, DEPOSIT_A0, TRANSFER_A0_TO_A1]
+    + [("step", 0)] * 9
+    + [("step", 2)] * 4
+    + [DEPOSIT_A1, ("step", 2)]
+)
 
 
 @PROPERTY_SETTINGS
 @example(program=CREDIT_LEG_DROPPED, delays_ms=[PAST_WINDOW_MS])
 @example(program=REFUND_LEG_DROPPED, delays_ms=[PAST_WINDOW_MS])
 @given(program=programs, delays_ms=st.lists(window_delays_ms, min_size=1, max_size=8))
-def test_money_is_conserved_when_retries_outlive_the_idempotency_window(program: list[tuple],
-                                                                      delays_ms: list[int]) -> None:
+def test_money_is_conserved_when_retries_outlive_the_idempotency_window(
+    program: list[tuple], delays_ms: list[int]
+) -> None:
     # Across the window a retry is a new request and may get another answer; money must still
     # never be created, destroyed or left in flight.
     history = History(delays_ms)
@@ -344,8 +438,9 @@ def test_money_is_conserved_when_retries_outlive_the_idempotency_window(program:
 
 @PROPERTY_SETTINGS
 @given(program=attacked_programs, delays_ms=st.lists(window_delays_ms, min_size=1, max_size=8))
-def test_replayed_legs_across_the_idempotency_window_create_no_money(program: list[tuple],
-                                                                    delays_ms: list[int]) -> None:
+def test_replayed_legs_across_the_idempotency_window_create_no_money(
+    program: list[tuple], delays_ms: list[int]
+) -> None:
     history = History(delays_ms)
     history.play(program)
     history.check_settled_or_with_the_operators()
@@ -361,7 +456,11 @@ def test_the_regression_programs_still_debit_one_transfer_twice() -> None:
     for program, refusals in ((CREDIT_LEG_DROPPED, 1), (REFUND_LEG_DROPPED, 2)):
         history = History([PAST_WINDOW_MS])
         history.play(program)
-        kinds = [type(event) for partition in range(PARTITION_COUNT) for event in history.driver.events(partition)
-                 if event.transaction_id == "t0"]
+        kinds = [
+            type(event)
+            for partition in range(PARTITION_COUNT)
+            for event in history.driver.events(partition)
+            if event.transaction_id == "t0"
+        ]
         assert kinds.count(TransferDebited) == 2
         assert kinds.count(CommandRejected) == refusals  # the receiver refused each debit's credit leg

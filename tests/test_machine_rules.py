@@ -4,6 +4,7 @@ Most tests run one partition's `State` and carry the saga legs by hand, which le
 hold a leg "in transit" while other commands happen; the cross-partition tests use two
 states, one per partition, as the processor does.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,29 +68,73 @@ def new_tx() -> str:
     return f"tx-{next(_tx_numbers)}"
 
 
-def open_account(account_id: str, currency: str = "USD", kind: AccountKind = "user", *, tx: str | None = None,
-                 actor: str | None = None) -> OpenAccount:
-    return OpenAccount(transaction_id=tx or new_tx(), actor=actor or account_id, role="user", account_id=account_id,
-                       currency=currency, kind=kind)
+def open_account(
+    account_id: str,
+    currency: str = "USD",
+    kind: AccountKind = "user",
+    *,
+    tx: str | None = None,
+    actor: str | None = None,
+) -> OpenAccount:
+    return OpenAccount(
+        transaction_id=tx or new_tx(),
+        actor=actor or account_id,
+        role="user",
+        account_id=account_id,
+        currency=currency,
+        kind=kind,
+    )
 
 
-def deposit(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None, actor: str = BANK,
-            role: Role = "bank") -> Deposit:
-    return Deposit(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount,
-                   currency=currency)
+def deposit(
+    account_id: str,
+    amount: str,
+    currency: str = "USD",
+    *,
+    tx: str | None = None,
+    actor: str = BANK,
+    role: Role = "bank",
+) -> Deposit:
+    return Deposit(
+        transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount, currency=currency
+    )
 
 
-def withdraw(account_id: str, amount: str, currency: str = "USD", *, tx: str | None = None, actor: str = BANK,
-             role: Role = "bank") -> Withdraw:
-    return Withdraw(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount,
-                    currency=currency)
+def withdraw(
+    account_id: str,
+    amount: str,
+    currency: str = "USD",
+    *,
+    tx: str | None = None,
+    actor: str = BANK,
+    role: Role = "bank",
+) -> Withdraw:
+    return Withdraw(
+        transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id, amount=amount, currency=currency
+    )
 
 
-def transfer(from_account: str, to_account: str, amount: str, currency: str = "USD", *, tx: str | None = None,
-             merchant: bool = False, actor: str | None = None, role: Role = "user") -> Transfer | PayMerchant:
+def transfer(
+    from_account: str,
+    to_account: str,
+    amount: str,
+    currency: str = "USD",
+    *,
+    tx: str | None = None,
+    merchant: bool = False,
+    actor: str | None = None,
+    role: Role = "user",
+) -> Transfer | PayMerchant:
     kind = PayMerchant if merchant else Transfer
-    return kind(transaction_id=tx or new_tx(), actor=actor or from_account, role=role, from_account=from_account,
-                to_account=to_account, amount=amount, currency=currency)
+    return kind(
+        transaction_id=tx or new_tx(),
+        actor=actor or from_account,
+        role=role,
+        from_account=from_account,
+        to_account=to_account,
+        amount=amount,
+        currency=currency,
+    )
 
 
 def freeze(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role: Role = "operator") -> Freeze:
@@ -153,16 +198,23 @@ def balance(state: State, account_id: str) -> int:
 
 def snapshot(state: State) -> tuple:
     """A deep copy of what a command may change: accounts, memory (in order) and clock."""
-    accounts = {key: (account.currency, account.kind, account.status, account.balance_minor, account.seq)
-                for key, account in state.accounts.items()}
+    accounts = {
+        key: (account.currency, account.kind, account.status, account.balance_minor, account.seq)
+        for key, account in state.accounts.items()
+    }
     return accounts, list(state.memory.items()), state.clock_ms
 
 
 def assert_rejected(decision: Decision, command: Command, reason: str) -> None:
     """Refused: one decision event naming the reason, no leg, and a failure outcome for this request."""
-    assert decision.outcome == Outcome(transaction_id=command.transaction_id, account_id=owner_account(command),
-                                       actor=command.actor, status="failure", reason=reason,
-                                       digest=command_digest(command))
+    assert decision.outcome == Outcome(
+        transaction_id=command.transaction_id,
+        account_id=owner_account(command),
+        actor=command.actor,
+        status="failure",
+        reason=reason,
+        digest=command_digest(command),
+    )
     assert decision.follow_ups == []
     [event] = decision.events
     assert type(event) is CommandRejected
@@ -172,13 +224,26 @@ def assert_rejected(decision: Decision, command: Command, reason: str) -> None:
 
 # --- opening accounts -------------------------------------------------------------------------------------------------
 
+
 def test_open_account_starts_active_at_zero_with_sequence_one() -> None:
     state = State()
     command = open_account("alice", "BHD", "merchant")
     decision = apply(state, command)
-    assert decision.events == [AccountOpened(account_id="alice", transaction_id=command.transaction_id, ts_ms=TS_MS,
-                                             command="open_account", digest=command_digest(command), actor="alice",
-                                             seq=1, owner="alice", currency="BHD", kind="merchant", balance="0.000")]
+    assert decision.events == [
+        AccountOpened(
+            account_id="alice",
+            transaction_id=command.transaction_id,
+            ts_ms=TS_MS,
+            command="open_account",
+            digest=command_digest(command),
+            actor="alice",
+            seq=1,
+            owner="alice",
+            currency="BHD",
+            kind="merchant",
+            balance="0.000",
+        )
+    ]
     assert decision.outcome is not None and decision.outcome.status == "success"
     assert state.accounts["alice"] == Account("BHD", "merchant", ACTIVE, 0, 1, "alice")
 
@@ -206,14 +271,25 @@ def test_a_closed_account_cannot_be_opened_again() -> None:
 
 # --- deposits and withdrawals -----------------------------------------------------------------------------------------
 
+
 def test_deposit_adds_to_the_balance_and_takes_the_next_sequence_number() -> None:
     state = ledger(("alice", "USD", "user", "5.00"))
     command = deposit("alice", "12.3")
     decision = apply(state, command)
-    assert decision.events == [Deposited(account_id="alice", transaction_id=command.transaction_id, ts_ms=TS_MS,
-                                         command="deposit", digest=command_digest(command), actor=BANK, seq=3,
-                                         amount="12.30",
-                                         currency="USD", balance="17.30")]
+    assert decision.events == [
+        Deposited(
+            account_id="alice",
+            transaction_id=command.transaction_id,
+            ts_ms=TS_MS,
+            command="deposit",
+            digest=command_digest(command),
+            actor=BANK,
+            seq=3,
+            amount="12.30",
+            currency="USD",
+            balance="17.30",
+        )
+    ]
     assert decision.follow_ups == []
     assert balance(state, "alice") == 1730
 
@@ -300,8 +376,10 @@ def test_money_command_in_an_unknown_currency_is_unknown_currency(kind: str) -> 
     assert balance(state, "alice") == 1000
 
 
-@pytest.mark.parametrize("amount", ["1e3", "1E2", "-1.00", "0", "0.00", "1.001", "", "  ", "1.0.0", "+1",
-                                    format_amount(AMOUNT_MINOR_MAX + 1, "USD")])
+@pytest.mark.parametrize(
+    "amount",
+    ["1e3", "1E2", "-1.00", "0", "0.00", "1.001", "", "  ", "1.0.0", "+1", format_amount(AMOUNT_MINOR_MAX + 1, "USD")],
+)
 @pytest.mark.parametrize("kind", MONEY_COMMANDS)
 def test_money_command_with_an_unacceptable_amount_is_invalid_amount(kind: str, amount: str) -> None:
     state = sender_ledger()
@@ -331,26 +409,64 @@ def test_yen_has_no_minor_unit_and_dinar_has_three() -> None:
 
 # --- transfers --------------------------------------------------------------------------------------------------------
 
+
 def test_transfer_debits_the_sender_then_credits_the_receiver_and_answers_success() -> None:
     state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", "1.00"))
     command = transfer("alice", "bob", "2.5", tx="t-1")
     digest = command_digest(command)
     debit = apply(state, command)
-    assert debit.events == [TransferDebited(account_id="alice", transaction_id="t-1", ts_ms=TS_MS, command="transfer",
-                                            digest=digest, actor="alice", seq=3, amount="2.50", currency="USD",
-                                            balance="7.50", to_account="bob", merchant_only=False)]
-    assert debit.follow_ups == [CreditLeg(transaction_id="t-1", actor="alice", issued_ms=TS_MS, from_account="alice",
-                                          to_account="bob",
-                                          amount="2.50", currency="USD", digest=digest, merchant_only=False,
-                                          resend=False)]
+    assert debit.events == [
+        TransferDebited(
+            account_id="alice",
+            transaction_id="t-1",
+            ts_ms=TS_MS,
+            command="transfer",
+            digest=digest,
+            actor="alice",
+            seq=3,
+            amount="2.50",
+            currency="USD",
+            balance="7.50",
+            to_account="bob",
+            merchant_only=False,
+        )
+    ]
+    assert debit.follow_ups == [
+        CreditLeg(
+            transaction_id="t-1",
+            actor="alice",
+            issued_ms=TS_MS,
+            from_account="alice",
+            to_account="bob",
+            amount="2.50",
+            currency="USD",
+            digest=digest,
+            merchant_only=False,
+            resend=False,
+        )
+    ]
     assert debit.outcome is None  # not final while the money is in flight
     credit = apply(state, debit.follow_ups[0])
-    assert credit.events == [TransferCredited(account_id="bob", transaction_id="t-1", ts_ms=TS_MS, command="credit_leg",
-                                              digest=digest, actor="alice", seq=3, amount="2.50", currency="USD",
-                                              balance="3.50", from_account="alice", issued_ms=TS_MS)]
+    assert credit.events == [
+        TransferCredited(
+            account_id="bob",
+            transaction_id="t-1",
+            ts_ms=TS_MS,
+            command="credit_leg",
+            digest=digest,
+            actor="alice",
+            seq=3,
+            amount="2.50",
+            currency="USD",
+            balance="3.50",
+            from_account="alice",
+            issued_ms=TS_MS,
+        )
+    ]
     assert credit.follow_ups == []
-    assert credit.outcome == Outcome(transaction_id="t-1", account_id="alice", actor="alice", status="success",
-                                     reason=None, digest=digest)
+    assert credit.outcome == Outcome(
+        transaction_id="t-1", account_id="alice", actor="alice", status="success", reason=None, digest=digest
+    )
 
 
 def test_transfer_across_two_partitions_takes_the_same_two_legs() -> None:
@@ -394,16 +510,33 @@ def test_transfer_the_receiver_cannot_take_is_refunded_and_fails_with_its_reason
     decisions = settle(state, command)
     events = [event for decision in decisions for event in decision.events]
     assert [type(event) for event in events] == [TransferDebited, CommandRejected, TransferRefunded]
-    assert decisions[1].follow_ups == [RefundLeg(transaction_id=command.transaction_id, actor="alice", issued_ms=TS_MS,
-                                                 from_account="alice", to_account="bob", amount="3.00",
-                                                 currency="USD", digest=command_digest(command), reason=reason,
-                                                 debit_ms=TS_MS)]
+    assert decisions[1].follow_ups == [
+        RefundLeg(
+            transaction_id=command.transaction_id,
+            actor="alice",
+            issued_ms=TS_MS,
+            from_account="alice",
+            to_account="bob",
+            amount="3.00",
+            currency="USD",
+            digest=command_digest(command),
+            reason=reason,
+            debit_ms=TS_MS,
+        )
+    ]
     assert isinstance(events[1], CommandRejected) and isinstance(events[2], TransferRefunded)
     assert (events[1].account_id, events[1].command, events[1].reason) == ("bob", "credit_leg", reason)
     assert (events[2].account_id, events[2].reason, events[2].balance) == ("alice", reason, "10.00")
-    assert outcomes_of(decisions) == [Outcome(transaction_id=command.transaction_id, account_id="alice", actor="alice",
-                                              status="failure", reason=reason,
-                                              digest=command_digest(command))]
+    assert outcomes_of(decisions) == [
+        Outcome(
+            transaction_id=command.transaction_id,
+            account_id="alice",
+            actor="alice",
+            status="failure",
+            reason=reason,
+            digest=command_digest(command),
+        )
+    ]
     assert balance(state, "alice") == 1000
     assert "bob" not in state.accounts or balance(state, "bob") == 0
 
@@ -478,6 +611,7 @@ def test_a_debit_stays_in_flight_for_its_sender_until_refunded_or_forgotten() ->
 
 # --- idempotency ------------------------------------------------------------------------------------------------------
 
+
 def test_retry_after_success_returns_the_same_outcome_and_changes_nothing() -> None:
     state = ledger(("alice", "USD", "user", ""))
     command = deposit("alice", "5.00", tx="dep-1")
@@ -517,8 +651,16 @@ def test_retry_of_a_transfer_in_flight_resends_a_credit_leg_that_never_moves_mon
     assert [decision.follow_ups for decision in decisions] == [[], []]
     outcomes = outcomes_of(decisions)
     assert outcomes and {encode(outcome) for outcome in outcomes} == {
-        encode(Outcome(transaction_id="t-1", account_id="alice", actor="alice", status="success",
-                       digest=command_digest(command)))}
+        encode(
+            Outcome(
+                transaction_id="t-1",
+                account_id="alice",
+                actor="alice",
+                status="success",
+                digest=command_digest(command),
+            )
+        )
+    }
     assert (balance(state, "alice"), balance(state, "bob")) == (600, 400)
 
 
@@ -570,9 +712,16 @@ def test_transfer_under_an_id_the_receiver_used_for_its_own_request_is_refunded_
     [own_answer] = outcomes_of(settle(state, own_request))
     command = transfer("alice", "bob", "4.00", tx="shared-id")
     outcomes = outcomes_of(settle(state, command))
-    assert outcomes == [Outcome(transaction_id="shared-id", account_id="alice", actor="alice", status="failure",
-                                reason=Reason.DUPLICATE_CONFLICT,
-                                digest=command_digest(command))]
+    assert outcomes == [
+        Outcome(
+            transaction_id="shared-id",
+            account_id="alice",
+            actor="alice",
+            status="failure",
+            reason=Reason.DUPLICATE_CONFLICT,
+            digest=command_digest(command),
+        )
+    ]
     assert (balance(state, "alice"), balance(state, "bob")) == (1000, 100)
     retry = apply(state, own_request, TS_MS + 1)
     assert encode(retry.outcome) == encode(own_answer)  # the conflict did not overwrite bob's own answer
@@ -608,10 +757,17 @@ def test_retry_after_the_idempotency_window_of_the_partition_clock_is_a_new_requ
 
 
 def test_identical_input_gives_byte_identical_events_and_outcomes() -> None:
-    script: list[Command] = [open_account("alice", tx="o1"), open_account("bob", "USD", "merchant", tx="o2"),
-              deposit("alice", "10.00", tx="d1"), transfer("alice", "bob", "2.50", tx="t1", merchant=True),
-              transfer("alice", "nobody", "1.00", tx="t2"), withdraw("alice", "100", tx="w1"), freeze("bob", tx="f1"),
-              transfer("alice", "bob", "1.00", tx="t3"), deposit("alice", "1.00", tx="d1")]
+    script: list[Command] = [
+        open_account("alice", tx="o1"),
+        open_account("bob", "USD", "merchant", tx="o2"),
+        deposit("alice", "10.00", tx="d1"),
+        transfer("alice", "bob", "2.50", tx="t1", merchant=True),
+        transfer("alice", "nobody", "1.00", tx="t2"),
+        withdraw("alice", "100", tx="w1"),
+        freeze("bob", tx="f1"),
+        transfer("alice", "bob", "1.00", tx="t3"),
+        deposit("alice", "1.00", tx="d1"),
+    ]
 
     def run() -> list[bytes]:
         state = State()
@@ -630,22 +786,40 @@ def test_identical_input_gives_byte_identical_events_and_outcomes() -> None:
 
 # --- freeze, unfreeze, close ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("setup", "make_command", "reason"), [
-    ([], freeze, Reason.ACCOUNT_NOT_FOUND),
-    ([], unfreeze, Reason.ACCOUNT_NOT_FOUND),
-    ([], close, Reason.ACCOUNT_NOT_FOUND),
-    (["freeze"], freeze, Reason.ACCOUNT_FROZEN),
-    (["open"], unfreeze, Reason.ACCOUNT_NOT_FROZEN),
-    (["close"], freeze, Reason.ACCOUNT_CLOSED),
-    (["close"], unfreeze, Reason.ACCOUNT_CLOSED),
-    (["close"], close, Reason.ACCOUNT_CLOSED),
-    (["deposit"], close, Reason.BALANCE_NOT_ZERO),
-], ids=["freeze_missing", "unfreeze_missing", "close_missing", "freeze_frozen", "unfreeze_active", "freeze_closed",
-        "unfreeze_closed", "close_closed", "close_with_money"])
+
+@pytest.mark.parametrize(
+    ("setup", "make_command", "reason"),
+    [
+        ([], freeze, Reason.ACCOUNT_NOT_FOUND),
+        ([], unfreeze, Reason.ACCOUNT_NOT_FOUND),
+        ([], close, Reason.ACCOUNT_NOT_FOUND),
+        (["freeze"], freeze, Reason.ACCOUNT_FROZEN),
+        (["open"], unfreeze, Reason.ACCOUNT_NOT_FROZEN),
+        (["close"], freeze, Reason.ACCOUNT_CLOSED),
+        (["close"], unfreeze, Reason.ACCOUNT_CLOSED),
+        (["close"], close, Reason.ACCOUNT_CLOSED),
+        (["deposit"], close, Reason.BALANCE_NOT_ZERO),
+    ],
+    ids=[
+        "freeze_missing",
+        "unfreeze_missing",
+        "close_missing",
+        "freeze_frozen",
+        "unfreeze_active",
+        "freeze_closed",
+        "unfreeze_closed",
+        "close_closed",
+        "close_with_money",
+    ],
+)
 def test_status_change_refusals(setup: list[str], make_command, reason: str) -> None:
     state = State()
-    steps: dict[str, list[Command]] = {"open": [], "freeze": [freeze("alice")], "close": [close("alice")],
-                                       "deposit": [deposit("alice", "0.01")]}
+    steps: dict[str, list[Command]] = {
+        "open": [],
+        "freeze": [freeze("alice")],
+        "close": [close("alice")],
+        "deposit": [deposit("alice", "0.01")],
+    }
     if setup:
         succeed(state, open_account("alice"), *steps[setup[0]])
     before = snapshot(state)[0]
@@ -657,8 +831,11 @@ def test_status_change_refusals(setup: list[str], make_command, reason: str) -> 
 def test_freeze_unfreeze_and_close_change_status_with_the_next_sequence_number() -> None:
     state = ledger(("alice", "USD", "user", ""))
     expected: list[tuple[Callable[[str], Command], type, str, int]] = [
-        (freeze, AccountFrozen, FROZEN, 2), (unfreeze, AccountUnfrozen, ACTIVE, 3),
-        (freeze, AccountFrozen, FROZEN, 4), (close, AccountClosed, CLOSED, 5)]
+        (freeze, AccountFrozen, FROZEN, 2),
+        (unfreeze, AccountUnfrozen, ACTIVE, 3),
+        (freeze, AccountFrozen, FROZEN, 4),
+        (close, AccountClosed, CLOSED, 5),
+    ]
     for make_command, event_class, status, seq in expected:
         [event] = apply(state, make_command("alice")).events
         assert isinstance(event, (AccountFrozen, AccountUnfrozen, AccountClosed))
@@ -681,12 +858,21 @@ def test_a_refusal_is_a_decision_event_without_a_sequence_number() -> None:
 
 # --- fold -------------------------------------------------------------------------------------------------------------
 
+
 def test_folding_the_events_rebuilds_exactly_the_live_state_and_its_memory() -> None:
     live = State()
     events = []
-    script: list[Command] = [open_account("alice"), open_account("bob", kind="merchant"), deposit("alice", "10.00"),
-              transfer("alice", "bob", "2.00", merchant=True), transfer("alice", "ghost", "1.00"),
-              withdraw("alice", "50.00"), freeze("bob"), transfer("alice", "bob", "1.00"), deposit("bob", "1.00")]
+    script: list[Command] = [
+        open_account("alice"),
+        open_account("bob", kind="merchant"),
+        deposit("alice", "10.00"),
+        transfer("alice", "bob", "2.00", merchant=True),
+        transfer("alice", "ghost", "1.00"),
+        withdraw("alice", "50.00"),
+        freeze("bob"),
+        transfer("alice", "bob", "1.00"),
+        deposit("bob", "1.00"),
+    ]
     for command in script:
         for decision in settle(live, command):
             events += decision.events
@@ -762,6 +948,7 @@ def test_fold_ignores_an_event_whose_sequence_number_was_already_folded() -> Non
 
 # --- regressions: defects of the first core (commit 42c12a7) that these tests found -----------------------------------
 
+
 def test_fold_raises_corrupt_log_on_a_non_canonical_balance() -> None:
     # A torn or forged record must surface as CorruptLog, the one error the runtime and audit act on.
     state, [_, deposited] = opened_and_deposited()
@@ -778,7 +965,8 @@ def test_fold_raises_corrupt_log_on_a_deposit_of_a_negative_amount() -> None:
 
 @pytest.mark.parametrize("receiver_time", ["quiet_clock", "record_time"])
 def test_a_transfer_retried_after_the_sender_forgot_it_is_credited_again_not_stranded_in_flight(
-        receiver_time: str) -> None:
+    receiver_time: str,
+) -> None:
     # Two partitions. The sender's clock moved past the window, so it takes the retry as a new
     # request and debits again; the second leg is issued more than half a window after the
     # receiver's first credit, so it is not a copy of the first leg even where the receiver

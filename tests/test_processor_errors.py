@@ -4,6 +4,7 @@ The core's `UndecidableInput` is the only exception the processor dead-letters; 
 exception out of the core is a bug and stops the process before its batch commits. Kafka's
 errors come in two kinds, decided in one place (`streams/runtime/transactions.py`).
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,20 +28,29 @@ def _error(code: int, **flags: bool) -> KafkaException:
     return KafkaException(KafkaError(code, "test", **flags))
 
 
-@pytest.mark.parametrize("code, flags", [
-    (KafkaError._TIMED_OUT, {"retriable": True}),  # a commit that timed out: its fate is unknown
-    (KafkaError._FENCED, {"fatal": True}),  # a zombie of ourselves took over: start a new producer
-    (KafkaError.INVALID_TXN_STATE, {"fatal": True}),
-    (KafkaError._TRANSPORT, {}),  # the broker went away
-    (KafkaError._STATE, {"fatal": True}),  # after a fatal error every call says _STATE: replace
-])
+@pytest.mark.parametrize(
+    "code, flags",
+    [
+        (KafkaError._TIMED_OUT, {"retriable": True}),  # a commit that timed out: its fate is unknown
+        (KafkaError._FENCED, {"fatal": True}),  # a zombie of ourselves took over: start a new producer
+        (KafkaError.INVALID_TXN_STATE, {"fatal": True}),
+        (KafkaError._TRANSPORT, {}),  # the broker went away
+        (KafkaError._STATE, {"fatal": True}),  # after a fatal error every call says _STATE: replace
+    ],
+)
 def test_transaction_errors_a_new_producer_can_cure_are_recoverable(code, flags):
     assert type(classify(_error(code, **flags), "committing")) is TransactionAborted
 
 
-@pytest.mark.parametrize("code", [KafkaError._STATE, KafkaError._INVALID_ARG,
-                                  KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-                                  KafkaError.TOPIC_AUTHORIZATION_FAILED])
+@pytest.mark.parametrize(
+    "code",
+    [
+        KafkaError._STATE,
+        KafkaError._INVALID_ARG,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    ],
+)
 def test_transaction_errors_no_rebuild_cures_are_bugs(code):
     error = classify(_error(code), "beginning a transaction")
     assert type(error) is TransactionBug and "beginning a transaction" in str(error)
@@ -86,11 +96,17 @@ def test_a_bug_in_the_core_stops_the_processor_before_its_batch_commits(make_set
     processor = _in_process(settings, "buggy")
 
     def steps(outcomes) -> None:
-        publish(command_producer(settings), settings,
-                [edge(OpenAccount, transaction_id="open-dave", account_id="dave", currency="USD")])
+        publish(
+            command_producer(settings),
+            settings,
+            [edge(OpenAccount, transaction_id="open-dave", account_id="dave", currency="USD")],
+        )
         outcomes.wait("open-dave", timeout_s=OUTCOME_TIMEOUT_S)
-        publish(command_producer(settings), settings, [
-            edge(Deposit, transaction_id="explode", account_id="dave", amount="3.00", currency="USD")])
+        publish(
+            command_producer(settings),
+            settings,
+            [edge(Deposit, transaction_id="explode", account_id="dave", amount="3.00", currency="USD")],
+        )
 
     driver = _drive(settings, steps)
     with pytest.raises(AssertionError, match="a broken invariant"):
@@ -112,9 +128,15 @@ def test_undecidable_input_is_dead_lettered_and_processing_continues(make_settin
 
     def steps(outcomes) -> None:
         try:
-            publish(command_producer(settings), settings, [
-                edge(OpenAccount, transaction_id="open-erin", account_id="erin", currency="USD"), forged,
-                edge(Deposit, transaction_id="after", account_id="erin", amount="1.00", currency="USD")])
+            publish(
+                command_producer(settings),
+                settings,
+                [
+                    edge(OpenAccount, transaction_id="open-erin", account_id="erin", currency="USD"),
+                    forged,
+                    edge(Deposit, transaction_id="after", account_id="erin", amount="1.00", currency="USD"),
+                ],
+            )
             assert outcomes.wait("after", timeout_s=OUTCOME_TIMEOUT_S)[0].status == "success"
         finally:
             processor.stop()

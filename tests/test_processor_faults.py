@@ -5,6 +5,7 @@ processor says about itself: one final outcome per request, conservation of mone
 currency, gap-free per-account sequences, byte-identical re-decision of the commands, and
 the RocksDB snapshots equal to the fold of the events.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,8 +36,9 @@ def _accounts_and_funding(ts_ms: int) -> tuple[list[str], list]:
     commands = []
     for account in accounts:
         commands.append(edge(OpenAccount, transaction_id=f"open-{account}", account_id=account, currency="USD"))
-        commands.append(edge(Deposit, transaction_id=f"fund-{account}", account_id=account, amount="50.00",
-                                currency="USD"))
+        commands.append(
+            edge(Deposit, transaction_id=f"fund-{account}", account_id=account, amount="50.00", currency="USD")
+        )
     return accounts, commands
 
 
@@ -57,8 +59,16 @@ def _transfer_stream(accounts: list[str], ts_ms: int, rng: random.Random) -> lis
         receiver = rng.choice(accounts) if roll > 0.06 else f"missing-{i}"
         if receiver == sender:
             receiver = accounts[0 if sender != accounts[0] else 1]
-        transfers.append(edge(Transfer, transaction_id=f"tx-{i}", from_account=sender, to_account=receiver,
-                              amount=f"{rng.randint(1, 2000) / 100:.2f}", currency="USD"))
+        transfers.append(
+            edge(
+                Transfer,
+                transaction_id=f"tx-{i}",
+                from_account=sender,
+                to_account=receiver,
+                amount=f"{rng.randint(1, 2000) / 100:.2f}",
+                currency="USD",
+            )
+        )
     return transfers
 
 
@@ -89,8 +99,9 @@ def _publish_steadily(settings, commands: list, duration_s: float) -> threading.
         producer = command_producer(settings)
         chunk = max(1, len(commands) // int(duration_s * 10))
         for start in range(0, len(commands), chunk):
-            publish(producer, settings, commands[start:start + chunk])
+            publish(producer, settings, commands[start : start + chunk])
             time.sleep(0.1)
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -159,8 +170,11 @@ def test_poison_records_go_to_the_dead_letter_topic_and_processing_continues(mak
     outcomes = OutcomeCollector(settings)
     try:
         raw = Producer({"bootstrap.servers": settings.bootstrap})
-        poison = [(b"acct", b"\xff\xfe not json"), (b"acct", b'{"type": "transfer", "amount": 5}'),
-                  (b"acct", b'{"type": "no_such_command", "transaction_id": "x", "ts_ms": 1}')]
+        poison = [
+            (b"acct", b"\xff\xfe not json"),
+            (b"acct", b'{"type": "transfer", "amount": 5}'),
+            (b"acct", b'{"type": "no_such_command", "transaction_id": "x", "ts_ms": 1}'),
+        ]
         for key, value in poison:
             raw.produce(settings.commands_topic, value, key, partition=0)
         raw.flush(10)
@@ -186,10 +200,20 @@ def test_a_transaction_that_fails_to_commit_is_redone_from_the_log_not_guessed(m
     ts_ms = int(time.time() * 1000)
     accounts, funding = _accounts_and_funding(ts_ms)
     accounts, funding = accounts[:20], funding[:40]
-    transfers = [edge(Transfer, transaction_id=f"tx-{i}", from_account=accounts[i % 20],
-                          to_account=accounts[(i * 7 + 1) % 20], amount="1.25", currency="USD") for i in range(300)]
-    processor = Processor(settings, ProcessorConfig(instance_id="flaky", store_path=settings.run_dir / "flaky",
-                                                    batch_size_max=100))
+    transfers = [
+        edge(
+            Transfer,
+            transaction_id=f"tx-{i}",
+            from_account=accounts[i % 20],
+            to_account=accounts[(i * 7 + 1) % 20],
+            amount="1.25",
+            currency="USD",
+        )
+        for i in range(300)
+    ]
+    processor = Processor(
+        settings, ProcessorConfig(instance_id="flaky", store_path=settings.run_dir / "flaky", batch_size_max=100)
+    )
     transactions = processor._transactions
     commit = transactions.commit
     commits = []

@@ -3,6 +3,7 @@
 A static member is fenced (FATAL) when another consumer joins with its `group.instance.id`, which
 is what a session timeout during a broker failover looks like to the group coordinator.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,14 @@ def test_a_fenced_consumer_is_replaced_and_the_processor_decides_again(make_sett
 
         # Another member with the processor's static instance id fences the processor's consumer.
         group_id = settings.processor_group_id
-        fencer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": group_id,
-                           "group.instance.id": f"{group_id}-fenced-1", "session.timeout.ms": 6000})
+        fencer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap,
+                "group.id": group_id,
+                "group.instance.id": f"{group_id}-fenced-1",
+                "session.timeout.ms": 6000,
+            }
+        )
         fencer.subscribe([settings.commands_topic])
         deadline_s = time.monotonic() + 60
         while not fencer.assignment() and time.monotonic() < deadline_s:
@@ -40,8 +47,11 @@ def test_a_fenced_consumer_is_replaced_and_the_processor_decides_again(make_sett
             fencer.poll(0.2)
         fencer.close()
 
-        wait_for(lambda: "replacing it and rejoining the group" in processor.log_tail(200), 60,
-                 "the processor to replace its fenced consumer")
+        wait_for(
+            lambda: "replacing it and rejoining the group" in processor.log_tail(200),
+            60,
+            "the processor to replace its fenced consumer",
+        )
         deposit = edge(Deposit, transaction_id="fund-carol", account_id="carol", amount="5.00", currency="USD")
         publish(producer, settings, [deposit])
         [answer] = outcomes.wait(deposit.transaction_id, timeout_s=90)

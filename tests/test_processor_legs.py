@@ -1,5 +1,6 @@
 """The processor's decide step on a real broker: legs are authenticated, the broker's clock decides,
 and a dead-lettered client record still gets an answer (issue 12, items 1, 2, 4 and 10)."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ def _balances(settings) -> dict[str, int]:
     for record in read_topic(settings, settings.events_topic):
         assert record.value is not None  # the wallet writes no tombstones
         fold(states.setdefault(record.partition, State()), decode_event(record.value))
-    return {account_id: account.balance_minor
-            for state in states.values() for account_id, account in state.accounts.items()}
+    return {
+        account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()
+    }
 
 
 def _raw(settings, key: str, value: bytes, partition: int | None = None) -> None:
@@ -57,13 +59,40 @@ def running(make_settings):
 
 def test_forged_credit_leg_without_debit_mints_nothing(running):
     settings, outcomes = running
-    forged = CreditLeg(transaction_id="forged-1", actor="alice", issued_ms=0, from_account="alice", to_account="bob",
-                       amount="1000.00", currency="USD", digest="0" * 24)
-    refund = RefundLeg(transaction_id="forged-2", actor="alice", issued_ms=0, from_account="alice", to_account="bob",
-                       amount="1000.00", currency="USD", digest="0" * 24, reason="account_frozen", debit_ms=0)
-    negative = PROCESSORS_KEYRING.sign(CreditLeg(transaction_id="forged-3", actor="alice", issued_ms=0,
-                                                 from_account="alice", to_account="bob", amount="-5.00",
-                                                 currency="USD", digest="0" * 24))
+    forged = CreditLeg(
+        transaction_id="forged-1",
+        actor="alice",
+        issued_ms=0,
+        from_account="alice",
+        to_account="bob",
+        amount="1000.00",
+        currency="USD",
+        digest="0" * 24,
+    )
+    refund = RefundLeg(
+        transaction_id="forged-2",
+        actor="alice",
+        issued_ms=0,
+        from_account="alice",
+        to_account="bob",
+        amount="1000.00",
+        currency="USD",
+        digest="0" * 24,
+        reason="account_frozen",
+        debit_ms=0,
+    )
+    negative = PROCESSORS_KEYRING.sign(
+        CreditLeg(
+            transaction_id="forged-3",
+            actor="alice",
+            issued_ms=0,
+            from_account="alice",
+            to_account="bob",
+            amount="-5.00",
+            currency="USD",
+            digest="0" * 24,
+        )
+    )
     for leg in (forged, WRONG_KEYRING.sign(forged), refund, negative):
         _raw(settings, leg.to_account if type(leg) is CreditLeg else leg.from_account, encode(leg))
     after = edge(Deposit, transaction_id="after-forgeries", account_id="bob", amount="1.00", currency="USD")
@@ -81,14 +110,23 @@ def test_forged_credit_leg_without_debit_mints_nothing(running):
 
 def test_a_dead_lettered_client_record_with_a_readable_id_is_answered_failure(running):
     settings, outcomes = running
-    _raw(settings, "alice", b'{"type": "deposit", "transaction_id": "bad-amount-type", "account_id": "alice", '
-                            b'"amount": 5, "currency": "USD", "actor": "bank", "role": "bank"}')
-    misrouted = edge(Transfer, transaction_id="misrouted-1", from_account="alice", to_account="bob", amount="1.00",
-                     currency="USD")
+    _raw(
+        settings,
+        "alice",
+        b'{"type": "deposit", "transaction_id": "bad-amount-type", "account_id": "alice", '
+        b'"amount": 5, "currency": "USD", "actor": "bank", "role": "bank"}',
+    )
+    misrouted = edge(
+        Transfer, transaction_id="misrouted-1", from_account="alice", to_account="bob", amount="1.00", currency="USD"
+    )
     _raw(settings, "alice", encode(misrouted), partition=1 - partition_for("alice", PARTITIONS))
     [invalid] = outcomes.wait("bad-amount-type")
     assert (invalid.status, invalid.reason, invalid.account_id, invalid.actor) == (
-        "failure", Reason.INVALID_COMMAND, "alice", "bank")
+        "failure",
+        Reason.INVALID_COMMAND,
+        "alice",
+        "bank",
+    )
     [wrong] = outcomes.wait("misrouted-1")
     assert (wrong.status, wrong.reason, wrong.account_id) == ("failure", Reason.WRONG_PARTITION, "alice")
     assert _balances(settings)["alice"] == 1000
@@ -107,6 +145,7 @@ def test_the_broker_stamps_every_command_and_the_decision_carries_its_time(runni
 
 def _command_records(settings) -> list[tuple[int, bytes]]:
     from consumers.audit.log_reader import read_topic as read_log
+
     log = read_log(settings.bootstrap, settings.commands_topic, with_timestamps=True)
     records = []
     for part in log.partitions.values():
@@ -122,7 +161,8 @@ def test_a_commands_topic_stamped_by_producers_is_a_mismatch_and_the_processor_r
     admin = admin_client(settings.bootstrap)
     entry = ConfigEntry("message.timestamp.type", "CreateTime", incremental_operation=AlterConfigOpType.SET)
     for future in admin.incremental_alter_configs(
-            [ConfigResource(ResourceType.TOPIC, settings.commands_topic, incremental_configs=[entry])]).values():
+        [ConfigResource(ResourceType.TOPIC, settings.commands_topic, incremental_configs=[entry])]
+    ).values():
         future.result(timeout=30)
 
     def reported() -> bool:
@@ -131,12 +171,16 @@ def test_a_commands_topic_stamped_by_producers_is_a_mismatch_and_the_processor_r
         except TopicMismatchError as error:
             return "message.timestamp.type=CreateTime" in str(error)
         return False
+
     wait_for(reported, 15, "ensure_topics to report the CreateTime commands topic")
 
     processor = ProcessorProcess(settings, "create-time").start()
     try:
-        publish(command_producer(settings), settings, [
-            edge(OpenAccount, transaction_id="open-x", account_id="x", currency="USD")])
+        publish(
+            command_producer(settings),
+            settings,
+            [edge(OpenAccount, transaction_id="open-x", account_id="x", currency="USD")],
+        )
         wait_for(lambda: processor.process.poll() is not None, 60, "the processor to stop")
         assert processor.process.returncode != 0
         assert "LogAppendTime" in processor.log_tail(50)

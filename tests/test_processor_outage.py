@@ -6,6 +6,7 @@ cannot reach the broker either, and the exception leaves `run()`. The RocksDB sn
 then hold only what Kafka committed, and after the broker is back a retried request must be
 applied exactly once and the log must still fold.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,14 @@ RESUMED_CALL_TIMEOUT_MS = 30_000
 @pytest.fixture
 def private_broker(tmp_path):
     kafka_port, controller_port = free_loopback_ports(2)
-    settings = Settings(kafka_bootstrap="", run_dir=tmp_path, topic_prefix="outage.", partitions=1,
-                        local_kafka_port=kafka_port, local_controller_port=controller_port)
+    settings = Settings(
+        kafka_bootstrap="",
+        run_dir=tmp_path,
+        topic_prefix="outage.",
+        partitions=1,
+        local_kafka_port=kafka_port,
+        local_controller_port=controller_port,
+    )
     localkafka.fetch_jars(settings)
     started = localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True, sasl=False)
     try:
@@ -66,11 +73,18 @@ def _wait_for_the_transaction_coordinator(settings: Settings) -> None:
 
 
 def _processor(settings: Settings, kafka_call_timeout_ms: int) -> Processor:
-    return Processor(settings, ProcessorConfig(
-        # No periodic flush during the test: the snapshot is written only on the way out, where
-        # the committed-but-unsaved batch and the failed one are both in memory.
-        instance_id="outage", store_path=settings.run_dir / "processor-outage", state_flush_interval_ms=600_000,
-        kafka_call_timeout_ms=kafka_call_timeout_ms, commit_attempts_max=2))
+    return Processor(
+        settings,
+        ProcessorConfig(
+            # No periodic flush during the test: the snapshot is written only on the way out, where
+            # the committed-but-unsaved batch and the failed one are both in memory.
+            instance_id="outage",
+            store_path=settings.run_dir / "processor-outage",
+            state_flush_interval_ms=600_000,
+            kafka_call_timeout_ms=kafka_call_timeout_ms,
+            commit_attempts_max=2,
+        ),
+    )
 
 
 def _in_thread(work) -> threading.Thread:
@@ -166,4 +180,3 @@ def test_a_commit_cut_off_by_a_broker_outage_never_reaches_the_snapshot(private_
     assert _account(settings, "alice")["balance"] == "501.00"
     report = run_audit(settings, state_dumps=[state_dump(settings.run_dir / "processor-outage")], settled=True)
     assert report.passed, report.render_text()
-

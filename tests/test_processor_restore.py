@@ -5,6 +5,7 @@ The previous owner's last commit writes its transaction markers to `__consumer_o
 hold a transaction open on an events partition, the state a restore can meet between those
 two writes, and show what a read_committed read does then and what the restore does.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,16 +32,22 @@ TIMEOUT_S = 30
 
 
 def _opening_events(account_id: str) -> list[bytes]:
-    decision = apply(State(), edge(OpenAccount, transaction_id=f"open-{account_id}", account_id=account_id,
-                                   currency="USD"), 1)
+    decision = apply(
+        State(), edge(OpenAccount, transaction_id=f"open-{account_id}", account_id=account_id, currency="USD"), 1
+    )
     return [encode(event) for event in decision.events]
 
 
 def _open_transaction(settings, account_id: str) -> Producer:
     """A transactional producer whose records on events partition 0 are written but not committed."""
-    producer = Producer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
-                         "partitioner": KAFKA_PARTITIONER,
-                         "transactional.id": f"{settings.topic_prefix}previous-owner-{uuid.uuid4().hex[:6]}"})
+    producer = Producer(
+        {
+            **kafka_security("admin"),
+            "bootstrap.servers": settings.bootstrap,
+            "partitioner": KAFKA_PARTITIONER,
+            "transactional.id": f"{settings.topic_prefix}previous-owner-{uuid.uuid4().hex[:6]}",
+        }
+    )
     producer.init_transactions(TIMEOUT_S)
     producer.begin_transaction()
     for value in _opening_events(account_id):
@@ -129,7 +136,7 @@ def test_rebalances_right_after_commits_lose_and_double_nothing(make_settings):
     settings = make_settings(8)
     ts_ms = int(time.time() * 1000)
     accounts, funding = _accounts_and_funding(ts_ms)
-    accounts, funding = accounts[:REBALANCE_ACCOUNTS], funding[:2 * REBALANCE_ACCOUNTS]
+    accounts, funding = accounts[:REBALANCE_ACCOUNTS], funding[: 2 * REBALANCE_ACCOUNTS]
     transfers = [t for t in _transfer_stream(accounts, ts_ms + 1, random.Random(11))][:REBALANCE_TRANSFERS]
     first = ProcessorProcess(settings, "owner-a").start()
     second = ProcessorProcess(settings, "owner-b")
@@ -140,12 +147,18 @@ def test_rebalances_right_after_commits_lose_and_double_nothing(make_settings):
         publisher = _publish_steadily(settings, transfers, duration_s=REBALANCES * 12)
         for round_number in range(1, REBALANCES + 1):
             second.start()
-            wait_for(lambda rounds=round_number: _assignments(second) >= rounds, ASSIGNED_TIMEOUT_S,
-                     f"owner-b taking partitions (round {round_number})")
+            wait_for(
+                lambda rounds=round_number: _assignments(second) >= rounds,
+                ASSIGNED_TIMEOUT_S,
+                f"owner-b taking partitions (round {round_number})",
+            )
             assert second.stop() == 0, second.log_tail()
             # Static membership: the partitions come back to owner-a when owner-b's session ends.
-            wait_for(lambda: _owned_now(first) == set(range(settings.partitions)), ASSIGNED_TIMEOUT_S,
-                     f"owner-a taking every partition back (round {round_number})")
+            wait_for(
+                lambda: _owned_now(first) == set(range(settings.partitions)),
+                ASSIGNED_TIMEOUT_S,
+                f"owner-a taking every partition back (round {round_number})",
+            )
         publisher.join(timeout=120)
         assert not publisher.is_alive(), "publishing the transfers did not finish"
         outcomes.wait_all({t.transaction_id for t in transfers}, timeout_s=DRAIN_TIMEOUT_S)

@@ -1,4 +1,5 @@
 """The saga end to end on a real broker, through a real `wallet processor` process."""
+
 from __future__ import annotations
 
 import itertools
@@ -50,11 +51,20 @@ def _ask(pipeline, command, count: int = 1):
 
 
 def _open_funded(pipeline, account_id: str, amount: str = "100.00", currency: str = "USD", kind: str = "user") -> None:
-    assert _ask(pipeline, edge(OpenAccount, transaction_id=_tx("open"), account_id=account_id,
-                                      currency=currency, kind=kind)).status == "success"
+    assert (
+        _ask(
+            pipeline, edge(OpenAccount, transaction_id=_tx("open"), account_id=account_id, currency=currency, kind=kind)
+        ).status
+        == "success"
+    )
     if amount:
-        assert _ask(pipeline, edge(Deposit, transaction_id=_tx("dep"), account_id=account_id,
-                                      amount=amount, currency=currency)).status == "success"
+        assert (
+            _ask(
+                pipeline,
+                edge(Deposit, transaction_id=_tx("dep"), account_id=account_id, amount=amount, currency=currency),
+            ).status
+            == "success"
+        )
 
 
 def _balances(settings) -> dict[str, int]:
@@ -62,13 +72,20 @@ def _balances(settings) -> dict[str, int]:
     for record in read_topic(settings, settings.events_topic):
         assert record.value is not None  # the wallet writes no tombstones
         fold(states.setdefault(record.partition, State()), decode_event(record.value))
-    return {account_id: account.balance_minor
-            for state in states.values() for account_id, account in state.accounts.items()}
+    return {
+        account_id: account.balance_minor for state in states.values() for account_id, account in state.accounts.items()
+    }
 
 
 def _transfer(from_account: str, to_account: str, amount: str, currency: str = "USD", tx: str | None = None):
-    return edge(Transfer, transaction_id=tx or _tx("t"), from_account=from_account, to_account=to_account,
-                    amount=amount, currency=currency)
+    return edge(
+        Transfer,
+        transaction_id=tx or _tx("t"),
+        from_account=from_account,
+        to_account=to_account,
+        amount=amount,
+        currency=currency,
+    )
 
 
 def test_transfer_within_one_partition_and_across_partitions_succeeds(pipeline):
@@ -97,8 +114,12 @@ def test_transfer_to_unusable_account_is_refunded_with_a_reason(pipeline, receiv
     elif receiver_problem == "other_currency":
         _open_funded(pipeline, receiver, amount="", currency="EUR")
     outcome = _ask(pipeline, _transfer(sender, receiver, "40.00"))
-    expected_reason = {"missing": Reason.ACCOUNT_NOT_FOUND, "frozen": Reason.ACCOUNT_FROZEN,
-                       "closed": Reason.ACCOUNT_CLOSED, "other_currency": Reason.CURRENCY_MISMATCH}[receiver_problem]
+    expected_reason = {
+        "missing": Reason.ACCOUNT_NOT_FOUND,
+        "frozen": Reason.ACCOUNT_FROZEN,
+        "closed": Reason.ACCOUNT_CLOSED,
+        "other_currency": Reason.CURRENCY_MISMATCH,
+    }[receiver_problem]
     assert (outcome.status, outcome.reason) == ("failure", expected_reason)
     balances = _balances(settings)
     assert balances[sender] == 10000, "the debit must have been refunded"

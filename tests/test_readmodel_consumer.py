@@ -1,5 +1,6 @@
 """The read-model consumer against the real broker, on SQLite and PostgreSQL: balances and history are
 the fold of wallet.events, exactly once through SIGKILLs, and a rebuild ends equal to the live model."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,9 @@ def test_read_model_equals_the_fold_of_committed_events(published_log: Published
         assert stored_rows(store) == expected_rows(published_log)
         transactions = stored_transactions(store)
         assert transactions == expected_transactions(published_log)
-        assert {status for (_, transaction_id), status in transactions.items()
-                if transaction_id in published_log.in_flight} == {("pending", None)}
+        assert {
+            status for (_, transaction_id), status in transactions.items() if transaction_id in published_log.in_flight
+        } == {("pending", None)}
         assert not [row for row in store.table_rows("entries") if row[2].startswith(ABORTED_TRANSACTION_PREFIX)]
         assert not [tx for _, tx in transactions if tx.startswith(ABORTED_TRANSACTION_PREFIX)]
 
@@ -53,9 +55,24 @@ def test_read_model_equals_the_fold_of_committed_events(published_log: Published
 def _start_consumer_process(settings: Settings, db_url: str, log_path: Path, *extra: str) -> subprocess.Popen:
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "wallet.cli", "--bootstrap", settings.bootstrap,
-             "--topic-prefix", settings.topic_prefix, "readmodel", "--db", db_url, *extra],
-            cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "wallet.cli",
+                "--bootstrap",
+                settings.bootstrap,
+                "--topic-prefix",
+                settings.topic_prefix,
+                "readmodel",
+                "--db",
+                db_url,
+                *extra,
+            ],
+            cwd=PROJECT_ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def _wait_for_progress(store: ReadModelStore, beyond: int, process: subprocess.Popen, log_path: Path) -> int:
@@ -68,29 +85,36 @@ def _wait_for_progress(store: ReadModelStore, beyond: int, process: subprocess.P
 
 
 def test_consumer_killed_at_random_moments_resumes_with_nothing_lost_or_doubled(
-        published_log: PublishedLog, db_url: str, tmp_path: Path) -> None:
+    published_log: PublishedLog, db_url: str, tmp_path: Path
+) -> None:
     settings = published_log.settings
     log_path = tmp_path / "consumer.log"
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     admin = admin_client(settings.bootstrap)
-    events_end = sum(offset for (topic, _), offset in end_offsets(admin, settings).items()
-                     if topic == settings.events_topic)
+    events_end = sum(
+        offset for (topic, _), offset in end_offsets(admin, settings).items() if topic == settings.events_topic
+    )
     with ReadModelStore(db_url) as store:
         store.create_schema()
         reached = 0
         for kill_round in range(KILL_ROUNDS):
-            process = _start_consumer_process(settings, db_url, log_path, "--batch-size", str(KILLED_BATCH_SIZE),
-                                              "--batch-wait-ms", "20")
+            process = _start_consumer_process(
+                settings, db_url, log_path, "--batch-size", str(KILLED_BATCH_SIZE), "--batch-wait-ms", "20"
+            )
             reached = _wait_for_progress(store, reached, process, log_path)
             time.sleep(rng.uniform(0, KILL_DELAY_S_MAX))
             process.kill()
             process.wait(PROCESS_TIMEOUT_S)
             reached = sum(store.offsets().values())
-            events_offsets = {partition: offset for (topic, partition), offset in store.offsets().items()
-                              if topic == settings.events_topic}
+            events_offsets = {
+                partition: offset
+                for (topic, partition), offset in store.offsets().items()
+                if topic == settings.events_topic
+            }
             assert sum(events_offsets.values()) < events_end, (
-                f"round {kill_round} (seed {seed}): the consumer finished before the kill; lengthen the log")
+                f"round {kill_round} (seed {seed}): the consumer finished before the kill; lengthen the log"
+            )
             # Exactly a prefix of every partition: nothing of a half-written batch, no row twice.
             assert stored_rows(store) == expected_rows(published_log, events_offsets), f"seed {seed}"
 
@@ -108,7 +132,8 @@ def test_consumer_killed_at_random_moments_resumes_with_nothing_lost_or_doubled(
 
 
 def test_rebuild_replays_into_a_fresh_database_equal_to_the_live_one(
-        published_log: PublishedLog, db_url: str, make_db_url, tmp_path: Path) -> None:
+    published_log: PublishedLog, db_url: str, make_db_url, tmp_path: Path
+) -> None:
     settings = published_log.settings
     rebuilt_url = make_db_url()
     with ReadModelStore(db_url) as live, ReadModelStore(rebuilt_url) as rebuilt:
@@ -118,9 +143,26 @@ def test_rebuild_replays_into_a_fresh_database_equal_to_the_live_one(
         assert rebuilt.table_rows("offsets") != live.table_rows("offsets")
 
         result = subprocess.run(
-            [sys.executable, "-m", "wallet.cli", "--bootstrap", settings.bootstrap, "--topic-prefix",
-             settings.topic_prefix, "readmodel", "rebuild", "--db", rebuilt_url, "--batch-size", "2000"],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S * 2)
+            [
+                sys.executable,
+                "-m",
+                "wallet.cli",
+                "--bootstrap",
+                settings.bootstrap,
+                "--topic-prefix",
+                settings.topic_prefix,
+                "readmodel",
+                "rebuild",
+                "--db",
+                rebuilt_url,
+                "--batch-size",
+                "2000",
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT_S * 2,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "rebuilt" in result.stdout and "rebuild" in result.stderr  # the report and the progress bar
         for table in TABLES:

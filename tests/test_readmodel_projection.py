@@ -1,4 +1,5 @@
 """The read model's pure projection: entries from events, and the status rules of a transaction id."""
+
 from __future__ import annotations
 
 import msgspec
@@ -20,19 +21,23 @@ CONFLICT_A = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT,
 CONFLICT_B = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-b")
 
 
-@pytest.mark.parametrize("current, incoming, expected", [
-    (None, PENDING_A, PENDING_A),
-    (PENDING_A, SUCCESS_A, SUCCESS_A),
-    (SUCCESS_A, PENDING_A, SUCCESS_A),  # the debit event read after the outcome
-    (SUCCESS_A, SUCCESS_A, SUCCESS_A),  # a retry re-publishes the answer
-    (SUCCESS_A, FAILURE_A, SUCCESS_A),  # the first final answer wins
-    (PENDING_A, CONFLICT_B, PENDING_A),  # answers the request that reused the id
-    (SUCCESS_A, CONFLICT_B, SUCCESS_A),
-    (PENDING_A, CONFLICT_A, CONFLICT_A),  # the receiver refused the credit under a reused id
-    (CONFLICT_B, PENDING_A, PENDING_A),  # read before the transaction's own debit: replaced by it
-    (CONFLICT_B, SUCCESS_A, SUCCESS_A),  # ... or by its own answer
-    (CONFLICT_A, PENDING_A, CONFLICT_A),
-], ids=lambda row: f"{row.status}/{row.reason}/{row.digest}" if row else "none")
+@pytest.mark.parametrize(
+    "current, incoming, expected",
+    [
+        (None, PENDING_A, PENDING_A),
+        (PENDING_A, SUCCESS_A, SUCCESS_A),
+        (SUCCESS_A, PENDING_A, SUCCESS_A),  # the debit event read after the outcome
+        (SUCCESS_A, SUCCESS_A, SUCCESS_A),  # a retry re-publishes the answer
+        (SUCCESS_A, FAILURE_A, SUCCESS_A),  # the first final answer wins
+        (PENDING_A, CONFLICT_B, PENDING_A),  # answers the request that reused the id
+        (SUCCESS_A, CONFLICT_B, SUCCESS_A),
+        (PENDING_A, CONFLICT_A, CONFLICT_A),  # the receiver refused the credit under a reused id
+        (CONFLICT_B, PENDING_A, PENDING_A),  # read before the transaction's own debit: replaced by it
+        (CONFLICT_B, SUCCESS_A, SUCCESS_A),  # ... or by its own answer
+        (CONFLICT_A, PENDING_A, CONFLICT_A),
+    ],
+    ids=lambda row: f"{row.status}/{row.reason}/{row.digest}" if row else "none",
+)
 def test_transaction_status_merge_keeps_the_transactions_own_first_final_answer(current, incoming, expected) -> None:
     merged = merge_status(current, incoming)
     assert (merged if merged is not None else current) == expected
@@ -57,8 +62,11 @@ def _scenario_events():
 
 def test_entries_carry_the_signed_amount_and_the_balance_after_each_event() -> None:
     changes = project({}, {}, _scenario_events(), [])
-    alice = [(e.type, e.amount_minor, e.balance_after_minor, e.counterparty) for e in changes.entries
-             if e.account_id == "alice"]
+    alice = [
+        (e.type, e.amount_minor, e.balance_after_minor, e.counterparty)
+        for e in changes.entries
+        if e.account_id == "alice"
+    ]
     assert alice == [
         ("account_opened", 0, 0, None),
         ("deposited", 10000, 10000, None),
@@ -70,7 +78,10 @@ def test_entries_carry_the_signed_amount_and_the_balance_after_each_event() -> N
     carol = [(e.type, e.amount_minor, e.balance_after_minor) for e in changes.entries if e.account_id == "carol"]
     assert carol == [("account_opened", 0, 0), ("account_frozen", 0, 0)]
     assert {row.account_id: (row.balance_minor, row.sequence, row.status) for row in changes.accounts} == {
-        "alice": (6950, 6, "active"), "bob": (2000, 2, "active"), "carol": (0, 2, "frozen")}
+        "alice": (6950, 6, "active"),
+        "bob": (2000, 2, "active"),
+        "carol": (0, 2, "frozen"),
+    }
 
 
 def test_rejections_change_no_account_and_write_no_entry() -> None:
@@ -89,8 +100,9 @@ def test_events_already_stored_are_not_applied_twice() -> None:
 
 
 def test_a_gap_in_an_accounts_sequence_stops_the_projection() -> None:
-    events = [event for event in _scenario_events()
-              if event.account_id == "alice" and type(event) is not CommandRejected]
+    events = [
+        event for event in _scenario_events() if event.account_id == "alice" and type(event) is not CommandRejected
+    ]
     with pytest.raises(CorruptLog, match="seq 3 follows 1"):
         project({}, {}, [events[0], events[2]], [])
 
@@ -135,7 +147,13 @@ def test_one_transaction_id_on_two_accounts_is_two_requests_with_their_own_answe
 def test_a_v2_outcome_answers_the_request_of_the_account_it_names() -> None:
     from schemas.outcomes import Outcome
 
-    outcome = Outcome(transaction_id="T", account_id="bob", actor="bob", status="failure",
-                      reason=Reason.INSUFFICIENT_FUNDS, digest="d")
+    outcome = Outcome(
+        transaction_id="T",
+        account_id="bob",
+        actor="bob",
+        status="failure",
+        reason=Reason.INSUFFICIENT_FUNDS,
+        digest="d",
+    )
     [row] = project({}, {}, [], [outcome]).transactions
     assert (row.account_id, row.transaction_id, row.status, row.actor) == ("bob", "T", "failure", "bob")

@@ -1,4 +1,5 @@
 """The read model's database layer, on SQLite and PostgreSQL: one transaction per batch, one writer."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
@@ -27,8 +28,12 @@ def _records():
 
 def _batch(records, start: int, end: int, before: int | None) -> Batch:
     chunk = records[start:end]
-    return Batch(events=[r for r in chunk if type(r) is not Outcome], outcomes=[r for r in chunk if type(r) is Outcome],
-                 offsets_before={EVENTS: before}, offsets_after={EVENTS: end})
+    return Batch(
+        events=[r for r in chunk if type(r) is not Outcome],
+        outcomes=[r for r in chunk if type(r) is Outcome],
+        offsets_before={EVENTS: before},
+        offsets_after={EVENTS: end},
+    )
 
 
 def _snapshot(store: ReadModelStore) -> dict[str, list[tuple]]:
@@ -74,16 +79,20 @@ def test_a_second_writer_cannot_apply_a_batch_from_offsets_it_did_not_read(db_ur
 
 def test_outcomes_and_events_of_one_batch_advance_their_own_partitions(db_url: str) -> None:
     records = _records()[:300]
-    batch = Batch(events=[r for r in records if type(r) is not Outcome],
-                  outcomes=[r for r in records if type(r) is Outcome],
-                  offsets_before={EVENTS: None, OUTCOMES: None}, offsets_after={EVENTS: 170, OUTCOMES: 130})
+    batch = Batch(
+        events=[r for r in records if type(r) is not Outcome],
+        outcomes=[r for r in records if type(r) is Outcome],
+        offsets_before={EVENTS: None, OUTCOMES: None},
+        offsets_after={EVENTS: 170, OUTCOMES: 130},
+    )
     with ReadModelStore(db_url) as store:
         store.create_schema()
         changes = store.apply(batch)
         assert store.offsets() == {EVENTS: 170, OUTCOMES: 130}
         stored = {row[:2]: row[2:4] for row in store.table_rows("transactions")}
-        assert stored == {(row.account_id, row.transaction_id): (row.status, row.reason)
-                          for row in changes.transactions}
+        assert stored == {
+            (row.account_id, row.transaction_id): (row.status, row.reason) for row in changes.transactions
+        }
         assert len(store.table_rows("entries")) == len(changes.entries)
 
 
@@ -98,19 +107,17 @@ def test_a_database_holding_another_prefixs_topics_is_refused(db_url: str) -> No
             consumer.start()
 
 
-def test_an_event_time_beyond_what_the_database_holds_is_stored_clamped_and_the_read_model_goes_on(
-        db_url: str) -> None:
+def test_an_event_time_beyond_what_the_database_holds_is_stored_clamped_and_the_read_model_goes_on(db_url: str) -> None:
     records = _records()
     first_money = next(i for i, r in enumerate(records) if type(r) in MONEY_EVENTS)
-    huge = list(records[:first_money + 1])
+    huge = list(records[: first_money + 1])
     huge[first_money] = msgspec.structs.replace(huge[first_money], ts_ms=2**63)  # past int64 and year 9999
     with ReadModelStore(db_url) as store:
         store.create_schema()
         store.apply(_batch(huge, 0, len(huge), None))
         [entry] = [e for e in store.entries(huge[first_money].account_id, 10) if e.sequence == huge[first_money].seq]
         assert entry.ts_ms == TS_MS_STORED_MAX
-        assert datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=entry.ts_ms) < datetime.max.replace(
-            tzinfo=UTC)
+        assert datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=entry.ts_ms) < datetime.max.replace(tzinfo=UTC)
         store.apply(_batch(records, len(huge), len(huge) + 50, len(huge)))  # what follows is applied as ever
         assert store.offsets() == {EVENTS: len(huge) + 50}
 
@@ -119,12 +126,16 @@ def test_a_request_is_looked_up_by_its_account_and_never_answers_for_another(db_
     from schemas.commands import Deposit, OpenAccount, Withdraw
     from tests.support.commands import edge
 
-    log = decide([edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
-                  edge(OpenAccount, transaction_id="o2", account_id="bob", currency="USD"),
-                  edge(Deposit, transaction_id="T", account_id="alice", amount="10.00", currency="USD"),
-                  edge(Withdraw, transaction_id="T", account_id="bob", amount="10.00", currency="USD"),
-                  edge(Deposit, transaction_id="only-alice", account_id="alice", amount="1.00", currency="USD")],
-                 partition_count=1)
+    log = decide(
+        [
+            edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
+            edge(OpenAccount, transaction_id="o2", account_id="bob", currency="USD"),
+            edge(Deposit, transaction_id="T", account_id="alice", amount="10.00", currency="USD"),
+            edge(Withdraw, transaction_id="T", account_id="bob", amount="10.00", currency="USD"),
+            edge(Deposit, transaction_id="only-alice", account_id="alice", amount="1.00", currency="USD"),
+        ],
+        partition_count=1,
+    )
     records = log.messages()
     with ReadModelStore(db_url) as store:
         store.create_schema()
@@ -143,10 +154,14 @@ def test_a_read_model_of_the_first_layout_is_dropped_so_the_consumer_rebuilds_it
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as connection:
-        connection.execute("CREATE TABLE transactions (transaction_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
-                           "reason TEXT, digest TEXT NOT NULL)")
-        connection.execute("CREATE TABLE offsets (topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, "
-                           "next_offset BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition))")
+        connection.execute(
+            "CREATE TABLE transactions (transaction_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+            "reason TEXT, digest TEXT NOT NULL)"
+        )
+        connection.execute(
+            "CREATE TABLE offsets (topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, "
+            "next_offset BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition))"
+        )
         connection.execute("INSERT INTO offsets VALUES ('t.events', 0, 99)")
     with ReadModelStore(f"sqlite:///{path}") as store:
         store.create_schema()

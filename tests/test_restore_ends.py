@@ -1,8 +1,10 @@
 """The restore's end offsets while a partition has no leader (a broker down, an election)."""
+
 from __future__ import annotations
 
 from concurrent.futures import Future
 from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -34,10 +36,10 @@ def test_a_partition_without_a_leader_is_asked_again_never_taken_as_its_end() ->
     # -1001 (no offset) and a retriable error first: the end is unknown, not -1001.
     leaderless = KafkaError(KafkaError.LEADER_NOT_AVAILABLE, "no leader", retriable=True)
     admin = _Admin({0: [-1001, -1001, leaderless, leaderless, 42], 1: [7]})
-    assert stable_ends(admin, "events", [0, 1], timeout_s=10) == {0: 42, 1: 7}
+    assert stable_ends(cast(Any, admin), "events", [0, 1], timeout_s=10) == {0: 42, 1: 7}
 
 
 def test_a_partition_that_never_gets_a_leader_times_out_with_a_clear_reason() -> None:
     admin = _Admin({0: [-1001]})
     with pytest.raises(RestoreTimeout, match="no leader"):
-        stable_ends(admin, "events", [0], timeout_s=0.3)
+        stable_ends(cast(Any, admin), "events", [0], timeout_s=0.3)

@@ -1,4 +1,5 @@
 """The checked-in JSON Schema files are exactly what the message classes export today."""
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,41 @@ def schema_of(file_name: str) -> dict:
     return json.loads((export.JSON_DIR / file_name).read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize(("file_name", "tags"), [
-    ("command.schema.json", {"open_account", "deposit", "withdraw", "transfer", "pay_merchant", "freeze", "unfreeze",
-                             "close", "credit_leg", "refund_leg"}),
-    ("event.schema.json", {"account_opened", "deposited", "withdrawn", "transfer_debited", "transfer_credited",
-                           "transfer_refunded", "account_frozen", "account_unfrozen", "account_closed",
-                           "command_rejected"}),
-])
+@pytest.mark.parametrize(
+    ("file_name", "tags"),
+    [
+        (
+            "command.schema.json",
+            {
+                "open_account",
+                "deposit",
+                "withdraw",
+                "transfer",
+                "pay_merchant",
+                "freeze",
+                "unfreeze",
+                "close",
+                "credit_leg",
+                "refund_leg",
+            },
+        ),
+        (
+            "event.schema.json",
+            {
+                "account_opened",
+                "deposited",
+                "withdrawn",
+                "transfer_debited",
+                "transfer_credited",
+                "transfer_refunded",
+                "account_frozen",
+                "account_unfrozen",
+                "account_closed",
+                "command_rejected",
+            },
+        ),
+    ],
+)
 def test_every_message_type_is_in_its_topic_schema_under_its_tag(file_name: str, tags: set[str]) -> None:
     assert set(schema_of(file_name)["discriminator"]["mapping"]) == tags
 
@@ -54,10 +83,26 @@ def test_the_schema_describes_the_bytes_the_codec_writes() -> None:
     definitions = {**schema_of("command.schema.json")["$defs"], **schema_of("outcome.schema.json")["$defs"]}
     messages = [
         Deposit(transaction_id="t1", actor="bank", role="bank", account_id="alice", amount="1.00", currency="USD"),
-        CreditLeg(transaction_id="t1", actor="alice", issued_ms=1, kid="k1", mac="00" * 16, from_account="alice",
-                  to_account="bob", amount="1.00", currency="USD", digest="abc"),
-        Outcome(transaction_id="t1", account_id="alice", actor="alice", status="failure", reason="insufficient_funds",
-                digest="abc"),
+        CreditLeg(
+            transaction_id="t1",
+            actor="alice",
+            issued_ms=1,
+            kid="k1",
+            mac="00" * 16,
+            from_account="alice",
+            to_account="bob",
+            amount="1.00",
+            currency="USD",
+            digest="abc",
+        ),
+        Outcome(
+            transaction_id="t1",
+            account_id="alice",
+            actor="alice",
+            status="failure",
+            reason="insufficient_funds",
+            digest="abc",
+        ),
     ]
     for message in messages:
         encoded = json.loads(encode(message))

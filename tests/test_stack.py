@@ -1,4 +1,5 @@
 """`wallet up/ps/down/demo` as a user runs them: real subprocesses against the real broker."""
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,25 @@ HTTP_TIMEOUT_S = 30
 
 
 def _wallet(env: dict, *arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wallet.cli", *arguments], env=env, capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "wallet.cli", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+    )
 
 
 @pytest.fixture
 def stack_env(make_settings, tmp_path: Path) -> dict:
     settings = make_settings(4)
-    return {**os.environ, "WALLET_KAFKA_BOOTSTRAP": settings.bootstrap, "WALLET_TOPIC_PREFIX": settings.topic_prefix,
-            "WALLET_PARTITIONS": "4", "WALLET_RUN_DIR": str(tmp_path / "run")}
+    return {
+        **os.environ,
+        "WALLET_KAFKA_BOOTSTRAP": settings.bootstrap,
+        "WALLET_TOPIC_PREFIX": settings.topic_prefix,
+        "WALLET_PARTITIONS": "4",
+        "WALLET_RUN_DIR": str(tmp_path / "run"),
+    }
 
 
 def _ps(env: dict) -> list[dict]:
@@ -86,8 +97,12 @@ def test_up_starts_a_working_stack_that_outlives_it_and_down_stops_exactly_that(
         assert httpx.post(f"{base}/v1/accounts", json=request, timeout=HTTP_TIMEOUT_S).status_code == 401
         minted = _wallet(stack_env, "auth", "token", "--sub", "stack-user", "--scope", "wallet:user")
         assert minted.returncode == 0, minted.stderr
-        opened = httpx.post(f"{base}/v1/accounts", json=request, timeout=HTTP_TIMEOUT_S,
-                            headers={"Authorization": f"Bearer {minted.stdout.strip()}"})
+        opened = httpx.post(
+            f"{base}/v1/accounts",
+            json=request,
+            timeout=HTTP_TIMEOUT_S,
+            headers={"Authorization": f"Bearer {minted.stdout.strip()}"},
+        )
         assert opened.json()["status"] == "success", opened.text
     finally:
         stopped = _wallet(stack_env, "down")

@@ -1,4 +1,5 @@
 """The processor's RocksDB snapshot restores exactly the state it was written from."""
+
 from __future__ import annotations
 
 from schemas.commands import Deposit, OpenAccount, Transfer
@@ -28,15 +29,33 @@ def _same(a: State, b: State) -> None:
 def test_snapshot_written_in_several_flushes_restores_accounts_memory_and_clock_and_keeps_forgetting(tmp_path):
     store = StateStore(tmp_path / "store")
     state, checkpoint = State(), Checkpoint()
-    opening = [(0, OpenAccount(transaction_id=f"open-{n}", actor=n, role="user", account_id=n, currency="USD"))
-               for n in "ab"]
-    funding = [(1, Deposit(transaction_id="fund", actor="bank", role="bank", account_id="a", amount="100.00",
-                           currency="USD"))]
-    for _flush, commands in enumerate([opening + funding] + [
-        [(flush * 10 * MINUTE_MS + i, Transfer(transaction_id=f"t{flush}-{i}", actor="a", role="user",
-                                               from_account="a", to_account="b", amount="0.01", currency="USD"))
-         for i in range(50)] for flush in range(1, 6)
-    ]):
+    opening = [
+        (0, OpenAccount(transaction_id=f"open-{n}", actor=n, role="user", account_id=n, currency="USD")) for n in "ab"
+    ]
+    funding = [
+        (1, Deposit(transaction_id="fund", actor="bank", role="bank", account_id="a", amount="100.00", currency="USD"))
+    ]
+    for _flush, commands in enumerate(
+        [opening + funding]
+        + [
+            [
+                (
+                    flush * 10 * MINUTE_MS + i,
+                    Transfer(
+                        transaction_id=f"t{flush}-{i}",
+                        actor="a",
+                        role="user",
+                        from_account="a",
+                        to_account="b",
+                        amount="0.01",
+                        currency="USD",
+                    ),
+                )
+                for i in range(50)
+            ]
+            for flush in range(1, 6)
+        ]
+    ):
         changes = PartitionChanges()
         _decide(state, commands, changes)
         checkpoint.events_offset += 100
@@ -61,12 +80,24 @@ def test_expired_segments_are_dropped_and_do_not_come_back(tmp_path):
     store = StateStore(tmp_path / "store")
     state, checkpoint = State(), Checkpoint()
     changes = PartitionChanges()
-    _decide(state, [OpenAccount(transaction_id="open", actor="a", role="user", account_id="a", currency="USD")],
-            changes, at_ms=0)
+    _decide(
+        state,
+        [OpenAccount(transaction_id="open", actor="a", role="user", account_id="a", currency="USD")],
+        changes,
+        at_ms=0,
+    )
     store.save(0, state, changes, checkpoint)
     changes = PartitionChanges()
-    _decide(state, [Deposit(transaction_id="much-later", actor="bank", role="bank", account_id="a",
-                            amount="1.00", currency="USD")], changes, at_ms=2 * IDEMPOTENCY_WINDOW_MS)
+    _decide(
+        state,
+        [
+            Deposit(
+                transaction_id="much-later", actor="bank", role="bank", account_id="a", amount="1.00", currency="USD"
+            )
+        ],
+        changes,
+        at_ms=2 * IDEMPOTENCY_WINDOW_MS,
+    )
     store.save(0, state, changes, checkpoint)
     assert store.drop_expired_segments(0, state.clock_ms) == 1
     restored, _ = store.load(0)
@@ -81,19 +112,40 @@ def test_a_pending_debit_forgotten_without_an_event_of_its_account_restores_as_f
     store = StateStore(tmp_path / "store")
     state, checkpoint = State(), Checkpoint()
     changes = PartitionChanges()
-    _decide(state, [OpenAccount(transaction_id=f"open-{n}", actor=n, role="user", account_id=n, currency="USD")
-                    for n in "ab"], changes, at_ms=0)
-    _decide(state, [Deposit(transaction_id="fund", actor="bank", role="bank", account_id="a", amount="1.00",
-                            currency="USD"),
-                    Transfer(transaction_id="t", actor="a", role="user", from_account="a", to_account="elsewhere",
-                             amount="1.00", currency="USD")], changes, at_ms=0)
+    _decide(
+        state,
+        [OpenAccount(transaction_id=f"open-{n}", actor=n, role="user", account_id=n, currency="USD") for n in "ab"],
+        changes,
+        at_ms=0,
+    )
+    _decide(
+        state,
+        [
+            Deposit(transaction_id="fund", actor="bank", role="bank", account_id="a", amount="1.00", currency="USD"),
+            Transfer(
+                transaction_id="t",
+                actor="a",
+                role="user",
+                from_account="a",
+                to_account="elsewhere",
+                amount="1.00",
+                currency="USD",
+            ),
+        ],
+        changes,
+        at_ms=0,
+    )
     store.save(0, state, changes, checkpoint)
     restored, _ = store.load(0)
     assert restored.accounts == state.accounts and restored.accounts["a"].owner == "a"
     assert restored.memory[("a", "t")].amount_minor == 100 and restored.memory[("a", "t")].to_account == "elsewhere"
     changes = PartitionChanges()
-    _decide(state, [Deposit(transaction_id="later", actor="bank", role="bank", account_id="b", amount="1.00",
-                            currency="USD")], changes, at_ms=2 * IDEMPOTENCY_WINDOW_MS)
+    _decide(
+        state,
+        [Deposit(transaction_id="later", actor="bank", role="bank", account_id="b", amount="1.00", currency="USD")],
+        changes,
+        at_ms=2 * IDEMPOTENCY_WINDOW_MS,
+    )
     assert state.accounts["a"].in_flight_count == 0
     store.save(0, state, changes, checkpoint)
     restored, _ = store.load(0)

@@ -1,4 +1,5 @@
 """The one process supervisor: start, stop with SIGTERM then SIGKILL after a bound, report how it ended."""
+
 from __future__ import annotations
 
 import signal
@@ -16,8 +17,12 @@ READY_TIMEOUT_S = 10
 
 def _sleeper(tmp_path: Path, name: str, ignore_term: bool = False, own_session: bool = False) -> Supervised:
     log_path = tmp_path / f"{name}.log"
-    child = Supervised.start(name, [sys.executable, "-c", SLEEPER.format(ignore=IGNORE_TERM if ignore_term else "")],
-                             log_path=log_path, own_session=own_session)
+    child = Supervised.start(
+        name,
+        [sys.executable, "-c", SLEEPER.format(ignore=IGNORE_TERM if ignore_term else "")],
+        log_path=log_path,
+        own_session=own_session,
+    )
     deadline_s = time.monotonic() + READY_TIMEOUT_S
     while "ready" not in log_tail(log_path, 1):  # its signal handling is in place once it has said so
         assert time.monotonic() < deadline_s and child.poll() is None, log_tail(log_path, 20)

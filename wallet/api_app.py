@@ -5,6 +5,7 @@ side (`producers/api.py`) knows nothing of the read model, and the query side
 (`consumers/readmodel/query_api.py`) knows nothing of Kafka publishing; both take the
 authentication gate (`producers/auth.py`) as a dependency.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ def create_app(
     """
     options = options if options is not None else ApiOptions()
     options.check()
-    gate = Gate(auth if auth is not None else AuthConfig.from_environment(settings),
-                rate_limits if rate_limits is not None else RateLimits.from_environment())
+    gate = Gate(
+        auth if auth is not None else AuthConfig.from_environment(settings),
+        rate_limits if rate_limits is not None else RateLimits.from_environment(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -54,6 +57,7 @@ def create_app(
     if readmodel_db is not None:
         # Imported only when configured: the command API runs without the read model's dependencies.
         from consumers.readmodel.query_api import query_router
+
         app.include_router(query_router(readmodel_db, settings, caller=gate.requires(*SCOPES)))
     else:
         app.include_router(cached_status_router(gate))

@@ -3,6 +3,7 @@
 Each area registers its own subcommands through a `register(subparsers)` function, so
 `wallet processor` is defined in `streams/`, `wallet readmodel` in `consumers/`, and so on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,11 @@ _COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wallet", description="Streamwallet: an event-sourced wallet ledger on Kafka")
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers of an existing cluster "
-                        "(env WALLET_KAFKA_BOOTSTRAP); when unset the project's local broker is used")
+    parser.add_argument(
+        "--bootstrap",
+        help="Kafka bootstrap servers of an existing cluster "
+        "(env WALLET_KAFKA_BOOTSTRAP); when unset the project's local broker is used",
+    )
     parser.add_argument("--topic-prefix", help="prefix of every topic name (env WALLET_TOPIC_PREFIX)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMAND_MODULES:

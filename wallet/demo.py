@@ -2,6 +2,7 @@
 a summary (throughput, outcome mix, conservation, balances from the ledger and the read model, the
 audit), then `wallet down` of what it started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,8 @@ READMODEL_CATCH_UP_TIMEOUT_S = 30.0
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
-        "demo", help="start the stack (unless up), run a sample workload, print a summary, stop what it started")
+        "demo", help="start the stack (unless up), run a sample workload, print a summary, stop what it started"
+    )
     add_up_options(demo)
     demo.add_argument("--accounts", type=int, default=300, help="accounts to open and fund (default 300)")
     demo.add_argument("--transfers", type=int, default=20_000, help="transfers to publish (default 20000)")
@@ -65,8 +67,14 @@ def _stack_for_the_demo(settings: Settings, args: argparse.Namespace) -> tuple[S
         print(f"== using the running stack ({state.api_url}) ==")
         return state, False
     print("== starting the local stack ==")
-    state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel,
-               timeout_s=args.timeout_s, auth=args.auth == "on")
+    state = up(
+        settings,
+        port=args.port,
+        processors=args.processors,
+        readmodel=args.readmodel,
+        timeout_s=args.timeout_s,
+        auth=args.auth == "on",
+    )
     print(f"API at {state.api_url}; logs in {logs_dir(settings)}")
     print_auth(args.auth == "on")
     return state, True
@@ -77,12 +85,21 @@ def _run_workload(settings: Settings, state: StackState, args: argparse.Namespac
     # The workload's imports (the client library, tqdm) are only needed here.
     from producers.load import LoadSpec, ledger_balances, run_load
 
-    spec = LoadSpec(accounts=args.accounts, count=args.transfers, rate_per_s=args.tps, zipf_s=DEMO_ZIPF_S,
-                    funding_amount=DEMO_FUNDING, transfer_amount_max=DEMO_TRANSFER_MAX,
-                    missing_receiver_share=DEMO_MISSING_RECEIVER_SHARE, frozen_accounts=DEMO_FROZEN_ACCOUNTS)
-    print(f"\n== workload: {spec.accounts} accounts funded with {spec.funding_amount} {spec.currency} each "
-          f"({spec.frozen_accounts} then frozen), {spec.count:,} transfers of up to {spec.transfer_amount_max}, "
-          f"Zipf-skewed, {spec.missing_receiver_share:.0%} to accounts that do not exist ==")
+    spec = LoadSpec(
+        accounts=args.accounts,
+        count=args.transfers,
+        rate_per_s=args.tps,
+        zipf_s=DEMO_ZIPF_S,
+        funding_amount=DEMO_FUNDING,
+        transfer_amount_max=DEMO_TRANSFER_MAX,
+        missing_receiver_share=DEMO_MISSING_RECEIVER_SHARE,
+        frozen_accounts=DEMO_FROZEN_ACCOUNTS,
+    )
+    print(
+        f"\n== workload: {spec.accounts} accounts funded with {spec.funding_amount} {spec.currency} each "
+        f"({spec.frozen_accounts} then frozen), {spec.count:,} transfers of up to {spec.transfer_amount_max}, "
+        f"Zipf-skewed, {spec.missing_receiver_share:.0%} to accounts that do not exist =="
+    )
     report = run_load(settings, spec)
     print("\n== summary ==")
     print("\n".join(report.lines(args.tps)))
@@ -97,13 +114,15 @@ def _print_balances(settings: Settings, state: StackState, spec, balances: dict[
     total_minor = sum(canonical_balance_minor(b, spec.currency) for b in balances.values() if b is not None)
     funded_minor = parse_amount_minor(spec.funding_amount, spec.currency) * len(account_ids)
     verdict = "conserved" if total_minor == funded_minor else "NOT conserved"
-    print(f"money: the {len(account_ids)} accounts hold {format_amount(total_minor, spec.currency)} {spec.currency}, "
-          f"deposited {format_amount(funded_minor, spec.currency)}: {verdict}")
-    sample = account_ids[:DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:]
+    print(
+        f"money: the {len(account_ids)} accounts hold {format_amount(total_minor, spec.currency)} {spec.currency}, "
+        f"deposited {format_amount(funded_minor, spec.currency)}: {verdict}"
+    )
+    sample = account_ids[: DEMO_SAMPLE_ACCOUNTS - 1] + account_ids[-1:]
     readmodel = _readmodel_balances(settings, state, sample)
     print("balances (ledger = fold of wallet.events" + (", read model = the query API)" if readmodel else ")"))
     for account in sample:
-        frozen = " (frozen)" if account in account_ids[len(account_ids) - spec.frozen_accounts:] else ""
+        frozen = " (frozen)" if account in account_ids[len(account_ids) - spec.frozen_accounts :] else ""
         shown = f"  {account + frozen:32} ledger {balances[account]:>10} {spec.currency}"
         if readmodel:
             shown += f"   read model {readmodel.get(account) or '?':>10}"
@@ -121,13 +140,15 @@ def _readmodel_balances(settings: Settings, state: StackState, account_ids: list
         if not get_json(f"{state.api_url}/healthz", API_PROBE_TIMEOUT_S)[1].get("readmodel"):
             return {}
         deadline_s = time.monotonic() + READMODEL_CATCH_UP_TIMEOUT_S
-        while get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S,
-                       token)[1].get("total_lag") != 0:
+        while (
+            get_json(f"{state.api_url}/v1/readmodel/lag", READMODEL_CATCH_UP_TIMEOUT_S, token)[1].get("total_lag") != 0
+        ):
             if time.monotonic() > deadline_s:
                 return {}
             time.sleep(0.2)
-        replies = {a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S, token)
-                   for a in account_ids}
+        replies = {
+            a: get_json(f"{state.api_url}/v1/accounts/{a}", READMODEL_CATCH_UP_TIMEOUT_S, token) for a in account_ids
+        }
     except (OSError, ValueError):
         return {}
     return {a: body["balance"] for a, (status, body) in replies.items() if status == 200}

@@ -10,6 +10,7 @@ after a bound); a broker that was already running is left alone. Starting, liven
 stopping are `infra.supervision`'s: by PID and the process's start time, so a reused PID is
 never mistaken for, or signalled as, one of ours. `wallet demo` is in `wallet/demo.py`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,9 +81,15 @@ class StackState:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        return cls(data["api_url"], data["bootstrap"], data["topic_prefix"],
-                   [ManagedProcess(**{**process, "arguments": tuple(process.get("arguments", ()))})
-                    for process in data["processes"]])
+        return cls(
+            data["api_url"],
+            data["bootstrap"],
+            data["topic_prefix"],
+            [
+                ManagedProcess(**{**process, "arguments": tuple(process.get("arguments", ()))})
+                for process in data["processes"]
+            ],
+        )
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,46 +107,77 @@ def logs_dir(settings: Settings) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    up = subparsers.add_parser("up", help="start the local stack in the background "
-                                          "(broker, processors, read model, API)")
+    up = subparsers.add_parser(
+        "up", help="start the local stack in the background (broker, processors, read model, API)"
+    )
     add_up_options(up)
     up.set_defaults(handler=reporting_errors(_up))
 
     down = subparsers.add_parser("down", help="stop what `wallet up` started")
-    down.add_argument("--timeout-s", type=float, default=STOP_TIMEOUT_S,
-                      help=f"how long to wait after SIGTERM before SIGKILL (default {STOP_TIMEOUT_S:.0f})")
+    down.add_argument(
+        "--timeout-s",
+        type=float,
+        default=STOP_TIMEOUT_S,
+        help=f"how long to wait after SIGTERM before SIGKILL (default {STOP_TIMEOUT_S:.0f})",
+    )
     down.set_defaults(handler=reporting_errors(_down))
 
     ps = subparsers.add_parser("ps", help="what the stack runs: role, PID, port")
-    ps.add_argument("--json", action="store_true", help='print a JSON list of {"role", "pid", "port"} objects '
-                                                         '(Kafka nodes also "node_id")')
+    ps.add_argument(
+        "--json",
+        action="store_true",
+        help='print a JSON list of {"role", "pid", "port"} objects (Kafka nodes also "node_id")',
+    )
     ps.set_defaults(handler=reporting_errors(_ps))
 
 
 def add_up_options(parser: argparse.ArgumentParser) -> None:
     """The options of `wallet up`, which `wallet demo` shares."""
-    parser.add_argument("--port", type=int, default=API_PORT_DEFAULT,
-                        help=f"the API's port (default {API_PORT_DEFAULT})")
+    parser.add_argument(
+        "--port", type=int, default=API_PORT_DEFAULT, help=f"the API's port (default {API_PORT_DEFAULT})"
+    )
     parser.add_argument("--processors", type=int, default=1, help="processor instances (default 1)")
-    parser.add_argument("--brokers", type=int,
-                        help="nodes of the local Kafka (env WALLET_LOCAL_KAFKA_BROKERS; default 1): 3 gives a KRaft "
-                             "cluster with replication factor 3, chosen when its run folder is first formatted")
-    parser.add_argument("--readmodel", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the read model and its query routes (default: yes)")
-    parser.add_argument("--auth", choices=("on", "off"), default="on",
-                        help="bearer tokens on the API (default on; off is for local experiments only)")
-    parser.add_argument("--timeout-s", type=float, default=STACK_READY_TIMEOUT_S,
-                        help="how long to wait until the API answers and the processors own every partition "
-                             f"(default {STACK_READY_TIMEOUT_S:.0f})")
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        help="nodes of the local Kafka (env WALLET_LOCAL_KAFKA_BROKERS; default 1): 3 gives a KRaft "
+        "cluster with replication factor 3, chosen when its run folder is first formatted",
+    )
+    parser.add_argument(
+        "--readmodel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the read model and its query routes (default: yes)",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default="on",
+        help="bearer tokens on the API (default on; off is for local experiments only)",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=STACK_READY_TIMEOUT_S,
+        help="how long to wait until the API answers and the processors own every partition "
+        f"(default {STACK_READY_TIMEOUT_S:.0f})",
+    )
 
 
 def reporting_errors(handler):
     """A handler that prints the stack's expected errors as one line and exits 1."""
+
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (StackError, SupervisionError, localkafka.LocalKafkaError, BrokerUnavailableError,
-                TopicProvisioningError, AclProvisioningError) as error:
+        except (
+            StackError,
+            SupervisionError,
+            localkafka.LocalKafkaError,
+            BrokerUnavailableError,
+            TopicProvisioningError,
+            AclProvisioningError,
+        ) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
 
@@ -149,12 +187,21 @@ def reporting_errors(handler):
 
 # -- up --------------------------------------------------------------------------------------
 
+
 def readmodel_db_url(settings: Settings) -> str:
     return f"sqlite:///{(settings.run_dir / 'readmodel.db').resolve()}"
 
 
-def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeout_s: float,
-       out: TextIO = sys.stdout, auth: bool = True) -> StackState:
+def up(
+    settings: Settings,
+    *,
+    port: int,
+    processors: int,
+    readmodel: bool,
+    timeout_s: float,
+    out: TextIO = sys.stdout,
+    auth: bool = True,
+) -> StackState:
     """Start the stack and return its state once it serves; if anything fails, stop what was started."""
     if not 1 <= processors <= PROCESSORS_MAX:
         raise StackError(f"--processors must be within 1..{PROCESSORS_MAX}, got {processors}")
@@ -179,8 +226,15 @@ def up(settings: Settings, *, port: int, processors: int, readmodel: bool, timeo
                 print(f"acls: {len(ensure_acls(settings))} grants for the service principals", file=out)
             for index in range(1, processors + 1):
                 name = f"processor-{index}"
-                started.append(_spawn(settings, "processor", name, None,
-                                      ["processor", "--instance-id", name, "--store", str(settings.run_dir / name)]))
+                started.append(
+                    _spawn(
+                        settings,
+                        "processor",
+                        name,
+                        None,
+                        ["processor", "--instance-id", name, "--store", str(settings.run_dir / name)],
+                    )
+                )
             db_url = readmodel_db_url(settings) if readmodel else None
             if db_url is not None:
                 started.append(_spawn(settings, "readmodel", "readmodel", None, ["readmodel", "--db", db_url]))
@@ -213,8 +267,9 @@ def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out
             assert restarted_nodes, "a recorded broker is the local one"
             processes.append(restarted_nodes[process.node_id or 1])
         elif not process.arguments:
-            raise StackError(f"{process.name} has exited and its command line was not recorded; "
-                             "run `wallet down`, then `wallet up`")
+            raise StackError(
+                f"{process.name} has exited and its command line was not recorded; run `wallet down`, then `wallet up`"
+            )
         else:
             restarted = _spawn(settings, process.role, process.name, process.port, list(process.arguments))
             print(f"restarted {process.name} (pid {restarted.pid}, was {process.pid})", file=out)
@@ -235,15 +290,27 @@ def _start_kafka(settings: Settings, out: TextIO) -> list[ManagedProcess]:
         return []
     localkafka.fetch_jars(settings)
     result = localkafka.start(settings, timeout_s=KAFKA_START_TIMEOUT_S)
-    print(f"kafka: {'already running' if result.already_running else 'started'} at {settings.bootstrap} "
-          f"(pid {', '.join(str(node.pid) for node in result.nodes)})", file=out)
+    print(
+        f"kafka: {'already running' if result.already_running else 'started'} at {settings.bootstrap} "
+        f"(pid {', '.join(str(node.pid) for node in result.nodes)})",
+        file=out,
+    )
     one_node = len(result.nodes) == 1
     # A node that was running before this `up` is not ours to stop, unless an earlier `up` started it
     # (the caller keeps that entry).
-    return [ManagedProcess("kafka", "kafka" if one_node else f"kafka-{node.node_id}", node.pid, node.port,
-                           node.log_file, start_ticks_of(node.pid), started_by_up=node.started_now,
-                           node_id=node.node_id)
-            for node in result.nodes]
+    return [
+        ManagedProcess(
+            "kafka",
+            "kafka" if one_node else f"kafka-{node.node_id}",
+            node.pid,
+            node.port,
+            node.log_file,
+            start_ticks_of(node.pid),
+            started_by_up=node.started_now,
+            node_id=node.node_id,
+        )
+        for node in result.nodes
+    ]
 
 
 def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments: list[str]) -> ManagedProcess:
@@ -252,12 +319,14 @@ def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments
         global_arguments += ["--topic-prefix", settings.topic_prefix]
     log_path = logs_dir(settings) / f"{name}.log"
     process = Supervised.start(
-        name, [sys.executable, "-m", "wallet.cli", *global_arguments, *arguments], log_path=log_path,
+        name,
+        [sys.executable, "-m", "wallet.cli", *global_arguments, *arguments],
+        log_path=log_path,
         env={**os.environ, "WALLET_RUN_DIR": str(settings.run_dir), "PYTHONUNBUFFERED": "1"},
         # Its own session: it outlives `wallet up`, and a Ctrl-C in this terminal does not reach it.
-        own_session=True)
-    return ManagedProcess(role, name, process.pid, port, str(log_path), process.start_ticks,
-                          arguments=tuple(arguments))
+        own_session=True,
+    )
+    return ManagedProcess(role, name, process.pid, port, str(log_path), process.start_ticks, arguments=tuple(arguments))
 
 
 def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float) -> None:
@@ -268,8 +337,10 @@ def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float)
     while time.monotonic() < deadline_s:
         for process in state.processes:
             if process.started_by_up and not is_alive(process):
-                raise StackError(f"{process.name} (pid {process.pid}) exited while the stack was starting; "
-                                 f"the end of {process.log}:\n{log_tail(process.log, LOG_TAIL_LINES)}")
+                raise StackError(
+                    f"{process.name} (pid {process.pid}) exited while the stack was starting; "
+                    f"the end of {process.log}:\n{log_tail(process.log, LOG_TAIL_LINES)}"
+                )
         waiting_for = _api_not_ready(state) or processors_not_ready(admin, settings)
         if waiting_for is None:
             return
@@ -324,7 +395,7 @@ def _assigned_partitions(assignment: bytes | None, topic: str) -> list[int]:
     for _ in range(topic_count):
         (name_length,) = struct.unpack_from(">h", view, offset)
         offset += 2
-        name = bytes(view[offset:offset + name_length]).decode()
+        name = bytes(view[offset : offset + name_length]).decode()
         offset += name_length
         (count,) = struct.unpack_from(">i", view, offset)
         offset += 4
@@ -370,6 +441,7 @@ def _stack_lock(settings: Settings) -> Iterator[None]:
 
 # -- liveness and stopping -------------------------------------------------------------------
 
+
 def is_alive(process: ManagedProcess) -> bool:
     """Runs, is not a zombie, and is the process we started (not a later one with its PID)."""
     return is_running(process.pid, process.start_ticks)
@@ -405,19 +477,35 @@ def running_processes(settings: Settings) -> list[ManagedProcess]:
     if settings.uses_local_kafka and not any(p.role == "kafka" for p in processes):
         nodes = localkafka.status(settings)["nodes"]
         running = [node for node in nodes if node["running"]]
-        processes[:0] = [ManagedProcess("kafka", "kafka" if len(nodes) == 1 else f"kafka-{node['node_id']}",
-                                        node["pid"], node["port"], node["log_file"], start_ticks_of(node["pid"]),
-                                        started_by_up=False, node_id=node["node_id"])
-                         for node in running]
+        processes[:0] = [
+            ManagedProcess(
+                "kafka",
+                "kafka" if len(nodes) == 1 else f"kafka-{node['node_id']}",
+                node["pid"],
+                node["port"],
+                node["log_file"],
+                start_ticks_of(node["pid"]),
+                started_by_up=False,
+                node_id=node["node_id"],
+            )
+            for node in running
+        ]
     return processes
 
 
 # -- handlers --------------------------------------------------------------------------------
 
+
 def _up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    state = up(settings, port=args.port, processors=args.processors, readmodel=args.readmodel, timeout_s=args.timeout_s,
-               auth=args.auth == "on")
+    state = up(
+        settings,
+        port=args.port,
+        processors=args.processors,
+        readmodel=args.readmodel,
+        timeout_s=args.timeout_s,
+        auth=args.auth == "on",
+    )
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")
     print(f"the wallet API answers at {state.api_url} (OpenAPI: {state.api_url}/docs); stop with `wallet down`")
@@ -428,12 +516,16 @@ def _up(args: argparse.Namespace) -> int:
 def print_auth(auth: bool) -> None:
     """Says whether the API wants tokens and how to get one; loudly when it does not."""
     if not auth:
-        print("!" * 78 + "\nAUTHENTICATION IS OFF: anyone who reaches the API may move any money "
-              "(--auth off, local experiments only)\n" + "!" * 78)
+        print(
+            "!" * 78 + "\nAUTHENTICATION IS OFF: anyone who reaches the API may move any money "
+            "(--auth off, local experiments only)\n" + "!" * 78
+        )
         return
-    print('authentication is on: get a token with `export WALLET_TOKEN=$(wallet auth token --sub alice '
-          '--scope "wallet:user")` and send `Authorization: Bearer $WALLET_TOKEN`; scopes: wallet:user, '
-          'wallet:bank, wallet:operator, wallet:audit')
+    print(
+        "authentication is on: get a token with `export WALLET_TOKEN=$(wallet auth token --sub alice "
+        '--scope "wallet:user")` and send `Authorization: Bearer $WALLET_TOKEN`; scopes: wallet:user, '
+        "wallet:bank, wallet:operator, wallet:audit"
+    )
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -449,8 +541,19 @@ def _ps(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     processes = running_processes(settings)
     if args.json:
-        print(json.dumps([{"role": p.role, "pid": p.pid, "port": p.port,
-                           **({"node_id": p.node_id or 1} if p.role == "kafka" else {})} for p in processes]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "role": p.role,
+                        "pid": p.pid,
+                        "port": p.port,
+                        **({"node_id": p.node_id or 1} if p.role == "kafka" else {}),
+                    }
+                    for p in processes
+                ]
+            )
+        )
         return 0
     if not processes:
         print("nothing runs (start the stack with `wallet up`)")

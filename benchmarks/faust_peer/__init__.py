@@ -15,6 +15,7 @@ changelog topic. When the agent takes its first record it writes FIRST_RECORD_MA
 file descriptor 1 (the faust worker sends `print` to its logger, not to stdout), so a
 harness can start its clock there, as it does for the wallet processor.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,9 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
         consumer_auto_offset_reset="earliest",
     )
     # faust's topic() options, of many types: Any lets them through its keyword signature.
-    raw: dict[str, Any] = dict(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                               partitions=partitions)
+    raw: dict[str, Any] = dict(
+        key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=partitions
+    )
     commands = app.topic(f"{topic_prefix}{COMMANDS_TOPIC}", **raw)
     outcomes = app.topic(f"{topic_prefix}{OUTCOMES_TOPIC}", **raw)
     # faust's defaults serialise the changelog: key raw (a str key), value JSON (an int).
@@ -56,8 +58,14 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
 
     async def answer(transaction_id: str, digest: str, reason: str | None = None) -> None:
         # The peer keeps no owners: its answers name no account or actor.
-        outcome = Outcome(transaction_id=transaction_id, account_id="", actor="",
-                          status="success" if reason is None else "failure", reason=reason, digest=digest)
+        outcome = Outcome(
+            transaction_id=transaction_id,
+            account_id="",
+            actor="",
+            status="success" if reason is None else "failure",
+            reason=reason,
+            digest=digest,
+        )
         await outcomes.send(key=transaction_id, value=encode(outcome))
 
     @app.agent(commands)
@@ -79,18 +87,32 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
                     await answer(command.transaction_id, digest, Reason.INSUFFICIENT_FUNDS)
                 else:
                     balances[command.from_account] = balance_minor - amount_minor
-                    leg = CreditLeg(transaction_id=command.transaction_id, actor=command.actor, issued_ms=0,
-                                    from_account=command.from_account, to_account=command.to_account,
-                                    amount=command.amount, currency=command.currency, digest=digest)
+                    leg = CreditLeg(
+                        transaction_id=command.transaction_id,
+                        actor=command.actor,
+                        issued_ms=0,
+                        from_account=command.from_account,
+                        to_account=command.to_account,
+                        amount=command.amount,
+                        currency=command.currency,
+                        digest=digest,
+                    )
                     await commands.send(key=command.to_account, value=encode(leg))
             elif kind is CreditLeg:
                 balance_minor = balances.get(command.to_account)
                 if balance_minor is None:
-                    refund = RefundLeg(transaction_id=command.transaction_id, actor=command.actor, issued_ms=0,
-                                       debit_ms=command.issued_ms,
-                                       from_account=command.from_account, to_account=command.to_account,
-                                       amount=command.amount, currency=command.currency, digest=command.digest,
-                                       reason=Reason.ACCOUNT_NOT_FOUND)
+                    refund = RefundLeg(
+                        transaction_id=command.transaction_id,
+                        actor=command.actor,
+                        issued_ms=0,
+                        debit_ms=command.issued_ms,
+                        from_account=command.from_account,
+                        to_account=command.to_account,
+                        amount=command.amount,
+                        currency=command.currency,
+                        digest=command.digest,
+                        reason=Reason.ACCOUNT_NOT_FOUND,
+                    )
                     await commands.send(key=command.from_account, value=encode(refund))
                 else:
                     balances[command.to_account] = balance_minor + parse_amount_minor(command.amount, command.currency)
@@ -111,8 +133,7 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
                 if balance_minor is None:
                     await answer(command.transaction_id, digest, Reason.ACCOUNT_NOT_FOUND)
                 else:
-                    balances[command.account_id] = balance_minor + parse_amount_minor(command.amount,
-                                                                                       command.currency)
+                    balances[command.account_id] = balance_minor + parse_amount_minor(command.amount, command.currency)
                     await answer(command.transaction_id, digest)
             else:
                 raise ValueError(f"the faust peer implements transfers only, not {kind.__name__}")

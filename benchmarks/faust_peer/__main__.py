@@ -1,4 +1,5 @@
 """`python -m benchmarks.faust_peer --bootstrap B --topic-prefix P --data-dir D [--guarantee G] worker ...`"""
+
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,11 @@ import sys
 
 from benchmarks.faust_peer import GUARANTEES, create_app
 
-parser = argparse.ArgumentParser(prog="python -m benchmarks.faust_peer",
-                                 description="the faust-streaming peer of the wallet processor; the arguments after "
-                                             "these are faust's own (for example: worker -l warn)")
+parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.faust_peer",
+    description="the faust-streaming peer of the wallet processor; the arguments after "
+    "these are faust's own (for example: worker -l warn)",
+)
 parser.add_argument("--bootstrap", required=True)
 parser.add_argument("--topic-prefix", required=True)
 parser.add_argument("--guarantee", choices=GUARANTEES, default="exactly_once")

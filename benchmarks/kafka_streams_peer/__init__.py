@@ -10,6 +10,7 @@ runs `mvn -q -o package` when the local Maven repository (under the project's gi
 cache, `<cache>/maven`) already holds every artifact, else the same build online once, which
 fills it; `java_argv()` is the command line that runs the peer.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -56,8 +57,9 @@ def build(cache_dir: Path, say=print) -> Path:
         raise PeerBuildError(f"the Kafka Streams peer needs {', '.join(missing)} on PATH")
     repository = cache_dir / "maven"
     base = ["mvn", "-q", "-B", f"-Dmaven.repo.local={repository}", "-f", str(PEER_DIR / "pom.xml"), "package"]
-    offline = subprocess.run([*base[:1], "-o", *base[1:]], capture_output=True, text=True,
-                             timeout=BUILD_TIMEOUT_OFFLINE_S)
+    offline = subprocess.run(
+        [*base[:1], "-o", *base[1:]], capture_output=True, text=True, timeout=BUILD_TIMEOUT_OFFLINE_S
+    )
     if offline.returncode != 0:
         say(f"building the Kafka Streams peer online once (Maven repository {repository})")
         online = subprocess.run(base, capture_output=True, text=True, timeout=BUILD_TIMEOUT_ONLINE_S)
@@ -69,11 +71,41 @@ def build(cache_dir: Path, say=print) -> Path:
     return JAR_PATH
 
 
-def java_argv(*, bootstrap: str, application_id: str, commands_topic: str, events_topic: str,
-              outcomes_topic: str, state_dir: Path, leg_key: str, threads: int = 2,
-              commit_interval_ms: int = 1000) -> list[str]:
-    return ["java", JAVA_HEAP, "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", f"{JAR_PATH}:{LIB_DIR}/*",
-            MAIN_CLASS, "--bootstrap", bootstrap, "--application-id", application_id,
-            "--commands-topic", commands_topic, "--events-topic", events_topic,
-            "--outcomes-topic", outcomes_topic, "--state-dir", str(state_dir), "--leg-key", leg_key,
-            "--threads", str(threads), "--commit-interval-ms", str(commit_interval_ms)]
+def java_argv(
+    *,
+    bootstrap: str,
+    application_id: str,
+    commands_topic: str,
+    events_topic: str,
+    outcomes_topic: str,
+    state_dir: Path,
+    leg_key: str,
+    threads: int = 2,
+    commit_interval_ms: int = 1000,
+) -> list[str]:
+    return [
+        "java",
+        JAVA_HEAP,
+        "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+        "-cp",
+        f"{JAR_PATH}:{LIB_DIR}/*",
+        MAIN_CLASS,
+        "--bootstrap",
+        bootstrap,
+        "--application-id",
+        application_id,
+        "--commands-topic",
+        commands_topic,
+        "--events-topic",
+        events_topic,
+        "--outcomes-topic",
+        outcomes_topic,
+        "--state-dir",
+        str(state_dir),
+        "--leg-key",
+        leg_key,
+        "--threads",
+        str(threads),
+        "--commit-interval-ms",
+        str(commit_interval_ms),
+    ]

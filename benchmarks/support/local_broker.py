@@ -1,6 +1,7 @@
 """A broker for `wallet bench` when it was given none: the one configured, the project's local
 broker if it runs, else one started here on free loopback ports in a temporary folder (as
 tests/conftest.py does) and stopped when the bench ends."""
+
 from __future__ import annotations
 
 import gc
@@ -46,10 +47,13 @@ def broker_for(settings: Settings, say=print) -> Iterator[Settings]:
 
     kafka_port, controller_port = free_loopback_ports(2)
     run_dir = Path(tempfile.mkdtemp(prefix="wallet-bench-kafka-"))
-    broker = settings.with_overrides(run_dir=run_dir, local_kafka_port=kafka_port,
-                                     local_controller_port=controller_port)
-    say(f"no broker configured and none on port {settings.local_kafka_port}: starting one on 127.0.0.1:{kafka_port} "
-        f"in {run_dir}, stopped when the bench ends")
+    broker = settings.with_overrides(
+        run_dir=run_dir, local_kafka_port=kafka_port, local_controller_port=controller_port
+    )
+    say(
+        f"no broker configured and none on port {settings.local_kafka_port}: starting one on 127.0.0.1:{kafka_port} "
+        f"in {run_dir}, stopped when the bench ends"
+    )
     localkafka.fetch_jars(broker)
     try:
         localkafka.start(broker, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True)

@@ -17,6 +17,7 @@ re-decides the log exactly as the processors would have.
 
 The deciding part (`decide`, `workload`, `ReferenceLog`) does no I/O; only `publish` talks to Kafka.
 """
+
 from __future__ import annotations
 
 import random
@@ -95,6 +96,7 @@ class DeadLetter:
 @dataclass(slots=True)
 class ReferenceLog:
     """Per partition, the records of each topic in log order."""
+
     partition_count: int
     commands: list[list[Record]]
     events: list[list[Record]]
@@ -108,8 +110,13 @@ class ReferenceLog:
 
     @classmethod
     def empty(cls, partition_count: int) -> ReferenceLog:
-        return cls(partition_count, [[] for _ in range(partition_count)], [[] for _ in range(partition_count)],
-                   [[] for _ in range(partition_count)], [State() for _ in range(partition_count)])
+        return cls(
+            partition_count,
+            [[] for _ in range(partition_count)],
+            [[] for _ in range(partition_count)],
+            [[] for _ in range(partition_count)],
+            [State() for _ in range(partition_count)],
+        )
 
     @property
     def event_count(self) -> int:
@@ -138,13 +145,15 @@ class ReferenceLog:
                 yield topic, partition, records[position]
         for topic, lists in ((EVENTS, self.events), (OUTCOMES, self.outcomes)):
             for partition, records in enumerate(lists):
-                for record in records[cursors.get((topic, partition), 0):]:
+                for record in records[cursors.get((topic, partition), 0) :]:
                     yield topic, partition, record
 
     def messages(self) -> list[Event | Outcome]:
         """The events and outcomes, decoded, in the order decided."""
-        return [decode_outcome(record.value) if topic == OUTCOMES else decode_event(record.value)
-                for topic, _, record in self.decided()]
+        return [
+            decode_outcome(record.value) if topic == OUTCOMES else decode_event(record.value)
+            for topic, _, record in self.decided()
+        ]
 
 
 def raw_command(key: str, value: bytes) -> Record:
@@ -152,9 +161,15 @@ def raw_command(key: str, value: bytes) -> Record:
     return Record(key.encode(), value)
 
 
-def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
-           hold_legs_of: frozenset[str] = frozenset(), legs_waiting_max: int = LEGS_WAITING_MAX,
-           start_ms: int = START_MS, leg_keys: str = REFERENCE_LEG_KEYS) -> ReferenceLog:
+def decide(
+    client_commands: Iterable[Command | Record],
+    partition_count: int,
+    *,
+    hold_legs_of: frozenset[str] = frozenset(),
+    legs_waiting_max: int = LEGS_WAITING_MAX,
+    start_ms: int = START_MS,
+    leg_keys: str = REFERENCE_LEG_KEYS,
+) -> ReferenceLog:
     """Decides `client_commands` (in order) and the saga legs they cause the way the processors
     would; `hold_legs_of` names transfers whose credit leg is never delivered."""
     log = ReferenceLog.empty(partition_count)
@@ -177,8 +192,9 @@ def decide(client_commands: Iterable[Command | Record], partition_count: int, *,
                 log.add(outcome)
             return
         if partition_for(owner_account(command), partition_count) != partition:
-            log.dead_letters.append(DeadLetter(record, "command on a partition that does not own its account",
-                                               partition, len(commands) - 1))
+            log.dead_letters.append(
+                DeadLetter(record, "command on a partition that does not own its account", partition, len(commands) - 1)
+            )
             outcome = dead_letter_outcome(record.value, Reason.WRONG_PARTITION, command)
             if outcome is not None:
                 log.add(outcome)
@@ -241,10 +257,24 @@ def workload(seed: int, account_count: int, operation_count: int) -> list[Comman
     for account_id in account_ids:
         currencies[account_id] = rng.choices(["USD", "JPY", "BHD"], weights=[8, 1, 1])[0]
         kinds[account_id] = "merchant" if rng.random() < 0.15 else "user"
-        commands.append(_edge(OpenAccount, transaction_id=transaction_id(), account_id=account_id,
-                                    currency=currencies[account_id], kind=kinds[account_id]))
-        commands.append(_edge(Deposit, transaction_id=transaction_id(), account_id=account_id,
-                                amount=amount(currencies[account_id], 1_000_000), currency=currencies[account_id]))
+        commands.append(
+            _edge(
+                OpenAccount,
+                transaction_id=transaction_id(),
+                account_id=account_id,
+                currency=currencies[account_id],
+                kind=kinds[account_id],
+            )
+        )
+        commands.append(
+            _edge(
+                Deposit,
+                transaction_id=transaction_id(),
+                account_id=account_id,
+                amount=amount(currencies[account_id], 1_000_000),
+                currency=currencies[account_id],
+            )
+        )
 
     unfreezes_due: dict[int, list[str]] = {}
     for operation in range(operation_count):
@@ -257,17 +287,39 @@ def workload(seed: int, account_count: int, operation_count: int) -> list[Comman
         if roll < 0.40:
             # Mostly the sender's currency; sometimes another one, refused by the receiver.
             to_account = other if rng.random() < 0.97 else f"missing-{rng.randint(0, 99)}"
-            command: Command = _edge(Transfer, transaction_id=transaction_id(), from_account=account_id,
-                                        to_account=to_account, amount=amount(currency), currency=currency)
+            command: Command = _edge(
+                Transfer,
+                transaction_id=transaction_id(),
+                from_account=account_id,
+                to_account=to_account,
+                amount=amount(currency),
+                currency=currency,
+            )
         elif roll < 0.50:
-            command = _edge(PayMerchant, transaction_id=transaction_id(), from_account=account_id,
-                                  to_account=other, amount=amount(currency), currency=currency)
+            command = _edge(
+                PayMerchant,
+                transaction_id=transaction_id(),
+                from_account=account_id,
+                to_account=other,
+                amount=amount(currency),
+                currency=currency,
+            )
         elif roll < 0.68:
-            command = _edge(Deposit, transaction_id=transaction_id(), account_id=account_id,
-                              amount=amount(currency), currency=currency)
+            command = _edge(
+                Deposit,
+                transaction_id=transaction_id(),
+                account_id=account_id,
+                amount=amount(currency),
+                currency=currency,
+            )
         elif roll < 0.80:
-            command = _edge(Withdraw, transaction_id=transaction_id(), account_id=account_id,
-                               amount=amount(currency), currency=currency)
+            command = _edge(
+                Withdraw,
+                transaction_id=transaction_id(),
+                account_id=account_id,
+                amount=amount(currency),
+                currency=currency,
+            )
         elif roll < 0.83:
             command = _edge(Freeze, transaction_id=transaction_id(), account_id=account_id)
             unfreezes_due.setdefault(operation + rng.randint(5, 60), []).append(account_id)
@@ -280,14 +332,24 @@ def workload(seed: int, account_count: int, operation_count: int) -> list[Comman
             # A reused transaction id with another payload: a duplicate_conflict.
             reused = rng.choice(commands[-50:])
             owner = owner_account(reused)
-            command = _edge(Deposit, transaction_id=reused.transaction_id, account_id=owner,
-                              amount=amount(currencies[owner]), currency=currencies[owner])
+            command = _edge(
+                Deposit,
+                transaction_id=reused.transaction_id,
+                account_id=owner,
+                amount=amount(currencies[owner]),
+                currency=currencies[owner],
+            )
         commands.append(command)
     return commands
 
 
-def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: int = TRANSACTION_RECORDS_MAX,
-            aborted_transaction_after: int | None = None) -> None:
+def publish(
+    settings: Settings,
+    log: ReferenceLog,
+    *,
+    transaction_records_max: int = TRANSACTION_RECORDS_MAX,
+    aborted_transaction_after: int | None = None,
+) -> None:
     """Writes `log` to the settings' topics, each record to the partition of its list, in log order.
 
     Commands go through a plain idempotent producer (clients do not use transactions), so
@@ -304,8 +366,10 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
     metadata = commands.list_topics(settings.events_topic, timeout=PUBLISH_TIMEOUT_S)
     topic_partition_count = len(metadata.topics[settings.events_topic].partitions)
     if topic_partition_count != log.partition_count:
-        raise ValueError(f"{settings.events_topic} has {topic_partition_count} partitions, "
-                         f"the log was decided for {log.partition_count}")
+        raise ValueError(
+            f"{settings.events_topic} has {topic_partition_count} partitions, "
+            f"the log was decided for {log.partition_count}"
+        )
     failures: list[str] = []
 
     def on_delivery(error, _message) -> None:
@@ -322,30 +386,57 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
                 value = encode(keyring.sign(leg))
             else:
                 value = record.value
-            _produce(commands, settings.commands_topic, record.key, value, partition, on_delivery=on_delivery,
-                     timestamp_ms=record.timestamp_ms)
+            _produce(
+                commands,
+                settings.commands_topic,
+                record.key,
+                value,
+                partition,
+                on_delivery=on_delivery,
+                timestamp_ms=record.timestamp_ms,
+            )
     remaining = commands.flush(PUBLISH_TIMEOUT_S)
     if remaining or failures:
-        raise RuntimeError(f"writing {settings.commands_topic}: {remaining} records undelivered after "
-                           f"{PUBLISH_TIMEOUT_S:.0f} s, {len(failures)} failed ({failures[:1]})")
+        raise RuntimeError(
+            f"writing {settings.commands_topic}: {remaining} records undelivered after "
+            f"{PUBLISH_TIMEOUT_S:.0f} s, {len(failures)} failed ({failures[:1]})"
+        )
 
     topics = {EVENTS: settings.events_topic, OUTCOMES: settings.outcomes_topic}
     # (topic, partition, key, value, headers)
     writes: list[tuple[str, int, bytes, bytes, list[tuple[str, bytes]] | None]] = [
-        (topics[topic], partition, record.key, record.value, None) for topic, partition, record in log.decided()]
-    writes += [(settings.dlq_topic, partition_for(letter.record.key.decode(), log.partition_count), letter.record.key,
-                letter.record.value, [("error", letter.error.encode()),
-                                      ("source_topic", settings.commands_topic.encode()),
-                                      ("source_partition", str(letter.source_partition).encode()),
-                                      ("source_offset", str(letter.source_offset).encode())])
-               for letter in log.dead_letters]
+        (topics[topic], partition, record.key, record.value, None) for topic, partition, record in log.decided()
+    ]
+    writes += [
+        (
+            settings.dlq_topic,
+            partition_for(letter.record.key.decode(), log.partition_count),
+            letter.record.key,
+            letter.record.value,
+            [
+                ("error", letter.error.encode()),
+                ("source_topic", settings.commands_topic.encode()),
+                ("source_partition", str(letter.source_partition).encode()),
+                ("source_offset", str(letter.source_offset).encode()),
+            ],
+        )
+        for letter in log.dead_letters
+    ]
     if aborted_transaction_after is not None and not 0 <= aborted_transaction_after <= len(writes):
         raise ValueError(f"aborted_transaction_after={aborted_transaction_after} is outside 0..{len(writes)}")
-    transactional = Producer({**_producer_config(settings.bootstrap),
-                              "transactional.id": f"{settings.topic_prefix}reference-{uuid.uuid4().hex}"})
+    transactional = Producer(
+        {
+            **_producer_config(settings.bootstrap),
+            "transactional.id": f"{settings.topic_prefix}reference-{uuid.uuid4().hex}",
+        }
+    )
     transactional.init_transactions(PUBLISH_TIMEOUT_S)
-    cuts = sorted({*range(0, len(writes), transaction_records_max),
-                   *(() if aborted_transaction_after is None else (aborted_transaction_after,))})
+    cuts = sorted(
+        {
+            *range(0, len(writes), transaction_records_max),
+            *(() if aborted_transaction_after is None else (aborted_transaction_after,)),
+        }
+    )
     for start, end in zip(cuts, [*cuts[1:], len(writes)], strict=True):  # the same length by construction
         if start == aborted_transaction_after:
             _publish_aborted(transactional, settings, log)
@@ -358,16 +449,34 @@ def publish(settings: Settings, log: ReferenceLog, *, transaction_records_max: i
 
 def _publish_aborted(producer: Producer, settings: Settings, log: ReferenceLog) -> None:
     # A deposit taking a real deposit's place in its account's sequence, under another id.
-    victim = next(event for topic, _, record in log.decided()
-                  if topic == EVENTS and type(event := decode_event(record.value)) is Deposited)
+    victim = next(
+        event
+        for topic, _, record in log.decided()
+        if topic == EVENTS and type(event := decode_event(record.value)) is Deposited
+    )
     forged_event = msgspec.structs.replace(victim, transaction_id=f"{ABORTED_TRANSACTION_PREFIX}event", digest="forged")
-    forged_outcome = Outcome(transaction_id=f"{ABORTED_TRANSACTION_PREFIX}outcome", account_id=victim.account_id,
-                             actor="forger", status="success", digest="forged")
+    forged_outcome = Outcome(
+        transaction_id=f"{ABORTED_TRANSACTION_PREFIX}outcome",
+        account_id=victim.account_id,
+        actor="forger",
+        status="success",
+        digest="forged",
+    )
     producer.begin_transaction()
-    _produce(producer, settings.events_topic, victim.account_id.encode(), encode(forged_event),
-             partition_for(victim.account_id, log.partition_count))
-    _produce(producer, settings.outcomes_topic, forged_outcome.transaction_id.encode(), encode(forged_outcome),
-             partition_for(forged_outcome.transaction_id, log.partition_count))
+    _produce(
+        producer,
+        settings.events_topic,
+        victim.account_id.encode(),
+        encode(forged_event),
+        partition_for(victim.account_id, log.partition_count),
+    )
+    _produce(
+        producer,
+        settings.outcomes_topic,
+        forged_outcome.transaction_id.encode(),
+        encode(forged_outcome),
+        partition_for(forged_outcome.transaction_id, log.partition_count),
+    )
     # Flushed first so the aborted records really are in the log, not dropped unsent.
     producer.flush(PUBLISH_TIMEOUT_S)
     producer.abort_transaction(PUBLISH_TIMEOUT_S)
@@ -383,21 +492,46 @@ def _record_times_from_producers(settings: Settings) -> None:
         future.result(timeout=PUBLISH_TIMEOUT_S)
     deadline_s = time.monotonic() + CONFIG_WAIT_S
     described = ConfigResource(ResourceType.TOPIC, settings.commands_topic)
-    while admin.describe_configs([described])[described].result(
-            timeout=PUBLISH_TIMEOUT_S)["message.timestamp.type"].value != "CreateTime":
+    while (
+        admin.describe_configs([described])[described].result(timeout=PUBLISH_TIMEOUT_S)["message.timestamp.type"].value
+        != "CreateTime"
+    ):
         if time.monotonic() > deadline_s:
             raise RuntimeError(f"{settings.commands_topic} did not switch to CreateTime within {CONFIG_WAIT_S:.0f} s")
         time.sleep(0.1)
 
 
 def _producer_config(bootstrap: str) -> dict:
-    return {**kafka_security("admin"), "bootstrap.servers": bootstrap, "partitioner": KAFKA_PARTITIONER,
-            "enable.idempotence": True,
-            "linger.ms": 20, "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
-            "queue.buffering.max.kbytes": 1_048_576}
+    return {
+        **kafka_security("admin"),
+        "bootstrap.servers": bootstrap,
+        "partitioner": KAFKA_PARTITIONER,
+        "enable.idempotence": True,
+        "linger.ms": 20,
+        "batch.size": 1_000_000,
+        "queue.buffering.max.messages": 500_000,
+        "queue.buffering.max.kbytes": 1_048_576,
+    }
 
 
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes, partition: int,
-             headers: list | None = None, on_delivery=None, timestamp_ms: int = 0) -> None:
-    produce_with_room(producer, topic, value, key, partition=partition, headers=headers, on_delivery=on_delivery,
-                      timestamp_ms=timestamp_ms, queue_full_wait_ms=PRODUCE_QUEUE_FULL_WAIT_MS)
+def _produce(
+    producer: Producer,
+    topic: str,
+    key: bytes,
+    value: bytes,
+    partition: int,
+    headers: list | None = None,
+    on_delivery=None,
+    timestamp_ms: int = 0,
+) -> None:
+    produce_with_room(
+        producer,
+        topic,
+        value,
+        key,
+        partition=partition,
+        headers=headers,
+        on_delivery=on_delivery,
+        timestamp_ms=timestamp_ms,
+        queue_full_wait_ms=PRODUCE_QUEUE_FULL_WAIT_MS,
+    )

@@ -9,6 +9,7 @@ first (`AnswerEntry`), marks the entries its events decide as it folds, and file
 whose answer is not the first one given (or is missing) as an `UnansweredDecision`;
 `check_answers` then names what does not pair up.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,12 +32,23 @@ from schemas.outcomes import Reason
 
 # Reasons of the answers the processor gives records it dead-letters: no decision event by design.
 DEAD_LETTER_REASONS = frozenset({Reason.INVALID_COMMAND, Reason.WRONG_PARTITION})
-ANY_EVENT = (AccountOpened, Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, AccountFrozen,
-             AccountUnfrozen, AccountClosed, CommandRejected)
+ANY_EVENT = (
+    AccountOpened,
+    Deposited,
+    Withdrawn,
+    TransferDebited,
+    TransferCredited,
+    TransferRefunded,
+    AccountFrozen,
+    AccountUnfrozen,
+    AccountClosed,
+    CommandRejected,
+)
 
 
 class AnswerEntry:
     """A request answered on wallet.outcomes."""
+
     __slots__ = ("answer", "location", "account_id", "decided", "others", "settled")
 
     def __init__(self, answer: Answer, location: Location, account_id: str) -> None:
@@ -60,6 +72,7 @@ class AnswerEntry:
 class UnansweredDecision:
     """A request whose events decide an answer that is not the first one on wallet.outcomes (or
     that has none there): where its first such event is, and every answer its events decide."""
+
     __slots__ = ("partition", "offset", "account_id", "answers")
 
     def __init__(self, partition: int, offset: int, account_id: str, answers: set[Answer]) -> None:
@@ -79,9 +92,15 @@ class UnansweredDecision:
             self.partition, self.offset, self.account_id = other.partition, other.offset, other.account_id
 
 
-def check_answers(answered: dict[RequestKey, AnswerEntry], unanswered: dict[RequestKey, UnansweredDecision],
-                  open_transfers: dict[RequestKey, list[TransferRecord]], later_event: Callable[..., object],
-                  report: Report, events_topic: str, outcomes_topic: str) -> None:
+def check_answers(
+    answered: dict[RequestKey, AnswerEntry],
+    unanswered: dict[RequestKey, UnansweredDecision],
+    open_transfers: dict[RequestKey, list[TransferRecord]],
+    later_event: Callable[..., object],
+    report: Report,
+    events_topic: str,
+    outcomes_topic: str,
+) -> None:
     """Every decision has exactly one answer on wallet.outcomes, and every answer its decision.
 
     Read order makes this exact on a live log: the outcomes are read after the events, and
@@ -96,28 +115,48 @@ def check_answers(answered: dict[RequestKey, AnswerEntry], unanswered: dict[Requ
         given = entry.given
         first = min(given.values())
         decided_answers = ({entry.answer} if entry.decided else set()) | (
-            unanswered[key].answers if key in unanswered else set())
+            unanswered[key].answers if key in unanswered else set()
+        )
         if not decided_answers:
-            _check_undecided(key, given, open_transfers.get(key, ()), later_event, report, events_topic,
-                             outcomes_topic)
+            _check_undecided(key, given, open_transfers.get(key, ()), later_event, report, events_topic, outcomes_topic)
         elif set(given) != decided_answers:
             undecided = [location for answer, location in given.items() if answer not in decided_answers]
-            report(Kind.OUTCOME_MISMATCH, f"answered {answers_text(given)} but the log's events decide "
-                   f"{answers_text(decided_answers)}", *min(undecided or [first]), topic=outcomes_topic,
-                   transaction_id=transaction_id)
+            report(
+                Kind.OUTCOME_MISMATCH,
+                f"answered {answers_text(given)} but the log's events decide {answers_text(decided_answers)}",
+                *min(undecided or [first]),
+                topic=outcomes_topic,
+                transaction_id=transaction_id,
+            )
         elif len(given) > 1:
-            report(Kind.OUTCOME_CONFLICT, f"{len(given)} different answers to one request: {answers_text(given)}",
-                   *first, topic=outcomes_topic, transaction_id=transaction_id)
+            report(
+                Kind.OUTCOME_CONFLICT,
+                f"{len(given)} different answers to one request: {answers_text(given)}",
+                *first,
+                topic=outcomes_topic,
+                transaction_id=transaction_id,
+            )
     for key, decision in unanswered.items():
         if key not in answered:
             transaction_id, digest = key
-            report(Kind.DECISION_WITHOUT_OUTCOME, f"decided {answers_text(decision.answers)} but {outcomes_topic} "
-                   f"has no answer with digest {digest}", *decision.location, account_id=decision.account_id,
-                   transaction_id=transaction_id)
+            report(
+                Kind.DECISION_WITHOUT_OUTCOME,
+                f"decided {answers_text(decision.answers)} but {outcomes_topic} has no answer with digest {digest}",
+                *decision.location,
+                account_id=decision.account_id,
+                transaction_id=transaction_id,
+            )
 
 
-def _check_undecided(key: RequestKey, given: dict[Answer, Location], records, later_event: Callable[..., object],
-                     report: Report, events_topic: str, outcomes_topic: str) -> None:
+def _check_undecided(
+    key: RequestKey,
+    given: dict[Answer, Location],
+    records,
+    later_event: Callable[..., object],
+    report: Report,
+    events_topic: str,
+    outcomes_topic: str,
+) -> None:
     """An answer that no event of the snapshot decides: an unsettled transfer, or no decision at all."""
     transaction_id, digest = key
     first = min(given.values())
@@ -125,9 +164,20 @@ def _check_undecided(key: RequestKey, given: dict[Answer, Location], records, la
     if debit is not None:
         if later_event(key, TransferCredited, TransferRefunded) is None:
             missing = "refund" if any(record.kind == REFUSED for record in records) else "credit or refund"
-            report(Kind.OUTCOME_BEFORE_SETTLEMENT, f"answer {answers_text(given)} for a transfer whose debit at "
-                   f"partition {debit.partition} offset {debit.offset} has no {missing} in the log", *first,
-                   topic=outcomes_topic, account_id=debit.account_id, transaction_id=transaction_id)
+            report(
+                Kind.OUTCOME_BEFORE_SETTLEMENT,
+                f"answer {answers_text(given)} for a transfer whose debit at "
+                f"partition {debit.partition} offset {debit.offset} has no {missing} in the log",
+                *first,
+                topic=outcomes_topic,
+                account_id=debit.account_id,
+                transaction_id=transaction_id,
+            )
     elif later_event(key, *ANY_EVENT) is None:
-        report(Kind.OUTCOME_WITHOUT_DECISION, f"answer {answers_text(given)} (digest {digest}) has no decision "
-               f"event in {events_topic}", *first, topic=outcomes_topic, transaction_id=transaction_id)
+        report(
+            Kind.OUTCOME_WITHOUT_DECISION,
+            f"answer {answers_text(given)} (digest {digest}) has no decision event in {events_topic}",
+            *first,
+            topic=outcomes_topic,
+            transaction_id=transaction_id,
+        )

@@ -7,6 +7,7 @@ The account's events are folded with the core's `fold` in log order, up to and i
   the command's own timestamp, the only clock of the ledger; the log's order decides, so the
   answer is "the balance as the ledger stood when it reached TIME", a prefix of the log.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,15 +36,26 @@ class BalanceAt:
     events_folded: int
 
     def to_json(self) -> dict:
-        return {"account_id": self.account_id, "partition": self.partition, "opened": self.opened,
-                "currency": self.currency, "balance": self.balance, "status": self.status, "seq": self.seq,
-                "last_offset": self.last_offset, "last_ts_ms": self.last_ts_ms, "events_folded": self.events_folded}
+        return {
+            "account_id": self.account_id,
+            "partition": self.partition,
+            "opened": self.opened,
+            "currency": self.currency,
+            "balance": self.balance,
+            "status": self.status,
+            "seq": self.seq,
+            "last_offset": self.last_offset,
+            "last_ts_ms": self.last_ts_ms,
+            "events_folded": self.events_folded,
+        }
 
     def render_text(self) -> str:
         if not self.opened:
             return f"{self.account_id}: not opened at that point (partition {self.partition})"
-        return (f"{self.account_id}: {self.balance} {self.currency} ({self.status}), seq {self.seq}, after the event "
-                f"at partition {self.partition} offset {self.last_offset} (ts_ms {self.last_ts_ms})")
+        return (
+            f"{self.account_id}: {self.balance} {self.currency} ({self.status}), seq {self.seq}, after the event "
+            f"at partition {self.partition} offset {self.last_offset} (ts_ms {self.last_ts_ms})"
+        )
 
 
 def parse_time_ms(text: str) -> int:
@@ -60,8 +72,14 @@ def parse_time_ms(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def balance_at(settings: Settings, account_id: str, *, at_ms: int | None = None, offset: int | None = None,
-               timeout_s: float = READ_TIMEOUT_S_DEFAULT) -> BalanceAt:
+def balance_at(
+    settings: Settings,
+    account_id: str,
+    *,
+    at_ms: int | None = None,
+    offset: int | None = None,
+    timeout_s: float = READ_TIMEOUT_S_DEFAULT,
+) -> BalanceAt:
     """The account as the log had it at `at_ms` (event time) or after `offset`; exactly one must be given."""
     if (at_ms is None) == (offset is None):
         raise ValueError("give exactly one of at_ms and offset")
@@ -86,13 +104,25 @@ def balance_at(settings: Settings, account_id: str, *, at_ms: int | None = None,
         try:
             fold(state, event)
         except CorruptLog as error:
-            raise CorruptLog(f"{settings.events_topic} partition {partition} offset {record_offset}: {error} "
-                             f"(`wallet audit` names every such record)") from None
+            raise CorruptLog(
+                f"{settings.events_topic} partition {partition} offset {record_offset}: {error} "
+                f"(`wallet audit` names every such record)"
+            ) from None
         last_offset, last_ts_ms = record_offset, event.ts_ms
         folded += 1
     account = state.accounts.get(account_id)
     if account is None:
         return BalanceAt(account_id, partition, False, None, None, None, 0, None, None, 0)
     balance = format_amount(account.balance_minor, account.currency)
-    return BalanceAt(account_id, partition, True, account.currency, balance,
-                     account.status, account.seq, last_offset, last_ts_ms, folded)
+    return BalanceAt(
+        account_id,
+        partition,
+        True,
+        account.currency,
+        balance,
+        account.status,
+        account.seq,
+        last_offset,
+        last_ts_ms,
+        folded,
+    )

@@ -3,6 +3,7 @@
 The balances are the ones the events state (each account's latest); the money in flight is the
 sum over the transfers the replay lists as debited and not yet settled.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -29,23 +30,37 @@ class CurrencyTotals:
 
     def to_json(self) -> dict:
         fmt = lambda minor: format_amount(minor, self.currency)  # noqa: E731
-        return {"currency": self.currency, "accounts": self.accounts, "deposited": fmt(self.deposited_minor),
-                "withdrawn": fmt(self.withdrawn_minor), "balances": fmt(self.balances_minor),
-                "in_flight": fmt(self.in_flight_minor), "created": fmt(self.created_minor),
-                "holds": self.created_minor == 0}
+        return {
+            "currency": self.currency,
+            "accounts": self.accounts,
+            "deposited": fmt(self.deposited_minor),
+            "withdrawn": fmt(self.withdrawn_minor),
+            "balances": fmt(self.balances_minor),
+            "in_flight": fmt(self.in_flight_minor),
+            "created": fmt(self.created_minor),
+            "holds": self.created_minor == 0,
+        }
 
     def violation(self, events_topic: str) -> Violation | None:
         if not self.created_minor:
             return None
         fmt = lambda minor: format_amount(minor, self.currency)  # noqa: E731
-        return Violation(Kind.CONSERVATION, f"{self.currency}: balances {fmt(self.balances_minor)} + in flight "
-                         f"{fmt(self.in_flight_minor)} != deposited {fmt(self.deposited_minor)} - withdrawn "
-                         f"{fmt(self.withdrawn_minor)}: {fmt(abs(self.created_minor))} "
-                         f"{'created' if self.created_minor > 0 else 'destroyed'}", events_topic)
+        return Violation(
+            Kind.CONSERVATION,
+            f"{self.currency}: balances {fmt(self.balances_minor)} + in flight "
+            f"{fmt(self.in_flight_minor)} != deposited {fmt(self.deposited_minor)} - withdrawn "
+            f"{fmt(self.withdrawn_minor)}: {fmt(abs(self.created_minor))} "
+            f"{'created' if self.created_minor > 0 else 'destroyed'}",
+            events_topic,
+        )
 
 
-def currency_totals(states: Iterable[State], misstated_minor: dict[str, int], flows: dict[str, list[int]],
-                    in_flight_minor: dict[str, int]) -> list[CurrencyTotals]:
+def currency_totals(
+    states: Iterable[State],
+    misstated_minor: dict[str, int],
+    flows: dict[str, list[int]],
+    in_flight_minor: dict[str, int],
+) -> list[CurrencyTotals]:
     """The totals per currency. `misstated_minor`: per account whose latest money event states a
     balance that does not follow, stated minus folded; `flows`: currency -> [deposited, withdrawn]."""
     balances_minor: dict[str, int] = {}
@@ -58,6 +73,14 @@ def currency_totals(states: Iterable[State], misstated_minor: dict[str, int], fl
     totals = []
     for currency in sorted(set(balances_minor) | set(flows)):
         deposited, withdrawn = flows.get(currency, (0, 0))
-        totals.append(CurrencyTotals(currency, account_counts.get(currency, 0), deposited, withdrawn,
-                                     balances_minor.get(currency, 0), in_flight_minor.get(currency, 0)))
+        totals.append(
+            CurrencyTotals(
+                currency,
+                account_counts.get(currency, 0),
+                deposited,
+                withdrawn,
+                balances_minor.get(currency, 0),
+                in_flight_minor.get(currency, 0),
+            )
+        )
     return totals

@@ -9,6 +9,7 @@ whose MAC does not verify with the processors' keyring, and what the core refuse
 and checks that the DLQ names them. Each command is decided at its record's timestamp (the
 broker's LogAppendTime), the time the processor passed to the core.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +43,11 @@ class DeterminismResult:
     violations: list[Violation] = field(default_factory=list)
 
     def violations_in(self, partition: int) -> bool:
-        return any(violation.partition == partition for violation in self.violations
-                   if violation.kind in (Kind.NONDETERMINISTIC, Kind.CORE_ERROR))
+        return any(
+            violation.partition == partition
+            for violation in self.violations
+            if violation.kind in (Kind.NONDETERMINISTIC, Kind.CORE_ERROR)
+        )
 
     def absorb(self, other: DeterminismResult) -> None:
         """Adds the result of other partitions (checked in another process)."""
@@ -84,9 +88,19 @@ class _Router:
         return command, owner
 
 
-def check_determinism(commands: PartitionLog, events: PartitionLog, partition_count: int, commands_topic: str,
-                      events_topic: str, dead_lettered: set[Location], result: DeterminismResult, *,
-                      keyring: LegKeyring, settled: bool, on_progress: Callable[[int], None] | None = None) -> None:
+def check_determinism(
+    commands: PartitionLog,
+    events: PartitionLog,
+    partition_count: int,
+    commands_topic: str,
+    events_topic: str,
+    dead_lettered: set[Location],
+    result: DeterminismResult,
+    *,
+    keyring: LegKeyring,
+    settled: bool,
+    on_progress: Callable[[int], None] | None = None,
+) -> None:
     """Re-decides one partition's commands with the core from an empty state and compares each
     event, encoded, with the log's event at the same position of the same partition.
 
@@ -115,25 +129,39 @@ def check_determinism(commands: PartitionLog, events: PartitionLog, partition_co
         except (SchemaError, UndecidableInput) as error:
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
-                undelivered.append((offset, Violation(
-                    Kind.NOT_DEAD_LETTERED, f"the processor cannot decide this record "
-                    f"({error}) and the DLQ has no record of it", commands_topic, partition, offset)))
+                undelivered.append(
+                    (
+                        offset,
+                        Violation(
+                            Kind.NOT_DEAD_LETTERED,
+                            f"the processor cannot decide this record ({error}) and the DLQ has no record of it",
+                            commands_topic,
+                            partition,
+                            offset,
+                        ),
+                    )
+                )
             continue
         if not go_on:
             break
     if on_progress is not None:
         on_progress(len(values) - reported)
     result.events_reproduced += replay.position
-    result.violations += [violation for at, violation in undelivered
-                          if settled or at < replay.decided_offset]
+    result.violations += [violation for at, violation in undelivered if settled or at < replay.decided_offset]
     replay.check_no_extra_event()
 
 
 class _PartitionReplay:
     """The core re-deciding one partition's commands against that partition's events."""
 
-    def __init__(self, commands: PartitionLog, events: PartitionLog, commands_topic: str, events_topic: str,
-                 result: DeterminismResult) -> None:
+    def __init__(
+        self,
+        commands: PartitionLog,
+        events: PartitionLog,
+        commands_topic: str,
+        events_topic: str,
+        result: DeterminismResult,
+    ) -> None:
         self.commands, self.events = commands, events
         self.commands_topic, self.events_topic = commands_topic, events_topic
         self.result = result
@@ -150,8 +178,17 @@ class _PartitionReplay:
         except UndecidableInput:
             raise
         except Exception as error:  # noqa: BLE001 - any failure of the core on a logged command is a finding
-            result.violations.append(Violation(Kind.CORE_ERROR, f"the core raised {type(error).__name__}: {error}",
-                                               self.commands_topic, partition, offset, owner, command.transaction_id))
+            result.violations.append(
+                Violation(
+                    Kind.CORE_ERROR,
+                    f"the core raised {type(error).__name__}: {error}",
+                    self.commands_topic,
+                    partition,
+                    offset,
+                    owner,
+                    command.transaction_id,
+                )
+            )
             return False
         event_values = self.events.values
         if self.position == len(event_values) and decision.events:
@@ -164,10 +201,18 @@ class _PartitionReplay:
         if mismatch is not None:
             at, event, logged = mismatch
             at_offset = self.events.offsets[at] if at < len(event_values) else self.events.end_offset
-            result.violations.append(Violation(
-                Kind.NONDETERMINISTIC, f"command at {self.commands_topic} offset {offset} decides "
-                f"{encode(event).decode()} but the log has {_describe_logged(logged)}", self.events_topic, partition,
-                at_offset, event.account_id, event.transaction_id))
+            result.violations.append(
+                Violation(
+                    Kind.NONDETERMINISTIC,
+                    f"command at {self.commands_topic} offset {offset} decides "
+                    f"{encode(event).decode()} but the log has {_describe_logged(logged)}",
+                    self.events_topic,
+                    partition,
+                    at_offset,
+                    event.account_id,
+                    event.transaction_id,
+                )
+            )
             return False
         if decision.events:
             self.decided_offset = offset
@@ -182,11 +227,18 @@ class _PartitionReplay:
             return
         value = self.events.values[position]
         event = _decoded_or_none(value)
-        result.violations.append(Violation(
-            Kind.EXTRA_EVENT, f"no command of {self.commands_topic} partition {partition} decides this event "
-            f"({_describe_logged(value)}); the replay of all {len(self.commands.values)} commands ends before it",
-            self.events_topic, partition, self.events.offsets[position], event.account_id if event else None,
-            event.transaction_id if event else None))
+        result.violations.append(
+            Violation(
+                Kind.EXTRA_EVENT,
+                f"no command of {self.commands_topic} partition {partition} decides this event "
+                f"({_describe_logged(value)}); the replay of all {len(self.commands.values)} commands ends before it",
+                self.events_topic,
+                partition,
+                self.events.offsets[position],
+                event.account_id if event else None,
+                event.transaction_id if event else None,
+            )
+        )
 
 
 def _first_difference(decided: list, logged_values: list, position: int):

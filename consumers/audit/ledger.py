@@ -19,6 +19,7 @@ Re-deciding wallet.commands is determinism.py's.
 After a violation the replay goes on with the value the log's amounts give, so that one forged
 record yields one finding rather than a cascade, and every independent problem is still seen.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -74,6 +75,7 @@ INTERLEAVE_SLICE_RECORDS = 1_024
 
 class MoneyMovement(NamedTuple):
     """One event that moved money, and who asked for it: the answer to "who moved this money"."""
+
     partition: int
     offset: int
     type: str
@@ -84,14 +86,22 @@ class MoneyMovement(NamedTuple):
     actor: str  # who asked (a leg's events carry the transfer's actor)
 
     def to_json(self) -> dict:
-        return {"partition": self.partition, "offset": self.offset, "type": self.type, "account_id": self.account_id,
-                "transaction_id": self.transaction_id, "amount": format_amount(self.amount_minor, self.currency),
-                "currency": self.currency, "actor": self.actor}
+        return {
+            "partition": self.partition,
+            "offset": self.offset,
+            "type": self.type,
+            "account_id": self.account_id,
+            "transaction_id": self.transaction_id,
+            "amount": format_amount(self.amount_minor, self.currency),
+            "currency": self.currency,
+            "actor": self.actor,
+        }
 
 
 @dataclass(slots=True)
 class ReplayPart:
     """The findings and loose ends of a replay of some partitions (see LedgerReplay.summary)."""
+
     violations: list[Violation]
     states: dict[int, State]
     flows: dict[str, list[int]]
@@ -106,6 +116,7 @@ class ReplayPart:
 
 class _Cut(NamedTuple):
     """Where a snapshot is compared: before the record at `position` of its partition's log."""
+
     position: int
     order: int  # among the snapshots given, so that cuts at one position sort without comparing snapshots
     snapshot: StateSnapshot
@@ -113,6 +124,7 @@ class _Cut(NamedTuple):
 
 class _Cursor:
     """How far the replay of one partition has come, and the snapshots still ahead of it."""
+
     __slots__ = ("log", "state", "position", "cuts")
 
     def __init__(self, log: PartitionLog, state: State, cuts: list[_Cut]) -> None:
@@ -124,8 +136,15 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, TypeError)  # Ty
 _SUCCESS: Answer = (SUCCESS, None)
 # The answer on wallet.outcomes each kind of event implies for its request (None: none of its own).
 _ANSWER_OF: dict[type, Answer | None] = {
-    AccountOpened: _SUCCESS, Deposited: _SUCCESS, Withdrawn: _SUCCESS, AccountFrozen: _SUCCESS,
-    AccountUnfrozen: _SUCCESS, AccountClosed: _SUCCESS, TransferCredited: _SUCCESS, TransferDebited: None}
+    AccountOpened: _SUCCESS,
+    Deposited: _SUCCESS,
+    Withdrawn: _SUCCESS,
+    AccountFrozen: _SUCCESS,
+    AccountUnfrozen: _SUCCESS,
+    AccountClosed: _SUCCESS,
+    TransferCredited: _SUCCESS,
+    TransferDebited: None,
+}
 _MONEY_EVENTS = frozenset({Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded})
 _TRANSFER_EVENTS = frozenset({TransferDebited, TransferCredited, TransferRefunded})
 
@@ -136,8 +155,9 @@ class LedgerReplay:
     Use: `index_outcomes`, then `replay`, then `finish`.
     """
 
-    def __init__(self, events_topic: str, outcomes_topic: str, partition_count: int, *,
-                 record_movements: bool = False) -> None:
+    def __init__(
+        self, events_topic: str, outcomes_topic: str, partition_count: int, *, record_movements: bool = False
+    ) -> None:
         self.events_topic = events_topic
         self.outcomes_topic = outcomes_topic
         self.partition_count = partition_count
@@ -186,16 +206,22 @@ class LedgerReplay:
                 try:
                     outcome = decode_outcome(value)
                 except SchemaError as error:
-                    self._violation(Kind.UNDECODABLE_OUTCOME, str(error), partition, offsets[index],
-                                    topic=self.outcomes_topic)
+                    self._violation(
+                        Kind.UNDECODABLE_OUTCOME, str(error), partition, offsets[index], topic=self.outcomes_topic
+                    )
                     continue
                 transaction_id = outcome.transaction_id
                 if outcome.reason in DEAD_LETTER_REASONS:
                     continue  # the answer to a record nobody could decide: no decision event by design
                 if keys[index] != transaction_id.encode():
-                    self._violation(Kind.MISKEYED_OUTCOME, f"record key {keys[index]!r} is not the outcome's "
-                                    f"transaction id", partition, offsets[index], topic=self.outcomes_topic,
-                                    transaction_id=transaction_id)
+                    self._violation(
+                        Kind.MISKEYED_OUTCOME,
+                        f"record key {keys[index]!r} is not the outcome's transaction id",
+                        partition,
+                        offsets[index],
+                        topic=self.outcomes_topic,
+                        transaction_id=transaction_id,
+                    )
                 key = (transaction_id, outcome.digest)
                 answer = (outcome.status, outcome.reason)
                 account_id = outcome.account_id
@@ -206,18 +232,29 @@ class LedgerReplay:
                 if answer != entry.answer:
                     entry.add_other(answer, (partition, offsets[index]))
                 if account_id != entry.account_id:
-                    self._violation(Kind.OUTCOME_WRONG_ACCOUNT, f"answers of one request name two accounts: "
-                                    f"{entry.account_id!r} at partition {entry.location[0]} offset "
-                                    f"{entry.location[1]}, then {account_id!r}", partition, offsets[index],
-                                    topic=self.outcomes_topic, account_id=account_id, transaction_id=transaction_id)
+                    self._violation(
+                        Kind.OUTCOME_WRONG_ACCOUNT,
+                        f"answers of one request name two accounts: "
+                        f"{entry.account_id!r} at partition {entry.location[0]} offset "
+                        f"{entry.location[1]}, then {account_id!r}",
+                        partition,
+                        offsets[index],
+                        topic=self.outcomes_topic,
+                        account_id=account_id,
+                        transaction_id=transaction_id,
+                    )
             self.outcomes_indexed += len(log)
             if on_progress is not None:
                 on_progress(len(log))
 
     # -- wallet.events -------------------------------------------------------------------------
 
-    def replay(self, logs: dict[int, PartitionLog], snapshots: Iterable[StateSnapshot] = (),
-               on_progress: Callable[[int], None] | None = None) -> None:
+    def replay(
+        self,
+        logs: dict[int, PartitionLog],
+        snapshots: Iterable[StateSnapshot] = (),
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Folds every partition's events, comparing the fold with each snapshot at its offset.
 
         The partitions advance together, a slice of each in turn: the two sides of a transfer
@@ -226,8 +263,11 @@ class LedgerReplay:
         """
         cursors = []
         for number, log in sorted(logs.items()):
-            cuts = sorted(_Cut(bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
-                          for order, snapshot in enumerate(snapshots) if snapshot.partition == number)
+            cuts = sorted(
+                _Cut(bisect.bisect_left(log.offsets, snapshot.events_offset), order, snapshot)
+                for order, snapshot in enumerate(snapshots)
+                if snapshot.partition == number
+            )
             # The audit compares accounts only: the idempotency memory would grow with the log.
             cursors.append(_Cursor(log, self.states.setdefault(number, State(tracks_memory=False)), cuts))
         while cursors:
@@ -268,8 +308,13 @@ class LedgerReplay:
             if expected_key is None:
                 expected_key = account_keys[account_id] = self._first_sight(account_id, partition, offset, event)
             if keys[index] != expected_key:
-                self._violation(Kind.MISROUTED_EVENT, f"record key {keys[index]!r} is not the event's account",
-                                partition, offset, event)
+                self._violation(
+                    Kind.MISROUTED_EVENT,
+                    f"record key {keys[index]!r} is not the event's account",
+                    partition,
+                    offset,
+                    event,
+                )
 
             if event_class is CommandRejected:
                 # Not folded: a decision event changes no account; the fold would only remember
@@ -295,8 +340,9 @@ class LedgerReplay:
                 else:
                     self._decided_unanswered(key, answer, partition, offset, account_id)
             if answer is None or event_class in transfer_events:
-                self._file_transfer_record(key, _transfer_record(event, partition, offset, amount_minor, currency),
-                                           entry)
+                self._file_transfer_record(
+                    key, _transfer_record(event, partition, offset, amount_minor, currency), entry
+                )
         self.events_replayed += stop - start
 
     def _fold_change(self, state: State, event, partition: int, offset: int) -> tuple[int, str] | None:
@@ -324,9 +370,18 @@ class LedgerReplay:
         currency = account.currency
         amount_minor = abs(account.balance_minor - balance_before_minor)
         if self.movements is not None and event_class in _MONEY_EVENTS:
-            self.movements.append(MoneyMovement(partition, offset, event_type(event), account_id, event.transaction_id,
-                                                account.balance_minor - balance_before_minor, currency,
-                                                event.actor))
+            self.movements.append(
+                MoneyMovement(
+                    partition,
+                    offset,
+                    event_type(event),
+                    account_id,
+                    event.transaction_id,
+                    account.balance_minor - balance_before_minor,
+                    currency,
+                    event.actor,
+                )
+            )
         if event_class is Deposited or event_class is Withdrawn:
             flow = self._flows.get(currency)
             if flow is None:
@@ -338,10 +393,16 @@ class LedgerReplay:
         """The answer names the account that owns the request its event decides."""
         owner = event.from_account if type(event) is TransferCredited else event.account_id
         if entry.account_id != owner:
-            self._violation(Kind.OUTCOME_WRONG_ACCOUNT, f"the answer names account {entry.account_id!r} but the "
-                            f"request belongs to {owner!r}, whose event at partition {partition} offset {offset} "
-                            f"decides it", *entry.location, topic=self.outcomes_topic, account_id=entry.account_id,
-                            transaction_id=event.transaction_id)
+            self._violation(
+                Kind.OUTCOME_WRONG_ACCOUNT,
+                f"the answer names account {entry.account_id!r} but the "
+                f"request belongs to {owner!r}, whose event at partition {partition} offset {offset} "
+                f"decides it",
+                *entry.location,
+                topic=self.outcomes_topic,
+                account_id=entry.account_id,
+                transaction_id=event.transaction_id,
+            )
 
     def _file_transfer_record(self, key: RequestKey, record: TransferRecord, entry: AnswerEntry | None) -> None:
         records = self._open_transfers.get(key)
@@ -363,20 +424,30 @@ class LedgerReplay:
         if entry.settled:
             debit = next(record for record in records if record.kind == DEBITED)
             transaction_id, _ = key
-            self._violation(Kind.DEBITED_TWICE, "the whole transfer, debit and legs, is in the log twice",
-                            *debit.location, account_id=debit.account_id, transaction_id=transaction_id)
+            self._violation(
+                Kind.DEBITED_TWICE,
+                "the whole transfer, debit and legs, is in the log twice",
+                *debit.location,
+                account_id=debit.account_id,
+                transaction_id=transaction_id,
+            )
         entry.settled = True
 
     def _after_settlement(self, key: RequestKey, records: list[TransferRecord]) -> None:
         """Records of a transfer whose debit and legs had all been seen already."""
         transaction_id, _ = key
         for record in records:
-            self._violation(Kind.DEBITED_TWICE if record.kind == DEBITED else Kind.SETTLED_TWICE,
-                            f"{LEG_NAMES[record.kind]} of a transfer already debited and settled",
-                            *record.location, account_id=record.account_id, transaction_id=transaction_id)
+            self._violation(
+                Kind.DEBITED_TWICE if record.kind == DEBITED else Kind.SETTLED_TWICE,
+                f"{LEG_NAMES[record.kind]} of a transfer already debited and settled",
+                *record.location,
+                account_id=record.account_id,
+                transaction_id=transaction_id,
+            )
 
-    def _decided_unanswered(self, key: RequestKey, answer: Answer, partition: int, offset: int,
-                            account_id: str) -> None:
+    def _decided_unanswered(
+        self, key: RequestKey, answer: Answer, partition: int, offset: int, account_id: str
+    ) -> None:
         decision = self._unanswered.get(key)
         if decision is None:
             self._unanswered[key] = UnansweredDecision(partition, offset, account_id, {answer})
@@ -392,17 +463,32 @@ class LedgerReplay:
             return self._opening_ok(state, event, partition, offset)
         seq = event.seq
         if seq <= account.seq:
-            self._violation(Kind.SEQ_REPEATED, f"seq {seq} again after seq {account.seq}: a duplicate or replayed "
-                            f"event (not folded)", partition, offset, event)
+            self._violation(
+                Kind.SEQ_REPEATED,
+                f"seq {seq} again after seq {account.seq}: a duplicate or replayed event (not folded)",
+                partition,
+                offset,
+                event,
+            )
             return False
         if type(event) is AccountOpened:
-            self._violation(Kind.ACCOUNT_REOPENED, f"account_opened at seq {seq} for an account already open "
-                            f"(not folded)", partition, offset, event)
+            self._violation(
+                Kind.ACCOUNT_REOPENED,
+                f"account_opened at seq {seq} for an account already open (not folded)",
+                partition,
+                offset,
+                event,
+            )
             account.seq = seq
             return False
         if seq != account.seq + 1:
-            self._violation(Kind.SEQ_GAP, f"seq {seq} follows seq {account.seq}: {seq - account.seq - 1} event(s) "
-                            f"missing", partition, offset, event)
+            self._violation(
+                Kind.SEQ_GAP,
+                f"seq {seq} follows seq {account.seq}: {seq - account.seq - 1} event(s) missing",
+                partition,
+                offset,
+                event,
+            )
             account.seq = seq - 1
         return True
 
@@ -410,12 +496,22 @@ class LedgerReplay:
         """Checks the first event of an account: an account_opened, in a known currency, at seq 1."""
         seq = event.seq
         if type(event) is not AccountOpened:
-            self._violation(Kind.EVENT_BEFORE_OPEN, f"{event_type(event)} seq {seq} for an account with no "
-                            f"account_opened before it", partition, offset, event)
+            self._violation(
+                Kind.EVENT_BEFORE_OPEN,
+                f"{event_type(event)} seq {seq} for an account with no account_opened before it",
+                partition,
+                offset,
+                event,
+            )
             return False
         if event.currency not in MINOR_UNITS:
-            self._violation(Kind.EVENT_BEFORE_OPEN, f"account_opened in unknown currency {event.currency!r}: "
-                            f"the account's events cannot be folded", partition, offset, event)
+            self._violation(
+                Kind.EVENT_BEFORE_OPEN,
+                f"account_opened in unknown currency {event.currency!r}: the account's events cannot be folded",
+                partition,
+                offset,
+                event,
+            )
             return False
         if seq != 1:
             self._violation(Kind.SEQ_GAP, f"account_opened has seq {seq}, expected 1", partition, offset, event)
@@ -426,8 +522,13 @@ class LedgerReplay:
     def _first_sight(self, account_id: str, partition: int, offset: int, event) -> bytes:
         owner = partition_for(account_id, self.partition_count)
         if owner != partition:
-            self._violation(Kind.MISROUTED_EVENT, f"account {account_id!r} belongs to partition {owner}, but its "
-                            f"events are on partition {partition}", partition, offset, event)
+            self._violation(
+                Kind.MISROUTED_EVENT,
+                f"account {account_id!r} belongs to partition {owner}, but its events are on partition {partition}",
+                partition,
+                offset,
+                event,
+            )
         return account_id.encode()
 
     def _fold_by_amount(self, state: State, event) -> None:
@@ -464,8 +565,18 @@ class LedgerReplay:
         """What `replay` found, to send from a worker process that replayed some partitions
         (with an index of outcomes inherited from its parent) back to the parent."""
         flags = bytes((2 if entry.decided else 0) | (1 if entry.settled else 0) for entry in self._answered.values())
-        return ReplayPart(self.violations, self.states, self._flows, self._misstated_minor, self._open_transfers,
-                          self._unanswered, flags, self.events_replayed, self.snapshots_compared, self.movements)
+        return ReplayPart(
+            self.violations,
+            self.states,
+            self._flows,
+            self._misstated_minor,
+            self._open_transfers,
+            self._unanswered,
+            flags,
+            self.events_replayed,
+            self.snapshots_compared,
+            self.movements,
+        )
 
     def absorb(self, part: ReplayPart) -> None:
         """Adds what a worker's `summary` holds, as if this replay had replayed its partitions."""
@@ -527,8 +638,9 @@ class LedgerReplay:
 
     # -- across partitions ---------------------------------------------------------------------
 
-    def finish(self, settled: bool, read_later_events: Callable[[], Iterable[bytes | None]] | None = None
-               ) -> tuple[list[InFlight], list[CurrencyTotals]]:
+    def finish(
+        self, settled: bool, read_later_events: Callable[[], Iterable[bytes | None]] | None = None
+    ) -> tuple[list[InFlight], list[CurrencyTotals]]:
         """The transfer, answer and conservation checks; returns the in-flight transfers and the
         totals per currency.
 
@@ -538,8 +650,15 @@ class LedgerReplay:
         """
         self._read_later_events = read_later_events
         in_flight, in_flight_minor = self._check_open_transfers(settled)
-        check_answers(self._answered, self._unanswered, self._open_transfers, self._later_event, self._violation,
-                      self.events_topic, self.outcomes_topic)
+        check_answers(
+            self._answered,
+            self._unanswered,
+            self._open_transfers,
+            self._later_event,
+            self._violation,
+            self.events_topic,
+            self.outcomes_topic,
+        )
         totals = currency_totals(self.states.values(), self._misstated_minor, self._flows, in_flight_minor)
         self.violations += [violation for row in totals if (violation := row.violation(self.events_topic))]
         return in_flight, totals
@@ -563,34 +682,52 @@ class LedgerReplay:
                 continue
             in_flight.append(flying)
             if settled:
-                self._violation(Kind.IN_FLIGHT_WHEN_SETTLED, f"{flying.amount} {flying.currency} from "
-                                f"{flying.from_account} to {flying.to_account} is still in flight "
-                                f"({'refund' if flying.refused_reason else 'credit'} pending) after the pipeline "
-                                f"was drained", *flying.debited_at, account_id=flying.from_account,
-                                transaction_id=flying.transaction_id)
+                self._violation(
+                    Kind.IN_FLIGHT_WHEN_SETTLED,
+                    f"{flying.amount} {flying.currency} from "
+                    f"{flying.from_account} to {flying.to_account} is still in flight "
+                    f"({'refund' if flying.refused_reason else 'credit'} pending) after the pipeline "
+                    f"was drained",
+                    *flying.debited_at,
+                    account_id=flying.from_account,
+                    transaction_id=flying.transaction_id,
+                )
         in_flight.sort(key=lambda flying: flying.debited_at)
         return in_flight, in_flight_minor
 
-    def _violation(self, kind: str, message: str, partition: int | None = None, offset: int | None = None,
-                   event=None, *, topic: str | None = None, account_id: str | None = None,
-                   transaction_id: str | None = None) -> None:
+    def _violation(
+        self,
+        kind: str,
+        message: str,
+        partition: int | None = None,
+        offset: int | None = None,
+        event=None,
+        *,
+        topic: str | None = None,
+        account_id: str | None = None,
+        transaction_id: str | None = None,
+    ) -> None:
         if event is not None:
             account_id = account_id or event.account_id
             transaction_id = transaction_id or event.transaction_id
-        self.violations.append(Violation(kind, message, topic or self.events_topic, partition, offset, account_id,
-                                         transaction_id))
+        self.violations.append(
+            Violation(kind, message, topic or self.events_topic, partition, offset, account_id, transaction_id)
+        )
 
 
 def _transfer_record(event, partition: int, offset: int, amount_minor: int, currency: str | None) -> TransferRecord:
     """The record of a transfer event (or of the receiver's refusal of a credit leg)."""
     event_class = type(event)
     if event_class is TransferDebited:
-        return TransferRecord(DEBITED, partition, offset, event.account_id, event.to_account, amount_minor, currency,
-                              None)
+        return TransferRecord(
+            DEBITED, partition, offset, event.account_id, event.to_account, amount_minor, currency, None
+        )
     if event_class is TransferCredited:
-        return TransferRecord(CREDITED, partition, offset, event.account_id, event.from_account, amount_minor,
-                              currency, None)
+        return TransferRecord(
+            CREDITED, partition, offset, event.account_id, event.from_account, amount_minor, currency, None
+        )
     if event_class is TransferRefunded:
-        return TransferRecord(REFUNDED, partition, offset, event.account_id, event.to_account, amount_minor,
-                              currency, event.reason)
+        return TransferRecord(
+            REFUNDED, partition, offset, event.account_id, event.to_account, amount_minor, currency, event.reason
+        )
     return TransferRecord(REFUSED, partition, offset, event.account_id, None, 0, None, event.reason)

@@ -10,6 +10,7 @@ read_committed reader reaches is the last stable offset, below the high watermar
 Each partition is a snapshot at the moment its end was reached; records that arrive after
 that are ignored, so a live topic still reads in bounded time.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,6 +42,7 @@ class LogReadError(RuntimeError):
 @dataclass(slots=True)
 class PartitionLog:
     """The records of one partition, in offset order, as parallel lists (cheap to build and scan)."""
+
     partition: int
     low_offset: int  # the first offset the broker still holds; > 0 means the log was truncated
     end_offset: int  # where the read stopped: the partition's end (last stable offset) at that moment
@@ -100,24 +102,45 @@ def partition_count(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
-def read_topic(bootstrap: str, topic: str, *, start_offsets: dict[int, int] | None = None,
-               partitions: list[int] | None = None, with_headers: bool = False, with_timestamps: bool = False,
-               timeout_s: float = READ_TIMEOUT_S_DEFAULT, batch_size_max: int = READ_BATCH_SIZE_MAX,
-               on_progress: Callable[[int], None] | None = None) -> TopicLog:
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    start_offsets: dict[int, int] | None = None,
+    partitions: list[int] | None = None,
+    with_headers: bool = False,
+    with_timestamps: bool = False,
+    timeout_s: float = READ_TIMEOUT_S_DEFAULT,
+    batch_size_max: int = READ_BATCH_SIZE_MAX,
+    on_progress: Callable[[int], None] | None = None,
+) -> TopicLog:
     """Every committed record of `topic` (or of its `partitions`) from `start_offsets` (default:
     the first offset the broker holds) to the end, per partition. See `read_topics`."""
-    return read_topics(bootstrap, [topic], start_offsets={topic: start_offsets or {}},
-                       partitions={topic: partitions} if partitions is not None else None,
-                       with_headers={topic} if with_headers else (),
-                       with_timestamps={topic} if with_timestamps else (), timeout_s=timeout_s,
-                       batch_size_max=batch_size_max, on_progress=on_progress)[topic]
+    return read_topics(
+        bootstrap,
+        [topic],
+        start_offsets={topic: start_offsets or {}},
+        partitions={topic: partitions} if partitions is not None else None,
+        with_headers={topic} if with_headers else (),
+        with_timestamps={topic} if with_timestamps else (),
+        timeout_s=timeout_s,
+        batch_size_max=batch_size_max,
+        on_progress=on_progress,
+    )[topic]
 
 
-def read_topics(bootstrap: str, topics: list[str], *, start_offsets: dict[str, dict[int, int]] | None = None,
-                partitions: dict[str, list[int] | None] | None = None, with_headers: Collection[str] = (),
-                with_timestamps: Collection[str] = (), timeout_s: float = READ_TIMEOUT_S_DEFAULT,
-                batch_size_max: int = READ_BATCH_SIZE_MAX,
-                on_progress: Callable[[int], None] | None = None) -> dict[str, TopicLog]:
+def read_topics(
+    bootstrap: str,
+    topics: list[str],
+    *,
+    start_offsets: dict[str, dict[int, int]] | None = None,
+    partitions: dict[str, list[int] | None] | None = None,
+    with_headers: Collection[str] = (),
+    with_timestamps: Collection[str] = (),
+    timeout_s: float = READ_TIMEOUT_S_DEFAULT,
+    batch_size_max: int = READ_BATCH_SIZE_MAX,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, TopicLog]:
     """Reads several topics at once (one start-up, fetches in parallel).
 
     `with_headers`, `with_timestamps`: the topics whose records' headers or timestamps to keep.
@@ -144,16 +167,23 @@ def read_topics(bootstrap: str, topics: list[str], *, start_offsets: dict[str, d
                 # A start below the low offset reads what is left; the caller sees `low_offset`
                 # and can say the log no longer starts where it asked.
                 start = max((start_offsets or {}).get(topic, {}).get(number, low_offset), low_offset)
-                logs[(topic, number)] = PartitionLog(number, low_offset, min(start, high_offset),
-                                                     headers=[] if topic in with_headers else None,
-                                                     timestamps=[] if topic in with_timestamps else None)
+                logs[(topic, number)] = PartitionLog(
+                    number,
+                    low_offset,
+                    min(start, high_offset),
+                    headers=[] if topic in with_headers else None,
+                    timestamps=[] if topic in with_timestamps else None,
+                )
                 if start < high_offset:
                     assignment.append(TopicPartition(topic, number, start))
         _consume_in_parallel(bootstrap, logs, assignment, deadline_s, timeout_s, batch_size_max, on_progress)
         read_s = time.monotonic() - started_s
-        return {topic: TopicLog(topic, counts[topic],
-                                {number: log for (name, number), log in logs.items() if name == topic}, read_s)
-                for topic in topics}
+        return {
+            topic: TopicLog(
+                topic, counts[topic], {number: log for (name, number), log in logs.items() if name == topic}, read_s
+            )
+            for topic in topics
+        }
     finally:
         consumer.close()
 
@@ -172,15 +202,20 @@ def _topic_partitions(consumer: Consumer, topic: str) -> list[int]:
 
 def _watermarks(consumer: Consumer, topic: str, number: int) -> tuple[int, int]:
     try:
-        return consumer.get_watermark_offsets(TopicPartition(topic, number), timeout=KAFKA_CALL_TIMEOUT_S,
-                                              cached=False)
+        return consumer.get_watermark_offsets(TopicPartition(topic, number), timeout=KAFKA_CALL_TIMEOUT_S, cached=False)
     except KafkaException as error:
         raise LogReadError(f"no offsets for {topic}[{number}]: {error}") from None
 
 
-def _consume_in_parallel(bootstrap: str, logs: dict[tuple[str, int], PartitionLog],
-                         assignment: list[TopicPartition], deadline_s: float, timeout_s: float, batch_size_max: int,
-                         on_progress: Callable[[int], None] | None) -> None:
+def _consume_in_parallel(
+    bootstrap: str,
+    logs: dict[tuple[str, int], PartitionLog],
+    assignment: list[TopicPartition],
+    deadline_s: float,
+    timeout_s: float,
+    batch_size_max: int,
+    on_progress: Callable[[int], None] | None,
+) -> None:
     """The partitions dealt between READER_THREADS consumers: one consumer's fetch and decode
     path tops out near 300,000 records/s here; two read a fifth faster."""
     groups = [assignment[index::READER_THREADS] for index in range(READER_THREADS) if assignment[index::READER_THREADS]]
@@ -197,9 +232,15 @@ def _consume_in_parallel(bootstrap: str, logs: dict[tuple[str, int], PartitionLo
             future.result()  # the deadline bounds every read, so this wait is bounded too
 
 
-def _consume_to_end(consumer: Consumer, logs: dict[tuple[str, int], PartitionLog],
-                    assignment: list[TopicPartition], deadline_s: float, timeout_s: float, batch_size_max: int,
-                    on_progress: Callable[[int], None] | None) -> None:
+def _consume_to_end(
+    consumer: Consumer,
+    logs: dict[tuple[str, int], PartitionLog],
+    assignment: list[TopicPartition],
+    deadline_s: float,
+    timeout_s: float,
+    batch_size_max: int,
+    on_progress: Callable[[int], None] | None,
+) -> None:
     if not assignment:
         return
     consumer.assign(assignment)
@@ -208,8 +249,9 @@ def _consume_to_end(consumer: Consumer, logs: dict[tuple[str, int], PartitionLog
     while reading:
         remaining_s = deadline_s - time.monotonic()
         if remaining_s <= 0:
-            progress = ", ".join(f"{topic}[{number}] at {logs[(topic, number)].end_offset}"
-                                 for topic, number in sorted(reading))
+            progress = ", ".join(
+                f"{topic}[{number}] at {logs[(topic, number)].end_offset}" for topic, number in sorted(reading)
+            )
             raise LogReadError(f"the end of {progress} was not reached within {timeout_s:.0f} s")
         added = 0
         for record in consumer.consume(num_messages=batch_size_max, timeout=min(CONSUME_WAIT_S, remaining_s)):

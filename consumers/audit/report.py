@@ -1,4 +1,5 @@
 """What an audit found, as a readable text and as JSON."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,14 @@ class TopicRead:
     read_s: float
 
     def to_json(self) -> dict:
-        return {"topic": self.topic, "partitions": self.partitions, "records": self.records,
-                "low_offsets": {str(p): o for p, o in sorted(self.low_offsets.items())},
-                "end_offsets": {str(p): o for p, o in sorted(self.end_offsets.items())},
-                "read_s": round(self.read_s, 3)}
+        return {
+            "topic": self.topic,
+            "partitions": self.partitions,
+            "records": self.records,
+            "low_offsets": {str(p): o for p, o in sorted(self.low_offsets.items())},
+            "end_offsets": {str(p): o for p, o in sorted(self.end_offsets.items())},
+            "read_s": round(self.read_s, 3),
+        }
 
 
 @dataclass(slots=True)
@@ -73,12 +78,14 @@ class AuditReport:
     def to_json(self) -> dict:
         determinism = None
         if self.determinism is not None:
-            determinism = {"commands_replayed": self.determinism.commands_replayed,
-                           "events_reproduced": self.determinism.events_reproduced,
-                           "commands_dead_lettered": self.determinism.commands_dead_lettered,
-                           "commands_pending": self.determinism.commands_pending,
-                           "seconds": round(self.determinism_s, 3),
-                           "commands_per_s": round(self.determinism_commands_per_s)}
+            determinism = {
+                "commands_replayed": self.determinism.commands_replayed,
+                "events_reproduced": self.determinism.events_reproduced,
+                "commands_dead_lettered": self.determinism.commands_dead_lettered,
+                "commands_pending": self.determinism.commands_pending,
+                "seconds": round(self.determinism_s, 3),
+                "commands_per_s": round(self.determinism_commands_per_s),
+            }
         return {
             "passed": self.passed,
             "settled": self.settled,
@@ -97,8 +104,9 @@ class AuditReport:
             "topics": [topic.to_json() for topic in self.topics],
             "workers": self.workers,
             "total_s": round(self.total_s, 3),
-            **({"movements": [movement.to_json() for movement in self.movements]}
-               if self.movements is not None else {}),
+            **(
+                {"movements": [movement.to_json() for movement in self.movements]} if self.movements is not None else {}
+            ),
         }
 
     def to_json_text(self) -> str:
@@ -107,18 +115,24 @@ class AuditReport:
     def render_text(self) -> str:
         lines = ["Streamwallet audit"]
         for topic in self.topics:
-            lines.append(f"  read {topic.topic}: {topic.records:,} records from {topic.partitions} partitions "
-                         f"in {topic.read_s:.2f} s")
+            lines.append(
+                f"  read {topic.topic}: {topic.records:,} records from {topic.partitions} partitions "
+                f"in {topic.read_s:.2f} s"
+            )
         processes = f" in {self.workers} processes" if self.workers > 1 else ""
-        lines.append(f"  replayed {self.events_replayed:,} events of {self.accounts:,} accounts and matched "
-                     f"{self.outcomes_checked:,} outcomes in {self.replay_s:.2f} s{processes} "
-                     f"({self.replay_events_per_s:,.0f} events/s)")
+        lines.append(
+            f"  replayed {self.events_replayed:,} events of {self.accounts:,} accounts and matched "
+            f"{self.outcomes_checked:,} outcomes in {self.replay_s:.2f} s{processes} "
+            f"({self.replay_events_per_s:,.0f} events/s)"
+        )
         if self.determinism is not None:
             d = self.determinism
-            lines.append(f"  determinism: {d.commands_replayed:,} commands re-decided in {self.determinism_s:.2f} s "
-                         f"({self.determinism_commands_per_s:,.0f} commands/s), {d.events_reproduced:,} events "
-                         f"byte-identical; {d.commands_dead_lettered:,} dead-lettered, "
-                         f"{d.commands_pending:,} not processed yet")
+            lines.append(
+                f"  determinism: {d.commands_replayed:,} commands re-decided in {self.determinism_s:.2f} s "
+                f"({self.determinism_commands_per_s:,.0f} commands/s), {d.events_reproduced:,} events "
+                f"byte-identical; {d.commands_dead_lettered:,} dead-lettered, "
+                f"{d.commands_pending:,} not processed yet"
+            )
         else:
             lines.append("  determinism: not checked (--no-determinism)")
         lines.append(f"  state snapshots compared: {self.snapshots_compared}")
@@ -128,19 +142,25 @@ class AuditReport:
         lines.append("Conservation per currency (balances + in flight = deposited - withdrawn):")
         for row in self.currencies:
             j = row.to_json()
-            lines.append(f"  {row.currency}  accounts {row.accounts:,}  deposited {j['deposited']}  withdrawn "
-                         f"{j['withdrawn']}  balances {j['balances']}  in flight {j['in_flight']}  "
-                         + ("holds" if row.created_minor == 0 else f"DOES NOT HOLD ({j['created']} created)"))
+            lines.append(
+                f"  {row.currency}  accounts {row.accounts:,}  deposited {j['deposited']}  withdrawn "
+                f"{j['withdrawn']}  balances {j['balances']}  in flight {j['in_flight']}  "
+                + ("holds" if row.created_minor == 0 else f"DOES NOT HOLD ({j['created']} created)")
+            )
         if not self.currencies:
             lines.append("  (no money events)")
         lines.append("")
-        lines.append(f"In flight: {len(self.in_flight)} transfer(s)"
-                     + (" (a violation: the pipeline was declared drained)" if self.settled and self.in_flight else ""))
+        lines.append(
+            f"In flight: {len(self.in_flight)} transfer(s)"
+            + (" (a violation: the pipeline was declared drained)" if self.settled and self.in_flight else "")
+        )
         for entry in self.in_flight[:TEXT_IN_FLIGHT_MAX]:
             state = f"refund pending ({entry.refused_reason})" if entry.refused_reason else "credit pending"
-            lines.append(f"  {entry.transaction_id}  {entry.amount} {entry.currency}  {entry.from_account} -> "
-                         f"{entry.to_account}  debited at partition {entry.debited_at[0]} offset "
-                         f"{entry.debited_at[1]}  {state}")
+            lines.append(
+                f"  {entry.transaction_id}  {entry.amount} {entry.currency}  {entry.from_account} -> "
+                f"{entry.to_account}  debited at partition {entry.debited_at[0]} offset "
+                f"{entry.debited_at[1]}  {state}"
+            )
         if len(self.in_flight) > TEXT_IN_FLIGHT_MAX:
             lines.append(f"  ... and {len(self.in_flight) - TEXT_IN_FLIGHT_MAX} more (see --json)")
         lines.append("")
@@ -155,8 +175,10 @@ class AuditReport:
                     lines.append(f"    {_where(violation)}: {violation.message}")
                 if len(violations) > TEXT_VIOLATIONS_PER_KIND_MAX:
                     lines.append(f"    ... and {len(violations) - TEXT_VIOLATIONS_PER_KIND_MAX} more (see --json)")
-        lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}"
-                     + (f" ({len(self.violations)} violation(s))" if self.violations else ""))
+        lines.append(
+            f"RESULT: {'PASS' if self.passed else 'FAIL'}"
+            + (f" ({len(self.violations)} violation(s))" if self.violations else "")
+        )
         return "\n".join(lines)
 
 
@@ -165,9 +187,15 @@ def _ordered(violations: list[Violation]) -> list[Violation]:
     kind_rank: dict[str, int] = {}
     for violation in violations:
         kind_rank.setdefault(violation.kind, len(kind_rank))
-    return sorted(violations, key=lambda v: (kind_rank[v.kind], v.topic or "",
-                                             -1 if v.partition is None else v.partition,
-                                             -1 if v.offset is None else v.offset))
+    return sorted(
+        violations,
+        key=lambda v: (
+            kind_rank[v.kind],
+            v.topic or "",
+            -1 if v.partition is None else v.partition,
+            -1 if v.offset is None else v.offset,
+        ),
+    )
 
 
 def _where(violation: Violation) -> str:

@@ -1,5 +1,6 @@
 """`run_audit`: read the topics, run every check, return the report. The one entry point of the
 audit for the CLI, the tests and the processor's crash test."""
+
 from __future__ import annotations
 
 import gc
@@ -25,10 +26,18 @@ from schemas.leg_auth import LegKeyError, LegKeyring
 PROGRESS_DELAY_S = 1.0  # a bar appears only on replays longer than this
 
 
-def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = (), readmodel_db: str | None = None,
-              check_determinism: bool = True, *, settled: bool = False, progress: bool = False,
-              timeout_s: float = READ_TIMEOUT_S_DEFAULT, workers: int | None = None,
-              movements: bool = False) -> AuditReport:
+def run_audit(
+    settings: Settings,
+    state_dumps: Sequence[Path | str | Mapping] = (),
+    readmodel_db: str | None = None,
+    check_determinism: bool = True,
+    *,
+    settled: bool = False,
+    progress: bool = False,
+    timeout_s: float = READ_TIMEOUT_S_DEFAULT,
+    workers: int | None = None,
+    movements: bool = False,
+) -> AuditReport:
     """Replays the settings' topics from their first offset and checks every invariant.
 
     `state_dumps`: files written by `wallet processor dump-state` (or the same JSON already
@@ -50,20 +59,28 @@ def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = 
     if readmodel_db is not None:
         snapshots += read_model_snapshots(readmodel_db, settings, count)
     logs = _read_logs(settings, report, check_determinism, progress, timeout_s)
-    violations = [*_truncations(logs.events), *_truncations(logs.outcomes),
-                  *(_truncations(logs.commands) if logs.commands else [])]
-    violations += [Violation(Kind.PARTITION_COUNT, f"{snapshot.source} has partition {snapshot.partition}; "
-                             f"{settings.events_topic} has {count} partitions", settings.events_topic,
-                             snapshot.partition)
-                   for snapshot in snapshots if snapshot.partition not in logs.events.partitions]
+    violations = [
+        *_truncations(logs.events),
+        *_truncations(logs.outcomes),
+        *(_truncations(logs.commands) if logs.commands else []),
+    ]
+    violations += [
+        Violation(
+            Kind.PARTITION_COUNT,
+            f"{snapshot.source} has partition {snapshot.partition}; {settings.events_topic} has {count} partitions",
+            settings.events_topic,
+            snapshot.partition,
+        )
+        for snapshot in snapshots
+        if snapshot.partition not in logs.events.partitions
+    ]
 
     # The replays allocate millions of small objects that live until the audit ends: the cyclic
     # garbage collector's passes over them find nothing and cost about a tenth of the time.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        violations += _replay_ledger(settings, logs, snapshots, report, count, workers, progress, timeout_s,
-                                     movements)
+        violations += _replay_ledger(settings, logs, snapshots, report, count, workers, progress, timeout_s, movements)
         if logs.commands is not None:
             violations += _check_determinism(settings, logs, report, workers, progress)
     finally:
@@ -76,23 +93,37 @@ def run_audit(settings: Settings, state_dumps: Sequence[Path | str | Mapping] = 
 
 class _Logs:
     """The topics as read, in the order that makes the checks exact on a live log."""
+
     __slots__ = ("events", "outcomes", "commands", "dead_letters")
 
-    def __init__(self, events: TopicLog, outcomes: TopicLog, commands: TopicLog | None,
-                 dead_letters: TopicLog | None) -> None:
+    def __init__(
+        self, events: TopicLog, outcomes: TopicLog, commands: TopicLog | None, dead_letters: TopicLog | None
+    ) -> None:
         self.events, self.outcomes, self.commands, self.dead_letters = events, outcomes, commands, dead_letters
 
 
-def _read_logs(settings: Settings, report: AuditReport, with_commands: bool, progress: bool,
-               timeout_s: float) -> _Logs:
+def _read_logs(settings: Settings, report: AuditReport, with_commands: bool, progress: bool, timeout_s: float) -> _Logs:
     def read(topics: list[str]) -> list[TopicLog]:
         with _progress(f"reading {', '.join(topics)}", None, progress) as update:
-            logs = read_topics(settings.bootstrap, topics, with_headers={settings.dlq_topic},
-                               with_timestamps={settings.commands_topic}, timeout_s=timeout_s, on_progress=update)
+            logs = read_topics(
+                settings.bootstrap,
+                topics,
+                with_headers={settings.dlq_topic},
+                with_timestamps={settings.commands_topic},
+                timeout_s=timeout_s,
+                on_progress=update,
+            )
         for log in logs.values():
-            report.topics.append(TopicRead(log.topic, log.partition_count, log.record_count,
-                                           {p: part.low_offset for p, part in log.partitions.items()},
-                                           log.end_offsets(), log.read_s))
+            report.topics.append(
+                TopicRead(
+                    log.topic,
+                    log.partition_count,
+                    log.record_count,
+                    {p: part.low_offset for p, part in log.partitions.items()},
+                    log.end_offsets(),
+                    log.read_s,
+                )
+            )
         return list(logs.values())
 
     # The events first: the outcomes, commands and dead letters read afterwards then hold
@@ -106,15 +137,25 @@ def _read_logs(settings: Settings, report: AuditReport, with_commands: bool, pro
     return _Logs(events, outcomes, commands, dead_letters)
 
 
-def _replay_ledger(settings: Settings, logs: _Logs, snapshots: list[StateSnapshot], report: AuditReport,
-                   count: int, workers: int, progress: bool, timeout_s: float, movements: bool) -> list[Violation]:
+def _replay_ledger(
+    settings: Settings,
+    logs: _Logs,
+    snapshots: list[StateSnapshot],
+    report: AuditReport,
+    count: int,
+    workers: int,
+    progress: bool,
+    timeout_s: float,
+    movements: bool,
+) -> list[Violation]:
     """Folds wallet.events against wallet.outcomes and the snapshots; fills the report's ledger part."""
     replay = LedgerReplay(settings.events_topic, settings.outcomes_topic, count, record_movements=movements)
     events, outcomes = logs.events, logs.outcomes
 
     def read_later_events() -> list[bytes | None]:
-        later = read_topic(settings.bootstrap, settings.events_topic, start_offsets=events.end_offsets(),
-                           timeout_s=timeout_s)
+        later = read_topic(
+            settings.bootstrap, settings.events_topic, start_offsets=events.end_offsets(), timeout_s=timeout_s
+        )
         return [value for log in later.partitions.values() for value in log.values]
 
     started_s = time.monotonic()
@@ -134,21 +175,30 @@ def _replay_ledger(settings: Settings, logs: _Logs, snapshots: list[StateSnapsho
     return replay.violations
 
 
-def _check_determinism(settings: Settings, logs: _Logs, report: AuditReport, workers: int,
-                       progress: bool) -> list[Violation]:
+def _check_determinism(
+    settings: Settings, logs: _Logs, report: AuditReport, workers: int, progress: bool
+) -> list[Violation]:
     """Re-decides wallet.commands; fills the report's determinism part."""
     started_s = time.monotonic()
     # Only called when the logs were read with_commands, which reads both.
     assert logs.commands is not None and logs.dead_letters is not None
-    report.determinism = _determinism(logs.commands, logs.events, logs.dead_letters, report.settled, workers,
-                                      progress, _leg_keyring(settings))
+    report.determinism = _determinism(
+        logs.commands, logs.events, logs.dead_letters, report.settled, workers, progress, _leg_keyring(settings)
+    )
     report.determinism_s = time.monotonic() - started_s
     violations = list(report.determinism.violations)
     if report.settled:
-        violations += [Violation(Kind.PENDING_WHEN_SETTLED, "this command (and every later one of its partition) "
-                                 "has no events in the log although the pipeline was declared drained",
-                                 settings.commands_topic, partition, offset)
-                       for partition, offset in report.determinism.pending]
+        violations += [
+            Violation(
+                Kind.PENDING_WHEN_SETTLED,
+                "this command (and every later one of its partition) "
+                "has no events in the log although the pipeline was declared drained",
+                settings.commands_topic,
+                partition,
+                offset,
+            )
+            for partition, offset in report.determinism.pending
+        ]
     return violations
 
 
@@ -161,18 +211,39 @@ def _leg_keyring(settings: Settings) -> LegKeyring:
         raise AuditSetupError(f"cannot read the processors' leg keys: {error}") from None
 
 
-def _determinism(commands: TopicLog, events: TopicLog, dead_letters: TopicLog, settled: bool, workers: int,
-                 progress: bool, keyring: LegKeyring) -> DeterminismResult:
+def _determinism(
+    commands: TopicLog,
+    events: TopicLog,
+    dead_letters: TopicLog,
+    settled: bool,
+    workers: int,
+    progress: bool,
+    keyring: LegKeyring,
+) -> DeterminismResult:
     if commands.partition_count != events.partition_count:
         result = DeterminismResult()
-        result.violations.append(Violation(
-            Kind.PARTITION_COUNT, f"{commands.topic} has {commands.partition_count} partitions and {events.topic} "
-            f"{events.partition_count}: they must be co-partitioned", commands.topic))
+        result.violations.append(
+            Violation(
+                Kind.PARTITION_COUNT,
+                f"{commands.topic} has {commands.partition_count} partitions and {events.topic} "
+                f"{events.partition_count}: they must be co-partitioned",
+                commands.topic,
+            )
+        )
         return result
     with _progress("re-deciding commands", commands.record_count, progress) as update:
-        return check_commands(commands.partitions, events.partitions, commands.partition_count, commands.topic,
-                              events.topic, _dead_letter_sources(dead_letters, commands.topic), settled, workers,
-                              update, keyring)
+        return check_commands(
+            commands.partitions,
+            events.partitions,
+            commands.partition_count,
+            commands.topic,
+            events.topic,
+            _dead_letter_sources(dead_letters, commands.topic),
+            settled,
+            workers,
+            update,
+            keyring,
+        )
 
 
 def _dead_letter_sources(dead_letters: TopicLog, source_topic: str) -> set[tuple[int, int]]:
@@ -188,10 +259,18 @@ def _dead_letter_sources(dead_letters: TopicLog, source_topic: str) -> set[tuple
 
 
 def _truncations(log: TopicLog) -> list[Violation]:
-    return [Violation(Kind.LOG_TRUNCATED, f"the partition starts at offset {part.low_offset}, not 0: records were "
-                      f"deleted, so nothing after them can be proved from the log", log.topic, number,
-                      part.low_offset)
-            for number, part in sorted(log.partitions.items()) if part.low_offset > 0]
+    return [
+        Violation(
+            Kind.LOG_TRUNCATED,
+            f"the partition starts at offset {part.low_offset}, not 0: records were "
+            f"deleted, so nothing after them can be proved from the log",
+            log.topic,
+            number,
+            part.low_offset,
+        )
+        for number, part in sorted(log.partitions.items())
+        if part.low_offset > 0
+    ]
 
 
 @contextmanager
@@ -199,8 +278,15 @@ def _progress(description: str, total: int | None, enabled: bool) -> Iterator[Ca
     if not enabled:
         yield None
         return
-    bar = tqdm(total=total, desc=description, unit=" rec", unit_scale=True, file=sys.stderr, delay=PROGRESS_DELAY_S,
-               leave=False)
+    bar = tqdm(
+        total=total,
+        desc=description,
+        unit=" rec",
+        unit_scale=True,
+        file=sys.stderr,
+        delay=PROGRESS_DELAY_S,
+        leave=False,
+    )
     try:
         yield bar.update
     finally:

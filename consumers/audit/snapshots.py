@@ -5,6 +5,7 @@ the events below an offset; the replay folds the log to that offset and compares
 snapshots (a dump-state file, the read model's database) is here too, so that what is compared
 and how it is read sit side by side.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ class AuditSetupError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class StateSnapshot:
     """A state to compare with the fold: a processor's state dump or the read model, for one partition."""
+
     kind: str  # "state_dump" | "read_model"
     source: str  # file name or database URL, for messages
     partition: int
@@ -42,8 +44,13 @@ class StateSnapshot:
 
 def account_view(account: Account) -> dict:
     """An account as state dumps and the read model show it."""
-    return {"currency": account.currency, "kind": account.kind, "status": account.status,
-            "balance": format_amount(account.balance_minor, account.currency), "seq": account.seq}
+    return {
+        "currency": account.currency,
+        "kind": account.kind,
+        "status": account.status,
+        "balance": format_amount(account.balance_minor, account.currency),
+        "seq": account.seq,
+    }
 
 
 def accounts_view(state: State) -> dict[str, dict]:
@@ -64,20 +71,31 @@ def compare_accounts(snapshot: StateSnapshot, folded: dict[str, dict], events_to
         elif mine is None:
             detail = f"account {theirs} that the log never opened"
         else:
-            detail = "; ".join(f"{name} {theirs.get(name)!r}, the log gives {mine[name]!r}"
-                               for name in mine if theirs.get(name) != mine[name])
-        violations.append(Violation(kind, f"{where}: {detail}", events_topic, snapshot.partition,
-                                    snapshot.events_offset, account_id))
+            detail = "; ".join(
+                f"{name} {theirs.get(name)!r}, the log gives {mine[name]!r}"
+                for name in mine
+                if theirs.get(name) != mine[name]
+            )
+        violations.append(
+            Violation(kind, f"{where}: {detail}", events_topic, snapshot.partition, snapshot.events_offset, account_id)
+        )
     return violations
 
 
 def compare_snapshot(snapshot: StateSnapshot, state: State, log_end_offset: int, events_topic: str) -> list[Violation]:
     """`snapshot` against `state`, the fold of its partition's events below `snapshot.events_offset`."""
     if snapshot.events_offset > log_end_offset:
-        return [Violation(Kind.SNAPSHOT_AHEAD, f"{snapshot.source}, partition {snapshot.partition} at events offset "
-                          f"{snapshot.events_offset}: the log of this partition ends at {log_end_offset}; a state "
-                          f"must never be ahead of what Kafka committed", events_topic, snapshot.partition,
-                          snapshot.events_offset)]
+        return [
+            Violation(
+                Kind.SNAPSHOT_AHEAD,
+                f"{snapshot.source}, partition {snapshot.partition} at events offset "
+                f"{snapshot.events_offset}: the log of this partition ends at {log_end_offset}; a state "
+                f"must never be ahead of what Kafka committed",
+                events_topic,
+                snapshot.partition,
+                snapshot.events_offset,
+            )
+        ]
     return compare_accounts(snapshot, accounts_view(state), events_topic)
 
 
@@ -93,14 +111,25 @@ def load_state_dump(source: Path | str | Mapping) -> list[StateSnapshot]:
             raise AuditSetupError(f"cannot read state dump {path}: {error}") from None
         name = f"state dump {path}"
     try:
-        return [StateSnapshot("state_dump", name, int(partition), int(part["events_offset"]),
-                              {account_id: {field: fields[field] for field in _ACCOUNT_FIELDS}
-                               for account_id, fields in part["accounts"].items()})
-                for partition, part in document["partitions"].items()]
+        return [
+            StateSnapshot(
+                "state_dump",
+                name,
+                int(partition),
+                int(part["events_offset"]),
+                {
+                    account_id: {field: fields[field] for field in _ACCOUNT_FIELDS}
+                    for account_id, fields in part["accounts"].items()
+                },
+            )
+            for partition, part in document["partitions"].items()
+        ]
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise AuditSetupError(f"{name} is not a dump-state document ({type(error).__name__}: {error}); expected "
-                              '{"partitions": {"<p>": {"events_offset": N, "accounts": {"<id>": {"currency", '
-                              '"kind", "status", "balance", "seq"}}}}}') from None
+        raise AuditSetupError(
+            f"{name} is not a dump-state document ({type(error).__name__}: {error}); expected "
+            '{"partitions": {"<p>": {"events_offset": N, "accounts": {"<id>": {"currency", '
+            '"kind", "status", "balance", "seq"}}}}}'
+        ) from None
 
 
 def read_model_snapshots(db_url: str, settings: Settings, count: int) -> list[StateSnapshot]:
@@ -126,8 +155,10 @@ def read_model_snapshots(db_url: str, settings: Settings, count: int) -> list[St
     for row in rows:
         view = account_view(Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence))
         by_partition[partition_for(row.account_id, count)][row.account_id] = view
-    return [StateSnapshot("read_model", name, number, offsets_before.get((settings.events_topic, number), 0), accounts)
-            for number, accounts in by_partition.items()]
+    return [
+        StateSnapshot("read_model", name, number, offsets_before.get((settings.events_topic, number), 0), accounts)
+        for number, accounts in by_partition.items()
+    ]
 
 
 def _stable_accounts(store, name: str) -> tuple[dict, list]:
@@ -143,5 +174,6 @@ def _stable_accounts(store, name: str) -> tuple[dict, list]:
             time.sleep(READ_MODEL_RETRY_WAIT_S)
     except Exception as error:  # noqa: BLE001 - e.g. no tables yet: the read model was never built
         raise AuditSetupError(f"cannot read {name}: {type(error).__name__}: {error}") from None
-    raise AuditSetupError(f"{name} kept changing over {READ_MODEL_STABLE_READ_ATTEMPTS_MAX} reads; "
-                          f"stop its consumer or audit again")
+    raise AuditSetupError(
+        f"{name} kept changing over {READ_MODEL_STABLE_READ_ATTEMPTS_MAX} reads; stop its consumer or audit again"
+    )

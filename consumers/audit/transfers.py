@@ -6,6 +6,7 @@ transfer whose debit and settling legs have all been seen and agree leaves the r
 once (`settled_cleanly`); what is left at the end is checked here (`check_transfer`): transfers
 still in flight, and the anomalies, each named once.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,12 +19,17 @@ from streams.core.money import canonical_minor, format_amount
 
 DEBITED, CREDITED, REFUSED, REFUNDED = "debited", "credited", "refused", "refunded"
 # The event each record kind is, for messages.
-LEG_NAMES = {CREDITED: "transfer_credited", REFUNDED: "transfer_refunded",
-             REFUSED: "command_rejected of the credit leg", DEBITED: "transfer_debited"}
+LEG_NAMES = {
+    CREDITED: "transfer_credited",
+    REFUNDED: "transfer_refunded",
+    REFUSED: "command_rejected of the credit leg",
+    DEBITED: "transfer_debited",
+}
 
 
 class TransferRecord(NamedTuple):
     """One event of a transfer, as the replay saw it."""
+
     kind: str  # DEBITED, CREDITED, REFUSED (the receiver's command_rejected of the credit leg) or REFUNDED
     partition: int
     offset: int
@@ -43,22 +49,34 @@ def settled_cleanly(records: list[TransferRecord]) -> bool:
     a credit, or a refusal and its refund. Such a transfer needs no further look."""
     if len(records) == 2:
         debit, credit = records if records[0].kind == DEBITED else (records[1], records[0])
-        return (debit.kind == DEBITED and credit.kind == CREDITED
-                and credit.account_id == debit.counterpart and credit.counterpart == debit.account_id
-                and credit.amount_minor == debit.amount_minor and credit.currency == debit.currency)
+        return (
+            debit.kind == DEBITED
+            and credit.kind == CREDITED
+            and credit.account_id == debit.counterpart
+            and credit.counterpart == debit.account_id
+            and credit.amount_minor == debit.amount_minor
+            and credit.currency == debit.currency
+        )
     if len(records) == 3:
         by_kind = {record.kind: record for record in records}
         opening, refusal, refund = by_kind.get(DEBITED), by_kind.get(REFUSED), by_kind.get(REFUNDED)
-        return (opening is not None and refusal is not None and refund is not None
-                and refusal.account_id == opening.counterpart
-                and refund.account_id == opening.account_id and refund.counterpart == opening.counterpart
-                and refund.amount_minor == opening.amount_minor and refund.currency == opening.currency
-                and refund.reason == refusal.reason)
+        return (
+            opening is not None
+            and refusal is not None
+            and refund is not None
+            and refusal.account_id == opening.counterpart
+            and refund.account_id == opening.account_id
+            and refund.counterpart == opening.counterpart
+            and refund.amount_minor == opening.amount_minor
+            and refund.currency == opening.currency
+            and refund.reason == refusal.reason
+        )
     return False
 
 
 class LoggedTransfer:
     """What the log says about one transfer request: its first debit, any further debits, and its legs."""
+
     __slots__ = ("from_account", "to_account", "amount_minor", "currency", "debited_at", "extra_debits", "legs")
 
     def __init__(self, records: list[TransferRecord]) -> None:
@@ -108,11 +126,17 @@ class InFlight:
     refused_reason: str | None  # set when the receiver refused and the refund is on its way
 
     def to_json(self) -> dict:
-        return {"transaction_id": self.transaction_id, "from_account": self.from_account,
-                "to_account": self.to_account, "amount": self.amount, "currency": self.currency,
-                "debit_partition": self.debited_at[0], "debit_offset": self.debited_at[1],
-                "state": "refund pending" if self.refused_reason else "credit pending",
-                "refused_reason": self.refused_reason}
+        return {
+            "transaction_id": self.transaction_id,
+            "from_account": self.from_account,
+            "to_account": self.to_account,
+            "amount": self.amount,
+            "currency": self.currency,
+            "debit_partition": self.debited_at[0],
+            "debit_offset": self.debited_at[1],
+            "state": "refund pending" if self.refused_reason else "credit pending",
+            "refused_reason": self.refused_reason,
+        }
 
 
 # (kind, message, partition, offset, account_id=, transaction_id=): LedgerReplay._violation's shape.
@@ -120,8 +144,11 @@ Report = Callable[..., None]
 # The first event of the given classes for a request written after the snapshot, or None.
 LaterEvent = Callable[..., object]
 
-_WITHOUT_DEBIT = {CREDITED: Kind.CREDIT_WITHOUT_DEBIT, REFUNDED: Kind.REFUND_WITHOUT_DEBIT,
-                  REFUSED: Kind.REFUSAL_WITHOUT_DEBIT}
+_WITHOUT_DEBIT = {
+    CREDITED: Kind.CREDIT_WITHOUT_DEBIT,
+    REFUNDED: Kind.REFUND_WITHOUT_DEBIT,
+    REFUSED: Kind.REFUSAL_WITHOUT_DEBIT,
+}
 
 
 def in_flight_of(key: RequestKey, transfer: LoggedTransfer) -> InFlight | None:
@@ -133,9 +160,15 @@ def in_flight_of(key: RequestKey, transfer: LoggedTransfer) -> InFlight | None:
     # A debit (first or late) sets the accounts and currency together with debited_at.
     assert transfer.from_account is not None and transfer.to_account is not None
     assert transfer.currency is not None
-    return InFlight(transaction_id, transfer.from_account, transfer.to_account,
-                    format_amount(transfer.amount_minor, transfer.currency), transfer.currency,
-                    transfer.debited_at, refused.reason if refused else None)
+    return InFlight(
+        transaction_id,
+        transfer.from_account,
+        transfer.to_account,
+        format_amount(transfer.amount_minor, transfer.currency),
+        transfer.currency,
+        transfer.debited_at,
+        refused.reason if refused else None,
+    )
 
 
 def check_transfer(key: RequestKey, transfer: LoggedTransfer, later_event: LaterEvent, report: Report) -> int:
@@ -147,9 +180,13 @@ def check_transfer(key: RequestKey, transfer: LoggedTransfer, later_event: Later
         late_debit = later_event(key, TransferDebited)
         if late_debit is None:
             for leg in transfer.legs:
-                report(_WITHOUT_DEBIT[leg.kind], f"{LEG_NAMES[leg.kind]} of a transfer that no transfer_debited "
-                       f"(digest {digest}) started", *leg.location, account_id=leg.account_id,
-                       transaction_id=transaction_id)
+                report(
+                    _WITHOUT_DEBIT[leg.kind],
+                    f"{LEG_NAMES[leg.kind]} of a transfer that no transfer_debited (digest {digest}) started",
+                    *leg.location,
+                    account_id=leg.account_id,
+                    transaction_id=transaction_id,
+                )
             return 0  # its legs' money came from nowhere: conservation shows it
         # Debited after its partition was read, settled on a partition read later: in this
         # cut the money arrived before it left, which the in-flight sum must offset.
@@ -161,15 +198,24 @@ def check_transfer(key: RequestKey, transfer: LoggedTransfer, later_event: Later
         contribution_minor = 0 if settlements else transfer.amount_minor
         where = f"the debit at partition {transfer.debited_at[0]} offset {transfer.debited_at[1]}"
     for location in transfer.extra_debits:
-        report(Kind.DEBITED_TWICE, f"transfer debited again ({where})", *location,
-               account_id=transfer.from_account, transaction_id=transaction_id)
+        report(
+            Kind.DEBITED_TWICE,
+            f"transfer debited again ({where})",
+            *location,
+            account_id=transfer.from_account,
+            transaction_id=transaction_id,
+        )
     _check_settled_once(transaction_id, transfer, report)
     _check_legs_match(transaction_id, transfer, where, report)
     refund, refused = transfer.first(REFUNDED), transfer.first(REFUSED)
     if refund is not None and refused is None and later_event(key, CommandRejected) is None:
-        report(Kind.REFUND_WITHOUT_REFUSAL, f"refund of a transfer whose credit leg was never refused by "
-               f"{transfer.to_account!r}", *refund.location, account_id=transfer.from_account,
-               transaction_id=transaction_id)
+        report(
+            Kind.REFUND_WITHOUT_REFUSAL,
+            f"refund of a transfer whose credit leg was never refused by {transfer.to_account!r}",
+            *refund.location,
+            account_id=transfer.from_account,
+            transaction_id=transaction_id,
+        )
     return contribution_minor
 
 
@@ -178,9 +224,14 @@ def _check_settled_once(transaction_id: str, transfer: LoggedTransfer, report: R
     refused = transfer.first(REFUSED)
     if len(settlements) > 1 or (refused is not None and transfer.first(CREDITED) is not None):
         last = settlements[-1]
-        report(Kind.SETTLED_TWICE, f"{LEG_NAMES[last.kind]} of a transfer already "
-               f"{'refused' if refused else 'settled'} (legs: {', '.join(leg.kind for leg in transfer.legs)})",
-               *last.location, account_id=last.account_id, transaction_id=transaction_id)
+        report(
+            Kind.SETTLED_TWICE,
+            f"{LEG_NAMES[last.kind]} of a transfer already "
+            f"{'refused' if refused else 'settled'} (legs: {', '.join(leg.kind for leg in transfer.legs)})",
+            *last.location,
+            account_id=last.account_id,
+            transaction_id=transaction_id,
+        )
 
 
 def _check_legs_match(transaction_id: str, transfer: LoggedTransfer, where: str, report: Report) -> None:
@@ -200,10 +251,17 @@ def _check_legs_match(transaction_id: str, transfer: LoggedTransfer, where: str,
                 # Only debited transfers get here (check_transfer), and debits, credits and
                 # refunds all carry a currency; only refusals (skipped above) have none.
                 assert leg.currency is not None and transfer.currency is not None
-                differences.append(f"{format_amount(leg.amount_minor, leg.currency)} {leg.currency} instead of "
-                                   f"{format_amount(transfer.amount_minor, transfer.currency)} {transfer.currency}")
+                differences.append(
+                    f"{format_amount(leg.amount_minor, leg.currency)} {leg.currency} instead of "
+                    f"{format_amount(transfer.amount_minor, transfer.currency)} {transfer.currency}"
+                )
         if refunding and refused is not None and leg.reason != refused.reason:
             differences.append(f"reason {leg.reason!r} but the receiver refused with {refused.reason!r}")
         if differences:
-            report(Kind.LEG_MISMATCH, f"{LEG_NAMES[leg.kind]} does not match {where}: " + "; ".join(differences),
-                   *leg.location, account_id=leg.account_id, transaction_id=transaction_id)
+            report(
+                Kind.LEG_MISMATCH,
+                f"{LEG_NAMES[leg.kind]} does not match {where}: " + "; ".join(differences),
+                *leg.location,
+                account_id=leg.account_id,
+                transaction_id=transaction_id,
+            )

@@ -3,6 +3,7 @@
 Nothing here checks anything. Every check module names its findings with a `Kind` and reports
 them as `Violation`s; the report and the JSON output read only these.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ RequestKey = tuple[str, str]
 
 class Kind:
     """Violation kinds: stable, machine-readable names (they appear in the JSON report)."""
+
     LOG_TRUNCATED = "log_truncated"
     PARTITION_COUNT = "partition_count_mismatch"
     UNDECODABLE_EVENT = "undecodable_event"
@@ -69,8 +71,15 @@ class Violation:
     transaction_id: str | None = None
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "message": self.message, "topic": self.topic, "partition": self.partition,
-                "offset": self.offset, "account_id": self.account_id, "transaction_id": self.transaction_id}
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "account_id": self.account_id,
+            "transaction_id": self.transaction_id,
+        }
 
 
 def answer_text(answer: Answer) -> str:

@@ -7,6 +7,7 @@ records (and the index of outcomes) instead of receiving them through a pipe, an
 they found travels back. Below `PARALLEL_RECORDS_MIN` records the audit stays in one process,
 where forking would cost more than it saves.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -33,8 +34,13 @@ def worker_count_default() -> int:
     return os.cpu_count() or 1
 
 
-def replay_events(replay: LedgerReplay, logs: dict[int, PartitionLog], snapshots: Iterable[StateSnapshot],
-                  workers: int, on_progress: Callable[[int], None] | None) -> int:
+def replay_events(
+    replay: LedgerReplay,
+    logs: dict[int, PartitionLog],
+    snapshots: Iterable[StateSnapshot],
+    workers: int,
+    on_progress: Callable[[int], None] | None,
+) -> int:
     """`replay.replay(logs, snapshots)`, with the partitions split between up to `workers`
     processes; returns how many were used. Call after `replay.index_outcomes`: the workers
     match against the index they inherit."""
@@ -54,18 +60,36 @@ def replay_events(replay: LedgerReplay, logs: dict[int, PartitionLog], snapshots
     return len(groups)
 
 
-def check_commands(commands: dict[int, PartitionLog], events: dict[int, PartitionLog], partition_count: int,
-                   commands_topic: str, events_topic: str, dead_lettered: set[tuple[int, int]], settled: bool,
-                   workers: int, on_progress: Callable[[int], None] | None,
-                   keyring: LegKeyring) -> DeterminismResult:
+def check_commands(
+    commands: dict[int, PartitionLog],
+    events: dict[int, PartitionLog],
+    partition_count: int,
+    commands_topic: str,
+    events_topic: str,
+    dead_lettered: set[tuple[int, int]],
+    settled: bool,
+    workers: int,
+    on_progress: Callable[[int], None] | None,
+    keyring: LegKeyring,
+) -> DeterminismResult:
     """`check_determinism` for every partition, split between `workers` processes."""
     groups = _groups(commands, workers)
 
     def task(index: int, progress: Callable[[int], None] | None) -> DeterminismResult:
         result = DeterminismResult()
         for number in sorted(groups[index]):
-            check_determinism(commands[number], events[number], partition_count, commands_topic, events_topic,
-                              dead_lettered, result, keyring=keyring, settled=settled, on_progress=progress)
+            check_determinism(
+                commands[number],
+                events[number],
+                partition_count,
+                commands_topic,
+                events_topic,
+                dead_lettered,
+                result,
+                keyring=keyring,
+                settled=settled,
+                on_progress=progress,
+            )
         return result
 
     if len(groups) <= 1:
@@ -84,8 +108,9 @@ def _groups(logs: dict[int, PartitionLog], workers: int) -> list[dict[int, Parti
     return [{number: logs[number] for number in numbers[index::workers]} for index in range(min(workers, len(numbers)))]
 
 
-def _run_forked(task: Callable[[int, Callable[[int], None]], Result], count: int,
-                on_progress: Callable[[int], None] | None) -> list[Result]:
+def _run_forked(
+    task: Callable[[int, Callable[[int], None]], Result], count: int, on_progress: Callable[[int], None] | None
+) -> list[Result]:
     """task(0) in this process, task(1) ... task(count - 1) in forked workers; their results in order.
 
     The parent takes a share of the work itself: one process fewer to fork, and one result

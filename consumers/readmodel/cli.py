@@ -3,6 +3,7 @@
 The database drivers and the HTTP stack are imported by the handlers, not here: every
 `wallet` command loads this module to build its parser.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT, BATCH_WAIT_MS_DEFAULT
 
     readmodel = subparsers.add_parser(
-        "readmodel", help="read model: consume wallet.events and wallet.outcomes into a database, exactly once",
+        "readmodel",
+        help="read model: consume wallet.events and wallet.outcomes into a database, exactly once",
         description="Without an action: consume both topics into the database until SIGTERM/SIGINT "
-                    "(the batch in progress is finished first).")
+        "(the batch in progress is finished first).",
+    )
     _add_db_option(readmodel, default=None)
     _add_batch_size_option(readmodel, default=BATCH_SIZE_MAX_DEFAULT)
-    readmodel.add_argument("--batch-wait-ms", type=int, default=BATCH_WAIT_MS_DEFAULT,
-                           help=f"how long a batch waits to fill up (default {BATCH_WAIT_MS_DEFAULT})")
+    readmodel.add_argument(
+        "--batch-wait-ms",
+        type=int,
+        default=BATCH_WAIT_MS_DEFAULT,
+        help=f"how long a batch waits to fill up (default {BATCH_WAIT_MS_DEFAULT})",
+    )
     readmodel.set_defaults(handler=_reporting_errors(_run))
     actions = readmodel.add_subparsers(dest="readmodel_action", metavar="ACTION")
 
-    rebuild = actions.add_parser("rebuild", help="drop the read model and replay both topics from the first offset; "
-                                                 "stop the live consumer of that database first")
+    rebuild = actions.add_parser(
+        "rebuild",
+        help="drop the read model and replay both topics from the first offset; "
+        "stop the live consumer of that database first",
+    )
     _add_db_option(rebuild, default=argparse.SUPPRESS)
     _add_batch_size_option(rebuild, default=argparse.SUPPRESS)
     rebuild.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,20 +67,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_db_option(parser: argparse.ArgumentParser, default: object) -> None:
     # SUPPRESS on the actions keeps an option given before the action (`readmodel --db X rebuild`).
-    parser.add_argument("--db", default=default, metavar="URL",
-                        help=f"sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host:port/db "
-                             f"(env {DB_URL_ENV}; default sqlite:///<run dir>/readmodel.db)")
+    parser.add_argument(
+        "--db",
+        default=default,
+        metavar="URL",
+        help=f"sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host:port/db "
+        f"(env {DB_URL_ENV}; default sqlite:///<run dir>/readmodel.db)",
+    )
 
 
 def _add_batch_size_option(parser: argparse.ArgumentParser, default: object) -> None:
     from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT
 
-    parser.add_argument("--batch-size", type=int, default=default,
-                        help=f"records per database transaction at most (default {BATCH_SIZE_MAX_DEFAULT})")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=default,
+        help=f"records per database transaction at most (default {BATCH_SIZE_MAX_DEFAULT})",
+    )
 
 
 def _db_url(args: argparse.Namespace) -> str:
     from consumers.readmodel.store import default_db_url
+
     return args.db or os.environ.get(DB_URL_ENV) or default_db_url(settings_from_args(args))
 
 
@@ -89,8 +108,15 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         try:
             return handler(args)
-        except (ReadModelError, ConcurrentWriterError, DatabaseUrlError, CorruptLog, KafkaException,
-                psycopg.OperationalError, sqlite3.OperationalError) as error:
+        except (
+            ReadModelError,
+            ConcurrentWriterError,
+            DatabaseUrlError,
+            CorruptLog,
+            KafkaException,
+            psycopg.OperationalError,
+            sqlite3.OperationalError,
+        ) as error:
             print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
 
@@ -104,8 +130,9 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def request_stop(signal_number: int, _frame: object) -> None:
-        logging.getLogger("wallet.readmodel").info("%s: stopping after the batch in progress",
-                                                   signal.Signals(signal_number).name)
+        logging.getLogger("wallet.readmodel").info(
+            "%s: stopping after the batch in progress", signal.Signals(signal_number).name
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -122,8 +149,10 @@ def _rebuild(args: argparse.Namespace) -> int:
     db_url = _db_url(args)
     with ReadModelStore(db_url) as store:
         report = rebuild(store, settings_from_args(args), args.batch_size, show_progress=not args.no_progress)
-    print(f"rebuilt {describe_db_url(db_url)}: {report.records} records ({report.offsets} offsets) "
-          f"in {report.elapsed_s:.1f} s ({report.records / max(report.elapsed_s, 1e-9):.0f} records/s)")
+    print(
+        f"rebuilt {describe_db_url(db_url)}: {report.records} records ({report.offsets} offsets) "
+        f"in {report.elapsed_s:.1f} s ({report.records / max(report.elapsed_s, 1e-9):.0f} records/s)"
+    )
     return 0
 
 
@@ -137,10 +166,24 @@ def _lag(args: argparse.Namespace) -> int:
         store.create_schema()
         lags = read_lag(admin_client(settings.bootstrap, role="readmodel"), settings, store.offsets())
     if args.json:
-        print(json.dumps({"total_lag": sum(item.lag for item in lags),
-                          "partitions": [{"topic": item.topic, "partition": item.partition,
-                                          "next_offset": item.next_offset, "end_offset": item.end_offset,
-                                          "lag": item.lag} for item in lags]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "total_lag": sum(item.lag for item in lags),
+                    "partitions": [
+                        {
+                            "topic": item.topic,
+                            "partition": item.partition,
+                            "next_offset": item.next_offset,
+                            "end_offset": item.end_offset,
+                            "lag": item.lag,
+                        }
+                        for item in lags
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{'topic':40} {'partition':>9} {'stored':>12} {'end':>12} {'lag':>10}")
     for item in lags:
@@ -154,6 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from consumers.readmodel.query_api import create_app
+
     # The same token gate as `wallet api`: the query side alone is no less private.
     from producers.auth import SCOPES, AuthConfig, Gate, RateLimits
 

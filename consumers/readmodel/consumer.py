@@ -9,6 +9,7 @@ Only committed Kafka transactions are read (read_committed).
 Crash-only: a database failure, a corrupt log or a second writer stops the consumer with an
 error; restarting it (by hand or by its supervisor) resumes from the stored offsets.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,19 +76,22 @@ def partition_counts(admin_or_consumer: AdminClient | Consumer, topics: list[str
     return {topic: len(metadata.topics[topic].partitions) for topic in topics}
 
 
-def end_offsets(admin: AdminClient, settings: Settings,
-                timeout_s: float = KAFKA_TIMEOUT_S) -> dict[TopicPartitionKey, int]:
+def end_offsets(
+    admin: AdminClient, settings: Settings, timeout_s: float = KAFKA_TIMEOUT_S
+) -> dict[TopicPartitionKey, int]:
     """The last stable offset of every partition of both topics, in one request."""
     topics = [settings.events_topic, settings.outcomes_topic]
     counts = partition_counts(admin, topics, timeout_s)
-    request = {TopicPartition(topic, partition): OffsetSpec.latest()
-               for topic in topics for partition in range(counts[topic])}
+    request = {
+        TopicPartition(topic, partition): OffsetSpec.latest() for topic in topics for partition in range(counts[topic])
+    }
     futures = admin.list_offsets(request, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout_s)
     return {(tp.topic, tp.partition): future.result(timeout=timeout_s).offset for tp, future in futures.items()}
 
 
-def read_lag(admin: AdminClient, settings: Settings, stored: dict[TopicPartitionKey, int],
-             timeout_s: float = KAFKA_TIMEOUT_S) -> list[PartitionLag]:
+def read_lag(
+    admin: AdminClient, settings: Settings, stored: dict[TopicPartitionKey, int], timeout_s: float = KAFKA_TIMEOUT_S
+) -> list[PartitionLag]:
     lags = []
     for (topic, partition), end_offset in sorted(end_offsets(admin, settings, timeout_s).items()):
         next_offset = stored.get((topic, partition))
@@ -98,8 +102,13 @@ def read_lag(admin: AdminClient, settings: Settings, stored: dict[TopicPartition
 class ReadModelConsumer:
     """Reads batches from Kafka and applies each, with its offsets, in one database transaction."""
 
-    def __init__(self, store: ReadModelStore, settings: Settings, batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
-                 batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT) -> None:
+    def __init__(
+        self,
+        store: ReadModelStore,
+        settings: Settings,
+        batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
+        batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT,
+    ) -> None:
         if batch_size_max < 1 or batch_wait_ms < 1:
             raise ValueError(f"batch size ({batch_size_max}) and batch wait ({batch_wait_ms} ms) must be >= 1")
         self._store = store
@@ -119,17 +128,28 @@ class ReadModelConsumer:
         stored = self._store.offsets()
         foreign = sorted({topic for topic, _ in stored} - set(topics))
         if foreign:
-            raise ReadModelError(f"the database {self._store.db_url} holds the read model of other topics {foreign}; "
-                                 f"give each topic prefix its own database")
+            raise ReadModelError(
+                f"the database {self._store.db_url} holds the read model of other topics {foreign}; "
+                f"give each topic prefix its own database"
+            )
         self._consumer = Consumer(consumer_config(self._settings), logger=log)
         counts = partition_counts(self._consumer, topics, KAFKA_TIMEOUT_S)
-        self._next_offsets = {(topic, partition): stored.get((topic, partition))
-                              for topic in topics for partition in range(counts[topic])}
-        self._consumer.assign([
-            TopicPartition(topic, partition, OFFSET_BEGINNING if offset is None else offset)
-            for (topic, partition), offset in self._next_offsets.items()])
-        log.info("reading %s and %s (%d partitions) into %s from %d stored offsets", *topics,
-                 len(self._next_offsets), self._store.db_url, len(stored))
+        self._next_offsets = {
+            (topic, partition): stored.get((topic, partition)) for topic in topics for partition in range(counts[topic])
+        }
+        self._consumer.assign(
+            [
+                TopicPartition(topic, partition, OFFSET_BEGINNING if offset is None else offset)
+                for (topic, partition), offset in self._next_offsets.items()
+            ]
+        )
+        log.info(
+            "reading %s and %s (%d partitions) into %s from %d stored offsets",
+            *topics,
+            len(self._next_offsets),
+            self._store.db_url,
+            len(stored),
+        )
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -164,8 +184,10 @@ class ReadModelConsumer:
                 else:
                     batch.outcomes.append(decode_outcome(value))
             except SchemaError as schema_error:
-                raise ReadModelError(f"{topic}[{partition}] offset {offset}: {schema_error}; "
-                                     "the processor never writes such a record, so the log is corrupt") from None
+                raise ReadModelError(
+                    f"{topic}[{partition}] offset {offset}: {schema_error}; "
+                    "the processor never writes such a record, so the log is corrupt"
+                ) from None
             batch.offsets_after[key] = offset + 1
         for key in [key for key, offset in batch.offsets_after.items() if offset == self._next_offsets[key]]:
             del batch.offsets_after[key]  # an end-of-partition where we already are: nothing to store
@@ -179,16 +201,23 @@ class ReadModelConsumer:
     @staticmethod
     def _raise_or_log(error: KafkaError) -> None:
         if error.code() == KafkaError._AUTO_OFFSET_RESET:
-            raise ReadModelError(f"a stored offset is outside the log ({error.str()}): the topic was recreated or "
-                                 "truncated; run `wallet readmodel rebuild`")
+            raise ReadModelError(
+                f"a stored offset is outside the log ({error.str()}): the topic was recreated or "
+                "truncated; run `wallet readmodel rebuild`"
+            )
         if error.fatal():
             raise KafkaException(error)
         # Transient (a broker restart, a network blip): librdkafka retries by itself.
         log.warning("kafka: %s", error.str())
 
 
-def run(store: ReadModelStore, settings: Settings, stop_requested: Callable[[], bool],
-        batch_size_max: int = BATCH_SIZE_MAX_DEFAULT, batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT) -> int:
+def run(
+    store: ReadModelStore,
+    settings: Settings,
+    stop_requested: Callable[[], bool],
+    batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
+    batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT,
+) -> int:
     """Consumes until `stop_requested()` is true between two batches; returns the records applied."""
     store.create_schema()
     consumer = ReadModelConsumer(store, settings, batch_size_max, batch_wait_ms)
@@ -203,8 +232,11 @@ def run(store: ReadModelStore, settings: Settings, stop_requested: Callable[[], 
             now_s = time.monotonic()
             if now_s - status_at_s >= STATUS_INTERVAL_S:
                 if applied_since_status:
-                    log.info("applied %d records (%.0f/s)", applied_since_status,
-                             applied_since_status / (now_s - status_at_s))
+                    log.info(
+                        "applied %d records (%.0f/s)",
+                        applied_since_status,
+                        applied_since_status / (now_s - status_at_s),
+                    )
                 applied_since_status, status_at_s = 0, now_s
     finally:
         consumer.close()

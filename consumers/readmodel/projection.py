@@ -11,6 +11,7 @@ request comes from the events of its owning account (every decision leaves one: 
 `pending`, a credit or refund settles it, a rejection is its failure) and from its answer on
 wallet.outcomes, which names the owning account (contract v2); the first final answer wins.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,8 +76,17 @@ class TransactionRow(NamedTuple):
 
 RequestKey = tuple[str, str]  # (account_id, transaction_id)
 # The events that change an account (every one but command_rejected).
-ChangeEvent = (AccountOpened | Deposited | Withdrawn | TransferDebited | TransferCredited | TransferRefunded
-               | AccountFrozen | AccountUnfrozen | AccountClosed)
+ChangeEvent = (
+    AccountOpened
+    | Deposited
+    | Withdrawn
+    | TransferDebited
+    | TransferCredited
+    | TransferRefunded
+    | AccountFrozen
+    | AccountUnfrozen
+    | AccountClosed
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +100,24 @@ def stored_ts_ms(ts_ms: int) -> int:
     return min(max(ts_ms, TS_MS_STORED_MIN), TS_MS_STORED_MAX)
 
 
-def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, TransactionRow], events: list[Event],
-            outcomes: list[Outcome]) -> Changes:
+def project(
+    accounts: dict[str, AccountRow],
+    transactions: dict[RequestKey, TransactionRow],
+    events: list[Event],
+    outcomes: list[Outcome],
+) -> Changes:
     """The changes `events` and `outcomes` (each in log order) make to the stored rows given.
 
     `accounts` and `transactions` must hold the stored row of every account and request the
     batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
     """
-    state = State(accounts={row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
-                            for row in accounts.values()}, tracks_memory=False)
+    state = State(
+        accounts={
+            row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
+            for row in accounts.values()
+        },
+        tracks_memory=False,
+    )
     owners = {row.account_id: row.owner for row in accounts.values()}
     entries: list[EntryRow] = []
     changed_accounts: set[str] = set()
@@ -127,8 +146,17 @@ def project(accounts: dict[str, AccountRow], transactions: dict[RequestKey, Tran
     account_rows = []
     for account_id in changed_accounts:
         account = state.accounts[account_id]
-        account_rows.append(AccountRow(account_id, account.currency, account.kind, account.status,
-                                       account.balance_minor, account.seq, owners.get(account_id, "")))
+        account_rows.append(
+            AccountRow(
+                account_id,
+                account.currency,
+                account.kind,
+                account.status,
+                account.balance_minor,
+                account.seq,
+                owners.get(account_id, ""),
+            )
+        )
     return Changes(account_rows, entries, [statuses[key] for key in changed_transactions])
 
 
@@ -141,10 +169,16 @@ def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
     fold(state, event)
     account = state.accounts[event.account_id]
     # `fold` has checked that the new balance is the old one moved by the event's amount.
-    return EntryRow(event.account_id, event.seq, event.transaction_id, event_type(event),
-                    account.balance_minor - balance_before_minor, account.balance_minor,
-                    getattr(event, "to_account", None) or getattr(event, "from_account", None),
-                    stored_ts_ms(event.ts_ms))
+    return EntryRow(
+        event.account_id,
+        event.seq,
+        event.transaction_id,
+        event_type(event),
+        account.balance_minor - balance_before_minor,
+        account.balance_minor,
+        getattr(event, "to_account", None) or getattr(event, "from_account", None),
+        stored_ts_ms(event.ts_ms),
+    )
 
 
 _SUCCESS_EVENTS = frozenset({AccountOpened, Deposited, Withdrawn, AccountFrozen, AccountUnfrozen, AccountClosed})
@@ -178,8 +212,14 @@ def request_status_of_outcome(outcome: Outcome) -> TransactionRow | None:
     a dead-lettered record whose account could not be read)."""
     if not outcome.account_id:
         return None
-    return TransactionRow(outcome.account_id, outcome.transaction_id, outcome.status, outcome.reason, outcome.digest,
-                          outcome.actor or None)
+    return TransactionRow(
+        outcome.account_id,
+        outcome.transaction_id,
+        outcome.status,
+        outcome.reason,
+        outcome.digest,
+        outcome.actor or None,
+    )
 
 
 def _merge_into(statuses: dict[RequestKey, TransactionRow], changed: set[RequestKey], incoming: TransactionRow) -> None:

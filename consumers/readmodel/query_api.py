@@ -16,6 +16,7 @@ sequence reached. Nothing stale is ever returned as if it were fresh.
 Errors are the project's one shape (`infra/http.py`): 404 `account_not_found`, 409
 `not_caught_up`, 503 `readmodel_unavailable` or `kafka_unavailable`, 422 `invalid_request`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -142,6 +143,7 @@ def iso_utc(ts_ms: int) -> str:
 @dataclass(frozen=True)
 class OpenReader:
     """The caller of a query API served without authentication: reads everything."""
+
     sub: str = "anonymous"
     reads_everything: bool = True
 
@@ -178,8 +180,9 @@ async def _read(readers: _Readers, method: str, *args: object) -> Any:
         raise ApiError(503, "readmodel_unavailable", str(error)) from None
 
 
-async def _account_at(readers: _Readers, caller: Any, account_id: str, min_sequence: int | None,
-                      wait_ms: int) -> AccountRow:
+async def _account_at(
+    readers: _Readers, caller: Any, account_id: str, min_sequence: int | None, wait_ms: int
+) -> AccountRow:
     """The caller's account once the read model has reached `min_sequence`; raises the error to answer."""
     deadline_s = time.monotonic() + wait_ms / 1000
     while True:
@@ -193,36 +196,60 @@ async def _account_at(readers: _Readers, caller: Any, account_id: str, min_seque
         if min_sequence is None or remaining_s <= 0:
             if account is None:
                 raise _field_error(404, "account_not_found", f"account {account_id!r} not found", "account_id")
-            raise _field_error(409, "not_caught_up", f"the read model is at sequence {account.sequence} of account "
-                                                     f"{account_id!r}, not {min_sequence}, after {wait_ms} ms; "
-                                                     "retry later", "min_sequence")
+            raise _field_error(
+                409,
+                "not_caught_up",
+                f"the read model is at sequence {account.sequence} of account "
+                f"{account_id!r}, not {min_sequence}, after {wait_ms} ms; "
+                "retry later",
+                "min_sequence",
+            )
         await asyncio.sleep(min(WAIT_POLL_INTERVAL_S, remaining_s))
 
 
 AccountIdPath = Path(max_length=64)
 MIN_SEQUENCE_QUERY = Query(None, ge=1, description="wait until the account has reached this sequence")
-WAIT_MS_QUERY = Query(WAIT_MS_DEFAULT, ge=0, le=WAIT_MS_MAX,
-                      description="how long to wait for min_sequence before answering 404 or 409")
+WAIT_MS_QUERY = Query(
+    WAIT_MS_DEFAULT, ge=0, le=WAIT_MS_MAX, description="how long to wait for min_sequence before answering 404 or 409"
+)
 _ACCOUNT_ERRORS = error_responses(404, 409)
 
 
 def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
-    @router.get("/v1/accounts/{account_id}", response_model=AccountView, responses=_ACCOUNT_ERRORS,
-                summary="balance and status of one of your accounts (any account for operator and audit)")
-    async def get_account(account_id: str = AccountIdPath, min_sequence: int | None = MIN_SEQUENCE_QUERY,
-                          wait_ms: int = WAIT_MS_QUERY, caller: Any = who):
+    @router.get(
+        "/v1/accounts/{account_id}",
+        response_model=AccountView,
+        responses=_ACCOUNT_ERRORS,
+        summary="balance and status of one of your accounts (any account for operator and audit)",
+    )
+    async def get_account(
+        account_id: str = AccountIdPath,
+        min_sequence: int | None = MIN_SEQUENCE_QUERY,
+        wait_ms: int = WAIT_MS_QUERY,
+        caller: Any = who,
+    ):
         account = await _account_at(readers, caller, account_id, min_sequence, wait_ms)
-        return AccountView(account_id=account.account_id, currency=account.currency, kind=account.kind,
-                           status=account.status, balance=format_amount(account.balance_minor, account.currency),
-                           sequence=account.sequence)
+        return AccountView(
+            account_id=account.account_id,
+            currency=account.currency,
+            kind=account.kind,
+            status=account.status,
+            balance=format_amount(account.balance_minor, account.currency),
+            sequence=account.sequence,
+        )
 
-    @router.get("/v1/accounts/{account_id}/transactions", response_model=HistoryPage, responses=_ACCOUNT_ERRORS,
-                summary="history of one of your accounts, newest first, in pages")
+    @router.get(
+        "/v1/accounts/{account_id}/transactions",
+        response_model=HistoryPage,
+        responses=_ACCOUNT_ERRORS,
+        summary="history of one of your accounts, newest first, in pages",
+    )
     async def get_history(
         account_id: str = AccountIdPath,
         limit: int = Query(HISTORY_LIMIT_DEFAULT, ge=1, le=HISTORY_LIMIT_MAX),
-        cursor: str | None = Query(None, pattern=r"^[1-9][0-9]{0,17}$",
-                                   description="the next_cursor of the previous page (opaque)"),
+        cursor: str | None = Query(
+            None, pattern=r"^[1-9][0-9]{0,17}$", description="the next_cursor of the previous page (opaque)"
+        ),
         min_sequence: int | None = MIN_SEQUENCE_QUERY,
         wait_ms: int = WAIT_MS_QUERY,
         caller: Any = who,
@@ -233,38 +260,61 @@ def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
         currency = account.currency
         page = rows[:limit]
         return HistoryPage(
-            account_id=account_id, currency=currency,
-            entries=[EntryView(transaction_id=row.transaction_id, type=row.type,
-                               amount=format_amount(row.amount_minor, currency),
-                               balance_after=format_amount(row.balance_after_minor, currency), sequence=row.sequence,
-                               time=iso_utc(row.ts_ms), counterparty=row.counterparty) for row in page],
-            next_cursor=str(page[-1].sequence) if len(rows) > limit else None)
+            account_id=account_id,
+            currency=currency,
+            entries=[
+                EntryView(
+                    transaction_id=row.transaction_id,
+                    type=row.type,
+                    amount=format_amount(row.amount_minor, currency),
+                    balance_after=format_amount(row.balance_after_minor, currency),
+                    sequence=row.sequence,
+                    time=iso_utc(row.ts_ms),
+                    counterparty=row.counterparty,
+                )
+                for row in page
+            ],
+            next_cursor=str(page[-1].sequence) if len(rows) > limit else None,
+        )
 
 
 def _transaction_route(router: APIRouter, readers: _Readers, who: Any) -> None:
-    @router.get("/v1/transactions/{transaction_id}", response_model=TransactionView, responses=error_responses(409),
-                summary="status of one of your requests (any request for operator and audit)",
-                description="A request is identified by its owning account and its transaction id; "
-                            "`account_id` narrows the lookup to one account, and is needed (409 "
-                            "`ambiguous_transaction_id`) when you used the id on several accounts. Another "
-                            "caller's request is `unknown`, as is one the read model has not seen.")
-    async def get_transaction(transaction_id: str = Path(max_length=128),
-                              account_id: str | None = Query(None, max_length=64,
-                                                             description="the account that owns the request"),
-                              caller: Any = who):
-        rows = await _read(readers, "requests_visible_to", None if caller.reads_everything else caller.sub,
-                           transaction_id)
+    @router.get(
+        "/v1/transactions/{transaction_id}",
+        response_model=TransactionView,
+        responses=error_responses(409),
+        summary="status of one of your requests (any request for operator and audit)",
+        description="A request is identified by its owning account and its transaction id; "
+        "`account_id` narrows the lookup to one account, and is needed (409 "
+        "`ambiguous_transaction_id`) when you used the id on several accounts. Another "
+        "caller's request is `unknown`, as is one the read model has not seen.",
+    )
+    async def get_transaction(
+        transaction_id: str = Path(max_length=128),
+        account_id: str | None = Query(None, max_length=64, description="the account that owns the request"),
+        caller: Any = who,
+    ):
+        rows = await _read(
+            readers, "requests_visible_to", None if caller.reads_everything else caller.sub, transaction_id
+        )
         # Only the caller's own requests: one that another principal made on an account the caller
         # owns (a bank deposit, say) is that principal's request, not the caller's.
-        mine = [row for row in rows if caller.reads_everything
-                or (bool(row.actor) and hmac.compare_digest(row.actor.encode(), caller.sub.encode()))]
+        mine = [
+            row
+            for row in rows
+            if caller.reads_everything
+            or (bool(row.actor) and hmac.compare_digest(row.actor.encode(), caller.sub.encode()))
+        ]
         if account_id is not None:
             mine = [row for row in mine if row.account_id == account_id]
         if len(mine) > 1:
             accounts = ", ".join(sorted(row.account_id for row in mine))
-            raise _field_error(409, "ambiguous_transaction_id", f"transaction id {transaction_id!r} names requests "
-                                                                f"of accounts {accounts}: ask with ?account_id=",
-                               "account_id")
+            raise _field_error(
+                409,
+                "ambiguous_transaction_id",
+                f"transaction id {transaction_id!r} names requests of accounts {accounts}: ask with ?account_id=",
+                "account_id",
+            )
         if not mine:
             return TransactionView(transaction_id=transaction_id, status="unknown", reason=None)
         row = mine[0]
@@ -288,12 +338,24 @@ def _lag_route(router: APIRouter, readers: _Readers, who: Any, kafka_settings: S
         except _Unavailable as error:
             raise ApiError(503, "readmodel_unavailable", str(error)) from None
         except (KafkaException, ReadModelError, TimeoutError) as error:
-            raise ApiError(503, "kafka_unavailable",
-                           f"cannot read the end offsets from Kafka at {kafka_settings.bootstrap}: {error}") from None
-        return LagView(total_lag=sum(item.lag for item in lags),
-                       partitions=[PartitionLagView(topic=item.topic, partition=item.partition,
-                                                    next_offset=item.next_offset, end_offset=item.end_offset,
-                                                    lag=item.lag) for item in lags])
+            raise ApiError(
+                503,
+                "kafka_unavailable",
+                f"cannot read the end offsets from Kafka at {kafka_settings.bootstrap}: {error}",
+            ) from None
+        return LagView(
+            total_lag=sum(item.lag for item in lags),
+            partitions=[
+                PartitionLagView(
+                    topic=item.topic,
+                    partition=item.partition,
+                    next_offset=item.next_offset,
+                    end_offset=item.end_offset,
+                    lag=item.lag,
+                )
+                for item in lags
+            ],
+        )
 
 
 def create_app(db_url: str, settings: Settings | None = None, caller: Callable | None = None) -> FastAPI:

@@ -5,6 +5,7 @@ model is the live one by construction; it stops once every partition has reached
 it had when the rebuild began. Stop the live consumer of that database first: if it is
 still running, one of the two stops with a ConcurrentWriterError rather than both writing.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,8 +37,13 @@ class RebuildReport:
     elapsed_s: float
 
 
-def rebuild(store: ReadModelStore, settings: Settings, batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
-            show_progress: bool = True, stall_timeout_s: float = STALL_TIMEOUT_S) -> RebuildReport:
+def rebuild(
+    store: ReadModelStore,
+    settings: Settings,
+    batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
+    show_progress: bool = True,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
+) -> RebuildReport:
     started_s = time.monotonic()
     targets = end_offsets(admin_client(settings.bootstrap, role="readmodel"), settings, KAFKA_TIMEOUT_S)
     store.drop_schema()
@@ -59,9 +65,12 @@ def rebuild(store: ReadModelStore, settings: Settings, batch_size_max: int = BAT
                 elif now_s - progressed_s > stall_timeout_s:
                     raise ReadModelError(
                         f"rebuild made no progress for {stall_timeout_s:.0f} s; partitions behind their end: "
-                        + ", ".join(f"{topic}[{partition}] at {offsets.get((topic, partition)) or 0} of {end}"
-                                    for (topic, partition), end in sorted(targets.items())
-                                    if (offsets.get((topic, partition)) or 0) < end))
+                        + ", ".join(
+                            f"{topic}[{partition}] at {offsets.get((topic, partition)) or 0} of {end}"
+                            for (topic, partition), end in sorted(targets.items())
+                            if (offsets.get((topic, partition)) or 0) < end
+                        )
+                    )
                 if reached == total:
                     break
                 records += consumer.step()

@@ -11,6 +11,7 @@ compare-and-set against the offsets the batch started from, so a second writer o
 database (a stray consumer, a rebuild) makes one of them fail loudly instead of applying a
 batch twice.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -79,8 +80,7 @@ _TRANSACTION_COLUMNS = TransactionRow._fields
 _KEY_COLUMNS = {"accounts": ("account_id",), "transactions": ("account_id", "transaction_id")}
 # Columns added since the first layout: a database without them is dropped and rebuilt from
 # the log (the read model is a projection; the log has everything).
-_LAYOUT_PROBES = ("SELECT owner FROM accounts WHERE 1 = 0",
-                  "SELECT account_id, actor FROM transactions WHERE 1 = 0")
+_LAYOUT_PROBES = ("SELECT owner FROM accounts WHERE 1 = 0", "SELECT account_id, actor FROM transactions WHERE 1 = 0")
 
 TopicPartitionKey = tuple[str, int]
 
@@ -96,6 +96,7 @@ class ConcurrentWriterError(RuntimeError):
 @dataclass(slots=True)
 class Batch:
     """Records of both topics in log order, and where each partition they came from starts and ends."""
+
     events: list[Event] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     # Per partition: the stored next offset the batch starts from (None: none stored yet)...
@@ -116,8 +117,9 @@ def describe_db_url(db_url: str) -> str:
     """The URL without its password, for messages."""
     if db_url.startswith(POSTGRES_PREFIXES):
         from psycopg.conninfo import conninfo_to_dict
+
         info = conninfo_to_dict(db_url)
-        host, port = info.get('host', ''), info.get('port', '')
+        host, port = info.get("host", ""), info.get("port", "")
         return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
     return db_url
 
@@ -126,7 +128,7 @@ class _SQLite:
     integrity_error = sqlite3.IntegrityError
 
     def __init__(self, db_url: str) -> None:
-        self.path = Path(db_url[len(SQLITE_PREFIX):])
+        self.path = Path(db_url[len(SQLITE_PREFIX) :])
         if not self.path.name:
             raise DatabaseUrlError(f"{db_url!r} names no file; use sqlite:///relative.db or sqlite:////absolute.db")
 
@@ -168,14 +170,17 @@ class _SQLite:
     @staticmethod
     def upsert_many(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
         placeholders = ", ".join("?" * len(columns))
-        cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) "
-                           f"{_on_conflict_update(table, columns)}", rows)
+        cursor.executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) {_on_conflict_update(table, columns)}",
+            rows,
+        )
 
 
 class _Postgres:
     def __init__(self, db_url: str) -> None:
         # Imported here: loading libpq costs every `wallet` command and SQLite user 50 ms.
         import psycopg
+
         self._psycopg = psycopg
         self.integrity_error = psycopg.errors.IntegrityError
         self.db_url = db_url
@@ -214,8 +219,10 @@ class _Postgres:
         stage = f"{table}_stage"
         cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS")
         cls.insert_many(cursor, stage, columns, rows)
-        cursor.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {stage} "
-                       f"{_on_conflict_update(table, columns)}")
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {stage} "
+            f"{_on_conflict_update(table, columns)}"
+        )
 
 
 def _on_conflict_update(table: str, columns: Sequence[str]) -> str:
@@ -297,10 +304,16 @@ class ReadModelStore:
             # one indexed lookup per id, and a few rows more than needed at most.
             transaction_ids = {outcome.transaction_id for outcome in batch.outcomes}
             transaction_ids.update(event.transaction_id for event in batch.events)
-            accounts = {row.account_id: row for row in self._select_in(cursor, "accounts", "account_id",
-                                                                     _ACCOUNT_COLUMNS, account_ids, AccountRow)}
-            transactions = {(row.account_id, row.transaction_id): row for row in self._select_in(
-                cursor, "transactions", "transaction_id", _TRANSACTION_COLUMNS, transaction_ids, TransactionRow)}
+            accounts = {
+                row.account_id: row
+                for row in self._select_in(cursor, "accounts", "account_id", _ACCOUNT_COLUMNS, account_ids, AccountRow)
+            }
+            transactions = {
+                (row.account_id, row.transaction_id): row
+                for row in self._select_in(
+                    cursor, "transactions", "transaction_id", _TRANSACTION_COLUMNS, transaction_ids, TransactionRow
+                )
+            }
             changes = project(accounts, transactions, batch.events, batch.outcomes)
             # The row tuples' fields are in the order of the column lists.
             if changes.entries:
@@ -316,30 +329,41 @@ class ReadModelStore:
             expected = batch.offsets_before.get((topic, partition))
             if expected is None:
                 try:
-                    cursor.execute(self._sql("INSERT INTO offsets (topic, kafka_partition, next_offset) "
-                                             "VALUES (?, ?, ?)"),
-                                   (topic, partition, next_offset))
+                    cursor.execute(
+                        self._sql("INSERT INTO offsets (topic, kafka_partition, next_offset) VALUES (?, ?, ?)"),
+                        (topic, partition, next_offset),
+                    )
                 except self._backend.integrity_error:
                     raise ConcurrentWriterError(
                         f"{topic}[{partition}]: another writer stored an offset first; "
-                        f"one consumer (or rebuild) per database") from None
+                        f"one consumer (or rebuild) per database"
+                    ) from None
                 continue
-            cursor.execute(self._sql("UPDATE offsets SET next_offset = ? "
-                                     "WHERE topic = ? AND kafka_partition = ? AND next_offset = ?"),
-                           (next_offset, topic, partition, expected))
+            cursor.execute(
+                self._sql(
+                    "UPDATE offsets SET next_offset = ? WHERE topic = ? AND kafka_partition = ? AND next_offset = ?"
+                ),
+                (next_offset, topic, partition, expected),
+            )
             if cursor.rowcount != 1:
                 raise ConcurrentWriterError(
                     f"{topic}[{partition}]: the stored offset is no longer {expected}; another writer (a second "
-                    f"consumer or a rebuild) changed this database; one consumer (or rebuild) per database")
+                    f"consumer or a rebuild) changed this database; one consumer (or rebuild) per database"
+                )
 
-    def _select_in(self, cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: set[str],
-                   row_class: type) -> list:
+    def _select_in(
+        self, cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: set[str], row_class: type
+    ) -> list:
         found: list = []
         key_list = list(keys)
         for start in range(0, len(key_list), SELECT_IN_CHUNK_SIZE):
-            chunk = key_list[start:start + SELECT_IN_CHUNK_SIZE]
-            cursor.execute(self._sql(f"SELECT {', '.join(columns)} FROM {table} "
-                                     f"WHERE {key_column} IN ({', '.join('?' * len(chunk))})"), chunk)
+            chunk = key_list[start : start + SELECT_IN_CHUNK_SIZE]
+            cursor.execute(
+                self._sql(
+                    f"SELECT {', '.join(columns)} FROM {table} WHERE {key_column} IN ({', '.join('?' * len(chunk))})"
+                ),
+                chunk,
+            )
             found.extend(row_class(*row) for row in cursor.fetchall())
         return found
 
@@ -353,18 +377,28 @@ class ReadModelStore:
 
     def entries(self, account_id: str, limit: int, before_sequence: int | None = None) -> list[EntryRow]:
         """The account's entries, newest first, with a sequence below `before_sequence` if given."""
-        below, parameters = ("", (account_id, limit)) if before_sequence is None else (
-            "AND sequence < ? ", (account_id, before_sequence, limit))
+        below, parameters = (
+            ("", (account_id, limit))
+            if before_sequence is None
+            else ("AND sequence < ? ", (account_id, before_sequence, limit))
+        )
         rows = self._connection.execute(
-            self._sql(f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries WHERE account_id = ? {below}"
-                      "ORDER BY sequence DESC LIMIT ?"), parameters).fetchall()
+            self._sql(
+                f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries WHERE account_id = ? {below}"
+                "ORDER BY sequence DESC LIMIT ?"
+            ),
+            parameters,
+        ).fetchall()
         return [EntryRow(*row) for row in rows]
 
     def request(self, account_id: str, transaction_id: str) -> TransactionRow | None:
         """The request `transaction_id` of the account that owns it."""
         row = self._connection.execute(
-            self._sql(f"SELECT {', '.join(_TRANSACTION_COLUMNS)} FROM transactions "
-                      "WHERE account_id = ? AND transaction_id = ?"), (account_id, transaction_id),
+            self._sql(
+                f"SELECT {', '.join(_TRANSACTION_COLUMNS)} FROM transactions "
+                "WHERE account_id = ? AND transaction_id = ?"
+            ),
+            (account_id, transaction_id),
         ).fetchone()
         return TransactionRow(*row) if row is not None else None
 
@@ -378,19 +412,26 @@ class ReadModelStore:
         if actor is None:
             rows = self._connection.execute(
                 self._sql(f"SELECT {columns} FROM transactions t WHERE t.transaction_id = ? ORDER BY t.account_id"),
-                (transaction_id,)).fetchall()
+                (transaction_id,),
+            ).fetchall()
         else:
             rows = self._connection.execute(
-                self._sql(f"SELECT {columns} FROM transactions t LEFT JOIN accounts a ON a.account_id = t.account_id "
-                          "WHERE t.transaction_id = ? AND (t.actor = ? OR a.owner = ?) ORDER BY t.account_id"),
-                (transaction_id, actor, actor)).fetchall()
+                self._sql(
+                    f"SELECT {columns} FROM transactions t LEFT JOIN accounts a ON a.account_id = t.account_id "
+                    "WHERE t.transaction_id = ? AND (t.actor = ? OR a.owner = ?) ORDER BY t.account_id"
+                ),
+                (transaction_id, actor, actor),
+            ).fetchall()
         return [TransactionRow(*row) for row in rows]
 
     def table_rows(self, table: str) -> list[tuple]:
         """Every row of a table in primary-key order: for comparing two read models."""
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}")
-        order = {"accounts": "account_id", "entries": "account_id, sequence",
-                 "transactions": "account_id, transaction_id",
-                 "offsets": "topic, kafka_partition"}[table]
+        order = {
+            "accounts": "account_id",
+            "entries": "account_id, sequence",
+            "transactions": "account_id, transaction_id",
+            "offsets": "topic, kafka_partition",
+        }[table]
         return [tuple(row) for row in self._connection.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()]

@@ -6,6 +6,7 @@ raises it before folding anything, so the state is untouched, and the processor 
 record to `wallet.dlq` with the reason. Every other exception out of the core is a bug (a
 broken invariant) and must stop the process loudly.
 """
+
 from __future__ import annotations
 
 

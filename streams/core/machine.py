@@ -30,6 +30,7 @@ raises `UndecidableInput`, folding nothing, for one it cannot decide:
   money back, and any copy of a leg the receiver still accepts is one it still remembers.
 The balance cap holds for balance + the account's pending debits, so a refund never passes it.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
@@ -154,15 +155,26 @@ def _open_account(state: State, command: OpenAccount, digest: str, now_ms: int) 
         return _reject(state, command, digest, error.reason, now_ms)
     if command.account_id in state.accounts:
         return _reject(state, command, digest, Reason.ACCOUNT_EXISTS, now_ms)
-    event = AccountOpened(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
-                          command="open_account", digest=digest, actor=command.actor, seq=1, owner=command.actor,
-                          currency=command.currency, kind=command.kind, balance=format_amount(0, command.currency))
+    event = AccountOpened(
+        account_id=command.account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command="open_account",
+        digest=digest,
+        actor=command.actor,
+        seq=1,
+        owner=command.actor,
+        currency=command.currency,
+        kind=command.kind,
+        balance=format_amount(0, command.currency),
+    )
     return _accept(state, command, digest, event)
 
 
 def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decision:
-    account, amount_minor, reason = _usable_account(state, command.account_id, command.amount, command.currency,
-                                                    command, lambda account: command.role == "bank")
+    account, amount_minor, reason = _usable_account(
+        state, command.account_id, command.amount, command.currency, command, lambda account: command.role == "bank"
+    )
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _usable_account names a reason whenever it finds no account
@@ -174,8 +186,13 @@ def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decisi
 
 def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Decision:
     account, amount_minor, reason = _usable_account(
-        state, command.account_id, command.amount, command.currency, command,
-        lambda account: command.role == "bank" or command.actor == account.owner)
+        state,
+        command.account_id,
+        command.amount,
+        command.currency,
+        command,
+        lambda account: command.role == "bank" or command.actor == account.owner,
+    )
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _usable_account names a reason whenever it finds no account
@@ -188,23 +205,47 @@ def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Deci
 def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms: int) -> Decision:
     if command.from_account == command.to_account:
         return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
-    account, amount_minor, reason = _usable_account(state, command.from_account, command.amount, command.currency,
-                                                    command, lambda account: command.actor == account.owner)
+    account, amount_minor, reason = _usable_account(
+        state,
+        command.from_account,
+        command.amount,
+        command.currency,
+        command,
+        lambda account: command.actor == account.owner,
+    )
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _usable_account names a reason whenever it finds no account
     if account.balance_minor < amount_minor:
         return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
-    event = _move_money(state, TransferDebited, command, digest, now_ms, account, command.from_account, -amount_minor,
-                        to_account=command.to_account, merchant_only=type(command) is PayMerchant)
+    event = _move_money(
+        state,
+        TransferDebited,
+        command,
+        digest,
+        now_ms,
+        account,
+        command.from_account,
+        -amount_minor,
+        to_account=command.to_account,
+        merchant_only=type(command) is PayMerchant,
+    )
     return Decision(state, [event], [_credit_leg(command, event.amount, digest, now_ms, resend=False)], None)
 
 
 def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, now_ms: int, resend: bool) -> CreditLeg:
-    return CreditLeg(transaction_id=command.transaction_id, actor=command.actor, issued_ms=now_ms,
-                     from_account=command.from_account, to_account=command.to_account, amount=amount,
-                     currency=command.currency, digest=digest, merchant_only=type(command) is PayMerchant,
-                     resend=resend)
+    return CreditLeg(
+        transaction_id=command.transaction_id,
+        actor=command.actor,
+        issued_ms=now_ms,
+        from_account=command.from_account,
+        to_account=command.to_account,
+        amount=amount,
+        currency=command.currency,
+        digest=digest,
+        merchant_only=type(command) is PayMerchant,
+        resend=resend,
+    )
 
 
 def _leg_amount_minor(leg: CreditLeg | RefundLeg) -> int:
@@ -251,17 +292,43 @@ def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
         elif account.balance_minor + account.in_flight_minor + amount_minor > BALANCE_MINOR_MAX:
             reason = Reason.BALANCE_LIMIT_EXCEEDED
     if reason is not None:
-        event = CommandRejected(account_id=leg.to_account, transaction_id=leg.transaction_id, ts_ms=now_ms,
-                                command="credit_leg", digest=leg.digest, actor=leg.actor, reason=reason,
-                                issued_ms=leg.issued_ms)
-        refund = RefundLeg(transaction_id=leg.transaction_id, actor=leg.actor, issued_ms=now_ms,
-                           from_account=leg.from_account, to_account=leg.to_account, amount=leg.amount,
-                           currency=leg.currency, digest=leg.digest, reason=reason, debit_ms=leg.issued_ms)
+        event = CommandRejected(
+            account_id=leg.to_account,
+            transaction_id=leg.transaction_id,
+            ts_ms=now_ms,
+            command="credit_leg",
+            digest=leg.digest,
+            actor=leg.actor,
+            reason=reason,
+            issued_ms=leg.issued_ms,
+        )
+        refund = RefundLeg(
+            transaction_id=leg.transaction_id,
+            actor=leg.actor,
+            issued_ms=now_ms,
+            from_account=leg.from_account,
+            to_account=leg.to_account,
+            amount=leg.amount,
+            currency=leg.currency,
+            digest=leg.digest,
+            reason=reason,
+            debit_ms=leg.issued_ms,
+        )
         fold(state, event)
         return Decision(state, [event], [refund], None)
     assert account is not None  # no refusal, so the account exists (see above)
-    credited = _move_money(state, TransferCredited, leg, leg.digest, now_ms, account, leg.to_account, amount_minor,
-                        from_account=leg.from_account, issued_ms=leg.issued_ms)
+    credited = _move_money(
+        state,
+        TransferCredited,
+        leg,
+        leg.digest,
+        now_ms,
+        account,
+        leg.to_account,
+        amount_minor,
+        from_account=leg.from_account,
+        issued_ms=leg.issued_ms,
+    )
     return Decision(state, [credited], [], _leg_outcome(leg, SUCCESS, None))
 
 
@@ -269,18 +336,36 @@ def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
     amount_minor = _leg_amount_minor(leg)
     account = state.accounts.get(leg.from_account)
     pending = recall(state, (leg.from_account, leg.transaction_id), now_ms)
-    if (account is None or pending is None or pending.status != PENDING or pending.digest != leg.digest
-            or pending.to_account != leg.to_account or pending.amount_minor != amount_minor
-            or pending.ts_ms != leg.debit_ms
-            or leg.currency != account.currency):
-        raise UndecidableInput(f"refund_leg {leg.transaction_id!r} of {leg.amount} {leg.currency} to "
-                               f"{leg.from_account!r} matches no debit that account remembers as pending")
+    if (
+        account is None
+        or pending is None
+        or pending.status != PENDING
+        or pending.digest != leg.digest
+        or pending.to_account != leg.to_account
+        or pending.amount_minor != amount_minor
+        or pending.ts_ms != leg.debit_ms
+        or leg.currency != account.currency
+    ):
+        raise UndecidableInput(
+            f"refund_leg {leg.transaction_id!r} of {leg.amount} {leg.currency} to "
+            f"{leg.from_account!r} matches no debit that account remembers as pending"
+        )
     advance_clock(state, now_ms)
     # A refund is never refused: the money is the sender's whatever happened to the account
     # meanwhile (frozen, closed), and refusing it would destroy it. It cannot pass the cap:
     # the cap holds for the balance plus the pending debits, this one included.
-    event = _move_money(state, TransferRefunded, leg, leg.digest, now_ms, account, leg.from_account, amount_minor,
-                        to_account=leg.to_account, reason=leg.reason)
+    event = _move_money(
+        state,
+        TransferRefunded,
+        leg,
+        leg.digest,
+        now_ms,
+        account,
+        leg.from_account,
+        amount_minor,
+        to_account=leg.to_account,
+        reason=leg.reason,
+    )
     return Decision(state, [event], [], _leg_outcome(leg, FAILURE, leg.reason))
 
 
@@ -308,18 +393,27 @@ def _close(state: State, command: Close, digest: str, now_ms: int) -> Decision:
     if reason is None:
         assert account is not None  # _refusal_to_change refuses a missing account
         # A refund of a debit in flight must find the account open to its money.
-        reason = ((Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None)
-                  or (Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None))
+        reason = (Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None) or (
+            Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None
+        )
     return _status_change(state, command, digest, now_ms, account, reason, AccountClosed)
 
 
-def _status_change(state: State, command, digest: str, now_ms: int, account: Account | None, reason: str | None,
-                   event_class) -> Decision:
+def _status_change(
+    state: State, command, digest: str, now_ms: int, account: Account | None, reason: str | None, event_class
+) -> Decision:
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # every caller refuses a missing account (_refusal_to_change)
-    event = event_class(account_id=command.account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
-                        command=command_type(command), digest=digest, actor=command.actor, seq=account.seq + 1)
+    event = event_class(
+        account_id=command.account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command=command_type(command),
+        digest=digest,
+        actor=command.actor,
+        seq=account.seq + 1,
+    )
     return _accept(state, command, digest, event)
 
 
@@ -347,8 +441,9 @@ def _refusal_to_receive(account: Account | None, currency: str) -> str | None:
     return None
 
 
-def _usable_account(state: State, account_id: str, amount: str, currency: str, command,
-                    authorised) -> tuple[Account | None, int, str | None]:
+def _usable_account(
+    state: State, account_id: str, amount: str, currency: str, command, authorised
+) -> tuple[Account | None, int, str | None]:
     """The account a client command moves money on, the amount, and why it cannot, if it cannot.
 
     The order of refusals: the amount, whether the account exists, whether the actor may ask
@@ -365,29 +460,59 @@ def _usable_account(state: State, account_id: str, amount: str, currency: str, c
     return account, amount_minor, _refusal_to_receive(account, currency)
 
 
-def _move_money(state: State, event_class: type[_MoneyEvent], command: Command, digest: str, now_ms: int,
-                account: Account, account_id: str, signed_amount_minor: int, **details: Any) -> _MoneyEvent:
+def _move_money(
+    state: State,
+    event_class: type[_MoneyEvent],
+    command: Command,
+    digest: str,
+    now_ms: int,
+    account: Account,
+    account_id: str,
+    signed_amount_minor: int,
+    **details: Any,
+) -> _MoneyEvent:
     """Builds the event of a balance change and folds it, handing fold the balance it has."""
     currency = account.currency
     balance_minor = account.balance_minor + signed_amount_minor
     assert 0 <= balance_minor <= BALANCE_MINOR_MAX and signed_amount_minor != 0, (account_id, balance_minor)
-    event = event_class(account_id=account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
-                        command=command_type(command), digest=digest, actor=command.actor, seq=account.seq + 1,
-                        amount=format_amount(abs(signed_amount_minor), currency), currency=currency,
-                        balance=format_amount(balance_minor, currency), **details)
+    event = event_class(
+        account_id=account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command=command_type(command),
+        digest=digest,
+        actor=command.actor,
+        seq=account.seq + 1,
+        amount=format_amount(abs(signed_amount_minor), currency),
+        currency=currency,
+        balance=format_amount(balance_minor, currency),
+        **details,
+    )
     fold(state, event, balance_minor)
     return event
 
 
 def _outcome(command: Command, status: OutcomeStatus, reason: str | None, digest: str) -> Outcome:
-    return Outcome(transaction_id=command.transaction_id, account_id=owner_account(command), actor=command.actor,
-                   status=status, reason=reason, digest=digest)
+    return Outcome(
+        transaction_id=command.transaction_id,
+        account_id=owner_account(command),
+        actor=command.actor,
+        status=status,
+        reason=reason,
+        digest=digest,
+    )
 
 
 def _leg_outcome(leg: CreditLeg | RefundLeg, status: OutcomeStatus, reason: str | None) -> Outcome:
     # The request belongs to the sender's account, whichever side answers it.
-    return Outcome(transaction_id=leg.transaction_id, account_id=leg.from_account, actor=leg.actor, status=status,
-                   reason=reason, digest=leg.digest)
+    return Outcome(
+        transaction_id=leg.transaction_id,
+        account_id=leg.from_account,
+        actor=leg.actor,
+        status=status,
+        reason=reason,
+        digest=leg.digest,
+    )
 
 
 def _success(command: Command, digest: str) -> Outcome:
@@ -400,8 +525,15 @@ def _accept(state: State, command: Command, digest: str, event: Event) -> Decisi
 
 
 def _rejection(command: Command, account_id: str, digest: str, reason: str, now_ms: int) -> CommandRejected:
-    return CommandRejected(account_id=account_id, transaction_id=command.transaction_id, ts_ms=now_ms,
-                           command=command_type(command), digest=digest, actor=command.actor, reason=reason)
+    return CommandRejected(
+        account_id=account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command=command_type(command),
+        digest=digest,
+        actor=command.actor,
+        reason=reason,
+    )
 
 
 def _reject(state: State, command: Command, digest: str, reason: str, now_ms: int) -> Decision:
@@ -419,18 +551,31 @@ def dead_letter_outcome(value: bytes, reason: str, command: Command | None = Non
     if command is not None:
         if type(command) in (CreditLeg, RefundLeg):
             return None
-        return Outcome(transaction_id=command.transaction_id, account_id=owner_account(command), actor=command.actor,
-                       status=FAILURE, reason=reason, digest=command_digest(command))
+        return Outcome(
+            transaction_id=command.transaction_id,
+            account_id=owner_account(command),
+            actor=command.actor,
+            status=FAILURE,
+            reason=reason,
+            digest=command_digest(command),
+        )
     request = readable_request(value)
     if request is None:
         return None
     transaction_id, account_id, actor = request
-    return Outcome(transaction_id=transaction_id, account_id=account_id, actor=actor, status=FAILURE, reason=reason,
-                   digest="")
+    return Outcome(
+        transaction_id=transaction_id, account_id=account_id, actor=actor, status=FAILURE, reason=reason, digest=""
+    )
 
 
 # Each handler takes the client command class it is keyed by (hence Any for the command).
 _HANDLERS: dict[type, Callable[[State, Any, str, int], Decision]] = {
-    OpenAccount: _open_account, Deposit: _deposit, Withdraw: _withdraw, Transfer: _transfer, PayMerchant: _transfer,
-    Freeze: _freeze, Unfreeze: _unfreeze, Close: _close,
+    OpenAccount: _open_account,
+    Deposit: _deposit,
+    Withdraw: _withdraw,
+    Transfer: _transfer,
+    PayMerchant: _transfer,
+    Freeze: _freeze,
+    Unfreeze: _unfreeze,
+    Close: _close,
 }

@@ -2,6 +2,7 @@
 
 No float ever touches money: parsing is done on the characters of the string.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,9 @@ def minor_units_of(currency: str) -> int:
     try:
         return MINOR_UNITS[currency]
     except (KeyError, TypeError):
-        raise AmountError("unknown_currency",
-                          f"unknown currency {currency!r}: not an ISO 4217 code with minor units") from None
+        raise AmountError(
+            "unknown_currency", f"unknown currency {currency!r}: not an ISO 4217 code with minor units"
+        ) from None
 
 
 def parse_amount_minor(amount: str, currency: str) -> int:
@@ -45,8 +47,13 @@ def parse_amount_minor(amount: str, currency: str) -> int:
         # The common, well-formed case without a regular expression: this runs for every
         # client command on the processor's hot path.
         whole, dot, fraction = amount.partition(".")
-        if (whole.isascii() and whole.isdigit() and len(whole) <= 21 and (whole[0] != "0" or len(whole) == 1)
-                and (not dot or (fraction.isascii() and fraction.isdigit() and len(fraction) <= digits))):
+        if (
+            whole.isascii()
+            and whole.isdigit()
+            and len(whole) <= 21
+            and (whole[0] != "0" or len(whole) == 1)
+            and (not dot or (fraction.isascii() and fraction.isdigit() and len(fraction) <= digits))
+        ):
             amount_minor = int(whole + fraction.ljust(digits, "0")) if digits else int(whole)
             if 0 < amount_minor <= AMOUNT_MINOR_MAX:
                 return amount_minor
@@ -66,8 +73,9 @@ def _parse_refused_or_edge(amount: str, currency: str, digits: int) -> int:
     if amount_minor == 0:
         raise AmountError("invalid_amount", "amount must be greater than zero")
     if amount_minor > AMOUNT_MINOR_MAX:
-        raise AmountError("invalid_amount",
-                          f"amount exceeds the maximum of {format_amount(AMOUNT_MINOR_MAX, currency)} {currency}")
+        raise AmountError(
+            "invalid_amount", f"amount exceeds the maximum of {format_amount(AMOUNT_MINOR_MAX, currency)} {currency}"
+        )
     return amount_minor
 
 
@@ -113,7 +121,7 @@ def _canonical_digits(text: str, currency: str) -> int:
         dot = len(text) - digits - 1
         if dot < 1 or text[dot] != ".":
             raise ValueError(f"{text!r} is not a canonical {currency} amount")
-        whole, fraction = text[:dot], text[dot + 1:]
+        whole, fraction = text[:dot], text[dot + 1 :]
         if not (fraction.isascii() and fraction.isdigit()):
             raise ValueError(f"{text!r} is not a canonical {currency} amount")
     else:

@@ -5,6 +5,7 @@ runtime restores by folding the log, and the audit folds the log to check the ru
 function for all three is what makes "folding wallet.events yields exactly the live state"
 true by construction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Remembered(msgspec.Struct, frozen=True, gc=False):
 
     For a pending debit (status pending) also what a refund must match: the amount (in the
     account's currency) and the receiving account."""
+
     digest: str
     status: str  # pending (a debited transfer in flight), success or failure
     reason: str | None
@@ -147,8 +149,12 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
             assert isinstance(event, CommandRejected)
         advance_clock(state, event.ts_ms)
         if event.reason != Reason.DUPLICATE_CONFLICT:  # a conflict must not overwrite the first answer
-            _remember(state, event.account_id, event.transaction_id,
-                      Remembered(event.digest, FAILURE, event.reason, event.ts_ms, issued_ms=event.issued_ms))
+            _remember(
+                state,
+                event.account_id,
+                event.transaction_id,
+                Remembered(event.digest, FAILURE, event.reason, event.ts_ms, issued_ms=event.issued_ms),
+            )
         return state
     if TYPE_CHECKING:
         assert not isinstance(event, CommandRejected)
@@ -168,8 +174,10 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         if TYPE_CHECKING:
             assert isinstance(event, AccountOpened)
         if event.seq != 1 or event.currency not in MINOR_UNITS or event.balance != format_amount(0, event.currency):
-            raise CorruptLog(f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
-                             f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty")
+            raise CorruptLog(
+                f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
+                f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty"
+            )
         state.accounts[event.account_id] = account
     advance_clock(state, event.ts_ms)
 
@@ -187,11 +195,16 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         else:
             amount_minor = abs(balance_minor - account.balance_minor)
             expected_minor = balance_minor
-        if (event.currency != account.currency or balance_minor != expected_minor or balance_minor < 0
-                or amount_minor <= 0):
+        if (
+            event.currency != account.currency
+            or balance_minor != expected_minor
+            or balance_minor < 0
+            or amount_minor <= 0
+        ):
             raise CorruptLog(
                 f"account {event.account_id!r} seq {event.seq}: balance {event.balance} {event.currency} "
-                f"does not follow {account.balance_minor} minor units {account.currency} and amount {event.amount}")
+                f"does not follow {account.balance_minor} minor units {account.currency} and amount {event.amount}"
+            )
         in_flight_count, in_flight_minor = account.in_flight_count, account.in_flight_minor
         if not state.tracks_memory:
             pass
@@ -210,18 +223,26 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
                 assert isinstance(event, TransferRefunded)
             key = (event.account_id, event.transaction_id)
             pending = state.memory.get(key)
-            if (pending is None or pending.status != PENDING or pending.digest != event.digest
-                    or pending.amount_minor != amount_minor or pending.to_account != event.to_account):
-                raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: refund of {event.transaction_id!r} "
-                                 f"matches no pending debit")
+            if (
+                pending is None
+                or pending.status != PENDING
+                or pending.digest != event.digest
+                or pending.amount_minor != amount_minor
+                or pending.to_account != event.to_account
+            ):
+                raise CorruptLog(
+                    f"account {event.account_id!r} seq {event.seq}: refund of {event.transaction_id!r} "
+                    f"matches no pending debit"
+                )
             in_flight_count -= 1
             in_flight_minor -= amount_minor
             # A refund keeps the time of the debit it answers, so the pair is forgotten together.
-            remembered = Remembered(event.digest, FAILURE, event.reason, pending.ts_ms, amount_minor,
-                                    event.to_account)
+            remembered = Remembered(event.digest, FAILURE, event.reason, pending.ts_ms, amount_minor, event.to_account)
         if balance_minor + in_flight_minor > BALANCE_MINOR_MAX or in_flight_minor < 0 or in_flight_count < 0:
-            raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: balance {balance_minor} + in flight "
-                             f"{in_flight_minor} minor units breaks the cap {BALANCE_MINOR_MAX}")
+            raise CorruptLog(
+                f"account {event.account_id!r} seq {event.seq}: balance {balance_minor} + in flight "
+                f"{in_flight_minor} minor units breaks the cap {BALANCE_MINOR_MAX}"
+            )
         account.balance_minor = balance_minor
         account.in_flight_count, account.in_flight_minor = in_flight_count, in_flight_minor
     elif event_class in STATUS_AFTER:

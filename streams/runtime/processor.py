@@ -16,6 +16,7 @@ is replaced (same transactional id, which fences a zombie of itself) and every o
 partition is rebuilt from the snapshot and the log. It never guesses whether a commit
 happened.
 """
+
 from __future__ import annotations
 
 import gc
@@ -75,8 +76,15 @@ class ProcessorConfig:
 class _Task:
     """One owned partition: its state, its snapshot checkpoint and what changed since."""
 
-    __slots__ = ("partition", "state", "checkpoint", "changes", "events_offset", "uncommitted",
-                 "segments_dropped_at_horizon_ms")
+    __slots__ = (
+        "partition",
+        "state",
+        "checkpoint",
+        "changes",
+        "events_offset",
+        "uncommitted",
+        "segments_dropped_at_horizon_ms",
+    )
 
     def __init__(self, partition: int, state: State, checkpoint: Checkpoint, events_offset: int) -> None:
         self.partition = partition
@@ -121,14 +129,19 @@ class Processor:
         self._consumer = self._new_consumer()
         self._consumer_fatal: KafkaError | None = None
         self._restore_consumer = Consumer(
-            restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id))
+            restore_consumer_config(settings.bootstrap, self.group_id, config.instance_id)
+        )
         self._admin = admin_client(settings.bootstrap, role="processor")  # the restore's offset queries
         self._transactions = TransactionalProducer(
             processor_producer_config(settings.bootstrap, self.transactional_id, config.transaction_timeout_ms),
-            settings.dlq_topic, call_timeout_s=self._call_timeout_s, commit_attempts_max=config.commit_attempts_max)
+            settings.dlq_topic,
+            call_timeout_s=self._call_timeout_s,
+            commit_attempts_max=config.commit_attempts_max,
+        )
         self._partition_count = self._check_topics()
         self._owner_partition = lru_cache(maxsize=1 << 20)(
-            lambda account: partition_for(account, self._partition_count))
+            lambda account: partition_for(account, self._partition_count)
+        )
         self._last_flush_s = time.monotonic()
         self._report_s = time.monotonic()
         self._reported = 0
@@ -144,12 +157,17 @@ class Processor:
         # a pass: at the default of 700 the collector cost several microseconds per command.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         self._subscribe()
-        log.info("instance %s started (group %s, transactional id %s)", self.config.instance_id, self.group_id,
-                 self.transactional_id)
+        log.info(
+            "instance %s started (group %s, transactional id %s)",
+            self.config.instance_id,
+            self.group_id,
+            self.transactional_id,
+        )
         try:
             while not self._stopping:
-                records = self._consumer.consume(num_messages=self.config.batch_size_max,
-                                                 timeout=self.config.commit_interval_ms / 1000)
+                records = self._consumer.consume(
+                    num_messages=self.config.batch_size_max, timeout=self.config.commit_interval_ms / 1000
+                )
                 if records:
                     try:
                         self._process_batch(records)
@@ -165,8 +183,12 @@ class Processor:
         return Consumer(processor_consumer_config(self.settings.bootstrap, self.group_id, self.config.instance_id))
 
     def _subscribe(self) -> None:
-        self._consumer.subscribe([self.settings.commands_topic], on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self._consumer.subscribe(
+            [self.settings.commands_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
 
     def _replace_consumer(self) -> None:
         """A fatal consumer (e.g. a static member fenced after its session timed out during a
@@ -189,8 +211,13 @@ class Processor:
             self._flush_state()
         if now_s - self._report_s >= REPORT_INTERVAL_S:
             rate = (self.commands_processed - self._reported) / (now_s - self._report_s)
-            log.info("partitions %s: %d commands processed (%.0f/s), lag %d", sorted(self._tasks),
-                     self.commands_processed, rate, self._lag())
+            log.info(
+                "partitions %s: %d commands processed (%.0f/s), lag %d",
+                sorted(self._tasks),
+                self.commands_processed,
+                rate,
+                self._lag(),
+            )
             self._report_s, self._reported = now_s, self.commands_processed
 
     def _shut_down(self) -> None:
@@ -214,8 +241,10 @@ class Processor:
         if not batch.next_offsets:
             self._transactions.abort_empty()  # only consumer errors: nothing to commit
             return
-        offsets = [TopicPartition(self.settings.commands_topic, partition, offset)
-                   for partition, offset in batch.next_offsets.items()]
+        offsets = [
+            TopicPartition(self.settings.commands_topic, partition, offset)
+            for partition, offset in batch.next_offsets.items()
+        ]
         self._transactions.commit(offsets, self._consumer.consumer_group_metadata())
         for partition, events_offset in batch.delivered.items():
             self._tasks[partition].events_offset = events_offset
@@ -247,9 +276,11 @@ class Processor:
         if timestamp_type != TIMESTAMP_LOG_APPEND_TIME:
             # The time that decides must be the broker's: a producer's CreateTime would let
             # clients move the partition's clock (and with it the idempotency window).
-            raise RuntimeError(f"{record.topic()}[{partition}]@{record.offset()} has timestamp type "
-                               f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
-                               f"message.timestamp.type=LogAppendTime (wallet topics create)")
+            raise RuntimeError(
+                f"{record.topic()}[{partition}]@{record.offset()} has timestamp type "
+                f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
+                f"message.timestamp.type=LogAppendTime (wallet topics create)"
+            )
         try:
             command = decode_command(record.value())
         except SchemaError as schema_error:
@@ -258,9 +289,12 @@ class Processor:
         owner = getattr(command, command.owner_field)
         if self._owner_partition(owner) != partition:
             self._dead_letter(
-                record, f"command for account {owner!r} arrived on partition {partition}, but the account belongs "
-                        f"to partition {self._owner_partition(owner)}: its producer does not use the murmur2 "
-                        f"partitioner", dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command))
+                record,
+                f"command for account {owner!r} arrived on partition {partition}, but the account belongs "
+                f"to partition {self._owner_partition(owner)}: its producer does not use the murmur2 "
+                f"partitioner",
+                dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command),
+            )
             return None
         if type(command) in LEG_COMMANDS:
             if TYPE_CHECKING:  # the test above, told to mypy
@@ -326,7 +360,8 @@ class Processor:
             return  # the loop replaces the consumer; the partitions come back through `_on_assign`
         self._restore(partitions)
         committed = self._consumer.committed(
-            [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=self._call_timeout_s)
+            [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=self._call_timeout_s
+        )
         for topic_partition in committed:
             if topic_partition.offset < 0:
                 # Nothing committed yet: the failed batch was the partition's first.
@@ -359,8 +394,9 @@ class Processor:
         loaded = {p: self._store.load(p) for p in partitions}
         tails = {p: (state, checkpoint.events_offset) for p, (state, checkpoint) in loaded.items()}
         topic, timeout_s = self.settings.events_topic, self.config.restore_timeout_s
-        ends = fold_event_tail(self._restore_consumer, topic, tails, stable_ends(self._admin, topic, partitions,
-                                                                                 timeout_s), timeout_s)
+        ends = fold_event_tail(
+            self._restore_consumer, topic, tails, stable_ends(self._admin, topic, partitions, timeout_s), timeout_s
+        )
         for partition, (state, checkpoint) in loaded.items():
             task = _Task(partition, state, checkpoint, ends[partition])
             if ends[partition] != checkpoint.events_offset:
@@ -379,14 +415,17 @@ class Processor:
 
     def _save(self, task: _Task) -> None:
         if task.uncommitted:
-            log.warning("partition %d holds an uncommitted batch: not saved; the next owner rebuilds it from the log",
-                        task.partition)
+            log.warning(
+                "partition %d holds an uncommitted batch: not saved; the next owner rebuilds it from the log",
+                task.partition,
+            )
             return
         if task.events_offset == task.checkpoint.events_offset:
             return
         assert task.events_offset > task.checkpoint.events_offset, (
             f"partition {task.partition}: events offset {task.events_offset} behind its snapshot's "
-            f"{task.checkpoint.events_offset}")
+            f"{task.checkpoint.events_offset}"
+        )
         task.checkpoint.events_offset = task.events_offset
         self._store.save(task.partition, task.state, task.changes, task.checkpoint)
         task.changes = PartitionChanges()

@@ -12,6 +12,7 @@ Two steps, in this order:
 2. `fold_event_tail`: fold each partition's events from its snapshot's offset until the
    read_committed consumer reports the end, which is then at least that stable end.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,20 +82,22 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
         waiting = [partition for partition in waiting if partition not in ends]
         if waiting:
             if time.monotonic() > deadline_s:
-                raise RestoreTimeout(f"{topic} partitions {waiting} still had an open transaction or no leader "
-                                     f"after {timeout_s:.0f} s (stable, written: "
-                                     f"{[open_seen.get(p, 'no answer') for p in waiting]})")
+                raise RestoreTimeout(
+                    f"{topic} partitions {waiting} still had an open transaction or no leader "
+                    f"after {timeout_s:.0f} s (stable, written: "
+                    f"{[open_seen.get(p, 'no answer') for p in waiting]})"
+                )
             time.sleep(STABLE_END_POLL_INTERVAL_S)
     if open_seen:
-        log.info("waited for open transactions on %s partitions %s to end before restoring", topic,
-                 sorted(open_seen))
+        log.info("waited for open transactions on %s partitions %s to end before restoring", topic, sorted(open_seen))
     if unavailable:
         log.info("waited for a leader of %s partitions %s to answer before restoring", topic, sorted(unavailable))
     return ends
 
 
-def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tuple[State, int]],
-                    ends: dict[int, int], timeout_s: float) -> dict[int, int]:
+def fold_event_tail(
+    consumer: Consumer, events_topic: str, tails: dict[int, tuple[State, int]], ends: dict[int, int], timeout_s: float
+) -> dict[int, int]:
     """Folds each partition's events from its offset to (at least) its stable end (read_committed).
 
     `tails` maps partition -> (state, first offset not yet folded) and `ends` partition -> the
@@ -106,7 +109,8 @@ def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tupl
         return {}
     next_offsets = {partition: offset for partition, (_, offset) in tails.items()}
     assert all(ends[partition] >= offset for partition, offset in next_offsets.items()), (
-        f"a snapshot of {events_topic} is ahead of the log: snapshot {next_offsets}, log ends {ends}")
+        f"a snapshot of {events_topic} is ahead of the log: snapshot {next_offsets}, log ends {ends}"
+    )
     consumer.assign([TopicPartition(events_topic, partition, offset) for partition, offset in next_offsets.items()])
     remaining = set(tails)
     started_s = last_report_s = time.monotonic()
@@ -115,11 +119,17 @@ def fold_event_tail(consumer: Consumer, events_topic: str, tails: dict[int, tupl
         while remaining:
             now_s = time.monotonic()
             if now_s - started_s > timeout_s:
-                raise RestoreTimeout(f"restore of {events_topic} partitions {sorted(remaining)} did not reach the end "
-                                     f"within {timeout_s:.0f} s ({folded} events folded)")
+                raise RestoreTimeout(
+                    f"restore of {events_topic} partitions {sorted(remaining)} did not reach the end "
+                    f"within {timeout_s:.0f} s ({folded} events folded)"
+                )
             if now_s - last_report_s >= RESTORE_PROGRESS_INTERVAL_S:
-                log.info("restoring partitions %s: %d events folded (%.0f/s)", sorted(remaining), folded,
-                         folded / (now_s - started_s))
+                log.info(
+                    "restoring partitions %s: %d events folded (%.0f/s)",
+                    sorted(remaining),
+                    folded,
+                    folded / (now_s - started_s),
+                )
                 last_report_s = now_s
             for record in consumer.consume(num_messages=RESTORE_BATCH_SIZE_MAX, timeout=0.5):
                 error = record.error()

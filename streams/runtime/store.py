@@ -20,6 +20,7 @@ thousands of new transaction ids and one value per id would cost more than the r
 processor; the core's memory is defined as a set (state.memory_horizon_ms), so replaying the
 segments in any order and dropping expired ids restores it exactly.
 """
+
 from __future__ import annotations
 
 import struct
@@ -115,23 +116,39 @@ class StateStore:
         account_prefix = _prefix(b"a", partition)
         for account_id in changes.accounts:
             account = state.accounts[account_id]
-            batch.put(account_prefix + account_id.encode(), _pack(
-                (account.currency, account.kind, account.status, account.balance_minor, account.seq, account.owner)))
+            batch.put(
+                account_prefix + account_id.encode(),
+                _pack(
+                    (account.currency, account.kind, account.status, account.balance_minor, account.seq, account.owner)
+                ),
+            )
         entries = []
         for key in changes.memory_keys:
             remembered = state.memory.get(key)
             if remembered is not None:
-                entries.append((key[0], key[1], remembered.digest, remembered.status, remembered.reason,
-                                remembered.ts_ms, remembered.amount_minor, remembered.to_account,
-                                remembered.issued_ms))
+                entries.append(
+                    (
+                        key[0],
+                        key[1],
+                        remembered.digest,
+                        remembered.status,
+                        remembered.reason,
+                        remembered.ts_ms,
+                        remembered.amount_minor,
+                        remembered.to_account,
+                        remembered.issued_ms,
+                    )
+                )
         if entries:
             newest_ts_ms = max(entry[5] for entry in entries)
             segment_key = _SEGMENT.pack(checkpoint.next_segment) + _SEGMENT.pack(newest_ts_ms)
             batch.put(_prefix(b"s", partition) + segment_key, _pack(entries))
             checkpoint.next_segment += 1
         checkpoint.clock_ms = state.clock_ms
-        batch.put(_prefix(b"o", partition)[:-1], _pack((checkpoint.events_offset, checkpoint.clock_ms,
-                                                         checkpoint.next_segment, SNAPSHOT_FORMAT)))
+        batch.put(
+            _prefix(b"o", partition)[:-1],
+            _pack((checkpoint.events_offset, checkpoint.clock_ms, checkpoint.next_segment, SNAPSHOT_FORMAT)),
+        )
         self._db.write(batch)
 
     def drop_expired_segments(self, partition: int, clock_ms: int) -> int:
@@ -160,4 +177,4 @@ class StateStore:
         for key, value in items:
             if not key.startswith(prefix):
                 break
-            yield key[len(prefix):], value
+            yield key[len(prefix) :], value

@@ -16,6 +16,7 @@ raises into one of two kinds:
 Every call is bounded by `call_timeout_s`; a commit is retried at most `commit_attempts_max`
 times while librdkafka calls its error retriable.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,11 +36,18 @@ INIT_RETRY_INTERVAL_S = 0.1
 
 # librdkafka errors that mean this program (or its configuration) is wrong, not the broker
 # or the network: a new producer would fail the same way, so they crash the process.
-_BUG_CODES = frozenset({
-    KafkaError._STATE, KafkaError._INVALID_ARG, KafkaError._NOT_IMPLEMENTED, KafkaError._UNSUPPORTED_FEATURE,
-    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-})
+_BUG_CODES = frozenset(
+    {
+        KafkaError._STATE,
+        KafkaError._INVALID_ARG,
+        KafkaError._NOT_IMPLEMENTED,
+        KafkaError._UNSUPPORTED_FEATURE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
 
 
 class TransactionAborted(Exception):
@@ -56,15 +64,22 @@ def classify(error: KafkaException, during: str) -> Exception:
     if kafka_error is None:
         return TransactionBug(f"{during}: {error!r}")
     kind = TransactionBug if kafka_error.code() in _BUG_CODES and not kafka_error.fatal() else TransactionAborted
-    return kind(f"{during}: {kafka_error.str()} ({kafka_error.name()}"
-                f"{', fatal' if kafka_error.fatal() else ''}{', retriable' if kafka_error.retriable() else ''})")
+    return kind(
+        f"{during}: {kafka_error.str()} ({kafka_error.name()}"
+        f"{', fatal' if kafka_error.fatal() else ''}{', retriable' if kafka_error.retriable() else ''})"
+    )
 
 
 class TransactionalProducer:
     """One transactional id, one producer at a time; `replace()` swaps it for a fresh one."""
 
-    def __init__(self, config: dict, dlq_topic: str, call_timeout_s: float = CALL_TIMEOUT_S_DEFAULT,
-                 commit_attempts_max: int = COMMIT_ATTEMPTS_MAX_DEFAULT) -> None:
+    def __init__(
+        self,
+        config: dict,
+        dlq_topic: str,
+        call_timeout_s: float = CALL_TIMEOUT_S_DEFAULT,
+        commit_attempts_max: int = COMMIT_ATTEMPTS_MAX_DEFAULT,
+    ) -> None:
         assert config.get("transactional.id"), "a transactional producer needs a transactional.id"
         assert commit_attempts_max >= 1
         self._config = config
@@ -101,11 +116,24 @@ class TransactionalProducer:
             raise classify(error, "beginning a transaction") from error
         self._in_transaction = True
 
-    def send(self, topic: str, value: bytes, key: str | bytes | None, partition: int | None = None,
-             on_delivery: Callable[..., Any] | None = None) -> None:
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None,
+        partition: int | None = None,
+        on_delivery: Callable[..., Any] | None = None,
+    ) -> None:
         try:
-            produce_with_room(self._producer, topic, value, key, partition=partition, on_delivery=on_delivery,
-                              queue_full_wait_ms=self._queue_full_wait_ms)
+            produce_with_room(
+                self._producer,
+                topic,
+                value,
+                key,
+                partition=partition,
+                on_delivery=on_delivery,
+                queue_full_wait_ms=self._queue_full_wait_ms,
+            )
         except QueueFullTimeout as error:
             raise TransactionAborted(str(error)) from error
         except KafkaException as error:
@@ -114,12 +142,21 @@ class TransactionalProducer:
     def dead_letter(self, record, reason: str) -> None:
         """The record's original bytes to the dead-letter topic, with where it came from and why."""
         log.warning("dead-lettering %s[%d]@%d: %s", record.topic(), record.partition(), record.offset(), reason)
-        headers: Headers = [("error", reason.encode()), ("source_topic", record.topic().encode()),
-                   ("source_partition", str(record.partition()).encode()),
-                   ("source_offset", str(record.offset()).encode())]
+        headers: Headers = [
+            ("error", reason.encode()),
+            ("source_topic", record.topic().encode()),
+            ("source_partition", str(record.partition()).encode()),
+            ("source_offset", str(record.offset()).encode()),
+        ]
         try:
-            produce_with_room(self._producer, self._dlq_topic, record.value(), record.key(), headers=headers,
-                              queue_full_wait_ms=self._queue_full_wait_ms)
+            produce_with_room(
+                self._producer,
+                self._dlq_topic,
+                record.value(),
+                record.key(),
+                headers=headers,
+                queue_full_wait_ms=self._queue_full_wait_ms,
+            )
         except QueueFullTimeout as error:
             raise TransactionAborted(str(error)) from error
         except KafkaException as error:
@@ -142,8 +179,7 @@ class TransactionalProducer:
                 except KafkaException as error:
                     if not error.args[0].retriable() or attempt == self._commit_attempts_max:
                         raise
-                    log.warning("commit attempt %d/%d failed, retrying: %s", attempt, self._commit_attempts_max,
-                                error)
+                    log.warning("commit attempt %d/%d failed, retrying: %s", attempt, self._commit_attempts_max, error)
         except KafkaException as error:
             failure = classify(error, "committing the transaction")
             if error.args[0].txn_requires_abort():

@@ -1,4 +1,5 @@
 """Real tokens for the API tests: one HS256 test secret, signed exactly as `wallet auth token` signs."""
+
 from __future__ import annotations
 
 from producers.auth import SCOPES, AuthConfig, issue_token

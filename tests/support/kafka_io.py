@@ -1,4 +1,5 @@
 """Test-side Kafka I/O: publish commands as a client would, read whole topics back."""
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,17 @@ READ_TIMEOUT_S = 60.0
 
 
 def command_producer(settings: Settings) -> Producer:
-    return Producer({**kafka_security("admin"), **FAILOVER_TUNING, "bootstrap.servers": settings.bootstrap,
-                     "partitioner": KAFKA_PARTITIONER, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+    return Producer(
+        {
+            **kafka_security("admin"),
+            **FAILOVER_TUNING,
+            "bootstrap.servers": settings.bootstrap,
+            "partitioner": KAFKA_PARTITIONER,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+        }
+    )
 
 
 def publish(producer: Producer, settings: Settings, commands: list[Command]) -> None:
@@ -44,9 +54,12 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = READ_TIMEOUT_S
     records: list[LoggedRecord] = []
     for number, partition in sorted(log.partitions.items()):
         assert partition.headers is not None  # read with_headers
-        records += [LoggedRecord(number, offset, key, value, dict(headers or ()))
-                    for offset, key, value, headers in zip(partition.offsets, partition.keys, partition.values,
-                                                           partition.headers, strict=True)]
+        records += [
+            LoggedRecord(number, offset, key, value, dict(headers or ()))
+            for offset, key, value, headers in zip(
+                partition.offsets, partition.keys, partition.values, partition.headers, strict=True
+            )
+        ]
     return records
 
 
@@ -68,9 +81,15 @@ class OutcomeCollector:
         from schemas.codec import decode_outcome
 
         self._decode = decode_outcome
-        self._consumer = Consumer({**kafka_security("admin"), "bootstrap.servers": settings.bootstrap,
-                                   "group.id": "test-outcomes", "isolation.level": "read_committed",
-                                   "enable.auto.commit": False})
+        self._consumer = Consumer(
+            {
+                **kafka_security("admin"),
+                "bootstrap.servers": settings.bootstrap,
+                "group.id": "test-outcomes",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+            }
+        )
         topic = settings.outcomes_topic
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
@@ -86,20 +105,25 @@ class OutcomeCollector:
 
     def wait(self, transaction_id: str, count: int = 1, timeout_s: float = 30.0) -> list:
         """The outcomes of `transaction_id` once at least `count` have arrived."""
+
         def arrived():
             self.poll()
             found = self.by_transaction.get(transaction_id, [])
             return found if len(found) >= count else None
+
         return wait_for(arrived, timeout_s, f"{count} outcome(s) of {transaction_id}", interval_s=0)
 
     def wait_all(self, transaction_ids, timeout_s: float = 60.0) -> None:
         missing = set(transaction_ids)
+
         def arrived():
             self.poll()
             missing.difference_update(self.by_transaction)
             return not missing
-        wait_for(arrived, timeout_s, f"outcomes of {len(missing)} transactions (e.g. {sorted(missing)[:3]})",
-                 interval_s=0)
+
+        wait_for(
+            arrived, timeout_s, f"outcomes of {len(missing)} transactions (e.g. {sorted(missing)[:3]})", interval_s=0
+        )
 
     def close(self) -> None:
         self._consumer.close()

@@ -1,4 +1,5 @@
 """Processor instances as real OS processes, so tests can SIGKILL them like an operator's bad day."""
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,28 @@ class ProcessorProcess:
 
     def start(self) -> ProcessorProcess:
         # The test's run folder: the processor's leg keys are the ones the test (and its audit) read.
-        env = dict(os.environ, WALLET_KAFKA_BOOTSTRAP=self.settings.bootstrap,
-                   WALLET_TOPIC_PREFIX=self.settings.topic_prefix, WALLET_RUN_DIR=str(self.settings.run_dir))
+        env = dict(
+            os.environ,
+            WALLET_KAFKA_BOOTSTRAP=self.settings.bootstrap,
+            WALLET_TOPIC_PREFIX=self.settings.topic_prefix,
+            WALLET_RUN_DIR=str(self.settings.run_dir),
+        )
         self.process = Supervised.start(
             f"processor {self.instance_id}",
-            [sys.executable, "-m", "wallet.cli", "processor", "--instance-id", self.instance_id,
-             "--store", str(self.store), *self.extra_args],
-            log_path=self.log_path, env=env)
+            [
+                sys.executable,
+                "-m",
+                "wallet.cli",
+                "processor",
+                "--instance-id",
+                self.instance_id,
+                "--store",
+                str(self.store),
+                *self.extra_args,
+            ],
+            log_path=self.log_path,
+            env=env,
+        )
         return self
 
     def wait_until_assigned(self, timeout_s: float = READY_TIMEOUT_S) -> ProcessorProcess:

@@ -21,6 +21,7 @@ and from an attacker, who may `inject` any bytes, copies of genuine legs include
 Money in flight is reported by folding the events (debited − credited − refunded), the way
 the audit does, not by asking the core.
 """
+
 from __future__ import annotations
 
 from collections import Counter, deque
@@ -60,6 +61,7 @@ class Partition:
 @dataclass
 class MoneyTotals:
     """Per currency, in minor units, folded from the events."""
+
     deposited: Counter = field(default_factory=Counter)
     withdrawn: Counter = field(default_factory=Counter)
     in_flight: Counter = field(default_factory=Counter)
@@ -122,8 +124,7 @@ class SagaDriver:
         partition = self.partition_of(owner_account(command))
         queue = self.partitions[partition].queue
         if len(queue) >= QUEUE_LENGTH_MAX:
-            raise DriverError(f"partition {partition} holds {len(queue)} unconsumed records "
-                              f"(bound {QUEUE_LENGTH_MAX})")
+            raise DriverError(f"partition {partition} holds {len(queue)} unconsumed records (bound {QUEUE_LENGTH_MAX})")
         queue.append((encode(command), self.clock_ms))
         return partition
 

@@ -1,5 +1,6 @@
 """The HTTP API served by uvicorn on a background thread, for tests that want real HTTP round trips
 inside one process; `wallet api` runs uvicorn in the foreground instead."""
+
 from __future__ import annotations
 
 import contextlib

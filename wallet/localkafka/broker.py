@@ -22,6 +22,7 @@ run folder (folder 0700, files 0600, never committed). Point a client at its fil
 `WALLET_KAFKA_CONFIG_FILE_<ROLE>` (see `client_environment`). Users live in the KRaft metadata,
 so the choice is made once per run folder, when it is formatted.
 """
+
 from __future__ import annotations
 
 import base64
@@ -200,7 +201,8 @@ def _resolve_broker_count(settings: Settings) -> int:
         raise LocalKafkaError(
             f"the local broker in {settings.run_dir / 'kafka'} was formatted with {recorded} node(s); its "
             f"metadata and replicas are laid out for them, so it cannot become {requested}. Use another run "
-            f"folder (WALLET_RUN_DIR) or stop it and delete {settings.run_dir / 'kafka'}")
+            f"folder (WALLET_RUN_DIR) or stop it and delete {settings.run_dir / 'kafka'}"
+        )
     return recorded
 
 
@@ -229,11 +231,19 @@ def fetch_jars(settings: Settings) -> bool:
         staging_dir = target_dir.parent / "jars.partial"
         shutil.rmtree(staging_dir, ignore_errors=True)
         shutil.rmtree(target_dir, ignore_errors=True)
-        command = [mvn, "-q", "-B", "-f", str(POM_PATH), "dependency:copy-dependencies",
-                   f"-DoutputDirectory={staging_dir}"]
+        command = [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(POM_PATH),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging_dir}",
+        ]
         try:
-            completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                       timeout=FETCH_TIMEOUT_S)
+            completed = subprocess.run(
+                command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S
+            )
         except subprocess.TimeoutExpired as error:
             raise LocalKafkaError(f"mvn did not finish fetching Kafka's jars within {FETCH_TIMEOUT_S} s") from error
         if completed.returncode != 0:
@@ -249,8 +259,14 @@ def fetch_jars(settings: Settings) -> bool:
         return True
 
 
-def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool = False,
-          sasl: bool | None = None, only: set[int] | None = None) -> StartResult:
+def start(
+    settings: Settings,
+    timeout_s: float = 60,
+    *,
+    stop_with_parent: bool = False,
+    sasl: bool | None = None,
+    only: set[int] | None = None,
+) -> StartResult:
     """Start the local broker (every node of it) in the background and return once it answers a
     metadata request that lists every node.
 
@@ -263,8 +279,9 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
     nodes and waits for the nodes then running (a fault test bringing back one of two lost nodes).
     """
     if not settings.uses_local_kafka:
-        raise LocalKafkaError(f"an existing cluster is configured ({settings.kafka_bootstrap}); "
-                              "the local broker is not started")
+        raise LocalKafkaError(
+            f"an existing cluster is configured ({settings.kafka_bootstrap}); the local broker is not started"
+        )
     shared = BrokerFiles.of(settings)
     shared.data_dir.mkdir(parents=True, exist_ok=True)
     started_s = time.monotonic()
@@ -274,16 +291,20 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
         use_sasl = _resolve_sasl(nodes[0].files, sasl)
         if use_sasl and broker_count > 1:
             # Not tried yet: SCRAM users at format time and the controllers' PLAIN listener on 3 nodes.
-            raise LocalKafkaError("a local cluster (--brokers > 1) runs PLAINTEXT only for now; "
-                                  "SASL needs a one-node run folder")
+            raise LocalKafkaError(
+                "a local cluster (--brokers > 1) runs PLAINTEXT only for now; SASL needs a one-node run folder"
+            )
         running = {node.node_id: _running_pid(node.files) for node in nodes}
         missing = [node for node in nodes if running[node.node_id] is None and (only is None or node.node_id in only)]
         expected = sum(1 for node in nodes if running[node.node_id] is not None) + len(missing)
         if not missing:
             _wait_ready(settings, nodes, timeout_s, processes={}, brokers_min=expected)
-            return StartResult(_pid(running[nodes[0].node_id]), already_running=True,
-                               ready_after_s=time.monotonic() - started_s,
-                               nodes=tuple(_node_process(node, _pid(running[node.node_id]), False) for node in nodes))
+            return StartResult(
+                _pid(running[nodes[0].node_id]),
+                already_running=True,
+                ready_after_s=time.monotonic() - started_s,
+                nodes=tuple(_node_process(node, _pid(running[node.node_id]), False) for node in nodes),
+            )
 
         for node in missing:
             for port in (node.port, node.controller_port):
@@ -295,15 +316,21 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
         passwords = _ensure_sasl_credentials(settings, nodes[0].files) if use_sasl else None
         for node in missing:
             node.files.data_dir.mkdir(parents=True, exist_ok=True)
-            _write_private(node.files.properties, _server_properties(settings, node.files, passwords, node=node,
-                                                                     nodes=nodes))
+            _write_private(
+                node.files.properties, _server_properties(settings, node.files, passwords, node=node, nodes=nodes)
+            )
         _format_storage_once(java, classpath, [node.files for node in missing], passwords)
 
         processes: dict[int, subprocess.Popen] = {}
         try:
             for node in missing:
-                processes[node.node_id] = _launch(java, classpath, node.files, stop_with_parent,
-                                                  heap_max=JVM_HEAP_MAX if broker_count == 1 else CLUSTER_JVM_HEAP_MAX)
+                processes[node.node_id] = _launch(
+                    java,
+                    classpath,
+                    node.files,
+                    stop_with_parent,
+                    heap_max=JVM_HEAP_MAX if broker_count == 1 else CLUSTER_JVM_HEAP_MAX,
+                )
                 node.files.pid_file.write_text(f"{processes[node.node_id].pid}\n")
             _wait_ready(settings, nodes, timeout_s, processes, brokers_min=expected)
         except BaseException:
@@ -312,12 +339,20 @@ def start(settings: Settings, timeout_s: float = 60, *, stop_with_parent: bool =
                     _terminate(processes[node.node_id].pid, KILL_WAIT_S)
                     node.files.pid_file.unlink(missing_ok=True)
             raise
-        pids = {**{k: v for k, v in running.items() if v is not None},
-                **{node_id: process.pid for node_id, process in processes.items()}}
-        return StartResult(pids.get(nodes[0].node_id) or next(iter(pids.values())), already_running=False,
-                           ready_after_s=time.monotonic() - started_s,
-                           nodes=tuple(_node_process(node, pids[node.node_id], node.node_id in processes)
-                                       for node in nodes if node.node_id in pids))
+        pids = {
+            **{k: v for k, v in running.items() if v is not None},
+            **{node_id: process.pid for node_id, process in processes.items()},
+        }
+        return StartResult(
+            pids.get(nodes[0].node_id) or next(iter(pids.values())),
+            already_running=False,
+            ready_after_s=time.monotonic() - started_s,
+            nodes=tuple(
+                _node_process(node, pids[node.node_id], node.node_id in processes)
+                for node in nodes
+                if node.node_id in pids
+            ),
+        )
 
 
 def _pid(pid: int | None) -> int:
@@ -341,8 +376,13 @@ def stop(settings: Settings, timeout_s: float = 30) -> bool:
         if not running:
             return False
         try:
-            stop_together([Supervised.attach(f"Kafka node {node.node_id}", pid, start_ticks_of(pid), leads_group=False)
-                           for node, pid in running], timeout_s)
+            stop_together(
+                [
+                    Supervised.attach(f"Kafka node {node.node_id}", pid, start_ticks_of(pid), leads_group=False)
+                    for node, pid in running
+                ],
+                timeout_s,
+            )
         except SupervisionError as error:
             raise LocalKafkaError(str(error)) from None
         for node, _ in running:
@@ -382,8 +422,10 @@ def use_local_credentials(settings: Settings) -> bool:
     """On this run folder's SASL broker, with no Kafka credentials in the environment, put each
     role's credentials file into it (`WALLET_KAFKA_CONFIG_FILE_<ROLE>`: paths, no secrets), so
     this process and the services it starts run as their own principals. True if it did."""
-    configured = any(name.startswith(("WALLET_KAFKA_CONFIG_FILE", "WALLET_KAFKA_SASL_", "WALLET_KAFKA_SECURITY_"))
-                     for name in os.environ)
+    configured = any(
+        name.startswith(("WALLET_KAFKA_CONFIG_FILE", "WALLET_KAFKA_SASL_", "WALLET_KAFKA_SECURITY_"))
+        for name in os.environ
+    )
     if not settings.uses_local_kafka or configured or not sasl_enabled(settings):
         return False
     os.environ.update(client_environment(settings))
@@ -417,9 +459,17 @@ def status(settings: Settings, *, quorum: bool = False) -> dict:
         report["log_file"] = str(nodes[0].files.server_log)
         for node in nodes:
             pid = _running_pid(node.files) if node.files.data_dir.exists() else None
-            report["nodes"].append({"node_id": node.node_id, "pid": pid, "running": pid is not None, "port": node.port,
-                                    "controller_port": node.controller_port, "data_dir": str(node.files.data_dir),
-                                    "log_file": str(node.files.server_log)})
+            report["nodes"].append(
+                {
+                    "node_id": node.node_id,
+                    "pid": pid,
+                    "running": pid is not None,
+                    "port": node.port,
+                    "controller_port": node.controller_port,
+                    "data_dir": str(node.files.data_dir),
+                    "log_file": str(node.files.server_log),
+                }
+            )
         running = [node for node in report["nodes"] if node["running"]]
         report["pid"] = running[0]["pid"] if running else None
         report["running"] = bool(running)
@@ -457,25 +507,40 @@ def _run_tool(settings: Settings, tool_class: str, arguments: list[str]) -> str:
     java = _require_java()
     classpath = _require_classpath(settings)
     shared = BrokerFiles.of(settings)
-    command = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={LOG4J2_CONFIG_PATH}",
-               f"-Dkafka.logs.dir={shared.data_dir / 'tools'}", "-cp", classpath, tool_class]
+    command = [
+        java,
+        "-Xmx256m",
+        f"-Dlog4j2.configurationFile={LOG4J2_CONFIG_PATH}",
+        f"-Dkafka.logs.dir={shared.data_dir / 'tools'}",
+        "-cp",
+        classpath,
+        tool_class,
+    ]
     admin = local_client_security(settings, "admin") if settings.uses_local_kafka else {}
     if admin:
         config_path = shared.sasl_dir / "admin.tool.properties"
-        jaas = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
-                f'username="{admin["sasl.username"]}" password="{admin["sasl.password"]}";')
-        _write_private(config_path, f"security.protocol={admin['security.protocol']}\n"
-                                    f"sasl.mechanism={admin['sasl.mechanism']}\nsasl.jaas.config={jaas}\n")
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{admin["sasl.username"]}" password="{admin["sasl.password"]}";'
+        )
+        _write_private(
+            config_path,
+            f"security.protocol={admin['security.protocol']}\n"
+            f"sasl.mechanism={admin['sasl.mechanism']}\nsasl.jaas.config={jaas}\n",
+        )
         command += ["--command-config", str(config_path)]
     command += ["--bootstrap-server", settings.bootstrap, *arguments]
     try:
-        completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                   timeout=TOOL_TIMEOUT_S)
+        completed = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as error:
         raise LocalKafkaError(f"{tool_class} did not answer within {TOOL_TIMEOUT_S} s") from error
     if completed.returncode != 0:
-        raise LocalKafkaError(f"{tool_class} {' '.join(arguments)} failed (exit {completed.returncode}):\n"
-                              + _last_lines(completed.stdout + completed.stderr))
+        raise LocalKafkaError(
+            f"{tool_class} {' '.join(arguments)} failed (exit {completed.returncode}):\n"
+            + _last_lines(completed.stdout + completed.stderr)
+        )
     return completed.stdout
 
 
@@ -495,9 +560,13 @@ def describe_quorum(settings: Settings) -> dict:
     KRaft (brokers answer with a random live node)."""
     fields = _key_values(_run_tool(settings, "org.apache.kafka.tools.MetadataQuorumCommand", ["describe", "--status"]))
     try:
-        return {"leader_id": int(fields["LeaderId"]), "leader_epoch": int(fields["LeaderEpoch"]),
-                "high_watermark": int(fields["HighWatermark"]),
-                "voters": fields.get("CurrentVoters", ""), "observers": fields.get("CurrentObservers", "")}
+        return {
+            "leader_id": int(fields["LeaderId"]),
+            "leader_epoch": int(fields["LeaderEpoch"]),
+            "high_watermark": int(fields["HighWatermark"]),
+            "voters": fields.get("CurrentVoters", ""),
+            "observers": fields.get("CurrentObservers", ""),
+        }
     except (KeyError, ValueError):
         raise LocalKafkaError(f"unexpected answer of the metadata quorum tool: {fields}") from None
 
@@ -510,8 +579,9 @@ def active_controller(settings: Settings) -> int:
 def transaction_coordinator(settings: Settings, transactional_id: str) -> dict:
     """`kafka-transactions describe`: the coordinator node id and state of a transactional id
     (the Python AdminClient has no DescribeTransactions)."""
-    output = _run_tool(settings, "org.apache.kafka.tools.TransactionsCommand",
-                       ["describe", "--transactional-id", transactional_id])
+    output = _run_tool(
+        settings, "org.apache.kafka.tools.TransactionsCommand", ["describe", "--transactional-id", transactional_id]
+    )
     lines = [line for line in output.splitlines() if line.strip()]
     if len(lines) < 2:
         raise LocalKafkaError(f"unexpected answer of the transactions tool: {output!r}")
@@ -519,32 +589,50 @@ def transaction_coordinator(settings: Settings, transactional_id: str) -> dict:
     header, row = ([cell.strip() for cell in re.split(r"\t|\s{2,}", line.strip())] for line in lines[:2])
     described = dict(zip(header, row, strict=False))
     try:
-        return {"coordinator_id": int(described["CoordinatorId"]), "state": described.get("TransactionState"),
-                "producer_id": described.get("ProducerId"), "epoch": described.get("ProducerEpoch")}
+        return {
+            "coordinator_id": int(described["CoordinatorId"]),
+            "state": described.get("TransactionState"),
+            "producer_id": described.get("ProducerId"),
+            "epoch": described.get("ProducerEpoch"),
+        }
     except (KeyError, ValueError):
         raise LocalKafkaError(f"unexpected answer of the transactions tool: {output!r}") from None
 
 
-def _wait_ready(settings: Settings, nodes: list[Node], timeout_s: float,
-                processes: dict[int, subprocess.Popen], brokers_min: int | None = None) -> None:
+def _wait_ready(
+    settings: Settings,
+    nodes: list[Node],
+    timeout_s: float,
+    processes: dict[int, subprocess.Popen],
+    brokers_min: int | None = None,
+) -> None:
     def exit_reason() -> str | None:
         for node in nodes:
             process = processes.get(node.node_id)
             if process is not None and process.poll() is not None:
-                return (f"Kafka node {node.node_id} exited with code {process.returncode} while starting.\n"
-                        + _log_tails(node.files))
+                return (
+                    f"Kafka node {node.node_id} exited with code {process.returncode} while starting.\n"
+                    + _log_tails(node.files)
+                )
         return None
 
     # Its own admin credentials ({} = PLAINTEXT), never the environment's, which may name another cluster's.
     security = local_client_security(settings, "admin")
     try:
-        wait_for_broker(settings.bootstrap, timeout_s, abort_reason=exit_reason, security=security,
-                        brokers_min=len(nodes) if brokers_min is None else brokers_min)
+        wait_for_broker(
+            settings.bootstrap,
+            timeout_s,
+            abort_reason=exit_reason,
+            security=security,
+            brokers_min=len(nodes) if brokers_min is None else brokers_min,
+        )
     except BrokerUnavailableError as error:
         if exit_reason() is not None:
             raise LocalKafkaError(str(error)) from None
-        raise LocalKafkaError(f"{error}; the broker process is still running but not ready.\n"
-                              + "\n".join(_log_tails(node.files) for node in nodes)) from None
+        raise LocalKafkaError(
+            f"{error}; the broker process is still running but not ready.\n"
+            + "\n".join(_log_tails(node.files) for node in nodes)
+        ) from None
 
 
 def _resolve_sasl(files: BrokerFiles, requested: bool | None) -> bool:
@@ -559,7 +647,8 @@ def _resolve_sasl(files: BrokerFiles, requested: bool | None) -> bool:
         raise LocalKafkaError(
             f"the broker in {files.data_dir} was formatted with {recorded}; its users live in the metadata log, "
             f"so it cannot switch to {_SECURITY_SASL if requested else _SECURITY_PLAINTEXT}. Use another run folder "
-            f"(WALLET_RUN_DIR) or stop the broker and delete {files.data_dir}")
+            f"(WALLET_RUN_DIR) or stop the broker and delete {files.data_dir}"
+        )
     return requested
 
 
@@ -583,15 +672,24 @@ def _ensure_sasl_credentials(settings: Settings, files: BrokerFiles) -> dict[str
         if not path.exists():
             if formatted:
                 # The users were made with the lost passwords; a new one would never authenticate.
-                raise LocalKafkaError(f"{path} is missing but the broker in {files.data_dir} was formatted with it; "
-                                      f"stop the broker and delete {files.data_dir} to start afresh")
-            _write_private(path, "\n".join([
-                f"# The local broker's {role} principal; generated by `wallet kafka start --sasl`, never commit it.",
-                f"security.protocol={_SECURITY_SASL}",
-                f"sasl.mechanism={SASL_MECHANISM}",
-                f"sasl.username={sasl_username(role)}",
-                f"sasl.password={secrets.token_hex(_PASSWORD_BYTES)}",
-            ]) + "\n")
+                raise LocalKafkaError(
+                    f"{path} is missing but the broker in {files.data_dir} was formatted with it; "
+                    f"stop the broker and delete {files.data_dir} to start afresh"
+                )
+            _write_private(
+                path,
+                "\n".join(
+                    [
+                        f"# The local broker's {role} principal; generated by `wallet kafka start --sasl`, "
+                        "never commit it.",
+                        f"security.protocol={_SECURITY_SASL}",
+                        f"sasl.mechanism={SASL_MECHANISM}",
+                        f"sasl.username={sasl_username(role)}",
+                        f"sasl.password={secrets.token_hex(_PASSWORD_BYTES)}",
+                    ]
+                )
+                + "\n",
+            )
         properties = read_properties_file(path, f"the local broker's credentials of {role}")
         assert properties["sasl.username"] == sasl_username(role), path
         passwords[role] = properties["sasl.password"]
@@ -636,8 +734,14 @@ _CLUSTER_TUNING = [
 ]
 
 
-def _server_properties(settings: Settings, files: BrokerFiles, passwords: dict[str, str] | None = None, *,
-                       node: Node | None = None, nodes: list[Node] | None = None) -> str:
+def _server_properties(
+    settings: Settings,
+    files: BrokerFiles,
+    passwords: dict[str, str] | None = None,
+    *,
+    node: Node | None = None,
+    nodes: list[Node] | None = None,
+) -> str:
     if node is None or nodes is None:  # the one-node layout
         node = Node(NODE_ID, settings.local_kafka_port, settings.local_controller_port, files)
         nodes = [node]
@@ -714,25 +818,47 @@ def _format_storage_once(java: str, classpath: str, nodes: list[BrokerFiles], pa
     running: list[tuple[BrokerFiles, subprocess.Popen]] = []
     try:
         for files in unformatted:
-            command = [java, *_jvm_logging_options(files), "-cp", classpath, "kafka.tools.StorageTool", "format",
-                       "-t", cluster_id, "-c", str(files.properties)]
+            command = [
+                java,
+                *_jvm_logging_options(files),
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(files.properties),
+            ]
             if passwords is not None:
                 # StorageTool takes SCRAM users only as arguments, so during this one-off format (seconds) the
                 # passwords are on its command line; every later use reads them from the 0600 files.
                 for role in ROLES:
-                    command += ["--add-scram", f"{SASL_MECHANISM}=[name={sasl_username(role)},"
-                                               f"password={passwords[role]},iterations={SCRAM_ITERATIONS}]"]
-            running.append((files, subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.STDOUT, text=True)))
+                    command += [
+                        "--add-scram",
+                        f"{SASL_MECHANISM}=[name={sasl_username(role)},"
+                        f"password={passwords[role]},iterations={SCRAM_ITERATIONS}]",
+                    ]
+            running.append(
+                (
+                    files,
+                    subprocess.Popen(
+                        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    ),
+                )
+            )
         for files, process in running:
             try:
                 output, _ = process.communicate(timeout=FORMAT_TIMEOUT_S)
             except subprocess.TimeoutExpired as error:
                 raise LocalKafkaError(
-                    f"formatting Kafka's storage did not finish within {FORMAT_TIMEOUT_S} s") from error
+                    f"formatting Kafka's storage did not finish within {FORMAT_TIMEOUT_S} s"
+                ) from error
             if process.returncode != 0:
-                raise LocalKafkaError(f"formatting Kafka's storage in {files.partitions_dir} failed "
-                                      f"(exit {process.returncode}):\n" + _last_lines(output))
+                raise LocalKafkaError(
+                    f"formatting Kafka's storage in {files.partitions_dir} failed "
+                    f"(exit {process.returncode}):\n" + _last_lines(output)
+                )
     finally:
         for _, process in running:
             if process.poll() is None:
@@ -745,8 +871,9 @@ def _jvm_logging_options(files: BrokerFiles) -> list[str]:
     return [f"-Dlog4j2.configurationFile={LOG4J2_CONFIG_PATH}", f"-Dkafka.logs.dir={files.data_dir}"]
 
 
-def _launch(java: str, classpath: str, files: BrokerFiles, stop_with_parent: bool,
-            heap_max: str = JVM_HEAP_MAX) -> subprocess.Popen:
+def _launch(
+    java: str, classpath: str, files: BrokerFiles, stop_with_parent: bool, heap_max: str = JVM_HEAP_MAX
+) -> subprocess.Popen:
     command = [
         java,
         f"-Xmx{heap_max}",
@@ -757,26 +884,37 @@ def _launch(java: str, classpath: str, files: BrokerFiles, stop_with_parent: boo
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
         *_jvm_logging_options(files),
-        "-cp", classpath,
-        "kafka.Kafka", str(files.properties),
+        "-cp",
+        classpath,
+        "kafka.Kafka",
+        str(files.properties),
     ]
     setpriv = shutil.which("setpriv")
     if stop_with_parent and setpriv is not None:
         # The kernel sends SIGTERM when the parent dies, even by SIGKILL; `setpriv` sets that up and execs java.
         command = [setpriv, "--pdeathsig", "TERM", *command]
     with files.console_log.open("wb") as console:
-        return subprocess.Popen(command, cwd=files.data_dir, stdin=subprocess.DEVNULL, stdout=console,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=files.data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _require_java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise LocalKafkaError(f"Java is not on PATH; the local Kafka broker needs Java {JAVA_VERSION_MIN}+ "
-                              "(Debian: apt-get install -y openjdk-17-jre-headless)")
+        raise LocalKafkaError(
+            f"Java is not on PATH; the local Kafka broker needs Java {JAVA_VERSION_MIN}+ "
+            "(Debian: apt-get install -y openjdk-17-jre-headless)"
+        )
     try:
-        completed = subprocess.run([java, "-version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                   timeout=JAVA_PROBE_TIMEOUT_S)
+        completed = subprocess.run(
+            [java, "-version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=JAVA_PROBE_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as error:
         raise LocalKafkaError(f"`{java} -version` did not answer within {JAVA_PROBE_TIMEOUT_S} s") from error
     match = re.search(r'version "(\d+)', completed.stderr + completed.stdout)
@@ -788,8 +926,10 @@ def _require_java() -> str:
 
 def _require_classpath(settings: Settings) -> str:
     if not _fetch_marker(settings).exists():
-        raise LocalKafkaError(f"Kafka {KAFKA_VERSION}'s jars are missing from {jars_dir(settings)}; "
-                              "fetch them once with `wallet kafka fetch`")
+        raise LocalKafkaError(
+            f"Kafka {KAFKA_VERSION}'s jars are missing from {jars_dir(settings)}; "
+            "fetch them once with `wallet kafka fetch`"
+        )
     return str(jars_dir(settings) / "*")  # the JVM expands the wildcard itself
 
 
