@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from benchmarks.support.local_broker import free_loopback_ports, port_accepts
 from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
 from infra.settings import LOCAL_NODE_PORT_STEP, Settings
 from wallet import localkafka
@@ -49,18 +50,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.kafka)
-
-
-def free_loopback_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now (held open together so they are distinct)."""
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
 
 
 def _port_is_free(port: int) -> bool:
@@ -101,14 +90,6 @@ def start_private_cluster(run_dir, nodes: int) -> Settings:
     return settings
 
 
-def _port_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def session_local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings | None]:
     """The Settings of the local broker or cluster this session started (None: it uses one it did not)."""
@@ -127,7 +108,7 @@ def session_local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             localkafka.stop(cluster)
         return
 
-    if _port_accepts(configured.local_kafka_port):
+    if port_accepts(configured.local_kafka_port):
         try:
             wait_for_broker(configured.bootstrap, REUSE_PROBE_TIMEOUT_S)
         except BrokerUnavailableError as error:
