@@ -303,15 +303,18 @@ def _stuck_reason(processor: ProcessorProcess, since_byte: int) -> str | None:
     return None
 
 
+def _log_tail(processor: ProcessorProcess) -> str:
+    """The processor's last lines without librdkafka's refused connections to a node that is down."""
+    return "\n".join(text for text in processor.log_tail(60).splitlines() if "Connection refused" not in text)[-4000:]
+
+
 def _replace_stuck(line: Pipeline, capsys, fault: str, since: dict[str, int]) -> None:
     """What `wallet up` (for an exit) or an operator (for a live but fatal processor) does."""
     for name, processor in line.processors.items():
         why = _stuck_reason(processor, since[name])
         if why is None:
             continue
-        tail = "\n".join(text for text in processor.log_tail(60).splitlines() if "Connection refused" not in text)[
-            -4000:
-        ]
+        tail = _log_tail(processor)
         line.events.append(f"{fault}: processor {name} {why}")
         _report(capsys, f"PROCESSOR DID NOT RIDE THROUGH {fault}: {name} {why}; its last lines:\n{tail}")
         if processor.process is not None and processor.process.poll() is None:
@@ -340,9 +343,14 @@ def _drain_and_check(
             try:
                 outcomes.wait_all(wanted, timeout_s=min(DRAIN_CHECK_S, max(1.0, deadline_s - time.monotonic())))
                 break
-            except AssertionError:
+            except AssertionError as error:
                 if time.monotonic() >= deadline_s:
-                    raise
+                    # A processor alive but not serving (stuck in a call) says why only in its log.
+                    tails = "".join(
+                        f"\n--- processor {name}, last lines:\n{_log_tail(processor)}"
+                        for name, processor in line.processors.items()
+                    )
+                    raise AssertionError(f"{fault}: the pipeline did not drain: {error}{tails}") from error
     finally:
         outcomes.close()
     stall_s = load.longest_gap_s(fault_s - 1.0, until_s)
