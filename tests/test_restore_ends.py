@@ -35,7 +35,9 @@ class _Admin:
 def test_a_partition_without_a_leader_is_asked_again_never_taken_as_its_end() -> None:
     # -1001 (no offset) and a retriable error first: the end is unknown, not -1001.
     leaderless = KafkaError(KafkaError.LEADER_NOT_AVAILABLE, "no leader", retriable=True)
-    admin = _Admin({0: [-1001, -1001, leaderless, leaderless, 42], 1: [7]})
+    # Seen on a cluster losing brokers, and not flagged retriable by librdkafka.
+    fenced_epoch = KafkaError(KafkaError.FENCED_LEADER_EPOCH, "Leader epoch is older than broker epoch")
+    admin = _Admin({0: [-1001, -1001, leaderless, fenced_epoch, fenced_epoch, 42], 1: [7]})
     assert stable_ends(cast(Any, admin), "events", [0, 1], timeout_s=10) == {0: 42, 1: 7}
 
 
@@ -43,3 +45,10 @@ def test_a_partition_that_never_gets_a_leader_times_out_with_a_clear_reason() ->
     admin = _Admin({0: [-1001]})
     with pytest.raises(RestoreTimeout, match="no leader"):
         stable_ends(cast(Any, admin), "events", [0], timeout_s=0.3)
+
+
+def test_an_error_no_wait_cures_is_raised_at_once() -> None:
+    refused = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized")
+    admin = _Admin({0: [refused]})
+    with pytest.raises(KafkaException):
+        stable_ends(cast(Any, admin), "events", [0], timeout_s=10)

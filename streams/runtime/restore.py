@@ -36,6 +36,22 @@ class RestoreTimeout(RuntimeError):
     pass
 
 
+# Answers of a partition whose leadership is moving (a broker lost or back): ask again. librdkafka
+# does not flag all of them retriable (FENCED_LEADER_EPOCH was seen killing a restore).
+_LEADERSHIP_CHANGING = frozenset(
+    {
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+    }
+)
+
+
 def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel) -> dict[int, int]:
     """partition -> latest offset; a partition whose leader cannot answer now (a broker down,
     a leader election) is left out, to be asked again: its end is unknown, never -1001."""
@@ -46,7 +62,7 @@ def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isola
         try:
             offset = future.result().offset
         except KafkaException as error:
-            if not error.args[0].retriable():
+            if not (error.args[0].retriable() or error.args[0].code() in _LEADERSHIP_CHANGING):
                 raise
             continue
         if offset >= 0:
