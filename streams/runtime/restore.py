@@ -37,7 +37,8 @@ class RestoreTimeout(RuntimeError):
 
 
 # Answers of a partition whose leadership is moving (a broker lost or back): ask again. librdkafka
-# does not flag all of them retriable (FENCED_LEADER_EPOCH was seen killing a restore).
+# does not flag all of them retriable (FENCED_LEADER_EPOCH was seen killing a restore; _NOENT is
+# its "No leaders found" while a leader is elected).
 _LEADERSHIP_CHANGING = frozenset(
     {
         KafkaError.FENCED_LEADER_EPOCH,
@@ -48,26 +49,47 @@ _LEADERSHIP_CHANGING = frozenset(
         KafkaError.OFFSET_NOT_AVAILABLE,
         KafkaError._TRANSPORT,
         KafkaError._TIMED_OUT,
+        KafkaError._NOENT,
     }
 )
 
 
-def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel) -> dict[int, int]:
-    """partition -> latest offset; a partition whose leader cannot answer now (a broker down,
-    a leader election) is left out, to be asked again: its end is unknown, never -1001."""
+def _latest_offsets(
+    admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel
+) -> tuple[dict[int, int], bool]:
+    """(partition -> latest offset, whether a leader failed to answer); a partition whose leader
+    cannot answer now (a broker down, a leader election) is left out, to be asked again: its end
+    is unknown, never -1001."""
     request = {TopicPartition(topic, partition): OffsetSpec.latest() for partition in partitions}
     futures = admin.list_offsets(request, isolation_level=isolation, request_timeout=LIST_OFFSETS_TIMEOUT_S)
     offsets: dict[int, int] = {}
+    failed = False
     for topic_partition, future in futures.items():
         try:
             offset = future.result().offset
         except KafkaException as error:
             if not (error.args[0].retriable() or error.args[0].code() in _LEADERSHIP_CHANGING):
                 raise
+            failed = True
             continue
         if offset >= 0:
             offsets[topic_partition.partition] = offset
-    return offsets
+    return offsets, failed
+
+
+def _refresh_leaders(admin: AdminClient, topic: str) -> None:
+    """Makes the next `list_offsets` ask the partitions' current leaders.
+
+    librdkafka (2.16) sends `list_offsets` to the leader, with the leader epoch, of its metadata
+    cache, and drops that cache only on NOT_LEADER_OR_FOLLOWER and LEADER_NOT_AVAILABLE: after a
+    FENCED_LEADER_EPOCH (a broker came back and took its leaderships back) it would send the same
+    stale epoch again until the cache expires, minutes later. A metadata request for the topic
+    updates the cache. If it fails too, the next round asks again, within the caller's bound.
+    """
+    try:
+        admin.list_topics(topic, timeout=LIST_OFFSETS_TIMEOUT_S)
+    except KafkaException as error:
+        log.info("refreshing the leaders of %s before asking again: %s", topic, error)
 
 
 def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s: float) -> dict[int, int]:
@@ -83,8 +105,10 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
     open_seen: dict[int, tuple[int, int]] = {}
     unavailable: set[int] = set()
     while waiting:
-        stable = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED)
-        written = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED)
+        stable, stable_failed = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED)
+        written, written_failed = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED)
+        if stable_failed or written_failed:
+            _refresh_leaders(admin, topic)
         for partition in waiting:
             if partition not in stable or partition not in written:
                 unavailable.add(partition)
