@@ -1,10 +1,14 @@
-"""The transactional producer's calls stay within their bounds even when librdkafka's do not.
+"""The transactional producer's bounds, where the cluster fault tests found librdkafka's wanting.
 
-librdkafka 2.16's `send_offsets_to_transaction` can outlive its own timeout: when the broker of
-the group coordinator is lost, the call may wait for a broker state change that never comes
-(librdkafka issues 5456 and 5511). Seen in the cluster fault tests: a processor blocked ten
-minutes in a commit, long past its consumer's poll interval. The producer here stands in for
-librdkafka's in exactly that call; everything around it is the real `TransactionalProducer`.
+- librdkafka 2.16's `send_offsets_to_transaction` can outlive its own timeout: when the broker of
+  the group coordinator is lost, the call may wait for a broker state change that never comes
+  (librdkafka issues 5456 and 5511). Seen: a processor blocked ten minutes in a commit.
+- A producer replaced while two of three brokers are lost cannot reach its transaction
+  coordinator until one is back (a node's restart took 30-190 s on the loaded machine): one call
+  timeout was not enough, and the processor exited instead of riding through.
+
+The producers here stand in for librdkafka's in exactly those calls; everything around them is
+the real `TransactionalProducer`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from streams.runtime import transactions
-from streams.runtime.transactions import SEND_OFFSETS_GRACE_S, TransactionAborted, TransactionalProducer
+from streams.runtime.transactions import (
+    REPLACE_CALL_TIMEOUTS,
+    SEND_OFFSETS_GRACE_S,
+    TransactionAborted,
+    TransactionalProducer,
+)
 
 CALL_TIMEOUT_S = 0.5
 
@@ -92,3 +101,37 @@ def test_the_bound_follows_the_transaction_timeout_librdkafka_caps_the_call_to(l
     with pytest.raises(TransactionAborted):
         producer.commit([TopicPartition("commands", 0, 7)], object())
     assert time.monotonic() - started_s < 0.3 + SEND_OFFSETS_GRACE_S + 1
+
+
+class _CoordinatorOutageProducer(_LostCoordinatorProducer):
+    """`init_transactions` times out (retriable, as librdkafka says) until the outage ends."""
+
+    outage_ends_s = 0.0
+
+    def init_transactions(self, timeout: float) -> None:
+        self.calls.append("init")
+        if time.monotonic() < _CoordinatorOutageProducer.outage_ends_s:
+            time.sleep(min(timeout, 0.05))
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Timed out waiting for operation", retriable=True))
+
+
+@pytest.fixture
+def coordinator_outage(monkeypatch: pytest.MonkeyPatch):
+    _CoordinatorOutageProducer.outage_ends_s = 0.0
+    monkeypatch.setattr(transactions, "Producer", _CoordinatorOutageProducer)
+
+
+def test_a_replacement_waits_out_a_coordinator_outage_longer_than_one_call(coordinator_outage) -> None:
+    producer = TransactionalProducer({"transactional.id": "t-3"}, "dlq", call_timeout_s=0.2)
+    _CoordinatorOutageProducer.outage_ends_s = time.monotonic() + 0.2 * REPLACE_CALL_TIMEOUTS / 2
+    producer.replace()  # returns once the coordinator answers
+    assert time.monotonic() >= _CoordinatorOutageProducer.outage_ends_s
+
+
+def test_a_replacement_gives_up_after_its_bound(coordinator_outage) -> None:
+    producer = TransactionalProducer({"transactional.id": "t-4"}, "dlq", call_timeout_s=0.2)
+    _CoordinatorOutageProducer.outage_ends_s = time.monotonic() + 60
+    started_s = time.monotonic()
+    with pytest.raises(TransactionAborted, match="initialising"):
+        producer.replace()
+    assert 0.2 * REPLACE_CALL_TIMEOUTS <= time.monotonic() - started_s < 0.2 * REPLACE_CALL_TIMEOUTS + 1

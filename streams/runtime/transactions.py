@@ -41,6 +41,11 @@ INIT_RETRY_INTERVAL_S = 0.1
 # the producer it holds is then replaced (same transactional id: the new one fences it).
 SEND_OFFSETS_GRACE_S = 2.0
 HELD_PRODUCERS_MAX = 4  # producers still held by a given-up call; more means librdkafka is wedged
+# A replacement (the processor's recovery) may have to wait for its transaction coordinator for as
+# long as the cluster needs to elect one: with two of three brokers lost, until one is back. Its
+# `init_transactions` is retried for this many call timeouts (5 minutes at 30 s, Kafka Streams'
+# `task.timeout.ms`) while librdkafka calls the error retriable; a first start gets one.
+REPLACE_CALL_TIMEOUTS = 10
 
 # librdkafka errors that mean this program (or its configuration) is wrong, not the broker
 # or the network: a new producer would fail the same way, so they crash the process.
@@ -101,15 +106,15 @@ class TransactionalProducer:
         # Producers a given-up call still holds, with its thread: never destroyed under the call.
         self._held: list[tuple[Producer, threading.Thread]] = []
         self._in_transaction = False  # between begin() and a commit or abort that returned
-        self._producer = self._initialised()
+        self._producer = self._initialised(self._call_timeout_s)
 
     @property
     def transactional_id(self) -> str:
         return self._config["transactional.id"]
 
-    def _initialised(self) -> Producer:
+    def _initialised(self, timeout_s: float) -> Producer:
         producer = Producer(self._config)
-        deadline_s = time.monotonic() + self._call_timeout_s
+        deadline_s = time.monotonic() + timeout_s
         while True:
             try:
                 # Fences any earlier producer with this transactional id and settles its open transaction.
@@ -117,7 +122,7 @@ class TransactionalProducer:
                 return producer
             except KafkaException as error:
                 # A retriable error (the coordinator is loading or moving) may be retried by
-                # contract; within the same bound as one call.
+                # contract; within `timeout_s`.
                 if not error.args[0].retriable() or time.monotonic() >= deadline_s:
                     raise classify(error, "initialising the transactional producer") from error
                 time.sleep(INIT_RETRY_INTERVAL_S)
@@ -247,7 +252,8 @@ class TransactionalProducer:
         self._in_transaction = False
 
     def replace(self) -> None:
-        """Drops the producer (and whatever it still queues) and starts a new one with the same id."""
+        """Drops the producer (and whatever it still queues) and starts a new one with the same id,
+        waiting for its transaction coordinator up to `REPLACE_CALL_TIMEOUTS` call timeouts."""
         try:
             self._producer.purge()  # the old transaction's records must not outlive it
             self._producer.flush(0)
@@ -257,7 +263,7 @@ class TransactionalProducer:
         self._held = [(producer, thread) for producer, thread in self._held if thread.is_alive()]
         if len(self._held) > HELD_PRODUCERS_MAX:
             raise TransactionBug(f"{len(self._held)} producers still held by calls given up on: librdkafka is wedged")
-        self._producer = self._initialised()
+        self._producer = self._initialised(self._call_timeout_s * REPLACE_CALL_TIMEOUTS)
 
     def poll(self, timeout_s: float = 0.0) -> int:
         return self._producer.poll(timeout_s)
