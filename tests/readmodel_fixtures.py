@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from benchmarks.support.local_broker import free_loopback_ports
 from benchmarks.support.reference_pipeline import decide, publish, workload
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.projection import TransactionRow
@@ -73,12 +73,6 @@ def _postgres_bin_dir() -> Path | None:
     return found[-1] if found else None
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _as_postgres_user(argv: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return argv
@@ -114,7 +108,7 @@ def postgres_server_url() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(base_dir, POSTGRES_OS_USER, POSTGRES_OS_USER)
     data_dir = base_dir / "data"
-    port = _free_loopback_port()
+    (port,) = free_loopback_ports(1)
     _run(
         [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
         "initdb",

@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
+from benchmarks.support.local_broker import free_loopback_ports
 from infra.settings import Settings
 from producers.api import ApiOptions
-from tests.conftest import free_loopback_ports
 from tests.support.auth import auth_config, bearer
 from tests.support.serving import serving_in_thread
 from wallet.api_app import create_app

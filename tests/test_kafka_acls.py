@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
 
+from benchmarks.support.local_broker import free_loopback_ports
 from consumers.audit.runner import run_audit
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.store import ReadModelStore
@@ -41,7 +42,7 @@ from schemas.codec import decode_event
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.events import Event
 from streams.core.state import State, fold
-from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S, free_loopback_ports
+from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S
 from tests.support.kafka_io import read_topic
 from tests.support.processes import ProcessorProcess
 from wallet import localkafka

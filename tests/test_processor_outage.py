@@ -17,6 +17,7 @@ import time
 import pytest
 from confluent_kafka import KafkaException, Producer
 
+from benchmarks.support.local_broker import free_loopback_ports
 from consumers.audit import run_audit
 from infra.admin import ensure_topics
 from infra.settings import Settings
@@ -26,7 +27,6 @@ from streams.cli import state_dump
 from streams.core.state import State, fold
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.transactions import TransactionAborted
-from tests.conftest import free_loopback_ports
 from tests.support.commands import edge
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 from wallet import localkafka

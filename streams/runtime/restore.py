@@ -55,26 +55,25 @@ _LEADERSHIP_CHANGING = frozenset(
 
 
 def _latest_offsets(
-    admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel
-) -> tuple[dict[int, int], bool]:
-    """(partition -> latest offset, whether a leader failed to answer); a partition whose leader
-    cannot answer now (a broker down, a leader election) is left out, to be asked again: its end
-    is unknown, never -1001."""
+    admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel, failures: dict[int, str]
+) -> dict[int, int]:
+    """partition -> latest offset; a partition whose leader cannot answer now (a broker down, a
+    leader election) is left out, to be asked again (its end is unknown, never -1001), and its
+    error put in `failures`."""
     request = {TopicPartition(topic, partition): OffsetSpec.latest() for partition in partitions}
     futures = admin.list_offsets(request, isolation_level=isolation, request_timeout=LIST_OFFSETS_TIMEOUT_S)
     offsets: dict[int, int] = {}
-    failed = False
     for topic_partition, future in futures.items():
         try:
             offset = future.result().offset
         except KafkaException as error:
             if not (error.args[0].retriable() or error.args[0].code() in _LEADERSHIP_CHANGING):
                 raise
-            failed = True
+            failures[topic_partition.partition] = error.args[0].str()
             continue
         if offset >= 0:
             offsets[topic_partition.partition] = offset
-    return offsets, failed
+    return offsets
 
 
 def _refresh_leaders(admin: AdminClient, topic: str) -> None:
@@ -104,10 +103,15 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
     deadline_s = time.monotonic() + timeout_s
     open_seen: dict[int, tuple[int, int]] = {}
     unavailable: set[int] = set()
+    started_s = reported_s = time.monotonic()
     while waiting:
-        stable, stable_failed = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED)
-        written, written_failed = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED)
-        if stable_failed or written_failed:
+        failures: dict[int, str] = {}
+        stable = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED, failures)
+        written = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED, failures)
+        if failures:
+            if time.monotonic() - reported_s >= RESTORE_PROGRESS_INTERVAL_S:
+                log.info("no answer yet from the leaders of %s partitions: %s; asking again", topic, failures)
+                reported_s = time.monotonic()
             _refresh_leaders(admin, topic)
         for partition in waiting:
             if partition not in stable or partition not in written:
@@ -131,7 +135,12 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
     if open_seen:
         log.info("waited for open transactions on %s partitions %s to end before restoring", topic, sorted(open_seen))
     if unavailable:
-        log.info("waited for a leader of %s partitions %s to answer before restoring", topic, sorted(unavailable))
+        log.info(
+            "waited %.1f s for a leader of %s partitions %s to answer before restoring",
+            time.monotonic() - started_s,
+            topic,
+            sorted(unavailable),
+        )
     return ends
 
 
