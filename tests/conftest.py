@@ -77,6 +77,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
 
 
+CLUSTER_TESTS_FILE = "tests/test_cluster_faults.py"
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, except that the worker given the cluster fault tests gets no other module
+    queued behind them: they are the longest, and a module waiting for them would end the run late."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # only under pytest-xdist
+
+    class ClusterAloneScheduling(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            # `assigned_work`: node -> module -> {node id: done} (pytest-xdist 3.x, pinned below 4).
+            if not all(self.assigned_work.get(node, {}).get(CLUSTER_TESTS_FILE, {}).values()):
+                return
+            super()._reschedule(node)
+
+    return ClusterAloneScheduling(config, log)
+
+
 @pytest.fixture
 def report_figure(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
     """`report_figure(text)`: a figure the test measured, printed at the end of the run (a worker's
