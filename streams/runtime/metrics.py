@@ -7,7 +7,7 @@ state (lag, money in flight) are computed between batches, on the processor's ow
 `STATE_GAUGES_INTERVAL_S`, and read by the metrics server's thread as one immutable snapshot.
 
 - `wallet_processor_commands_decided_total` (counter; command, status, reason): commands the core decided,
-  by type and by the outcome they answered (`in_flight`: a debit whose saga goes on)
+  by type and by the outcome they answered (`continues`: no answer yet, the saga goes on with a leg)
 - `wallet_processor_events_produced_total` (counter): events written to `wallet.events`
 - `wallet_processor_legs_produced_total` (counter): saga legs written to `wallet.commands`
 - `wallet_processor_outcomes_produced_total` (counter): answers written to `wallet.outcomes` (dead-letter
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 STATE_GAUGES_INTERVAL_S = 2.0
 BATCH_COMMANDS_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000)
 RESTORE_BUCKETS_S = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-IN_FLIGHT = "in_flight"  # the status label of a decision without an outcome that sent a leg on
+SAGA_CONTINUES = "continues"  # the status label of a decision without an answer that sent a leg on
 NO_OUTCOME = "none"
 
 
@@ -78,7 +78,7 @@ class BatchTally:
             key = (command_class, outcome.status, outcome.reason or "")
             self.outcomes += 1
         else:
-            key = (command_class, IN_FLIGHT if decision.follow_ups else NO_OUTCOME, "")
+            key = (command_class, SAGA_CONTINUES if decision.follow_ups else NO_OUTCOME, "")
         self.decided[key] = self.decided.get(key, 0) + 1
         if decision.follow_ups:
             self.legs += len(decision.follow_ups)
