@@ -483,5 +483,5 @@ class Processor:
             except KafkaException:
                 continue
             if high >= 0 and position >= 0:
-                lag[partition] = high - position
+                lag[partition] = max(0, high - position)  # the cached watermark may be older than the position
         return lag
