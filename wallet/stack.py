@@ -532,6 +532,12 @@ def _up(args: argparse.Namespace) -> int:
     )
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")
+    served = [p for p in state.processes if p.metrics_port is not None]
+    print(
+        "Prometheus metrics: "
+        + ", ".join(f"{p.name} http://127.0.0.1:{p.metrics_port}/metrics" for p in served)
+        + "; watch them with `wallet top`"
+    )
     print(f"the wallet API answers at {state.api_url} (OpenAPI: {state.api_url}/docs); stop with `wallet down`")
     print_auth(args.auth == "on")
     return 0
