@@ -62,6 +62,7 @@ class Stack:
     api_url: str
     headers: dict[str, str]
     processes: list[dict]
+    up_output: str  # what `wallet up` printed
 
     def metrics_urls(self, role: str | None = None) -> list[str]:
         return [
@@ -139,7 +140,12 @@ def stack(make_settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         minted = _wallet(env, "auth", "token", "--sub", "observer", "--scope", "wallet:user wallet:bank")
         assert minted.returncode == 0, minted.stderr
         observed = Stack(
-            env, settings, f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {minted.stdout.strip()}"}, _ps(env)
+            env,
+            settings,
+            f"http://127.0.0.1:{port}",
+            {"Authorization": f"Bearer {minted.stdout.strip()}"},
+            _ps(env),
+            started.stdout,
         )
         _run_workload(observed)
         yield observed
@@ -155,6 +161,8 @@ def test_ps_lists_a_metrics_port_for_every_service_and_each_serves_its_own_metri
     served = ports["processor"] + ports["readmodel"] + ports["api"]
     assert all(isinstance(port, int) for port in served) and len(set(served)) == len(served)
     assert set(ports.get("kafka", [None])) == {None}  # the broker's figures are Kafka's own (JMX), not ours
+    for url in stack.metrics_urls():  # `wallet up` says where to curl
+        assert url in stack.up_output, stack.up_output
     for role, prefix in (
         ("processor", "wallet_processor_"),
         ("readmodel", "wallet_readmodel_"),
