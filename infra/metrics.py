@@ -3,8 +3,9 @@
 
 Each process (a processor, the read model, the API) defines its own metrics in one module beside its
 code (`streams/runtime/metrics.py`, `consumers/readmodel/metrics.py`, `producers/api_metrics.py`), on a
-registry of its own made here, and serves it with `--metrics-port` on a port apart from any API port,
-so the figures are never behind a token gate or on the public listener. Names follow Prometheus'
+registry of its own made here, and serves it with `--metrics-port` on a port apart from any API port.
+That port has no authentication (Prometheus scrapes it without a token), so it carries no secret and
+no id, and listens on loopback unless told otherwise (a container's private network). Names follow Prometheus'
 conventions: a `wallet_<component>_` prefix, `_total` on counters, base units (`_seconds`), money in
 integer minor units (`_minor`), and only bounded labels: a partition number, a currency, a command type,
 a status, a route template; never an account or a transaction id.
