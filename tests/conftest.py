@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.support.local_broker import free_loopback_ports, free_port_ladder, port_accepts
 from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
+from infra.ports import free_loopback_ports, free_port_ladder, port_accepts
 from infra.settings import LOCAL_NODE_PORT_STEP, Settings
 from wallet import localkafka
 

@@ -29,13 +29,13 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from benchmarks.support.local_broker import free_loopback_ports
 from benchmarks.support.reference_pipeline import decide, publish, workload
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.projection import TransactionRow
 from consumers.readmodel.store import ReadModelStore
 from infra.admin import admin_client
 from infra.kafka_clients import kafka_security
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import Command, Transfer, owner_account

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from benchmarks.api_latency import measure_api_latency
-from benchmarks.support.local_broker import free_loopback_ports
 from infra.admin import ensure_topics
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.api import ApiOptions
 from producers.load import LoadSpec, ledger_balances, run_load

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from benchmarks.support.local_broker import free_loopback_ports
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.client import (
     BackPressureTimeout,

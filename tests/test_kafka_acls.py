@@ -22,7 +22,6 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
 
-from benchmarks.support.local_broker import free_loopback_ports
 from consumers.audit.runner import run_audit
 from consumers.readmodel.consumer import ReadModelConsumer, read_lag
 from consumers.readmodel.store import ReadModelStore
@@ -36,6 +35,7 @@ from infra.kafka_clients import (
     processor_producer_config,
     restore_consumer_config,
 )
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.client import WalletClient
 from schemas.codec import decode_event

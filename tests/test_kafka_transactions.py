@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import ConfigResource, ResourceType
 
-from benchmarks.support.local_broker import free_loopback_ports
 from infra.admin import TopicMismatchError, admin_client, ensure_topics, topic_names
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from infra.supervision import read_proc_stat
 from wallet import localkafka

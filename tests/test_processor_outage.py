@@ -17,9 +17,9 @@ import time
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from benchmarks.support.local_broker import free_loopback_ports
 from consumers.audit import run_audit
 from infra.admin import ensure_topics
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from schemas.codec import decode_event, encode
 from schemas.commands import Deposit, OpenAccount

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.support.local_broker import free_loopback_ports
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from infra.supervision import read_proc_stat, start_ticks_of
 from wallet.stack import ManagedProcess, is_alive, state_path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -147,14 +148,21 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
 
 
 def fold_event_tail(
-    consumer: Consumer, events_topic: str, tails: dict[int, tuple[State, int]], ends: dict[int, int], timeout_s: float
+    consumer: Consumer,
+    events_topic: str,
+    tails: dict[int, tuple[State, int]],
+    ends: dict[int, int],
+    timeout_s: float,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, int]:
     """Folds each partition's events from its offset to (at least) its stable end (read_committed).
 
     `tails` maps partition -> (state, first offset not yet folded) and `ends` partition -> the
     stable end from `stable_ends`; returns partition -> the next offset after the last event
     folded. Raises RestoreTimeout if the end is not reached within `timeout_s`, since
-    processing on a state that is behind would decide wrongly.
+    processing on a state that is behind would decide wrongly. `on_progress(events folded, offsets
+    still to read)` is called after every fetched batch and once at the end (with 0 to read).
     """
     if not tails:
         return {}
@@ -165,7 +173,7 @@ def fold_event_tail(
     consumer.assign([TopicPartition(events_topic, partition, offset) for partition, offset in next_offsets.items()])
     remaining = set(tails)
     started_s = last_report_s = time.monotonic()
-    folded = 0
+    folded = progress_reported = 0
     try:
         while remaining:
             now_s = time.monotonic()
@@ -196,8 +204,13 @@ def fold_event_tail(
                 fold(tails[partition][0], decode_event(value))
                 next_offsets[partition] = offset + 1
                 folded += 1
+            if on_progress is not None:
+                on_progress(folded - progress_reported, sum(max(0, ends[p] - next_offsets[p]) for p in remaining))
+                progress_reported = folded
     finally:
         consumer.unassign()
+        if on_progress is not None:
+            on_progress(folded - progress_reported, 0)
     if folded:
         elapsed_s = max(time.monotonic() - started_s, 1e-6)
         log.info("restored partitions %s: %d events folded in %.1f s", sorted(tails), folded, elapsed_s)
