@@ -10,7 +10,17 @@ import msgspec
 import pytest
 
 from schemas.codec import command_digest, encode
-from schemas.commands import HOLD_EXPIRY_MS_MAX, CaptureHold, CreditLeg, PlaceHold, RefundLeg, Role, Tick, VoidHold
+from schemas.commands import (
+    HOLD_EXPIRY_MS_MAX,
+    CaptureHold,
+    CreditLeg,
+    PlaceHold,
+    RefundLeg,
+    Role,
+    Tick,
+    VoidHold,
+    WireCommand,
+)
 from schemas.events import (
     CommandRejected,
     Event,
@@ -662,7 +672,7 @@ def test_an_ended_hold_is_forgotten_a_window_after_its_end() -> None:
 def test_folding_the_events_rebuilds_exactly_the_live_state_its_holds_and_their_deadlines() -> None:
     live = State()
     events: list[Event] = []
-    script = [
+    script: list[tuple[int, WireCommand]] = [
         (TS_MS, open_account("alice")),
         (TS_MS, open_account("shop", kind="merchant")),
         (TS_MS, deposit("alice", "20.00")),
