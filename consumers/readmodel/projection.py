@@ -56,7 +56,6 @@ class AccountRow(NamedTuple):
     balance_minor: int
     sequence: int
     owner: str = ""  # the actor that opened the account
-    held_minor: int = 0  # what its open holds reserve (part of the balance)
 
 
 class EntryRow(NamedTuple):
