@@ -123,11 +123,11 @@ def _alice_events(log: ReferenceLog) -> list[Record]:
     return log.events[partition_for(SENDER, PARTITIONS)]
 
 
-def _last(records: list[Record], event_class: type, hold_id: str):
+def _last_capture(records: list[Record], hold_id: str) -> HoldCaptured:
     return next(
         event
         for record in reversed(records)
-        if type(event := decode_event(record.value)) is event_class and event.hold_id == hold_id
+        if isinstance(event := decode_event(record.value), HoldCaptured) and event.hold_id == hold_id
     )
 
 
@@ -138,7 +138,7 @@ def _append(log: ReferenceLog, event) -> None:
 def _forged_capture(log: ReferenceLog, hold_id: str, amount_minor: int, **fields) -> HoldCaptured:
     """A capture of `hold_id` whose account-level numbers follow alice's last event."""
     state = log.states[partition_for(SENDER, PARTITIONS)].accounts[SENDER]
-    template = _last(_alice_events(log), HoldCaptured, "h-part")
+    template = _last_capture(_alice_events(log), "h-part")
 
     def usd(minor: int) -> str:
         return f"{minor // 100}.{minor % 100:02d}"
