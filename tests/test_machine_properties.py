@@ -121,9 +121,7 @@ client_specs = st.tuples(
         st.integers(0, TRANSACTION_ID_COUNT - 1),
         st.booleans(),
         st.booleans(),
-        st.sampled_from(
-            [1, 1500, 4000] + [60_000] * 4 + [HOLD_EXPIRY_MS_MAX] * 2 + [0, -5, HOLD_EXPIRY_MS_MAX + 1]
-        ),
+        st.sampled_from([1, 1500, 4000] + [60_000] * 4 + [HOLD_EXPIRY_MS_MAX] * 2 + [0, -5, HOLD_EXPIRY_MS_MAX + 1]),
     ),
 )
 # (kind, which genuine leg or account, amount in minor units, malformed amount)
