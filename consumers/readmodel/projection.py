@@ -25,6 +25,10 @@ from schemas.events import (
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
+    HoldExpired,
+    HoldPlaced,
+    HoldVoided,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -86,6 +90,10 @@ ChangeEvent = (
     | AccountFrozen
     | AccountUnfrozen
     | AccountClosed
+    | HoldPlaced
+    | HoldCaptured
+    | HoldVoided
+    | HoldExpired
 )
 
 
