@@ -87,6 +87,11 @@ OUTCOME_POLL_TIMEOUT_S = 0.01
 CONNECT_RETRY_INTERVAL_S = 0.5
 
 
+# A hold's capture and void are requests of their own: without an id of the caller's, the HTTP
+# API and the CLI give them the hold id with these suffixes (so a retry is the same request).
+CAPTURE_ID_SUFFIX, VOID_ID_SUFFIX = ".capture", ".void"
+
+
 def new_transaction_id(prefix: str = "tx-") -> str:
     """A fresh, unique transaction id. Reuse it (never make a new one) when retrying a request."""
     return f"{prefix}{uuid.uuid4().hex}"
@@ -98,6 +103,15 @@ def wall_clock_ms() -> int:
 
 
 _ACCOUNT_FIELDS = ("account_id", "from_account", "to_account")
+_TRANSACTION_ID_FIELDS = ("transaction_id", "hold_id")
+
+
+def _refuse_processor_commands(commands: Iterable[Command]) -> None:
+    for command in commands:
+        if type(command) in LEG_COMMANDS:
+            raise ValueError(f"{type(command).__name__} is a saga leg: only a processor may originate one")
+        if type(command) not in CLIENT_COMMANDS:
+            raise ValueError(f"{type(command).__name__} is not a client command: only a processor may write one")
 
 
 def local_command(command_class: type[ClientCommand], **fields: Any) -> Command:
@@ -125,14 +139,14 @@ def client_command(command_class: type, *, actor: str | None = None, role: Role 
 
 def check_ids(command: Command) -> None:
     """Raises ValueError naming the field unless every id of the command follows the contract
-    (`schemas.commands.is_valid_id`), or if the command is a saga leg, which clients may never publish.
+    (`schemas.commands.is_valid_id`), or if the command is not a client's (a saga leg or a tick),
+    which clients may never publish.
 
     The Kafka decoder checks only the ids' lengths (schemas.commands); their characters are
     the producers' to enforce.
     """
-    if type(command) in LEG_COMMANDS:
-        raise ValueError(f"{type(command).__name__} is a saga leg: only a processor may originate one")
-    fields = [("transaction_id", TRANSACTION_ID_LENGTH_MAX)]
+    _refuse_processor_commands([command])
+    fields = [(name, TRANSACTION_ID_LENGTH_MAX) for name in _TRANSACTION_ID_FIELDS if hasattr(command, name)]
     fields += [(name, ACCOUNT_ID_LENGTH_MAX) for name in _ACCOUNT_FIELDS if hasattr(command, name)]
     for name, length_max in fields:
         value = getattr(command, name)
@@ -308,10 +322,9 @@ class CommandPublisher:
 
         Order within the batch is kept for a single publishing thread: each slice waits for
         room for all of it before it is queued. The bulk path leaves `check_ids` to the caller,
-        but never publishes a saga leg.
+        but never publishes a saga leg or a tick.
         """
-        if any(type(command) in LEG_COMMANDS for command in commands):
-            raise ValueError("a batch holds a saga leg: only a processor may originate one")
+        _refuse_processor_commands(commands)
         messages = [{"key": owner_account(command), "value": encode(command)} for command in commands]
         slice_size = min(PUBLISH_BATCH_SIZE_MAX, self._queue_messages_max)
         for start in range(0, len(messages), slice_size):
