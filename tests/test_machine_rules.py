@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import msgspec
 import pytest
@@ -185,7 +186,9 @@ def settle(state: State, command: Command, at_ms: int = TS_MS) -> list[Decision]
 
 def decode_wire(command: Command) -> Command:
     """The command as the next partition reads it from Kafka."""
-    return decode_command(encode(command))
+    decoded = decode_command(encode(command))
+    assert type(decoded) is type(command)
+    return cast(Command, decoded)
 
 
 def outcomes_of(decisions: Iterable[Decision]) -> list[Outcome]:

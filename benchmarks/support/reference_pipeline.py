@@ -52,6 +52,7 @@ from schemas.commands import (
     Withdraw,
     local_credentials,
     owner_account,
+    owning_partition,
 )
 from schemas.events import Deposited, Event
 from schemas.leg_auth import LegKeyring
@@ -191,7 +192,7 @@ def decide(
             if outcome is not None:
                 log.add(outcome)
             return
-        if partition_for(owner_account(command), partition_count) != partition:
+        if owning_partition(command, lambda account_id: partition_for(account_id, partition_count)) != partition:
             log.dead_letters.append(
                 DeadLetter(record, "command on a partition that does not own its account", partition, len(commands) - 1)
             )

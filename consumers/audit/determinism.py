@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from consumers.audit.violations import Kind, Location, Violation
 from schemas.codec import SchemaError, decode_command, decode_event, encode
-from schemas.commands import LEG_COMMANDS, Command, owner_account
+from schemas.commands import LEG_COMMANDS, Tick, WireCommand, owner_account, owning_partition
 from schemas.leg_auth import LegKeyring
 from schemas.partitioning import partition_for
 from streams.core.errors import UndecidableInput
@@ -69,16 +69,20 @@ class _Router:
         self.keyring = keyring
         self._owner_partition: dict[str, int] = {}
 
-    def decide_input(self, value: bytes | None) -> tuple[Command, str]:
-        """(command, owning account); raises SchemaError for what the processor dead-letters."""
+    def _partition_of(self, account_id: str) -> int:
+        owner_here = self._owner_partition.get(account_id)
+        if owner_here is None:
+            owner_here = self._owner_partition[account_id] = partition_for(account_id, self.partition_count)
+        return owner_here
+
+    def decide_input(self, value: bytes | None) -> tuple[WireCommand, str]:
+        """(command, owning account: "" for a tick); raises SchemaError for what the processor dead-letters."""
         # The commands topic has no tombstones (every producer writes a value); decoding None
         # would fail with a TypeError all the same.
         assert value is not None
         command = decode_command(value)
-        owner = owner_account(command)
-        owner_here = self._owner_partition.get(owner)
-        if owner_here is None:
-            owner_here = self._owner_partition[owner] = partition_for(owner, self.partition_count)
+        owner = "" if isinstance(command, Tick) else owner_account(command)
+        owner_here = owning_partition(command, self._partition_of)
         if owner_here != self.partition:
             raise SchemaError(f"command for account {owner!r} (partition {owner_here}) on partition {self.partition}")
         if isinstance(command, LEG_COMMANDS):  # the leg commands have no subclasses: as type() in
@@ -169,7 +173,7 @@ class _PartitionReplay:
         self.position = 0  # of the next logged event a decided one must equal
         self.decided_offset = -1  # of the last command whose events are in the log
 
-    def step(self, index: int, offset: int, command: Command, owner: str, record_time_ms: int) -> bool:
+    def step(self, index: int, offset: int, command: WireCommand, owner: str, record_time_ms: int) -> bool:
         """Decides one command and compares its events; returns whether to go on. Raises
         UndecidableInput (the state untouched) for what the processor dead-letters."""
         result, partition = self.result, self.commands.partition

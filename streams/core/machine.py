@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from schemas.codec import command_digest, readable_request
 from schemas.commands import (
+    CaptureHold,
     ClientCommand,
     Close,
     Command,
@@ -46,9 +47,13 @@ from schemas.commands import (
     Leg,
     OpenAccount,
     PayMerchant,
+    PlaceHold,
     RefundLeg,
+    Tick,
     Transfer,
     Unfreeze,
+    VoidHold,
+    WireCommand,
     Withdraw,
     command_type,
     owner_account,
@@ -105,11 +110,15 @@ class Decision(NamedTuple):
     outcome: Outcome | None
 
 
-def apply(state: State, command: Command, record_time_ms: int) -> Decision:
+def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
     """Decides one command at the record's time (the broker's LogAppendTime of its record)."""
     assert type(record_time_ms) is int and record_time_ms >= 0, f"record time {record_time_ms!r}: a runtime bug"
     now_ms = state.clock_ms if state.clock_ms > record_time_ms else record_time_ms
     command_class = type(command)
+    if command_class is Tick:
+        return Decision(state, [], [], None)
+    if TYPE_CHECKING:
+        assert not isinstance(command, Tick)
     # `command_class is X` dispatches on the exact class; the `if TYPE_CHECKING` asserts only
     # tell mypy what each test established.
     if command_class is CreditLeg:
@@ -542,14 +551,14 @@ def _reject(state: State, command: Command, digest: str, reason: str, now_ms: in
     return Decision(state, [event], [], _outcome(command, FAILURE, reason, digest))
 
 
-def dead_letter_outcome(value: bytes, reason: str, command: Command | None = None) -> Outcome | None:
+def dead_letter_outcome(value: bytes, reason: str, command: WireCommand | None = None) -> Outcome | None:
     """The `failure` answer to a client record that cannot be decided (`reason` invalid_command
     or wrong_partition), when its transaction id and owning account can be read; else None.
 
     Without it the client would wait `pending` forever. Never for a saga leg: a leg has no
     client waiting, and answering a forged one would let anyone write answers."""
     if command is not None:
-        if type(command) in (CreditLeg, RefundLeg):
+        if isinstance(command, (CreditLeg, RefundLeg, Tick)):
             return None
         return Outcome(
             transaction_id=command.transaction_id,
@@ -568,6 +577,11 @@ def dead_letter_outcome(value: bytes, reason: str, command: Command | None = Non
     )
 
 
+def _not_decided_yet(state: State, command: PlaceHold | CaptureHold | VoidHold, digest: str, now_ms: int) -> Decision:
+    # Until the core decides holds: refused, so that no hold command stops the pipeline.
+    return _reject(state, command, digest, Reason.INVALID_COMMAND, now_ms)
+
+
 # Each handler takes the client command class it is keyed by (hence Any for the command).
 _HANDLERS: dict[type, Callable[[State, Any, str, int], Decision]] = {
     OpenAccount: _open_account,
@@ -578,4 +592,7 @@ _HANDLERS: dict[type, Callable[[State, Any, str, int], Decision]] = {
     Freeze: _freeze,
     Unfreeze: _unfreeze,
     Close: _close,
+    PlaceHold: _not_decided_yet,
+    CaptureHold: _not_decided_yet,
+    VoidHold: _not_decided_yet,
 }

@@ -42,7 +42,7 @@ from infra.kafka_clients import processor_consumer_config, processor_producer_co
 from infra.secrets import leg_keys_text
 from infra.settings import Settings
 from schemas.codec import SchemaError, decode_command, encode
-from schemas.commands import LEG_COMMANDS, CreditLeg, RefundLeg
+from schemas.commands import LEG_COMMANDS, CreditLeg, RefundLeg, command_type, owning_partition
 from schemas.events import CommandRejected
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome, Reason
@@ -286,13 +286,12 @@ class Processor:
         except SchemaError as schema_error:
             self._dead_letter(record, str(schema_error), dead_letter_outcome(record.value(), Reason.INVALID_COMMAND))
             return None
-        owner = getattr(command, command.owner_field)
-        if self._owner_partition(owner) != partition:
+        owner_partition = owning_partition(command, self._owner_partition)
+        if owner_partition != partition:
             self._dead_letter(
                 record,
-                f"command for account {owner!r} arrived on partition {partition}, but the account belongs "
-                f"to partition {self._owner_partition(owner)}: its producer does not use the murmur2 "
-                f"partitioner",
+                f"{command_type(command)} {command.transaction_id!r} arrived on partition {partition}, but "
+                f"belongs to partition {owner_partition}: its producer does not use the murmur2 partitioner",
                 dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command),
             )
             return None

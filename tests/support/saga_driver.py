@@ -28,7 +28,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from schemas.codec import SchemaError, decode_command, decode_event, encode
-from schemas.commands import LEG_COMMANDS, Command, owner_account
+from schemas.commands import LEG_COMMANDS, Command, WireCommand, owner_account, owning_partition
 from schemas.events import Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome
@@ -91,7 +91,7 @@ class MoneyTotals:
 @dataclass(frozen=True)
 class Step:
     partition: int
-    command: Command | None  # None when the record was not a decodable command
+    command: WireCommand | None  # None when the record was not a decodable command
     events: list[Event]
     outcome: Outcome | None
 
@@ -101,7 +101,7 @@ class DeadLetter:
     partition: int
     value: bytes
     reason: str
-    command: Command | None  # the decoded command, when it decoded
+    command: WireCommand | None  # the decoded command, when it decoded
 
 
 class SagaDriver:
@@ -152,7 +152,7 @@ class SagaDriver:
             command = decode_command(value)
         except SchemaError as error:
             return self._dead_letter(partition, value, str(error), None)
-        if self.partition_of(owner_account(command)) != partition:
+        if owning_partition(command, self.partition_of) != partition:
             return self._dead_letter(partition, value, "wrong partition", command)
         if isinstance(command, LEG_COMMANDS):
             refused = self.keyring.verify(command)
@@ -174,7 +174,7 @@ class SagaDriver:
             self.outcomes.append(decision.outcome)
         return Step(partition, command, decision.events, decision.outcome)
 
-    def _dead_letter(self, partition: int, value: bytes, reason: str, command: Command | None) -> Step:
+    def _dead_letter(self, partition: int, value: bytes, reason: str, command: WireCommand | None) -> Step:
         self.dead_letters.append(DeadLetter(partition, value, reason, command))
         return Step(partition, command, [], None)
 
