@@ -50,10 +50,17 @@ from producers.api import (
 )
 from producers.auth import SCOPE_OPERATOR, SCOPE_USER, Gate, Principal
 from producers.client import CAPTURE_ID_SUFFIX, VOID_ID_SUFFIX, canonical_amount
-from schemas.commands import ACCOUNT_ID_LENGTH_MAX, TRANSACTION_ID_LENGTH_MAX, CaptureHold, PlaceHold, VoidHold
+from schemas.commands import (
+    ACCOUNT_ID_LENGTH_MAX,
+    HOLD_EXPIRY_MS_MAX,
+    TRANSACTION_ID_LENGTH_MAX,
+    CaptureHold,
+    PlaceHold,
+    Role,
+    VoidHold,
+)
 from streams.core.currencies import MINOR_UNITS
 from streams.core.money import AmountError
-from streams.core.state import HOLD_EXPIRY_MS_MAX
 
 HOLD_EXPIRY_S_MAX = HOLD_EXPIRY_MS_MAX // 1000
 # How long a capture or void waits for the read model to show a hold it does not show yet (a
@@ -150,9 +157,9 @@ class CaptureHoldRequest(BaseModel):
             json_schema_extra={"pattern": _amount_pattern(max(MINOR_UNITS.values()))},
         ),
     ] = None
-    final: bool = Field(True, description="release whatever the hold still holds after this capture")
+    final: bool = Field(default=True, description="release whatever the hold still holds after this capture")
     capture_id: OptionalIdText = Field(
-        None,
+        default=None,
         description=f"this capture's own transaction id (default: the hold id + `{CAPTURE_ID_SUFFIX}`); give "
         "each capture of a hold its own id, and reuse it to retry",
     )
@@ -162,7 +169,7 @@ class VoidHoldRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     void_id: OptionalIdText = Field(
-        None, description=f"this void's own transaction id (default: the hold id + `{VOID_ID_SUFFIX}`)"
+        default=None, description=f"this void's own transaction id (default: the hold id + `{VOID_ID_SUFFIX}`)"
     )
 
 
@@ -269,7 +276,7 @@ def hold_router(gate: Gate, options: ApiOptions, find_holds: HoldFinder | None) 
 
     async def _hold_account(
         find: HoldFinder | None, caller: Principal, hold_id: str, account_id: str | None, lookup_wait_ms: int
-    ) -> tuple[str, str, str]:
+    ) -> tuple[str, str, Role]:
         """(payer's account, currency or "" when unknown, role) of the hold the caller acts on."""
         operator = SCOPE_OPERATOR in caller.scopes
         if find is None:
@@ -311,8 +318,8 @@ def hold_router(gate: Gate, options: ApiOptions, find_holds: HoldFinder | None) 
                 )
             raise _field_error(404, "hold_not_found", f"hold {hold_id!r} not found", "transaction_id")
         (hold,) = mine
-        role = "user" if SCOPE_USER in caller.scopes and _same(hold.owner, caller.sub) else "operator"
-        return hold.account_id, hold.currency, role
+        owner_acts = SCOPE_USER in caller.scopes and _same(hold.owner, caller.sub)
+        return hold.account_id, hold.currency, "user" if owner_acts else "operator"
 
     return router
 

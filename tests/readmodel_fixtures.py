@@ -40,9 +40,11 @@ from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import Command, Transfer, owner_account
 from schemas.events import (
+    HOLD_EVENTS,
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -50,7 +52,7 @@ from schemas.events import (
     event_type,
 )
 from schemas.outcomes import Outcome
-from streams.core.money import canonical_minor
+from streams.core.money import canonical_balance_minor, canonical_minor
 from streams.core.state import State, fold
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
@@ -283,6 +285,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
     entries: list[tuple] = []
     for partition, records in log.events.items():
         state = State()
+        held: dict[str, int] = {}  # what the last hold event of each account says it holds
         upto = events_offsets.get(partition, 0) if events_offsets is not None else None
         for offset, event in records:
             if upto is not None and offset >= upto:
@@ -291,6 +294,8 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
             if isinstance(event, CommandRejected):
                 continue
             account = state.accounts[event.account_id]
+            if isinstance(event, HOLD_EVENTS):
+                held[event.account_id] = canonical_balance_minor(event.held, account.currency)
             # Exactly the events with a sign move an amount.
             amount_minor = (
                 _AMOUNT_SIGN[type(event)] * canonical_minor(event.amount, account.currency)
@@ -319,6 +324,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
                 account.balance_minor,
                 account.seq,
                 getattr(account, "owner", ""),
+                held.get(account_id, 0),
             )
     return {"accounts": sorted(accounts.values()), "entries": sorted(entries)}
 
@@ -359,11 +365,12 @@ def stored_transactions(store: ReadModelStore) -> dict[tuple[str, str], tuple[st
     return {(row.account_id, row.transaction_id): (row.status, row.reason) for row in rows}
 
 
-_AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
+_AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, HoldCaptured)
 _AMOUNT_SIGN: dict[type, int] = {
     Deposited: 1,
     Withdrawn: -1,
     TransferDebited: -1,
     TransferCredited: 1,
     TransferRefunded: 1,
+    HoldCaptured: -1,
 }

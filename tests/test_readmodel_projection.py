@@ -205,7 +205,9 @@ def _place(hold_id: str, to_account: str, amount: str, expires_in_ms: int = 600_
 def test_holds_are_projected_from_their_events_with_what_each_captured_and_released() -> None:
     events, outcomes = _hold_scenario()
     changes = project({}, {}, events, outcomes)
-    holds = {row.hold_id: (row.state, row.amount_minor, row.captured_minor, row.released_minor) for row in changes.holds}
+    holds = {
+        row.hold_id: (row.state, row.amount_minor, row.captured_minor, row.released_minor) for row in changes.holds
+    }
     assert holds == {
         "h-part": ("captured", 4000, 1500, 2500),
         "h-void": ("voided", 2000, 0, 2000),
@@ -219,7 +221,9 @@ def test_holds_are_projected_from_their_events_with_what_each_captured_and_relea
     assert part.expires_ms == part.placed_ms + 600_000 and part.updated_ms > part.placed_ms
     accounts = {row.account_id: (row.balance_minor, row.held_minor) for row in changes.accounts}
     assert accounts == {"alice": (10_000 - 1500, 700), "shop": (1500, 0), "frozen-shop": (0, 0)}
-    statuses = {row.transaction_id: (row.status, row.reason) for row in changes.transactions if row.account_id == "alice"}
+    statuses = {
+        row.transaction_id: (row.status, row.reason) for row in changes.transactions if row.account_id == "alice"
+    }
     assert {tx: statuses[tx] for tx in ("h-part", "c1", "c2", "h-void", "v1", "h-gone", "c3", "c4")} == {
         "h-part": ("success", None),
         "c1": ("success", None),

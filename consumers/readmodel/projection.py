@@ -152,6 +152,7 @@ def project(
         tracks_memory=False,
     )
     owners = {row.account_id: row.owner for row in accounts.values()}
+    held = {row.account_id: row.held_minor for row in accounts.values()}
     hold_rows = dict(holds) if holds is not None else {}
     changed_holds: set[HoldKey] = set()
     entries: list[EntryRow] = []
@@ -176,6 +177,7 @@ def project(
             key = (event.account_id, event.hold_id)
             hold_rows[key] = next_hold(hold_rows.get(key), event)
             changed_holds.add(key)
+            held[event.account_id] = held_after(held.get(event.account_id, 0), event)
 
     for outcome in outcomes:
         request = request_status_of_outcome(outcome)
@@ -194,6 +196,7 @@ def project(
                 account.balance_minor,
                 account.seq,
                 owners.get(account_id, ""),
+                held.get(account_id, 0),
             )
         )
     return Changes(
@@ -209,7 +212,7 @@ def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
 
     The read model checks what it stores: a hold is placed once, changes only while open, never
     captures or releases beyond its amount, and ends having captured or released all of it."""
-    if type(event) is HoldPlaced:
+    if isinstance(event, HoldPlaced):
         if current is not None:
             raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: hold {event.hold_id!r} placed again")
         ts_ms = stored_ts_ms(event.ts_ms)
@@ -234,7 +237,7 @@ def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
         )
     captured_minor = current.captured_minor
     state = HOLD_EXPIRED if type(event) is HoldExpired else HOLD_VOIDED
-    if type(event) is HoldCaptured:
+    if isinstance(event, HoldCaptured):
         captured_minor += _minor(event, event.amount)
         state = HOLD_CAPTURED if event.final else HOLD_OPEN
     released_minor = current.released_minor + _minor(event, event.released, zero_allowed=True)
@@ -252,16 +255,32 @@ def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
     )
 
 
-def _minor(event: HoldEvent, amount: str, zero_allowed: bool = False) -> int:
-    try:
-        minor = (
-            canonical_minor(amount, event.currency)
-            if not zero_allowed
-            else canonical_balance_minor(amount, event.currency)
+def held_after(held_minor: int, event: HoldEvent) -> int:
+    """The account's held total after a hold event: what the event says, checked against what the
+    event moved (a place adds its amount; a capture takes its amount and what it released; a void
+    or an expiry what it released). Never above the balance: held money is in the balance."""
+    if isinstance(event, HoldPlaced):
+        expected_minor = held_minor + _minor(event, event.amount)
+    else:
+        expected_minor = held_minor - _minor(event, event.released, zero_allowed=True)
+        if isinstance(event, HoldCaptured):
+            expected_minor -= _minor(event, event.amount)
+    stated_minor = _minor(event, event.held, zero_allowed=True)
+    balance = getattr(event, "balance", None)
+    if stated_minor != expected_minor or (balance is not None and stated_minor > _minor(event, balance, True)):
+        raise CorruptLog(
+            f"account {event.account_id!r} seq {event.seq}: held {event.held} {event.currency} after "
+            f"{event_type(event)} of hold {event.hold_id!r} does not follow {held_minor} minor units held"
         )
+    return stated_minor
+
+
+def _minor(event: HoldEvent, amount: str, zero_allowed: bool = False) -> int:
+    """An amount of a hold event in minor units (positive; or zero too, for a total)."""
+    try:
+        return (canonical_balance_minor if zero_allowed else canonical_minor)(amount, event.currency)
     except ValueError as error:
         raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: {error}") from None
-    return minor
 
 
 def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
