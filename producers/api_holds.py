@@ -130,6 +130,14 @@ OptionalIdText = Annotated[
 ]
 
 
+def _whole_number(value: Any) -> Any:
+    """An integer, or a JSON number with no fraction (60.0: an integer to JSON Schema); never a
+    string or a boolean."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class PlaceHoldRequest(_Body):
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_AMOUNT_BY_CURRENCY)
 
@@ -137,7 +145,7 @@ class PlaceHoldRequest(_Body):
     currency: CurrencyCode
     amount: AmountText
     transaction_id: TransactionIdText
-    expires_in_s: int = Field(
+    expires_in_s: Annotated[int, BeforeValidator(_whole_number)] = Field(
         ge=1,
         le=HOLD_EXPIRY_S_MAX,
         description=f"seconds after the hold's own decision time at which it expires (1 to {HOLD_EXPIRY_S_MAX})",

@@ -213,6 +213,10 @@ def _outage(response: httpx.Response) -> None:
         ("/v1/holds/h-one/void", None, OPERATOR),  # no body at all: every field has a default
         ("/v1/holds/h-two/capture?account_id=alice-2", {}, ALICE),
         ("/v1/holds/h-done/capture", {}, ALICE),  # an ended hold: the core answers (first answer or hold_captured)
+        # JSON Schema's integer includes 60.0; optional ids may be null (found by schemathesis).
+        ("/v1/accounts/alice-1/holds", {**PLACE, "expires_in_s": 60.0}, ALICE),
+        ("/v1/holds/h-one/capture", {"capture_id": None, "amount": None}, ALICE),
+        ("/v1/holds/h-one/void", {"void_id": None}, ALICE),
     ],
 )
 def test_a_request_the_caller_may_make_passes_to_kafka(
@@ -345,3 +349,10 @@ def test_without_a_read_model_capture_and_void_need_the_account(tmp_path: Path) 
         _outage(client.post("/v1/holds/h-one/void", params={"account_id": "alice-1"}, json={}, headers=ALICE))
         paths = set(client.get("/openapi.json").json()["paths"])
     assert "/v1/holds/{transaction_id}/capture" in paths and "/v1/holds/{transaction_id}" not in paths
+
+
+def test_a_wrong_method_on_a_path_of_two_routers_names_the_methods_of_both(api: httpx.Client) -> None:
+    # POST places a hold (the command side), GET lists the holds (the query side): found by schemathesis.
+    response = api.delete("/v1/accounts/alice-1/holds", headers=ALICE)
+    assert (response.status_code, response.json()["error"]) == (405, "method_not_allowed")
+    assert {"GET", "POST"} <= set(response.headers["allow"].split(", "))
