@@ -100,126 +100,84 @@ class Saga:
             return self._reject(command, sender_id, sender_id, digest, "insufficient_funds", time_ms)
         sender[0] -= amount_minor
         sender[1] += 1
-        v = command.get("v", 1)
-        actor = command.get("actor", "")
-        event = {
-            "type": "transfer_debited",
-            "v": v,
-            "account_id": sender_id,
-            "transaction_id": command["transaction_id"],
-            "ts_ms": time_ms,
-            "command": "transfer",
-            "digest": digest,
-        }
-        if v >= 2:
-            event["actor"] = actor
-        event.update(
+        to_account = command["to_account"]
+        self._event(
+            "transfer_debited",
+            command,
+            sender_id,
+            digest,
+            time_ms,
             seq=sender[1],
             amount=amount,
             currency=command["currency"],
             balance=_text(sender[0]),
-            to_account=command["to_account"],
+            to_account=to_account,
             merchant_only=False,
         )
-        self._produce(self._events_topic, _encode(event), sender_id)
         self._leg(
-            command["to_account"],
-            {
-                "type": "credit_leg",
-                "v": v,
-                "transaction_id": command["transaction_id"],
-                "actor": actor,
-                "issued_ms": time_ms,
-                "kid": self._kid,
-                "mac": "",
-                "from_account": sender_id,
-                "to_account": command["to_account"],
-                "amount": amount,
-                "currency": command["currency"],
-                "digest": digest,
-                "merchant_only": False,
-                "resend": False,
-            },
+            "credit_leg",
+            to_account,
+            command,
+            time_ms,
+            from_account=sender_id,
+            to_account=to_account,
+            amount=amount,
+            currency=command["currency"],
+            digest=digest,
+            merchant_only=False,
+            resend=False,
         )
 
     def _credit(self, leg: dict, time_ms: int) -> None:
-        receiver_id = leg["to_account"]
+        receiver_id, sender_id = leg["to_account"], leg["from_account"]
         receiver = self.accounts.get(receiver_id)
-        v = leg["v"]
         if receiver is None:
+            reason = "account_not_found"
             self._reject(
-                leg,
-                leg["from_account"],
-                receiver_id,
-                leg["digest"],
-                "account_not_found",
-                time_ms,
-                issued_ms=leg["issued_ms"],
-                answer=False,
+                leg, sender_id, receiver_id, leg["digest"], reason, time_ms, issued_ms=leg["issued_ms"], answer=False
             )
             self._leg(
-                leg["from_account"],
-                {
-                    "type": "refund_leg",
-                    "v": v,
-                    "transaction_id": leg["transaction_id"],
-                    "actor": leg["actor"],
-                    "issued_ms": time_ms,
-                    "kid": self._kid,
-                    "mac": "",
-                    "from_account": leg["from_account"],
-                    "to_account": receiver_id,
-                    "amount": leg["amount"],
-                    "currency": leg["currency"],
-                    "digest": leg["digest"],
-                    "reason": "account_not_found",
-                    "debit_ms": leg["issued_ms"],
-                },
+                "refund_leg",
+                sender_id,
+                leg,
+                time_ms,
+                from_account=sender_id,
+                to_account=receiver_id,
+                amount=leg["amount"],
+                currency=leg["currency"],
+                digest=leg["digest"],
+                reason=reason,
+                debit_ms=leg["issued_ms"],
             )
             return
         receiver[0] += _minor(leg["amount"])
         receiver[1] += 1
-        event = {
-            "type": "transfer_credited",
-            "v": v,
-            "account_id": receiver_id,
-            "transaction_id": leg["transaction_id"],
-            "ts_ms": time_ms,
-            "command": "credit_leg",
-            "digest": leg["digest"],
-        }
-        if v >= 2:
-            event["actor"] = leg["actor"]
-        event.update(
+        self._event(
+            "transfer_credited",
+            leg,
+            receiver_id,
+            leg["digest"],
+            time_ms,
             seq=receiver[1],
             amount=leg["amount"],
             currency=leg["currency"],
             balance=_text(receiver[0]),
-            from_account=leg["from_account"],
+            from_account=sender_id,
+            issued_ms=leg["issued_ms"],
         )
-        if v >= 2:
-            event["issued_ms"] = leg["issued_ms"]
-        self._produce(self._events_topic, _encode(event), receiver_id)
-        self._answer(leg, leg["from_account"], leg["digest"], None)
+        self._answer(leg, sender_id, leg["digest"], None)
 
     def _refund(self, leg: dict, time_ms: int) -> None:
         sender_id = leg["from_account"]
         sender = self.accounts[sender_id]
         sender[0] += _minor(leg["amount"])
         sender[1] += 1
-        v = leg["v"]
-        event = {
-            "type": "transfer_refunded",
-            "v": v,
-            "account_id": sender_id,
-            "transaction_id": leg["transaction_id"],
-            "ts_ms": time_ms,
-            "command": "refund_leg",
-            "digest": leg["digest"],
-        }
-        if v >= 2:
-            event["actor"] = leg["actor"]
-        event.update(
+        self._event(
+            "transfer_refunded",
+            leg,
+            sender_id,
+            leg["digest"],
+            time_ms,
             seq=sender[1],
             amount=leg["amount"],
             currency=leg["currency"],
@@ -227,7 +185,6 @@ class Saga:
             to_account=leg["to_account"],
             reason=leg["reason"],
         )
-        self._produce(self._events_topic, _encode(event), sender_id)
         self._answer(leg, sender_id, leg["digest"], leg["reason"])
 
     def _open(self, command: dict, value: bytes, time_ms: int) -> None:
@@ -235,24 +192,20 @@ class Saga:
         digest = hashlib.blake2b(value, digest_size=DIGEST_BYTES).hexdigest()
         if account_id in self.accounts:
             return self._reject(command, account_id, account_id, digest, "account_exists", time_ms)
-        v = command.get("v", 1)
-        actor = command.get("actor", "")
+        actor = command["actor"]
         self.accounts[account_id] = [0, 1, actor]
-        event = {
-            "type": "account_opened",
-            "v": v,
-            "account_id": account_id,
-            "transaction_id": command["transaction_id"],
-            "ts_ms": time_ms,
-            "command": "open_account",
-            "digest": digest,
-        }
-        if v >= 2:
-            event.update(actor=actor, seq=1, owner=actor)
-        else:
-            event["seq"] = 1
-        event.update(currency=command["currency"], kind=command.get("kind", "user"), balance="0.00")
-        self._produce(self._events_topic, _encode(event), account_id)
+        self._event(
+            "account_opened",
+            command,
+            account_id,
+            digest,
+            time_ms,
+            seq=1,
+            owner=actor,
+            currency=command["currency"],
+            kind=command.get("kind", "user"),
+            balance="0.00",
+        )
         self._answer(command, account_id, digest, None)
 
     def _deposit(self, command: dict, value: bytes, time_ms: int) -> None:
@@ -263,23 +216,35 @@ class Saga:
             return self._reject(command, account_id, account_id, digest, "account_not_found", time_ms)
         account[0] += _minor(command["amount"])
         account[1] += 1
-        v = command.get("v", 1)
-        event = {
-            "type": "deposited",
-            "v": v,
-            "account_id": account_id,
-            "transaction_id": command["transaction_id"],
-            "ts_ms": time_ms,
-            "command": "deposit",
-            "digest": digest,
-        }
-        if v >= 2:
-            event["actor"] = command["actor"]
-        event.update(seq=account[1], amount=command["amount"], currency=command["currency"], balance=_text(account[0]))
-        self._produce(self._events_topic, _encode(event), account_id)
+        self._event(
+            "deposited",
+            command,
+            account_id,
+            digest,
+            time_ms,
+            seq=account[1],
+            amount=command["amount"],
+            currency=command["currency"],
+            balance=_text(account[0]),
+        )
         self._answer(command, account_id, digest, None)
 
     # -- messages ----------------------------------------------------------------------------
+
+    def _event(self, event_type: str, cause: dict, account_id: str, digest: str, time_ms: int, **tail) -> None:
+        """An event as the core encodes it: the common fields in the schema's order, then `tail`."""
+        event = {
+            "type": event_type,
+            "v": cause["v"],
+            "account_id": account_id,
+            "transaction_id": cause["transaction_id"],
+            "ts_ms": time_ms,
+            "command": cause["type"],
+            "digest": digest,
+            "actor": cause["actor"],
+            **tail,
+        }
+        self._produce(self._events_topic, _encode(event), account_id)
 
     def _reject(
         self,
@@ -292,34 +257,37 @@ class Saga:
         issued_ms: int | None = None,
         answer: bool = True,
     ) -> None:
-        v = command.get("v", 1)
-        event = {
-            "type": "command_rejected",
-            "v": v,
-            "account_id": account_id,
-            "transaction_id": command["transaction_id"],
-            "ts_ms": time_ms,
-            "command": command["type"],
-            "digest": digest,
-        }
-        if v >= 2:
-            event.update(actor=command.get("actor", ""), reason=reason, issued_ms=issued_ms)
-        else:
-            event["reason"] = reason
-        self._produce(self._events_topic, _encode(event), account_id)
+        self._event("command_rejected", command, account_id, digest, time_ms, reason=reason, issued_ms=issued_ms)
         if answer:
             self._answer(command, owning_account, digest, reason)
 
     def _answer(self, command: dict, owning_account: str, digest: str, reason: str | None) -> None:
         transaction_id = command["transaction_id"]
-        v = command.get("v", 1)
-        outcome = {"type": "outcome", "v": v, "transaction_id": transaction_id}
-        if v >= 2:
-            outcome.update(account_id=owning_account, actor=command.get("actor", ""))
-        outcome.update(status="success" if reason is None else "failure", reason=reason, digest=digest)
+        outcome = {
+            "type": "outcome",
+            "v": command["v"],
+            "transaction_id": transaction_id,
+            "account_id": owning_account,
+            "actor": command["actor"],
+            "status": "success" if reason is None else "failure",
+            "reason": reason,
+            "digest": digest,
+        }
         self._produce(self._outcomes_topic, _encode(outcome), transaction_id)
 
-    def _leg(self, key: str, leg: dict) -> None:
+    def _leg(self, leg_type: str, key: str, cause: dict, time_ms: int, **tail) -> None:
+        """A saga leg as the core builds it (the common fields in the schema's order, then `tail`),
+        signed as the processor signs it: HMAC over the leg with mac ""."""
+        leg = {
+            "type": leg_type,
+            "v": cause["v"],
+            "transaction_id": cause["transaction_id"],
+            "actor": cause["actor"],
+            "issued_ms": time_ms,
+            "kid": self._kid,
+            "mac": "",
+            **tail,
+        }
         leg["mac"] = hmac.new(self._key, _encode(leg), "sha256").digest()[:MAC_BYTES].hex()
         self._produce(self._commands_topic, _encode(leg), key)
 

@@ -539,6 +539,7 @@ class OutcomeWaiter:
         self._consumer = Consumer(
             {
                 **kafka_security("api"),
+                **FAILOVER_TUNING,
                 "bootstrap.servers": bootstrap,
                 # librdkafka wants a group id even for assign(); nothing is ever committed under it.
                 "group.id": f"wallet-outcome-waiter-{uuid.uuid4().hex}",

@@ -26,9 +26,6 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import msgspec
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
 SCHEMA_VERSION = 2
 
 # What an id may look like: one rule, one implementation (`is_valid_id`), used by the client
@@ -286,16 +283,6 @@ def owner_account(command: Command) -> str:
     """The account whose partition decides this command: the record key on `wallet.commands`.
     Not for a tick, which no account owns (its `partition` says where it goes)."""
     return getattr(command, command.owner_field)
-
-
-def owning_partition(command: WireCommand, partition_of: Callable[[str], int]) -> int:
-    """The partition that decides `command`: its owning account's (`partition_of` of it), or the
-    one a tick names (the runtime refuses a tick found on another partition)."""
-    if type(command) is Tick:
-        return command.partition
-    if TYPE_CHECKING:
-        assert not isinstance(command, Tick)
-    return partition_of(owner_account(command))
 
 
 def command_type(command: WireCommand) -> str:

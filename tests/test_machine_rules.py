@@ -28,6 +28,7 @@ from schemas.commands import (
     Role,
     Transfer,
     Unfreeze,
+    WireCommand,
     Withdraw,
     owner_account,
 )
@@ -150,7 +151,7 @@ def close(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role
     return Close(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def apply(state: State, command: Command, record_time_ms: int = TS_MS) -> Decision:
+def apply(state: State, command: WireCommand, record_time_ms: int = TS_MS) -> Decision:
     """The core's apply, at the record time of these tests unless one is given."""
     return core_apply(state, command, record_time_ms)
 
@@ -173,10 +174,10 @@ def ledger(*accounts: tuple[str, str, AccountKind, str]) -> State:
     return state
 
 
-def settle(state: State, command: Command, at_ms: int = TS_MS) -> list[Decision]:
+def settle(state: State, command: WireCommand, at_ms: int = TS_MS) -> list[Decision]:
     """Applies a command and every leg it leads to on one partition, in the order Kafka would deliver them."""
     decisions = []
-    pending: list[Command] = [command]
+    pending: list[WireCommand] = [command]
     while pending:
         decision = apply(state, pending.pop(0), at_ms)
         decisions.append(decision)

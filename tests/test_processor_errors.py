@@ -12,7 +12,7 @@ import threading
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-import streams.runtime.processor as processor_module
+import streams.core.admission as admission_module
 from schemas.commands import Deposit, OpenAccount
 from streams.cli import state_dump
 from streams.core.errors import UndecidableInput
@@ -62,14 +62,14 @@ def _in_process(settings, instance_id: str) -> Processor:
 
 def _apply_refusing(transaction_id: str, error: Exception, monkeypatch) -> None:
     """The core, except that deciding `transaction_id` raises `error`."""
-    real_apply = processor_module.apply
+    real_apply = admission_module.apply
 
     def apply(state, command, *args):
         if command.transaction_id == transaction_id:
             raise error
         return real_apply(state, command, *args)
 
-    monkeypatch.setattr(processor_module, "apply", apply)
+    monkeypatch.setattr(admission_module, "apply", apply)
 
 
 def _drive(settings, steps) -> threading.Thread:

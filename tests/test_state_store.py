@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from schemas.commands import Deposit, OpenAccount, Transfer
 from streams.core.machine import apply
 from streams.core.state import IDEMPOTENCY_WINDOW_MS, State
@@ -150,4 +153,73 @@ def test_a_pending_debit_forgotten_without_an_event_of_its_account_restores_as_f
     store.save(0, state, changes, checkpoint)
     restored, _ = store.load(0)
     _same(restored, state)
+    store.close()
+
+
+def _pair_commands() -> list:
+    """Two accounts' worth of history: an account opened, funded, and a debit in flight."""
+    return [
+        OpenAccount(transaction_id="open-a", actor="a", role="user", account_id="a", currency="USD"),
+        Deposit(transaction_id="fund", actor="bank", role="bank", account_id="a", amount="9.00", currency="USD"),
+        Transfer(
+            transaction_id="t",
+            actor="a",
+            role="user",
+            from_account="a",
+            to_account="b",
+            amount="1.00",
+            currency="USD",
+        ),
+    ]
+
+
+def _saved_pair(tmp_path) -> tuple[StateStore, State]:
+    """A store holding partition 0 with that history."""
+    store = StateStore(tmp_path / "store")
+    state, changes = State(), PartitionChanges()
+    _decide(state, _pair_commands(), changes, at_ms=MINUTE_MS)
+    store.save(0, state, changes, Checkpoint(events_offset=3))
+    return store, state
+
+
+@pytest.mark.parametrize(
+    ("what", "key", "value"),
+    [
+        ("undecodable account", b"a/\x00\x00\x00\x00/a", b"\xc1 not msgpack"),
+        ("account of the wrong shape", b"a/\x00\x00\x00\x00/a", msgspec.msgpack.encode(["USD", "user", "active"])),
+        ("negative balance", b"a/\x00\x00\x00\x00/a", msgspec.msgpack.encode(["USD", "user", "active", -5, 2, "a"])),
+        ("unknown status", b"a/\x00\x00\x00\x00/a", msgspec.msgpack.encode(["USD", "user", "gone", 800, 3, "a"])),
+        ("checkpoint of the wrong types", b"o/\x00\x00\x00\x00", msgspec.msgpack.encode(["3", 0, 1, 2])),
+        ("negative checkpoint offset", b"o/\x00\x00\x00\x00", msgspec.msgpack.encode([-1, 0, 1, 2])),
+        ("undecodable memory segment", b"s/\x00\x00\x00\x00/" + b"\x00" * 16, b"\x92\x01"),
+        (
+            "pending debit of an unknown account",
+            b"s/\x00\x00\x00\x00/" + b"\x00" * 7 + b"\x09" + b"\x00" * 8,
+            msgspec.msgpack.encode([["zed", "t2", "d", "pending", None, MINUTE_MS, 100, "b", None]]),
+        ),
+    ],
+)
+def test_a_corrupt_snapshot_is_ignored_and_the_partition_restores_from_the_log_alone(tmp_path, what, key, value):
+    """The snapshot is a cache of the log read back from disk (a trust boundary): one that cannot
+    be read, or holds a state no fold could reach, must not stop the processor nor seed its state."""
+    store, _ = _saved_pair(tmp_path)
+    store._db[key] = value  # what a torn write, a disk fault or a stray tool leaves
+    restored, checkpoint = store.load(0)
+    assert (restored.accounts, restored.memory, restored.clock_ms) == ({}, {}, 0), what
+    assert checkpoint == Checkpoint(), what
+    # The untrusted snapshot is gone: what the restore then saves is read back whole.
+    assert store.partitions() == []
+    rebuilt, changes = State(), PartitionChanges()
+    _decide(rebuilt, _pair_commands(), changes, at_ms=MINUTE_MS)
+    store.save(0, rebuilt, changes, Checkpoint(events_offset=3))
+    again, _ = store.load(0)
+    _same(again, rebuilt)
+    store.close()
+
+
+def test_an_intact_snapshot_still_restores_after_the_checks(tmp_path):
+    store, state = _saved_pair(tmp_path)
+    restored, checkpoint = store.load(0)
+    _same(restored, state)
+    assert checkpoint.events_offset == 3
     store.close()

@@ -37,7 +37,7 @@ from infra.kafka_clients import kafka_security
 from infra.produce import produce_with_room
 from infra.secrets import leg_keys_text
 from infra.settings import Settings
-from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
+from schemas.codec import decode_command, decode_event, decode_outcome, encode
 from schemas.commands import (
     LEG_COMMANDS,
     Close,
@@ -52,14 +52,12 @@ from schemas.commands import (
     Withdraw,
     local_credentials,
     owner_account,
-    owning_partition,
 )
 from schemas.events import Deposited, Event
 from schemas.leg_auth import LegKeyring
-from schemas.outcomes import Outcome, Reason
+from schemas.outcomes import Outcome
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
-from streams.core.errors import UndecidableInput
-from streams.core.machine import apply, dead_letter_outcome
+from streams.core import admission
 from streams.core.money import format_amount
 from streams.core.state import State
 
@@ -178,37 +176,25 @@ def decide(
     keyring = LegKeyring.parse(leg_keys)
     clock = [start_ms]
 
+    def owner_partition(account: str) -> int:
+        return partition_for(account, partition_count)
+
     def deliver(record: Record) -> None:
         record = Record(record.key, record.value, clock[0], record.leg)
         clock[0] += RECORD_TIME_STEP_MS
         partition = partition_for(record.key.decode(), partition_count)
         commands = log.commands[partition]
         commands.append(record)
-        try:
-            command = decode_command(record.value)
-        except SchemaError as error:
-            log.dead_letters.append(DeadLetter(record, str(error), partition, len(commands) - 1))
-            outcome = dead_letter_outcome(record.value, Reason.INVALID_COMMAND)
-            if outcome is not None:
-                log.add(outcome)
-            return
-        if owning_partition(command, lambda account_id: partition_for(account_id, partition_count)) != partition:
-            log.dead_letters.append(
-                DeadLetter(record, "command on a partition that does not own its account", partition, len(commands) - 1)
-            )
-            outcome = dead_letter_outcome(record.value, Reason.WRONG_PARTITION, command)
-            if outcome is not None:
-                log.add(outcome)
-            return
-        # The leg commands have no subclasses: isinstance is type() in.
-        refused = keyring.verify(command) if isinstance(command, LEG_COMMANDS) else None
-        if refused is not None:
-            log.dead_letters.append(DeadLetter(record, refused, partition, len(commands) - 1))
-            return
-        try:
-            decision = apply(log.states[partition], command, record.timestamp_ms)
-        except UndecidableInput as error:
-            log.dead_letters.append(DeadLetter(record, str(error), partition, len(commands) - 1))
+        admitted = admission.admit(record.value, partition, owner_partition, keyring)
+        decision = (
+            admitted
+            if isinstance(admitted, admission.Refusal)
+            else admission.decide(log.states[partition], admitted, record.timestamp_ms)
+        )
+        if isinstance(decision, admission.Refusal):
+            log.dead_letters.append(DeadLetter(record, decision.reason, partition, len(commands) - 1))
+            if decision.outcome is not None:
+                log.add(decision.outcome)
             return
         for event in decision.events:
             log.add(event)

@@ -5,9 +5,10 @@ processor that owns the partition decided them, and each event the core returns,
 compared with the log's event at the same position of the same partition. What the processor
 cannot decide it dead-letters: an undecodable record, one on the wrong partition, a saga leg
 whose MAC does not verify with the processors' keyring, and what the core refuses as
-`UndecidableInput`. The replay makes the same checks in the same order, skips the same records
-and checks that the DLQ names them. Each command is decided at its record's timestamp (the
-broker's LogAppendTime), the time the processor passed to the core.
+`UndecidableInput`. The replay passes every record through the processor's own gate
+(`streams.core.admission`), skips the same records and checks that the DLQ names them. Each
+command is decided at its record's timestamp (the broker's LogAppendTime), the time the
+processor passed to the core.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from consumers.audit.violations import Kind, Location, Violation
-from schemas.codec import SchemaError, decode_command, decode_event, encode
-from schemas.commands import LEG_COMMANDS, Tick, WireCommand, owner_account, owning_partition
+from schemas.codec import SchemaError, decode_event, encode
+from schemas.commands import Tick, WireCommand, owner_account
 from schemas.leg_auth import LegKeyring
 from schemas.partitioning import partition_for
-from streams.core.errors import UndecidableInput
-from streams.core.machine import apply
+from streams.core.admission import Refusal, admit, decide
 from streams.core.state import State
 
 if TYPE_CHECKING:
@@ -59,39 +59,6 @@ class DeterminismResult:
         self.violations += other.violations
 
 
-class _Router:
-    """Decodes a command, checks that it is on its owner's partition and that a saga leg was
-    signed by a processor, as the processor does before the core sees it."""
-
-    def __init__(self, partition: int, partition_count: int, keyring: LegKeyring) -> None:
-        self.partition = partition
-        self.partition_count = partition_count
-        self.keyring = keyring
-        self._owner_partition: dict[str, int] = {}
-
-    def _partition_of(self, account_id: str) -> int:
-        owner_here = self._owner_partition.get(account_id)
-        if owner_here is None:
-            owner_here = self._owner_partition[account_id] = partition_for(account_id, self.partition_count)
-        return owner_here
-
-    def decide_input(self, value: bytes | None) -> tuple[WireCommand, str]:
-        """(command, owning account: "" for a tick); raises SchemaError for what the processor dead-letters."""
-        # The commands topic has no tombstones (every producer writes a value); decoding None
-        # would fail with a TypeError all the same.
-        assert value is not None
-        command = decode_command(value)
-        owner = "" if isinstance(command, Tick) else owner_account(command)
-        owner_here = owning_partition(command, self._partition_of)
-        if owner_here != self.partition:
-            raise SchemaError(f"command for account {owner!r} (partition {owner_here}) on partition {self.partition}")
-        if isinstance(command, LEG_COMMANDS):  # the leg commands have no subclasses: as type() in
-            refused = self.keyring.verify(command)
-            if refused is not None:
-                raise SchemaError(refused)
-        return command, owner
-
-
 def check_determinism(
     commands: PartitionLog,
     events: PartitionLog,
@@ -118,7 +85,14 @@ def check_determinism(
     if commands.timestamps is None:
         raise ValueError("the commands were read without their record timestamps, which the core decides with")
     replay = _PartitionReplay(commands, events, commands_topic, events_topic, result)
-    router = _Router(partition, partition_count, keyring)
+    owner_partitions: dict[str, int] = {}
+
+    def owner_partition(account: str) -> int:
+        found = owner_partitions.get(account)
+        if found is None:
+            found = owner_partitions[account] = partition_for(account, partition_count)
+        return found
+
     values, offsets, timestamps = commands.values, commands.offsets, commands.timestamps
     reported = 0
     undelivered: list[tuple[int, Violation]] = []  # (command offset, violation)
@@ -127,10 +101,13 @@ def check_determinism(
             on_progress(index - reported)
             reported = index
         offset = offsets[index]
-        try:
-            command, owner = router.decide_input(values[index])
-            go_on = replay.step(index, offset, command, owner, timestamps[index])
-        except (SchemaError, UndecidableInput) as error:
+        value = values[index]
+        # The commands topic has no tombstones: every producer writes a value.
+        assert value is not None, f"{commands_topic}[{partition}]@{offset} has no value"
+        # The same gate as the processor's, so the replay skips exactly what it dead-lettered.
+        admitted = admit(value, partition, owner_partition, keyring)
+        go_on = admitted if isinstance(admitted, Refusal) else replay.step(index, offset, admitted, timestamps[index])
+        if isinstance(go_on, Refusal):
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
                 undelivered.append(
@@ -138,7 +115,7 @@ def check_determinism(
                         offset,
                         Violation(
                             Kind.NOT_DEAD_LETTERED,
-                            f"the processor cannot decide this record ({error}) and the DLQ has no record of it",
+                            f"the processor cannot decide this record ({go_on.reason}) and the DLQ has no record of it",
                             commands_topic,
                             partition,
                             offset,
@@ -173,14 +150,12 @@ class _PartitionReplay:
         self.position = 0  # of the next logged event a decided one must equal
         self.decided_offset = -1  # of the last command whose events are in the log
 
-    def step(self, index: int, offset: int, command: WireCommand, owner: str, record_time_ms: int) -> bool:
-        """Decides one command and compares its events; returns whether to go on. Raises
-        UndecidableInput (the state untouched) for what the processor dead-letters."""
+    def step(self, index: int, offset: int, command: WireCommand, record_time_ms: int) -> bool | Refusal:
+        """Decides one command and compares its events; returns whether to go on, or the Refusal
+        (the state untouched) of what the processor dead-letters."""
         result, partition = self.result, self.commands.partition
         try:
-            decision = apply(self.state, command, record_time_ms)
-        except UndecidableInput:
-            raise
+            decision = decide(self.state, command, record_time_ms)
         except Exception as error:  # noqa: BLE001 - any failure of the core on a logged command is a finding
             result.violations.append(
                 Violation(
@@ -189,11 +164,13 @@ class _PartitionReplay:
                     self.commands_topic,
                     partition,
                     offset,
-                    owner,
+                    None if isinstance(command, Tick) else owner_account(command),
                     command.transaction_id,
                 )
             )
             return False
+        if isinstance(decision, Refusal):
+            return decision
         event_values = self.events.values
         if self.position == len(event_values) and decision.events:
             # The log ends before this command's events: it and what follows are not processed yet.

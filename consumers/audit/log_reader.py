@@ -23,7 +23,7 @@ from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 
 READER_THREADS = 2  # consumers reading one topic's partitions side by side
 READ_BATCH_SIZE_MAX = 10_000  # records per consume() call: amortises the Python call over many records
@@ -76,6 +76,7 @@ class TopicLog:
 def reader_config(bootstrap: str) -> dict:
     return {
         **kafka_security("audit"),
+        **FAILOVER_TUNING,
         "bootstrap.servers": bootstrap,
         # Never joins a group or commits; librdkafka wants a group id all the same.
         "group.id": f"wallet-audit-{uuid.uuid4().hex}",

@@ -21,7 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaErr
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 from infra.settings import Settings
 from schemas.codec import SchemaError, decode_event, decode_outcome
 
@@ -40,6 +40,7 @@ class ReadModelError(RuntimeError):
 def consumer_config(settings: Settings) -> dict:
     return {
         **kafka_security("readmodel"),
+        **FAILOVER_TUNING,
         "bootstrap.servers": settings.bootstrap,
         # Never joins or commits: offsets live in the database. librdkafka wants a group id all the same.
         "group.id": f"{settings.topic_prefix}wallet-readmodel",

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -41,14 +40,13 @@ from infra.admin import admin_client
 from infra.kafka_clients import processor_consumer_config, processor_producer_config, restore_consumer_config
 from infra.secrets import leg_keys_text
 from infra.settings import Settings
-from schemas.codec import SchemaError, decode_command, encode
-from schemas.commands import LEG_COMMANDS, CreditLeg, RefundLeg, command_type, owning_partition
+from schemas.codec import encode
 from schemas.events import CommandRejected
 from schemas.leg_auth import LegKeyring
-from schemas.outcomes import Outcome, Reason
+from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
-from streams.core.errors import UndecidableInput
-from streams.core.machine import Decision, apply, dead_letter_outcome
+from streams.core.admission import Refusal, admit, decide
+from streams.core.machine import Decision
 from streams.core.state import State, memory_horizon_ms
 from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
@@ -281,34 +279,12 @@ class Processor:
                 f"{timestamp_type}, not LogAppendTime: create {self.settings.commands_topic} with "
                 f"message.timestamp.type=LogAppendTime (wallet topics create)"
             )
-        try:
-            command = decode_command(record.value())
-        except SchemaError as schema_error:
-            self._dead_letter(record, str(schema_error), dead_letter_outcome(record.value(), Reason.INVALID_COMMAND))
+        admitted = admit(record.value(), partition, self._owner_partition, self._keyring)
+        decision = admitted if isinstance(admitted, Refusal) else decide(task.state, admitted, record_time_ms)
+        if isinstance(decision, Refusal):
+            self._dead_letter(record, decision.reason, decision.outcome)
             return None
-        owner_partition = owning_partition(command, self._owner_partition)
-        if owner_partition != partition:
-            self._dead_letter(
-                record,
-                f"{command_type(command)} {command.transaction_id!r} arrived on partition {partition}, but "
-                f"belongs to partition {owner_partition}: its producer does not use the murmur2 partitioner",
-                dead_letter_outcome(record.value(), Reason.WRONG_PARTITION, command),
-            )
-            return None
-        if type(command) in LEG_COMMANDS:
-            if TYPE_CHECKING:  # the test above, told to mypy
-                assert isinstance(command, (CreditLeg, RefundLeg))
-            refused = self._keyring.verify(command)
-            if refused is not None:
-                self._dead_letter(record, refused)
-                return None
-        try:
-            return apply(task.state, command, record_time_ms)
-        except UndecidableInput as undecidable:
-            # The core raises before folding anything, so the state is untouched. Any other
-            # exception is a bug and stops the process, before the batch commits.
-            self._dead_letter(record, f"the state machine cannot decide it: {undecidable}")
-            return None
+        return decision
 
     def _dead_letter(self, record, reason: str, outcome: Outcome | None = None) -> None:
         self._transactions.dead_letter(record, reason)

@@ -23,6 +23,7 @@ segments in any order and dropping expired ids restores it exactly.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +32,48 @@ from typing import TYPE_CHECKING, cast
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from streams.core.state import PENDING, Account, Remembered, State, index_memory, memory_horizon_ms
+from streams.core.money import BALANCE_MINOR_MAX
+from streams.core.state import (
+    ACTIVE,
+    CLOSED,
+    FAILURE,
+    FROZEN,
+    PENDING,
+    SUCCESS,
+    Account,
+    Remembered,
+    State,
+    index_memory,
+    memory_horizon_ms,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+log = logging.getLogger("wallet.store")
+
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.decode
+# Typed decoders: a value of another shape or type is a DecodeError, not a half-read state.
+_decode_meta = msgspec.msgpack.Decoder(tuple[int, int, int, int]).decode
+_decode_account = msgspec.msgpack.Decoder(tuple[str, str, str, int, int, str]).decode
+_decode_segment = msgspec.msgpack.Decoder(
+    list[tuple[str, str, str, str, str | None, int, int, str | None, int | None]]
+).decode
 _PARTITION = struct.Struct(">I")
 _SEGMENT = struct.Struct(">Q")
+ACCOUNT_STATUSES = frozenset({ACTIVE, FROZEN, CLOSED})
+MEMORY_STATUSES = frozenset({PENDING, SUCCESS, FAILURE})
 SNAPSHOT_FORMAT = 2  # contract v2: owners, pending debits' amounts, credit legs' issued_ms
+
+
+class CorruptSnapshot(Exception):
+    """A snapshot that decodes but holds a state no fold of the log could have produced."""
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise CorruptSnapshot(what)
 
 
 def _prefix(kind: bytes, partition: int) -> bytes:
@@ -72,6 +105,7 @@ class StateStore:
         options.create_if_missing(not read_only)
         access = AccessType.read_only() if read_only else AccessType.read_write()
         self._db = Rdict(str(path), options, access_type=access)
+        self._read_only = read_only
 
     def close(self) -> None:
         self._db.close()
@@ -85,29 +119,61 @@ class StateStore:
         return found
 
     def load(self, partition: int) -> tuple[State, Checkpoint]:
+        """The partition's snapshot, or an empty state at offset 0 (restore from the log alone)
+        when there is none, it has another format, or it cannot be trusted."""
+        # Trust boundary: the snapshot is bytes read back from disk, a cache of the log that a
+        # torn write, a disk fault or a stray tool may have changed. What no fold of the log could
+        # have produced is not loaded; the log, kept forever, rebuilds the partition instead.
+        try:
+            return self._load(partition)
+        except (msgspec.DecodeError, UnicodeDecodeError, CorruptSnapshot) as error:
+            log.warning(
+                "partition %d: the snapshot cannot be trusted (%s); restoring from the log alone", partition, error
+            )
+            if not self._read_only:
+                self._drop(partition)  # so the next save writes a whole, clean snapshot
+            return State(), Checkpoint()
+
+    def _load(self, partition: int) -> tuple[State, Checkpoint]:
         meta = self._db.get(_prefix(b"o", partition)[:-1])
         if meta is None:
             return State(), Checkpoint()
         fields = _unpack(meta)
-        if len(fields) != 4 or fields[3] != SNAPSHOT_FORMAT:
+        if type(fields) is not list or len(fields) != 4 or fields[3] != SNAPSHOT_FORMAT:
             return State(), Checkpoint()  # another format: restore from the log alone
-        checkpoint = Checkpoint(*fields[:3])
+        checkpoint = Checkpoint(*_decode_meta(meta)[:3])
+        _require(
+            min(checkpoint.events_offset, checkpoint.clock_ms, checkpoint.next_segment) >= 0, "a negative checkpoint"
+        )
         state = State(clock_ms=checkpoint.clock_ms)
         for raw_account_id, account_fields in self._scan(_prefix(b"a", partition)):
-            state.accounts[raw_account_id.decode()] = Account(*_unpack(account_fields))
+            account = Account(*_decode_account(account_fields))
+            _require(
+                account.status in ACCOUNT_STATUSES
+                and 0 <= account.balance_minor <= BALANCE_MINOR_MAX
+                and account.seq >= 1,
+                f"account {raw_account_id!r} has no reachable state: {account}",
+            )
+            state.accounts[raw_account_id.decode()] = account
         horizon_ms = memory_horizon_ms(checkpoint.clock_ms)
         for _, segment in self._scan(_prefix(b"s", partition)):
-            for account_id, transaction_id, *remembered in _unpack(segment):
-                key = (account_id, transaction_id)
-                if remembered[3] >= horizon_ms:
-                    state.memory[key] = Remembered(*remembered)
+            for account_id, transaction_id, *fields in _decode_segment(segment):
+                entry = Remembered(*fields)
+                if entry.ts_ms >= horizon_ms:
+                    state.memory[(account_id, transaction_id)] = entry
                 else:
-                    state.memory.pop(key, None)
-        for (account_id, _), remembered in state.memory.items():
+                    state.memory.pop((account_id, transaction_id), None)
+        for (account_id, transaction_id), remembered in state.memory.items():
+            _require(
+                remembered.status in MEMORY_STATUSES and remembered.amount_minor >= 0,
+                f"{transaction_id!r} of {account_id!r} is remembered as {remembered}",
+            )
             if remembered.status == PENDING:
-                account = state.accounts[account_id]
-                account.in_flight_count += 1
-                account.in_flight_minor += remembered.amount_minor
+                debtor = state.accounts.get(account_id)
+                _require(debtor is not None, f"pending debit {transaction_id!r} of unknown account {account_id!r}")
+                assert debtor is not None  # for mypy: _require raised otherwise
+                debtor.in_flight_count += 1
+                debtor.in_flight_minor += remembered.amount_minor
         return index_memory(state), checkpoint
 
     def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
@@ -166,6 +232,17 @@ class StateStore:
         if dropped:
             self._db.write(batch)
         return dropped
+
+    def _drop(self, partition: int) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for kind in (b"a", b"s"):
+            prefix = _prefix(kind, partition)
+            for key in self._raw_keys(prefix):
+                if not key.startswith(prefix):
+                    break
+                batch.delete(key)
+        batch.delete(_prefix(b"o", partition)[:-1])
+        self._db.write(batch)
 
     # The database is opened with raw_mode=True: its keys and values are bytes, whatever
     # rocksdict's stubs say of a database in general.

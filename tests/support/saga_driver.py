@@ -27,14 +27,13 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from schemas.codec import SchemaError, decode_command, decode_event, encode
-from schemas.commands import LEG_COMMANDS, Command, WireCommand, owner_account, owning_partition
+from schemas.codec import decode_event, encode
+from schemas.commands import Command, WireCommand, owner_account
 from schemas.events import Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
-from streams.core.errors import UndecidableInput
-from streams.core.machine import apply
+from streams.core.admission import Refusal, admit, decide
 from streams.core.money import canonical_minor
 from streams.core.state import State, fold
 
@@ -101,7 +100,7 @@ class DeadLetter:
     partition: int
     value: bytes
     reason: str
-    command: WireCommand | None  # the decoded command, when it decoded
+    command: WireCommand | None  # the command the core refused to decide (None: refused before the core)
 
 
 class SagaDriver:
@@ -148,20 +147,14 @@ class SagaDriver:
         if not owner.queue:
             raise DriverError(f"partition {partition} has no record to consume")
         value, record_time_ms = owner.queue.popleft()
-        try:
-            command = decode_command(value)
-        except SchemaError as error:
-            return self._dead_letter(partition, value, str(error), None)
-        if owning_partition(command, self.partition_of) != partition:
-            return self._dead_letter(partition, value, "wrong partition", command)
-        if isinstance(command, LEG_COMMANDS):
-            refused = self.keyring.verify(command)
-            if refused is not None:
-                return self._dead_letter(partition, value, refused, command)
-        try:
-            decision = apply(owner.state, command, record_time_ms)
-        except UndecidableInput as error:
-            return self._dead_letter(partition, value, str(error), command)
+        # The processor's own gate, so the driver dead-letters exactly what a processor would.
+        admitted = admit(value, partition, self.partition_of, self.keyring)
+        if isinstance(admitted, Refusal):
+            return self._dead_letter(partition, value, admitted, None)
+        decision = decide(owner.state, admitted, record_time_ms)
+        if isinstance(decision, Refusal):
+            return self._dead_letter(partition, value, decision, admitted)
+        command = admitted
         for event in decision.events:
             owner.event_records.append(encode(event))
             self.money.add(event)
@@ -174,9 +167,12 @@ class SagaDriver:
             self.outcomes.append(decision.outcome)
         return Step(partition, command, decision.events, decision.outcome)
 
-    def _dead_letter(self, partition: int, value: bytes, reason: str, command: WireCommand | None) -> Step:
-        self.dead_letters.append(DeadLetter(partition, value, reason, command))
-        return Step(partition, command, [], None)
+    def _dead_letter(self, partition: int, value: bytes, refusal: Refusal, command: WireCommand | None) -> Step:
+        self.dead_letters.append(DeadLetter(partition, value, refusal.reason, command))
+        if refusal.outcome is not None:
+            self.outcome_records.append(encode(refusal.outcome))
+            self.outcomes.append(refusal.outcome)
+        return Step(partition, command, [], refusal.outcome)
 
     def drain(self, steps_max: int = DRAIN_STEPS_MAX) -> int:
         """Consumes every partition round-robin until no record is left; returns the steps taken."""

@@ -724,7 +724,7 @@ def _sasl_lines(passwords: dict[str, str]) -> list[str]:
     ]
 
 
-# A cluster's failure detection (the recipe's measurements, docs in ../shared/recipes/cluster-recipe.md):
+# A cluster's failure detection (measured with tests/test_cluster_faults.py):
 # the controller fences a silent broker after the session timeout (default 9 s) and only then moves
 # its leaderships and coordinators; with 3 s (heartbeat every 1 s) one node's loss stalls commits
 # for about 5-8 s instead of 11-18 s.
