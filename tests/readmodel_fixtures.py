@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -38,9 +39,8 @@ from infra.admin import admin_client
 from infra.kafka_clients import kafka_security
 from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
-from schemas.commands import Command, Transfer, owner_account
+from schemas.commands import CaptureHold, Command, OpenAccount, PlaceHold, Transfer, VoidHold, owner_account
 from schemas.events import (
-    HOLD_EVENTS,
     CommandRejected,
     Deposited,
     Event,
@@ -52,8 +52,9 @@ from schemas.events import (
     event_type,
 )
 from schemas.outcomes import Outcome
-from streams.core.money import canonical_balance_minor, canonical_minor
+from streams.core.money import canonical_minor, format_amount
 from streams.core.state import State, fold
+from tests.support.commands import edge
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -187,6 +188,7 @@ def db_url(make_db_url: Callable[[], str]) -> str:
 LOG_ACCOUNT_COUNT = 150
 LOG_OPERATION_COUNT = 6_000
 LOG_HELD_TRANSFER_COUNT = 3
+LOG_HOLD_COUNT = 200
 CATCH_UP_TIMEOUT_S = 60
 KAFKA_READ_TIMEOUT_S = 30
 
@@ -208,7 +210,11 @@ class PublishedLog:
 @pytest.fixture(scope="module")
 def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
     settings = make_settings(4)
-    commands = workload(seed=11, account_count=LOG_ACCOUNT_COUNT, operation_count=LOG_OPERATION_COUNT)
+    commands = with_holds(
+        workload(seed=11, account_count=LOG_ACCOUNT_COUNT, operation_count=LOG_OPERATION_COUNT),
+        seed=11,
+        count=LOG_HOLD_COUNT,
+    )
     transfers = [command.transaction_id for command in commands if type(command) is Transfer]
     held = frozenset(transfers[-LOG_HELD_TRANSFER_COUNT:])
     log = decide(commands, settings.partitions, hold_legs_of=held)
@@ -220,6 +226,48 @@ def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
         read_back(settings, settings.events_topic, decode_event),
         read_back(settings, settings.outcomes_topic, decode_outcome),
     )
+
+
+def with_holds(commands: list[Command], seed: int, count: int) -> list[Command]:
+    """`commands` with `count` holds of its accounts mixed in, each with its later fate: captured in
+    two parts (the second final), captured whole, voided, or left to expire (after 1 ms: the next
+    command its partition decides expires it). Some are refused (funds, currencies, statuses)."""
+    rng = random.Random(seed)
+    opened = [(command.account_id, command.currency) for command in commands if type(command) is OpenAccount]
+    placed: list[tuple[int, Command]] = []  # (position in `commands`, command), the later ones after
+    for number in range(count):
+        (payer, currency), (shop, _) = rng.sample(opened, 2)
+        hold_id, fate = f"hold-{seed}-{number}", number % 4
+        steps: list[Command] = [
+            edge(
+                PlaceHold,
+                transaction_id=hold_id,
+                account_id=payer,
+                to_account=shop,
+                amount=format_amount(rng.randint(100, 50_000), currency),
+                currency=currency,
+                expires_in_ms=1 if fate == 3 else 3_600_000,
+            )
+        ]
+        settle = {"account_id": payer, "hold_id": hold_id}
+        if fate == 0:
+            part = format_amount(rng.randint(1, 100), currency)
+            steps.append(edge(CaptureHold, transaction_id=f"{hold_id}.c1", amount=part, final=False, **settle))
+            steps.append(edge(CaptureHold, transaction_id=f"{hold_id}.c2", amount=part, **settle))
+        elif fate == 1:
+            steps.append(edge(CaptureHold, transaction_id=f"{hold_id}.capture", **settle))
+        elif fate == 2:
+            steps.append(edge(VoidHold, transaction_id=f"{hold_id}.void", **settle))
+        positions = sorted(rng.randrange(len(commands)) for _ in steps)
+        placed.extend(zip(positions, steps, strict=True))
+    mixed: list[Command] = []
+    by_position: dict[int, list[Command]] = {}
+    for position, command in placed:
+        by_position.setdefault(position, []).append(command)
+    for position, command in enumerate(commands):
+        mixed.append(command)
+        mixed.extend(by_position.get(position, ()))
+    return mixed
 
 
 def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) -> dict[int, list[tuple[int, Any]]]:
@@ -285,7 +333,6 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
     entries: list[tuple] = []
     for partition, records in log.events.items():
         state = State()
-        held: dict[str, int] = {}  # what the last hold event of each account says it holds
         upto = events_offsets.get(partition, 0) if events_offsets is not None else None
         for offset, event in records:
             if upto is not None and offset >= upto:
@@ -294,8 +341,6 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
             if isinstance(event, CommandRejected):
                 continue
             account = state.accounts[event.account_id]
-            if isinstance(event, HOLD_EVENTS):
-                held[event.account_id] = canonical_balance_minor(event.held, account.currency)
             # Exactly the events with a sign move an amount.
             amount_minor = (
                 _AMOUNT_SIGN[type(event)] * canonical_minor(event.amount, account.currency)
@@ -324,7 +369,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
                 account.balance_minor,
                 account.seq,
                 getattr(account, "owner", ""),
-                held.get(account_id, 0),
+                account.held_minor,
             )
     return {"accounts": sorted(accounts.values()), "entries": sorted(entries)}
 

@@ -5,6 +5,9 @@ comes out, all in one database transaction. Balances move only through the core'
 so the read model checks the log's arithmetic (gap-free sequences, balance = previous
 balance ± amount) as it goes and stops on a corrupt log instead of storing a wrong balance.
 
+Holds: the account's held total moves through `fold` with its balance; each hold's row (what it
+captured and released, its state) is projected here from its four events, and checked.
+
 A request is identified by (owning account, transaction id): the same id on two accounts is two
 requests with two answers, and no lookup ever gives one's answer for the other. The status of a
 request comes from the events of its owning account (every decision leaves one: a debit is
@@ -146,13 +149,14 @@ def project(
     """
     state = State(
         accounts={
-            row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
+            row.account_id: Account(
+                row.currency, row.kind, row.status, row.balance_minor, row.sequence, held_minor=row.held_minor
+            )
             for row in accounts.values()
         },
         tracks_memory=False,
     )
     owners = {row.account_id: row.owner for row in accounts.values()}
-    held = {row.account_id: row.held_minor for row in accounts.values()}
     hold_rows = dict(holds) if holds is not None else {}
     changed_holds: set[HoldKey] = set()
     entries: list[EntryRow] = []
@@ -177,7 +181,6 @@ def project(
             key = (event.account_id, event.hold_id)
             hold_rows[key] = next_hold(hold_rows.get(key), event)
             changed_holds.add(key)
-            held[event.account_id] = held_after(held.get(event.account_id, 0), event)
 
     for outcome in outcomes:
         request = request_status_of_outcome(outcome)
@@ -196,7 +199,7 @@ def project(
                 account.balance_minor,
                 account.seq,
                 owners.get(account_id, ""),
-                held.get(account_id, 0),
+                account.held_minor,
             )
         )
     return Changes(
@@ -208,7 +211,8 @@ def project(
 
 
 def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
-    """The hold's row after one of its events (new to the read model: `fold` has accepted it).
+    """The hold's row after one of its events (new to the read model: `fold` has accepted it, its
+    amounts and the account's held total, but a fold over accounts alone does not track holds).
 
     The read model checks what it stores: a hold is placed once, changes only while open, never
     captures or releases beyond its amount, and ends having captured or released all of it."""
@@ -221,7 +225,7 @@ def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
             event.hold_id,
             event.to_account,
             event.currency,
-            _minor(event, event.amount),
+            canonical_minor(event.amount, event.currency),
             0,
             0,
             HOLD_OPEN,
@@ -238,9 +242,9 @@ def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
     captured_minor = current.captured_minor
     state = HOLD_EXPIRED if type(event) is HoldExpired else HOLD_VOIDED
     if isinstance(event, HoldCaptured):
-        captured_minor += _minor(event, event.amount)
+        captured_minor += canonical_minor(event.amount, event.currency)
         state = HOLD_CAPTURED if event.final else HOLD_OPEN
-    released_minor = current.released_minor + _minor(event, event.released, zero_allowed=True)
+    released_minor = current.released_minor + canonical_balance_minor(event.released, event.currency)
     settled_minor = captured_minor + released_minor
     if settled_minor > current.amount_minor or (state != HOLD_OPEN and settled_minor != current.amount_minor):
         raise CorruptLog(
@@ -253,34 +257,6 @@ def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
         state=state,
         updated_ms=stored_ts_ms(event.ts_ms),
     )
-
-
-def held_after(held_minor: int, event: HoldEvent) -> int:
-    """The account's held total after a hold event: what the event says, checked against what the
-    event moved (a place adds its amount; a capture takes its amount and what it released; a void
-    or an expiry what it released). Never above the balance: held money is in the balance."""
-    if isinstance(event, HoldPlaced):
-        expected_minor = held_minor + _minor(event, event.amount)
-    else:
-        expected_minor = held_minor - _minor(event, event.released, zero_allowed=True)
-        if isinstance(event, HoldCaptured):
-            expected_minor -= _minor(event, event.amount)
-    stated_minor = _minor(event, event.held, zero_allowed=True)
-    balance = getattr(event, "balance", None)
-    if stated_minor != expected_minor or (balance is not None and stated_minor > _minor(event, balance, True)):
-        raise CorruptLog(
-            f"account {event.account_id!r} seq {event.seq}: held {event.held} {event.currency} after "
-            f"{event_type(event)} of hold {event.hold_id!r} does not follow {held_minor} minor units held"
-        )
-    return stated_minor
-
-
-def _minor(event: HoldEvent, amount: str, zero_allowed: bool = False) -> int:
-    """An amount of a hold event in minor units (positive; or zero too, for a total)."""
-    try:
-        return (canonical_balance_minor if zero_allowed else canonical_minor)(amount, event.currency)
-    except ValueError as error:
-        raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: {error}") from None
 
 
 def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
