@@ -27,7 +27,6 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from pydantic_core import PydanticCustomError
 
 from infra.http import ApiError, FieldError, error_responses
 from producers.api import (
@@ -41,6 +40,7 @@ from producers.api import (
     CurrencyCode,
     TransactionIdText,
     WaitMs,
+    _amount_is_text,
     _amount_pattern,
     _Body,
     _Executor,
@@ -94,13 +94,7 @@ HoldFinder = Callable[[str, str | None], Awaitable[Sequence[FoundHold]]]
 
 
 def _amount_text_or_none(value: Any) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    raise PydanticCustomError(
-        "amount_not_string",
-        'amount must be a JSON string such as "12.34", not a {kind}: numbers lose cents in many JSON libraries',
-        {"kind": type(value).__name__},
-    )
+    return None if value is None else _amount_is_text(value)
 
 
 HoldIdPath = Annotated[

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from consumers.readmodel.consumer import ReadModelConsumer
+from consumers.readmodel.query_api import WAIT_MS_MAX
 from consumers.readmodel.store import ReadModelStore
 from infra.settings import Settings
 from producers.api import ApiOptions
@@ -37,6 +38,7 @@ from wallet.api_app import create_app
 REQUEST_WAIT_MS = 20_000  # generous: the processor may still be joining its group at the first request
 HTTP_TIMEOUT_S = 60
 READ_MODEL_WAIT_S = 20.0
+ACCOUNT_WAIT_MS = WAIT_MS_MAX
 # An expiry of 1 s, then a tick within a tick interval (1 s) or two, then the read model.
 EXPIRY_WAIT_S = 20.0
 POLL_INTERVAL_S = 0.1
@@ -171,7 +173,7 @@ def _hold_when(caller: Caller, hold_id: str, done, wait_s: float = READ_MODEL_WA
 
 
 def _account_at(caller: Caller, account: str, sequence: int) -> dict:
-    response = caller.get(f"/v1/accounts/{account}", min_sequence=sequence, wait_ms=int(READ_MODEL_WAIT_S * 1000))
+    response = caller.get(f"/v1/accounts/{account}", min_sequence=sequence, wait_ms=ACCOUNT_WAIT_MS)
     assert response.status_code == 200, response.text
     return response.json()
 
