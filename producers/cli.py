@@ -325,7 +325,7 @@ def _api_failure(status: int, body: dict) -> ApiCallError:
 
 
 def _hold_settling(args: argparse.Namespace) -> tuple[str, dict, str]:
-    """(path, body, what) of a capture or a void: the API finds the hold's account and currency."""
+    """(path, body, command type) of a capture or a void: the API finds the hold's account and currency."""
     own_id = {"capture": "capture_id", "void": "void_id"}[args.command_name]
     for name, value, length_max in (
         ("hold id", args.hold_id, TRANSACTION_ID_LENGTH_MAX),
@@ -343,7 +343,7 @@ def _hold_settling(args: argparse.Namespace) -> tuple[str, dict, str]:
         if args.amount is not None:
             body["amount"] = args.amount
     path = f"/v1/holds/{urllib.parse.quote(args.hold_id, safe='')}/{args.command_name}{_account_query(args.account)}"
-    return path, body, f"{args.command_name} of hold {args.hold_id}"
+    return path, body, f"{args.command_name}_hold"
 
 
 def _account_query(account: str | None, separator: str = "?") -> str:
@@ -353,11 +353,12 @@ def _account_query(account: str | None, separator: str = "?") -> str:
 def _run_command(args: argparse.Namespace) -> int:
     if args.command_name in ("capture", "void"):
         path, body, what = _hold_settling(args)
+        of_hold = f" of hold {args.hold_id}"
     else:
         command = build_command(args)
         check_ids(command)
         path, body = _route(command)
-        what = command_type(command)
+        what, of_hold = command_type(command), ""
     wait_ms = min(int(args.wait_s * 1000), REQUEST_WAIT_MS_MAX)
     started_s = time.monotonic()
     separator = "&" if "?" in path else "?"
@@ -367,7 +368,7 @@ def _run_command(args: argparse.Namespace) -> int:
     elapsed_ms = (time.monotonic() - started_s) * 1000
     if status not in (200, 202):
         raise _api_failure(status, reply)
-    what = f"{what} {reply['transaction_id']}"
+    what = f"{what} {reply['transaction_id']}{of_hold}"
     if status == 202:
         print(
             f"pending: {what} was published but its outcome was not known within {args.wait_s:.0f} s; "

@@ -348,13 +348,14 @@ def test_the_hold_verbs_of_the_cli_answer_readably_with_an_exit_status_per_outco
     too_much = _wallet(api, sub, "hold", "place", payer, shop, "50", "USD", "--expires-in-s", "600")
     assert too_much.returncode == 1 and "insufficient_funds" in too_much.stdout
     part = _wallet(api, sub, "hold", "capture", hold_id, "--amount", "3", "--no-final", "--tx", f"{hold_id}.c1")
-    assert part.returncode == 0 and part.stdout.startswith(f"success: capture of hold {hold_id} {hold_id}.c1"), (
+    assert part.returncode == 0 and part.stdout.startswith(f"success: capture_hold {hold_id}.c1 of hold {hold_id}"), (
         part.stdout + part.stderr
     )
     beyond = _wallet(api, sub, "hold", "capture", hold_id, "--amount", "6", "--tx", f"{hold_id}.c2")
     assert beyond.returncode == 1 and "capture_exceeds_hold" in beyond.stdout
     voided = _wallet(api, sub, "hold", "void", hold_id)
-    assert voided.returncode == 0 and f"{hold_id}.void" in voided.stdout, voided.stdout + voided.stderr
+    assert voided.returncode == 0, voided.stdout + voided.stderr
+    assert voided.stdout.startswith(f"success: void_hold {hold_id}.void of hold {hold_id}")
     deadline_s = time.monotonic() + READ_MODEL_WAIT_S
     while True:
         shown = _wallet(api, sub, "hold", "show", hold_id)

@@ -91,8 +91,8 @@ def run_holds(settings: Settings, state: StackState) -> bool:
         as_planned &= ended == plan.expected
         captures = f" in {len(plan.captures)} captures" if len(plan.captures) > 1 else ""
         print(
-            f"  {hold['hold_id']:34} {hold['amount']:>7} {hold['currency']}  {hold['state']:8} captured "
-            f"{hold['captured']:>6}{captures}, released {hold['released']:>6}"
+            f"  {hold['hold_id']:34} {hold['amount']:>6} {hold['currency']} {hold['state']:8} ({hold['captured']} "
+            f"captured{captures}, {hold['released']} released)"
             + ("" if ended == plan.expected else f"   NOT as planned: {plan.expected}")
         )
     print(
