@@ -13,6 +13,12 @@ Usable from any Python program; it needs only a bootstrap address and topic name
   digest), so the answer to a retried or conflicting request is never mistaken for another's.
 - `WalletClient` joins the two into request-reply: publish, then wait a bounded time for
   the outcome; `None` means the answer is not known yet (the request is `pending`).
+
+Every client command goes the same way, holds included: for example
+`client.request(client_command(PlaceHold, transaction_id=hold_id, account_id=payer, to_account=shop,
+amount="12.00", currency="USD", expires_in_ms=60_000), wait_s)`, then `CaptureHold` (with
+`hold_id`, `amount` or None for all, `final`) or `VoidHold`, each with its own transaction id
+and the payer as `account_id` (on Kafka there is no read model to find the hold's account).
 """
 
 from __future__ import annotations

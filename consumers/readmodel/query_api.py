@@ -1,11 +1,13 @@
-"""The query side of the HTTP API: balances, history and transaction status, read from the read model.
+"""The query side of the HTTP API: balances, history, holds and transaction status, read from the read model.
 
 `query_router(db_url, settings, caller=...)` is mounted by the app of `wallet api`
 (`wallet/api_app.py`), so one HTTP app serves both sides; `wallet readmodel serve` runs it
 alone (`create_app`). `caller` is the FastAPI dependency that authenticates a request and
 answers who it is (`.sub`) and whether it may read every account (`.reads_everything`:
 the operator and audit scopes); a user reads only the accounts it owns and the requests it
-made. Another's account answers 404 like a missing one, so ids do not leak.
+made. Another's account answers 404 like a missing one, so ids do not leak. A hold is shown
+to the owners of its two accounts (the held one and the destination); `hold_finder` gives the
+command side the holds a caller may capture or void (`producers/api_holds.py`).
 
 Reading your own write: the account and history routes take `min_sequence` (the account
 sequence a client's write produced) and `wait_ms` (default 1000, at most 10000); they answer
@@ -13,8 +15,8 @@ once the read model has reached that sequence; when the wait runs out they answe
 `account_not_found` if the read model has no such account, else 409 `not_caught_up` naming the
 sequence reached. Nothing stale is ever returned as if it were fresh.
 
-Errors are the project's one shape (`infra/http.py`): 404 `account_not_found`, 409
-`not_caught_up`, 503 `readmodel_unavailable` or `kafka_unavailable`, 422 `invalid_request`.
+Errors are the project's one shape (`infra/http.py`): 404 `account_not_found` or
+`hold_not_found`, 409 `not_caught_up` or `ambiguous_transaction_id`, 503 `readmodel_unavailable` or `kafka_unavailable`, 422 `invalid_request`.
 """
 
 from __future__ import annotations
