@@ -16,7 +16,8 @@ once the read model has reached that sequence; when the wait runs out they answe
 sequence reached. Nothing stale is ever returned as if it were fresh.
 
 Errors are the project's one shape (`infra/http.py`): 404 `account_not_found` or
-`hold_not_found`, 409 `not_caught_up` or `ambiguous_transaction_id`, 503 `readmodel_unavailable` or `kafka_unavailable`, 422 `invalid_request`.
+`hold_not_found`, 409 `not_caught_up` or `ambiguous_transaction_id`, 503 `readmodel_unavailable`
+or `kafka_unavailable`, 422 `invalid_request`.
 """
 
 from __future__ import annotations
