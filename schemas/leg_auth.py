@@ -14,7 +14,6 @@ reproduces the signed legs byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 
@@ -68,7 +67,8 @@ class LegKeyring:
         return list(self._keys)
 
     def _mac(self, key: bytes, leg: CreditLeg | RefundLeg) -> str:
-        return hmac.new(key, encode(leg), hashlib.sha256).digest()[:MAC_BYTES].hex()
+        # hmac.digest: OpenSSL's one-shot HMAC, a fifth of the cost of building an hmac.HMAC object.
+        return hmac.digest(key, encode(leg), "sha256")[:MAC_BYTES].hex()
 
     def sign(self, leg: CreditLeg | RefundLeg) -> CreditLeg | RefundLeg:
         unsigned = msgspec.structs.replace(leg, kid=self.signing_kid, mac="")
