@@ -582,6 +582,7 @@ class BenchOptions:
     keep_topics: bool
     kafka_streams: bool = True
     holds: int = HOLDS_DEFAULT  # 0: no hold stage
+    metrics_port: int | None = None  # the processor serves its Prometheus metrics there (watch a run)
 
     @property
     def faust_accounts(self) -> int:
@@ -985,6 +986,7 @@ class Bench:
                 str(options.batch_size_max),
                 "--commit-interval-ms",
                 str(options.commit_interval_ms),
+                *(["--metrics-port", str(options.metrics_port)] if options.metrics_port is not None else []),
             ],
             marker=PROCESSOR_READY_MARKER,
         )
@@ -1617,6 +1619,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the processor under cProfile, write its stats to FILE and print the top entries",
     )
     parser.add_argument("--keep-topics", action="store_true", help="leave the benchmark topics for inspection")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="the processor serves its Prometheus metrics on 127.0.0.1:PORT (default: not served)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
 
 
@@ -1645,6 +1653,7 @@ def run(args: argparse.Namespace) -> int:
         keep_topics=args.keep_topics,
         kafka_streams=not args.skip_kafka_streams,
         holds=max(args.holds, 0),
+        metrics_port=args.metrics_port,
     )
     from wallet.localkafka import LocalKafkaError
 

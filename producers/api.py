@@ -62,6 +62,7 @@ BODY_BYTES_MAX = 16 * 1024
 # How long a request waits for the outcome consumer to connect before answering 503.
 CONSUMER_READY_WAIT_S = 2.0
 BROKER_CHECK_TIMEOUT_S = 1.0
+READY_CHECK_TIMEOUT_S = 1.0
 STATUS_CACHE_SIZE = 100_000
 
 
@@ -324,10 +325,13 @@ class _Executor:
         finally:
             if limited:
                 self.gate.limiter.leave_wait(command.actor)
+        answers = request.app.state.metrics.command_answers
         if outcome is None:
+            answers.labels(command_type_name(type(command)), "pending").inc()
             return JSONResponse(
                 CommandReply(status="pending", transaction_id=command.transaction_id).model_dump(), status_code=202
             )
+        answers.labels(command_type_name(type(command)), outcome.status).inc()
         return JSONResponse(
             CommandReply(
                 status=outcome.status, transaction_id=outcome.transaction_id, reason=outcome.reason
@@ -500,6 +504,9 @@ def cached_status_router(gate: Gate) -> APIRouter:
 
 
 def health_router(readmodel: bool) -> APIRouter:
+    """`/healthz`: liveness (the process answers; 200 whatever Kafka does, so a supervisor restarts only a
+    hung process). `/readyz`: readiness (200 only while a command can be published and answered; 503
+    naming each check that failed, so a load balancer sends no traffic to an API cut off from Kafka)."""
     router = APIRouter(tags=["operations"])
 
     @router.get("/healthz", summary="the process answers; is its outcome consumer connected? (no token needed)")
@@ -507,12 +514,58 @@ def health_router(readmodel: bool) -> APIRouter:
         client: WalletClient = request.app.state.client
         return HealthReply(status="ok", outcomes_consumer_ready=client.waiter.ready, readmodel=readmodel)
 
+    @router.get(
+        "/readyz",
+        summary="can a command be published and answered now? 503 names what is not usable (no token needed)",
+        responses=error_responses(503),
+    )
+    async def ready(request: Request) -> ReadyReply:
+        client: WalletClient = request.app.state.client
+        problems = await asyncio.to_thread(readiness_problems, client, READY_CHECK_TIMEOUT_S)
+        if problems:
+            raise ApiError(
+                503,
+                "not_ready",
+                "; ".join(problem.message for problem in problems),
+                problems,
+                headers={"Retry-After": "1"},
+            )
+        return ReadyReply(status="ready", readmodel=readmodel)
+
     return router
+
+
+def readiness_problems(client: WalletClient, timeout_s: float) -> list[FieldError]:
+    """What stops a command from being published and answered now: each an error naming its check."""
+    problems = []
+    if not client.waiter.ready:
+        problems.append(
+            FieldError(
+                field="outcomes_consumer",
+                reason="not_ready",
+                message=f"the outcome consumer of {client.waiter.outcomes_topic} is not positioned yet "
+                f"(last error: {client.waiter.last_error or 'none reported'})",
+            )
+        )
+    if not client.publisher.broker_reachable(timeout_s):
+        problems.append(
+            FieldError(
+                field="kafka",
+                reason="unreachable",
+                message=f"no Kafka broker answered a metadata request for the commands topic within {timeout_s:.0f} s",
+            )
+        )
+    return problems
 
 
 class HealthReply(BaseModel):
     status: Literal["ok"]
     outcomes_consumer_ready: bool
+    readmodel: bool
+
+
+class ReadyReply(BaseModel):
+    status: Literal["ready"]
     readmodel: bool
 
 

@@ -588,6 +588,11 @@ class OutcomeWaiter:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def waiting_count(self) -> int:
+        """Requests waiting for their outcome now."""
+        return self._waiting_count
+
     def unavailable_reason(self, waited_s: float) -> str:
         return (
             f"not connected to Kafka: the outcome consumer of {self.outcomes_topic} was not ready within "

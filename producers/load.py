@@ -22,7 +22,7 @@ from typing import TextIO, cast
 from confluent_kafka import KafkaException
 from tqdm import tqdm
 
-from consumers.audit import log_reader
+from infra import log_reader
 from infra.settings import Settings
 from producers.client import (
     CommandPublisher,

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from infra.metrics import add_metrics_options
 from streams.core.money import format_amount
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.store import StateStore
@@ -68,6 +69,7 @@ def register(subparsers) -> None:
         help="a partition quiet this long whose hold has expired gets a tick command, so the hold "
         f"expires without other traffic; 0 disables ticks (default {defaults.tick_interval_ms})",
     )
+    add_metrics_options(parser)
     parser.set_defaults(handler=_run)
     actions = parser.add_subparsers(dest="processor_action", metavar="ACTION")
     dump = actions.add_parser("dump-state", help="print a processor's RocksDB snapshot as JSON")
@@ -76,7 +78,9 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from infra.metrics import new_registry, serve_if_asked
     from infra.settings import settings_from_args
+    from streams.runtime.metrics import ProcessorMetrics
 
     settings = settings_from_args(args)
     logging.basicConfig(
@@ -94,7 +98,15 @@ def _run(args: argparse.Namespace) -> int:
         kafka_call_timeout_ms=args.kafka_call_timeout_ms,
         tick_interval_ms=args.tick_interval_ms,
     )
-    Processor(settings, config).run()
+    registry = new_registry()
+    metrics = ProcessorMetrics(registry)
+    # Served from the start, so that a long restore is watched as it happens.
+    server = serve_if_asked(args, registry)
+    try:
+        Processor(settings, config, metrics).run()
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 

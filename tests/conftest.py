@@ -9,19 +9,24 @@ project's local broker if one already answers on its port (`wallet kafka start`)
 session starts on free ports in a temporary folder and stops at its end. With
 WALLET_TEST_BROKERS=3 the session starts a local KRaft cluster of three nodes instead (never
 reusing a running broker), and the topics the tests make have replication factor 3.
+
+`./dev test` runs the suite on parallel pytest-xdist workers (`--dist loadfile`: a module's tests,
+and its module-scoped broker topics and processors, stay on one worker). Each worker is its own
+session: its own broker on free ports, its own temporary folders, its own PostgreSQL server, and
+topics under unique prefixes. The cluster fault tests, which measure stalls, are scheduled first,
+and the other workers (and all they start) run at a lower CPU priority than theirs.
 """
 
 from __future__ import annotations
 
 import os
-import random
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
+from infra.ports import free_loopback_ports, free_port_ladder, port_accepts
 from infra.settings import LOCAL_NODE_PORT_STEP, Settings
 from wallet import localkafka
 
@@ -36,54 +41,95 @@ BROKER_START_TIMEOUT_S = 90  # CI machines are slower than a warm laptop; a loca
 TOPIC_TIMEOUT_S = 30
 TEST_BROKERS_VARIABLE = "WALLET_TEST_BROKERS"
 CLUSTER_START_TIMEOUT_S = 240  # three JVMs on a loaded 2-core machine: measured 80-90 s at a load of 20
-# Below Linux's ephemeral range (32768-60999), so no client socket or `bind(0)` of a parallel test
-# session takes a cluster node's fixed port between the check and the JVM's bind.
-_LADDER_PORTS = (20000, 32000)
 
 
 def session_broker_count() -> int:
     return int(os.environ.get(TEST_BROKERS_VARIABLE, "").strip() or "1")
 
 
+# A pytest-xdist worker's niceness: the worker running the cluster fault tests takes it back
+# (`take_cpu_priority`), so their stall figures are not those of a machine busy with the rest.
+PARALLEL_WORKER_NICENESS = 5
+FIGURE_PROPERTY = "figure"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        os.nice(PARALLEL_WORKER_NICENESS)
+
+
+def take_cpu_priority() -> None:
+    """Back to niceness 0 if this worker yielded it (needs root, as CI runs; elsewhere it stays)."""
+    niceness = os.nice(0)
+    if niceness > 0:
+        try:
+            os.nice(-niceness)
+        except PermissionError:
+            pass
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.kafka)
+    # The longest module first, so that the parallel run does not end waiting for it (a stable
+    # sort: within each part, the collection's order).
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
 
 
-def free_loopback_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now (held open together so they are distinct)."""
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
+CLUSTER_TESTS_FILE = "tests/test_cluster_faults.py"
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, except that the worker given the cluster fault tests gets no other module
+    queued behind them: they are the longest, and a module waiting for them would end the run late."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # only under pytest-xdist
+
+    class ClusterAloneScheduling(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            # `assigned_work`: node -> module -> {node id: done} (pytest-xdist 3.x, pinned below 4).
+            if not all(self.assigned_work.get(node, {}).get(CLUSTER_TESTS_FILE, {}).values()):
+                return
+            super()._reschedule(node)
+
+    return ClusterAloneScheduling(config, log)
+
+
+@pytest.fixture
+def report_figure(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    """`report_figure(text)`: a figure the test measured, printed at the end of the run (a worker's
+    own output is not shown under pytest-xdist)."""
+
+    def report(text: str) -> None:
+        record_property(FIGURE_PROPERTY, text)
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    figures = [
+        (report.start, report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == FIGURE_PROPERTY
+    ]
+    if figures:
+        terminalreporter.section("figures the tests measured")
+        # In the order the tests ran (a stable sort keeps a test's own figures in order).
+        for _, nodeid, text in sorted(figures, key=lambda figure: figure[0]):
+            terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {text}")
 
 
 def free_cluster_ports(nodes: int) -> tuple[int, int]:
     """(client port, controller port) of node 1 of a local cluster such that every node's pair
     (each `LOCAL_NODE_PORT_STEP` further) is free right now."""
-    low, high = _LADDER_PORTS
-    for _ in range(1000):
-        base = random.randrange(low, high - LOCAL_NODE_PORT_STEP * nodes, 2)
-        if all(
-            _port_is_free(base + LOCAL_NODE_PORT_STEP * node + offset) for node in range(nodes) for offset in (0, 1)
-        ):
-            return base, base + 1
-    raise RuntimeError(f"no free ports for a {nodes}-node cluster in {low}..{high}")
+    base = free_port_ladder(nodes, LOCAL_NODE_PORT_STEP)
+    return base, base + 1
 
 
 def start_private_cluster(run_dir, nodes: int) -> Settings:
@@ -99,14 +145,6 @@ def start_private_cluster(run_dir, nodes: int) -> Settings:
     localkafka.fetch_jars(settings)
     localkafka.start(settings, timeout_s=CLUSTER_START_TIMEOUT_S, stop_with_parent=True)
     return settings
-
-
-def _port_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +165,7 @@ def session_local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             localkafka.stop(cluster)
         return
 
-    if _port_accepts(configured.local_kafka_port):
+    if port_accepts(configured.local_kafka_port):
         try:
             wait_for_broker(configured.bootstrap, REUSE_PROBE_TIMEOUT_S)
         except BrokerUnavailableError as error:

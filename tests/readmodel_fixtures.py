@@ -16,7 +16,6 @@ import glob
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ from consumers.readmodel.projection import TransactionRow
 from consumers.readmodel.store import ReadModelStore
 from infra.admin import admin_client
 from infra.kafka_clients import kafka_security
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import CaptureHold, Command, OpenAccount, PlaceHold, Transfer, VoidHold, owner_account
@@ -76,12 +76,6 @@ def _postgres_bin_dir() -> Path | None:
     return found[-1] if found else None
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _as_postgres_user(argv: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return argv
@@ -117,7 +111,7 @@ def postgres_server_url() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(base_dir, POSTGRES_OS_USER, POSTGRES_OS_USER)
     data_dir = base_dir / "data"
-    port = _free_loopback_port()
+    (port,) = free_loopback_ports(1)
     _run(
         [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
         "initdb",

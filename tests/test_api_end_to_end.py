@@ -21,11 +21,11 @@ import pytest
 
 from benchmarks.api_latency import measure_api_latency
 from infra.admin import ensure_topics
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.api import ApiOptions
 from producers.load import LoadSpec, ledger_balances, run_load
 from streams.core.money import canonical_balance_minor
-from tests.conftest import free_loopback_ports
 from tests.support.auth import TEST_SECRET, auth_config, bearer, token
 from tests.support.processes import ProcessorProcess
 from tests.support.serving import serving_in_thread

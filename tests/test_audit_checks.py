@@ -10,9 +10,9 @@ import msgspec
 from benchmarks.support.reference_pipeline import REFERENCE_LEG_KEYS, Record, ReferenceLog, decide, raw_command
 from consumers.audit.determinism import DeterminismResult, check_determinism
 from consumers.audit.ledger import LedgerReplay
-from consumers.audit.log_reader import PartitionLog
 from consumers.audit.snapshots import StateSnapshot, accounts_view
 from consumers.audit.violations import Kind
+from infra.log_reader import PartitionLog
 from schemas.codec import decode_event, decode_outcome, encode
 from schemas.commands import CreditLeg, Deposit, OpenAccount, Transfer
 from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded

@@ -25,9 +25,9 @@ from confluent_kafka.admin import AdminClient
 from benchmarks.support.reference_pipeline import Record, ReferenceLog, decide, publish, raw_command
 from consumers.audit import run_audit
 from consumers.audit.balance import balance_at, parse_time_ms
-from consumers.audit.log_reader import read_topic
 from consumers.audit.snapshots import accounts_view
 from consumers.audit.violations import Kind
+from infra.log_reader import read_topic
 from schemas.codec import SchemaError, decode_command, decode_event, decode_outcome, encode
 from schemas.commands import (
     Command,

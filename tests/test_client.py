@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.client import (
     BackPressureTimeout,
@@ -26,7 +27,6 @@ from schemas.commands import Deposit, Transfer
 from schemas.outcomes import Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core.money import AmountError
-from tests.conftest import free_loopback_ports
 from tests.support.commands import edge
 
 READY_TIMEOUT_S = 15

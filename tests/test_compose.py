@@ -8,6 +8,7 @@ database URL, health-gated start order) must agree between services.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import tomllib
 from urllib.parse import urlsplit
@@ -22,8 +23,10 @@ from wallet.localkafka import KAFKA_VERSION
 COMPOSE_PATH = PROJECT_ROOT / "docker-compose.yml"
 DOCKERFILE_PATH = PROJECT_ROOT / "Dockerfile"
 
-EXPECTED_SERVICES = {"kafka", "postgres", "topics", "processor", "api", "readmodel"}
+EXPECTED_SERVICES = {"kafka", "postgres", "topics", "processor", "api", "readmodel", "prometheus", "grafana"}
 WALLET_SERVICES = {"topics", "processor", "api", "readmodel"}
+MONITORED_SERVICES = {"processor", "api", "readmodel"}
+MONITORING_DIR = PROJECT_ROOT / "monitoring"
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +120,43 @@ def test_dockerfile_installs_every_package_of_the_project() -> None:
     includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     copied = set(re.findall(r"^COPY (\w+) ", dockerfile, flags=re.MULTILINE))
     assert {pattern.rstrip("*") for pattern in includes} <= copied
+
+
+def _option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_prometheus_scrapes_every_service_on_the_port_it_serves_metrics_on(services: dict) -> None:
+    config = yaml.safe_load((MONITORING_DIR / "prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: (sd["names"], sd["port"]) for job in config["scrape_configs"] for sd in job["dns_sd_configs"]
+    }
+    assert set(targets) == MONITORED_SERVICES
+    for name in MONITORED_SERVICES:
+        command = services[name]["command"]
+        # Reached from the prometheus container: the port must listen beyond the container's loopback.
+        assert _option(command, "--metrics-host") == "0.0.0.0", name
+        assert targets[name] == ([name], int(_option(command, "--metrics-port"))), name
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in services["prometheus"]["volumes"]}
+    assert mounted["/etc/prometheus/prometheus.yml"] == "./monitoring/prometheus.yml"
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert mounted["/etc/prometheus/alerts.yml"] == "./monitoring/alerts.yml"
+
+
+def test_grafana_is_provisioned_with_the_prometheus_datasource_and_the_dashboard(services: dict) -> None:
+    grafana = services["grafana"]
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in grafana["volumes"]}
+    assert mounted["/etc/grafana/provisioning"] == "./monitoring/grafana/provisioning"
+    provider = yaml.safe_load((MONITORING_DIR / "grafana/provisioning/dashboards/streamwallet.yml").read_text())
+    dashboards_in_container = provider["providers"][0]["options"]["path"]
+    assert mounted[dashboards_in_container] == "./monitoring/grafana/dashboards"
+    datasource = yaml.safe_load((MONITORING_DIR / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    (source,) = datasource["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    dashboard = json.loads((MONITORING_DIR / "grafana/dashboards/streamwallet.json").read_text())
+    used = {panel["datasource"]["uid"] for panel in dashboard["panels"] if panel["type"] != "row"} | {
+        target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    }
+    assert used == {source["uid"]}
+    # The wallet's secrets stay with the wallet's services.
+    assert "env_file" not in grafana and "env_file" not in services["prometheus"]

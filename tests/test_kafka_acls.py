@@ -35,13 +35,14 @@ from infra.kafka_clients import (
     processor_producer_config,
     restore_consumer_config,
 )
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.client import WalletClient
 from schemas.codec import decode_event
 from schemas.commands import Deposit, OpenAccount, Transfer
 from schemas.events import Event
 from streams.core.state import State, fold
-from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S, free_loopback_ports
+from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S
 from tests.support.kafka_io import read_topic
 from tests.support.processes import ProcessorProcess
 from wallet import localkafka

@@ -16,9 +16,9 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from confluent_kafka.admin import ConfigResource, ResourceType
 
 from infra.admin import TopicMismatchError, admin_client, ensure_topics, topic_names
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from infra.supervision import read_proc_stat
-from tests.conftest import free_loopback_ports
 from wallet import localkafka
 
 TRANSACTION_TIMEOUT_S = 30

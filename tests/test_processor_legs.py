@@ -144,7 +144,7 @@ def test_the_broker_stamps_every_command_and_the_decision_carries_its_time(runni
 
 
 def _command_records(settings) -> list[tuple[int, bytes]]:
-    from consumers.audit.log_reader import read_topic as read_log
+    from infra.log_reader import read_topic as read_log
 
     log = read_log(settings.bootstrap, settings.commands_topic, with_timestamps=True)
     records = []

@@ -19,6 +19,7 @@ from confluent_kafka import KafkaException, Producer
 
 from consumers.audit import run_audit
 from infra.admin import ensure_topics
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from schemas.codec import decode_event, encode
 from schemas.commands import Deposit, OpenAccount
@@ -26,7 +27,6 @@ from streams.cli import state_dump
 from streams.core.state import State, fold
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.transactions import TransactionAborted
-from tests.conftest import free_loopback_ports
 from tests.support.commands import edge
 from tests.support.kafka_io import OutcomeCollector, command_producer, publish, read_topic
 from wallet import localkafka

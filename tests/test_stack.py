@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from infra.supervision import read_proc_stat, start_ticks_of
-from tests.conftest import free_loopback_ports
 from wallet.stack import ManagedProcess, is_alive, state_path
 
 COMMAND_TIMEOUT_S = 180

@@ -14,6 +14,8 @@ import sys
 _COMMAND_MODULES = (
     "wallet.commands_kafka",
     "wallet.stack",
+    "wallet.health",
+    "wallet.top",
     "wallet.demo",
     "wallet.commands_api",
     "streams.cli",

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from infra.metrics import add_metrics_options
 from infra.settings import settings_from_args
 from producers.client import REQUEST_WAIT_MS_DEFAULT
 
@@ -35,13 +36,16 @@ def _register_api(subparsers: argparse._SubParsersAction) -> None:
     )
     api.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")
     api.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    add_metrics_options(api)
     api.set_defaults(handler=_serve_api)
 
 
 def _serve_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from infra.metrics import new_registry, serve_if_asked
     from producers.api import ApiOptions
+    from producers.api_metrics import ApiMetrics
     from producers.auth import AuthConfig
     from wallet.api_app import create_app
 
@@ -54,14 +58,30 @@ def _serve_api(args: argparse.Namespace) -> int:
     logging.getLogger("wallet.producers.kafka").setLevel(logging.CRITICAL)  # one line per refused connection otherwise
     settings = settings_from_args(args)
     auth = AuthConfig.from_environment(settings, enabled=args.auth == "on")
+    registry = new_registry()
+    metrics = ApiMetrics(registry)
     app = create_app(
-        settings, ApiOptions(request_wait_ms=args.request_wait_ms), readmodel_db=args.readmodel_db, auth=auth
+        settings,
+        ApiOptions(request_wait_ms=args.request_wait_ms),
+        readmodel_db=args.readmodel_db,
+        auth=auth,
+        metrics=metrics,
     )
+    server = serve_if_asked(args, registry)
     scheme = "https" if args.tls_cert else "http"
     print(f"serving the wallet API at {scheme}://{args.host}:{args.port} (OpenAPI: /docs, /openapi.json)", flush=True)
     if not auth.enabled:
         print("WARNING: AUTHENTICATION IS OFF (--auth off): every caller may move any money", flush=True)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            ssl_certfile=args.tls_cert,
+            ssl_keyfile=args.tls_key,
+        )
+    finally:
+        if server is not None:
+            server.close()
     return 0

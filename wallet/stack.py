@@ -33,6 +33,7 @@ from confluent_kafka import KafkaException
 
 from infra.acls import AclProvisioningError, ensure_acls
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
+from infra.ports import free_loopback_ports
 from infra.settings import Settings, settings_from_args
 from infra.supervision import Supervised, SupervisionError, is_running, log_tail, start_ticks_of, stop_together
 from wallet import localkafka
@@ -63,6 +64,7 @@ class ManagedProcess:
     started_by_up: bool = True
     arguments: tuple[str, ...] = ()  # the `wallet` arguments it was started with, to restart it alike
     node_id: int | None = None  # a Kafka node's KRaft id
+    metrics_port: int | None = None  # where it serves Prometheus metrics (loopback); None for Kafka
 
     def supervised(self) -> Supervised:
         # Every process `up` spawns leads its own session; the broker is stopped through localkafka.
@@ -126,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ps.add_argument(
         "--json",
         action="store_true",
-        help='print a JSON list of {"role", "pid", "port"} objects (Kafka nodes also "node_id")',
+        help='print a JSON list of {"role", "pid", "port", "metrics_port"} objects (Kafka nodes also "node_id")',
     )
     ps.set_defaults(handler=reporting_errors(_ps))
 
@@ -224,6 +226,8 @@ def up(
             print(f"topics: {', '.join(f'{name} {how}' for name, how in ensure_topics(settings).items())}", file=out)
             if own_principals:
                 print(f"acls: {len(ensure_acls(settings))} grants for the service principals", file=out)
+            # One metrics port per service, each named on its command line, so a restart serves on it again.
+            metrics_ports = iter(free_loopback_ports(processors + 2))
             for index in range(1, processors + 1):
                 name = f"processor-{index}"
                 started.append(
@@ -233,16 +237,19 @@ def up(
                         name,
                         None,
                         ["processor", "--instance-id", name, "--store", str(settings.run_dir / name)],
+                        next(metrics_ports),
                     )
                 )
             db_url = readmodel_db_url(settings) if readmodel else None
             if db_url is not None:
-                started.append(_spawn(settings, "readmodel", "readmodel", None, ["readmodel", "--db", db_url]))
+                started.append(
+                    _spawn(settings, "readmodel", "readmodel", None, ["readmodel", "--db", db_url], next(metrics_ports))
+                )
             api_arguments = ["api", "--host", "127.0.0.1", "--port", str(port)]
             if db_url is not None:
                 api_arguments += ["--readmodel-db", db_url]
             api_arguments += ["--auth", "on" if auth else "off"]
-            started.append(_spawn(settings, "api", "api", port, api_arguments))
+            started.append(_spawn(settings, "api", "api", port, api_arguments, next(metrics_ports)))
             state = StackState(f"http://127.0.0.1:{port}", settings.bootstrap, settings.topic_prefix, started)
             state.save(state_path(settings))
             _wait_until_serving(settings, state, timeout_s)
@@ -271,7 +278,9 @@ def _restart_exited(settings: Settings, state: StackState, timeout_s: float, out
                 f"{process.name} has exited and its command line was not recorded; run `wallet down`, then `wallet up`"
             )
         else:
-            restarted = _spawn(settings, process.role, process.name, process.port, list(process.arguments))
+            restarted = _spawn(
+                settings, process.role, process.name, process.port, list(process.arguments), process.metrics_port
+            )
             print(f"restarted {process.name} (pid {restarted.pid}, was {process.pid})", file=out)
             processes.append(restarted)
     if processes == state.processes:
@@ -313,7 +322,13 @@ def _start_kafka(settings: Settings, out: TextIO) -> list[ManagedProcess]:
     ]
 
 
-def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments: list[str]) -> ManagedProcess:
+def _spawn(
+    settings: Settings, role: str, name: str, port: int | None, arguments: list[str], metrics_port: int | None
+) -> ManagedProcess:
+    """Starts `wallet ARGUMENTS`; with `metrics_port`, serving metrics there unless the recorded arguments
+    (of a process started again) already say so."""
+    if metrics_port is not None and "--metrics-port" not in arguments:
+        arguments = [*arguments, "--metrics-port", str(metrics_port)]
     global_arguments = ["--bootstrap", settings.bootstrap]
     if settings.topic_prefix:
         global_arguments += ["--topic-prefix", settings.topic_prefix]
@@ -326,7 +341,16 @@ def _spawn(settings: Settings, role: str, name: str, port: int | None, arguments
         # Its own session: it outlives `wallet up`, and a Ctrl-C in this terminal does not reach it.
         own_session=True,
     )
-    return ManagedProcess(role, name, process.pid, port, str(log_path), process.start_ticks, arguments=tuple(arguments))
+    return ManagedProcess(
+        role,
+        name,
+        process.pid,
+        port,
+        str(log_path),
+        process.start_ticks,
+        arguments=tuple(arguments),
+        metrics_port=metrics_port,
+    )
 
 
 def _wait_until_serving(settings: Settings, state: StackState, timeout_s: float) -> None:
@@ -508,6 +532,12 @@ def _up(args: argparse.Namespace) -> int:
     )
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")
+    served = [p for p in state.processes if p.metrics_port is not None]
+    print(
+        "Prometheus metrics: "
+        + ", ".join(f"{p.name} http://127.0.0.1:{p.metrics_port}/metrics" for p in served)
+        + "; watch them with `wallet top`"
+    )
     print(f"the wallet API answers at {state.api_url} (OpenAPI: {state.api_url}/docs); stop with `wallet down`")
     print_auth(args.auth == "on")
     return 0
@@ -548,6 +578,7 @@ def _ps(args: argparse.Namespace) -> int:
                         "role": p.role,
                         "pid": p.pid,
                         "port": p.port,
+                        "metrics_port": p.metrics_port,
                         **({"node_id": p.node_id or 1} if p.role == "kafka" else {}),
                     }
                     for p in processes
@@ -558,8 +589,10 @@ def _ps(args: argparse.Namespace) -> int:
     if not processes:
         print("nothing runs (start the stack with `wallet up`)")
         return 0
-    print(f"{'ROLE':10} {'NAME':13} {'PID':>8} {'PORT':>6}  LOG")
+    print(f"{'ROLE':10} {'NAME':13} {'PID':>8} {'PORT':>6} {'METRICS':>7}  LOG")
     for p in processes:
         note = "" if p.started_by_up else "  (not started by `wallet up`; `wallet down` leaves it running)"
-        print(f"{p.role:10} {p.name:13} {p.pid:>8} {p.port if p.port is not None else '-':>6}  {p.log or '-'}{note}")
+        port = p.port if p.port is not None else "-"
+        metrics_port = p.metrics_port if p.metrics_port is not None else "-"
+        print(f"{p.role:10} {p.name:13} {p.pid:>8} {port:>6} {metrics_port:>7}  {p.log or '-'}{note}")
     return 0

@@ -6,35 +6,15 @@ from __future__ import annotations
 
 import gc
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from infra.ports import free_loopback_ports, port_accepts
 from infra.settings import Settings
 
 BROKER_START_TIMEOUT_S = 90.0
-
-
-def free_loopback_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now (held open together so they are distinct)."""
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def port_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @contextmanager

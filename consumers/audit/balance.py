@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from consumers.audit.log_reader import READ_TIMEOUT_S_DEFAULT, partition_count, read_topic
+from infra.log_reader import READ_TIMEOUT_S_DEFAULT, partition_count, read_topic
 from infra.settings import Settings
 from schemas.codec import decode_event
 from schemas.events import CommandRejected

@@ -14,9 +14,9 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 
 from consumers.audit.balance import balance_at, parse_time_ms
-from consumers.audit.log_reader import READ_TIMEOUT_S_DEFAULT, LogReadError
 from consumers.audit.runner import run_audit
 from consumers.audit.snapshots import AuditSetupError
+from infra.log_reader import READ_TIMEOUT_S_DEFAULT, LogReadError
 from streams.core.state import CorruptLog
 
 EXIT_PASSED, EXIT_VIOLATIONS, EXIT_CANNOT_AUDIT = 0, 1, 2

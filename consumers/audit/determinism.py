@@ -26,7 +26,7 @@ from streams.core.admission import Refusal, admit, decide
 from streams.core.state import State
 
 if TYPE_CHECKING:
-    from consumers.audit.log_reader import PartitionLog
+    from infra.log_reader import PartitionLog
 
 # Commands re-decided between two progress reports: small enough for a live progress bar,
 # large enough that reporting costs nothing.

@@ -74,7 +74,7 @@ from streams.core.money import canonical_balance_minor, canonical_minor, format_
 from streams.core.state import ACTIVE, BALANCE_SIGN, FAILURE, STATUS_AFTER, SUCCESS, Account, CorruptLog, State, fold
 
 if TYPE_CHECKING:
-    from consumers.audit.log_reader import PartitionLog
+    from infra.log_reader import PartitionLog
 
 # Records of one partition replayed before the next partition's turn (see `LedgerReplay.replay`).
 INTERLEAVE_SLICE_RECORDS = 1_024

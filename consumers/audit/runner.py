@@ -15,11 +15,11 @@ from tqdm import tqdm
 from consumers.audit.determinism import DeterminismResult
 from consumers.audit.holds import EXPIRED, OPEN
 from consumers.audit.ledger import LedgerReplay
-from consumers.audit.log_reader import READ_TIMEOUT_S_DEFAULT, TopicLog, partition_count, read_topic, read_topics
 from consumers.audit.report import AuditReport, TopicRead
 from consumers.audit.snapshots import AuditSetupError, StateSnapshot, load_state_dump, read_model_snapshots
 from consumers.audit.violations import Kind, Violation
 from consumers.audit.workers import check_commands, replay_events, worker_count_default
+from infra.log_reader import READ_TIMEOUT_S_DEFAULT, TopicLog, partition_count, read_topic, read_topics
 from infra.secrets import leg_keys_text
 from infra.settings import Settings
 from schemas.leg_auth import LegKeyError, LegKeyring

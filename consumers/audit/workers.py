@@ -18,8 +18,8 @@ from typing import TypeVar
 
 from consumers.audit.determinism import DeterminismResult, check_determinism
 from consumers.audit.ledger import LedgerReplay
-from consumers.audit.log_reader import PartitionLog
 from consumers.audit.snapshots import StateSnapshot
+from infra.log_reader import PartitionLog
 from schemas.leg_auth import LegKeyring
 
 PARALLEL_RECORDS_MIN = 100_000

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from infra.metrics import add_metrics_options
 from infra.settings import settings_from_args
 
 DB_URL_ENV = "WALLET_READMODEL_DB"
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=BATCH_WAIT_MS_DEFAULT,
         help=f"how long a batch waits to fill up (default {BATCH_WAIT_MS_DEFAULT})",
     )
+    add_metrics_options(readmodel)
     readmodel.set_defaults(handler=_reporting_errors(_run))
     actions = readmodel.add_subparsers(dest="readmodel_action", metavar="ACTION")
 
@@ -125,7 +127,9 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
 
 def _run(args: argparse.Namespace) -> int:
     from consumers.readmodel.consumer import run
+    from consumers.readmodel.metrics import ReadModelMetrics
     from consumers.readmodel.store import ReadModelStore
+    from infra.metrics import new_registry, serve_if_asked
 
     stop = threading.Event()
 
@@ -137,8 +141,15 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    with ReadModelStore(_db_url(args)) as store:
-        run(store, settings_from_args(args), stop.is_set, args.batch_size, args.batch_wait_ms)
+    registry = new_registry()
+    metrics = ReadModelMetrics(registry)
+    server = serve_if_asked(args, registry)
+    try:
+        with ReadModelStore(_db_url(args)) as store:
+            run(store, settings_from_args(args), stop.is_set, args.batch_size, args.batch_wait_ms, metrics)
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -24,6 +25,9 @@ from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey
 from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 from infra.settings import Settings
 from schemas.codec import SchemaError, decode_event, decode_outcome
+
+if TYPE_CHECKING:
+    from consumers.readmodel.metrics import ReadModelMetrics
 
 log = logging.getLogger("wallet.readmodel")
 
@@ -109,6 +113,7 @@ class ReadModelConsumer:
         settings: Settings,
         batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
         batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT,
+        metrics: ReadModelMetrics | None = None,
     ) -> None:
         if batch_size_max < 1 or batch_wait_ms < 1:
             raise ValueError(f"batch size ({batch_size_max}) and batch wait ({batch_wait_ms} ms) must be >= 1")
@@ -118,6 +123,7 @@ class ReadModelConsumer:
         self._batch_wait_s = batch_wait_ms / 1000
         self._consumer: Consumer | None = None
         self._next_offsets: dict[TopicPartitionKey, int | None] = {}
+        self._metrics = metrics
 
     @property
     def next_offsets(self) -> dict[TopicPartitionKey, int | None]:
@@ -195,7 +201,10 @@ class ReadModelConsumer:
         if not batch.offsets_after:
             return 0
         batch.offsets_before = {key: self._next_offsets[key] for key in batch.offsets_after}
+        started_s = time.perf_counter()
         self._store.apply(batch)
+        if self._metrics is not None:
+            self._metrics.applied(batch, time.perf_counter() - started_s)
         self._next_offsets.update(batch.offsets_after)
         return batch.record_count
 
@@ -218,11 +227,17 @@ def run(
     stop_requested: Callable[[], bool],
     batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
     batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT,
+    metrics: ReadModelMetrics | None = None,
 ) -> int:
     """Consumes until `stop_requested()` is true between two batches; returns the records applied."""
     store.create_schema()
-    consumer = ReadModelConsumer(store, settings, batch_size_max, batch_wait_ms)
+    consumer = ReadModelConsumer(store, settings, batch_size_max, batch_wait_ms, metrics)
     consumer.start()
+    if metrics is not None:
+        from infra.admin import admin_client
+
+        metrics.start_in_flight(store.transfers_in_flight())
+        metrics.watch_lag(admin_client(settings.bootstrap, role="readmodel"), settings, lambda: consumer.next_offsets)
     applied_total = applied_since_status = 0
     status_at_s = time.monotonic()
     try:

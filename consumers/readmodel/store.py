@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from consumers.readmodel.projection import AccountRow, Changes, EntryRow, HoldRow, TransactionRow, project
 from infra.settings import Settings
-from schemas.events import HOLD_EVENTS, CommandRejected, Event
+from schemas.events import HOLD_EVENTS, CommandRejected, Event, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome
 
 SQLITE_PREFIX = "sqlite:///"
@@ -322,6 +322,23 @@ class ReadModelStore:
             cursor = self._connection.cursor()
             for table in TABLES:
                 cursor.execute(f"DROP TABLE IF EXISTS {table}")
+
+    def transfers_in_flight(self) -> dict[str, tuple[int, int]]:
+        """currency -> (transfers debited but neither credited nor refunded, their amount in minor units),
+        over every entry stored: one scan of `entries`, for the read model's start."""
+        debited, credited, refunded = (
+            event_class.__struct_config__.tag for event_class in (TransferDebited, TransferCredited, TransferRefunded)
+        )
+        rows = self._connection.execute(
+            f"""SELECT accounts.currency,
+                       SUM(CASE WHEN entries.type = '{debited}' THEN 1 ELSE -1 END),
+                       SUM(entries.amount_minor)
+                FROM entries JOIN accounts ON accounts.account_id = entries.account_id
+                WHERE entries.type IN ('{debited}', '{credited}', '{refunded}')
+                GROUP BY accounts.currency"""
+        ).fetchall()
+        # A debit's entry is negative, a credit's or a refund's positive: what is in flight is minus the sum.
+        return {currency: (int(count), -int(signed_minor)) for currency, count, signed_minor in rows}
 
     def offsets(self) -> dict[TopicPartitionKey, int]:
         rows = self._connection.execute("SELECT topic, kafka_partition, next_offset FROM offsets").fetchall()

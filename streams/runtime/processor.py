@@ -56,6 +56,7 @@ from schemas.partitioning import partition_for
 from streams.core.admission import Refusal, admit, decide
 from streams.core.machine import Decision
 from streams.core.state import State, memory_horizon_ms
+from streams.runtime.metrics import STATE_GAUGES_INTERVAL_S, BatchTally, ProcessorMetrics
 from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
 from streams.runtime.transactions import TransactionAborted, TransactionalProducer
@@ -122,9 +123,11 @@ class _Batch:
 
 
 class Processor:
-    def __init__(self, settings: Settings, config: ProcessorConfig) -> None:
+    def __init__(self, settings: Settings, config: ProcessorConfig, metrics: ProcessorMetrics | None = None) -> None:
         self.settings = settings
         self.config = config
+        self._metrics = metrics if metrics is not None else ProcessorMetrics()
+        self._tally = BatchTally()  # the batch in progress's figures, counted once it commits
         self.group_id = settings.processor_group_id
         self.transactional_id = settings.processor_transactional_id(config.instance_id)
         self._call_timeout_s = config.kafka_call_timeout_ms / 1000
@@ -154,6 +157,7 @@ class Processor:
         )
         self._last_flush_s = time.monotonic()
         self._report_s = time.monotonic()
+        self._state_gauges_s = 0.0
         self._reported = 0
         self.commands_processed = 0
 
@@ -223,6 +227,9 @@ class Processor:
         now_s = time.monotonic()
         if now_s - self._last_flush_s >= self.config.state_flush_interval_ms / 1000:
             self._flush_state()
+        if now_s - self._state_gauges_s >= STATE_GAUGES_INTERVAL_S:
+            self._metrics.set_state([task.state for task in self._tasks.values()], self._lag())
+            self._state_gauges_s = now_s
         if now_s - self._report_s >= REPORT_INTERVAL_S:
             rate = (self.commands_processed - self._reported) / (now_s - self._report_s)
             log.info(
@@ -230,7 +237,7 @@ class Processor:
                 sorted(self._tasks),
                 self.commands_processed,
                 rate,
-                self._lag(),
+                sum(self._lag().values()),
             )
             self._report_s, self._reported = now_s, self.commands_processed
 
@@ -247,6 +254,7 @@ class Processor:
 
     def _process_batch(self, records: list) -> None:
         batch = _Batch()
+        self._tally = BatchTally()
         self._transactions.begin()
         for record in records:
             self._handle(record, batch)
@@ -259,7 +267,9 @@ class Processor:
             TopicPartition(self.settings.commands_topic, partition, offset)
             for partition, offset in batch.next_offsets.items()
         ]
+        commit_started_s = time.perf_counter()
         self._transactions.commit(offsets, self._consumer.consumer_group_metadata())
+        self._metrics.committed(self._tally, len(records), len(batch.events), time.perf_counter() - commit_started_s)
         for partition, events_offset in batch.delivered.items():
             self._tasks[partition].events_offset = events_offset
         now_s = time.monotonic()
@@ -331,10 +341,12 @@ class Processor:
         if isinstance(decision, Refusal):
             self._dead_letter(record, decision.reason, decision.outcome)
             return None
+        self._tally.decision(type(admitted), decision)
         return decision
 
     def _dead_letter(self, record, reason: str, outcome: Outcome | None = None) -> None:
         self._transactions.dead_letter(record, reason)
+        self._tally.dead_letter(answered=outcome is not None)
         if outcome is not None:
             # The client that sent it would otherwise wait `pending` forever.
             self._transactions.send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)
@@ -378,6 +390,7 @@ class Processor:
         log.warning("recovering: %s; replacing the producer and rebuilding partitions %s", why, partitions)
         # First, before any call that can fail: the failed batch's state must never be saved.
         self._tasks.clear()
+        self._metrics.transactions_aborted.inc()
         self._transactions.abort()
         self._transactions.replace()
         if self._consumer_fatal is not None:
@@ -418,9 +431,16 @@ class Processor:
         loaded = {p: self._store.load(p) for p in partitions}
         tails = {p: (state, checkpoint.events_offset) for p, (state, checkpoint) in loaded.items()}
         topic, timeout_s = self.settings.events_topic, self.config.restore_timeout_s
+        started_s = time.monotonic()
         ends = fold_event_tail(
-            self._restore_consumer, topic, tails, stable_ends(self._admin, topic, partitions, timeout_s), timeout_s
+            self._restore_consumer,
+            topic,
+            tails,
+            stable_ends(self._admin, topic, partitions, timeout_s),
+            timeout_s,
+            on_progress=self._metrics.restore_progress,
         )
+        self._metrics.restore_duration.observe(time.monotonic() - started_s)
         for partition, (state, checkpoint) in loaded.items():
             task = _Task(partition, state, checkpoint, ends[partition])
             if ends[partition] != checkpoint.events_offset:
@@ -434,9 +454,11 @@ class Processor:
     # -- the snapshot: committed state only --------------------------------------------------
 
     def _flush_state(self) -> None:
+        started_s = time.monotonic()
         for task in self._tasks.values():
             self._save(task)
         self._last_flush_s = time.monotonic()
+        self._metrics.snapshot_flush_duration.observe(self._last_flush_s - started_s)
 
     def _save(self, task: _Task) -> None:
         if task.uncommitted:
@@ -474,8 +496,10 @@ class Processor:
             raise RuntimeError(f"commands and events topics must have the same partition count: {counts}")
         return counts[self.settings.commands_topic]
 
-    def _lag(self) -> int:
-        lag = 0
+    def _lag(self) -> dict[int, int]:
+        """Per owned partition, the records of wallet.commands not consumed yet (from the consumer's
+        cached watermarks: no request to the broker)."""
+        lag: dict[int, int] = {}
         for partition in self._tasks:
             tp = TopicPartition(self.settings.commands_topic, partition)
             try:
@@ -484,5 +508,5 @@ class Processor:
             except KafkaException:
                 continue
             if high >= 0 and position >= 0:
-                lag += high - position
+                lag[partition] = max(0, high - position)  # the cached watermark may be older than the position
         return lag

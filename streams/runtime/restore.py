@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -36,9 +37,30 @@ class RestoreTimeout(RuntimeError):
     pass
 
 
-def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel) -> dict[int, int]:
-    """partition -> latest offset; a partition whose leader cannot answer now (a broker down,
-    a leader election) is left out, to be asked again: its end is unknown, never -1001."""
+# Answers of a partition whose leadership is moving (a broker lost or back): ask again. librdkafka
+# does not flag all of them retriable (FENCED_LEADER_EPOCH was seen killing a restore; _NOENT is
+# its "No leaders found" while a leader is elected).
+_LEADERSHIP_CHANGING = frozenset(
+    {
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError._NOENT,
+    }
+)
+
+
+def _latest_offsets(
+    admin: AdminClient, topic: str, partitions: list[int], isolation: IsolationLevel, failures: dict[int, str]
+) -> dict[int, int]:
+    """partition -> latest offset; a partition whose leader cannot answer now (a broker down, a
+    leader election) is left out, to be asked again (its end is unknown, never -1001), and its
+    error put in `failures`."""
     request = {TopicPartition(topic, partition): OffsetSpec.latest() for partition in partitions}
     futures = admin.list_offsets(request, isolation_level=isolation, request_timeout=LIST_OFFSETS_TIMEOUT_S)
     offsets: dict[int, int] = {}
@@ -46,12 +68,28 @@ def _latest_offsets(admin: AdminClient, topic: str, partitions: list[int], isola
         try:
             offset = future.result().offset
         except KafkaException as error:
-            if not error.args[0].retriable():
+            if not (error.args[0].retriable() or error.args[0].code() in _LEADERSHIP_CHANGING):
                 raise
+            failures[topic_partition.partition] = error.args[0].str()
             continue
         if offset >= 0:
             offsets[topic_partition.partition] = offset
     return offsets
+
+
+def _refresh_leaders(admin: AdminClient, topic: str) -> None:
+    """Makes the next `list_offsets` ask the partitions' current leaders.
+
+    librdkafka (2.16) sends `list_offsets` to the leader, with the leader epoch, of its metadata
+    cache, and drops that cache only on NOT_LEADER_OR_FOLLOWER and LEADER_NOT_AVAILABLE: after a
+    FENCED_LEADER_EPOCH (a broker came back and took its leaderships back) it would send the same
+    stale epoch again until the cache expires, minutes later. A metadata request for the topic
+    updates the cache. If it fails too, the next round asks again, within the caller's bound.
+    """
+    try:
+        admin.list_topics(topic, timeout=LIST_OFFSETS_TIMEOUT_S)
+    except KafkaException as error:
+        log.info("refreshing the leaders of %s before asking again: %s", topic, error)
 
 
 def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s: float) -> dict[int, int]:
@@ -66,9 +104,16 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
     deadline_s = time.monotonic() + timeout_s
     open_seen: dict[int, tuple[int, int]] = {}
     unavailable: set[int] = set()
+    started_s = reported_s = time.monotonic()
     while waiting:
-        stable = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED)
-        written = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED)
+        failures: dict[int, str] = {}
+        stable = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_COMMITTED, failures)
+        written = _latest_offsets(admin, topic, waiting, IsolationLevel.READ_UNCOMMITTED, failures)
+        if failures:
+            if time.monotonic() - reported_s >= RESTORE_PROGRESS_INTERVAL_S:
+                log.info("no answer yet from the leaders of %s partitions: %s; asking again", topic, failures)
+                reported_s = time.monotonic()
+            _refresh_leaders(admin, topic)
         for partition in waiting:
             if partition not in stable or partition not in written:
                 unavailable.add(partition)
@@ -91,19 +136,31 @@ def stable_ends(admin: AdminClient, topic: str, partitions: list[int], timeout_s
     if open_seen:
         log.info("waited for open transactions on %s partitions %s to end before restoring", topic, sorted(open_seen))
     if unavailable:
-        log.info("waited for a leader of %s partitions %s to answer before restoring", topic, sorted(unavailable))
+        log.info(
+            "waited %.1f s for a leader of %s partitions %s to answer before restoring",
+            time.monotonic() - started_s,
+            topic,
+            sorted(unavailable),
+        )
     return ends
 
 
 def fold_event_tail(
-    consumer: Consumer, events_topic: str, tails: dict[int, tuple[State, int]], ends: dict[int, int], timeout_s: float
+    consumer: Consumer,
+    events_topic: str,
+    tails: dict[int, tuple[State, int]],
+    ends: dict[int, int],
+    timeout_s: float,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, int]:
     """Folds each partition's events from its offset to (at least) its stable end (read_committed).
 
     `tails` maps partition -> (state, first offset not yet folded) and `ends` partition -> the
     stable end from `stable_ends`; returns partition -> the next offset after the last event
     folded. Raises RestoreTimeout if the end is not reached within `timeout_s`, since
-    processing on a state that is behind would decide wrongly.
+    processing on a state that is behind would decide wrongly. `on_progress(events folded, offsets
+    still to read)` is called after every fetched batch and once at the end (with 0 to read).
     """
     if not tails:
         return {}
@@ -114,7 +171,7 @@ def fold_event_tail(
     consumer.assign([TopicPartition(events_topic, partition, offset) for partition, offset in next_offsets.items()])
     remaining = set(tails)
     started_s = last_report_s = time.monotonic()
-    folded = 0
+    folded = progress_reported = 0
     try:
         while remaining:
             now_s = time.monotonic()
@@ -145,8 +202,13 @@ def fold_event_tail(
                 fold(tails[partition][0], decode_event(value))
                 next_offsets[partition] = offset + 1
                 folded += 1
+            if on_progress is not None:
+                on_progress(folded - progress_reported, sum(max(0, ends[p] - next_offsets[p]) for p in remaining))
+                progress_reported = folded
     finally:
         consumer.unassign()
+        if on_progress is not None:
+            on_progress(folded - progress_reported, 0)
     if folded:
         elapsed_s = max(time.monotonic() - started_s, 1e-6)
         log.info("restored partitions %s: %d events folded in %.1f s", sorted(tails), folded, elapsed_s)

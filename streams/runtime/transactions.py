@@ -14,12 +14,14 @@ raises into one of two kinds:
   argument, a missing authorisation): the process stops loudly.
 
 Every call is bounded by `call_timeout_s`; a commit is retried at most `commit_attempts_max`
-times while librdkafka calls its error retriable.
+times while librdkafka calls its error retriable. The one call librdkafka does not always bound,
+`send_offsets_to_transaction`, is bounded here (see `SEND_OFFSETS_GRACE_S`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,17 @@ log = logging.getLogger("wallet.processor")
 CALL_TIMEOUT_S_DEFAULT = 30.0
 COMMIT_ATTEMPTS_MAX_DEFAULT = 3
 INIT_RETRY_INTERVAL_S = 0.1
+# librdkafka (2.16) can hold `send_offsets_to_transaction` past its own timeout: when the group
+# coordinator's broker is lost it may wait for a broker state change that never comes (its
+# issues 5456 and 5511). The call runs on a thread and is given up this long after its timeout;
+# the producer it holds is then replaced (same transactional id: the new one fences it).
+SEND_OFFSETS_GRACE_S = 2.0
+HELD_PRODUCERS_MAX = 4  # producers still held by a given-up call; more means librdkafka is wedged
+# A replacement (the processor's recovery) may have to wait for its transaction coordinator for as
+# long as the cluster needs to elect one: with two of three brokers lost, until one is back. Its
+# `init_transactions` is retried for this many call timeouts (5 minutes at 30 s, Kafka Streams'
+# `task.timeout.ms`) while librdkafka calls the error retriable; a first start gets one.
+REPLACE_CALL_TIMEOUTS = 10
 
 # librdkafka errors that mean this program (or its configuration) is wrong, not the broker
 # or the network: a new producer would fail the same way, so they crash the process.
@@ -87,16 +100,21 @@ class TransactionalProducer:
         self._call_timeout_s = call_timeout_s
         self._commit_attempts_max = commit_attempts_max
         self._queue_full_wait_ms = int(call_timeout_s * 1000)
+        # librdkafka caps the call to the transaction timeout; given up past that and a grace.
+        transaction_timeout_s = int(config.get("transaction.timeout.ms", 60_000)) / 1000
+        self._send_offsets_bound_s = min(call_timeout_s, transaction_timeout_s) + SEND_OFFSETS_GRACE_S
+        # Producers a given-up call still holds, with its thread: never destroyed under the call.
+        self._held: list[tuple[Producer, threading.Thread]] = []
         self._in_transaction = False  # between begin() and a commit or abort that returned
-        self._producer = self._initialised()
+        self._producer = self._initialised(self._call_timeout_s)
 
     @property
     def transactional_id(self) -> str:
         return self._config["transactional.id"]
 
-    def _initialised(self) -> Producer:
+    def _initialised(self, timeout_s: float) -> Producer:
         producer = Producer(self._config)
-        deadline_s = time.monotonic() + self._call_timeout_s
+        deadline_s = time.monotonic() + timeout_s
         while True:
             try:
                 # Fences any earlier producer with this transactional id and settles its open transaction.
@@ -104,7 +122,7 @@ class TransactionalProducer:
                 return producer
             except KafkaException as error:
                 # A retriable error (the coordinator is loading or moving) may be retried by
-                # contract; within the same bound as one call.
+                # contract; within `timeout_s`.
                 if not error.args[0].retriable() or time.monotonic() >= deadline_s:
                     raise classify(error, "initialising the transactional producer") from error
                 time.sleep(INIT_RETRY_INTERVAL_S)
@@ -172,7 +190,7 @@ class TransactionalProducer:
         """
         try:
             if offsets:
-                self._producer.send_offsets_to_transaction(offsets, group_metadata, self._call_timeout_s)
+                self._send_offsets(offsets, group_metadata)
             for attempt in range(1, self._commit_attempts_max + 1):
                 try:
                     self._producer.commit_transaction(self._call_timeout_s)
@@ -187,6 +205,33 @@ class TransactionalProducer:
             if error.args[0].txn_requires_abort():
                 self.abort()
             raise failure from error
+
+    def _send_offsets(self, offsets: list[TopicPartition], group_metadata) -> None:
+        """`send_offsets_to_transaction`, raising its KafkaException, or TransactionAborted when it
+        did not return within `_send_offsets_bound_s`."""
+        producer = self._producer
+        failure: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                producer.send_offsets_to_transaction(offsets, group_metadata, self._call_timeout_s)
+            except BaseException as error:  # raised again on the caller's thread, whatever it is
+                failure.append(error)
+
+        thread = threading.Thread(target=call, name="send-offsets-to-transaction", daemon=True)
+        thread.start()
+        thread.join(self._send_offsets_bound_s)
+        if thread.is_alive():
+            # No other call may be made on it now (librdkafka refuses concurrent ones); only a new
+            # producer with the same id ends its transaction, by fencing it.
+            self._held.append((producer, thread))
+            self._in_transaction = False
+            raise TransactionAborted(
+                f"sending the consumed offsets to the transaction did not return within "
+                f"{self._send_offsets_bound_s:.0f} s (librdkafka waits for a lost group coordinator)"
+            )
+        if failure:
+            raise failure[0]
 
     def abort(self) -> bool:
         """Aborts the open transaction if the broker can be reached; True when it did (or none was open)."""
@@ -209,14 +254,18 @@ class TransactionalProducer:
         self._in_transaction = False
 
     def replace(self) -> None:
-        """Drops the producer (and whatever it still queues) and starts a new one with the same id."""
+        """Drops the producer (and whatever it still queues) and starts a new one with the same id,
+        waiting for its transaction coordinator up to `REPLACE_CALL_TIMEOUTS` call timeouts."""
         try:
             self._producer.purge()  # the old transaction's records must not outlive it
             self._producer.flush(0)
         except KafkaException as error:
             log.warning("the replaced producer reports: %s", error)  # it is dropped either way
         self._in_transaction = False
-        self._producer = self._initialised()
+        self._held = [(producer, thread) for producer, thread in self._held if thread.is_alive()]
+        if len(self._held) > HELD_PRODUCERS_MAX:
+            raise TransactionBug(f"{len(self._held)} producers still held by calls given up on: librdkafka is wedged")
+        self._producer = self._initialised(self._call_timeout_s * REPLACE_CALL_TIMEOUTS)
 
     def poll(self, timeout_s: float = 0.0) -> int:
         return self._producer.poll(timeout_s)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from consumers.audit import log_reader
+from infra import log_reader
 from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 from infra.produce import produce_with_room
 from infra.settings import Settings
