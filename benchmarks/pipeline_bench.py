@@ -581,8 +581,8 @@ class BenchOptions:
     profile_processor: Path | None
     keep_topics: bool
     kafka_streams: bool = True
-    metrics_port: int | None = None  # the processor serves its Prometheus metrics there (watch a run)
     holds: int = HOLDS_DEFAULT  # 0: no hold stage
+    metrics_port: int | None = None  # the processor serves its Prometheus metrics there (watch a run)
 
     @property
     def faust_accounts(self) -> int:
@@ -1652,8 +1652,8 @@ def run(args: argparse.Namespace) -> int:
         profile_processor=args.profile_processor.resolve() if args.profile_processor else None,
         keep_topics=args.keep_topics,
         kafka_streams=not args.skip_kafka_streams,
-        metrics_port=args.metrics_port,
         holds=max(args.holds, 0),
+        metrics_port=args.metrics_port,
     )
     from wallet.localkafka import LocalKafkaError
 

@@ -18,12 +18,12 @@ import pytest
 
 from consumers.readmodel.projection import AccountRow, HoldRow
 from consumers.readmodel.store import ReadModelStore
+from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.api import ApiOptions
 from producers.api_holds import HOLD_LOOKUP_WAIT_MS_MAX
 from producers.auth import RateLimits
 from schemas.commands import TRANSACTION_ID_LENGTH_MAX
-from tests.conftest import free_loopback_ports
 from tests.support.auth import auth_config, bearer
 from tests.support.serving import serving_in_thread
 from wallet.api_app import create_app
