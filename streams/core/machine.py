@@ -149,34 +149,40 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
         if TYPE_CHECKING:
             assert isinstance(command, CreditLeg)
         amount_minor = _leg_amount_minor(command)
-        expired = _expire_due_holds(state, now_ms, "credit_leg")
-        return _after(expired, _on_credit_leg(state, command, amount_minor, now_ms))
+        expired = _expire_due_holds(state, now_ms, command)
+        decision = _on_credit_leg(state, command, amount_minor, now_ms)
+        return _after(expired, decision) if expired else decision
     if command_class is RefundLeg:
         if TYPE_CHECKING:
             assert isinstance(command, RefundLeg)
         account, amount_minor = _refunded_debit(state, command, now_ms)
-        expired = _expire_due_holds(state, now_ms, "refund_leg")
-        return _after(expired, _on_refund_leg(state, command, account, amount_minor, now_ms))
+        expired = _expire_due_holds(state, now_ms, command)
+        decision = _on_refund_leg(state, command, account, amount_minor, now_ms)
+        return _after(expired, decision) if expired else decision
     if command_class is Tick:
-        return Decision(state, _expire_due_holds(state, now_ms, "tick"), [], None)
+        return Decision(state, _expire_due_holds(state, now_ms, command), [], None)
     if TYPE_CHECKING:
         assert not isinstance(command, (CreditLeg, RefundLeg, Tick))
     handler = _HANDLERS[command_class]
     digest = command_digest(command)
-    expired = _expire_due_holds(state, now_ms, command_type(command))
+    expired = _expire_due_holds(state, now_ms, command)
     remembered = recall(state, (owner_account(command), command.transaction_id), now_ms)
     if remembered is not None:
-        return _after(expired, _repeat(state, command, digest, remembered, now_ms))
-    # From here on the command leaves an event at `now_ms`: forget first what that forgets.
-    advance_clock(state, now_ms)
-    return _after(expired, handler(state, command, digest, now_ms))
+        decision = _repeat(state, command, digest, remembered, now_ms)
+    else:
+        # From here on the command leaves an event at `now_ms`: forget first what that forgets.
+        advance_clock(state, now_ms)
+        decision = handler(state, command, digest, now_ms)
+    return _after(expired, decision) if expired else decision
 
 
-def _expire_due_holds(state: State, now_ms: int, command_name: str) -> list[Event]:
-    """Expires (and folds) every open hold of the partition due at `now_ms`: what a decision at
-    that time must see first. `command_name`: the type of the command whose time it is."""
-    if not state.hold_deadlines or state.hold_deadlines[0][0] > now_ms:
+def _expire_due_holds(state: State, now_ms: int, command: WireCommand) -> list[Event]:
+    """Expires (and folds) every open hold of the partition due at `now_ms`: what a decision of
+    `command` at that time must see first."""
+    deadlines = state.hold_deadlines
+    if not deadlines or deadlines[0][0] > now_ms:
         return []  # the common case, at the cost of one comparison
+    command_name = command_type(command)
     expired: list[Event] = []
     for account_id, hold_id in due_holds(state, now_ms):
         hold, account = state.holds[(account_id, hold_id)], state.accounts[account_id]
@@ -200,8 +206,6 @@ def _expire_due_holds(state: State, now_ms: int, command_name: str) -> list[Even
 
 def _after(expired: list[Event], decision: Decision) -> Decision:
     """The decision with the expiries its time caused first, as they were folded."""
-    if not expired:
-        return decision
     return Decision(decision.state, expired + decision.events, decision.follow_ups, decision.outcome)
 
 
