@@ -333,36 +333,23 @@ def _wallet(api: httpx.Client, sub: str, *arguments: str) -> subprocess.Complete
 def test_the_hold_verbs_of_the_cli_answer_readably_with_an_exit_status_per_outcome(
     api: httpx.Client, wallet_settings: Settings
 ) -> None:
-    sub, payer, shop, hold_id = _id("cli"), _id("cli-payer"), _id("cli-shop"), _id("cli-hold")
-    for arguments in (
-        ("account", "open", payer, "USD"),
-        ("account", "open", shop, "USD"),
-        ("account", "deposit", payer, "20", "USD"),
-    ):
-        done = _wallet(api, sub, *arguments, "--wait-s", "30")
-        assert done.returncode == 0, done.stdout + done.stderr
+    sub, hold_id = _id("cli"), _id("cli-hold")
+    caller = Caller(api, sub, "wallet:user wallet:bank")  # the CLI's principal, for the setup and the reads
+    payer, shop = _open(caller, caller, funds="20.00"), _open(caller, caller)
     placed = _wallet(api, sub, "hold", "place", payer, shop, "8", "USD", "--expires-in-s", "600", "--tx", hold_id)
-    assert placed.returncode == 0 and placed.stdout.startswith(f"success: place_hold {hold_id}"), (
-        placed.stdout + placed.stderr
-    )
-    too_much = _wallet(api, sub, "hold", "place", payer, shop, "50", "USD", "--expires-in-s", "600")
-    assert too_much.returncode == 1 and "insufficient_funds" in too_much.stdout
+    assert placed.returncode == 0, placed.stdout + placed.stderr
+    assert placed.stdout.startswith(f"success: place_hold {hold_id}")
     part = _wallet(api, sub, "hold", "capture", hold_id, "--amount", "3", "--no-final", "--tx", f"{hold_id}.c1")
-    assert part.returncode == 0 and part.stdout.startswith(f"success: capture_hold {hold_id}.c1 of hold {hold_id}"), (
-        part.stdout + part.stderr
-    )
+    assert part.returncode == 0, part.stdout + part.stderr
+    assert part.stdout.startswith(f"success: capture_hold {hold_id}.c1 of hold {hold_id}")
     beyond = _wallet(api, sub, "hold", "capture", hold_id, "--amount", "6", "--tx", f"{hold_id}.c2")
     assert beyond.returncode == 1 and "capture_exceeds_hold" in beyond.stdout
     voided = _wallet(api, sub, "hold", "void", hold_id)
     assert voided.returncode == 0, voided.stdout + voided.stderr
     assert voided.stdout.startswith(f"success: void_hold {hold_id}.void of hold {hold_id}")
-    deadline_s = time.monotonic() + READ_MODEL_WAIT_S
-    while True:
-        shown = _wallet(api, sub, "hold", "show", hold_id)
-        if shown.returncode == 0 and "voided" in shown.stdout:
-            break
-        assert time.monotonic() < deadline_s, shown.stdout + shown.stderr
-        time.sleep(POLL_INTERVAL_S)
+    _hold_when(caller, hold_id, lambda hold: hold["state"] == "voided")
+    shown = _wallet(api, sub, "hold", "show", hold_id)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
     assert shown.stdout.splitlines()[:2] == [
         f"hold {hold_id}: {payer} -> {shop}, 8.00 USD, voided",
         "  captured 3.00, released 5.00, still held 0.00 USD",
