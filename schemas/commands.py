@@ -212,24 +212,6 @@ class RefundLeg(_Leg, tag="refund_leg", frozen=True, kw_only=True):
     debit_ms: TimestampMs
 
 
-# A command with an actor: what clients ask and the saga legs of what they asked.
-Command = (
-    OpenAccount
-    | Deposit
-    | Withdraw
-    | Transfer
-    | PayMerchant
-    | Freeze
-    | Unfreeze
-    | Close
-    | PlaceHold
-    | CaptureHold
-    | VoidHold
-    | CreditLeg
-    | RefundLeg
-)
-# Every value of wallet.commands: the commands above and the processors' ticks.
-WireCommand = Command | Tick
 ClientCommand = (
     OpenAccount
     | Deposit
@@ -243,6 +225,10 @@ ClientCommand = (
     | CaptureHold
     | VoidHold
 )
+# A command with an actor: what clients ask and the saga legs of what they asked.
+Command = ClientCommand | CreditLeg | RefundLeg
+# Every value of wallet.commands: the commands above and the processors' ticks.
+WireCommand = Command | Tick
 Leg = CreditLeg | RefundLeg
 CLIENT_COMMANDS = (
     OpenAccount,

@@ -243,6 +243,7 @@ def with_another_payload(command: Command) -> Command:
         return msgspec.structs.replace(command, kind="merchant" if command.kind == "user" else "user")
     if isinstance(command, VoidHold):
         return msgspec.structs.replace(command, hold_id=command.hold_id + "x")
+    assert isinstance(command, (Freeze, Unfreeze, Close)), f"no variant of {command!r}"
     others: dict[type, type[Freeze | Unfreeze | Close]] = {Freeze: Unfreeze, Unfreeze: Close, Close: Freeze}
     other = others[type(command)]
     return other(

@@ -265,7 +265,7 @@ def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decisi
 
 
 def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Decision:
-    account, amount_minor, reason = _usable_account(
+    account, amount_minor, reason = _spendable_account(
         state,
         command.account_id,
         command.amount,
@@ -275,9 +275,7 @@ def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Deci
     )
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
-    assert account is not None  # _usable_account names a reason whenever it finds no account
-    if account.balance_minor - account.held_minor < amount_minor:  # held money is not available
-        return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
+    assert account is not None  # _spendable_account names a reason whenever it finds no account
     event = _move_money(state, Withdrawn, command, digest, now_ms, account, command.account_id, -amount_minor)
     return Decision(state, [event], [], _success(command, digest))
 
@@ -285,7 +283,7 @@ def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Deci
 def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms: int) -> Decision:
     if command.from_account == command.to_account:
         return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
-    account, amount_minor, reason = _usable_account(
+    account, amount_minor, reason = _spendable_account(
         state,
         command.from_account,
         command.amount,
@@ -295,9 +293,7 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms
     )
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
-    assert account is not None  # _usable_account names a reason whenever it finds no account
-    if account.balance_minor - account.held_minor < amount_minor:  # held money is not available
-        return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
+    assert account is not None  # _spendable_account names a reason whenever it finds no account
     event = _move_money(
         state,
         TransferDebited,
@@ -478,7 +474,7 @@ def _place_hold(state: State, command: PlaceHold, digest: str, now_ms: int) -> D
     expires_in_ms = command.expires_in_ms
     if not 1 <= expires_in_ms <= HOLD_EXPIRY_MS_MAX:
         return _reject(state, command, digest, Reason.INVALID_EXPIRY, now_ms)
-    account, amount_minor, reason = _usable_account(
+    account, amount_minor, reason = _spendable_account(
         state,
         command.account_id,
         command.amount,
@@ -488,9 +484,7 @@ def _place_hold(state: State, command: PlaceHold, digest: str, now_ms: int) -> D
     )
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
-    assert account is not None  # _usable_account names a reason whenever it finds no account
-    if account.balance_minor - account.held_minor < amount_minor:
-        return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
+    assert account is not None  # _spendable_account names a reason whenever it finds no account
     currency = account.currency
     event = HoldPlaced(
         account_id=command.account_id,
@@ -693,6 +687,19 @@ def _usable_account(
     if not authorised(account):
         return account, amount_minor, Reason.NOT_AUTHORIZED
     return account, amount_minor, _refusal_to_receive(account, currency)
+
+
+def _spendable_account(
+    state: State, account_id: str, amount: str, currency: str, command, authorised
+) -> tuple[Account | None, int, str | None]:
+    """As `_usable_account`, for money going out: refused as well unless the available amount
+    (the balance less held money) covers it."""
+    account, amount_minor, reason = _usable_account(state, account_id, amount, currency, command, authorised)
+    if reason is None:
+        assert account is not None  # _usable_account names a reason whenever it finds no account
+        if account.balance_minor - account.held_minor < amount_minor:  # held money is not available
+            reason = Reason.INSUFFICIENT_FUNDS
+    return account, amount_minor, reason
 
 
 def _move_money(
