@@ -3,7 +3,8 @@
 The same check for every stage that writes the project's events (ours, the Kafka Streams peer,
 the saga ceiling), beside the outcome checks of `pipeline_bench`:
 - sequences gap-free: every account's changes carry seq 1, 2, 3, ... in log order;
-- balances chain: each money event's balance is the previous one plus or minus its amount;
+- balances chain: each money event's balance is the previous one plus or minus its amount (a hold's
+  place, void and expiry move none; its capture is a debit);
 - money conserved: the accounts' final balances add up to what came in minus what went out
   (with every transfer answered, nothing is in flight: every debit was credited or refunded);
 - the wire format and placement: the first FORMAT_SAMPLE events decode with the project's own
@@ -28,7 +29,14 @@ READ_BATCH_MAX = 10_000
 READ_TIMEOUT_S = 120.0
 PROBLEMS_SHOWN_MAX = 5
 # The sign of each money event's amount in its account's balance.
-SIGN = {"deposited": 1, "withdrawn": -1, "transfer_debited": -1, "transfer_credited": 1, "transfer_refunded": 1}
+SIGN = {
+    "deposited": 1,
+    "withdrawn": -1,
+    "transfer_debited": -1,
+    "transfer_credited": 1,
+    "transfer_refunded": 1,
+    "hold_captured": -1,  # a capture leaves the balance as a debit does (placing or releasing a hold does not)
+}
 INFLOW, OUTFLOW = "deposited", "withdrawn"
 
 

@@ -21,6 +21,12 @@ One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), delet
    is visible to a read_committed consumer.
 3. latency: with the processor still running, transfers offered at half of the rate measured in
    2 for `--latency-seconds`; latency = produce call -> outcome seen by a read_committed consumer.
+2b. holds: with the processor stopped, `--holds` holds are produced among the same accounts,
+   each placed and then captured (half whole, half a part with `final`, which releases the
+   rest); the processor restarts on its snapshot and the stage runs until every capture's
+   outcome is visible: holds captured per second, beside ours' transfers per second of the same
+   run. A captured hold is 3 commands consumed (place, capture, credit leg) + 3 events + 1 leg +
+   2 outcomes produced (MESSAGES_PER_CAPTURED_HOLD).
 4. the faust-streaming peer (`benchmarks.faust_peer`), on its own topics and a smaller sample
    with the same accounts-to-transfers ratio, since it runs near a thousand transfers a second.
 
@@ -73,12 +79,15 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, SupervisionError
 from producers.client import local_command
 from schemas.codec import SchemaError, decode_outcome, encode
-from schemas.commands import Deposit, OpenAccount, Transfer
+from schemas.commands import CaptureHold, Deposit, OpenAccount, PlaceHold, Transfer
 from schemas.outcomes import Reason
 from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.runtime.processor import ProcessorConfig
 
 TRANSFERS_DEFAULT = 1_000_000
+HOLDS_DEFAULT = 100_000
+# Long enough that no hold of a run expires before its capture is decided.
+BENCH_HOLD_EXPIRY_MS = 3_600_000
 FAUST_TRANSFERS_DEFAULT = 10_000
 ACCOUNTS_DEFAULT = 10_000
 PARTITIONS_DEFAULT = 8
@@ -98,12 +107,16 @@ MISSING_ACCOUNT_PREFIX = "nobody"
 SUCCESS = "success"
 # Transaction id prefixes: what an outcome answers.
 OPEN, FUND, TRANSFER, LATENCY, HEARTBEAT = "open", "fund", "t", "lat", "beat"
+HOLD_PLACE, HOLD_CAPTURE = "hp", "hc"
 SETUP_KINDS = (OPEN, FUND)
 
 # Records read + written per decided command, by the stage's outcome. The processor writes a
 # decision event even for a refusal; faust writes nothing but the outcome then.
 MESSAGES_OURS = {"setup": 3, SUCCESS: 6, Reason.INSUFFICIENT_FUNDS: 3, Reason.ACCOUNT_NOT_FOUND: 9}
 MESSAGES_FAUST = {"setup": 3, SUCCESS: 6, Reason.INSUFFICIENT_FUNDS: 2, Reason.ACCOUNT_NOT_FOUND: 8}
+# place (1 consumed, 1 event, 1 outcome) + capture (1 consumed, 1 event, 1 leg) + its credit leg
+# (1 consumed, 1 event, 1 outcome)
+MESSAGES_PER_CAPTURED_HOLD = 9
 
 KAFKA_TIMEOUT_S = 30.0
 # A stage that shows no new outcome for this long is stuck (start-up included): give up, say where.
@@ -222,6 +235,47 @@ def transfer_records(
             )
     finally:
         expected.update(results)
+
+
+def hold_records(accounts: int, count: int, seed: int) -> Iterator[tuple[str, bytes]]:
+    """`count` holds among the accounts, each placed and then captured by its payer: odd ones
+    whole (no amount), even ones half, with `final` releasing the rest. Every one succeeds (the
+    accounts are funded far beyond any run), so each place and capture must answer `success`."""
+    draw = random.Random(seed).random
+    names = [_account(index) for index in range(accounts)]
+    for index in range(count):
+        payer = int(draw() * accounts)
+        payee = int(draw() * (accounts - 1))
+        payee += payee >= payer
+        amount_minor = 2 + int(draw() * (TRANSFER_AMOUNT_MINOR_MAX - 2))
+        account_id, hold_id = names[payer], f"{HOLD_PLACE}-{index}"
+        yield (
+            account_id,
+            encode(
+                local_command(
+                    PlaceHold,
+                    transaction_id=hold_id,
+                    account_id=account_id,
+                    to_account=names[payee],
+                    amount=f"{amount_minor // 100}.{amount_minor % 100:02d}",
+                    currency=CURRENCY,
+                    expires_in_ms=BENCH_HOLD_EXPIRY_MS,
+                )
+            ),
+        )
+        part_minor = amount_minor // 2
+        yield (
+            account_id,
+            encode(
+                local_command(
+                    CaptureHold,
+                    transaction_id=f"{HOLD_CAPTURE}-{index}",
+                    account_id=account_id,
+                    hold_id=hold_id,
+                    amount=None if index % 2 else f"{part_minor // 100}.{part_minor % 100:02d}",
+                )
+            ),
+        )
 
 
 def _input_producer_config(bootstrap: str, linger_ms: int, on_failure) -> dict:
@@ -527,6 +581,7 @@ class BenchOptions:
     profile_processor: Path | None
     keep_topics: bool
     kafka_streams: bool = True
+    holds: int = HOLDS_DEFAULT  # 0: no hold stage
     metrics_port: int | None = None  # the processor serves its Prometheus metrics there (watch a run)
 
     @property
@@ -908,11 +963,11 @@ class Bench:
         self.problems += [f"{stage}: {problem}" for problem in ledger["problems"]]
         return ledger
 
-    def start_processor(self) -> Child:
+    def start_processor(self, name: str = "processor") -> Child:
         options = self.options
         profile = ["-m", "cProfile", "-o", str(options.profile_processor)] if options.profile_processor else []
         return self._start(
-            "processor",
+            name,
             [
                 sys.executable,
                 *profile,
@@ -957,6 +1012,50 @@ class Bench:
             problems + ledger["problems"],
             ledger,
         )
+
+    def holds(self, tally: OutcomeTally) -> dict:
+        """The hold stage (2b): the input produced while no processor runs, then a processor
+        restarted on its snapshot until every capture is answered."""
+        options = self.options
+        count = options.holds
+        self.say(
+            f"[2b] holds: producing {count:,} holds, each placed and captured, then one wallet processor "
+            f"restarted on its snapshot"
+        )
+        producer = _InputProducer(self.bootstrap, linger_ms=50)
+        for key, value in hold_records(options.accounts, count, options.seed + 2):
+            producer.produce(self.settings.commands_topic, key, value)
+            if producer.produced % 10_000 == 0:
+                producer.poll()
+        producer.flush()
+        processor = self.start_processor("processor-holds")
+        timeout_s = self._stage_timeout_s("ours", 3 * count)
+        end_s = self._await_outcomes(processor, tally, count, timeout_s, "holds", kind=HOLD_CAPTURE)
+        window_start_s, window_start = self._window_start(processor, "first consume after assignment")
+        tally.poll(0.5)  # a second answer would be arriving now
+        problems = []
+        for kind in (HOLD_PLACE, HOLD_CAPTURE):
+            results = tally.results_of(kind)
+            if results != Counter({SUCCESS: count}):
+                problems.append(f"holds: {kind} outcomes {dict(results)}, expected {count:,} successes")
+        if tally.contradictions or tally.repeats:
+            problems.append(f"holds: answered twice or differently: {(tally.contradictions + tally.repeats)[:3]}")
+        self.problems += problems
+        ledger = self._check_ledger("holds", self.settings.events_topic)
+        if not processor.stop():
+            self.problems.append(f"the processor did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM")
+        elapsed_s = end_s - window_start_s
+        return {
+            "holds": count,
+            "elapsed_s": round(elapsed_s, 3),
+            "holds_captured_per_s": round(count / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+            "messages_per_s": round(count * MESSAGES_PER_CAPTURED_HOLD / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+            "window_start": window_start,
+            "outcomes": {kind: dict(tally.results_of(kind)) for kind in (HOLD_PLACE, HOLD_CAPTURE)},
+            "checks_ok": not problems and not ledger["problems"],
+            "problems": problems + ledger["problems"],
+            "ledger": ledger,
+        }
 
     def latency(self, processor: Child, tally: OutcomeTally, rate_per_s: float) -> LatencyResult:
         options = self.options
@@ -1096,33 +1195,34 @@ class Bench:
         stage: str,
         on_tick=None,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        kind: str = TRANSFER,
     ) -> float:
-        """Reads outcomes until every transfer has one; returns when the last was seen."""
+        """Reads outcomes until `transfers` requests of `kind` (transfers, or the captures of the
+        hold stage) have one; returns when the last was seen."""
         deadline_s = time.monotonic() + timeout_s
         progress_s = time.monotonic()
         with self._bar(transfers, stage, "tx") as bar:
-            while tally.per_kind[TRANSFER] < transfers:
+            while tally.per_kind[kind] < transfers:
                 if on_tick is not None:
                     on_tick()
                 tally.poll(0.1)
-                if tally.per_kind[TRANSFER] > bar.n:  # progress is transfers decided, not any outcome
+                if tally.per_kind[kind] > bar.n:  # progress is requests of `kind` decided, not any outcome
                     progress_s = time.monotonic()
-                    bar.update(tally.per_kind[TRANSFER] - bar.n)
+                    bar.update(tally.per_kind[kind] - bar.n)
                 now_s = time.monotonic()
                 if child.exited() is not None:
                     raise child.failure(
                         f"{stage}: {child.name} exited with code {child.exited()} after "
-                        f"{tally.per_kind[TRANSFER]:,} of {transfers:,} transfer outcomes"
+                        f"{tally.per_kind[kind]:,} of {transfers:,} outcomes"
                     )
                 if now_s - progress_s > stall_timeout_s:
                     raise child.failure(
-                        f"{stage}: no new transfer outcome for {stall_timeout_s:.0f} s "
-                        f"({tally.per_kind[TRANSFER]:,} of {transfers:,} transfers decided)"
+                        f"{stage}: no new outcome for {stall_timeout_s:.0f} s "
+                        f"({tally.per_kind[kind]:,} of {transfers:,} decided)"
                     )
                 if now_s > deadline_s:
                     raise child.failure(
-                        f"{stage}: only {tally.per_kind[TRANSFER]:,} of {transfers:,} transfers "
-                        f"decided within {timeout_s:.0f} s"
+                        f"{stage}: only {tally.per_kind[kind]:,} of {transfers:,} decided within {timeout_s:.0f} s"
                     )
             return time.monotonic()
 
@@ -1222,12 +1322,15 @@ class Bench:
             started_s = phase_done("latency", started_s)
         if not processor.stop():
             self.problems.append(f"the processor did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM")
+        started_s = phase_done("processor stop", started_s)
+        if options.holds:
+            report["holds"] = self.holds(tally)
+            started_s = phase_done("holds", started_s)
         if options.profile_processor:
             report["profile"] = {
                 "path": str(options.profile_processor),
                 "top_by_tottime": profile_top(options.profile_processor),
             }
-        started_s = phase_done("processor stop", started_s)
 
         report["faust"] = {}
         for guarantee in options.faust_guarantees:
@@ -1368,6 +1471,15 @@ def format_report(report: dict) -> str:
     lines.append(row("copy loop (no decisions)", report["copy"]))
     for guarantee, ratio in report.get("ours_over_faust", {}).items():
         lines.append(f"ours / faust ({guarantee}), transfers/s: {ratio:,.1f}x")
+    holds = report.get("holds")
+    if holds:
+        lines += [
+            "",
+            f"holds (ours, same run): {holds['holds']:,} holds placed and captured in {holds['elapsed_s']:.1f} s: "
+            f"{holds['holds_captured_per_s']:,.0f} holds captured/s ({holds['messages_per_s']:,.0f} messages/s), "
+            f"beside {report['ours']['transfers_per_s']:,.0f} transfers/s; checks "
+            + ("ok" if holds["checks_ok"] else "FAILED"),
+        ]
     latency = report.get("latency")
     if latency:
         lines += [
@@ -1397,7 +1509,8 @@ def format_report(report: dict) -> str:
         "",
         "messages = records consumed + records produced by the stage: copy loop 1 + 1 per record; a transfer through "
         "the processor 6 on success (2 commands consumed, 2 events, 1 leg, 1 outcome), 3 if refused for insufficient "
-        "funds, 9 if refunded; faust's 6 / 2 / 8 (its table changelog writes in place of events); opening or "
+        "funds, 9 if refunded; a hold placed and captured 9 (3 commands consumed, 3 events, 1 leg, 2 outcomes); "
+        "faust's 6 / 2 / 8 (its table changelog writes in place of events); opening or "
         "funding an account 3; the Kafka Streams peer and the saga ceiling write what ours writes, so theirs are "
         "counted alike. Windows run from the stage's first consumed record to its last outcome visible to a "
         "read_committed consumer (the copy loop: to its last commit). vs KStreams and vs ceiling are transfers/s "
@@ -1453,6 +1566,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=PARTITIONS_DEFAULT,
         help=f"partitions of every benchmark topic (default {PARTITIONS_DEFAULT})",
+    )
+    parser.add_argument(
+        "--holds",
+        type=int,
+        default=HOLDS_DEFAULT,
+        help=f"holds placed and captured through the processor after its transfers, 0 skips them "
+        f"(default {HOLDS_DEFAULT:,})",
     )
     parser.add_argument(
         "--faust-transfers",
@@ -1532,6 +1652,7 @@ def run(args: argparse.Namespace) -> int:
         profile_processor=args.profile_processor.resolve() if args.profile_processor else None,
         keep_topics=args.keep_topics,
         kafka_streams=not args.skip_kafka_streams,
+        holds=max(args.holds, 0),
         metrics_port=args.metrics_port,
     )
     from wallet.localkafka import LocalKafkaError

@@ -1,10 +1,11 @@
 """Kafka ACLs of the project's service principals: least privilege per role, applied idempotently.
 
 `service_grants` is the table (the README's "Kafka principals and ACLs" shows it): the api writes
-client commands and reads outcomes; processors read commands and events and write events, legs,
-outcomes and the DLQ, under their group and transactional-id prefix; the read model and the
-audit only read. Groups are granted by prefix because assign-only readers (the outcome waiter,
-the audit) still name a random group that librdkafka looks up. Every topic name carries the
+client commands and reads outcomes; processors read commands and events and write events, legs
+and ticks (both to the commands topic), outcomes and the DLQ, under their group and
+transactional-id prefix; the read model and the audit only read. Groups are granted by prefix
+because assign-only readers (the outcome waiter, the audit) still name a random group that
+librdkafka looks up. Every topic name carries the
 settings' topic prefix. A principal's name is `WALLET_KAFKA_PRINCIPAL_<ROLE>` (e.g.
 `User:payments-api`) or `User:wallet-<role>`, the local SASL broker's user of that role.
 
@@ -95,7 +96,7 @@ def service_grants(settings: Settings, environ: dict[str, str] | None = None) ->
             (topic, commands, literal, read),
             (topic, events, literal, read),
             (topic, events, literal, write),
-            (topic, commands, literal, write),
+            (topic, commands, literal, write),  # saga legs, and the ticks of quiet partitions
             (topic, outcomes, literal, write),
             (topic, dlq, literal, write),
             (group, processor_prefix, prefixed, read),

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 _LOG = logging.getLogger("wallet.http")
 
@@ -117,7 +118,24 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
         error.status_code, str(error.detail)
     )
     headers = dict(error.headers) if error.headers else None
+    if error.status_code == 405:
+        # Starlette names the methods of the first route with this path only; a path served by
+        # two routers (a command and a query, say) allows the methods of both.
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     return error_response(error.status_code, code, message, headers=headers)
+
+
+_HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Asked of every route through Starlette's public `matches`: included routers answer it too.
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -73,9 +73,9 @@ def _id_constraints(length_max: int) -> dict[str, Any]:
 
 def _valid_id(length_max: int):
     # The one id rule (schemas.commands.is_valid_id) on top of the schema's pattern, which
-    # documents it for clients and fuzzers.
-    def check(value: str) -> str:
-        if not is_valid_id(value, length_max):
+    # documents it for clients and fuzzers. An optional id that is absent (null) has no rule.
+    def check(value: str | None) -> str | None:
+        if value is not None and not is_valid_id(value, length_max):
             raise PydanticCustomError(
                 "invalid_id",
                 "ids are 1 to {length_max} letters, digits and . _ : @ -, starting with a letter or digit",

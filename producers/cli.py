@@ -25,6 +25,8 @@ from confluent_kafka import KafkaException
 
 from infra.settings import settings_from_args
 from producers.client import (
+    CAPTURE_ID_SUFFIX,
+    VOID_ID_SUFFIX,
     OutcomesUnavailableError,
     PublishError,
     canonical_amount,
@@ -34,18 +36,20 @@ from producers.client import (
 )
 from producers.load import ACCOUNTS_DEFAULT, OUTCOME_WAIT_S_DEFAULT, LoadError, LoadSpec, run_load
 from schemas.commands import (
+    ACCOUNT_ID_LENGTH_MAX,
+    TRANSACTION_ID_LENGTH_MAX,
     Close,
     Command,
-    CreditLeg,
     Deposit,
     Freeze,
     OpenAccount,
     PayMerchant,
-    RefundLeg,
+    PlaceHold,
     Transfer,
     Unfreeze,
     Withdraw,
     command_type,
+    is_valid_id,
 )
 from streams.core.money import AmountError
 
@@ -92,6 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("currency")
     transfer.add_argument("--merchant", action="store_true", help="a merchant payment: the receiver must be a merchant")
 
+    _register_hold(subparsers)
+
     status = subparsers.add_parser("status", help="the outcome of one of your transactions, from the API")
     status.add_argument("transaction_id")
     status.add_argument("--account", help="the account that owns the request (narrows the lookup)")
@@ -101,9 +107,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_load(subparsers)
 
 
-def _command_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+def _register_hold(subparsers: argparse._SubParsersAction) -> None:
+    hold = subparsers.add_parser(
+        "hold",
+        help="reserve money for a destination (place), then capture, void or show the hold",
+        description="Holds: money of an account reserved for a destination account until it is captured (all "
+        "or part, in one or several captures), voided, or expires. The owner of the held account places, "
+        "captures and voids; an operator may capture and void; the destination's owner may only show it.",
+    )
+    actions = hold.add_subparsers(dest="hold_action", metavar="ACTION", required=True)
+    place = _command_parser(
+        actions, "place", "place a hold on one of your accounts", tx_help="the hold id (default: a new one)"
+    )
+    place.add_argument("account_id", help="the account whose money is held (yours)")
+    place.add_argument("to_account", help="the destination of the captures")
+    place.add_argument("amount", help="decimal string, e.g. 12.34")
+    place.add_argument("currency")
+    place.add_argument(
+        "--expires-in-s",
+        type=int,
+        required=True,
+        help="seconds after the hold is placed at which it expires, releasing what it still holds (1 to 604800)",
+    )
+    capture = _command_parser(
+        actions,
+        "capture",
+        "move all or part of a hold to its destination",
+        tx_help=f"this capture's id (default: HOLD_ID{CAPTURE_ID_SUFFIX}); give each capture of a hold its own",
+    )
+    capture.add_argument("hold_id")
+    capture.add_argument("--amount", help="what to capture now (default: all that is still held)")
+    capture.add_argument(
+        "--final",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="release what is left after this capture (default --final; --no-final keeps the rest held)",
+    )
+    _add_hold_account_option(capture)
+    void = _command_parser(
+        actions, "void", "release a hold", tx_help=f"this void's id (default: HOLD_ID{VOID_ID_SUFFIX})"
+    )
+    void.add_argument("hold_id")
+    _add_hold_account_option(void)
+    show = actions.add_parser(
+        "show",
+        help="a hold: its accounts, amounts and state, from the API's read model",
+        description="Prints the hold; exit 0 when found, 1 when not found (or not yours) or on error.",
+    )
+    show.add_argument("hold_id")
+    _add_hold_account_option(show)
+    _add_api_option(show)
+    show.set_defaults(handler=_reporting_errors(_show_hold))
+
+
+def _add_hold_account_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--account", help="the held account (needed when the hold id names holds of several accounts)")
+
+
+def _command_parser(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    tx_help: str = "transaction id (default: a new one)",
+) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text, description=f"{help_text}. {EXIT_STATUS_TEXT}")
-    parser.add_argument("--tx", dest="transaction_id", help="transaction id (default: a new one); reuse it to retry")
+    parser.add_argument("--tx", dest="transaction_id", help=f"{tx_help}; reuse it to retry")
     parser.add_argument(
         "--wait-s",
         type=float,
@@ -162,6 +230,16 @@ def build_command(args: argparse.Namespace) -> Command:
             currency=args.currency,
             amount=canonical_amount(args.amount, args.currency),
         )
+    if name == "place":
+        return client_command(
+            PlaceHold,
+            **{**common, "transaction_id": args.transaction_id or new_transaction_id("hold-")},
+            account_id=args.account_id,
+            to_account=args.to_account,
+            currency=args.currency,
+            amount=canonical_amount(args.amount, args.currency),
+            expires_in_ms=args.expires_in_s * 1000,
+        )
     if name == "transfer":
         transfer_class = PayMerchant if args.merchant else Transfer
         return client_command(
@@ -199,8 +277,17 @@ def _route(command: Command) -> tuple[str, dict]:
             "currency": command.currency,
             "merchant_payment": isinstance(command, PayMerchant),
         }
-    assert not isinstance(command, (CreditLeg, RefundLeg)), "saga legs have no API route"
-    path = f"/v1/accounts/{urllib.parse.quote(command.account_id, safe='')}/{command_type(command)}"
+    assert isinstance(command, (Deposit, Withdraw, Freeze, Unfreeze, Close, PlaceHold)), "no API route"
+    account_path = f"/v1/accounts/{urllib.parse.quote(command.account_id, safe='')}"
+    if isinstance(command, PlaceHold):
+        return f"{account_path}/holds", {
+            **body,
+            "to_account": command.to_account,
+            "amount": command.amount,
+            "currency": command.currency,
+            "expires_in_s": command.expires_in_ms // 1000,
+        }
+    path = f"{account_path}/{command_type(command)}"
     if isinstance(command, (Deposit, Withdraw)):
         return path, {**body, "amount": command.amount, "currency": command.currency}
     return path, body
@@ -237,34 +324,94 @@ def _api_failure(status: int, body: dict) -> ApiCallError:
     return ApiCallError(f"HTTP {status} {body.get('error', '')}: {body.get('message', body)}{hint}")
 
 
+def _hold_settling(args: argparse.Namespace) -> tuple[str, dict, str]:
+    """(path, body, command type) of a capture or a void: the API finds the hold's account and currency."""
+    own_id = {"capture": "capture_id", "void": "void_id"}[args.command_name]
+    for name, value, length_max in (
+        ("hold id", args.hold_id, TRANSACTION_ID_LENGTH_MAX),
+        ("--tx", args.transaction_id, TRANSACTION_ID_LENGTH_MAX),
+        ("--account", args.account, ACCOUNT_ID_LENGTH_MAX),
+    ):
+        if value is not None and not is_valid_id(value, length_max):
+            raise ValueError(
+                f"{name} {value!r} must be 1 to {length_max} characters, start with a letter or digit "
+                "and contain only letters, digits and . _ : @ -"
+            )
+    body: dict[str, Any] = {} if args.transaction_id is None else {own_id: args.transaction_id}
+    if args.command_name == "capture":
+        body["final"] = args.final
+        if args.amount is not None:
+            body["amount"] = args.amount
+    path = f"/v1/holds/{urllib.parse.quote(args.hold_id, safe='')}/{args.command_name}{_account_query(args.account)}"
+    return path, body, f"{args.command_name}_hold"
+
+
+def _account_query(account: str | None, separator: str = "?") -> str:
+    return f"{separator}account_id={urllib.parse.quote(account, safe='')}" if account else ""
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    command = build_command(args)
-    check_ids(command)
-    path, body = _route(command)
+    if args.command_name in ("capture", "void"):
+        path, body, what = _hold_settling(args)
+        of_hold = f" of hold {args.hold_id}"
+    else:
+        command = build_command(args)
+        check_ids(command)
+        path, body = _route(command)
+        what, of_hold = command_type(command), ""
     wait_ms = min(int(args.wait_s * 1000), REQUEST_WAIT_MS_MAX)
     started_s = time.monotonic()
+    separator = "&" if "?" in path else "?"
     status, reply = call_api(
-        args.api, "POST", f"{path}?wait_ms={wait_ms}", body, wait_ms / 1000 + HTTP_TIMEOUT_MARGIN_S
+        args.api, "POST", f"{path}{separator}wait_ms={wait_ms}", body, wait_ms / 1000 + HTTP_TIMEOUT_MARGIN_S
     )
     elapsed_ms = (time.monotonic() - started_s) * 1000
-    what = f"{command_type(command)} {command.transaction_id}"
+    if status not in (200, 202):
+        raise _api_failure(status, reply)
+    what = f"{what} {reply['transaction_id']}{of_hold}"
     if status == 202:
         print(
             f"pending: {what} was published but its outcome was not known within {args.wait_s:.0f} s; "
-            f"ask later with `wallet status {command.transaction_id}`"
+            f"ask later with `wallet status {reply['transaction_id']}`"
         )
         return EXIT_PENDING
-    if status != 200:
-        raise _api_failure(status, reply)
     return _report_final(reply, what, f" ({elapsed_ms:.0f} ms)")
 
 
-def _status(args: argparse.Namespace) -> int:
-    query = f"?account_id={urllib.parse.quote(args.account, safe='')}" if args.account else ""
+def _show_hold(args: argparse.Namespace) -> int:
     status, reply = call_api(
         args.api,
         "GET",
-        f"/v1/transactions/{urllib.parse.quote(args.transaction_id, safe='')}{query}",
+        f"/v1/holds/{urllib.parse.quote(args.hold_id, safe='')}{_account_query(args.account)}",
+        None,
+        HTTP_TIMEOUT_MARGIN_S,
+    )
+    if status != 200:
+        raise _api_failure(status, reply)
+    print("\n".join(hold_lines(reply)))
+    return EXIT_SUCCESS
+
+
+def hold_lines(hold: dict) -> list[str]:
+    """A hold as the API answers it (`GET /v1/holds/{id}`), for a person."""
+    currency = hold["currency"]
+    return [
+        f"hold {hold['hold_id']}: {hold['account_id']} -> {hold['to_account']}, "
+        f"{hold['amount']} {currency}, {hold['state']}",
+        f"  captured {hold['captured']}, released {hold['released']}, still held {hold['held']} {currency}",
+        f"  placed {_iso_utc(hold['placed_ms'])}, expires {_iso_utc(hold['expires_ms'])}",
+    ]
+
+
+def _iso_utc(epoch_ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_ms // 1000)) + f".{epoch_ms % 1000:03d}Z"
+
+
+def _status(args: argparse.Namespace) -> int:
+    status, reply = call_api(
+        args.api,
+        "GET",
+        f"/v1/transactions/{urllib.parse.quote(args.transaction_id, safe='')}{_account_query(args.account)}",
         None,
         HTTP_TIMEOUT_MARGIN_S,
     )

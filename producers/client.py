@@ -13,6 +13,12 @@ Usable from any Python program; it needs only a bootstrap address and topic name
   digest), so the answer to a retried or conflicting request is never mistaken for another's.
 - `WalletClient` joins the two into request-reply: publish, then wait a bounded time for
   the outcome; `None` means the answer is not known yet (the request is `pending`).
+
+Every client command goes the same way, holds included: for example
+`client.request(client_command(PlaceHold, transaction_id=hold_id, account_id=payer, to_account=shop,
+amount="12.00", currency="USD", expires_in_ms=60_000), wait_s)`, then `CaptureHold` (with
+`hold_id`, `amount` or None for all, `final`) or `VoidHold`, each with its own transaction id
+and the payer as `account_id` (on Kafka there is no read model to find the hold's account).
 """
 
 from __future__ import annotations
@@ -87,6 +93,11 @@ OUTCOME_POLL_TIMEOUT_S = 0.01
 CONNECT_RETRY_INTERVAL_S = 0.5
 
 
+# A hold's capture and void are requests of their own: without an id of the caller's, the HTTP
+# API and the CLI give them the hold id with these suffixes (so a retry is the same request).
+CAPTURE_ID_SUFFIX, VOID_ID_SUFFIX = ".capture", ".void"
+
+
 def new_transaction_id(prefix: str = "tx-") -> str:
     """A fresh, unique transaction id. Reuse it (never make a new one) when retrying a request."""
     return f"{prefix}{uuid.uuid4().hex}"
@@ -98,6 +109,15 @@ def wall_clock_ms() -> int:
 
 
 _ACCOUNT_FIELDS = ("account_id", "from_account", "to_account")
+_TRANSACTION_ID_FIELDS = ("transaction_id", "hold_id")
+
+
+def _refuse_processor_commands(commands: Iterable[Command]) -> None:
+    for command in commands:
+        if type(command) in LEG_COMMANDS:
+            raise ValueError(f"{type(command).__name__} is a saga leg: only a processor may originate one")
+        if type(command) not in CLIENT_COMMANDS:
+            raise ValueError(f"{type(command).__name__} is not a client command: only a processor may write one")
 
 
 def local_command(command_class: type[ClientCommand], **fields: Any) -> Command:
@@ -125,14 +145,14 @@ def client_command(command_class: type, *, actor: str | None = None, role: Role 
 
 def check_ids(command: Command) -> None:
     """Raises ValueError naming the field unless every id of the command follows the contract
-    (`schemas.commands.is_valid_id`), or if the command is a saga leg, which clients may never publish.
+    (`schemas.commands.is_valid_id`), or if the command is not a client's (a saga leg or a tick),
+    which clients may never publish.
 
     The Kafka decoder checks only the ids' lengths (schemas.commands); their characters are
     the producers' to enforce.
     """
-    if type(command) in LEG_COMMANDS:
-        raise ValueError(f"{type(command).__name__} is a saga leg: only a processor may originate one")
-    fields = [("transaction_id", TRANSACTION_ID_LENGTH_MAX)]
+    _refuse_processor_commands([command])
+    fields = [(name, TRANSACTION_ID_LENGTH_MAX) for name in _TRANSACTION_ID_FIELDS if hasattr(command, name)]
     fields += [(name, ACCOUNT_ID_LENGTH_MAX) for name in _ACCOUNT_FIELDS if hasattr(command, name)]
     for name, length_max in fields:
         value = getattr(command, name)
@@ -308,10 +328,9 @@ class CommandPublisher:
 
         Order within the batch is kept for a single publishing thread: each slice waits for
         room for all of it before it is queued. The bulk path leaves `check_ids` to the caller,
-        but never publishes a saga leg.
+        but never publishes a saga leg or a tick.
         """
-        if any(type(command) in LEG_COMMANDS for command in commands):
-            raise ValueError("a batch holds a saga leg: only a processor may originate one")
+        _refuse_processor_commands(commands)
         messages = [{"key": owner_account(command), "value": encode(command)} for command in commands]
         slice_size = min(PUBLISH_BATCH_SIZE_MAX, self._queue_messages_max)
         for start in range(0, len(messages), slice_size):

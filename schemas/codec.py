@@ -18,12 +18,13 @@ from schemas.commands import (
     CLIENT_COMMANDS,
     TRANSACTION_ID_LENGTH_MAX,
     Command,
+    WireCommand,
 )
 from schemas.events import Event
 from schemas.outcomes import Outcome
 
 _encoder = msgspec.json.Encoder()
-_command_decoder = msgspec.json.Decoder(Command)
+_command_decoder = msgspec.json.Decoder(WireCommand)
 _event_decoder = msgspec.json.Decoder(Event)
 _outcome_decoder = msgspec.json.Decoder(Outcome)
 
@@ -34,7 +35,7 @@ class SchemaError(ValueError):
     """A record that is not valid JSON or not a valid message of its topic."""
 
 
-def decode_command(data: bytes) -> Command:
+def decode_command(data: bytes) -> WireCommand:
     try:
         return _command_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:

@@ -10,6 +10,13 @@ and the core decides with them who may move whose money. Saga legs are written b
 only: each carries the transfer's `actor`, `issued_ms` (the decision time of the step that
 emitted it) and a MAC (`kid`, `mac`, see `schemas.leg_auth`) that the processor checks before
 the core ever sees the leg.
+
+Holds (Try-Confirm/Cancel): `place_hold` reserves money of `account_id` for `to_account` (its
+`transaction_id` is the hold id), `capture_hold` moves all or part of it to the destination as
+a transfer does (a saga: credit leg, refund leg), `void_hold` releases it; a hold expires by
+itself at a decision time of the log. `tick` is written by processors only, one per owned
+partition when the partition was idle: it carries nothing that decides (its time is the
+broker's), so that holds expire on a quiet partition too.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ TRANSACTION_ID_LENGTH_MAX = 128
 ACTOR_LENGTH_MAX = 128
 KEY_ID_LENGTH_MAX = 32
 MAC_HEX_LENGTH_MAX = 64
+# The longest a hold may stay open (`place_hold.expires_in_ms`); the core refuses more (`invalid_expiry`).
+HOLD_EXPIRY_MS_MAX = 7 * 24 * 60 * 60 * 1000
 AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=ACCOUNT_ID_LENGTH_MAX)]
 TransactionId = Annotated[str, msgspec.Meta(min_length=1, max_length=TRANSACTION_ID_LENGTH_MAX)]
 Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=ACTOR_LENGTH_MAX)]
@@ -121,6 +130,48 @@ class Close(_ClientCommand, tag="close", frozen=True):
     account_id: AccountId
 
 
+class PlaceHold(_ClientCommand, tag="place_hold", frozen=True):
+    """Reserves `amount` of `account_id` for `to_account` (only the owner of `account_id`).
+
+    The hold id is the `transaction_id`. It expires `expires_in_ms` (1 ..
+    HOLD_EXPIRY_MS_MAX) after the place's decision time; whether the amount and the expiry
+    are acceptable is the core's decision, recorded in the log."""
+
+    account_id: AccountId
+    to_account: AccountId
+    amount: AmountText
+    currency: str
+    expires_in_ms: int
+
+
+class CaptureHold(_ClientCommand, tag="capture_hold", frozen=True):
+    """Moves `amount` (absent: all still held) of hold `hold_id` of `account_id` to the hold's
+    destination; `final` releases whatever is left. The owner of `account_id` or role operator.
+    The `transaction_id` is the capture's own id, one per capture."""
+
+    account_id: AccountId  # the payer: its partition decides the capture
+    hold_id: TransactionId
+    amount: AmountText | None = None
+    final: bool = True
+
+
+class VoidHold(_ClientCommand, tag="void_hold", frozen=True):
+    """Releases what hold `hold_id` of `account_id` still holds (the owner or role operator)."""
+
+    account_id: AccountId
+    hold_id: TransactionId
+
+
+class Tick(_Command, tag="tick", frozen=True):
+    """Time passing on a partition without traffic; produced by processors only, to the
+    partition it names. The runtime dead-letters a tick whose `partition` is not its record's
+    (`wrong_partition`). No actor and no MAC: a forged tick can only carry the broker's time,
+    which any record carries."""
+
+    owner_field: ClassVar[str] = ""  # no account owns a tick: it is routed by `partition`
+    partition: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+
 class _Leg(_Command, frozen=True):
     actor: Actor  # the actor of the transfer the leg belongs to
     issued_ms: TimestampMs  # decision time of the step that emitted the leg
@@ -161,11 +212,54 @@ class RefundLeg(_Leg, tag="refund_leg", frozen=True, kw_only=True):
     debit_ms: TimestampMs
 
 
-Command = OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close | CreditLeg | RefundLeg
-ClientCommand = OpenAccount | Deposit | Withdraw | Transfer | PayMerchant | Freeze | Unfreeze | Close
+# A command with an actor: what clients ask and the saga legs of what they asked.
+Command = (
+    OpenAccount
+    | Deposit
+    | Withdraw
+    | Transfer
+    | PayMerchant
+    | Freeze
+    | Unfreeze
+    | Close
+    | PlaceHold
+    | CaptureHold
+    | VoidHold
+    | CreditLeg
+    | RefundLeg
+)
+# Every value of wallet.commands: the commands above and the processors' ticks.
+WireCommand = Command | Tick
+ClientCommand = (
+    OpenAccount
+    | Deposit
+    | Withdraw
+    | Transfer
+    | PayMerchant
+    | Freeze
+    | Unfreeze
+    | Close
+    | PlaceHold
+    | CaptureHold
+    | VoidHold
+)
 Leg = CreditLeg | RefundLeg
-CLIENT_COMMANDS = (OpenAccount, Deposit, Withdraw, Transfer, PayMerchant, Freeze, Unfreeze, Close)
+CLIENT_COMMANDS = (
+    OpenAccount,
+    Deposit,
+    Withdraw,
+    Transfer,
+    PayMerchant,
+    Freeze,
+    Unfreeze,
+    Close,
+    PlaceHold,
+    CaptureHold,
+    VoidHold,
+)
 LEG_COMMANDS = (CreditLeg, RefundLeg)
+# The transaction id of every tick a processor writes: a tick is never remembered, so one id serves.
+TICK_TRANSACTION_ID = "tick"
 
 
 # The principals a trusted edge without authentication (`wallet up --auth off`, the CLI, the load
@@ -176,8 +270,8 @@ LOCAL_OPERATOR_ACTOR = "operator"
 
 def local_credentials(command_class: type, owner: str) -> tuple[str, str]:
     """(actor, role) of a command built by a trusted local edge without authentication: money in
-    and out by the bank rail, status changes by the operator, everything else by the account
-    itself (an account opened this way is owned by its own id)."""
+    and out by the bank rail, status changes by the operator, everything else (transfers, holds:
+    place, capture, void) by the account itself (an account opened this way is owned by its own id)."""
     if command_class in (Deposit, Withdraw):
         return LOCAL_BANK_ACTOR, "bank"
     if command_class in (Freeze, Unfreeze, Close):
@@ -186,11 +280,12 @@ def local_credentials(command_class: type, owner: str) -> tuple[str, str]:
 
 
 def owner_account(command: Command) -> str:
-    """The account whose partition decides this command: the record key on `wallet.commands`."""
+    """The account whose partition decides this command: the record key on `wallet.commands`.
+    Not for a tick, which no account owns (its `partition` says where it goes)."""
     return getattr(command, command.owner_field)
 
 
-def command_type(command: Command) -> str:
+def command_type(command: WireCommand) -> str:
     tag = command.__struct_config__.tag
     if TYPE_CHECKING:  # every command class is declared with a string tag
         assert isinstance(tag, str)

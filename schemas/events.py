@@ -5,6 +5,13 @@ the account's new `seq` (1, 2, 3, ... with no gap) and, where money moved, its n
 `balance`. `command_rejected` is a decision event: it changes no balance and takes no
 `seq`, but records the outcome and digest of a refused command so that a retry, after any
 crash, gets the same first answer.
+
+Holds: `hold_placed`, `hold_captured`, `hold_voided` and `hold_expired` take a `seq` and state
+the account's `held` total after them (balances include held money; available = balance -
+held). `hold_captured` is a money change: the captured amount leaves the balance and is in
+flight to `to_account` exactly as a transfer's debit is, settled by the same
+`transfer_credited` on the destination, or `command_rejected` there and `transfer_refunded`
+back here.
 """
 
 from __future__ import annotations
@@ -80,6 +87,48 @@ class AccountClosed(_Change, tag="account_closed", frozen=True):
     pass
 
 
+class HoldPlaced(_Change, tag="hold_placed", frozen=True):
+    """A hold of `amount` on the account for `to_account`; `transaction_id` = `hold_id`."""
+
+    hold_id: str
+    to_account: str
+    amount: str
+    currency: str
+    expires_ms: int  # the place's decision time + expires_in_ms: expired at the first decision at or after it
+    held: str  # the account's held total after
+    balance: str  # unchanged, for readers
+
+
+class HoldCaptured(_MoneyChange, tag="hold_captured", frozen=True):
+    """`amount` of hold `hold_id` leaves the balance (and the held total) towards `to_account`;
+    `transaction_id` is the capture's own id. A final capture also releases what is left."""
+
+    hold_id: str
+    to_account: str
+    held: str  # after
+    released: str  # released by a final capture beyond `amount` ("0.00" when none)
+    final: bool  # the hold has ended (a final capture, or nothing left to capture)
+
+
+class HoldVoided(_Change, tag="hold_voided", frozen=True):
+    """The hold ends; `released` (what it still held) is available again; `transaction_id` is the void's id."""
+
+    hold_id: str
+    released: str
+    currency: str
+    held: str  # after
+
+
+class HoldExpired(_Change, tag="hold_expired", frozen=True):
+    """The hold ended at its expiry; `transaction_id` = `hold_id`, `command` = the type of the
+    command whose decision time expired it (often "tick"), `digest` and `actor` the place's."""
+
+    hold_id: str
+    released: str
+    currency: str
+    held: str  # after
+
+
 class CommandRejected(_Event, tag="command_rejected", frozen=True):
     reason: str
     issued_ms: int | None = None  # of the refused credit leg, when a credit leg was refused
@@ -95,9 +144,14 @@ Event = (
     | AccountFrozen
     | AccountUnfrozen
     | AccountClosed
+    | HoldPlaced
+    | HoldCaptured
+    | HoldVoided
+    | HoldExpired
     | CommandRejected
 )
-MONEY_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
+MONEY_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, HoldCaptured)
+HOLD_EVENTS = (HoldPlaced, HoldCaptured, HoldVoided, HoldExpired)
 
 
 def event_type(event: Event) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from schemas.commands import SCHEMA_VERSION, Command
+from schemas.commands import SCHEMA_VERSION, WireCommand
 from schemas.events import Event
 from schemas.outcomes import Outcome
 
@@ -27,9 +27,9 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 # file name -> (message type, title, description)
 _EXPORTS = {
     "command.schema.json": (
-        Command,
+        WireCommand,
         "Streamwallet command",
-        "A value on the wallet.commands topic: a client command or a saga leg.",
+        "A value on the wallet.commands topic: a client command, a saga leg or a processor's tick.",
     ),
     "event.schema.json": (Event, "Streamwallet event", "A value on the wallet.events topic: one entry of the ledger."),
     "outcome.schema.json": (

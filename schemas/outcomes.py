@@ -53,5 +53,12 @@ class Reason:
     NOT_AUTHORIZED = "not_authorized"  # the actor or role may not ask this of the account
     TRANSFER_IN_FLIGHT = "transfer_in_flight"  # close refused while a debit of the account is in flight
     LEG_EXPIRED = "leg_expired"  # a credit leg older than half the idempotency window: refunded
+    HOLD_NOT_FOUND = "hold_not_found"  # capture or void of a hold the account does not know (or forgot)
+    HOLD_CAPTURED = "hold_captured"  # capture or void of a hold already captured
+    HOLD_VOIDED = "hold_voided"  # capture or void of a hold already voided
+    HOLD_EXPIRED = "hold_expired"  # capture or void of a hold already expired
+    CAPTURE_EXCEEDS_HOLD = "capture_exceeds_hold"  # more than the hold still holds: refused, never partly done
+    HOLDS_OPEN = "holds_open"  # close refused while a hold of the account is open
+    INVALID_EXPIRY = "invalid_expiry"  # expires_in_ms not in 1 .. HOLD_EXPIRY_MS_MAX
     INVALID_COMMAND = "invalid_command"  # the record could not be decoded (dead-lettered)
     WRONG_PARTITION = "wrong_partition"  # the record arrived on a partition that does not own its account

@@ -62,6 +62,13 @@ def register(subparsers) -> None:
         help="bound of every blocking Kafka call (commit, abort, producer start); past it the batch "
         f"is redone from the log (default {defaults.kafka_call_timeout_ms})",
     )
+    parser.add_argument(
+        "--tick-interval-ms",
+        type=int,
+        default=defaults.tick_interval_ms,
+        help="a partition quiet this long whose hold has expired gets a tick command, so the hold "
+        f"expires without other traffic; 0 disables ticks (default {defaults.tick_interval_ms})",
+    )
     add_metrics_options(parser)
     parser.set_defaults(handler=_run)
     actions = parser.add_subparsers(dest="processor_action", metavar="ACTION")
@@ -89,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         state_flush_interval_ms=args.state_flush_interval_ms,
         transaction_timeout_ms=args.transaction_timeout_ms,
         kafka_call_timeout_ms=args.kafka_call_timeout_ms,
+        tick_interval_ms=args.tick_interval_ms,
     )
     registry = new_registry()
     metrics = ProcessorMetrics(registry)
@@ -103,7 +111,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def state_dump(store_path: Path) -> dict:
-    """The snapshot as plain data: per partition, the events offset it covers and its accounts."""
+    """The snapshot as plain data: per partition, the events offset it covers, its accounts and
+    its holds (open, and ended ones the partition still remembers)."""
     store = StateStore(store_path, read_only=True)
     try:
         partitions = {}
@@ -117,10 +126,24 @@ def state_dump(store_path: Path) -> dict:
                         "kind": a.kind,
                         "status": a.status,
                         "balance": format_amount(a.balance_minor, a.currency),
+                        "held": format_amount(a.held_minor, a.currency),
                         "seq": a.seq,
                     }
                     for account_id, a in sorted(state.accounts.items())
                 },
+                "holds": [
+                    {
+                        "account_id": account_id,
+                        "hold_id": hold_id,
+                        "to_account": hold.to_account,
+                        "amount": format_amount(hold.amount_minor, state.accounts[account_id].currency),
+                        "held": format_amount(hold.held_minor, state.accounts[account_id].currency),
+                        "captured": format_amount(hold.captured_minor, state.accounts[account_id].currency),
+                        "state": hold.status,
+                        "expires_ms": hold.expires_ms,
+                    }
+                    for (account_id, hold_id), hold in sorted(state.holds.items())
+                ],
             }
         return {"partitions": partitions}
     finally:

@@ -19,9 +19,13 @@ and the other workers (and all they start) run at a lower CPU priority than thei
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +45,7 @@ BROKER_START_TIMEOUT_S = 90  # CI machines are slower than a warm laptop; a loca
 TOPIC_TIMEOUT_S = 30
 TEST_BROKERS_VARIABLE = "WALLET_TEST_BROKERS"
 CLUSTER_START_TIMEOUT_S = 240  # three JVMs on a loaded 2-core machine: measured 80-90 s at a load of 20
+START_LOCK_WAIT_S = 60  # a broker's start takes 3-10 s on an idle machine
 
 
 def session_broker_count() -> int:
@@ -132,6 +137,32 @@ def free_cluster_ports(nodes: int) -> tuple[int, int]:
     return base, base + 1
 
 
+@contextlib.contextmanager
+def _starting_alone(run_dir: Path) -> Iterator[None]:
+    """Under pytest-xdist, workers start their session brokers one after another: JVMs starting
+    together on a 2-core machine each took longer than a start may (seen: Kafka's storage format
+    past its 60 s). The lock is in the run's folder that all its workers share (each worker's
+    temporary folders are `popen-gwN` in it). It only spreads the starts: after
+    `START_LOCK_WAIT_S` a worker starts anyway, so that the wait never eats its test's timeout."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    with open(Path(run_dir).parent.parent / "kafka-start.lock", "w") as lock:
+        deadline_s = time.monotonic() + START_LOCK_WAIT_S
+        locked = False
+        while not locked and time.monotonic() < deadline_s:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def start_private_cluster(run_dir, nodes: int) -> Settings:
     """A local KRaft cluster of `nodes` nodes in `run_dir` on free ports, dying with this process."""
     kafka_port, controller_port = free_cluster_ports(nodes)
@@ -179,7 +210,8 @@ def session_local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         run_dir=tmp_path_factory.mktemp("kafka-run"), local_kafka_port=kafka_port, local_controller_port=controller_port
     )
     localkafka.fetch_jars(settings)
-    localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True)
+    with _starting_alone(settings.run_dir):
+        localkafka.start(settings, timeout_s=BROKER_START_TIMEOUT_S, stop_with_parent=True)
     try:
         yield settings
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -38,11 +39,12 @@ from infra.kafka_clients import kafka_security
 from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from schemas.codec import command_digest, decode_event, decode_outcome
-from schemas.commands import Command, Transfer, owner_account
+from schemas.commands import CaptureHold, Command, OpenAccount, PlaceHold, Transfer, VoidHold, owner_account
 from schemas.events import (
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -50,8 +52,9 @@ from schemas.events import (
     event_type,
 )
 from schemas.outcomes import Outcome
-from streams.core.money import canonical_minor
+from streams.core.money import canonical_minor, format_amount
 from streams.core.state import State, fold
+from tests.support.commands import edge
 
 POSTGRES_URL_ENV = "WALLET_TEST_POSTGRES_URL"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -179,6 +182,7 @@ def db_url(make_db_url: Callable[[], str]) -> str:
 LOG_ACCOUNT_COUNT = 150
 LOG_OPERATION_COUNT = 6_000
 LOG_HELD_TRANSFER_COUNT = 3
+LOG_HOLD_COUNT = 200
 CATCH_UP_TIMEOUT_S = 60
 KAFKA_READ_TIMEOUT_S = 30
 
@@ -200,7 +204,11 @@ class PublishedLog:
 @pytest.fixture(scope="module")
 def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
     settings = make_settings(4)
-    commands = workload(seed=11, account_count=LOG_ACCOUNT_COUNT, operation_count=LOG_OPERATION_COUNT)
+    commands = with_holds(
+        workload(seed=11, account_count=LOG_ACCOUNT_COUNT, operation_count=LOG_OPERATION_COUNT),
+        seed=11,
+        count=LOG_HOLD_COUNT,
+    )
     transfers = [command.transaction_id for command in commands if type(command) is Transfer]
     held = frozenset(transfers[-LOG_HELD_TRANSFER_COUNT:])
     log = decide(commands, settings.partitions, hold_legs_of=held)
@@ -212,6 +220,48 @@ def published_log(make_settings: Callable[..., Settings]) -> PublishedLog:
         read_back(settings, settings.events_topic, decode_event),
         read_back(settings, settings.outcomes_topic, decode_outcome),
     )
+
+
+def with_holds(commands: list[Command], seed: int, count: int) -> list[Command]:
+    """`commands` with `count` holds of its accounts mixed in, each with its later fate: captured in
+    two parts (the second final), captured whole, voided, or left to expire (after 1 ms: the next
+    command its partition decides expires it). Some are refused (funds, currencies, statuses)."""
+    rng = random.Random(seed)
+    opened = [(command.account_id, command.currency) for command in commands if type(command) is OpenAccount]
+    placed: list[tuple[int, Command]] = []  # (position in `commands`, command), the later ones after
+    for number in range(count):
+        (payer, currency), (shop, _) = rng.sample(opened, 2)
+        hold_id, fate = f"hold-{seed}-{number}", number % 4
+        steps: list[Command] = [
+            edge(
+                PlaceHold,
+                transaction_id=hold_id,
+                account_id=payer,
+                to_account=shop,
+                amount=format_amount(rng.randint(100, 50_000), currency),
+                currency=currency,
+                expires_in_ms=1 if fate == 3 else 3_600_000,
+            )
+        ]
+        settle = {"account_id": payer, "hold_id": hold_id}
+        if fate == 0:
+            part = format_amount(rng.randint(1, 100), currency)
+            steps.append(edge(CaptureHold, transaction_id=f"{hold_id}.c1", amount=part, final=False, **settle))
+            steps.append(edge(CaptureHold, transaction_id=f"{hold_id}.c2", amount=part, **settle))
+        elif fate == 1:
+            steps.append(edge(CaptureHold, transaction_id=f"{hold_id}.capture", **settle))
+        elif fate == 2:
+            steps.append(edge(VoidHold, transaction_id=f"{hold_id}.void", **settle))
+        positions = sorted(rng.randrange(len(commands)) for _ in steps)
+        placed.extend(zip(positions, steps, strict=True))
+    mixed: list[Command] = []
+    by_position: dict[int, list[Command]] = {}
+    for position, command in placed:
+        by_position.setdefault(position, []).append(command)
+    for position, command in enumerate(commands):
+        mixed.append(command)
+        mixed.extend(by_position.get(position, ()))
+    return mixed
 
 
 def read_back(settings: Settings, topic: str, decode: Callable[[bytes], Any]) -> dict[int, list[tuple[int, Any]]]:
@@ -313,6 +363,7 @@ def expected_rows(log: PublishedLog, events_offsets: dict[int, int] | None = Non
                 account.balance_minor,
                 account.seq,
                 getattr(account, "owner", ""),
+                account.held_minor,
             )
     return {"accounts": sorted(accounts.values()), "entries": sorted(entries)}
 
@@ -353,11 +404,12 @@ def stored_transactions(store: ReadModelStore) -> dict[tuple[str, str], tuple[st
     return {(row.account_id, row.transaction_id): (row.status, row.reason) for row in rows}
 
 
-_AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded)
+_AMOUNT_EVENTS = (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, HoldCaptured)
 _AMOUNT_SIGN: dict[type, int] = {
     Deposited: 1,
     Withdrawn: -1,
     TransferDebited: -1,
     TransferCredited: 1,
     TransferRefunded: 1,
+    HoldCaptured: -1,
 }

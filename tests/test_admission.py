@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from schemas.codec import encode
-from schemas.commands import owner_account
+from schemas.commands import TICK_TRANSACTION_ID, Tick, owner_account
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
@@ -74,3 +74,11 @@ def test_what_the_core_cannot_decide_is_refused_and_leaves_the_state_untouched()
     assert isinstance(refusal, Refusal) and refusal.outcome is None
     assert (bob.accounts, bob.clock_ms) == ({}, 0)
     assert not isinstance(decide(state, deposit("alice", "1.00"), TS_MS), Refusal)
+
+
+def test_a_tick_is_admitted_only_on_the_partition_it_names_and_a_misplaced_one_gets_no_answer() -> None:
+    tick = Tick(transaction_id=TICK_TRANSACTION_ID, partition=2)
+    assert admit(encode(tick), 2, owner_partition, KEYRING) == tick
+    refusal = admit(encode(tick), 3, owner_partition, KEYRING)
+    assert isinstance(refusal, Refusal) and refusal.outcome is None
+    assert "tick of partition 2 arrived on partition 3" in refusal.reason

@@ -24,6 +24,7 @@ from schemas.outcomes import Reason
 TRANSFERS = 2_000
 ACCOUNTS = 200
 SEED = 7
+HOLDS = 300
 
 
 def _bench_args(argv: list[str]) -> argparse.Namespace:
@@ -75,6 +76,8 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
             "--skip-kafka-streams",
             "--latency-seconds",
             "1",
+            "--holds",
+            str(HOLDS),
             "--json",
         ]
     )
@@ -113,6 +116,17 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     assert latency["sent"] > 0 and latency["answered"] == latency["sent"]
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
 
+    holds = report["holds"]
+    assert holds["checks_ok"], holds["problems"]
+    assert holds["outcomes"] == {"hp": {"success": HOLDS}, "hc": {"success": HOLDS}}
+    assert holds["holds_captured_per_s"] > 0
+    assert holds["messages_per_s"] == pytest.approx(
+        HOLDS * pipeline_bench.MESSAGES_PER_CAPTURED_HOLD / holds["elapsed_s"], rel=1e-2
+    )
+    # Every capture was credited: the whole ledger, transfers and holds, still conserves money.
+    assert holds["ledger"]["balances_minor"] == holds["ledger"]["money_in_minor"] == ours["ledger"]["money_in_minor"]
+    assert holds["ledger"]["events"] >= ours["ledger"]["events"] + 3 * HOLDS
+
     left = [
         name
         for name in admin_client(kafka_bootstrap).list_topics(timeout=10).topics
@@ -140,6 +154,8 @@ def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str
             str(faust_transfers),
             "--skip-kafka-streams",
             "--latency-seconds",
+            "0",
+            "--holds",
             "0",
             "--json",
         ]
@@ -186,6 +202,8 @@ def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_fi
             str(SEED),
             "--skip-faust",
             "--latency-seconds",
+            "0",
+            "--holds",
             "0",
             "--json",
         ]

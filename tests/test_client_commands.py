@@ -9,12 +9,16 @@ import pytest
 from producers.client import CommandPublisher, check_ids, client_command, local_command
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX,
+    TICK_TRANSACTION_ID,
+    CaptureHold,
     CreditLeg,
     Deposit,
     Freeze,
     OpenAccount,
     RefundLeg,
+    Tick,
     Transfer,
+    VoidHold,
     is_valid_id,
 )
 
@@ -74,5 +78,27 @@ def test_the_client_library_refuses_to_publish_saga_legs(leg) -> None:
             publisher.publish_batch([leg])
         with pytest.raises(ValueError):
             client_command(type(leg), transaction_id="t")
+    finally:
+        publisher.close(timeout_s=0)
+
+
+def test_a_capture_or_void_names_a_hold_id_the_contract_allows() -> None:
+    for hold_id in ("hold\n", "bad id", "h" * 129):
+        with pytest.raises(ValueError, match="hold_id"):
+            client_command(CaptureHold, transaction_id="c", account_id="a", hold_id=hold_id)
+        with pytest.raises(ValueError, match="hold_id"):
+            client_command(VoidHold, transaction_id="v", account_id="a", hold_id=hold_id)
+    captured = client_command(CaptureHold, transaction_id="c", account_id="a", hold_id="h-1", amount="1.00")
+    assert isinstance(captured, CaptureHold) and (captured.actor, captured.role) == ("a", "user")
+
+
+def test_the_client_library_refuses_to_publish_a_tick() -> None:
+    publisher = CommandPublisher("127.0.0.1:1", "never.used", message_timeout_ms=100)
+    tick = Tick(transaction_id=TICK_TRANSACTION_ID, partition=0)
+    try:
+        with pytest.raises(ValueError, match="only a processor"):
+            publisher.publish_batch([tick])  # type: ignore[list-item]  # what a careless caller might do
+        with pytest.raises(ValueError, match="only a processor"):
+            check_ids(tick)  # type: ignore[arg-type]
     finally:
         publisher.close(timeout_s=0)

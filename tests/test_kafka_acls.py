@@ -39,8 +39,8 @@ from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.client import WalletClient
 from schemas.codec import decode_event
-from schemas.commands import Deposit, OpenAccount, Transfer
-from schemas.events import Event
+from schemas.commands import Deposit, OpenAccount, PlaceHold, Transfer
+from schemas.events import Event, HoldExpired
 from streams.core.state import State, fold
 from tests.conftest import BROKER_START_TIMEOUT_S, TOPIC_TIMEOUT_S
 from tests.support.kafka_io import read_topic
@@ -421,6 +421,52 @@ def test_processor_principal_processes_a_transfer_exactly_once(secured: Settings
         if getattr(event, "transaction_id", None) == transfer.transaction_id
     ]
     assert kinds.count("TransferDebited") == 1 and kinds.count("TransferCredited") == 1, kinds
+    assert processor.process is not None and processor.process.poll() is None, processor.log_tail()
+
+
+@kafka
+def test_processor_principal_writes_the_ticks_that_expire_a_hold_on_a_quiet_partition(
+    secured: Settings, processor: ProcessorProcess
+):
+    account = f"dora-{uuid.uuid4().hex[:6]}"
+    hold = _command(
+        PlaceHold,
+        transaction_id=_tx("hold"),
+        actor=account,
+        account_id=account,
+        to_account="elsewhere",
+        amount="1.00",
+        currency="USD",
+        expires_in_ms=500,
+    )
+    with WalletClient.connect(secured) as api:
+        for command in (
+            _command(OpenAccount, transaction_id=_tx("open"), actor=account, account_id=account, currency="USD"),
+            _command(
+                Deposit,
+                transaction_id=_tx("dep"),
+                account_id=account,
+                amount="1.00",
+                currency="USD",
+                actor="bank",
+                role="bank",
+            ),
+            hold,
+        ):
+            answer = api.request(command, REQUEST_WAIT_S)
+            assert answer is not None and answer.status == "success", answer
+    # Nothing more is sent: only a tick, written by the processor's own principal, expires it.
+    deadline_s = time.monotonic() + CATCH_UP_TIMEOUT_S
+    while not (
+        expiries := [
+            event
+            for _, event in _events(secured)
+            if isinstance(event, HoldExpired) and event.hold_id == hold.transaction_id
+        ]
+    ):
+        assert time.monotonic() < deadline_s, f"no hold_expired within {CATCH_UP_TIMEOUT_S} s:\n{processor.log_tail()}"
+        time.sleep(0.5)
+    assert expiries[0].command == "tick"
     assert processor.process is not None and processor.process.poll() is None, processor.log_tail()
 
 

@@ -1,9 +1,11 @@
 """Properties of the state machine over random histories, through the multi-partition driver.
 
 Hypothesis draws a program: client commands over a few accounts in USD, JPY and BHD (users
-and merchants) from random actors under random roles, client retries of earlier commands
-with the same or another payload, the order in which the partitions consume their records,
-and records an attacker injects among them: forged legs (unsigned or signed with a wrong
+and merchants) from random actors under random roles, holds among them (placed with short,
+long and invalid expiries, captured whole or in parts, final or not, voided, on hold ids that
+exist or not), the processors' ticks, client retries of earlier commands with the same or
+another payload, the order in which the partitions consume their records, and records an
+attacker injects among them: ticks that name another partition, forged legs (unsigned or signed with a wrong
 key), copies of genuine legs replayed, and malformed legs (non-positive or non-canonical
 amounts, other currencies) signed with the processors' own key, so that the core's own
 validation is what refuses them. Kafka's exactly-once processing consumes each record once;
@@ -21,7 +23,9 @@ from hypothesis import strategies as st
 
 from schemas.codec import command_digest, decode_command, encode
 from schemas.commands import (
+    HOLD_EXPIRY_MS_MAX,
     AccountKind,
+    CaptureHold,
     Close,
     Command,
     CreditLeg,
@@ -29,13 +33,16 @@ from schemas.commands import (
     Freeze,
     OpenAccount,
     PayMerchant,
+    PlaceHold,
     RefundLeg,
+    Tick,
     Transfer,
     Unfreeze,
+    VoidHold,
     Withdraw,
     owner_account,
 )
-from schemas.events import CommandRejected, TransferDebited
+from schemas.events import CommandRejected, HoldCaptured, HoldPlaced, TransferDebited
 from schemas.leg_auth import LegKeyring
 from streams.core.money import BALANCE_MINOR_MAX, canonical_minor, format_amount
 from streams.core.state import IDEMPOTENCY_EVICT_STEP_MS, IDEMPOTENCY_WINDOW_MS
@@ -94,6 +101,12 @@ client_specs = st.tuples(
             "open",
             "transfer",
             "close",
+            "place_hold",
+            "capture_hold",
+            "place_hold",
+            "capture_hold",
+            "capture_hold",
+            "void_hold",
         ]
     ),
     st.sampled_from(ACCOUNT_IDS),
@@ -102,6 +115,14 @@ client_specs = st.tuples(
     currency_choice,
     st.integers(0, TRANSACTION_ID_COUNT - 1),
     credentials,
+    # Of a hold command: the hold id (a transaction id, so often one that was placed), whether a
+    # capture is final, whether it takes all that is held (no amount), the place's expiry.
+    st.tuples(
+        st.integers(0, TRANSACTION_ID_COUNT - 1),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from([1, 1500, 4000] + [60_000] * 4 + [HOLD_EXPIRY_MS_MAX] * 2 + [0, -5, HOLD_EXPIRY_MS_MAX + 1]),
+    ),
 )
 # (kind, which genuine leg or account, amount in minor units, malformed amount)
 injections = st.tuples(
@@ -114,14 +135,16 @@ injections = st.tuples(
 action_arguments = {
     "send": client_specs,
     "step": st.integers(0, PARTITION_COUNT - 1),
+    # A processor's tick to a partition: (its partition, the partition it names: forged if other).
+    "tick": st.tuples(st.integers(0, PARTITION_COUNT - 1), st.sampled_from([None] * 5 + list(range(PARTITION_COUNT)))),
     # (which earlier request, same payload?, only among transfers?): transfers are what clients retry most.
     "retry": st.tuples(st.integers(0, 10**6), st.booleans(), st.booleans()),
     "inject": injections,
 }
-actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry"]).flatmap(
+actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry", "tick"]).flatmap(
     lambda action: st.tuples(st.just(action), action_arguments[action])
 )
-attacked_actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry", "inject", "inject"]).flatmap(
+attacked_actions = st.sampled_from(["send"] * 4 + ["step"] * 5 + ["retry", "tick", "inject", "inject"]).flatmap(
     lambda action: st.tuples(st.just(action), action_arguments[action])
 )
 programs = st.lists(actions, min_size=30, max_size=150)
@@ -149,6 +172,10 @@ def credentials_of(kind: str, account_id: str, how: str) -> dict[str, str]:
     return {"actor": proper[0], "role": proper[1]}
 
 
+# The hold part of a spec drawn before holds were (the regression programs below).
+NO_HOLD_SPEC = (0, True, True, 60_000)
+
+
 def client_command(spec: tuple) -> Command:
     (
         kind,
@@ -158,7 +185,8 @@ def client_command(spec: tuple) -> Command:
         currency_override,
         tx_id,
         how,
-    ) = spec
+    ) = spec[:7]
+    hold_tx_id, final, whole, expires_in_ms = spec[7] if len(spec) > 7 else NO_HOLD_SPEC
     planned_currency, planned_kind = ACCOUNTS.get(account_id, ("USD", "user"))
     if counterparty_kind == "peer":
         peers = [
@@ -184,6 +212,21 @@ def client_command(spec: tuple) -> Command:
         return (Transfer if kind == "transfer" else PayMerchant)(
             **common, from_account=account_id, to_account=other_account, amount=amount, currency=currency
         )
+    if kind == "place_hold":
+        return PlaceHold(
+            **common,
+            account_id=account_id,
+            to_account=other_account,
+            amount=amount,
+            currency=currency,
+            expires_in_ms=expires_in_ms,
+        )
+    if kind == "capture_hold":
+        return CaptureHold(
+            **common, account_id=account_id, hold_id=f"t{hold_tx_id}", amount=None if whole else amount, final=final
+        )
+    if kind == "void_hold":
+        return VoidHold(**common, account_id=account_id, hold_id=f"t{hold_tx_id}")
     status_classes: dict[str, type[Freeze | Unfreeze | Close]] = {
         "freeze": Freeze,
         "unfreeze": Unfreeze,
@@ -198,6 +241,8 @@ def with_another_payload(command: Command) -> Command:
         return msgspec.structs.replace(command, amount="2" if command.amount == "1" else "1")
     if isinstance(command, OpenAccount):
         return msgspec.structs.replace(command, kind="merchant" if command.kind == "user" else "user")
+    if isinstance(command, VoidHold):
+        return msgspec.structs.replace(command, hold_id=command.hold_id + "x")
     others: dict[type, type[Freeze | Unfreeze | Close]] = {Freeze: Unfreeze, Unfreeze: Close, Close: Freeze}
     other = others[type(command)]
     return other(
@@ -214,6 +259,7 @@ class History:
         self.driver.clock_ms = START_MS
         self.sent: list[Command] = []
         self.injected = 0
+        self.placed: list[tuple[str, str]] = []  # (account, hold id) of every place_hold sent
 
     def play(self, program: list[tuple]) -> None:
         for account_id in sorted(ACCOUNTS):
@@ -241,13 +287,13 @@ class History:
         for index, (action, argument) in enumerate(program):
             self.driver.clock_ms += self.delays_ms[index % len(self.delays_ms)]
             if action == "send":
-                self.send(client_command(argument))
+                self.send(self.aimed(client_command(argument)))
             elif action == "inject":
                 self.inject(*argument)
             elif action == "retry":
                 position, same_payload, transfers_only = argument
                 pool = (
-                    [command for command in self.sent if isinstance(command, (Transfer, PayMerchant))]
+                    [command for command in self.sent if isinstance(command, (Transfer, PayMerchant, CaptureHold))]
                     if transfers_only
                     else self.sent
                 )
@@ -257,13 +303,34 @@ class History:
                         self.driver.retry(earlier)
                     else:
                         self.send(with_another_payload(earlier))
+            elif action == "tick":
+                self.driver.tick(*argument)
             elif action == "step" and (waiting := self.driver.waiting()):
                 self.driver.step(argument if argument in waiting else waiting[argument % len(waiting)])
                 self.check_money()
         self.driver.drain()
         self.check_money()
 
+    def aimed(self, command: Command) -> Command:
+        """A capture or void, most of the time, aimed at a hold placed earlier (its account and
+        id, with the credentials the command was drawn with), so that captures and voids meet
+        open, ended and expired holds and not only unknown ones."""
+        if not isinstance(command, (CaptureHold, VoidHold)) or not self.placed:
+            return command
+        number = int(command.hold_id[1:])
+        if number % 5 == 0:
+            return command  # a hold id as drawn: usually one that was never placed
+        account_id, hold_id = self.placed[number % len(self.placed)]
+        actor = account_id if command.actor == command.account_id else command.actor
+        # Ids of their own (c0..c99), colliding among captures and voids more than with the rest.
+        transaction_id = "c" + command.transaction_id[1:]
+        return msgspec.structs.replace(
+            command, transaction_id=transaction_id, account_id=account_id, hold_id=hold_id, actor=actor
+        )
+
     def send(self, command: Command) -> None:
+        if isinstance(command, PlaceHold):
+            self.placed.append((command.account_id, command.transaction_id))
         self.sent.append(command)
         self.driver.submit(command)
 
@@ -324,9 +391,16 @@ class History:
             ), currency
             assert driver.money.in_flight[currency] >= 0, currency
         for partition in driver.partitions:
-            for account_id, account in partition.state.accounts.items():
+            state = partition.state
+            for account_id, account in state.accounts.items():
                 assert 0 <= account.balance_minor <= BALANCE_MINOR_MAX, account_id
                 assert account.balance_minor + account.in_flight_minor <= BALANCE_MINOR_MAX, account_id
+                assert 0 <= account.held_minor <= account.balance_minor, account_id  # available never negative
+                assert account.held_minor == sum(
+                    hold.held_minor for (holder, _), hold in state.holds.items() if holder == account_id
+                ), account_id
+            for key, hold in state.holds.items():
+                assert hold.held_minor >= 0 and hold.captured_minor + hold.held_minor <= hold.amount_minor, key
 
     def check_settled(self) -> None:
         """After draining: nothing in flight, every debit credited or refunded exactly once."""
@@ -356,7 +430,29 @@ class History:
             rebuilt = self.driver.refold(index)
             assert rebuilt.accounts == partition.state.accounts
             assert rebuilt.memory == partition.state.memory
+            assert rebuilt.holds == partition.state.holds
             assert rebuilt.clock_ms == partition.state.clock_ms
+
+    def check_no_hold_captured_beyond_its_amount(self) -> None:
+        """From the events alone: what a hold's captures took never passes what it held."""
+        placed: dict[tuple[str, str], int] = {}
+        captured: Counter = Counter()
+        for partition in range(PARTITION_COUNT):
+            for event in self.driver.events(partition):
+                key = (event.account_id, getattr(event, "hold_id", ""))
+                if isinstance(event, HoldPlaced):
+                    placed[key] = canonical_minor(event.amount, event.currency)
+                    captured[key] = 0
+                elif isinstance(event, HoldCaptured):
+                    captured[key] += canonical_minor(event.amount, event.currency)
+                    assert captured[key] <= placed[key], event
+
+    def check_forged_ticks_refused(self) -> None:
+        """A tick found on another partition than the one it names decided nothing."""
+        for letter in self.driver.dead_letters:
+            if letter.command is None and b'"tick"' in letter.value:
+                tick = decode_command(letter.value)
+                assert isinstance(tick, Tick) and tick.partition != letter.partition
 
     def check_one_answer_per_request(self) -> None:
         answers: dict[tuple[str, str], set[bytes]] = defaultdict(set)
@@ -367,7 +463,7 @@ class History:
             assert len(answers[request]) == 1, (command, answers[request])
         for partition in range(PARTITION_COUNT):
             for event in self.driver.events(partition):
-                if type(event) is TransferDebited:
+                if type(event) in (TransferDebited, HoldCaptured):
                     assert len(answers[(event.transaction_id, event.digest)]) == 1, event
 
     def records(self) -> list[list[bytes]]:
@@ -382,6 +478,8 @@ def test_money_is_conserved_and_every_request_gets_one_answer(program: list[tupl
     history.check_settled()
     history.check_one_answer_per_request()
     history.check_fold_rebuilds_state()
+    history.check_no_hold_captured_beyond_its_amount()
+    history.check_forged_ticks_refused()
     replay = History(delays_ms)
     replay.play(program)
     assert replay.records() == history.records()  # byte-identical events and outcomes
@@ -397,6 +495,8 @@ def test_forged_replayed_and_malformed_legs_create_double_or_lose_no_money(
     history.check_settled()
     history.check_one_answer_per_request()
     history.check_fold_rebuilds_state()
+    history.check_no_hold_captured_beyond_its_amount()
+    history.check_forged_ticks_refused()
     history.check_attacks_refused()
 
 
@@ -434,6 +534,7 @@ def test_money_is_conserved_when_retries_outlive_the_idempotency_window(
     history.play(program)
     history.check_settled_or_with_the_operators()
     history.check_fold_rebuilds_state()
+    history.check_no_hold_captured_beyond_its_amount()
 
 
 @PROPERTY_SETTINGS
@@ -445,6 +546,7 @@ def test_replayed_legs_across_the_idempotency_window_create_no_money(
     history.play(program)
     history.check_settled_or_with_the_operators()
     history.check_fold_rebuilds_state()
+    history.check_no_hold_captured_beyond_its_amount()
     history.check_attacks_refused()
 
 

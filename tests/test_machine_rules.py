@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import msgspec
 import pytest
@@ -27,6 +28,7 @@ from schemas.commands import (
     Role,
     Transfer,
     Unfreeze,
+    WireCommand,
     Withdraw,
     owner_account,
 )
@@ -149,7 +151,7 @@ def close(account_id: str, *, tx: str | None = None, actor: str = OPERATOR, role
     return Close(transaction_id=tx or new_tx(), actor=actor, role=role, account_id=account_id)
 
 
-def apply(state: State, command: Command, record_time_ms: int = TS_MS) -> Decision:
+def apply(state: State, command: WireCommand, record_time_ms: int = TS_MS) -> Decision:
     """The core's apply, at the record time of these tests unless one is given."""
     return core_apply(state, command, record_time_ms)
 
@@ -172,10 +174,10 @@ def ledger(*accounts: tuple[str, str, AccountKind, str]) -> State:
     return state
 
 
-def settle(state: State, command: Command, at_ms: int = TS_MS) -> list[Decision]:
+def settle(state: State, command: WireCommand, at_ms: int = TS_MS) -> list[Decision]:
     """Applies a command and every leg it leads to on one partition, in the order Kafka would deliver them."""
     decisions = []
-    pending: list[Command] = [command]
+    pending: list[WireCommand] = [command]
     while pending:
         decision = apply(state, pending.pop(0), at_ms)
         decisions.append(decision)
@@ -185,7 +187,9 @@ def settle(state: State, command: Command, at_ms: int = TS_MS) -> list[Decision]
 
 def decode_wire(command: Command) -> Command:
     """The command as the next partition reads it from Kafka."""
-    return decode_command(encode(command))
+    decoded = decode_command(encode(command))
+    assert type(decoded) is type(command)
+    return cast(Command, decoded)
 
 
 def outcomes_of(decisions: Iterable[Decision]) -> list[Outcome]:

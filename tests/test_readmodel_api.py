@@ -57,7 +57,7 @@ def _busiest_account(log: PublishedLog) -> tuple:
 def test_account_route_gives_the_folded_balance_and_404_for_an_unknown_account(
     client: TestClient, published_log: PublishedLog
 ) -> None:
-    account_id, currency, kind, status, balance_minor, sequence, _owner = _busiest_account(published_log)
+    account_id, currency, kind, status, balance_minor, sequence, _owner, held_minor = _busiest_account(published_log)
     response = client.get(f"/v1/accounts/{account_id}")
     assert response.status_code == 200
     assert response.json() == {
@@ -66,6 +66,8 @@ def test_account_route_gives_the_folded_balance_and_404_for_an_unknown_account(
         "kind": kind,
         "status": status,
         "balance": format_amount(balance_minor, currency),
+        "held": format_amount(held_minor, currency),
+        "available": format_amount(balance_minor - held_minor, currency),
         "sequence": sequence,
     }
 

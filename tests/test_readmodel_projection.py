@@ -1,4 +1,4 @@
-"""The read model's pure projection: entries from events, and the status rules of a transaction id."""
+"""The read model's pure projection: entries from events, the status rules of a transaction id, and holds."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 
 from benchmarks.support.reference_pipeline import decide
 from consumers.readmodel.projection import AccountRow, TransactionRow, merge_status, project
-from schemas.codec import decode_event
-from schemas.commands import Deposit, Freeze, OpenAccount, Transfer, Withdraw
-from schemas.events import CommandRejected
+from schemas.codec import decode_event, decode_outcome
+from schemas.commands import CaptureHold, Deposit, Freeze, OpenAccount, PlaceHold, Transfer, VoidHold, Withdraw
+from schemas.events import CommandRejected, HoldCaptured
 from schemas.outcomes import Reason
 from streams.core.state import CorruptLog
 from tests.support.commands import edge
@@ -157,3 +157,125 @@ def test_a_v2_outcome_answers_the_request_of_the_account_it_names() -> None:
     )
     [row] = project({}, {}, [], [outcome]).transactions
     assert (row.account_id, row.transaction_id, row.status, row.actor) == ("bob", "T", "failure", "bob")
+
+
+# -- holds ---------------------------------------------------------------------------------
+
+
+def _hold_scenario():
+    """alice holds money for shop: h-part is captured in two parts (the second final), h-void voided,
+    h-gone left to expire (1 ms: the next decision on the partition expires it), h-refused captured
+    whole to a shop frozen meanwhile (refunded), h-open stays open."""
+    capture = {"account_id": "alice"}
+    commands = [
+        edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD"),
+        edge(OpenAccount, transaction_id="o2", account_id="shop", currency="USD", kind="merchant"),
+        edge(OpenAccount, transaction_id="o3", account_id="frozen-shop", currency="USD"),
+        edge(Deposit, transaction_id="d1", account_id="alice", amount="100.00", currency="USD"),
+        _place("h-open", "shop", "7.00"),
+        _place("h-part", "shop", "40.00"),
+        edge(CaptureHold, transaction_id="c1", hold_id="h-part", amount="10.00", final=False, **capture),
+        edge(CaptureHold, transaction_id="c2", hold_id="h-part", amount="5.00", **capture),
+        _place("h-void", "shop", "20.00"),
+        edge(VoidHold, transaction_id="v1", hold_id="h-void", **capture),
+        _place("h-gone", "shop", "10.00", expires_in_ms=1),
+        _place("h-refused", "frozen-shop", "6.00"),
+        edge(Freeze, transaction_id="f1", account_id="frozen-shop"),
+        edge(CaptureHold, transaction_id="c3", hold_id="h-refused", **capture),
+        edge(CaptureHold, transaction_id="c4", hold_id="h-open", amount="7.01", **capture),
+    ]
+    log = decide(commands, partition_count=1)
+    return [decode_event(record.value) for record in log.events[0]], [
+        decode_outcome(record.value) for record in log.outcomes[0]
+    ]
+
+
+def _place(hold_id: str, to_account: str, amount: str, expires_in_ms: int = 600_000):
+    return edge(
+        PlaceHold,
+        transaction_id=hold_id,
+        account_id="alice",
+        to_account=to_account,
+        amount=amount,
+        currency="USD",
+        expires_in_ms=expires_in_ms,
+    )
+
+
+def test_holds_are_projected_from_their_events_with_what_each_captured_and_released() -> None:
+    events, outcomes = _hold_scenario()
+    changes = project({}, {}, events, outcomes)
+    holds = {
+        row.hold_id: (row.state, row.amount_minor, row.captured_minor, row.released_minor) for row in changes.holds
+    }
+    assert holds == {
+        "h-part": ("captured", 4000, 1500, 2500),
+        "h-void": ("voided", 2000, 0, 2000),
+        "h-gone": ("expired", 1000, 0, 1000),
+        # A refused capture is refunded to the balance; the hold it ended stays ended.
+        "h-refused": ("captured", 600, 600, 0),
+        "h-open": ("open", 700, 0, 0),
+    }
+    part = next(row for row in changes.holds if row.hold_id == "h-part")
+    assert (part.account_id, part.to_account, part.currency) == ("alice", "shop", "USD")
+    assert part.expires_ms == part.placed_ms + 600_000 and part.updated_ms > part.placed_ms
+    accounts = {row.account_id: (row.balance_minor, row.held_minor) for row in changes.accounts}
+    assert accounts == {"alice": (10_000 - 1500, 700), "shop": (1500, 0), "frozen-shop": (0, 0)}
+    statuses = {
+        row.transaction_id: (row.status, row.reason) for row in changes.transactions if row.account_id == "alice"
+    }
+    assert {tx: statuses[tx] for tx in ("h-part", "c1", "c2", "h-void", "v1", "h-gone", "c3", "c4")} == {
+        "h-part": ("success", None),
+        "c1": ("success", None),
+        "c2": ("success", None),
+        "h-void": ("success", None),
+        "v1": ("success", None),
+        "h-gone": ("success", None),  # placed; its expiry answers no request
+        "c3": ("failure", Reason.ACCOUNT_FROZEN),
+        "c4": ("failure", Reason.CAPTURE_EXCEEDS_HOLD),
+    }
+    alice = [(e.type, e.amount_minor, e.counterparty) for e in changes.entries if e.account_id == "alice"]
+    assert ("hold_placed", 0, "shop") in alice and ("hold_captured", -1000, "shop") in alice
+    assert ("hold_expired", 0, None) in alice and ("transfer_refunded", 600, "frozen-shop") in alice
+
+
+def test_hold_events_already_stored_change_nothing() -> None:
+    events, outcomes = _hold_scenario()
+    first = project({}, {}, events, outcomes)
+    stored_accounts = {row.account_id: row for row in first.accounts}
+    stored_holds = {(row.account_id, row.hold_id): row for row in first.holds}
+    again = project(stored_accounts, {}, events, [], holds=stored_holds)
+    assert (again.entries, again.accounts, again.holds) == ([], [], [])
+
+
+def test_a_hold_split_across_batches_projects_as_in_one() -> None:
+    events, outcomes = _hold_scenario()
+    whole = {(row.account_id, row.hold_id): row for row in project({}, {}, events, outcomes).holds}
+    accounts: dict = {}
+    holds: dict = {}
+    for event in events:  # one event per batch, each batch starting from the stored rows
+        changes = project(accounts, {}, [event], [], holds=holds)
+        accounts.update({row.account_id: row for row in changes.accounts})
+        holds.update({(row.account_id, row.hold_id): row for row in changes.holds})
+    assert holds == whole
+
+
+@pytest.mark.parametrize(
+    ("forge", "match"),
+    [
+        # A final capture that releases more than its hold had left (h-open's money): the account's
+        # held total follows, the hold's own amounts do not.
+        (lambda event: msgspec.structs.replace(event, released="32.00", held="0.00"), "hold 'h-part'"),
+        # An event of a hold the read model never saw placed.
+        (lambda event: msgspec.structs.replace(event, hold_id="h-never"), "h-never"),
+    ],
+    ids=["released-beyond", "never-placed"],
+)
+def test_a_hold_event_that_does_not_follow_stops_the_projection(forge, match: str) -> None:
+    events, _ = _hold_scenario()
+    final_capture = next(
+        i for i, event in enumerate(events) if type(event) is HoldCaptured and event.transaction_id == "c2"
+    )
+    forged = [*events[:final_capture], forge(events[final_capture])]
+    with pytest.raises(CorruptLog, match=match):
+        project({}, {}, forged, [])

@@ -169,3 +169,56 @@ def test_a_read_model_of_the_first_layout_is_dropped_so_the_consumer_rebuilds_it
         records = _records()
         store.apply(_batch(records, 0, 50, None))
         assert store.offsets() == {EVENTS: 50}
+
+
+def test_holds_are_stored_and_found_by_id_for_the_owners_of_their_two_accounts(db_url: str) -> None:
+    from schemas.commands import CaptureHold, Deposit, OpenAccount, PlaceHold, VoidHold
+    from tests.support.commands import edge
+
+    def place(hold_id: str, account_id: str, amount: str):
+        return edge(
+            PlaceHold,
+            transaction_id=hold_id,
+            account_id=account_id,
+            to_account="shop",
+            amount=amount,
+            currency="USD",
+            expires_in_ms=60_000,
+            actor="alice",
+        )
+
+    log = decide(
+        [
+            edge(OpenAccount, transaction_id="o1", account_id="alice", currency="USD", actor="alice"),
+            edge(OpenAccount, transaction_id="o2", account_id="alice-2", currency="USD", actor="alice"),
+            edge(OpenAccount, transaction_id="o3", account_id="shop", currency="USD", actor="bob"),
+            edge(Deposit, transaction_id="d1", account_id="alice", amount="50.00", currency="USD"),
+            edge(Deposit, transaction_id="d2", account_id="alice-2", amount="50.00", currency="USD"),
+            place("H", "alice", "20.00"),
+            place("H", "alice-2", "5.00"),
+            place("only-alice", "alice", "1.00"),
+            edge(CaptureHold, transaction_id="c1", account_id="alice", hold_id="H", amount="2.00", actor="alice"),
+            edge(VoidHold, transaction_id="v1", account_id="alice-2", hold_id="H", actor="alice"),
+        ],
+        partition_count=1,
+    )
+    records = log.messages()
+    with ReadModelStore(db_url) as store:
+        store.create_schema()
+        store.apply(_batch(records, 0, len(records), None))
+        by_key = {(row[0], row[1]): row for row in store.table_rows("holds")}
+        assert set(by_key) == {("alice", "H"), ("alice-2", "H"), ("alice", "only-alice")}
+        alice_h = store.holds_named("H", "alice")
+        assert [(owned.hold.account_id, owned.owner, owned.to_owner) for owned in alice_h] == [
+            ("alice", "alice", "bob"),
+            ("alice-2", "alice", "bob"),
+        ]
+        assert (alice_h[0].hold.captured_minor, alice_h[0].hold.state) == (200, "captured")
+        assert (alice_h[1].hold.released_minor, alice_h[1].hold.state) == (500, "voided")
+        assert [owned.hold.account_id for owned in store.holds_named("H", "bob")] == ["alice", "alice-2"]
+        assert store.holds_named("H", "carol") == [] and store.holds_named("H", "") == []
+        assert len(store.holds_named("H", None)) == 2
+        assert [row.hold_id for row in store.account_holds("alice", "open", 10)] == ["only-alice"]
+        assert {row.hold_id for row in store.account_holds("alice", None, 10)} == {"H", "only-alice"}
+        account = store.account("alice")
+        assert account is not None and (account.balance_minor, account.held_minor) == (4800, 100)

@@ -130,6 +130,12 @@ def test_the_demo_runs_a_workload_prints_a_summary_and_stops_what_it_started(sta
     assert "published 400 transfers" in demo.stdout
     assert "outcomes: 400 of 400" in demo.stdout
     assert ": conserved" in demo.stdout
+    # The holds: one captured in two parts, one whole, one voided, one expired, all through the HTTP API.
+    assert (
+        "holds: 4 placed, 2 captured (1 in two partial captures), 1 voided, 1 expired at the log's time: as planned"
+        in demo.stdout
+    ), demo.stdout[-3000:]
+    assert "held 0.00, available 60.00" in demo.stdout  # 100.00 funded, 15.00 + 25.00 captured
     assert "stopped api" in demo.stdout
     assert _ps(stack_env) == []
 

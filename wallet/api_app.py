@@ -15,13 +15,15 @@ from fastapi import FastAPI
 from infra.http import install_error_handlers
 from infra.settings import Settings
 from producers.api import ApiOptions, BodyGate, cached_status_router, command_router, command_side, health_router
+from producers.api_holds import hold_router
 from producers.api_metrics import ApiMetrics, RequestMetrics
 from producers.auth import SCOPES, AuthConfig, Gate, RateLimits
 
 DESCRIPTION = """Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <JWT>` with a `sub` and a `scope`
 claim (space-separated): `wallet:user` opens accounts (which it then owns), reads its own and moves money out
-of them; `wallet:bank` deposits and withdraws on any account; `wallet:operator` freezes, unfreezes, closes and
-reads everything; `wallet:audit` reads everything and moves nothing. 401 without a valid token, 403 without the
+of them (transfers, payments, withdrawals; holds: place, capture, void); `wallet:bank` deposits and withdraws
+on any account; `wallet:operator` freezes, unfreezes, closes, captures and voids any hold, and reads
+everything; `wallet:audit` reads everything and moves nothing. 401 without a valid token, 403 without the
 scope, 429 (with `Retry-After`) over the caller's rate. Every error is `{"error", "message", "errors"}`."""
 
 
@@ -63,10 +65,13 @@ def create_app(
     app.include_router(command_router(gate, options))
     if readmodel_db is not None:
         # Imported only when configured: the command API runs without the read model's dependencies.
-        from consumers.readmodel.query_api import query_router
+        from consumers.readmodel.query_api import hold_finder, query_router
 
+        # Capture and void find the hold's account in the read model.
+        app.include_router(hold_router(gate, options, hold_finder(readmodel_db)))
         app.include_router(query_router(readmodel_db, settings, caller=gate.requires(*SCOPES)))
     else:
+        app.include_router(hold_router(gate, options, None))
         app.include_router(cached_status_router(gate))
     app.include_router(health_router(readmodel=readmodel_db is not None))
     return app

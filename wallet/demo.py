@@ -1,6 +1,7 @@
 """`wallet demo`: the main job. `wallet up` (unless a stack runs), a sample workload with progress,
-a summary (throughput, outcome mix, conservation, balances from the ledger and the read model, the
-audit), then `wallet down` of what it started.
+a summary (throughput, outcome mix, conservation, balances from the ledger and the read model),
+holds placed, captured, voided and expired through the HTTP API (`wallet/demo_holds.py`), the
+audit, then `wallet down` of what it started.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import time
 
 from infra.settings import Settings, settings_from_args
+from wallet.demo_holds import run_holds
 from wallet.stack import (
     API_PROBE_TIMEOUT_S,
     StackState,
@@ -51,13 +53,13 @@ def _demo(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     state, started_here = _stack_for_the_demo(settings, args)
     try:
-        missing, audit_passed = _run_workload(settings, state, args, settled=started_here)
+        missing, passed = _run_workload(settings, state, args, settled=started_here)
     finally:
         if started_here and not args.keep_running:
             print("\n== stopping what the demo started ==")
             for process in down(settings):
                 print(f"stopped {process.name} (pid {process.pid})")
-    return 0 if missing == 0 and audit_passed else 1
+    return 0 if missing == 0 and passed else 1
 
 
 def _stack_for_the_demo(settings: Settings, args: argparse.Namespace) -> tuple[StackState, bool]:
@@ -81,7 +83,8 @@ def _stack_for_the_demo(settings: Settings, args: argparse.Namespace) -> tuple[S
 
 
 def _run_workload(settings: Settings, state: StackState, args: argparse.Namespace, settled: bool) -> tuple[int, bool]:
-    """The workload and its summary; returns (transfers without an outcome, whether the audit passed)."""
+    """The workloads and their summary; returns (transfers without an outcome, whether the holds
+    ended as planned and the audit passed)."""
     # The workload's imports (the client library, tqdm) are only needed here.
     from producers.load import LoadSpec, ledger_balances, run_load
 
@@ -104,7 +107,8 @@ def _run_workload(settings: Settings, state: StackState, args: argparse.Namespac
     print("\n== summary ==")
     print("\n".join(report.lines(args.tps)))
     _print_balances(settings, state, spec, ledger_balances(settings, spec.account_ids()))
-    return report.missing, _print_audit(settings, state, settled=settled)
+    holds_as_planned = run_holds(settings, state)
+    return report.missing, _print_audit(settings, state, settled=settled) and holds_as_planned
 
 
 def _print_balances(settings: Settings, state: StackState, spec, balances: dict[str, str | None]) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from consumers.audit.violations import Kind, Location, Violation
 from schemas.codec import SchemaError, decode_event, encode
-from schemas.commands import Command, owner_account
+from schemas.commands import Tick, WireCommand, owner_account
 from schemas.leg_auth import LegKeyring
 from schemas.partitioning import partition_for
 from streams.core.admission import Refusal, admit, decide
@@ -150,7 +150,7 @@ class _PartitionReplay:
         self.position = 0  # of the next logged event a decided one must equal
         self.decided_offset = -1  # of the last command whose events are in the log
 
-    def step(self, index: int, offset: int, command: Command, record_time_ms: int) -> bool | Refusal:
+    def step(self, index: int, offset: int, command: WireCommand, record_time_ms: int) -> bool | Refusal:
         """Decides one command and compares its events; returns whether to go on, or the Refusal
         (the state untouched) of what the processor dead-letters."""
         result, partition = self.result, self.commands.partition
@@ -164,7 +164,7 @@ class _PartitionReplay:
                     self.commands_topic,
                     partition,
                     offset,
-                    owner_account(command),
+                    None if isinstance(command, Tick) else owner_account(command),
                     command.transaction_id,
                 )
             )

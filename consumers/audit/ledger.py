@@ -9,7 +9,9 @@ What is proved here, and where:
 - every account's events carry seq 1, 2, 3, ... (no gap, no repeat) and each money event's
   balance is the previous balance moved by its amount (the core's fold refuses anything else);
 - every transfer's legs agree with its debit, each debit is settled at most once, and the
-  money between debit and settlement is listed as in flight (transfers.py);
+  money between debit and settlement is listed as in flight (transfers.py); a hold's capture
+  is a debit like a transfer's, settled by the same legs;
+- no hold is captured beyond what it held, or changed after it ended (holds.py);
 - conservation per currency, on the balances the events state (conservation.py);
 - every decision in the log has exactly one answer on wallet.outcomes and every answer has
   its decision (answers.py);
@@ -31,6 +33,7 @@ import msgspec
 
 from consumers.audit.answers import DEAD_LETTER_REASONS, AnswerEntry, UnansweredDecision, check_answers
 from consumers.audit.conservation import CurrencyTotals, currency_totals
+from consumers.audit.holds import HoldLedger, LoggedHold
 from consumers.audit.snapshots import StateSnapshot, compare_snapshot
 from consumers.audit.transfers import (
     CREDITED,
@@ -55,6 +58,10 @@ from schemas.events import (
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
+    HoldExpired,
+    HoldPlaced,
+    HoldVoided,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -109,6 +116,7 @@ class ReplayPart:
     open_transfers: dict[RequestKey, list[TransferRecord]]
     unanswered: dict[RequestKey, UnansweredDecision]
     answer_flags: bytes  # per indexed answer, in index order: 2 = decided by an event, 1 = transfer settled
+    holds: dict[tuple[str, str], LoggedHold]
     events_replayed: int
     snapshots_compared: int
     movements: list[MoneyMovement] | None
@@ -144,9 +152,15 @@ _ANSWER_OF: dict[type, Answer | None] = {
     AccountClosed: _SUCCESS,
     TransferCredited: _SUCCESS,
     TransferDebited: None,
+    HoldPlaced: _SUCCESS,
+    HoldCaptured: None,  # in flight: answered by the destination's credit or the refund, as a transfer
+    HoldVoided: _SUCCESS,
+    HoldExpired: None,  # answers no request
 }
-_MONEY_EVENTS = frozenset({Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded})
-_TRANSFER_EVENTS = frozenset({TransferDebited, TransferCredited, TransferRefunded})
+_MONEY_EVENTS = frozenset({Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded, HoldCaptured})
+# The events of a transfer's saga; a capture is its debit.
+_TRANSFER_EVENTS = frozenset({TransferDebited, TransferCredited, TransferRefunded, HoldCaptured})
+_HOLD_EVENTS = frozenset({HoldPlaced, HoldCaptured, HoldVoided, HoldExpired})
 
 
 class LedgerReplay:
@@ -180,6 +194,7 @@ class LedgerReplay:
         # remembers it), so this holds the transfers in flight and the anomalies only.
         self._open_transfers: dict[RequestKey, list[TransferRecord]] = {}
         self._flows: dict[str, list[int]] = {}  # currency -> [deposited, withdrawn] in minor units
+        self.holds = HoldLedger(self._violation)
         # account -> (stated balance - balance the amounts give), for accounts whose latest
         # money event states a balance that does not follow
         self._misstated_minor: dict[str, int] = {}
@@ -328,6 +343,10 @@ class LedgerReplay:
                     continue  # not folded: named as a violation
                 amount_minor, currency = folded
                 answer = answer_of[event_class] if event_class is not TransferRefunded else (FAILURE, event.reason)
+                if event_class in _HOLD_EVENTS:
+                    self.holds.file(event, partition, offset)
+                    if event_class is HoldExpired:
+                        continue  # no request, no transfer: what it released is balance again
 
             key = (event.transaction_id, event.digest)
             entry = None
@@ -339,7 +358,7 @@ class LedgerReplay:
                         self._check_answer_account(entry, event, partition, offset)
                 else:
                     self._decided_unanswered(key, answer, partition, offset, account_id)
-            if answer is None or event_class in transfer_events:
+            if event_class in transfer_events or event_class is CommandRejected and answer is None:
                 self._file_transfer_record(
                     key, _transfer_record(event, partition, offset, amount_minor, currency), entry
                 )
@@ -554,6 +573,11 @@ class LedgerReplay:
                 self._misstated_minor.pop(event.account_id, None)
         elif event_class in STATUS_AFTER:
             account.status = STATUS_AFTER[event_class]
+        if event_class in _HOLD_EVENTS:
+            try:  # the held total the event states (a hold event states it after itself)
+                account.held_minor = canonical_balance_minor(event.held, account.currency)
+            except ValueError:
+                pass  # unreadable: the held total stays what it was
 
     def _compare_snapshot(self, snapshot: StateSnapshot, state: State, log_end_offset: int) -> None:
         self.snapshots_compared += 1
@@ -573,6 +597,7 @@ class LedgerReplay:
             self._open_transfers,
             self._unanswered,
             flags,
+            self.holds.holds,
             self.events_replayed,
             self.snapshots_compared,
             self.movements,
@@ -604,6 +629,7 @@ class LedgerReplay:
                 held_records += records
                 if settled_cleanly(held_records):
                     self._settle(key, held_records, None)
+        self.holds.absorb(part.holds)
         self.events_replayed += part.events_replayed
         self.snapshots_compared += part.snapshots_compared
         if self.movements is not None and part.movements is not None:
@@ -718,7 +744,7 @@ class LedgerReplay:
 def _transfer_record(event, partition: int, offset: int, amount_minor: int, currency: str | None) -> TransferRecord:
     """The record of a transfer event (or of the receiver's refusal of a credit leg)."""
     event_class = type(event)
-    if event_class is TransferDebited:
+    if event_class is TransferDebited or event_class is HoldCaptured:
         return TransferRecord(
             DEBITED, partition, offset, event.account_id, event.to_account, amount_minor, currency, None
         )

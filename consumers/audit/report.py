@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from consumers.audit.conservation import CurrencyTotals
 from consumers.audit.determinism import DeterminismResult
+from consumers.audit.holds import LoggedHold
 from consumers.audit.ledger import MoneyMovement
 from consumers.audit.transfers import InFlight
 from consumers.audit.violations import Violation
@@ -42,6 +43,9 @@ class AuditReport:
     topics: list[TopicRead] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
     in_flight: list[InFlight] = field(default_factory=list)
+    holds_open: list[LoggedHold] = field(default_factory=list)  # their money is in the balances, not in flight
+    holds_expired: list[LoggedHold] = field(default_factory=list)
+    holds_ended: int = 0  # captured, voided or expired
     currencies: list[CurrencyTotals] = field(default_factory=list)
     accounts: int = 0
     events_replayed: int = 0
@@ -93,6 +97,11 @@ class AuditReport:
             "violations": [violation.to_json() for violation in _ordered(self.violations)],
             "conservation": [row.to_json() for row in self.currencies],
             "in_flight": [entry.to_json() for entry in self.in_flight],
+            "holds": {
+                "open": [hold.to_json() for hold in self.holds_open],
+                "expired": [hold.to_json() for hold in self.holds_expired],
+                "ended": self.holds_ended,
+            },
             "accounts": self.accounts,
             "events_replayed": self.events_replayed,
             "replay_s": round(self.replay_s, 3),
@@ -163,6 +172,20 @@ class AuditReport:
             )
         if len(self.in_flight) > TEXT_IN_FLIGHT_MAX:
             lines.append(f"  ... and {len(self.in_flight) - TEXT_IN_FLIGHT_MAX} more (see --json)")
+        lines.append("")
+        lines.append(
+            f"Holds: {len(self.holds_open)} open (their money counts in the balances), "
+            f"{self.holds_ended} ended, {len(self.holds_expired)} of them expired"
+        )
+        for title, holds in (("open", self.holds_open), ("expired", self.holds_expired)):
+            for hold in holds[:TEXT_IN_FLIGHT_MAX]:
+                j = hold.to_json()
+                lines.append(
+                    f"  {title:7}  {hold.hold_id}  {j['held']} of {j['amount']} {hold.currency} held  "
+                    f"{hold.account_id} -> {hold.to_account}  captured {j['captured']}  expires_ms {hold.expires_ms}"
+                )
+            if len(holds) > TEXT_IN_FLIGHT_MAX:
+                lines.append(f"  ... and {len(holds) - TEXT_IN_FLIGHT_MAX} more {title} (see --json)")
         lines.append("")
         if self.violations:
             lines.append(f"Violations: {len(self.violations)}")

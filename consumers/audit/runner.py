@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from consumers.audit.determinism import DeterminismResult
+from consumers.audit.holds import EXPIRED, OPEN
 from consumers.audit.ledger import LedgerReplay
 from consumers.audit.report import AuditReport, TopicRead
 from consumers.audit.snapshots import AuditSetupError, StateSnapshot, load_state_dump, read_model_snapshots
@@ -164,6 +165,9 @@ def _replay_ledger(
     with _progress("replaying events", events.record_count, progress) as update:
         report.workers = replay_events(replay, events.partitions, snapshots, workers, update)
     report.in_flight, report.currencies = replay.finish(report.settled, read_later_events)
+    report.holds_open = replay.holds.of_state(OPEN)
+    report.holds_expired = replay.holds.of_state(EXPIRED)
+    report.holds_ended = len(replay.holds.holds) - len(report.holds_open)
     report.replay_s = time.monotonic() - started_s
     report.events_replayed = replay.events_replayed
     report.outcomes_checked = replay.outcomes_indexed

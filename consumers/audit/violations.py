@@ -54,6 +54,11 @@ class Kind:
     EXTRA_EVENT = "event_without_command"
     CORE_ERROR = "core_error_on_command"
     NOT_DEAD_LETTERED = "poison_command_not_dead_lettered"
+    HOLD_PLACED_TWICE = "hold_placed_twice"
+    HOLD_NOT_PLACED = "hold_event_without_hold_placed"
+    HOLD_AFTER_END = "hold_changed_after_it_ended"  # captured, voided or expired after it ended or expired
+    HOLD_OVERCAPTURED = "hold_captured_beyond_its_amount"
+    HOLD_RELEASE_MISMATCH = "hold_release_does_not_match"
 
     @staticmethod
     def snapshot_mismatch(snapshot_kind: str) -> str:

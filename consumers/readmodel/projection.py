@@ -5,6 +5,9 @@ comes out, all in one database transaction. Balances move only through the core'
 so the read model checks the log's arithmetic (gap-free sequences, balance = previous
 balance ± amount) as it goes and stops on a corrupt log instead of storing a wrong balance.
 
+Holds: the account's held total moves through `fold` with its balance; each hold's row (what it
+captured and released, its state) is projected here from its four events, and checked.
+
 A request is identified by (owning account, transaction id): the same id on two accounts is two
 requests with two answers, and no lookup ever gives one's answer for the other. The status of a
 request comes from the events of its owning account (every decision leaves one: a debit is
@@ -14,10 +17,11 @@ wallet.outcomes, which names the owning account (contract v2); the first final a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from schemas.events import (
+    HOLD_EVENTS,
     AccountClosed,
     AccountFrozen,
     AccountOpened,
@@ -25,6 +29,10 @@ from schemas.events import (
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
+    HoldExpired,
+    HoldPlaced,
+    HoldVoided,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -32,7 +40,8 @@ from schemas.events import (
     event_type,
 )
 from schemas.outcomes import Outcome, Reason
-from streams.core.state import FAILURE, PENDING, SUCCESS, Account, State, fold
+from streams.core.money import canonical_balance_minor, canonical_minor
+from streams.core.state import FAILURE, PENDING, SUCCESS, Account, CorruptLog, State, fold
 
 # Event times are stored and shown within what every database column (BIGINT) and every
 # datetime (years 1 to 9999) can hold: 0001-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
@@ -49,9 +58,10 @@ class AccountRow(NamedTuple):
     currency: str
     kind: str
     status: str
-    balance_minor: int
+    balance_minor: int  # held money included
     sequence: int
     owner: str = ""  # the actor that opened the account
+    held_minor: int = 0  # reserved by open holds: available = balance - held
 
 
 class EntryRow(NamedTuple):
@@ -74,7 +84,25 @@ class TransactionRow(NamedTuple):
     actor: str | None = None  # who asked (None: an answer to a dead-lettered record that did not say)
 
 
+HOLD_OPEN, HOLD_CAPTURED, HOLD_VOIDED, HOLD_EXPIRED = "open", "captured", "voided", "expired"
+
+
+class HoldRow(NamedTuple):
+    account_id: str  # the held (payer's) account: with hold_id, the key
+    hold_id: str  # the transaction id of the place_hold request
+    to_account: str
+    currency: str
+    amount_minor: int  # placed
+    captured_minor: int  # by every capture so far
+    released_minor: int  # by a final capture, the void or the expiry
+    state: str  # open | captured | voided | expired
+    expires_ms: int
+    placed_ms: int  # times within [TS_MS_STORED_MIN, TS_MS_STORED_MAX]
+    updated_ms: int
+
+
 RequestKey = tuple[str, str]  # (account_id, transaction_id)
+HoldKey = tuple[str, str]  # (account_id, hold_id)
 # The events that change an account (every one but command_rejected).
 ChangeEvent = (
     AccountOpened
@@ -86,7 +114,12 @@ ChangeEvent = (
     | AccountFrozen
     | AccountUnfrozen
     | AccountClosed
+    | HoldPlaced
+    | HoldCaptured
+    | HoldVoided
+    | HoldExpired
 )
+HoldEvent = HoldPlaced | HoldCaptured | HoldVoided | HoldExpired
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +127,7 @@ class Changes:
     accounts: list[AccountRow]  # every account the batch changed, in its new state
     entries: list[EntryRow]  # new rows only
     transactions: list[TransactionRow]  # every request whose status changed, in its new state
+    holds: list[HoldRow] = field(default_factory=list)  # every hold the batch changed, in its new state
 
 
 def stored_ts_ms(ts_ms: int) -> int:
@@ -105,20 +139,26 @@ def project(
     transactions: dict[RequestKey, TransactionRow],
     events: list[Event],
     outcomes: list[Outcome],
+    *,
+    holds: dict[HoldKey, HoldRow] | None = None,
 ) -> Changes:
     """The changes `events` and `outcomes` (each in log order) make to the stored rows given.
 
-    `accounts` and `transactions` must hold the stored row of every account and request the
-    batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
+    `accounts`, `transactions` and `holds` must hold the stored row of every account, request
+    and hold the batch names (absent = not stored). Raises `streams.core.state.CorruptLog`.
     """
     state = State(
         accounts={
-            row.account_id: Account(row.currency, row.kind, row.status, row.balance_minor, row.sequence)
+            row.account_id: Account(
+                row.currency, row.kind, row.status, row.balance_minor, row.sequence, held_minor=row.held_minor
+            )
             for row in accounts.values()
         },
         tracks_memory=False,
     )
     owners = {row.account_id: row.owner for row in accounts.values()}
+    hold_rows = dict(holds) if holds is not None else {}
+    changed_holds: set[HoldKey] = set()
     entries: list[EntryRow] = []
     changed_accounts: set[str] = set()
     statuses = dict(transactions)
@@ -137,6 +177,10 @@ def project(
         changed_accounts.add(event.account_id)
         if type(event) is AccountOpened:
             owners[event.account_id] = event.owner
+        elif isinstance(event, HOLD_EVENTS):
+            key = (event.account_id, event.hold_id)
+            hold_rows[key] = next_hold(hold_rows.get(key), event)
+            changed_holds.add(key)
 
     for outcome in outcomes:
         request = request_status_of_outcome(outcome)
@@ -155,9 +199,64 @@ def project(
                 account.balance_minor,
                 account.seq,
                 owners.get(account_id, ""),
+                account.held_minor,
             )
         )
-    return Changes(account_rows, entries, [statuses[key] for key in changed_transactions])
+    return Changes(
+        account_rows,
+        entries,
+        [statuses[key] for key in changed_transactions],
+        [hold_rows[key] for key in changed_holds],
+    )
+
+
+def next_hold(current: HoldRow | None, event: HoldEvent) -> HoldRow:
+    """The hold's row after one of its events (new to the read model: `fold` has accepted it, its
+    amounts and the account's held total, but a fold over accounts alone does not track holds).
+
+    The read model checks what it stores: a hold is placed once, changes only while open, never
+    captures or releases beyond its amount, and ends having captured or released all of it."""
+    if isinstance(event, HoldPlaced):
+        if current is not None:
+            raise CorruptLog(f"account {event.account_id!r} seq {event.seq}: hold {event.hold_id!r} placed again")
+        ts_ms = stored_ts_ms(event.ts_ms)
+        return HoldRow(
+            event.account_id,
+            event.hold_id,
+            event.to_account,
+            event.currency,
+            canonical_minor(event.amount, event.currency),
+            0,
+            0,
+            HOLD_OPEN,
+            stored_ts_ms(event.expires_ms),
+            ts_ms,
+            ts_ms,
+        )
+    if current is None or current.state != HOLD_OPEN or event.currency != current.currency:
+        state = "never placed" if current is None else f"{current.state} {current.currency}"
+        raise CorruptLog(
+            f"account {event.account_id!r} seq {event.seq}: {event_type(event)} {event.currency} of hold "
+            f"{event.hold_id!r}, which is {state}"
+        )
+    captured_minor = current.captured_minor
+    state = HOLD_EXPIRED if type(event) is HoldExpired else HOLD_VOIDED
+    if isinstance(event, HoldCaptured):
+        captured_minor += canonical_minor(event.amount, event.currency)
+        state = HOLD_CAPTURED if event.final else HOLD_OPEN
+    released_minor = current.released_minor + canonical_balance_minor(event.released, event.currency)
+    settled_minor = captured_minor + released_minor
+    if settled_minor > current.amount_minor or (state != HOLD_OPEN and settled_minor != current.amount_minor):
+        raise CorruptLog(
+            f"account {event.account_id!r} seq {event.seq}: hold {event.hold_id!r} of {current.amount_minor} "
+            f"minor units {state} with {captured_minor} captured and {released_minor} released"
+        )
+    return current._replace(
+        captured_minor=captured_minor,
+        released_minor=released_minor,
+        state=state,
+        updated_ms=stored_ts_ms(event.ts_ms),
+    )
 
 
 def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
@@ -181,7 +280,11 @@ def _fold_entry(state: State, event: ChangeEvent) -> EntryRow | None:
     )
 
 
-_SUCCESS_EVENTS = frozenset({AccountOpened, Deposited, Withdrawn, AccountFrozen, AccountUnfrozen, AccountClosed})
+# The events that answer their own request at once (a hold's expiry answers none: it is the
+# place's `transaction_id`, whose answer was its placing).
+_SUCCESS_EVENTS = frozenset(
+    {AccountOpened, Deposited, Withdrawn, AccountFrozen, AccountUnfrozen, AccountClosed, HoldPlaced, HoldVoided}
+)
 _LEG_COMMANDS = frozenset({"credit_leg", "refund_leg"})
 
 
@@ -192,7 +295,8 @@ def request_status_of(event: Event) -> TransactionRow | None:
     reason: str | None = None
     if isinstance(event, TransferCredited):
         owner, status = event.from_account, SUCCESS
-    elif isinstance(event, TransferDebited):
+    elif isinstance(event, (TransferDebited, HoldCaptured)):
+        # A capture moves money as a transfer does: in flight until the destination credits it.
         owner, status = event.account_id, PENDING
     elif isinstance(event, TransferRefunded):
         owner, status, reason = event.account_id, FAILURE, event.reason

@@ -1,11 +1,13 @@
-"""The query side of the HTTP API: balances, history and transaction status, read from the read model.
+"""The query side of the HTTP API: balances, history, holds and transaction status, read from the read model.
 
 `query_router(db_url, settings, caller=...)` is mounted by the app of `wallet api`
 (`wallet/api_app.py`), so one HTTP app serves both sides; `wallet readmodel serve` runs it
 alone (`create_app`). `caller` is the FastAPI dependency that authenticates a request and
 answers who it is (`.sub`) and whether it may read every account (`.reads_everything`:
 the operator and audit scopes); a user reads only the accounts it owns and the requests it
-made. Another's account answers 404 like a missing one, so ids do not leak.
+made. Another's account answers 404 like a missing one, so ids do not leak. A hold is shown
+to the owners of its two accounts (the held one and the destination); `hold_finder` gives the
+command side the holds a caller may capture or void (`producers/api_holds.py`).
 
 Reading your own write: the account and history routes take `min_sequence` (the account
 sequence a client's write produced) and `wait_ms` (default 1000, at most 10000); they answer
@@ -13,8 +15,9 @@ once the read model has reached that sequence; when the wait runs out they answe
 `account_not_found` if the read model has no such account, else 409 `not_caught_up` naming the
 sequence reached. Nothing stale is ever returned as if it were fresh.
 
-Errors are the project's one shape (`infra/http.py`): 404 `account_not_found`, 409
-`not_caught_up`, 503 `readmodel_unavailable` or `kafka_unavailable`, 422 `invalid_request`.
+Errors are the project's one shape (`infra/http.py`): 404 `account_not_found` or
+`hold_not_found`, 409 `not_caught_up` or `ambiguous_transaction_id`, 503 `readmodel_unavailable`
+or `kafka_unavailable`, 422 `invalid_request`.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import hmac
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import psycopg
 from confluent_kafka import KafkaException
@@ -38,11 +41,12 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from consumers.readmodel.consumer import PartitionLag, ReadModelError, read_lag
-from consumers.readmodel.projection import AccountRow
+from consumers.readmodel.projection import HOLD_OPEN, AccountRow, HoldRow
 from consumers.readmodel.store import ReadModelStore, TopicPartitionKey, describe_db_url
 from infra.admin import admin_client
 from infra.http import ApiError, FieldError, error_responses, install_error_handlers
 from infra.settings import Settings
+from schemas.commands import ACCOUNT_ID_LENGTH_MAX, TRANSACTION_ID_LENGTH_MAX
 from streams.core.money import format_amount
 
 WAIT_MS_DEFAULT = 1_000
@@ -61,8 +65,30 @@ class AccountView(BaseModel):
     currency: str
     kind: str
     status: str
-    balance: str
+    balance: str  # held money included
+    held: str  # reserved by open holds
+    available: str  # balance - held: what withdrawals, transfers, payments and new holds may use
     sequence: int
+
+
+class HoldView(BaseModel):
+    hold_id: str
+    account_id: str  # the held (payer's) account
+    to_account: str  # the destination of captures
+    currency: str
+    amount: str  # placed
+    captured: str  # by every capture so far
+    released: str  # by a final capture, a void or the expiry
+    held: str  # what the hold still holds: amount - captured - released
+    state: Literal["open", "captured", "voided", "expired"]
+    expires_ms: int  # the decision time from which the hold is expired (epoch ms of the log's clock)
+    placed_ms: int
+    updated_ms: int
+
+
+class HoldPage(BaseModel):
+    account_id: str
+    holds: list[HoldView]  # the latest placed first
 
 
 class EntryView(BaseModel):
@@ -169,6 +195,7 @@ def query_router(db_url: str, settings: Settings | None = None, caller: Callable
     router = APIRouter(tags=["queries"], responses=error_responses(401, 403, 422, 429, 503))
     _account_routes(router, readers, who)
     _transaction_route(router, readers, who)
+    _hold_routes(router, readers, who)
     _lag_route(router, readers, who, settings if settings is not None else Settings())
     return router
 
@@ -235,6 +262,8 @@ def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
             kind=account.kind,
             status=account.status,
             balance=format_amount(account.balance_minor, account.currency),
+            held=format_amount(account.held_minor, account.currency),
+            available=format_amount(account.balance_minor - account.held_minor, account.currency),
             sequence=account.sequence,
         )
 
@@ -276,6 +305,95 @@ def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
             ],
             next_cursor=str(page[-1].sequence) if len(rows) > limit else None,
         )
+
+
+def hold_view(row: HoldRow) -> HoldView:
+    def amount(minor: int) -> str:
+        return format_amount(minor, row.currency)
+
+    held_minor = row.amount_minor - row.captured_minor - row.released_minor if row.state == HOLD_OPEN else 0
+    return HoldView(
+        hold_id=row.hold_id,
+        account_id=row.account_id,
+        to_account=row.to_account,
+        currency=row.currency,
+        amount=amount(row.amount_minor),
+        captured=amount(row.captured_minor),
+        released=amount(row.released_minor),
+        held=amount(held_minor),
+        state=cast(Any, row.state),
+        expires_ms=row.expires_ms,
+        placed_ms=row.placed_ms,
+        updated_ms=row.updated_ms,
+    )
+
+
+def _hold_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
+    @router.get(
+        "/v1/holds/{transaction_id}",
+        response_model=HoldView,
+        responses=error_responses(404, 409),
+        summary="one hold on or to one of your accounts (any hold for operator and audit)",
+        description="The hold's owner (of the held account) and the destination's owner see it, operator and "
+        "audit every one; another's hold answers 404 `hold_not_found` like a missing one. `account_id` "
+        "names the held account, and is needed (409 `ambiguous_transaction_id`) when the hold id names "
+        "holds of several accounts you see.",
+    )
+    async def get_hold(
+        transaction_id: str = Path(max_length=TRANSACTION_ID_LENGTH_MAX),
+        account_id: str | None = Query(None, max_length=ACCOUNT_ID_LENGTH_MAX, description="the held account"),
+        caller: Any = who,
+    ):
+        found = await _read(readers, "holds_named", transaction_id, None if caller.reads_everything else caller.sub)
+        rows = [owned.hold for owned in found if account_id is None or owned.hold.account_id == account_id]
+        if len(rows) > 1:
+            accounts = ", ".join(sorted(row.account_id for row in rows))
+            raise _field_error(
+                409,
+                "ambiguous_transaction_id",
+                f"hold id {transaction_id!r} names holds of accounts {accounts}: ask with ?account_id=",
+                "account_id",
+            )
+        if not rows:
+            raise _field_error(404, "hold_not_found", f"hold {transaction_id!r} not found", "transaction_id")
+        return hold_view(rows[0])
+
+    @router.get(
+        "/v1/accounts/{account_id}/holds",
+        response_model=HoldPage,
+        responses=_ACCOUNT_ERRORS,
+        summary="the holds of one of your accounts, the latest placed first (open ones with ?state=open)",
+    )
+    async def get_account_holds(
+        account_id: str = AccountIdPath,
+        state: Literal["open", "captured", "voided", "expired"] | None = Query(None),
+        limit: int = Query(HISTORY_LIMIT_DEFAULT, ge=1, le=HISTORY_LIMIT_MAX),
+        caller: Any = who,
+    ):
+        await _account_at(readers, caller, account_id, None, 0)
+        rows = await _read(readers, "account_holds", account_id, state, limit)
+        return HoldPage(account_id=account_id, holds=[hold_view(row) for row in rows])
+
+
+class HoldOwners(NamedTuple):
+    """A hold as the command side's capture and void need it (`producers.api_holds.FoundHold`)."""
+
+    account_id: str
+    currency: str
+    owner: str
+    to_owner: str
+
+
+def hold_finder(db_url: str) -> Callable[[str, str | None], Awaitable[list[HoldOwners]]]:
+    """Finds holds by id for the command side: every hold `hold_id` of an account `actor` owns or
+    destined to one it owns (`actor` None: every one); 503 when the database cannot be read."""
+    readers = _Readers(db_url)
+
+    async def find(hold_id: str, actor: str | None) -> list[HoldOwners]:
+        found = await _read(readers, "holds_named", hold_id, actor)
+        return [HoldOwners(owned.hold.account_id, owned.hold.currency, owned.owner, owned.to_owner) for owned in found]
+
+    return find
 
 
 def _transaction_route(router: APIRouter, readers: _Readers, who: Any) -> None:

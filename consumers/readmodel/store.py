@@ -19,11 +19,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from consumers.readmodel.projection import AccountRow, Changes, EntryRow, TransactionRow, project
+from consumers.readmodel.projection import AccountRow, Changes, EntryRow, HoldRow, TransactionRow, project
 from infra.settings import Settings
-from schemas.events import CommandRejected, Event, TransferCredited, TransferDebited, TransferRefunded
+from schemas.events import HOLD_EVENTS, CommandRejected, Event, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome
 
 SQLITE_PREFIX = "sqlite:///"
@@ -33,7 +33,7 @@ SELECT_IN_CHUNK_SIZE = 500
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_CHECKPOINT_PAGES = 16_384  # of the default 4 KiB
 
-TABLES = ("accounts", "entries", "transactions", "offsets")
+TABLES = ("accounts", "entries", "transactions", "holds", "offsets")
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS accounts (
         account_id TEXT PRIMARY KEY,
@@ -42,7 +42,8 @@ _SCHEMA = (
         status TEXT NOT NULL,
         balance_minor BIGINT NOT NULL CHECK (balance_minor >= 0),
         sequence BIGINT NOT NULL CHECK (sequence >= 1),
-        owner TEXT NOT NULL)""",
+        owner TEXT NOT NULL,
+        held_minor BIGINT NOT NULL CHECK (held_minor >= 0 AND held_minor <= balance_minor))""",
     # One row per event that changed an account (`command_rejected` changes none).
     """CREATE TABLE IF NOT EXISTS entries (
         account_id TEXT NOT NULL,
@@ -67,6 +68,23 @@ _SCHEMA = (
     # Every request with a given transaction id, whatever its account (the batch's lookups, and
     # the caller's "my request T" when the caller does not name the account).
     "CREATE INDEX IF NOT EXISTS transactions_by_transaction_id ON transactions (transaction_id)",
+    # Every hold, open or ended: keyed like a request, by the held (payer's) account and the hold id.
+    """CREATE TABLE IF NOT EXISTS holds (
+        account_id TEXT NOT NULL,
+        hold_id TEXT NOT NULL,
+        to_account TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+        captured_minor BIGINT NOT NULL CHECK (captured_minor >= 0),
+        released_minor BIGINT NOT NULL CHECK (released_minor >= 0),
+        state TEXT NOT NULL CHECK (state IN ('open', 'captured', 'voided', 'expired')),
+        expires_ms BIGINT NOT NULL,
+        placed_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        CHECK (captured_minor + released_minor <= amount_minor),
+        PRIMARY KEY (account_id, hold_id))""",
+    # The batch's lookups and the caller's "my hold H" name the hold id alone.
+    "CREATE INDEX IF NOT EXISTS holds_by_hold_id ON holds (hold_id)",
     """CREATE TABLE IF NOT EXISTS offsets (
         topic TEXT NOT NULL,
         kafka_partition INTEGER NOT NULL,
@@ -77,12 +95,29 @@ _SCHEMA = (
 _ACCOUNT_COLUMNS = AccountRow._fields
 _ENTRY_COLUMNS = EntryRow._fields
 _TRANSACTION_COLUMNS = TransactionRow._fields
-_KEY_COLUMNS = {"accounts": ("account_id",), "transactions": ("account_id", "transaction_id")}
+_HOLD_COLUMNS = HoldRow._fields
+_KEY_COLUMNS = {
+    "accounts": ("account_id",),
+    "transactions": ("account_id", "transaction_id"),
+    "holds": ("account_id", "hold_id"),
+}
 # Columns added since the first layout: a database without them is dropped and rebuilt from
 # the log (the read model is a projection; the log has everything).
-_LAYOUT_PROBES = ("SELECT owner FROM accounts WHERE 1 = 0", "SELECT account_id, actor FROM transactions WHERE 1 = 0")
+_LAYOUT_PROBES = (
+    "SELECT owner, held_minor FROM accounts WHERE 1 = 0",
+    "SELECT account_id, actor FROM transactions WHERE 1 = 0",
+    "SELECT hold_id FROM holds WHERE 1 = 0",
+)
 
 TopicPartitionKey = tuple[str, int]
+
+
+class OwnedHold(NamedTuple):
+    """A hold with the owners of its two accounts ("" where the read model does not know one)."""
+
+    hold: HoldRow
+    owner: str  # of the held (payer's) account
+    to_owner: str  # of the destination
 
 
 class DatabaseUrlError(ValueError):
@@ -331,7 +366,12 @@ class ReadModelStore:
                     cursor, "transactions", "transaction_id", _TRANSACTION_COLUMNS, transaction_ids, TransactionRow
                 )
             }
-            changes = project(accounts, transactions, batch.events, batch.outcomes)
+            hold_ids = {event.hold_id for event in batch.events if isinstance(event, HOLD_EVENTS)}
+            holds = {
+                (row.account_id, row.hold_id): row
+                for row in self._select_in(cursor, "holds", "hold_id", _HOLD_COLUMNS, hold_ids, HoldRow)
+            }
+            changes = project(accounts, transactions, batch.events, batch.outcomes, holds=holds)
             # The row tuples' fields are in the order of the column lists.
             if changes.entries:
                 self._backend.insert_many(cursor, "entries", _ENTRY_COLUMNS, changes.entries)
@@ -339,6 +379,8 @@ class ReadModelStore:
                 self._backend.upsert_many(cursor, "accounts", _ACCOUNT_COLUMNS, changes.accounts)
             if changes.transactions:
                 self._backend.upsert_many(cursor, "transactions", _TRANSACTION_COLUMNS, changes.transactions)
+            if changes.holds:
+                self._backend.upsert_many(cursor, "holds", _HOLD_COLUMNS, changes.holds)
         return changes
 
     def _advance_offsets(self, cursor: Any, batch: Batch) -> None:
@@ -441,6 +483,40 @@ class ReadModelStore:
             ).fetchall()
         return [TransactionRow(*row) for row in rows]
 
+    def holds_named(self, hold_id: str, actor: str | None) -> list[OwnedHold]:
+        """Every hold `hold_id` that `actor` may see, by held account: those of accounts it owns and
+        those destined to accounts it owns. `actor` None: every one (operators, audit). The caller
+        decides who reads everything, and which of these it may act on."""
+        if actor == "":
+            return []  # no one: "" is the owner of accounts opened before contract v2
+        columns = ", ".join(f"h.{column}" for column in _HOLD_COLUMNS)
+        query = (
+            f"SELECT {columns}, COALESCE(p.owner, ''), COALESCE(d.owner, '') FROM holds h "
+            "LEFT JOIN accounts p ON p.account_id = h.account_id LEFT JOIN accounts d ON d.account_id = h.to_account "
+            "WHERE h.hold_id = ?"
+        )
+        parameters: tuple[str, ...] = (hold_id,)
+        if actor is not None:
+            query += " AND (p.owner = ? OR d.owner = ?)"
+            parameters = (hold_id, actor, actor)
+        rows = self._connection.execute(self._sql(query + " ORDER BY h.account_id"), parameters).fetchall()
+        width = len(_HOLD_COLUMNS)
+        return [OwnedHold(HoldRow(*row[:width]), row[width], row[width + 1]) for row in rows]
+
+    def account_holds(self, account_id: str, state: str | None, limit: int) -> list[HoldRow]:
+        """The holds of an account (in one state if given), the latest placed first."""
+        where, parameters = (
+            ("", (account_id, limit)) if state is None else ("AND state = ? ", (account_id, state, limit))
+        )
+        rows = self._connection.execute(
+            self._sql(
+                f"SELECT {', '.join(_HOLD_COLUMNS)} FROM holds WHERE account_id = ? {where}"
+                "ORDER BY placed_ms DESC, hold_id LIMIT ?"
+            ),
+            parameters,
+        ).fetchall()
+        return [HoldRow(*row) for row in rows]
+
     def table_rows(self, table: str) -> list[tuple]:
         """Every row of a table in primary-key order: for comparing two read models."""
         if table not in TABLES:
@@ -449,6 +525,7 @@ class ReadModelStore:
             "accounts": "account_id",
             "entries": "account_id, sequence",
             "transactions": "account_id, transaction_id",
+            "holds": "account_id, hold_id",
             "offsets": "topic, kafka_partition",
         }[table]
         return [tuple(row) for row in self._connection.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()]

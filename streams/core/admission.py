@@ -6,7 +6,8 @@ is not byte-identical) and the benchmarks' reference pipeline. The checks, in or
 
 1. the value decodes as a command of the contract (else `invalid_command`);
 2. it sits on the partition that owns its account (else `wrong_partition`): a producer that
-   does not use the murmur2 partitioner must not split an account's history;
+   does not use the murmur2 partitioner must not split an account's history; a processor's
+   tick must sit on the partition it names, so a tick moves only its own partition's time;
 3. a saga leg carries a MAC of the processors' keyring: legs are written by processors only;
 4. the core can decide it (`UndecidableInput` otherwise, state untouched).
 
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from schemas.codec import SchemaError, decode_command
-from schemas.commands import Command, CreditLeg, RefundLeg, owner_account
+from schemas.commands import CreditLeg, RefundLeg, Tick, WireCommand, owner_account
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome, Reason
 from streams.core.errors import UndecidableInput
@@ -38,12 +39,21 @@ class Refusal(NamedTuple):
 
 def admit(
     value: bytes, partition: int, owner_partition: Callable[[str], int], keyring: LegKeyring
-) -> Command | Refusal:
+) -> WireCommand | Refusal:
     """The command in `value`, found on `partition`, if the core may decide it (checks 1-3)."""
     try:
         command = decode_command(value)
     except SchemaError as schema_error:
         return Refusal(str(schema_error), dead_letter_outcome(value, Reason.INVALID_COMMAND))
+    if isinstance(command, Tick):
+        if command.partition != partition:
+            # Nobody waits on a tick: dead-lettered without an answer.
+            return Refusal(
+                f"tick of partition {command.partition} arrived on partition {partition}: a tick may move "
+                f"only the time of the partition it names",
+                None,
+            )
+        return command
     owner = owner_account(command)
     owner_here = owner_partition(owner)
     if owner_here != partition:
@@ -59,7 +69,7 @@ def admit(
     return command
 
 
-def decide(state: State, command: Command, record_time_ms: int) -> Decision | Refusal:
+def decide(state: State, command: WireCommand, record_time_ms: int) -> Decision | Refusal:
     """The core's decision (check 4). `UndecidableInput` leaves the state untouched; any other
     exception is a bug and propagates, so that no state is written after it."""
     try:

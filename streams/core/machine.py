@@ -10,7 +10,23 @@ included, so that the partition's state, idempotency memory included, is a fold 
 
 Who may ask what (rejection `not_authorized`): `open_account` any role (the actor becomes the
 owner); `deposit` role bank; `withdraw` role bank or the owner; `transfer` and `pay_merchant`
-the owner of `from_account`; `freeze`, `unfreeze`, `close` role operator.
+the owner of `from_account`; `freeze`, `unfreeze`, `close` role operator; `place_hold` the
+owner of the held account; `capture_hold` and `void_hold` the owner of the held (paying)
+account or role operator. The destination's owner cannot capture: the capture is decided on
+the payer's partition, which does not know who owns the destination.
+
+Holds (Try-Confirm/Cancel). available = balance - held; a hold, withdraw, transfer and
+pay_merchant need available funds. A hold reserves money for `to_account` until it is
+captured (once or in several parts; `final` releases the rest; never beyond what it still
+holds: `capture_exceeds_hold`), voided, or expires. A capture moves money exactly as a
+transfer does: the captured amount leaves the balance at once and is in flight, a credit leg
+(digest = the capture's) goes to the destination, which credits and answers `success`, or
+refuses and sends a refund leg back; the refund makes the money available again (the hold is
+not re-opened). A frozen account cannot place or capture; its holds may be voided and do
+expire; close is refused while a hold is open. Before ANY command is decided at decision time
+T, every open hold of the partition with expires_ms <= T expires (`hold_expired`, in expiry
+order then key order), so the time of the log alone decides what is expired; a processor's
+`tick` is a command that does only that, for partitions without traffic.
 
 A transfer is a saga with one path whatever the partitions: the sender's side debits and
 emits a credit leg keyed by the receiver; the receiver's side credits and answers
@@ -37,6 +53,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from schemas.codec import command_digest, readable_request
 from schemas.commands import (
+    HOLD_EXPIRY_MS_MAX,
+    CaptureHold,
     ClientCommand,
     Close,
     Command,
@@ -46,9 +64,13 @@ from schemas.commands import (
     Leg,
     OpenAccount,
     PayMerchant,
+    PlaceHold,
     RefundLeg,
+    Tick,
     Transfer,
     Unfreeze,
+    VoidHold,
+    WireCommand,
     Withdraw,
     command_type,
     owner_account,
@@ -61,6 +83,10 @@ from schemas.events import (
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
+    HoldExpired,
+    HoldPlaced,
+    HoldVoided,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -77,16 +103,22 @@ from streams.core.money import (
     parse_amount_minor,
 )
 from streams.core.state import (
+    CAPTURED,
     CLOSED,
+    EXPIRED,
     FAILURE,
     FROZEN,
     LEG_AGE_MAX_MS,
+    OPEN,
     PENDING,
     SUCCESS,
+    VOIDED,
     Account,
+    Hold,
     Remembered,
     State,
     advance_clock,
+    due_holds,
     fold,
     recall,
 )
@@ -105,31 +137,76 @@ class Decision(NamedTuple):
     outcome: Outcome | None
 
 
-def apply(state: State, command: Command, record_time_ms: int) -> Decision:
+def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
     """Decides one command at the record's time (the broker's LogAppendTime of its record)."""
     assert type(record_time_ms) is int and record_time_ms >= 0, f"record time {record_time_ms!r}: a runtime bug"
     now_ms = state.clock_ms if state.clock_ms > record_time_ms else record_time_ms
     command_class = type(command)
     # `command_class is X` dispatches on the exact class; the `if TYPE_CHECKING` asserts only
-    # tell mypy what each test established.
+    # tell mypy what each test established. A leg is validated before anything is folded (the
+    # due expiries included): what the core cannot decide leaves the state untouched.
     if command_class is CreditLeg:
         if TYPE_CHECKING:
             assert isinstance(command, CreditLeg)
-        return _on_credit_leg(state, command, now_ms)
+        amount_minor = _leg_amount_minor(command)
+        expired = _expire_due_holds(state, now_ms, command)
+        decision = _on_credit_leg(state, command, amount_minor, now_ms)
+        return _after(expired, decision) if expired else decision
     if command_class is RefundLeg:
         if TYPE_CHECKING:
             assert isinstance(command, RefundLeg)
-        return _on_refund_leg(state, command, now_ms)
+        account, amount_minor = _refunded_debit(state, command, now_ms)
+        expired = _expire_due_holds(state, now_ms, command)
+        decision = _on_refund_leg(state, command, account, amount_minor, now_ms)
+        return _after(expired, decision) if expired else decision
+    if command_class is Tick:
+        return Decision(state, _expire_due_holds(state, now_ms, command), [], None)
     if TYPE_CHECKING:
-        assert not isinstance(command, (CreditLeg, RefundLeg))
+        assert not isinstance(command, (CreditLeg, RefundLeg, Tick))
     handler = _HANDLERS[command_class]
     digest = command_digest(command)
+    expired = _expire_due_holds(state, now_ms, command)
     remembered = recall(state, (owner_account(command), command.transaction_id), now_ms)
     if remembered is not None:
-        return _repeat(state, command, digest, remembered, now_ms)
-    # From here on the command leaves an event at `now_ms`: forget first what that forgets.
-    advance_clock(state, now_ms)
-    return handler(state, command, digest, now_ms)
+        decision = _repeat(state, command, digest, remembered, now_ms)
+    else:
+        # From here on the command leaves an event at `now_ms`: forget first what that forgets.
+        advance_clock(state, now_ms)
+        decision = handler(state, command, digest, now_ms)
+    return _after(expired, decision) if expired else decision
+
+
+def _expire_due_holds(state: State, now_ms: int, command: WireCommand) -> list[Event]:
+    """Expires (and folds) every open hold of the partition due at `now_ms`: what a decision of
+    `command` at that time must see first."""
+    deadlines = state.hold_deadlines
+    if not deadlines or deadlines[0][0] > now_ms:
+        return []  # the common case, at the cost of one comparison
+    command_name = command_type(command)
+    expired: list[Event] = []
+    for account_id, hold_id in due_holds(state, now_ms):
+        hold, account = state.holds[(account_id, hold_id)], state.accounts[account_id]
+        event = HoldExpired(
+            account_id=account_id,
+            transaction_id=hold_id,
+            ts_ms=now_ms,
+            command=command_name,
+            digest=hold.digest,
+            actor=hold.actor,
+            seq=account.seq + 1,
+            hold_id=hold_id,
+            released=format_amount(hold.held_minor, account.currency),
+            currency=account.currency,
+            held=format_amount(account.held_minor - hold.held_minor, account.currency),
+        )
+        fold(state, event)
+        expired.append(event)
+    return expired
+
+
+def _after(expired: list[Event], decision: Decision) -> Decision:
+    """The decision with the expiries its time caused first, as they were folded."""
+    return Decision(decision.state, expired + decision.events, decision.follow_ups, decision.outcome)
 
 
 def _repeat(state: State, command: ClientCommand, digest: str, remembered: Remembered, now_ms: int) -> Decision:
@@ -137,12 +214,15 @@ def _repeat(state: State, command: ClientCommand, digest: str, remembered: Remem
     if remembered.digest != digest:
         return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT, now_ms)
     if remembered.status == PENDING:
-        # The transfer is still in flight (or its success was decided on the receiver's side):
-        # ask the receiver to repeat its answer; a resent leg can never move money.
-        # Only a debit is remembered pending, and the digest matched: this is that transfer.
-        assert isinstance(command, (Transfer, PayMerchant)), command
-        amount = format_amount(remembered.amount_minor, command.currency)
-        return Decision(state, [], [_credit_leg(command, amount, digest, now_ms, resend=True)], None)
+        # The transfer or capture is still in flight (or its success was decided on the
+        # receiver's side): ask the receiver to repeat its answer; a resent leg can never move
+        # money. Only a debit or a capture is remembered pending, and the digest matched.
+        assert isinstance(command, (Transfer, PayMerchant, CaptureHold)), command
+        assert remembered.to_account is not None, remembered  # a pending entry names its receiver
+        currency = state.accounts[owner_account(command)].currency
+        amount = format_amount(remembered.amount_minor, currency)
+        leg = _credit_leg(command, remembered.to_account, amount, currency, digest, now_ms, resend=True)
+        return Decision(state, [], [leg], None)
     # Not pending, so a decided answer: `fold` remembers only success or failure besides pending.
     status = cast(OutcomeStatus, remembered.status)
     return Decision(state, [], [], _outcome(command, status, remembered.reason, digest))
@@ -196,7 +276,7 @@ def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Deci
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _usable_account names a reason whenever it finds no account
-    if account.balance_minor < amount_minor:
+    if account.balance_minor - account.held_minor < amount_minor:  # held money is not available
         return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
     event = _move_money(state, Withdrawn, command, digest, now_ms, account, command.account_id, -amount_minor)
     return Decision(state, [event], [], _success(command, digest))
@@ -216,7 +296,7 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _usable_account names a reason whenever it finds no account
-    if account.balance_minor < amount_minor:
+    if account.balance_minor - account.held_minor < amount_minor:  # held money is not available
         return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
     event = _move_money(
         state,
@@ -230,18 +310,28 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms
         to_account=command.to_account,
         merchant_only=type(command) is PayMerchant,
     )
-    return Decision(state, [event], [_credit_leg(command, event.amount, digest, now_ms, resend=False)], None)
+    leg = _credit_leg(command, command.to_account, event.amount, command.currency, digest, now_ms, resend=False)
+    return Decision(state, [event], [leg], None)
 
 
-def _credit_leg(command: Transfer | PayMerchant, amount: str, digest: str, now_ms: int, resend: bool) -> CreditLeg:
+def _credit_leg(
+    command: Transfer | PayMerchant | CaptureHold,
+    to_account: str,
+    amount: str,
+    currency: str,
+    digest: str,
+    now_ms: int,
+    resend: bool,
+) -> CreditLeg:
+    """The credit leg of a transfer or a capture, from the account that owns the command."""
     return CreditLeg(
         transaction_id=command.transaction_id,
         actor=command.actor,
         issued_ms=now_ms,
-        from_account=command.from_account,
-        to_account=command.to_account,
+        from_account=owner_account(command),
+        to_account=to_account,
         amount=amount,
-        currency=command.currency,
+        currency=currency,
         digest=digest,
         merchant_only=type(command) is PayMerchant,
         resend=resend,
@@ -259,8 +349,7 @@ def _leg_amount_minor(leg: CreditLeg | RefundLeg) -> int:
         raise UndecidableInput(f"{command_type(leg)} {leg.transaction_id!r}: {error}") from None
 
 
-def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
-    amount_minor = _leg_amount_minor(leg)
+def _on_credit_leg(state: State, leg: CreditLeg, amount_minor: int, now_ms: int) -> Decision:
     remembered = recall(state, (leg.to_account, leg.transaction_id), now_ms)
     if leg.resend:
         # Only a success is answered from here: a refusal's answer belongs to the sender's
@@ -332,7 +421,8 @@ def _on_credit_leg(state: State, leg: CreditLeg, now_ms: int) -> Decision:
     return Decision(state, [credited], [], _leg_outcome(leg, SUCCESS, None))
 
 
-def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
+def _refunded_debit(state: State, leg: RefundLeg, now_ms: int) -> tuple[Account, int]:
+    """The account a refund leg pays back and the amount, or UndecidableInput (nothing folded)."""
     amount_minor = _leg_amount_minor(leg)
     account = state.accounts.get(leg.from_account)
     pending = recall(state, (leg.from_account, leg.transaction_id), now_ms)
@@ -350,10 +440,15 @@ def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
             f"refund_leg {leg.transaction_id!r} of {leg.amount} {leg.currency} to "
             f"{leg.from_account!r} matches no debit that account remembers as pending"
         )
+    return account, amount_minor
+
+
+def _on_refund_leg(state: State, leg: RefundLeg, account: Account, amount_minor: int, now_ms: int) -> Decision:
     advance_clock(state, now_ms)
     # A refund is never refused: the money is the sender's whatever happened to the account
     # meanwhile (frozen, closed), and refusing it would destroy it. It cannot pass the cap:
-    # the cap holds for the balance plus the pending debits, this one included.
+    # the cap holds for the balance plus the pending debits, this one included. The refund of
+    # a capture makes the money available again: the hold it came from is not re-opened.
     event = _move_money(
         state,
         TransferRefunded,
@@ -367,6 +462,143 @@ def _on_refund_leg(state: State, leg: RefundLeg, now_ms: int) -> Decision:
         reason=leg.reason,
     )
     return Decision(state, [event], [], _leg_outcome(leg, FAILURE, leg.reason))
+
+
+def _place_hold(state: State, command: PlaceHold, digest: str, now_ms: int) -> Decision:
+    key = (command.account_id, command.transaction_id)
+    known = state.holds.get(key)
+    if known is not None:
+        # The place is forgotten (a hold outlives the idempotency window) but its hold is not:
+        # a retry gets the first answer, another request under the hold's id a conflict.
+        if known.digest == digest:
+            return Decision(state, [], [], _success(command, digest))
+        return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT, now_ms)
+    if command.to_account == command.account_id:
+        return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
+    expires_in_ms = command.expires_in_ms
+    if not 1 <= expires_in_ms <= HOLD_EXPIRY_MS_MAX:
+        return _reject(state, command, digest, Reason.INVALID_EXPIRY, now_ms)
+    account, amount_minor, reason = _usable_account(
+        state,
+        command.account_id,
+        command.amount,
+        command.currency,
+        command,
+        lambda account: command.actor == account.owner,
+    )
+    if reason is not None:
+        return _reject(state, command, digest, reason, now_ms)
+    assert account is not None  # _usable_account names a reason whenever it finds no account
+    if account.balance_minor - account.held_minor < amount_minor:
+        return _reject(state, command, digest, Reason.INSUFFICIENT_FUNDS, now_ms)
+    currency = account.currency
+    event = HoldPlaced(
+        account_id=command.account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command="place_hold",
+        digest=digest,
+        actor=command.actor,
+        seq=account.seq + 1,
+        hold_id=command.transaction_id,
+        to_account=command.to_account,
+        amount=format_amount(amount_minor, currency),
+        currency=currency,
+        expires_ms=now_ms + expires_in_ms,
+        held=format_amount(account.held_minor + amount_minor, currency),
+        balance=format_amount(account.balance_minor, currency),
+    )
+    return _accept(state, command, digest, event)
+
+
+def _capture_hold(state: State, command: CaptureHold, digest: str, now_ms: int) -> Decision:
+    account, hold, reason = _open_hold(state, command)
+    amount_minor = 0
+    if reason is None:
+        assert account is not None and hold is not None  # _open_hold names a reason otherwise
+        if command.amount is None:
+            amount_minor = hold.held_minor
+        else:
+            try:
+                amount_minor = parse_amount_minor(command.amount, account.currency)
+            except AmountError as error:
+                reason = error.reason
+        if reason is None:
+            if account.status == FROZEN:
+                reason = Reason.ACCOUNT_FROZEN
+            elif amount_minor > hold.held_minor:
+                reason = Reason.CAPTURE_EXCEEDS_HOLD  # never partly done
+    if reason is not None:
+        return _reject(state, command, digest, reason, now_ms)
+    assert account is not None and hold is not None  # as above: no reason, so both were found
+    currency = account.currency
+    ends = command.final or amount_minor == hold.held_minor
+    released_minor = hold.held_minor - amount_minor if ends else 0
+    event = HoldCaptured(
+        account_id=command.account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command="capture_hold",
+        digest=digest,
+        actor=command.actor,
+        seq=account.seq + 1,
+        amount=format_amount(amount_minor, currency),
+        currency=currency,
+        balance=format_amount(account.balance_minor - amount_minor, currency),
+        hold_id=command.hold_id,
+        to_account=hold.to_account,
+        held=format_amount(account.held_minor - amount_minor - released_minor, currency),
+        released=format_amount(released_minor, currency),
+        final=ends,
+    )
+    fold(state, event)
+    leg = _credit_leg(command, hold.to_account, event.amount, currency, digest, now_ms, resend=False)
+    return Decision(state, [event], [leg], None)
+
+
+def _void_hold(state: State, command: VoidHold, digest: str, now_ms: int) -> Decision:
+    account, hold, reason = _open_hold(state, command)
+    if reason is not None:
+        return _reject(state, command, digest, reason, now_ms)
+    assert account is not None and hold is not None  # _open_hold names a reason otherwise
+    currency = account.currency
+    event = HoldVoided(
+        account_id=command.account_id,
+        transaction_id=command.transaction_id,
+        ts_ms=now_ms,
+        command="void_hold",
+        digest=digest,
+        actor=command.actor,
+        seq=account.seq + 1,
+        hold_id=command.hold_id,
+        released=format_amount(hold.held_minor, currency),
+        currency=currency,
+        held=format_amount(account.held_minor - hold.held_minor, currency),
+    )
+    return _accept(state, command, digest, event)
+
+
+# Why a capture or void of an ended hold is refused, by how it ended.
+_HOLD_ENDED = {CAPTURED: Reason.HOLD_CAPTURED, VOIDED: Reason.HOLD_VOIDED, EXPIRED: Reason.HOLD_EXPIRED}
+
+
+def _open_hold(state: State, command: CaptureHold | VoidHold) -> tuple[Account | None, Hold | None, str | None]:
+    """The account and open hold a capture or void acts on, and why it cannot, if it cannot.
+
+    The order of refusals: whether the account exists, whether the actor may ask (the owner of
+    the held account or role operator; a stranger learns no more than that the account
+    exists), whether the hold exists and is still open."""
+    account = state.accounts.get(command.account_id)
+    if account is None:
+        return None, None, Reason.ACCOUNT_NOT_FOUND
+    if command.actor != account.owner and command.role != "operator":
+        return account, None, Reason.NOT_AUTHORIZED
+    hold = state.holds.get((command.account_id, command.hold_id))
+    if hold is None:
+        return account, None, Reason.HOLD_NOT_FOUND
+    if hold.status != OPEN:
+        return account, hold, _HOLD_ENDED[hold.status]
+    return account, hold, None
 
 
 def _freeze(state: State, command: Freeze, digest: str, now_ms: int) -> Decision:
@@ -392,9 +624,12 @@ def _close(state: State, command: Close, digest: str, now_ms: int) -> Decision:
     reason = _refusal_to_operate(command) or _refusal_to_change(account)
     if reason is None:
         assert account is not None  # _refusal_to_change refuses a missing account
-        # A refund of a debit in flight must find the account open to its money.
-        reason = (Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None) or (
-            Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None
+        # A refund of a debit in flight must find the account open to its money, and an open
+        # hold must still find money it can be captured from.
+        reason = (
+            (Reason.TRANSFER_IN_FLIGHT if account.in_flight_count else None)
+            or (Reason.HOLDS_OPEN if account.held_minor else None)
+            or (Reason.BALANCE_NOT_ZERO if account.balance_minor != 0 else None)
         )
     return _status_change(state, command, digest, now_ms, account, reason, AccountClosed)
 
@@ -542,14 +777,14 @@ def _reject(state: State, command: Command, digest: str, reason: str, now_ms: in
     return Decision(state, [event], [], _outcome(command, FAILURE, reason, digest))
 
 
-def dead_letter_outcome(value: bytes, reason: str, command: Command | None = None) -> Outcome | None:
+def dead_letter_outcome(value: bytes, reason: str, command: WireCommand | None = None) -> Outcome | None:
     """The `failure` answer to a client record that cannot be decided (`reason` invalid_command
     or wrong_partition), when its transaction id and owning account can be read; else None.
 
     Without it the client would wait `pending` forever. Never for a saga leg: a leg has no
     client waiting, and answering a forged one would let anyone write answers."""
     if command is not None:
-        if type(command) in (CreditLeg, RefundLeg):
+        if isinstance(command, (CreditLeg, RefundLeg, Tick)):
             return None
         return Outcome(
             transaction_id=command.transaction_id,
@@ -578,4 +813,7 @@ _HANDLERS: dict[type, Callable[[State, Any, str, int], Decision]] = {
     Freeze: _freeze,
     Unfreeze: _unfreeze,
     Close: _close,
+    PlaceHold: _place_hold,
+    CaptureHold: _capture_hold,
+    VoidHold: _void_hold,
 }

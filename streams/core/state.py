@@ -4,15 +4,24 @@ State changes only here, in `fold`: the state machine decides events and folds t
 runtime restores by folding the log, and the audit folds the log to check the runtime. One
 function for all three is what makes "folding wallet.events yields exactly the live state"
 true by construction.
+
+Holds: an account's `held_minor` is what its open holds reserve, inside its balance (available
+= balance - held, never negative); `State.holds` keeps every open hold and every ended one
+for an idempotency window after its end, so that a late capture or void gets the hold's fate
+as its reason. Holds are tracked with the memory (`tracks_memory`): a fold over accounts alone
+(the read model, the audit's replay) checks the hold events' arithmetic on `held_minor` and
+the balance only.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import msgspec
 
+from schemas.commands import HOLD_EXPIRY_MS_MAX
 from schemas.events import (
     AccountClosed,
     AccountFrozen,
@@ -21,6 +30,10 @@ from schemas.events import (
     CommandRejected,
     Deposited,
     Event,
+    HoldCaptured,
+    HoldExpired,
+    HoldPlaced,
+    HoldVoided,
     TransferCredited,
     TransferDebited,
     TransferRefunded,
@@ -62,6 +75,11 @@ SUCCESS: Final = "success"  # Final: these two are also outcome statuses (a Lite
 FAILURE: Final = "failure"
 
 
+# The states of a hold: open until captured whole or finally, voided, or expired.
+OPEN, CAPTURED, VOIDED, EXPIRED = "open", "captured", "voided", "expired"
+HOLD_STATUSES = frozenset({OPEN, CAPTURED, VOIDED, EXPIRED})
+
+
 class CorruptLog(Exception):
     """An event that cannot follow the state it is folded into: a gap, a fork, a forgery."""
 
@@ -79,6 +97,27 @@ class Account:
     # a refund can never pass it; close is refused while any is pending.
     in_flight_count: int = 0
     in_flight_minor: int = 0
+    # What the account's open holds reserve: part of the balance, not available to move.
+    held_minor: int = 0
+
+
+@dataclass(slots=True)
+class Hold:
+    """A hold of an account (the key of `State.holds` is (account, hold id)), open or ended.
+
+    `amount_minor` = `held_minor` + `captured_minor` + what was released, at every point: a
+    capture takes from `held_minor`, a final capture, a void or the expiry release the rest."""
+
+    to_account: str
+    amount_minor: int  # placed
+    held_minor: int  # still held: 0 once ended
+    captured_minor: int
+    expires_ms: int
+    digest: str  # of the place_hold request: a retry of it is told apart from a reuse of its id
+    actor: str  # who placed it
+    placed_ms: int
+    status: str = OPEN
+    ended_ms: int | None = None
 
 
 class Remembered(msgspec.Struct, frozen=True, gc=False):
@@ -113,14 +152,43 @@ class State:
     # idempotency memory): refunds are then not paired with their pending debits and money in
     # flight is not counted. The processor, its restore and the audit fold with the memory.
     tracks_memory: bool = field(default=True, compare=False, repr=False)
+    # Key: (account, hold id). Open holds, and ended ones until the clock passes
+    # `ended_ms + IDEMPOTENCY_WINDOW_MS` (the memory's horizon, rounded alike).
+    holds: dict[tuple[str, str], Hold] = field(default_factory=dict)
+    # Derived from `holds`, so not part of the state's identity: a heap of (expires_ms, account,
+    # hold id) of every open hold (entries of holds that ended since stay until popped and are
+    # skipped: `due_holds`), and the ended holds by the eviction step of their end.
+    hold_deadlines: list[tuple[int, str, str]] = field(default_factory=list, compare=False, repr=False)
+    ended_holds: dict[int, list[tuple[str, str]]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def index_memory(state: State) -> State:
-    """Rebuilds the expiry index after `memory` was filled directly (a snapshot restore)."""
+    """Rebuilds the derived indexes after `memory` and `holds` were filled directly (a snapshot restore)."""
     state.expiry.clear()
     for key, remembered in state.memory.items():
         state.expiry.setdefault(remembered.ts_ms // IDEMPOTENCY_EVICT_STEP_MS, []).append(key)
+    state.hold_deadlines = sorted(
+        (hold.expires_ms, *key) for key, hold in state.holds.items() if hold.status == OPEN
+    )  # a sorted list is a heap
+    state.ended_holds.clear()
+    for key, hold in state.holds.items():
+        if hold.ended_ms is not None:
+            state.ended_holds.setdefault(hold.ended_ms // IDEMPOTENCY_EVICT_STEP_MS, []).append(key)
     return state
+
+
+def due_holds(state: State, now_ms: int) -> list[tuple[str, str]]:
+    """The open holds that expire at decision time `now_ms` (expires_ms <= now_ms), in expiry
+    order then key order: the order the state machine expires them in. Pops them (and any
+    entries of holds that ended otherwise) off the deadline heap."""
+    deadlines, holds = state.hold_deadlines, state.holds
+    due = []
+    while deadlines and deadlines[0][0] <= now_ms:
+        expires_ms, account_id, hold_id = heapq.heappop(deadlines)
+        hold = holds.get((account_id, hold_id))
+        if hold is not None and hold.status == OPEN and hold.expires_ms == expires_ms:
+            due.append((account_id, hold_id))
+    return due
 
 
 def recall(state: State, key: tuple[str, str], now_ms: int) -> Remembered | None:
@@ -181,8 +249,12 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         state.accounts[event.account_id] = account
     advance_clock(state, event.ts_ms)
 
-    remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms)
-    if event_class in BALANCE_SIGN:
+    remembered: Remembered | None = Remembered(event.digest, SUCCESS, None, event.ts_ms)
+    if event_class in _HOLD_EVENTS:
+        if TYPE_CHECKING:
+            assert isinstance(event, (HoldPlaced, HoldCaptured, HoldVoided, HoldExpired))
+        remembered = _fold_hold(state, account, event)
+    elif event_class in BALANCE_SIGN:
         if TYPE_CHECKING:
             assert isinstance(event, (Deposited, Withdrawn, TransferDebited, TransferCredited, TransferRefunded))
         if balance_minor is None:
@@ -248,13 +320,124 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
     elif event_class in STATUS_AFTER:
         account.status = STATUS_AFTER[event_class]
     account.seq = event.seq
-    _remember(state, event.account_id, event.transaction_id, remembered)
+    if remembered is not None:
+        _remember(state, event.account_id, event.transaction_id, remembered)
     return state
 
 
+def _fold_hold(
+    state: State, account: Account, event: HoldPlaced | HoldCaptured | HoldVoided | HoldExpired
+) -> Remembered | None:
+    """Applies a hold event to its account (and, tracking memory, to its hold); returns what the
+    memory keeps of the event's request (None for an expiry, which answers no request, and
+    when not tracking memory).
+
+    Invariants, checked on every event: 0 <= held <= balance; a capture takes at most what the
+    hold still holds, from an open hold, and a release is exactly what it still held."""
+    currency = account.currency
+    where = f"account {event.account_id!r} seq {event.seq}"
+    try:
+        if event.currency != currency:
+            raise ValueError(f"{event.currency} is not the account's currency {currency}")
+        held_after_minor = canonical_balance_minor(event.held, currency)
+        if isinstance(event, HoldPlaced):
+            if not event.ts_ms < event.expires_ms <= event.ts_ms + HOLD_EXPIRY_MS_MAX:
+                raise ValueError(f"expires at {event.expires_ms}, not within 1 .. {HOLD_EXPIRY_MS_MAX} ms of its place")
+            if event.to_account == event.account_id:
+                raise ValueError("holds money for the account itself")
+            amount_minor, released_minor = canonical_minor(event.amount, currency), 0
+            balance_after_minor = canonical_balance_minor(event.balance, currency)
+            expected_held_minor = account.held_minor + amount_minor
+            expected_balance_minor = account.balance_minor
+        elif isinstance(event, HoldCaptured):
+            amount_minor = canonical_minor(event.amount, currency)
+            released_minor = canonical_balance_minor(event.released, currency)
+            balance_after_minor = canonical_balance_minor(event.balance, currency)
+            expected_held_minor = account.held_minor - amount_minor - released_minor
+            expected_balance_minor = account.balance_minor - amount_minor
+        else:
+            amount_minor, released_minor = 0, canonical_minor(event.released, currency)
+            balance_after_minor = expected_balance_minor = account.balance_minor
+            expected_held_minor = account.held_minor - released_minor
+    except ValueError as error:
+        raise CorruptLog(f"{where}: {event_type(event)} {error}") from None
+    if (
+        held_after_minor != expected_held_minor
+        or balance_after_minor != expected_balance_minor
+        or not 0 <= held_after_minor <= balance_after_minor
+    ):
+        raise CorruptLog(
+            f"{where}: {event_type(event)} leaves held {event.held} of balance {balance_after_minor} minor "
+            f"units, which does not follow held {account.held_minor} of balance {account.balance_minor}"
+        )
+    remembered: Remembered | None = None
+    key = (event.account_id, event.hold_id)
+    if state.tracks_memory:
+        hold = state.holds.get(key)
+        if type(event) is HoldPlaced:
+            if hold is not None or event.hold_id != event.transaction_id:
+                raise CorruptLog(f"{where}: hold {event.hold_id!r} placed twice, or under another id")
+            state.holds[key] = Hold(
+                event.to_account,
+                amount_minor,
+                amount_minor,
+                0,
+                event.expires_ms,
+                event.digest,
+                event.actor,
+                event.ts_ms,
+            )
+            heapq.heappush(state.hold_deadlines, (event.expires_ms, *key))
+            remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms)
+        else:
+            if hold is None or hold.status != OPEN or amount_minor + released_minor > hold.held_minor:
+                raise CorruptLog(
+                    f"{where}: {event_type(event)} of {event.hold_id!r} takes {amount_minor + released_minor} "
+                    f"minor units from a hold that is {'unknown' if hold is None else hold.status} and holds "
+                    f"{0 if hold is None else hold.held_minor}"
+                )
+            ends = type(event) is not HoldCaptured or event.final
+            if ends != (amount_minor + released_minor == hold.held_minor) or (
+                type(event) is HoldCaptured and (event.to_account != hold.to_account or (released_minor and not ends))
+            ):
+                raise CorruptLog(f"{where}: {event_type(event)} of {event.hold_id!r} does not end the hold as it says")
+            if type(event) is HoldExpired:
+                if hold.expires_ms > event.ts_ms or event.hold_id != event.transaction_id:
+                    raise CorruptLog(f"{where}: hold {event.hold_id!r} expired before its time {hold.expires_ms}")
+            elif hold.expires_ms <= event.ts_ms:
+                # Every decision at or after the expiry expires the hold first.
+                raise CorruptLog(f"{where}: {event_type(event)} of hold {event.hold_id!r} after its expiry")
+            hold.held_minor -= amount_minor + released_minor
+            hold.captured_minor += amount_minor
+            if ends:
+                hold.status = _HOLD_END[type(event)]
+                hold.ended_ms = event.ts_ms
+                state.ended_holds.setdefault(event.ts_ms // IDEMPOTENCY_EVICT_STEP_MS, []).append(key)
+            if type(event) is HoldCaptured:
+                # The captured money is in flight to the destination, exactly as a debit is.
+                account.in_flight_count += 1
+                account.in_flight_minor += amount_minor
+                remembered = Remembered(event.digest, PENDING, None, event.ts_ms, amount_minor, event.to_account)
+            elif type(event) is HoldVoided:
+                remembered = Remembered(event.digest, SUCCESS, None, event.ts_ms)
+    account.held_minor = held_after_minor
+    account.balance_minor = balance_after_minor
+    return remembered
+
+
 # The sign each money event gives its amount, and the status each status event leaves behind.
-BALANCE_SIGN = {Deposited: 1, Withdrawn: -1, TransferDebited: -1, TransferCredited: 1, TransferRefunded: 1}
+BALANCE_SIGN = {
+    Deposited: 1,
+    Withdrawn: -1,
+    TransferDebited: -1,
+    TransferCredited: 1,
+    TransferRefunded: 1,
+    HoldCaptured: -1,
+}
 STATUS_AFTER = {AccountFrozen: FROZEN, AccountUnfrozen: ACTIVE, AccountClosed: CLOSED}
+_HOLD_EVENTS = frozenset({HoldPlaced, HoldCaptured, HoldVoided, HoldExpired})
+# The state a hold ends in, by the event that ends it.
+_HOLD_END = {HoldCaptured: CAPTURED, HoldVoided: VOIDED, HoldExpired: EXPIRED}
 
 
 def _remember(state: State, account_id: str, transaction_id: str, remembered: Remembered) -> None:
@@ -298,3 +481,10 @@ def advance_clock(state: State, ts_ms: int) -> None:
                         account.in_flight_count -= 1
                         account.in_flight_minor -= remembered.amount_minor
                         assert account.in_flight_count >= 0 and account.in_flight_minor >= 0, key
+        # Ended holds are forgotten like the ids: a window after their end.
+        holds = state.holds
+        for step in [step for step in state.ended_holds if step < horizon_step]:
+            for key in state.ended_holds.pop(step):
+                hold = holds.get(key)
+                if hold is not None and hold.ended_ms is not None and hold.ended_ms < horizon_ms:
+                    del holds[key]

@@ -15,6 +15,13 @@ not commit, its in-memory state is thrown away before anything else is tried: th
 is replaced (same transactional id, which fences a zombie of itself) and every owned
 partition is rebuilt from the snapshot and the log. It never guesses whether a commit
 happened.
+
+Time without traffic: a hold expires at the first decision at or after its expiry, so a
+partition without commands would keep it open. Every `tick_interval_ms` the processor writes a
+`tick` command to each owned partition that has seen no record for that long and holds an
+open hold whose expiry has passed by the wall clock; the tick is logged, decided (at its own
+record time, the broker's) and replayed like any command, so the wall clock only schedules
+ticks and never decides anything.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from infra.kafka_clients import processor_consumer_config, processor_producer_co
 from infra.secrets import leg_keys_text
 from infra.settings import Settings
 from schemas.codec import encode
-from schemas.events import CommandRejected
+from schemas.commands import TICK_TRANSACTION_ID, Tick
+from schemas.events import HOLD_EVENTS, CommandRejected
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
@@ -70,6 +78,8 @@ class ProcessorConfig:
     kafka_call_timeout_ms: int = 30_000  # bound of every blocking Kafka call (commit, abort, init, committed)
     commit_attempts_max: int = 3  # commits retried while librdkafka calls the error retriable
     restore_timeout_s: float = 600.0
+    # A partition quiet for this long with a hold past its expiry gets a tick; 0: never.
+    tick_interval_ms: int = 1_000
 
 
 class _Task:
@@ -83,6 +93,7 @@ class _Task:
         "events_offset",
         "uncommitted",
         "segments_dropped_at_horizon_ms",
+        "last_record_s",
     )
 
     def __init__(self, partition: int, state: State, checkpoint: Checkpoint, events_offset: int) -> None:
@@ -95,6 +106,7 @@ class _Task:
         # then holds decisions Kafka may never have, and must not reach the snapshot.
         self.uncommitted = False
         self.segments_dropped_at_horizon_ms: int | None = None
+        self.last_record_s = time.monotonic()  # when a record of it was last consumed, or a tick sent
 
 
 class _Batch:
@@ -178,6 +190,10 @@ class Processor:
                 if self._consumer_fatal is not None:
                     self._replace_consumer()
                 self._housekeeping()
+                try:
+                    self._tick_quiet_partitions()
+                except TransactionAborted as error:
+                    self._recover(str(error))
         finally:
             self._shut_down()
 
@@ -256,8 +272,39 @@ class Processor:
         self._metrics.committed(self._tally, len(records), len(batch.events), time.perf_counter() - commit_started_s)
         for partition, events_offset in batch.delivered.items():
             self._tasks[partition].events_offset = events_offset
+        now_s = time.monotonic()
         for partition in batch.next_offsets:
-            self._tasks[partition].uncommitted = False
+            task = self._tasks[partition]
+            task.uncommitted = False
+            task.last_record_s = now_s
+
+    def _tick_quiet_partitions(self) -> None:
+        """Writes a tick to each owned partition quiet for a tick interval whose earliest open
+        hold has expired by the wall clock, in one transaction of its own (no offsets). The tick
+        decides at its broker time; if that is still before the expiry (clocks differ), it
+        expires nothing and the next interval ticks again."""
+        interval_ms = self.config.tick_interval_ms
+        if interval_ms <= 0:
+            return
+        now_s = time.monotonic()
+        wall_ms = int(time.time() * 1000)  # schedules ticks only; never reaches the core
+        quiet = [
+            task
+            for task in self._tasks.values()
+            if (now_s - task.last_record_s) * 1000 >= interval_ms
+            and task.state.hold_deadlines
+            and task.state.hold_deadlines[0][0] <= wall_ms
+        ]
+        if not quiet:
+            return
+        self._transactions.begin()
+        for task in quiet:
+            tick = Tick(transaction_id=TICK_TRANSACTION_ID, partition=task.partition)
+            # No key: no account owns a tick; the admission gate checks the partition it names.
+            self._transactions.send(self.settings.commands_topic, encode(tick), None, task.partition)
+        self._transactions.commit([], self._consumer.consumer_group_metadata())
+        for task in quiet:
+            task.last_record_s = now_s
 
     def _handle(self, record, batch: _Batch) -> None:
         error = record.error()
@@ -313,6 +360,8 @@ class Processor:
             batch.events.append((partition, account_id, encode(event)))
             if type(event) is not CommandRejected:
                 changed_accounts.add(account_id)
+                if isinstance(event, HOLD_EVENTS):
+                    task.changes.hold_keys.add((account_id, event.hold_id))
             changed_memory.add((account_id, event.transaction_id))
         send = self._transactions.send
         for leg in decision.follow_ups:
@@ -399,6 +448,7 @@ class Processor:
                 # is not tracked, so the next save writes them all.
                 task.changes.accounts.update(state.accounts)
                 task.changes.memory_keys.update(state.memory)
+                task.changes.hold_keys.update(state.holds)
             self._tasks[partition] = task
 
     # -- the snapshot: committed state only --------------------------------------------------
@@ -429,6 +479,7 @@ class Processor:
         horizon_ms = memory_horizon_ms(task.state.clock_ms)
         if horizon_ms != task.segments_dropped_at_horizon_ms:
             self._store.drop_expired_segments(task.partition, task.state.clock_ms)
+            self._store.drop_forgotten_holds(task.partition, task.state.clock_ms)
             task.segments_dropped_at_horizon_ms = horizon_ms
 
     # -- observability -----------------------------------------------------------------------

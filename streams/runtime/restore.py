@@ -60,7 +60,7 @@ def _latest_offsets(
 ) -> dict[int, int]:
     """partition -> latest offset; a partition whose leader cannot answer now (a broker down, a
     leader election) is left out, to be asked again (its end is unknown, never -1001), and its
-    error put in `failures`."""
+    error (or its offset-less answer) put in `failures`."""
     request = {TopicPartition(topic, partition): OffsetSpec.latest() for partition in partitions}
     futures = admin.list_offsets(request, isolation_level=isolation, request_timeout=LIST_OFFSETS_TIMEOUT_S)
     offsets: dict[int, int] = {}
@@ -74,6 +74,8 @@ def _latest_offsets(
             continue
         if offset >= 0:
             offsets[topic_partition.partition] = offset
+        else:
+            failures[topic_partition.partition] = f"no offset ({offset})"
     return offsets
 
 

@@ -9,12 +9,15 @@ Layout (one RocksDB per instance; partitions kept apart by a key prefix):
   s/<partition>/<segment number><max ts> -> the memory entries written by one flush, pending debits
                                            with their amount and receiver, decided credit legs with
                                            their issued_ms
+  h/<partition>/<(account_id, hold_id)>  -> a hold (to_account, amount, held, captured, expires_ms,
+                                           digest, actor, placed_ms, status, ended_ms), open or ended
   o/<partition>                         -> (events_offset, clock_ms, next segment number, format)
-An account's money in flight is not stored: it is exactly its pending debits in the memory
-(a debit adds one, its refund or its forgetting removes it), so `load` derives it from the
-restored memory, and an account whose pending debit was forgotten without an event of its
-own can never restore a stale count. A snapshot of another format is ignored: the partition
-is then restored from the log alone.
+An account's money in flight is not stored: it is exactly its pending debits and captures in
+the memory (a debit adds one, its refund or its forgetting removes it), so `load` derives it
+from the restored memory, and an account whose pending debit was forgotten without an event of
+its own can never restore a stale count. Likewise its held total is the sum of its open holds.
+An ended hold forgotten by the clock is skipped on load (and deleted when the horizon moves).
+A snapshot of another format is ignored: the partition is then restored from the log alone.
 Memory entries are stored in segments, one value per flush, because a flush writes tens of
 thousands of new transaction ids and one value per id would cost more than the rest of the
 processor; the core's memory is defined as a set (state.memory_horizon_ms), so replaying the
@@ -38,9 +41,12 @@ from streams.core.state import (
     CLOSED,
     FAILURE,
     FROZEN,
+    HOLD_STATUSES,
+    OPEN,
     PENDING,
     SUCCESS,
     Account,
+    Hold,
     Remembered,
     State,
     index_memory,
@@ -60,11 +66,13 @@ _decode_account = msgspec.msgpack.Decoder(tuple[str, str, str, int, int, str]).d
 _decode_segment = msgspec.msgpack.Decoder(
     list[tuple[str, str, str, str, str | None, int, int, str | None, int | None]]
 ).decode
+_decode_hold_key = msgspec.msgpack.Decoder(tuple[str, str]).decode
+_decode_hold = msgspec.msgpack.Decoder(tuple[str, int, int, int, int, str, str, int, str, int | None]).decode
 _PARTITION = struct.Struct(">I")
 _SEGMENT = struct.Struct(">Q")
 ACCOUNT_STATUSES = frozenset({ACTIVE, FROZEN, CLOSED})
 MEMORY_STATUSES = frozenset({PENDING, SUCCESS, FAILURE})
-SNAPSHOT_FORMAT = 2  # contract v2: owners, pending debits' amounts, credit legs' issued_ms
+SNAPSHOT_FORMAT = 3  # contract v2 (owners, pending debits' amounts, credit legs' issued_ms) and holds
 
 
 class CorruptSnapshot(Exception):
@@ -90,11 +98,12 @@ class Checkpoint:
 class PartitionChanges:
     """What a partition changed since its last flush: written in one RocksDB write batch."""
 
-    __slots__ = ("accounts", "memory_keys")
+    __slots__ = ("accounts", "memory_keys", "hold_keys")
 
     def __init__(self) -> None:
         self.accounts: set[str] = set()
         self.memory_keys: set[tuple[str, str]] = set()
+        self.hold_keys: set[tuple[str, str]] = set()  # (account, hold id)
 
 
 class StateStore:
@@ -174,6 +183,28 @@ class StateStore:
                 assert debtor is not None  # for mypy: _require raised otherwise
                 debtor.in_flight_count += 1
                 debtor.in_flight_minor += remembered.amount_minor
+        for raw_key, hold_fields in self._scan(_prefix(b"h", partition)):
+            account_id, hold_id = _decode_hold_key(raw_key)
+            hold = Hold(*_decode_hold(hold_fields))
+            if hold.ended_ms is not None and hold.ended_ms < horizon_ms:
+                continue  # forgotten by the clock, as the core forgets it
+            holder = state.accounts.get(account_id)
+            _require(
+                holder is not None
+                and hold.status in HOLD_STATUSES
+                and (hold.status == OPEN) == (hold.ended_ms is None) == (hold.held_minor > 0)
+                and 0 <= hold.captured_minor
+                and hold.held_minor + hold.captured_minor <= hold.amount_minor,
+                f"hold {hold_id!r} of {account_id!r} has no reachable state: {hold}",
+            )
+            assert holder is not None  # for mypy: _require raised otherwise
+            holder.held_minor += hold.held_minor
+            state.holds[(account_id, hold_id)] = hold
+        for account_id, account in state.accounts.items():
+            _require(
+                account.held_minor <= account.balance_minor,
+                f"account {account_id!r} holds {account.held_minor} of a balance of {account.balance_minor}",
+            )
         return index_memory(state), checkpoint
 
     def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
@@ -205,6 +236,29 @@ class StateStore:
                         remembered.issued_ms,
                     )
                 )
+        hold_prefix = _prefix(b"h", partition)
+        for key in changes.hold_keys:
+            hold = state.holds.get(key)
+            if hold is None:  # forgotten meanwhile
+                batch.delete(hold_prefix + _pack(key))
+            else:
+                batch.put(
+                    hold_prefix + _pack(key),
+                    _pack(
+                        (
+                            hold.to_account,
+                            hold.amount_minor,
+                            hold.held_minor,
+                            hold.captured_minor,
+                            hold.expires_ms,
+                            hold.digest,
+                            hold.actor,
+                            hold.placed_ms,
+                            hold.status,
+                            hold.ended_ms,
+                        )
+                    ),
+                )
         if entries:
             newest_ts_ms = max(entry[5] for entry in entries)
             segment_key = _SEGMENT.pack(checkpoint.next_segment) + _SEGMENT.pack(newest_ts_ms)
@@ -233,9 +287,24 @@ class StateStore:
             self._db.write(batch)
         return dropped
 
+    def drop_forgotten_holds(self, partition: int, clock_ms: int) -> int:
+        """Deletes the ended holds the clock has forgotten; returns how many."""
+        horizon_ms = memory_horizon_ms(clock_ms)
+        batch = WriteBatch(raw_mode=True)
+        prefix = _prefix(b"h", partition)
+        dropped = 0
+        for raw_key, hold_fields in self._scan(prefix):
+            ended_ms = _decode_hold(hold_fields)[9]
+            if ended_ms is not None and ended_ms < horizon_ms:
+                batch.delete(prefix + raw_key)
+                dropped += 1
+        if dropped:
+            self._db.write(batch)
+        return dropped
+
     def _drop(self, partition: int) -> None:
         batch = WriteBatch(raw_mode=True)
-        for kind in (b"a", b"s"):
+        for kind in (b"a", b"s", b"h"):
             prefix = _prefix(kind, partition)
             for key in self._raw_keys(prefix):
                 if not key.startswith(prefix):

@@ -181,14 +181,16 @@ class TransactionalProducer:
             raise classify(error, f"dead-lettering to {self._dlq_topic}") from error
 
     def commit(self, offsets: list[TopicPartition], group_metadata) -> None:
-        """Sends the consumed offsets into the transaction and commits it, or raises.
+        """Sends the consumed offsets (if any: a transaction of ticks consumed nothing) into the
+        transaction and commits it, or raises.
 
         Returns only when the broker confirmed the commit. A retriable error is retried (the
         commit call resumes where it stopped); anything else, or too many attempts, aborts
         where librdkafka allows it and raises `TransactionAborted`.
         """
         try:
-            self._send_offsets(offsets, group_metadata)
+            if offsets:
+                self._send_offsets(offsets, group_metadata)
             for attempt in range(1, self._commit_attempts_max + 1):
                 try:
                     self._producer.commit_transaction(self._call_timeout_s)

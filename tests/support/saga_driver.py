@@ -18,8 +18,8 @@ Kafka's exactly-once processing means a leg record is processed once: the driver
 never duplicates a record. Duplicates come from clients, who may `submit` a command again,
 and from an attacker, who may `inject` any bytes, copies of genuine legs included.
 
-Money in flight is reported by folding the events (debited − credited − refunded), the way
-the audit does, not by asking the core.
+Money in flight is reported by folding the events (debited or captured − credited − refunded),
+the way the audit does, not by asking the core.
 """
 
 from __future__ import annotations
@@ -28,8 +28,16 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from schemas.codec import decode_event, encode
-from schemas.commands import Command, owner_account
-from schemas.events import Deposited, Event, TransferCredited, TransferDebited, TransferRefunded, Withdrawn
+from schemas.commands import TICK_TRANSACTION_ID, Command, Tick, WireCommand, owner_account
+from schemas.events import (
+    Deposited,
+    Event,
+    HoldCaptured,
+    TransferCredited,
+    TransferDebited,
+    TransferRefunded,
+    Withdrawn,
+)
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
@@ -73,7 +81,7 @@ class MoneyTotals:
             self.deposited[event.currency] += canonical_minor(event.amount, event.currency)
         elif isinstance(event, Withdrawn):
             self.withdrawn[event.currency] += canonical_minor(event.amount, event.currency)
-        elif isinstance(event, TransferDebited):
+        elif isinstance(event, (TransferDebited, HoldCaptured)):  # a capture is a debit towards its destination
             self.in_flight[event.currency] += canonical_minor(event.amount, event.currency)
             self.open_transfers[(event.account_id, event.transaction_id, event.digest)] += 1
         elif isinstance(event, (TransferCredited, TransferRefunded)):
@@ -90,7 +98,7 @@ class MoneyTotals:
 @dataclass(frozen=True)
 class Step:
     partition: int
-    command: Command | None  # None when the record was not a decodable command
+    command: WireCommand | None  # None when the record was not a decodable command
     events: list[Event]
     outcome: Outcome | None
 
@@ -100,7 +108,7 @@ class DeadLetter:
     partition: int
     value: bytes
     reason: str
-    command: Command | None  # the command the core refused to decide (None: refused before the core)
+    command: WireCommand | None  # the command the core refused to decide (None: refused before the core)
 
 
 class SagaDriver:
@@ -126,6 +134,13 @@ class SagaDriver:
             raise DriverError(f"partition {partition} holds {len(queue)} unconsumed records (bound {QUEUE_LENGTH_MAX})")
         queue.append((encode(command), self.clock_ms))
         return partition
+
+    def tick(self, partition: int, named_partition: int | None = None) -> None:
+        """A processor appends a tick to `partition` (naming `named_partition`, its own unless a
+        test forges one that names another)."""
+        named = partition if named_partition is None else named_partition
+        tick = Tick(transaction_id=TICK_TRANSACTION_ID, partition=named)
+        self.partitions[partition].queue.append((encode(tick), self.clock_ms))
 
     def inject(self, account_id: str, value: bytes) -> int:
         """Anyone with write access to the topic appends any bytes under an account's key."""
@@ -167,7 +182,7 @@ class SagaDriver:
             self.outcomes.append(decision.outcome)
         return Step(partition, command, decision.events, decision.outcome)
 
-    def _dead_letter(self, partition: int, value: bytes, refusal: Refusal, command: Command | None) -> Step:
+    def _dead_letter(self, partition: int, value: bytes, refusal: Refusal, command: WireCommand | None) -> Step:
         self.dead_letters.append(DeadLetter(partition, value, refusal.reason, command))
         if refusal.outcome is not None:
             self.outcome_records.append(encode(refusal.outcome))
