@@ -107,7 +107,9 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     ceiling = report["ceiling"]
     assert ceiling["checks_ok"] and ceiling["outcomes"] == dict(expected) and ceiling["transfers_per_s"] > 0
     assert ceiling["ledger"]["events"] == ours["ledger"]["events"]  # the same saga writes the same events
-    assert ours["ratio_to_ceiling"] == pytest.approx(ours["transfers_per_s"] / ceiling["transfers_per_s"], rel=1e-2)
+    assert ours["ratio_to_ceiling"] == pytest.approx(
+        ours["transfers_per_s"] / ceiling["transfers_per_s"], rel=1e-2, abs=5e-4
+    )
     ceiling_messages_per_s = report["ceiling"]["messages_per_s"]
     assert ours["messages_ratio_to_ceiling"] == pytest.approx(ours["messages_per_s"] / ceiling_messages_per_s, rel=1e-2)
     assert ours["window_start"] == "first consume after assignment"
@@ -220,11 +222,13 @@ def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_fi
     for stage in (ours, kafka_streams, ceiling):
         assert stage["transfers_per_s"] > 0 and stage["checks_ok"] and stage["outcomes"] == dict(expected)
         assert stage["ledger"]["balances_minor"] == stage["ledger"]["money_in_minor"] > 0
+        # Ratios are reported to 3 decimals: a small one (a peer slowed down by a loaded machine)
+        # is off by up to 0.0005, more than 1 % of it.
         assert stage["ratio_to_kafka_streams"] == pytest.approx(
-            stage["transfers_per_s"] / kafka_streams["transfers_per_s"], rel=1e-2
+            stage["transfers_per_s"] / kafka_streams["transfers_per_s"], rel=1e-2, abs=5e-4
         )
         assert stage["ratio_to_ceiling"] == pytest.approx(
-            stage["transfers_per_s"] / ceiling["transfers_per_s"], rel=1e-2
+            stage["transfers_per_s"] / ceiling["transfers_per_s"], rel=1e-2, abs=5e-4
         )
     # The peer writes, event for event, what ours writes for the same input.
     assert kafka_streams["ledger"]["events"] == ours["ledger"]["events"]
