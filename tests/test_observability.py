@@ -30,15 +30,18 @@ import httpx
 import pytest
 import yaml
 from confluent_kafka import Producer
+from rich.console import Console
 
 from infra.kafka_clients import kafka_security
-from infra.metrics import Scrape, scrape
+from infra.metrics import Scrape, parse_exposition, scrape
 from infra.ports import free_loopback_ports
 from infra.settings import PROJECT_ROOT, Settings
 from infra.supervision import Supervised, log_tail
 from schemas.outcomes import Reason
 from tests.support.kafka_io import wait_for
 from tests.test_stack import _ps, _wallet
+from wallet.stack import ManagedProcess
+from wallet.top import Reading, render
 
 PROCESSORS = 2
 HTTP_TIMEOUT_S = 60
@@ -244,7 +247,8 @@ def test_wallet_top_refreshes_in_a_terminal_until_q_is_pressed(stack: Stack) -> 
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
-        env={**stack.env, "TERM": "xterm-256color"},
+        # COLUMNS and LINES from the caller's environment would override the terminal's own size.
+        env={**{k: v for k, v in stack.env.items() if k not in ("COLUMNS", "LINES")}, "TERM": "xterm-256color"},
         start_new_session=True,
     )
     os.close(terminal)
@@ -273,6 +277,20 @@ def test_wallet_top_refreshes_in_a_terminal_until_q_is_pressed(stack: Stack) -> 
             process.wait(10)
         os.close(controller)
     assert b"processor-2" in screen and b"money in flight" in screen
+
+
+def test_wallet_top_never_cuts_a_process_name_short_in_a_narrow_terminal() -> None:
+    scrape_text = "wallet_processor_partitions_owned 4\nwallet_readmodel_lag_records 0\n"
+    readings = {
+        name: Reading(ManagedProcess(role, name, 100 + i, None, None, None), parse_exposition(scrape_text, 0.0), None)
+        for i, (role, name) in enumerate(
+            [("processor", "processor-1"), ("processor", "processor-2"), ("readmodel", "readmodel"), ("api", "api")]
+        )
+    }
+    console = Console(width=60, record=True, color_system=None)
+    console.print(render({}, readings, stack_empty=False))
+    frame = console.export_text()
+    assert "processor-1" in frame and "processor-2" in frame and "readmodel" in frame, frame
 
 
 def test_wallet_health_passes_on_the_stack_and_names_what_fails_when_the_api_hangs(stack: Stack) -> None:

@@ -111,19 +111,26 @@ def _add_money(
         totals[column + 1] += found.total(amount_metric, currency=currency)
 
 
+def _column_style(column: str, readings: dict[str, Reading]) -> dict:
+    """A process's name is never cut short (it is what an operator looks for); numbers align right."""
+    if column != "name":
+        return {"justify": "right"}
+    return {"justify": "left", "no_wrap": True, "min_width": max((len(name) for name in readings), default=4)}
+
+
 def render(before: dict[str, Reading], after: dict[str, Reading], stack_empty: bool) -> Group:
     """One frame: what changed between two readings of every process."""
     if stack_empty:
         return Group(Text("nothing runs: start the stack with `wallet up`"))
     processors = Table(title="processors", title_justify="left", expand=False)
     for column in ("name", "pid", "commands/s", "commits/s", "commit p99 ms", "lag", "partitions", "dead letters"):
-        processors.add_column(column, justify="left" if column == "name" else "right")
+        processors.add_column(column, **_column_style(column, after))
     readmodels = Table(title="read model", title_justify="left")
     for column in ("name", "pid", "records/s", "apply p99 ms", "lag"):
-        readmodels.add_column(column, justify="left" if column == "name" else "right")
+        readmodels.add_column(column, **_column_style(column, after))
     apis = Table(title="API", title_justify="left")
     for column in ("name", "pid", "requests/s", "p99 ms", "pending (202)/s", "refused 401/403/429", "waiting"):
-        apis.add_column(column, justify="left" if column == "name" else "right")
+        apis.add_column(column, **_column_style(column, after))
     problems: list[str] = []
     # currency -> [transfers in flight, amount (the read model's), debits open, amount (the processors')]
     money: dict[str, list[float]] = {}
