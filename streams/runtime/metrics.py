@@ -23,7 +23,10 @@ state (lag, money in flight) are computed between batches, on the processor's ow
 - `wallet_processor_restore_events_folded_total` (counter): events folded by restores
 - `wallet_processor_restore_remaining_offsets` (gauge): offsets of `wallet.events` the running restore still
   has to read (0 when none runs)
-- `wallet_processor_snapshot_flush_duration_seconds` (histogram): one flush of the RocksDB snapshot
+- `wallet_processor_snapshot_flush_duration_seconds` (histogram): one flush of the RocksDB snapshot on its
+  writer thread (encoding and writing the changed keys, dropping what the clock forgot)
+- `wallet_processor_snapshot_capture_duration_seconds` (histogram): what one flush costs the processor's
+  loop: copying the changed keys for the writer thread
 - `wallet_processor_partitions_owned` (gauge): partitions of `wallet.commands` this instance owns
 - `wallet_processor_consumer_lag_records` (gauge; partition): records of `wallet.commands` not yet consumed,
   per owned partition
@@ -196,7 +199,13 @@ class ProcessorMetrics:
         )
         self.snapshot_flush_duration = Histogram(
             "wallet_processor_snapshot_flush_duration_seconds",
-            "one flush of the RocksDB snapshot",
+            "one flush of the RocksDB snapshot, on its writer thread",
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.snapshot_capture_duration = Histogram(
+            "wallet_processor_snapshot_capture_duration_seconds",
+            "what one flush costs the loop: copying the changed keys for the writer thread",
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )

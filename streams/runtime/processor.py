@@ -30,6 +30,7 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,7 +59,8 @@ from streams.core.machine import Decision
 from streams.core.state import State, memory_horizon_ms
 from streams.runtime.metrics import STATE_GAUGES_INTERVAL_S, BatchTally, ProcessorMetrics
 from streams.runtime.restore import fold_event_tail, stable_ends
-from streams.runtime.store import Checkpoint, PartitionChanges, StateStore
+from streams.runtime.snapshot_writer import SnapshotUnit, SnapshotWriter
+from streams.runtime.store import Checkpoint, PartitionChanges, StateStore, capture
 from streams.runtime.transactions import TransactionAborted, TransactionalProducer
 
 log = logging.getLogger("wallet.processor")
@@ -74,6 +76,7 @@ class ProcessorConfig:
     batch_size_max: int = 5_000  # commands per Kafka transaction: each commit costs milliseconds
     commit_interval_ms: int = 25  # longest a command waits for its batch to fill (a transfer waits twice)
     state_flush_interval_ms: int = 5_000  # how often the RocksDB snapshot catches up (restore folds the rest)
+    snapshot_wait_timeout_ms: int = 60_000  # longest a revoke, restore or stop waits for the flush in flight
     transaction_timeout_ms: int = 10_000
     kafka_call_timeout_ms: int = 30_000  # bound of every blocking Kafka call (commit, abort, init, committed)
     commit_attempts_max: int = 3  # commits retried while librdkafka calls the error retriable
@@ -139,6 +142,9 @@ class Processor:
         # The processors' leg keys: every leg is verified before the core sees it, every emitted leg signed.
         self._keyring = LegKeyring.parse(leg_keys_text(settings))
         self._store = StateStore(config.store_path)
+        self._snapshots = SnapshotWriter(
+            self._store, config.snapshot_wait_timeout_ms / 1000, self._metrics.snapshot_flush_duration.observe
+        )
         self._consumer = self._new_consumer()
         self._consumer_fatal: KafkaError | None = None
         self._restore_consumer = Consumer(
@@ -213,7 +219,7 @@ class Processor:
         broker failover) never consumes again: leave it, drop every partition, and join anew.
         The partitions come back through `_on_assign`, restored from snapshot and log."""
         log.warning("consumer failed fatally (%s); replacing it and rejoining the group", self._consumer_fatal)
-        self._flush_state()  # saves committed state only
+        self._save_now(self._tasks.values(), "replacing the consumer")  # saves committed state only
         self._tasks.clear()
         try:
             self._consumer.close()
@@ -225,8 +231,11 @@ class Processor:
 
     def _housekeeping(self) -> None:
         now_s = time.monotonic()
+        writing = self._snapshots.busy()  # raises what failed the writer: a failed write crashes the processor
         if now_s - self._last_flush_s >= self.config.state_flush_interval_ms / 1000:
-            self._flush_state()
+            self._last_flush_s = now_s
+            if not writing:  # else this interval's changes wait for the next one: one flush in flight at most
+                self._flush_state()
         if now_s - self._state_gauges_s >= STATE_GAUGES_INTERVAL_S:
             self._metrics.set_state([task.state for task in self._tasks.values()], self._lag())
             self._state_gauges_s = now_s
@@ -243,11 +252,17 @@ class Processor:
 
     def _shut_down(self) -> None:
         # Whatever brought us here (a stop, an exception out of a batch or a recovery), only
-        # committed state is saved: `_save` skips uncommitted tasks.
-        self._flush_state()
-        self._consumer.close()  # leaves the group so the partitions move at once (revocation saves again)
-        self._restore_consumer.close()
-        self._store.close()
+        # committed state is saved: `_capture` skips uncommitted tasks. After a failed snapshot
+        # write nothing more is written: the next start restores from the last good one and the log.
+        try:
+            if not self._snapshots.failed:
+                self._save_now(self._tasks.values(), "stopping")
+            self._tasks.clear()  # saved: the revocation in the consumer's close has nothing left to save
+        finally:
+            self._consumer.close()  # leaves the group so the partitions move at once
+            self._restore_consumer.close()
+            self._snapshots.close()
+            self._store.close()
         log.info("instance %s stopped after %d commands", self.config.instance_id, self.commands_processed)
 
     # -- the batch: one Kafka transaction ----------------------------------------------------
@@ -419,15 +434,15 @@ class Processor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        for number in numbers:
-            task = self._tasks.pop(number, None)
-            if task is not None:
-                self._save(task)
+        revoked = [task for number in numbers if (task := self._tasks.pop(number, None)) is not None]
+        self._save_now(revoked, f"revoking partitions {numbers}")
         log.info("revoked partitions %s; now owning %s", numbers, sorted(self._tasks))
 
     def _restore(self, partitions: list[int]) -> None:
         if not partitions:
             return
+        # A flush in flight may hold these partitions' last save: the snapshot is read once it landed.
+        self._snapshots.wait(f"restoring partitions {partitions}")
         loaded = {p: self._store.load(p) for p in partitions}
         tails = {p: (state, checkpoint.events_offset) for p, (state, checkpoint) in loaded.items()}
         topic, timeout_s = self.settings.events_topic, self.config.restore_timeout_s
@@ -454,33 +469,46 @@ class Processor:
     # -- the snapshot: committed state only --------------------------------------------------
 
     def _flush_state(self) -> None:
+        """Hands every committed partition's changes to the snapshot writer, which is idle. The
+        loop only copies the changed keys; the encoding and the RocksDB write run on the writer."""
         started_s = time.monotonic()
-        for task in self._tasks.values():
-            self._save(task)
-        self._last_flush_s = time.monotonic()
-        self._metrics.snapshot_flush_duration.observe(self._last_flush_s - started_s)
+        self._snapshots.submit(self._capture(self._tasks.values()))
+        self._metrics.snapshot_capture_duration.observe(time.monotonic() - started_s)
 
-    def _save(self, task: _Task) -> None:
-        if task.uncommitted:
-            log.warning(
-                "partition %d holds an uncommitted batch: not saved; the next owner rebuilds it from the log",
-                task.partition,
+    def _save_now(self, tasks: Iterable[_Task], why: str) -> None:
+        """Saves these partitions' committed state and returns once it is written, after the flush
+        in flight: before their state is dropped or the store closed."""
+        tasks = list(tasks)
+        if not tasks:
+            return
+        self._snapshots.wait(why)
+        self._snapshots.submit(self._capture(tasks))
+        self._snapshots.wait(why)
+
+    def _capture(self, tasks: Iterable[_Task]) -> SnapshotUnit:
+        """The committed tasks' changes since their last capture, and their checkpoints advanced."""
+        unit = SnapshotUnit()
+        for task in tasks:
+            if task.uncommitted:
+                log.warning(
+                    "partition %d holds an uncommitted batch: not saved; the next owner rebuilds it from the log",
+                    task.partition,
+                )
+                continue
+            if task.events_offset == task.checkpoint.events_offset:
+                continue
+            assert task.events_offset > task.checkpoint.events_offset, (
+                f"partition {task.partition}: events offset {task.events_offset} behind its snapshot's "
+                f"{task.checkpoint.events_offset}"
             )
-            return
-        if task.events_offset == task.checkpoint.events_offset:
-            return
-        assert task.events_offset > task.checkpoint.events_offset, (
-            f"partition {task.partition}: events offset {task.events_offset} behind its snapshot's "
-            f"{task.checkpoint.events_offset}"
-        )
-        task.checkpoint.events_offset = task.events_offset
-        self._store.save(task.partition, task.state, task.changes, task.checkpoint)
-        task.changes = PartitionChanges()
-        horizon_ms = memory_horizon_ms(task.state.clock_ms)
-        if horizon_ms != task.segments_dropped_at_horizon_ms:
-            self._store.drop_expired_segments(task.partition, task.state.clock_ms)
-            self._store.drop_forgotten_holds(task.partition, task.state.clock_ms)
-            task.segments_dropped_at_horizon_ms = horizon_ms
+            task.checkpoint.events_offset = task.events_offset
+            unit.snapshots.append(capture(task.partition, task.state, task.changes, task.checkpoint))
+            task.changes = PartitionChanges()
+            horizon_ms = memory_horizon_ms(task.state.clock_ms)
+            if horizon_ms != task.segments_dropped_at_horizon_ms:
+                unit.horizons_moved.append((task.partition, task.state.clock_ms))
+                task.segments_dropped_at_horizon_ms = horizon_ms
+        return unit
 
     # -- observability -----------------------------------------------------------------------
 

@@ -106,6 +106,66 @@ class PartitionChanges:
         self.hold_keys: set[tuple[str, str]] = set()  # (account, hold id)
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionSnapshot:
+    """One partition's changed keys, copied at a point where its state is committed, and the
+    checkpoint they bring the snapshot to: what `StateStore.write` needs, and nothing the
+    processor mutates afterwards (accounts and holds as tuples of their fields; `Remembered`
+    entries are immutable), so it can be written on another thread."""
+
+    partition: int
+    accounts: list[tuple[str, tuple[str, str, str, int, int, str]]]
+    memory: list[tuple[tuple[str, str], Remembered]]
+    holds: list[tuple[tuple[str, str], tuple | None]]  # None: forgotten, deleted from the snapshot
+    checkpoint: Checkpoint  # a copy, the one written
+
+
+def capture(partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> PartitionSnapshot:
+    """Copies the changed keys of a committed state (cheap: only what changed) and advances
+    `checkpoint` to the state's events offset, clock and next segment: the caller's checkpoint is
+    then the one the snapshot holds once the returned copy is written."""
+    accounts = state.accounts
+    account_rows = []
+    for account_id in changes.accounts:
+        account = accounts[account_id]
+        account_rows.append(
+            (
+                account_id,
+                (account.currency, account.kind, account.status, account.balance_minor, account.seq, account.owner),
+            )
+        )
+    remembered_of = state.memory.get
+    memory = [(key, remembered) for key in changes.memory_keys if (remembered := remembered_of(key)) is not None]
+    holds = state.holds
+    hold_rows: list[tuple[tuple[str, str], tuple | None]] = []
+    for key in changes.hold_keys:
+        hold = holds.get(key)
+        hold_rows.append(
+            (
+                key,
+                None
+                if hold is None
+                else (
+                    hold.to_account,
+                    hold.amount_minor,
+                    hold.held_minor,
+                    hold.captured_minor,
+                    hold.expires_ms,
+                    hold.digest,
+                    hold.actor,
+                    hold.placed_ms,
+                    hold.status,
+                    hold.ended_ms,
+                ),
+            )
+        )
+    if memory:
+        checkpoint.next_segment += 1  # the segment this snapshot writes is the one before
+    checkpoint.clock_ms = state.clock_ms
+    copied = Checkpoint(checkpoint.events_offset, checkpoint.clock_ms, checkpoint.next_segment)
+    return PartitionSnapshot(partition, account_rows, memory, hold_rows, copied)
+
+
 class StateStore:
     def __init__(self, path: Path, read_only: bool = False) -> None:
         if not read_only:
@@ -209,62 +269,40 @@ class StateStore:
 
     def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
         """Writes one partition's changes and its new checkpoint atomically."""
+        self.write(capture(partition, state, changes, checkpoint))
+
+    def write(self, snapshot: PartitionSnapshot) -> None:
+        """Writes one captured partition's changes and its checkpoint in one RocksDB write batch:
+        a crash leaves the snapshot before or after it, never between."""
+        partition, checkpoint = snapshot.partition, snapshot.checkpoint
         batch = WriteBatch(raw_mode=True)
         account_prefix = _prefix(b"a", partition)
-        for account_id in changes.accounts:
-            account = state.accounts[account_id]
-            batch.put(
-                account_prefix + account_id.encode(),
-                _pack(
-                    (account.currency, account.kind, account.status, account.balance_minor, account.seq, account.owner)
-                ),
-            )
-        entries = []
-        for key in changes.memory_keys:
-            remembered = state.memory.get(key)
-            if remembered is not None:
-                entries.append(
-                    (
-                        key[0],
-                        key[1],
-                        remembered.digest,
-                        remembered.status,
-                        remembered.reason,
-                        remembered.ts_ms,
-                        remembered.amount_minor,
-                        remembered.to_account,
-                        remembered.issued_ms,
-                    )
-                )
+        for account_id, account_fields in snapshot.accounts:
+            batch.put(account_prefix + account_id.encode(), _pack(account_fields))
         hold_prefix = _prefix(b"h", partition)
-        for key in changes.hold_keys:
-            hold = state.holds.get(key)
-            if hold is None:  # forgotten meanwhile
+        for key, hold_fields in snapshot.holds:
+            if hold_fields is None:  # forgotten meanwhile
                 batch.delete(hold_prefix + _pack(key))
             else:
-                batch.put(
-                    hold_prefix + _pack(key),
-                    _pack(
-                        (
-                            hold.to_account,
-                            hold.amount_minor,
-                            hold.held_minor,
-                            hold.captured_minor,
-                            hold.expires_ms,
-                            hold.digest,
-                            hold.actor,
-                            hold.placed_ms,
-                            hold.status,
-                            hold.ended_ms,
-                        )
-                    ),
+                batch.put(hold_prefix + _pack(key), _pack(hold_fields))
+        if snapshot.memory:
+            entries = [
+                (
+                    account_id,
+                    transaction_id,
+                    remembered.digest,
+                    remembered.status,
+                    remembered.reason,
+                    remembered.ts_ms,
+                    remembered.amount_minor,
+                    remembered.to_account,
+                    remembered.issued_ms,
                 )
-        if entries:
+                for (account_id, transaction_id), remembered in snapshot.memory
+            ]
             newest_ts_ms = max(entry[5] for entry in entries)
-            segment_key = _SEGMENT.pack(checkpoint.next_segment) + _SEGMENT.pack(newest_ts_ms)
+            segment_key = _SEGMENT.pack(checkpoint.next_segment - 1) + _SEGMENT.pack(newest_ts_ms)
             batch.put(_prefix(b"s", partition) + segment_key, _pack(entries))
-            checkpoint.next_segment += 1
-        checkpoint.clock_ms = state.clock_ms
         batch.put(
             _prefix(b"o", partition)[:-1],
             _pack((checkpoint.events_offset, checkpoint.clock_ms, checkpoint.next_segment, SNAPSHOT_FORMAT)),
