@@ -19,8 +19,9 @@ One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), delet
    exactly_once_v2, 2 threads, commit 1,000 ms) on the same commands topic.
 2. ours: one `wallet processor` process on the prepared topics, until every transfer's outcome
    is visible to a read_committed consumer.
-3. latency: with the processor still running, transfers offered at half of the rate measured in
-   2 for `--latency-seconds`; latency = produce call -> outcome seen by a read_committed consumer.
+3. latency: with the processor still running, transfers offered at half, then at 80 % of the rate
+   measured in 2, each for `--latency-seconds`; latency = produce call -> outcome seen by a
+   read_committed consumer.
 2b. holds: with the processor stopped, `--holds` holds are produced among the same accounts,
    each placed and then captured (half whole, half a part with `final`, which releases the
    rest); the processor restarts on its snapshot and the stage runs until every capture's
@@ -92,7 +93,8 @@ FAUST_TRANSFERS_DEFAULT = 10_000
 ACCOUNTS_DEFAULT = 10_000
 PARTITIONS_DEFAULT = 8
 LATENCY_SECONDS_DEFAULT = 10.0
-LATENCY_LOAD_SHARE = 0.5  # the offered load of the latency phase, as a share of the measured maximum
+# The offered loads of the latency phases, as shares of the measured maximum.
+LATENCY_LOAD_SHARES = (0.5, 0.8)
 
 CURRENCY = "USD"
 # Far more than any run moves out of an account, so an ordinary transfer never fails...
@@ -541,6 +543,7 @@ class StageResult:
 
 @dataclass
 class LatencyResult:
+    load_share: float
     offered_transfers_per_s: float
     achieved_transfers_per_s: float
     seconds: float
@@ -550,6 +553,7 @@ class LatencyResult:
 
     def as_dict(self) -> dict:
         return {
+            "load_share": self.load_share,
             "offered_transfers_per_s": round(self.offered_transfers_per_s, 1),
             "achieved_transfers_per_s": round(self.achieved_transfers_per_s, 1),
             "seconds": self.seconds,
@@ -1057,10 +1061,15 @@ class Bench:
             "ledger": ledger,
         }
 
-    def latency(self, processor: Child, tally: OutcomeTally, rate_per_s: float) -> LatencyResult:
+    def latency(self, processor: Child, tally: OutcomeTally, load_share: float, maximum_per_s: float) -> LatencyResult:
         options = self.options
         seconds = options.latency_seconds
-        self.say(f"[3] latency: offering {rate_per_s:,.0f} transfers/s for {seconds:g} s to the running processor")
+        rate_per_s = maximum_per_s * load_share
+        kind = f"{LATENCY}{round(load_share * 100)}"  # each phase's transaction ids its own
+        self.say(
+            f"[3] latency: offering {rate_per_s:,.0f} transfers/s ({load_share:.0%} of ours) for {seconds:g} s "
+            f"to the running processor"
+        )
         sent_s: list[float] = []
         answered_s: dict[int, float] = {}
         stop = threading.Event()
@@ -1074,8 +1083,8 @@ class Bench:
                     decided = tally.poll(LATENCY_POLL_WAIT_S)
                     now_s = time.monotonic()
                     for transaction_id in decided:
-                        kind, _, index = transaction_id.partition("-")
-                        if kind == LATENCY:
+                        answered_kind, _, index = transaction_id.partition("-")
+                        if answered_kind == kind:
                             answered_s[int(index)] = now_s
             except BaseException as error:  # reported by the main thread
                 errors.append(error)
@@ -1083,9 +1092,7 @@ class Bench:
         collector = threading.Thread(target=collect, name="latency-outcomes", daemon=True)
         collector.start()
         producer = _InputProducer(self.bootstrap, linger_ms=1)
-        records = transfer_records(
-            options.accounts, math.ceil(rate_per_s * seconds), options.seed + 1, LATENCY, Counter()
-        )
+        records = transfer_records(options.accounts, math.ceil(rate_per_s * seconds), options.seed + 1, kind, Counter())
         topic = self.settings.commands_topic
         try:
             with self._bar(int(rate_per_s * seconds), "latency", "tx") as bar:
@@ -1126,7 +1133,9 @@ class Bench:
             if latencies_ms
             else {}
         )
-        return LatencyResult(rate_per_s, len(sent_s) / offered_s, seconds, len(sent_s), len(answered_s), percentiles)
+        return LatencyResult(
+            load_share, rate_per_s, len(sent_s) / offered_s, seconds, len(sent_s), len(answered_s), percentiles
+        )
 
     def faust(self, guarantee: str) -> StageResult:
         from benchmarks.faust_peer import COMMANDS_TOPIC, FIRST_RECORD_MARKER, OUTCOMES_TOPIC
@@ -1317,8 +1326,9 @@ class Bench:
         report["ours"] = ours.as_dict(ceiling_rate)
         started_s = phase_done("ours", started_s)
         if options.latency_seconds > 0:
-            latency = self.latency(processor, tally, ours.transfers_per_s * LATENCY_LOAD_SHARE)
-            report["latency"] = latency.as_dict()
+            report["latency"] = [
+                self.latency(processor, tally, share, ours.transfers_per_s).as_dict() for share in LATENCY_LOAD_SHARES
+            ]
             started_s = phase_done("latency", started_s)
         if not processor.stop():
             self.problems.append(f"the processor did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM")
@@ -1480,13 +1490,12 @@ def format_report(report: dict) -> str:
             f"beside {report['ours']['transfers_per_s']:,.0f} transfers/s; checks "
             + ("ok" if holds["checks_ok"] else "FAILED"),
         ]
-    latency = report.get("latency")
-    if latency:
+    for latency in report.get("latency", []):
         lines += [
             "",
             f"latency, command produced -> outcome seen read_committed, at "
             f"{latency['offered_transfers_per_s']:,.0f} transfers/s offered "
-            f"({LATENCY_LOAD_SHARE:.0%} of ours; {latency['achieved_transfers_per_s']:,.0f} achieved) "
+            f"({latency['load_share']:.0%} of ours; {latency['achieved_transfers_per_s']:,.0f} achieved) "
             f"for {latency['seconds']:g} s, "
             f"{latency['answered']:,} of {latency['sent']:,} answered:",
         ]

@@ -114,9 +114,13 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     assert ours["messages_ratio_to_ceiling"] == pytest.approx(ours["messages_per_s"] / ceiling_messages_per_s, rel=1e-2)
     assert ours["window_start"] == "first consume after assignment"
 
-    latency = report["latency"]
-    assert latency["sent"] > 0 and latency["answered"] == latency["sent"]
-    assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert [latency["load_share"] for latency in report["latency"]] == [0.5, 0.8]
+    for latency in report["latency"]:
+        assert latency["sent"] > 0 and latency["answered"] == latency["sent"]
+        assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+        assert latency["offered_transfers_per_s"] == pytest.approx(
+            ours["transfers_per_s"] * latency["load_share"], rel=1e-2
+        )
 
     holds = report["holds"]
     assert holds["checks_ok"], holds["problems"]
