@@ -18,8 +18,8 @@ from tests.support.kafka_io import OutcomeCollector, command_producer, publish, 
 from tests.test_processor_faults import check_ledger
 
 ACCOUNTS = 20
-STALL_TIMEOUT_S = 60.0  # a stalled write is released by the test, or fails after this long
-DRAIN_TIMEOUT_S = 60.0
+STALL_TIMEOUT_S = 300.0  # a stalled write is released by the test, or fails after this long
+DRAIN_TIMEOUT_S = 120.0
 
 
 class _Disk:

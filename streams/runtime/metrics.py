@@ -26,7 +26,7 @@ state (lag, money in flight) are computed between batches, on the processor's ow
 - `wallet_processor_snapshot_flush_duration_seconds` (histogram): one flush of the RocksDB snapshot on its
   writer thread (encoding and writing the changed keys, dropping what the clock forgot)
 - `wallet_processor_snapshot_capture_duration_seconds` (histogram): what one flush costs the processor's
-  loop: copying the changed keys for the writer thread
+  loop: handing the values staged since the last one to the writer thread
 - `wallet_processor_partitions_owned` (gauge): partitions of `wallet.commands` this instance owns
 - `wallet_processor_consumer_lag_records` (gauge; partition): records of `wallet.commands` not yet consumed,
   per owned partition
@@ -205,7 +205,7 @@ class ProcessorMetrics:
         )
         self.snapshot_capture_duration = Histogram(
             "wallet_processor_snapshot_capture_duration_seconds",
-            "what one flush costs the loop: copying the changed keys for the writer thread",
+            "what one flush costs the loop: handing the values staged since the last one to the writer thread",
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )

@@ -60,7 +60,7 @@ from streams.core.state import State, memory_horizon_ms
 from streams.runtime.metrics import STATE_GAUGES_INTERVAL_S, BatchTally, ProcessorMetrics
 from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.snapshot_writer import SnapshotUnit, SnapshotWriter
-from streams.runtime.store import Checkpoint, PartitionChanges, StateStore, capture
+from streams.runtime.store import Checkpoint, PartitionChanges, PartitionSnapshot, StateStore, advance
 from streams.runtime.transactions import TransactionAborted, TransactionalProducer
 
 log = logging.getLogger("wallet.processor")
@@ -86,13 +86,15 @@ class ProcessorConfig:
 
 
 class _Task:
-    """One owned partition: its state, its snapshot checkpoint and what changed since."""
+    """One owned partition: its state, its snapshot checkpoint and what changed since: the keys
+    the batch in progress changed, and the committed values of those the batches before did."""
 
     __slots__ = (
         "partition",
         "state",
         "checkpoint",
         "changes",
+        "staged",
         "events_offset",
         "uncommitted",
         "segments_dropped_at_horizon_ms",
@@ -104,6 +106,7 @@ class _Task:
         self.state = state
         self.checkpoint = checkpoint
         self.changes = PartitionChanges()
+        self.staged = PartitionSnapshot()
         self.events_offset = events_offset  # next offset of wallet.events after the last committed event
         # True from a batch's first record of this partition until the batch commits: the state
         # then holds decisions Kafka may never have, and must not reach the snapshot.
@@ -292,6 +295,7 @@ class Processor:
             task = self._tasks[partition]
             task.uncommitted = False
             task.last_record_s = now_s
+            task.staged.take(task.state, task.changes)  # committed: the next flush writes these values
 
     def _tick_quiet_partitions(self) -> None:
         """Writes a tick to each owned partition quiet for a tick interval whose earliest open
@@ -464,13 +468,14 @@ class Processor:
                 task.changes.accounts.update(state.accounts)
                 task.changes.memory_keys.update(state.memory)
                 task.changes.hold_keys.update(state.holds)
+                task.staged.take(state, task.changes)
             self._tasks[partition] = task
 
     # -- the snapshot: committed state only --------------------------------------------------
 
     def _flush_state(self) -> None:
-        """Hands every committed partition's changes to the snapshot writer, which is idle. The
-        loop only copies the changed keys; the encoding and the RocksDB write run on the writer."""
+        """Hands every committed partition's staged values to the snapshot writer, which is idle:
+        the copy was made batch by batch, the encoding and the RocksDB write run on the writer."""
         started_s = time.monotonic()
         self._snapshots.submit(self._capture(self._tasks.values()))
         self._metrics.snapshot_capture_duration.observe(time.monotonic() - started_s)
@@ -486,7 +491,7 @@ class Processor:
         self._snapshots.wait(why)
 
     def _capture(self, tasks: Iterable[_Task]) -> SnapshotUnit:
-        """The committed tasks' changes since their last capture, and their checkpoints advanced."""
+        """The committed tasks' values staged since their last flush, and their checkpoints advanced."""
         unit = SnapshotUnit()
         for task in tasks:
             if task.uncommitted:
@@ -502,8 +507,8 @@ class Processor:
                 f"{task.checkpoint.events_offset}"
             )
             task.checkpoint.events_offset = task.events_offset
-            unit.snapshots.append(capture(task.partition, task.state, task.changes, task.checkpoint))
-            task.changes = PartitionChanges()
+            unit.writes.append(advance(task.partition, task.staged, task.state, task.checkpoint))
+            task.staged = PartitionSnapshot()
             horizon_ms = memory_horizon_ms(task.state.clock_ms)
             if horizon_ms != task.segments_dropped_at_horizon_ms:
                 unit.horizons_moved.append((task.partition, task.state.clock_ms))

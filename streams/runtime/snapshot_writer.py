@@ -1,6 +1,7 @@
-"""The snapshot's writer thread: the processor's loop copies a flush's changed keys (cheap) and
-hands them here as one unit; this thread encodes and writes them, and drops what the clock
-forgot, while the loop goes on consuming and committing.
+"""The snapshot's writer thread: the processor's loop copies the values of the keys each batch
+changed right after its commit (`PartitionSnapshot.take`, bounded per batch), and each flush hands
+what gathered since the last one here as one unit; this thread encodes and writes it, and drops
+what the clock forgot, while the loop goes on consuming and committing.
 
 At most one unit is in flight and there is no queue: while one is being written the loop keeps
 its changes for the next interval (`busy`). Every partition of a unit is written in one RocksDB
@@ -18,19 +19,15 @@ as a batch of its own, so the loop waits at most one partition's write at a time
 
 from __future__ import annotations
 
-import logging
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from streams.runtime.store import PartitionSnapshot, StateStore
-
-log = logging.getLogger("wallet.snapshot")
+    from streams.runtime.store import SnapshotWrite, StateStore
 
 
 @dataclass
@@ -38,11 +35,11 @@ class SnapshotUnit:
     """One flush: the partitions' captured changes, and the partitions whose memory horizon
     moved, with the clock to drop expired segments and forgotten holds at."""
 
-    snapshots: list[PartitionSnapshot] = field(default_factory=list)
+    writes: list[SnapshotWrite] = field(default_factory=list)
     horizons_moved: list[tuple[int, int]] = field(default_factory=list)  # (partition, clock_ms)
 
     def __bool__(self) -> bool:
-        return bool(self.snapshots or self.horizons_moved)
+        return bool(self.writes or self.horizons_moved)
 
 
 class SnapshotWriteFailed(RuntimeError):
@@ -50,12 +47,16 @@ class SnapshotWriteFailed(RuntimeError):
 
 
 class SnapshotWriter:
+    """The single writer: each unit is written by a daemon thread started for it, and no unit is
+    started while the last one's thread is alive (a thread that hangs on a stalled disk then
+    never holds up the process's exit)."""
+
     def __init__(self, store: StateStore, wait_timeout_s: float, on_written: Callable[[float], None]) -> None:
         self._store = store
         self._wait_timeout_s = wait_timeout_s
         self._on_written = on_written  # the unit's duration on the thread, in seconds
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
-        self._in_flight: Future[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None  # set by the thread, read once it ended
         self._failure: BaseException | None = None
 
     @property
@@ -64,7 +65,7 @@ class SnapshotWriter:
 
     def busy(self) -> bool:
         """True while a unit is being written; raises if the last one failed."""
-        if self._in_flight is not None and not self._in_flight.done():
+        if self._thread is not None and self._thread.is_alive():
             return True
         self._settle()
         return False
@@ -73,41 +74,42 @@ class SnapshotWriter:
         """Starts writing `unit`; the caller has seen `busy()` false (one unit in flight at most)."""
         assert not self.busy(), "a snapshot unit is still being written: one in flight at most"
         if unit:
-            self._in_flight = self._executor.submit(self._write, unit)
+            self._thread = threading.Thread(target=self._write, args=(unit,), name="snapshot-writer", daemon=True)
+            self._thread.start()
 
     def wait(self, why: str) -> None:
         """Returns once no unit is in flight; raises if it failed or outlasts the timeout."""
-        if self._in_flight is not None:
-            try:
-                self._in_flight.exception(timeout=self._wait_timeout_s)
-            except FutureTimeout:
+        if self._thread is not None:
+            self._thread.join(self._wait_timeout_s)
+            if self._thread.is_alive():
                 raise TimeoutError(
                     f"the snapshot write in flight did not finish within {self._wait_timeout_s:g} s "
                     f"({why}): the disk under the state store is stalled"
-                ) from None
+                )
         self._settle()
 
     def close(self) -> None:
-        """Waits for the unit in flight, if any, then stops the thread."""
+        """Waits for the unit in flight, if any (a failure was raised already)."""
         if self._failure is None:
             self.wait("closing the state store")
-        self._executor.shutdown(wait=True)
 
     def _settle(self) -> None:
-        """Takes the finished unit's result; a failure is kept and raised now and at every later call."""
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
-            error = future.exception()
-            if error is not None:
-                self._failure = error
+        """Takes the ended unit's result; a failure is kept and raised now and at every later call."""
+        if self._thread is not None:
+            self._thread = None
+            if self._error is not None:
+                self._failure, self._error = self._error, None
         if self._failure is not None:
             raise SnapshotWriteFailed(f"writing the state snapshot failed: {self._failure!r}") from self._failure
 
     def _write(self, unit: SnapshotUnit) -> None:
-        started_s = time.monotonic()
-        for snapshot in unit.snapshots:
-            self._store.write(snapshot)
-        for partition, clock_ms in unit.horizons_moved:
-            self._store.drop_expired_segments(partition, clock_ms)
-            self._store.drop_forgotten_holds(partition, clock_ms)
-        self._on_written(time.monotonic() - started_s)
+        try:
+            started_s = time.monotonic()
+            for write in unit.writes:
+                self._store.write(write)
+            for partition, clock_ms in unit.horizons_moved:
+                self._store.drop_expired_segments(partition, clock_ms)
+                self._store.drop_forgotten_holds(partition, clock_ms)
+            self._on_written(time.monotonic() - started_s)
+        except BaseException as error:  # raised on the loop by its next look (bugs crash)
+            self._error = error

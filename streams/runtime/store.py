@@ -106,43 +106,45 @@ class PartitionChanges:
         self.hold_keys: set[tuple[str, str]] = set()  # (account, hold id)
 
 
-@dataclass(frozen=True, slots=True)
 class PartitionSnapshot:
-    """One partition's changed keys, copied at a point where its state is committed, and the
-    checkpoint they bring the snapshot to: what `StateStore.write` needs, and nothing the
+    """The committed values of the keys a partition changed since its last flush, copied right
+    after each commit (`take`: only that batch's keys, so the copy is bounded per batch) and
+    handed whole to the snapshot's writer thread by the next flush. Nothing here is what the
     processor mutates afterwards (accounts and holds as tuples of their fields; `Remembered`
-    entries are immutable), so it can be written on another thread."""
+    entries are immutable), so it is written on another thread; a key changed again is copied
+    again, over its earlier value."""
 
-    partition: int
-    accounts: list[tuple[str, tuple[str, str, str, int, int, str]]]
-    memory: list[tuple[tuple[str, str], Remembered]]
-    holds: list[tuple[tuple[str, str], tuple | None]]  # None: forgotten, deleted from the snapshot
-    checkpoint: Checkpoint  # a copy, the one written
+    __slots__ = ("accounts", "memory", "holds")
 
+    def __init__(self) -> None:
+        self.accounts: dict[str, tuple[str, str, str, int, int, str]] = {}
+        self.memory: dict[tuple[str, str], Remembered] = {}
+        self.holds: dict[tuple[str, str], tuple | None] = {}  # None: forgotten, deleted from the snapshot
 
-def capture(partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> PartitionSnapshot:
-    """Copies the changed keys of a committed state (cheap: only what changed) and advances
-    `checkpoint` to the state's events offset, clock and next segment: the caller's checkpoint is
-    then the one the snapshot holds once the returned copy is written."""
-    accounts = state.accounts
-    account_rows = []
-    for account_id in changes.accounts:
-        account = accounts[account_id]
-        account_rows.append(
-            (
-                account_id,
-                (account.currency, account.kind, account.status, account.balance_minor, account.seq, account.owner),
+    def take(self, state: State, changes: PartitionChanges) -> None:
+        """Copies the values `changes` names from a committed `state`, and empties `changes`."""
+        accounts, staged_accounts = state.accounts, self.accounts
+        for account_id in changes.accounts:
+            account = accounts[account_id]
+            staged_accounts[account_id] = (
+                account.currency,
+                account.kind,
+                account.status,
+                account.balance_minor,
+                account.seq,
+                account.owner,
             )
-        )
-    remembered_of = state.memory.get
-    memory = [(key, remembered) for key in changes.memory_keys if (remembered := remembered_of(key)) is not None]
-    holds = state.holds
-    hold_rows: list[tuple[tuple[str, str], tuple | None]] = []
-    for key in changes.hold_keys:
-        hold = holds.get(key)
-        hold_rows.append(
-            (
-                key,
+        remembered_of, staged_memory = state.memory.get, self.memory
+        for key in changes.memory_keys:
+            remembered = remembered_of(key)
+            if remembered is None:  # forgotten by the clock meanwhile: written by no segment
+                staged_memory.pop(key, None)
+            else:
+                staged_memory[key] = remembered
+        holds, staged_holds = state.holds, self.holds
+        for key in changes.hold_keys:
+            hold = holds.get(key)
+            staged_holds[key] = (
                 None
                 if hold is None
                 else (
@@ -156,14 +158,30 @@ def capture(partition: int, state: State, changes: PartitionChanges, checkpoint:
                     hold.placed_ms,
                     hold.status,
                     hold.ended_ms,
-                ),
+                )
             )
-        )
-    if memory:
-        checkpoint.next_segment += 1  # the segment this snapshot writes is the one before
+        changes.accounts.clear()
+        changes.memory_keys.clear()
+        changes.hold_keys.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotWrite:
+    """One partition's part of a flush: its staged values and the checkpoint they bring it to."""
+
+    partition: int
+    values: PartitionSnapshot
+    checkpoint: Checkpoint  # a copy: the loop's own moves on
+
+
+def advance(partition: int, values: PartitionSnapshot, state: State, checkpoint: Checkpoint) -> SnapshotWrite:
+    """Moves `checkpoint` (whose events offset the caller set) to the state's clock and next
+    segment: once the returned write lands, it is the checkpoint the snapshot holds."""
+    if values.memory:
+        checkpoint.next_segment += 1  # the segment this write adds is the one before
     checkpoint.clock_ms = state.clock_ms
     copied = Checkpoint(checkpoint.events_offset, checkpoint.clock_ms, checkpoint.next_segment)
-    return PartitionSnapshot(partition, account_rows, memory, hold_rows, copied)
+    return SnapshotWrite(partition, values, copied)
 
 
 class StateStore:
@@ -269,23 +287,25 @@ class StateStore:
 
     def save(self, partition: int, state: State, changes: PartitionChanges, checkpoint: Checkpoint) -> None:
         """Writes one partition's changes and its new checkpoint atomically."""
-        self.write(capture(partition, state, changes, checkpoint))
+        values = PartitionSnapshot()
+        values.take(state, changes)
+        self.write(advance(partition, values, state, checkpoint))
 
-    def write(self, snapshot: PartitionSnapshot) -> None:
-        """Writes one captured partition's changes and its checkpoint in one RocksDB write batch:
-        a crash leaves the snapshot before or after it, never between."""
-        partition, checkpoint = snapshot.partition, snapshot.checkpoint
+    def write(self, write: SnapshotWrite) -> None:
+        """Writes one partition's staged values and its checkpoint in one RocksDB write batch: a
+        crash leaves the snapshot before or after it, never between."""
+        partition, values, checkpoint = write.partition, write.values, write.checkpoint
         batch = WriteBatch(raw_mode=True)
         account_prefix = _prefix(b"a", partition)
-        for account_id, account_fields in snapshot.accounts:
+        for account_id, account_fields in values.accounts.items():
             batch.put(account_prefix + account_id.encode(), _pack(account_fields))
         hold_prefix = _prefix(b"h", partition)
-        for key, hold_fields in snapshot.holds:
-            if hold_fields is None:  # forgotten meanwhile
+        for key, hold_fields in values.holds.items():
+            if hold_fields is None:
                 batch.delete(hold_prefix + _pack(key))
             else:
                 batch.put(hold_prefix + _pack(key), _pack(hold_fields))
-        if snapshot.memory:
+        if values.memory:
             entries = [
                 (
                     account_id,
@@ -298,7 +318,7 @@ class StateStore:
                     remembered.to_account,
                     remembered.issued_ms,
                 )
-                for (account_id, transaction_id), remembered in snapshot.memory
+                for (account_id, transaction_id), remembered in values.memory.items()
             ]
             newest_ts_ms = max(entry[5] for entry in entries)
             segment_key = _SEGMENT.pack(checkpoint.next_segment - 1) + _SEGMENT.pack(newest_ts_ms)
