@@ -263,6 +263,7 @@ class ScaleStage(Bench):
             producer.flush()
         finally:
             watch.stop()
+            records.close()  # adds the outcomes of the transfers it made to `expected`
         assert joiner is not None and leaver is not None
         if not leaver.stop():
             self.problems.append(f"{leaver.name} did not stop within its grace period of SIGTERM")
