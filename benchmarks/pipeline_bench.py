@@ -61,7 +61,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,8 +194,9 @@ def setup_records(accounts: int, ts_ms: int) -> Iterator[tuple[str, bytes]]:
 
 def transfer_records(
     accounts: int, count: int, seed: int, kind: str, expected: Counter, ts_ms: int | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """`count` transfers among the accounts; adds each one's certain outcome to `expected`.
+) -> Generator[tuple[str, bytes]]:
+    """`count` transfers among the accounts; adds the certain outcome of each one made to
+    `expected` once it is exhausted or closed.
 
     `ts_ms` None stamps each command with the wall clock when it is made (for live load).
     Written for speed (a million of these are made while the clock runs): names and amounts

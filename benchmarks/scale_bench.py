@@ -211,6 +211,7 @@ class ScaleStage(Bench):
         )
         return {
             "processors": self.processors,
+            "topic_prefix": self.prefix,
             **result.as_dict(None),
             "input_s": round(input_s, 3),
             "group_stable_s": round(group_s, 1),
