@@ -14,10 +14,11 @@ topic read whole (sequences gap-free, balances chained, money conserved).
 Then, on the last count's topics with its processes still running:
 
 - rebalance (`--rebalance-seconds S`, 0 skips): transfers are offered at half the rate that count
-  measured; after `REBALANCE_SETTLE_S` one more processor starts (join), S seconds later the first
-  one gets SIGTERM (leave), and the load runs S seconds more. For each event: the longest gap
-  between committed outcomes (any partition), the longest stall of one partition (the time
-  between two of its events seen read_committed on wallet.events, whose partition is the
+  measured; after `REBALANCE_SETTLE_S` one more processor starts (join); once the group is stable
+  with it and every partition has progressed since (at most S seconds), the first one gets SIGTERM
+  (leave), and the same wait follows. For each event: when the group was stable again, the
+  longest gap between committed outcomes (any partition), the longest stall of one partition (the
+  time between two of its events seen read_committed on wallet.events, whose partition is the
   commands partition that decided them) and how long after the event every partition had
   progressed past its longest stall. Then the load's transfers are checked like the input's.
 - takeover: every processor stopped, and once the group is empty, one processor with an EMPTY
@@ -81,10 +82,13 @@ PROCESSORS_DEFAULT = "1,2,4"
 PARTITIONS_DEFAULT = 16
 # Small enough that the whole run (three counts, the rebalance and the takeover) stays within
 # about 4 minutes on a 2-core machine.
-TRANSFERS_DEFAULT = 100_000
+TRANSFERS_DEFAULT = 50_000
 BROKER_CHOICES = (1, 3)
-REBALANCE_SECONDS_DEFAULT = 15.0  # each event's window: more than a static member's session timeout (10 s)
+# The longest wait after each event for the group to be stable and every partition to progress
+# (a leave waits for the static member's session timeout, 10 s, first).
+REBALANCE_SECONDS_DEFAULT = 60.0
 REBALANCE_SETTLE_S = 5.0  # load flows this long before the join
+REBALANCE_TAIL_S = 2.0  # and this long after every partition progressed again
 REBALANCE_LOAD_SHARE = 0.5  # the offered load, as a share of the rate the last count measured
 LOAD_TICK_S = 0.005
 WATCH_POLL_S = 0.01
@@ -192,9 +196,11 @@ class ScaleStage(Bench):
             f"({options.transfers:,} transfers) while they run"
         )
         started_s = time.monotonic()
-        input_s = self.produce_input(
-            self.main_input((self.settings.commands_topic,), time.time_ns() // 1_000_000), records
-        )
+        setup, transfers = self.main_input((self.settings.commands_topic,), time.time_ns() // 1_000_000)
+        # Every account is in the log before any transfer: a credit leg, appended to its partition
+        # while the input is still being produced, must come after the opening of its account.
+        input_s = self.produce_input([setup], 2 * options.accounts)
+        input_s += self.produce_input([transfers], options.transfers)
         timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
         end_s = self._await_outcomes(self.running, tally, options.transfers, timeout_s, self.name)
         load_average = os.getloadavg()
@@ -221,46 +227,76 @@ class ScaleStage(Bench):
     # -- 2: a member joins and one leaves under load ----------------------------------------
 
     def rebalance(self, seconds: float, rate_per_s: float) -> dict:
+        """Under load: one more processor joins; once the group is stable and every partition has
+        progressed since (or after `seconds`), the first one gets SIGTERM (leaves); the same wait."""
         options = self.options
         tally = self.tally
         assert tally is not None, "rebalance runs after measure"
-        total_s = REBALANCE_SETTLE_S + 2 * seconds
+        longest_s = REBALANCE_SETTLE_S + 2 * (seconds + REBALANCE_TAIL_S)
         self.say(
             f"[rebalance] {rate_per_s:,.0f} transfers/s offered to {self.name}; one more joins after "
-            f"{REBALANCE_SETTLE_S:g} s, the first one leaves (SIGTERM) {seconds:g} s later, load for {total_s:g} s"
+            f"{REBALANCE_SETTLE_S:g} s, then the first one leaves (SIGTERM); each time the load goes on until "
+            f"the group is stable and every partition progressed (at most {seconds:g} s)"
         )
         watch = _ProgressWatch(tally, self.bootstrap, self.settings.events_topic, options.partitions)
         expected: Counter = Counter()
         records = transfer_records(
-            options.accounts, math.ceil(rate_per_s * total_s) + 1, options.seed + 1, LATENCY, expected
+            options.accounts, math.ceil(rate_per_s * longest_s) + 1, options.seed + 1, LATENCY, expected
         )
         producer = _InputProducer(self.bootstrap, linger_ms=5)
+        admin = admin_client(self.bootstrap)
         sent = 0
         joiner: Child | None = None
         leaver: Child | None = None
         event_s: dict[str, float] = {}
+        recovery: dict[str, dict] = {}
+        phase, members = "settle", self.processors
+        stable_s = recovered_s = None
+        group_check_s = 0.0
         watch.start()
         try:
-            with self._bar(int(total_s), "rebalance", "s") as bar:
+            with self._bar(int(longest_s), "rebalance", "s") as bar:
                 started_s = time.monotonic()
-                while (elapsed_s := time.monotonic() - started_s) < total_s:
-                    for _ in range(int(elapsed_s * rate_per_s) - sent):
+                while True:
+                    now_s = time.monotonic()
+                    for _ in range(int((now_s - started_s) * rate_per_s) - sent):
                         key, value = next(records)
                         producer.produce(self.settings.commands_topic, key, value)
                         sent += 1
                     producer.poll()
-                    if joiner is None and elapsed_s >= REBALANCE_SETTLE_S:
-                        event_s["join"] = time.monotonic()
+                    if phase == "settle" and now_s - started_s >= REBALANCE_SETTLE_S:
+                        phase, members = "join", self.processors + 1
+                        event_s[phase] = now_s
                         joiner = self.start_member()
-                    if leaver is None and elapsed_s >= REBALANCE_SETTLE_S + seconds:
-                        leaver = self.running.pop(0)
-                        event_s["leave"] = time.monotonic()
-                        leaver.process.send(signal.SIGTERM)
+                    elif phase != "settle":
+                        if recovered_s is None and now_s >= group_check_s:
+                            group_check_s = now_s + GROUP_POLL_S
+                            if stable_s is None and processors_not_ready(admin, self.settings, members) is None:
+                                stable_s = now_s
+                            if stable_s is not None and watch.progressed_since(stable_s):
+                                recovered_s = time.monotonic()
+                        waited_s = now_s - event_s[phase]
+                        if (recovered_s is not None and now_s - recovered_s >= REBALANCE_TAIL_S) or waited_s > seconds:
+                            recovery[phase] = {
+                                "group_stable_after_s": None
+                                if stable_s is None
+                                else round(stable_s - event_s[phase], 2),
+                                "recovered_after_s": (
+                                    None if recovered_s is None else round(recovered_s - event_s[phase], 2)
+                                ),
+                            }
+                            if phase == "leave":
+                                end_s = now_s
+                                break
+                            phase, members = "leave", self.processors
+                            stable_s = recovered_s = None
+                            leaver = self.running.pop(0)
+                            event_s[phase] = now_s
+                            leaver.process.send(signal.SIGTERM)
                     self._check_running("during the rebalance phase")
                     watch.check()
-                    bar.update(int(elapsed_s) - bar.n)
+                    bar.update(int(now_s - started_s) - bar.n)
                     time.sleep(LOAD_TICK_S)
-                end_s = time.monotonic()
             producer.flush()
         finally:
             watch.stop()
@@ -281,22 +317,21 @@ class ScaleStage(Bench):
         if tally.contradictions or tally.repeats:
             problems.append(f"rebalance: answered twice or differently: {(tally.contradictions + tally.repeats)[:3]}")
         ledger = self._check_ledger("rebalance", self.settings.events_topic)
-        join = watch.figures(event_s["join"], event_s["leave"], options.partitions)
+        join = {**watch.figures(event_s["join"], event_s["leave"], options.partitions), **recovery["join"]}
         if joiner.marker_s is not None:
             join["joiner_assigned_after_s"] = round(joiner.marker_s - event_s["join"], 2)
-        leave = watch.figures(event_s["leave"], end_s, options.partitions)
+        leave = {**watch.figures(event_s["leave"], end_s, options.partitions), **recovery["leave"]}
         problems += [
-            f"rebalance {name}: partitions {figures['partitions_without_progress']} made no progress "
-            f"in the {seconds:g} s after it"
+            f"rebalance {name}: the group was not stable with every partition progressing within {seconds:g} s"
             for name, figures in (("join", join), ("leave", leave))
-            if figures["partitions_without_progress"]
+            if figures["recovered_after_s"] is None
         ]
         self.problems += problems
         return {
             "processors": self.processors,
             "offered_transfers_per_s": round(rate_per_s, 1),
             "transfers": sent,
-            "window_s": seconds,
+            "wait_max_s": seconds,
             "join": join,
             "leave": leave,
             "checks_ok": not problems and not ledger["problems"],
@@ -395,6 +430,10 @@ class _ProgressWatch:
                     self.partitions_s[partition].append(now_s)
         except BaseException as error:  # reported by the main thread
             self._errors.append(error)
+
+    def progressed_since(self, since_s: float) -> bool:
+        """Every partition has had an event after `since_s`."""
+        return all(times_s and times_s[-1] > since_s for times_s in self.partitions_s.values())
 
     def check(self) -> None:
         if self._errors:
@@ -620,13 +659,16 @@ def _load_text(load_average: list[float]) -> str:
     return " ".join(f"{value:.2f}" for value in load_average)
 
 
+def _seconds_text(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
 def _event_text(figures: dict) -> str:
     gap = figures["outcome_gap_ms"]
-    progress = figures["all_partitions_progress_s"]
     return (
-        f"longest gap in committed outcomes {'-' if gap is None else f'{gap:,} ms'}, longest one-partition stall "
-        f"{figures['partition_stall_ms']:,} ms, every partition progressing again "
-        f"{'never' if progress is None else f'{progress:.1f} s'} after it"
+        f"group stable after {_seconds_text(figures['group_stable_after_s'])}, every partition progressing "
+        f"again after {_seconds_text(figures['all_partitions_progress_s'])}; longest gap in committed outcomes "
+        f"{'-' if gap is None else f'{gap:,} ms'}, longest one-partition stall {figures['partition_stall_ms']:,} ms"
     )
 
 
@@ -653,13 +695,13 @@ def format_report(report: dict) -> str:
         lines += [
             "",
             f"rebalance under {rebalance['offered_transfers_per_s']:,.0f} transfers/s offered to "
-            f"{rebalance['processors']} processor(s), {rebalance['window_s']:g} s after each event "
+            f"{rebalance['processors']} processor(s), times after each event "
             f"({rebalance['transfers']:,} transfers, checks {'ok' if rebalance['checks_ok'] else 'FAILED'}, "
             f"load average {_load_text(rebalance['load_average'])}):",
             f"  join (one more started): {_event_text(rebalance['join'])}"
             + (
-                f"; the new one was assigned partitions {rebalance['join']['joiner_assigned_after_s']:.1f} s after "
-                "its start"
+                f"; the new one had its partitions {rebalance['join']['joiner_assigned_after_s']:.1f} s after "
+                "its start (restored)"
                 if "joiner_assigned_after_s" in rebalance["join"]
                 else ""
             ),
