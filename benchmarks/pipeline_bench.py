@@ -781,7 +781,7 @@ class Bench:
 
     def main_input(self, topics: tuple[str, ...], ts_ms: int) -> list[InputStream]:
         """The main input for `topics`: every account opened and funded, then the transfers
-        (their certain outcomes are added to `self.expected` as they are made)."""
+        (their certain outcomes are added to `self.expected` once the last one is made)."""
         options = self.options
         return [
             (topics, setup_records(options.accounts, ts_ms)),
