@@ -48,7 +48,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from benchmarks.pipeline_bench import (
     ACCOUNTS_DEFAULT,
@@ -71,7 +71,7 @@ from benchmarks.pipeline_bench import (
 )
 from benchmarks.support.local_broker import broker_for
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
-from infra.kafka_clients import kafka_security
+from infra.kafka_clients import kafka_security, processor_producer_config
 from infra.metrics import ScrapeError, scrape
 from infra.ports import free_loopback_ports
 from infra.settings import Settings
@@ -98,6 +98,7 @@ GROUP_TIMEOUT_S = 120.0
 # Stopped static members leave the group at their session timeout, not at once.
 GROUP_EMPTY_TIMEOUT_S = 60.0
 GROUP_POLL_S = 0.5
+TRANSACTIONS_READY_TIMEOUT_S = 180.0
 # The takeover's restore may fold the whole log; the processor's own bound is 600 s.
 TAKEOVER_TIMEOUT_S = ProcessorConfig(instance_id="", store_path=Path()).restore_timeout_s + GROUP_TIMEOUT_S
 TAKEOVER_INSTANCE_ID = "takeover"
@@ -580,6 +581,27 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _wait_for_transactions(settings: Settings) -> float:
+    """Waits until a transactional producer can start (a fresh cluster creates and loads its
+    transaction state log on first use: on a loaded 3-node cluster longer than a processor's own
+    30 s bound of that call); returns the seconds."""
+    producer = Producer(
+        processor_producer_config(settings.bootstrap, f"{settings.topic_prefix}bench-scale-probe", 10_000)
+    )
+    started_s = time.monotonic()
+    while True:
+        try:
+            producer.init_transactions(KAFKA_TIMEOUT_S)
+            return time.monotonic() - started_s
+        except KafkaException as error:
+            if not error.args[0].retriable() or time.monotonic() - started_s > TRANSACTIONS_READY_TIMEOUT_S:
+                raise BenchError(
+                    f"no transactional producer could start at {settings.bootstrap} within "
+                    f"{TRANSACTIONS_READY_TIMEOUT_S:.0f} s: {error.args[0].str()}"
+                ) from None
+            time.sleep(GROUP_POLL_S)
+
+
 def _broker_count(settings: Settings) -> int:
     return len(admin_client(settings.bootstrap).list_topics(timeout=KAFKA_TIMEOUT_S).brokers)
 
@@ -624,6 +646,9 @@ def _scale_report(settings: Settings, options: BenchOptions, scale: ScaleOptions
         "load_average_start": [round(value, 2) for value in os.getloadavg()],
         "runs": [],
     }
+    ready_s = _wait_for_transactions(settings)
+    if ready_s > 1:
+        Bench.say(f"the cluster's transaction coordinator answered after {ready_s:.1f} s")
     problems: list[str] = []
     for index, count in enumerate(scale.processors):
         stage = ScaleStage(settings, options, count)
