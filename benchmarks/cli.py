@@ -25,6 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     api_latency.add_arguments(api)
     api.set_defaults(handler=api_latency.run)
 
+    from benchmarks import scale_bench
+
+    scale = benchmarks.add_parser(
+        "scale",
+        help="transfers/s of 1, 2, 4 processor processes on 16 partitions, rebalance gaps, takeover restore time",
+        description="For each process count, real `wallet processor` processes in one group on fresh topics and "
+        "the same input: transfers/s and its ratio to the first count; then, under load, the gaps when one "
+        "processor joins and one leaves, and the restore time of a processor without its snapshot.",
+    )
+    scale_bench.add_arguments(scale)
+    scale.set_defaults(handler=scale_bench.run)
+
     core = benchmarks.add_parser(
         "core", help="µs per command of the pure core on a transfer's whole path (decode, apply, encode; no Kafka)"
     )

@@ -62,7 +62,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,10 @@ class BenchError(RuntimeError):
     """A stage failed or timed out; the message says which and where its log is."""
 
 
+# Records of one stream of the input, and the topics each of them goes to.
+InputStream = tuple[tuple[str, ...], Iterator[tuple[str, bytes]]]
+
+
 # -- input -------------------------------------------------------------------------------------
 
 
@@ -192,8 +196,9 @@ def setup_records(accounts: int, ts_ms: int) -> Iterator[tuple[str, bytes]]:
 
 def transfer_records(
     accounts: int, count: int, seed: int, kind: str, expected: Counter, ts_ms: int | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """`count` transfers among the accounts; adds each one's certain outcome to `expected`.
+) -> Generator[tuple[str, bytes]]:
+    """`count` transfers among the accounts; adds the certain outcome of each one made to
+    `expected` once it is exhausted or closed.
 
     `ts_ms` None stamps each command with the wall clock when it is made (for live load).
     Written for speed (a million of these are made while the clock runs): names and amounts
@@ -499,6 +504,14 @@ class Child:
         return graceful
 
 
+def _failure_of(children: list[Child], what: str) -> BenchError:
+    """`what` went wrong with the processes `children`: the first one's log tail, the others' logs named."""
+    error = children[0].failure(what)
+    if len(children) == 1:
+        return error
+    return BenchError(f"{error}\n  the other logs: {', '.join(str(child.log_path) for child in children[1:])}")
+
+
 # -- results -----------------------------------------------------------------------------------
 
 
@@ -740,17 +753,10 @@ class Bench:
             + (f", and {faust_count:,} commands for the faust peer" if faust_topics else "")
         )
         ts_ms = time.time_ns() // 1_000_000
-        producer = _InputProducer(self.bootstrap, linger_ms=50)
         # The main input goes, record for record, to ours' commands topic and to each saga stage's own.
         main_topics = (self.settings.commands_topic, *saga_commands_topics)
         total += (setup_count + options.transfers) * len(saga_commands_topics)
-        streams = [
-            (main_topics, setup_records(options.accounts, ts_ms)),
-            (
-                main_topics,
-                transfer_records(options.accounts, options.transfers, options.seed, TRANSFER, self.expected, ts_ms),
-            ),
-        ]
+        streams = self.main_input(main_topics, ts_ms)
         for guarantee, (commands_topic, _) in faust_topics.items():
             streams += [
                 ((commands_topic,), setup_records(options.faust_accounts, ts_ms)),
@@ -766,17 +772,7 @@ class Bench:
                     ),
                 ),
             ]
-        started_s = time.monotonic()
-        with self._bar(total, "input", "msg") as bar:
-            for topics, records in streams:
-                for key, value in records:
-                    for topic in topics:
-                        producer.produce(topic, key, value)
-                        if producer.produced % 10_000 == 0:
-                            producer.poll()
-                            bar.update(10_000)
-            producer.flush()
-        elapsed_s = time.monotonic() - started_s
+        elapsed_s = self.produce_input(streams, total)
         self._check_input_counts(
             {
                 **{topic: setup_count + options.transfers for topic in main_topics},
@@ -787,6 +783,34 @@ class Bench:
             }
         )
         return {"records": total, "elapsed_s": round(elapsed_s, 3), "messages_per_s": round(total / elapsed_s, 1)}
+
+    def main_input(self, topics: tuple[str, ...], ts_ms: int) -> list[InputStream]:
+        """The main input for `topics`: every account opened and funded, then the transfers
+        (their certain outcomes are added to `self.expected` once the last one is made)."""
+        options = self.options
+        return [
+            (topics, setup_records(options.accounts, ts_ms)),
+            (
+                topics,
+                transfer_records(options.accounts, options.transfers, options.seed, TRANSFER, self.expected, ts_ms),
+            ),
+        ]
+
+    def produce_input(self, streams: list[InputStream], total: int) -> float:
+        """Produces every stream's records to each of its topics, progress shown against `total`;
+        returns the seconds from the first record to the last one acknowledged."""
+        producer = _InputProducer(self.bootstrap, linger_ms=50)
+        started_s = time.monotonic()
+        with self._bar(total, "input", "msg") as bar:
+            for topics, records in streams:
+                for key, value in records:
+                    for topic in topics:
+                        producer.produce(topic, key, value)
+                        if producer.produced % 10_000 == 0:
+                            producer.poll()
+                            bar.update(10_000)
+            producer.flush()
+        return time.monotonic() - started_s
 
     def _check_input_counts(self, expected_counts: dict[str, int]) -> None:
         consumer = Consumer(
@@ -941,7 +965,7 @@ class Bench:
         timeout_s = self._stage_timeout_s(stage, 2 * options.accounts + 2 * options.transfers)
         try:
             end_s = self._await_outcomes(
-                child, tally, options.transfers, timeout_s, stage, stall_timeout_s=stall_timeout_s
+                [child], tally, options.transfers, timeout_s, stage, stall_timeout_s=stall_timeout_s
             )
         finally:
             child.stop()
@@ -968,8 +992,16 @@ class Bench:
         self.problems += [f"{stage}: {problem}" for problem in ledger["problems"]]
         return ledger
 
-    def start_processor(self, name: str = "processor") -> Child:
+    def start_processor(
+        self,
+        name: str = "processor",
+        instance_id: str = "bench",
+        store: str = "processor-store",
+        metrics_port: int | None = None,
+    ) -> Child:
+        """A `wallet processor` process of this run's group; `store` is its RocksDB folder in the work folder."""
         options = self.options
+        metrics_port = options.metrics_port if metrics_port is None else metrics_port
         profile = ["-m", "cProfile", "-o", str(options.profile_processor)] if options.profile_processor else []
         return self._start(
             name,
@@ -984,14 +1016,14 @@ class Bench:
                 self.prefix,
                 "processor",
                 "--instance-id",
-                "bench",
+                instance_id,
                 "--store",
-                str(self.work_dir / "processor-store"),
+                str(self.work_dir / store),
                 "--batch-size-max",
                 str(options.batch_size_max),
                 "--commit-interval-ms",
                 str(options.commit_interval_ms),
-                *(["--metrics-port", str(options.metrics_port)] if options.metrics_port is not None else []),
+                *(["--metrics-port", str(metrics_port)] if metrics_port is not None else []),
             ],
             marker=PROCESSOR_READY_MARKER,
         )
@@ -1003,7 +1035,7 @@ class Bench:
             f"after {2 * options.accounts:,} account commands"
         )
         timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
-        end_s = self._await_outcomes(processor, tally, options.transfers, timeout_s, "ours")
+        end_s = self._await_outcomes([processor], tally, options.transfers, timeout_s, "ours")
         window_start_s, window_start = self._window_start(processor, "first consume after assignment")
         problems = self._check_results("ours", tally, options.accounts, self.expected)
         # Before the latency phase: with every transfer answered, the ledger is quiet.
@@ -1035,7 +1067,7 @@ class Bench:
         producer.flush()
         processor = self.start_processor("processor-holds")
         timeout_s = self._stage_timeout_s("ours", 3 * count)
-        end_s = self._await_outcomes(processor, tally, count, timeout_s, "holds", kind=HOLD_CAPTURE)
+        end_s = self._await_outcomes([processor], tally, count, timeout_s, "holds", kind=HOLD_CAPTURE)
         window_start_s, window_start = self._window_start(processor, "first consume after assignment")
         tally.poll(0.5)  # a second answer would be arriving now
         problems = []
@@ -1174,7 +1206,7 @@ class Bench:
         timeout_s = self._stage_timeout_s("faust", 2 * options.faust_accounts + 2 * options.faust_transfers)
         try:
             end_s = self._await_outcomes(
-                worker, tally, options.faust_transfers, timeout_s, f"faust {guarantee}", on_tick=heartbeat.tick
+                [worker], tally, options.faust_transfers, timeout_s, f"faust {guarantee}", on_tick=heartbeat.tick
             )
         finally:
             heartbeat.close()
@@ -1198,7 +1230,7 @@ class Bench:
 
     def _await_outcomes(
         self,
-        child: Child,
+        children: list[Child],
         tally: OutcomeTally,
         transfers: int,
         timeout_s: float,
@@ -1208,7 +1240,8 @@ class Bench:
         kind: str = TRANSFER,
     ) -> float:
         """Reads outcomes until `transfers` requests of `kind` (transfers, or the captures of the
-        hold stage) have one; returns when the last was seen."""
+        hold stage) have one; returns when the last was seen. Fails if any of `children` (the
+        processes deciding them) exits first."""
         deadline_s = time.monotonic() + timeout_s
         progress_s = time.monotonic()
         with self._bar(transfers, stage, "tx") as bar:
@@ -1220,22 +1253,26 @@ class Bench:
                     progress_s = time.monotonic()
                     bar.update(tally.per_kind[kind] - bar.n)
                 now_s = time.monotonic()
-                if child.exited() is not None:
-                    raise child.failure(
-                        f"{stage}: {child.name} exited with code {child.exited()} after "
-                        f"{tally.per_kind[kind]:,} of {transfers:,} outcomes"
-                    )
+                for child in children:
+                    if child.exited() is not None:
+                        raise child.failure(
+                            f"{stage}: {child.name} exited with code {child.exited()} after "
+                            f"{tally.per_kind[kind]:,} of {transfers:,} outcomes"
+                        )
                 # Start-up (a restore from a large snapshot) is bounded by the stage's deadline;
-                # the stall clock runs from the later of the last outcome and the assignment.
-                started_s = child.marker_s if child.marker is not None else child.started_s
-                if started_s is not None and now_s - max(progress_s, started_s) > stall_timeout_s:
-                    raise child.failure(
+                # the stall clock runs from the later of the last outcome and the last assignment.
+                started = [child.marker_s if child.marker is not None else child.started_s for child in children]
+                started_s = [value for value in started if value is not None]
+                if len(started_s) == len(children) and now_s - max(progress_s, *started_s) > stall_timeout_s:
+                    raise _failure_of(
+                        children,
                         f"{stage}: no new outcome for {stall_timeout_s:.0f} s "
-                        f"({tally.per_kind[kind]:,} of {transfers:,} decided)"
+                        f"({tally.per_kind[kind]:,} of {transfers:,} decided)",
                     )
                 if now_s > deadline_s:
-                    raise child.failure(
-                        f"{stage}: only {tally.per_kind[kind]:,} of {transfers:,} decided within {timeout_s:.0f} s"
+                    raise _failure_of(
+                        children,
+                        f"{stage}: only {tally.per_kind[kind]:,} of {transfers:,} decided within {timeout_s:.0f} s",
                     )
             return time.monotonic()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import socket
 
+from infra.settings import LOCAL_NODE_PORT_STEP
+
 # Where the ports of servers started here and by the tests are chosen: below Linux's ephemeral
 # range (32768-60999), from which every client socket on the machine takes its local port. A port
 # found free there (a `bind(0)`) can be taken by any outgoing connection in the seconds before a
@@ -48,6 +50,13 @@ def free_port_ladder(rungs: int, step: int) -> int:
         if all(port_is_free(base + step * rung + offset) for rung in range(rungs) for offset in (0, 1)):
             return base
     raise RuntimeError(f"no free ports for {rungs} nodes in {SERVER_PORTS.start}..{SERVER_PORTS.stop - 1}")
+
+
+def free_cluster_ports(nodes: int) -> tuple[int, int]:
+    """(client port, controller port) of node 1 of a local broker of `nodes` nodes such that every
+    node's pair (each `LOCAL_NODE_PORT_STEP` further) is free right now."""
+    base = free_port_ladder(nodes, LOCAL_NODE_PORT_STEP)
+    return base, base + 1
 
 
 def port_accepts(port: int) -> bool:

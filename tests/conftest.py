@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from infra.admin import BrokerUnavailableError, delete_topics, ensure_topics, wait_for_broker
-from infra.ports import free_loopback_ports, free_port_ladder, port_accepts
-from infra.settings import LOCAL_NODE_PORT_STEP, Settings
+from infra.ports import free_cluster_ports, free_loopback_ports, port_accepts
+from infra.settings import Settings
 from wallet import localkafka
 
 # One leg key for the whole session: the processes a test starts, the audits it runs in-process
@@ -128,13 +128,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
         # In the order the tests ran (a stable sort keeps a test's own figures in order).
         for _, nodeid, text in sorted(figures, key=lambda figure: figure[0]):
             terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {text}")
-
-
-def free_cluster_ports(nodes: int) -> tuple[int, int]:
-    """(client port, controller port) of node 1 of a local cluster such that every node's pair
-    (each `LOCAL_NODE_PORT_STEP` further) is free right now."""
-    base = free_port_ladder(nodes, LOCAL_NODE_PORT_STEP)
-    return base, base + 1
 
 
 @contextlib.contextmanager

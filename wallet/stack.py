@@ -382,9 +382,10 @@ def _api_not_ready(state: StackState) -> str | None:
     return None
 
 
-def processors_not_ready(admin, settings: Settings) -> str | None:
-    """None once the processors' group is stable and owns every partition of the commands topic, else
-    what it waits for. A freshly started broker answers NOT_COORDINATOR for a while: not ready yet, not an error.
+def processors_not_ready(admin, settings: Settings, members: int | None = None) -> str | None:
+    """None once the processors' group is stable and owns every partition of the commands topic
+    (with `members` members, if given), else what it waits for. A freshly started broker answers
+    NOT_COORDINATOR for a while: not ready yet, not an error.
 
     Asked with DescribeGroups sent to every broker (`list_groups`), not `describe_consumer_groups`:
     librdkafka 2.16's coordinator lookup of the latter aborts the whole process (assertion
@@ -401,9 +402,14 @@ def processors_not_ready(admin, settings: Settings) -> str | None:
     owned: set[int] = set()
     for member in description.members:
         owned.update(_assigned_partitions(member.assignment, settings.commands_topic))
-    if description.state == "Stable" and len(owned) == settings.partitions:
+    if (
+        description.state == "Stable"
+        and len(owned) == settings.partitions
+        and members in (None, len(description.members))
+    ):
         return None
-    return f"the processors (they own {len(owned)} of {settings.partitions} partitions)"
+    of_members = "" if members is None else f", {len(description.members)} of {members} members joined"
+    return f"the processors (they own {len(owned)} of {settings.partitions} partitions{of_members})"
 
 
 def _assigned_partitions(assignment: bytes | None, topic: str) -> list[int]:
