@@ -963,7 +963,7 @@ class Bench:
         self.problems += [f"{stage}: {problem}" for problem in ledger["problems"]]
         return ledger
 
-    def start_processor(self, name: str = "processor") -> Child:
+    def start_processor(self, name: str = "processor", instance_id: str = "bench") -> Child:
         options = self.options
         profile = ["-m", "cProfile", "-o", str(options.profile_processor)] if options.profile_processor else []
         return self._start(
@@ -979,9 +979,9 @@ class Bench:
                 self.prefix,
                 "processor",
                 "--instance-id",
-                "bench",
+                instance_id,
                 "--store",
-                str(self.work_dir / "processor-store"),
+                str(self.work_dir / f"{instance_id}-store"),
                 "--batch-size-max",
                 str(options.batch_size_max),
                 "--commit-interval-ms",

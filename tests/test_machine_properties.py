@@ -1,16 +1,18 @@
 """Properties of the state machine over random histories, through the multi-partition driver.
 
 Hypothesis draws a program: client commands over a few accounts in USD, JPY and BHD (users
-and merchants, one of them sharded over four partitions and paid by a shard count the client
-states: right, too small, too large or invalid) from random actors under random roles, holds among them (placed with short,
-long and invalid expiries, captured whole or in parts, final or not, voided, on hold ids that
-exist or not), the processors' ticks, client retries of earlier commands with the same or
-another payload, the order in which the partitions consume their records, and records an
-attacker injects among them: ticks that name another partition, forged legs (unsigned or signed with a wrong
-key), copies of genuine legs replayed, and malformed legs (non-positive or non-canonical
-amounts, other currencies, shard openings of ids that are not a merchant's derived ids) signed with the processors' own key, so that the core's own
-validation is what refuses them. Kafka's exactly-once processing consumes each record once;
-duplicates come from clients (a retry of a transfer in flight re-sends a leg) and attackers.
+and merchants, one merchant sharded over four partitions and paid with a shard count the
+client states: right, too small, too large or invalid) from random actors under random
+roles, holds among them (placed with short, long and invalid expiries, captured whole or in
+parts, final or not, voided, on hold ids that exist or not), the processors' ticks, client
+retries of earlier commands with the same or another payload, the order in which the
+partitions consume their records, and records an attacker injects among them: ticks that
+name another partition, forged legs (unsigned or signed with a wrong key), copies of genuine
+legs replayed, and malformed legs (non-positive or non-canonical amounts, other currencies,
+shard openings of ids that are not a merchant's derived ids) signed with the processors' own
+key, so that the core's own validation is what refuses them. Kafka's exactly-once processing
+consumes each record once; duplicates come from clients (a retry of a transfer in flight
+re-sends a leg) and attackers.
 """
 
 from __future__ import annotations

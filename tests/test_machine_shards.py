@@ -86,11 +86,13 @@ def test_a_sharded_open_opens_the_merchant_and_asks_for_each_other_shard_by_a_le
     assert decision.outcome is not None and decision.outcome.status == "success"
     [opened] = decision.events
     assert isinstance(opened, AccountOpened) and (opened.shards, opened.shard_of) == (3, None)
-    assert [(leg.account_id, leg.shard_index, leg.owner) for leg in decision.follow_ups] == [
+    legs = [leg for leg in decision.follow_ups if isinstance(leg, OpenShard)]
+    assert len(legs) == len(decision.follow_ups)
+    assert [(leg.account_id, leg.shard_index, leg.owner) for leg in legs] == [
         ("shop::s1", 1, "shop-owner"),
         ("shop::s2", 2, "shop-owner"),
     ]
-    for leg in decision.follow_ups:
+    for leg in legs:
         shard = apply(state, leg)
         [event] = shard.events
         assert isinstance(event, AccountOpened)

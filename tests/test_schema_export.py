@@ -125,7 +125,11 @@ def test_the_shard_fields_are_in_the_contract_with_their_bounds() -> None:
     commands = schema_of("command.schema.json")["$defs"]
     assert commands["OpenAccount"]["properties"]["shards"]["default"] == 1
     assert commands["PayMerchant"]["properties"]["to_shards"]["default"] == 1
-    assert commands["OpenShard"]["properties"]["shard_index"] == {"type": "integer", "minimum": 1, "exclusiveMaximum": 64}
+    assert commands["OpenShard"]["properties"]["shard_index"] == {
+        "type": "integer",
+        "minimum": 1,
+        "exclusiveMaximum": 64,
+    }
     opened = schema_of("event.schema.json")["$defs"]["AccountOpened"]["properties"]
     assert {"shards", "shard_of"} <= set(opened)
 
