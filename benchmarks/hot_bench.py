@@ -188,7 +188,7 @@ def format_report(report: dict) -> str:
             f"largest shard {stage['largest_shard_share']:.0%}; x{ratio:.2f} the first; "
             f"checks {'ok' if stage['checks_ok'] else 'FAILED: ' + '; '.join(stage['problems'])})"
         )
-    lines.append(f"  load average at the end: {' '.join(f'{value:.1f}' for value in os.getloadavg())}")
+    lines.append(f"  load average at the end: {' '.join(f'{value:.1f}' for value in report['load_average'])}")
     return "\n".join(lines)
 
 
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     except LocalKafkaError as error:
         print(f"wallet bench hot: starting a local broker failed: {error}", file=sys.stderr)
         return 1
-    report = {"merchant": MERCHANT, "processors": args.processors, "stages": stages}
+    report = {"merchant": MERCHANT, "processors": args.processors, "stages": stages, "load_average": os.getloadavg()}
     base = stages[0]["transfers_per_s"]
     report["ratios_to_first"] = [round(stage["transfers_per_s"] / base, 3) if base else None for stage in stages]
     print(json.dumps(report, indent=1) if args.json else format_report(report))
