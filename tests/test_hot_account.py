@@ -88,17 +88,19 @@ def test_a_sharded_merchant_paid_by_many_payers_holds_every_payment_across_its_s
     assert (answers[-1].status, answers[-1].reason) == ("failure", Reason.RESERVED_ACCOUNT_ID)
 
     draw = random.Random(15)
+    payers = [draw.choice(PAYERS) for _ in range(PAYMENTS + OVERSTATED_PAYMENTS)]
     payments = [
-        edge(
-            PayMerchant,
+        PayMerchant(
             transaction_id=f"hot-pay-{number}",
-            from_account=draw.choice(PAYERS),
+            actor=payer,  # the local edge's credentials: an account acts for itself
+            role="user",
+            from_account=payer,
             to_account=MERCHANT,
             amount="1.00",
             currency="USD",
             to_shards=SHARDS if number < PAYMENTS else OVERSTATED_SHARDS,
         )
-        for number in range(PAYMENTS + OVERSTATED_PAYMENTS)
+        for number, payer in enumerate(payers)
     ]
     answers = _ask(pipeline, *payments)
     expected = [
