@@ -28,10 +28,10 @@ pytest_plugins = ["tests.readmodel_fixtures"]
 
 PARTITIONS = 8
 MERCHANT, SHARDS = "hot-m", 6
-PAYERS = [f"hot-p{index}" for index in range(30)]
-PAYMENTS = 240
+PAYERS = [f"hot-p{index}" for index in range(20)]
+PAYMENTS = 120
 OVERSTATED_SHARDS = 12  # a client that says 12: the picks beyond shard 5 find no shard and are refunded
-OVERSTATED_PAYMENTS = 24
+OVERSTATED_PAYMENTS = 16
 
 
 @pytest.fixture(scope="module")
