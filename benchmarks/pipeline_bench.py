@@ -594,6 +594,7 @@ class BenchOptions:
 class Bench:
     def __init__(self, base: Settings, options: BenchOptions) -> None:
         self.options = options
+        self.report: dict = {}
         self.prefix = f"{base.topic_prefix}bench-{uuid.uuid4().hex[:8]}."
         self.settings = base.with_overrides(topic_prefix=self.prefix, partitions=options.partitions)
         self.bootstrap = self.settings.bootstrap
@@ -1215,7 +1216,10 @@ class Bench:
                         f"{stage}: {child.name} exited with code {child.exited()} after "
                         f"{tally.per_kind[kind]:,} of {transfers:,} outcomes"
                     )
-                if now_s - progress_s > stall_timeout_s:
+                # Start-up (a restore from a large snapshot) is bounded by the stage's deadline;
+                # the stall clock runs from the later of the last outcome and the assignment.
+                started_s = child.marker_s if child.marker is not None else child.started_s
+                if started_s is not None and now_s - max(progress_s, started_s) > stall_timeout_s:
                     raise child.failure(
                         f"{stage}: no new outcome for {stall_timeout_s:.0f} s "
                         f"({tally.per_kind[kind]:,} of {transfers:,} decided)"
@@ -1275,6 +1279,8 @@ class Bench:
         options = self.options
         run_started_s = time.monotonic()
         phase_wall_s: dict[str, float] = {}
+        # Kept on the bench as it grows: a later stage that fails must not take the figures of
+        # the stages that finished with it.
         report: dict = {
             "transfers": options.transfers,
             "accounts": options.accounts,
@@ -1285,6 +1291,7 @@ class Bench:
             "commit_interval_ms": options.commit_interval_ms,
             "phase_wall_s": phase_wall_s,
         }
+        self.report = report
 
         def phase_done(name: str, started_s: float) -> float:
             now_s = time.monotonic()
@@ -1682,6 +1689,10 @@ def _run_bench(bench: Bench, args: argparse.Namespace) -> int:
         kafka_streams_peer.PeerBuildError,
     ) as error:
         print(f"wallet bench: {error}", file=sys.stderr)
+        if any(isinstance(value, dict) and value for value in bench.report.values()):
+            print(
+                f"figures of the stages that finished before it:\n{json.dumps(bench.report, indent=1)}", file=sys.stderr
+            )
         return 1
     finally:
         bench.cleanup(keep_work_dir=failed)

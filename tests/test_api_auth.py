@@ -13,7 +13,6 @@ import json
 import math
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from consumers.readmodel.store import ReadModelStore
 from infra.settings import Settings
-from producers.api import ApiOptions
 from producers.auth import (
     AuthConfig,
     AuthError,
@@ -38,6 +36,8 @@ from producers.auth import (
 from schemas.codec import decode_command
 from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
+from tests.support.api_callers import HTTP_TIMEOUT_S, Caller, open_account, served_api, unique_id
+from tests.support.api_callers import people as callers
 from tests.support.auth import TEST_SECRET, auth_config, bearer, token
 from tests.support.processes import ProcessorProcess
 from tests.support.serving import serving_in_thread
@@ -46,8 +46,6 @@ from wallet.api_app import create_app
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import consume_until_caught_up  # noqa: E402
 
-REQUEST_WAIT_MS = 20_000
-HTTP_TIMEOUT_S = 60
 WATERMARK_TIMEOUT_S = 10
 LOG_READ_TIMEOUT_S = 30
 TRANSFER_PATH = "/v1/wallet/balance_transfer"
@@ -67,63 +65,17 @@ def readmodel_db(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def api(wallet_settings: Settings, processor: ProcessorProcess, readmodel_db: str) -> Iterator[httpx.Client]:
-    app = create_app(
-        wallet_settings,
-        ApiOptions(request_wait_ms=REQUEST_WAIT_MS),
-        readmodel_db=readmodel_db,
-        auth=auth_config(),
-        rate_limits=RateLimits(rate_per_s=1000, burst=1000),
-    )
-    with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
+    with served_api(wallet_settings, readmodel_db) as client:
         yield client
-
-
-def _id(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:10]}"
-
-
-class Caller:
-    """One principal with its token: what a client of the API holds."""
-
-    def __init__(self, api: httpx.Client, sub: str, scope: str) -> None:
-        self.api = api
-        self.sub = sub
-        self.headers = bearer(sub, scope)
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        return self.api.post(path, json={"transaction_id": _id("tx"), **body}, headers=self.headers)
-
-    def command(self, path: str, body: dict) -> dict:
-        response = self.post(path, body)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def get(self, path: str, **params) -> httpx.Response:
-        return self.api.get(path, params=params, headers=self.headers)
 
 
 @pytest.fixture(scope="module")
 def people(api: httpx.Client) -> dict[str, Caller]:
-    return {
-        "alice": Caller(api, _id("alice"), "wallet:user"),
-        "bob": Caller(api, _id("bob"), "wallet:user"),
-        "bank": Caller(api, _id("bank"), "wallet:bank"),
-        "operator": Caller(api, _id("ops"), "wallet:operator"),
-        "auditor": Caller(api, _id("audit"), "wallet:audit"),
-    }
-
-
-def _open(owner: Caller, bank: Caller, funds: str | None = None) -> str:
-    account = _id(f"{owner.sub}-acct")
-    assert owner.command("/v1/accounts", {"account_id": account, "currency": "USD"})["status"] == "success"
-    if funds is not None:
-        deposit = bank.command(f"/v1/accounts/{account}/deposit", {"amount": funds, "currency": "USD"})
-        assert deposit["status"] == "success"
-    return account
+    return callers(api)
 
 
 def _commands_end_offsets(settings: Settings) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": _id("watermarks")})
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": unique_id("watermarks")})
     try:
         return [
             consumer.get_watermark_offsets(
@@ -142,7 +94,7 @@ def _logged_command(settings: Settings, account_id: str, transaction_id: str):
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap,
-            "group.id": _id("reader"),
+            "group.id": unique_id("reader"),
             "isolation.level": "read_committed",
             "enable.auto.commit": False,
         }
@@ -191,7 +143,13 @@ def test_requests_without_a_valid_token_get_401_and_publish_nothing(
     api: httpx.Client, wallet_settings: Settings
 ) -> None:
     before = _commands_end_offsets(wallet_settings)
-    body = {"from_account": "a", "to_account": "b", "amount": "1.00", "currency": "USD", "transaction_id": _id("t")}
+    body = {
+        "from_account": "a",
+        "to_account": "b",
+        "amount": "1.00",
+        "currency": "USD",
+        "transaction_id": unique_id("t"),
+    }
     for what, headers in _bad_headers().items():
         for method, path, payload in (
             ("POST", TRANSFER_PATH, body),
@@ -233,7 +191,7 @@ def test_the_auditor_reads_everything_and_moves_nothing(
     api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str
 ) -> None:
     alice, bob, bank, auditor = people["alice"], people["bob"], people["bank"], people["auditor"]
-    accounts = [_open(alice, bank, "5.00"), _open(bob, bank, "7.00")]
+    accounts = [open_account(alice, bank, "5.00"), open_account(bob, bank, "7.00")]
     with ReadModelStore(readmodel_db) as store:
         consume_until_caught_up(store, wallet_settings)
     assert [auditor.get(f"/v1/accounts/{a}").json()["balance"] for a in accounts] == ["5.00", "7.00"]
@@ -242,7 +200,7 @@ def test_the_auditor_reads_everything_and_moves_nothing(
     money = {"amount": "1.00", "currency": "USD"}
     for path, body in (
         (TRANSFER_PATH, {"from_account": accounts[0], "to_account": accounts[1], **money}),
-        ("/v1/accounts", {"account_id": _id("audit-acct"), "currency": "USD"}),
+        ("/v1/accounts", {"account_id": unique_id("audit-acct"), "currency": "USD"}),
         (f"/v1/accounts/{accounts[0]}/deposit", money),
         (f"/v1/accounts/{accounts[0]}/withdraw", money),
         (f"/v1/accounts/{accounts[0]}/freeze", {}),
@@ -259,7 +217,7 @@ def test_every_command_carries_the_token_subject_as_actor_and_the_scope_as_role(
     api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings
 ) -> None:
     alice, bank, operator = people["alice"], people["bank"], people["operator"]
-    account = _id("actor-acct")
+    account = unique_id("actor-acct")
     opening = alice.post("/v1/accounts", {"account_id": account, "currency": "USD", "actor": "mallory"})
     assert (opening.status_code, opening.json()["errors"][0]["reason"]) == (422, "unknown_field")
     steps = [
@@ -268,7 +226,7 @@ def test_every_command_carries_the_token_subject_as_actor_and_the_scope_as_role(
         (operator, f"/v1/accounts/{account}/freeze", {}, "operator"),
     ]
     for caller, path, body, role in steps:
-        transaction_id = _id("actor-tx")
+        transaction_id = unique_id("actor-tx")
         assert caller.command(path, {**body, "transaction_id": transaction_id})["status"] == "success"
         logged = _logged_command(wallet_settings, account, transaction_id)
         assert (logged.actor, logged.role) == (caller.sub, role)
@@ -278,13 +236,13 @@ def test_the_bank_deposits_and_the_operator_freezes(
     api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str
 ) -> None:
     alice, bank, operator = people["alice"], people["bank"], people["operator"]
-    account = _open(alice, bank, "10.00")
+    account = open_account(alice, bank, "10.00")
     withdrawn = bank.command(f"/v1/accounts/{account}/withdraw", {"amount": "1.00", "currency": "USD"})
     assert withdrawn["status"] == "success"
     assert operator.command(f"/v1/accounts/{account}/freeze", {})["status"] == "success"
     frozen = alice.command(
         TRANSFER_PATH,
-        {"from_account": account, "to_account": _open(people["bob"], bank), "amount": "1.00", "currency": "USD"},
+        {"from_account": account, "to_account": open_account(people["bob"], bank), "amount": "1.00", "currency": "USD"},
     )
     assert (frozen["status"], frozen["reason"]) == ("failure", "account_frozen")
     with ReadModelStore(readmodel_db) as store:
@@ -297,7 +255,7 @@ def test_a_user_moves_money_to_anyone_but_out_of_its_own_accounts_only(
     api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings
 ) -> None:
     alice, bob, bank = people["alice"], people["bob"], people["bank"]
-    alices, bobs = _open(alice, bank, "10.00"), _open(bob, bank, "10.00")
+    alices, bobs = open_account(alice, bank, "10.00"), open_account(bob, bank, "10.00")
     paid = alice.command(
         TRANSFER_PATH, {"from_account": alices, "to_account": bobs, "amount": "2.00", "currency": "USD"}
     )
@@ -308,7 +266,7 @@ def test_a_user_moves_money_to_anyone_but_out_of_its_own_accounts_only(
         (TRANSFER_PATH, {"from_account": bobs, "to_account": alices, "merchant_payment": True}),
         (f"/v1/accounts/{bobs}/withdraw", {}),
     ):
-        transaction_id = _id("steal")
+        transaction_id = unique_id("steal")
         response = alice.post(path, {"amount": "1.00", "currency": "USD", "transaction_id": transaction_id, **body})
         assert response.status_code == 200, response.text
         logged = _logged_command(wallet_settings, bobs, transaction_id)
@@ -321,8 +279,8 @@ def test_a_user_cannot_read_another_users_account_history_or_requests(
     api: httpx.Client, people: dict[str, Caller], wallet_settings: Settings, readmodel_db: str
 ) -> None:
     alice, bob, bank = people["alice"], people["bob"], people["bank"]
-    alices, bobs = _open(alice, bank, "4.00"), _open(bob, bank, "4.00")
-    transaction_id = _id("bobs-tx")
+    alices, bobs = open_account(alice, bank, "4.00"), open_account(bob, bank, "4.00")
+    transaction_id = unique_id("bobs-tx")
     assert (
         bob.command(
             TRANSFER_PATH,

@@ -371,8 +371,7 @@ def _drain_and_check(
 def _rode_through(stuck: list[str]) -> None:
     """Nothing was lost or doubled (checked before this), but a processor that exited and had to be
     started again did not ride through the fault: a liveness bug of the runtime (streams/), recorded
-    as xfail with its reason rather than hidden. Known: on a heavily loaded machine a leader kill can
-    still end a processor in `_recover` (committed offsets asked of a lost coordinator)."""
+    as xfail with its reason rather than hidden."""
     if stuck:
         pytest.xfail("a processor did not ride through: " + " | ".join(stuck))
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +25,13 @@ from consumers.readmodel.consumer import ReadModelConsumer
 from consumers.readmodel.query_api import WAIT_MS_MAX
 from consumers.readmodel.store import ReadModelStore
 from infra.settings import Settings
-from producers.api import ApiOptions
-from producers.auth import RateLimits
 from producers.load import ledger_balances
 from schemas.partitioning import partition_for
-from tests.support.auth import auth_config, bearer, token
+from tests.support.api_callers import HTTP_TIMEOUT_S, Caller, open_account, served_api, unique_id
+from tests.support.api_callers import people as callers
+from tests.support.auth import token
 from tests.support.processes import ProcessorProcess
-from tests.support.serving import serving_in_thread
-from wallet.api_app import create_app
 
-REQUEST_WAIT_MS = 20_000  # generous: the processor may still be joining its group at the first request
-HTTP_TIMEOUT_S = 60
 READ_MODEL_WAIT_S = 20.0
 ACCOUNT_WAIT_MS = WAIT_MS_MAX
 # An expiry of 1 s, then a tick within a tick interval (1 s) or two, then the read model.
@@ -84,64 +79,19 @@ def readmodel_db(wallet_settings: Settings, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def api(wallet_settings: Settings, processor: ProcessorProcess, readmodel_db: str) -> Iterator[httpx.Client]:
-    app = create_app(
-        wallet_settings,
-        ApiOptions(request_wait_ms=REQUEST_WAIT_MS),
-        readmodel_db=readmodel_db,
-        auth=auth_config(),
-        rate_limits=RateLimits(rate_per_s=1000, burst=1000),
-    )
-    with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
+    with served_api(wallet_settings, readmodel_db) as client:
         yield client
-
-
-def _id(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:10]}"
-
-
-class Caller:
-    """One principal with its token."""
-
-    def __init__(self, api: httpx.Client, sub: str, scope: str) -> None:
-        self.api, self.sub, self.headers = api, sub, bearer(sub, scope)
-
-    def post(self, path: str, body: dict | None = None, **params) -> httpx.Response:
-        return self.api.post(path, json=body if body is not None else {}, params=params, headers=self.headers)
-
-    def command(self, path: str, body: dict | None = None, **params) -> tuple[str, str | None]:
-        response = self.post(path, body, **params)
-        assert response.status_code == 200, response.text
-        reply = response.json()
-        return reply["status"], reply["reason"]
-
-    def get(self, path: str, **params) -> httpx.Response:
-        return self.api.get(path, params=params, headers=self.headers)
 
 
 @pytest.fixture(scope="module")
 def people(api: httpx.Client) -> dict[str, Caller]:
-    return {
-        "alice": Caller(api, _id("alice"), "wallet:user"),
-        "bob": Caller(api, _id("bob"), "wallet:user"),
-        "bank": Caller(api, _id("bank"), "wallet:bank"),
-        "operator": Caller(api, _id("ops"), "wallet:operator"),
-    }
-
-
-def _open(owner: Caller, bank: Caller, funds: str | None = None, kind: str = "user", account: str | None = None) -> str:
-    account = account or _id(kind)
-    opened = {"account_id": account, "currency": "USD", "kind": kind, "transaction_id": _id("open")}
-    assert owner.command("/v1/accounts", opened) == ("success", None)
-    if funds is not None:
-        deposit = {"amount": funds, "currency": "USD", "transaction_id": _id("fund")}
-        assert bank.command(f"/v1/accounts/{account}/deposit", deposit) == ("success", None)
-    return account
+    return callers(api)
 
 
 def _id_apart_from(account: str, partitions: int) -> str:
     """An account id on another partition than `account`'s: a capture across partitions."""
     while True:
-        other = _id("apart")
+        other = unique_id("apart")
         if partition_for(other, partitions) != partition_for(account, partitions):
             return other
 
@@ -149,7 +99,7 @@ def _id_apart_from(account: str, partitions: int) -> str:
 def _place(
     owner: Caller, account: str, to_account: str, amount: str, expires_in_s: int = 600, hold_id: str | None = None
 ):
-    hold_id = hold_id or _id("hold")
+    hold_id = hold_id or unique_id("hold")
     body = {
         "to_account": to_account,
         "amount": amount,
@@ -157,7 +107,7 @@ def _place(
         "transaction_id": hold_id,
         "expires_in_s": expires_in_s,
     }
-    return hold_id, owner.command(f"/v1/accounts/{account}/holds", body)
+    return hold_id, owner.outcome(f"/v1/accounts/{account}/holds", body)
 
 
 def _hold_when(caller: Caller, hold_id: str, done, wait_s: float = READ_MODEL_WAIT_S, **params) -> dict:
@@ -182,21 +132,21 @@ def test_a_hold_captured_in_two_parts_across_partitions_moves_exactly_what_was_c
     people: dict[str, Caller], wallet_settings: Settings
 ) -> None:
     alice, bank = people["alice"], people["bank"]
-    payer = _open(alice, bank, funds="100.00")
-    shop = _open(alice, bank, kind="merchant", account=_id_apart_from(payer, wallet_settings.partitions))
+    payer = open_account(alice, bank, funds="100.00")
+    shop = open_account(alice, bank, kind="merchant", account=_id_apart_from(payer, wallet_settings.partitions))
     hold_id, placed = _place(alice, payer, shop, "40.00")
     assert placed == ("success", None)
     account = _account_at(alice, payer, 3)  # opened, funded, held
     assert (account["balance"], account["held"], account["available"]) == ("100.00", "40.00", "60.00")
     # Only available money moves out: 70.00 of a balance of 100.00 of which 40.00 is held is refused.
-    withdraw = {"amount": "70.00", "currency": "USD", "transaction_id": _id("w")}
-    assert bank.command(f"/v1/accounts/{payer}/withdraw", withdraw) == ("failure", "insufficient_funds")
+    withdraw = {"amount": "70.00", "currency": "USD", "transaction_id": unique_id("w")}
+    assert bank.outcome(f"/v1/accounts/{payer}/withdraw", withdraw) == ("failure", "insufficient_funds")
 
     first = {"amount": "10.00", "final": False, "capture_id": f"{hold_id}.c1"}
-    assert alice.command(f"/v1/holds/{hold_id}/capture", first) == ("success", None)
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture", first) == ("success", None)
     partly = _hold_when(alice, hold_id, lambda hold: hold["captured"] == "10.00")
     assert (partly["state"], partly["held"], partly["released"]) == ("open", "30.00", "0.00")
-    assert alice.command(f"/v1/holds/{hold_id}/capture", {"amount": "5.00", "capture_id": f"{hold_id}.c2"}) == (
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture", {"amount": "5.00", "capture_id": f"{hold_id}.c2"}) == (
         "success",
         None,
     )
@@ -217,11 +167,11 @@ def test_a_hold_captured_in_two_parts_across_partitions_moves_exactly_what_was_c
     assert (account["balance"], account["held"], account["available"]) == ("85.00", "0.00", "85.00")
 
     # A retry is the same answer; a new capture of an ended hold moves nothing.
-    assert alice.command(f"/v1/holds/{hold_id}/capture", {"amount": "5.00", "capture_id": f"{hold_id}.c2"}) == (
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture", {"amount": "5.00", "capture_id": f"{hold_id}.c2"}) == (
         "success",
         None,
     )
-    assert alice.command(f"/v1/holds/{hold_id}/capture", {"capture_id": f"{hold_id}.c3"}) == (
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture", {"capture_id": f"{hold_id}.c3"}) == (
         "failure",
         "hold_captured",
     )
@@ -234,18 +184,18 @@ def test_a_void_releases_the_hold_and_a_capture_after_it_is_refused(
     people: dict[str, Caller], wallet_settings: Settings
 ) -> None:
     alice, bank = people["alice"], people["bank"]
-    payer = _open(alice, bank, funds="50.00")
-    shop = _open(alice, bank)
+    payer = open_account(alice, bank, funds="50.00")
+    shop = open_account(alice, bank)
     hold_id, placed = _place(alice, payer, shop, "30.00")
     assert placed == ("success", None)
     # A hold needs available money: 30.00 of 50.00 is held, so another 30.00 is refused.
     assert _place(alice, payer, shop, "30.00")[1] == ("failure", "insufficient_funds")
-    assert alice.command(f"/v1/holds/{hold_id}/capture", {"amount": "30.01", "capture_id": _id("c")}) == (
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture", {"amount": "30.01", "capture_id": unique_id("c")}) == (
         "failure",
         "capture_exceeds_hold",
     )
-    assert alice.command(f"/v1/holds/{hold_id}/void") == ("success", None)
-    assert alice.command(f"/v1/holds/{hold_id}/void") == ("success", None)  # the default void id: a retry
+    assert alice.outcome(f"/v1/holds/{hold_id}/void") == ("success", None)
+    assert alice.outcome(f"/v1/holds/{hold_id}/void") == ("success", None)  # the default void id: a retry
     voided = _hold_when(alice, hold_id, lambda hold: hold["state"] != "open")
     assert (voided["state"], voided["captured"], voided["released"], voided["held"]) == (
         "voided",
@@ -253,7 +203,7 @@ def test_a_void_releases_the_hold_and_a_capture_after_it_is_refused(
         "30.00",
         "0.00",
     )
-    assert alice.command(f"/v1/holds/{hold_id}/capture") == ("failure", "hold_voided")
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture") == ("failure", "hold_voided")
     account = _account_at(alice, payer, 4)
     assert (account["balance"], account["held"], account["available"]) == ("50.00", "0.00", "50.00")
     assert ledger_balances(wallet_settings, [payer, shop]) == {payer: "50.00", shop: "0.00"}
@@ -263,8 +213,8 @@ def test_only_the_payers_owner_or_an_operator_captures_and_the_destinations_owne
     people: dict[str, Caller], wallet_settings: Settings
 ) -> None:
     alice, bob, bank, operator = people["alice"], people["bob"], people["bank"], people["operator"]
-    payer = _open(alice, bank, funds="20.00")
-    shop = _open(bob, bank)
+    payer = open_account(alice, bank, funds="20.00")
+    shop = open_account(bob, bank)
     hold_id, placed = _place(alice, payer, shop, "12.00")
     assert placed == ("success", None)
     # Bob may not place a hold on alice's account: the core refuses it, and says who asked.
@@ -273,23 +223,23 @@ def test_only_the_payers_owner_or_an_operator_captures_and_the_destinations_owne
     assert (seen["account_id"], seen["to_account"], seen["amount"]) == (payer, shop, "12.00")
     refused = bob.post(f"/v1/holds/{hold_id}/capture")
     assert (refused.status_code, refused.json()["error"]) == (403, "forbidden")
-    assert operator.command(f"/v1/holds/{hold_id}/capture", {"amount": "2.00"}) == ("success", None)
+    assert operator.outcome(f"/v1/holds/{hold_id}/capture", {"amount": "2.00"}) == ("success", None)
     assert ledger_balances(wallet_settings, [payer, shop]) == {payer: "18.00", shop: "2.00"}
-    stranger = Caller(alice.api, _id("carol"), "wallet:user")
+    stranger = Caller(alice.api, unique_id("carol"), "wallet:user")
     assert stranger.get(f"/v1/holds/{hold_id}").status_code == 404
 
 
 def test_a_hold_nobody_touches_expires_by_the_processors_ticks(people: dict[str, Caller]) -> None:
     alice, bank = people["alice"], people["bank"]
-    payer = _open(alice, bank, funds="10.00")
-    shop = _open(alice, bank)
+    payer = open_account(alice, bank, funds="10.00")
+    shop = open_account(alice, bank)
     hold_id, placed = _place(alice, payer, shop, "4.00", expires_in_s=1)
     assert placed == ("success", None)
     expired = _hold_when(alice, hold_id, lambda hold: hold["state"] != "open", wait_s=EXPIRY_WAIT_S)
     assert (expired["state"], expired["released"], expired["held"]) == ("expired", "4.00", "0.00")
     assert expired["expires_ms"] - expired["placed_ms"] == 1000
     assert expired["updated_ms"] >= expired["expires_ms"]
-    assert alice.command(f"/v1/holds/{hold_id}/capture") == ("failure", "hold_expired")
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture") == ("failure", "hold_expired")
     account = _account_at(alice, payer, 4)
     assert (account["held"], account["available"]) == ("0.00", "10.00")
 
@@ -298,12 +248,12 @@ def test_a_capture_the_destination_refuses_is_refunded_to_available_money(
     people: dict[str, Caller], wallet_settings: Settings
 ) -> None:
     alice, bank, operator = people["alice"], people["bank"], people["operator"]
-    payer = _open(alice, bank, funds="10.00")
-    shop = _open(alice, bank, account=_id_apart_from(payer, wallet_settings.partitions))
+    payer = open_account(alice, bank, funds="10.00")
+    shop = open_account(alice, bank, account=_id_apart_from(payer, wallet_settings.partitions))
     hold_id, placed = _place(alice, payer, shop, "6.00")
     assert placed == ("success", None)
-    assert operator.command(f"/v1/accounts/{shop}/freeze", {"transaction_id": _id("freeze")}) == ("success", None)
-    assert alice.command(f"/v1/holds/{hold_id}/capture") == ("failure", "account_frozen")
+    assert operator.outcome(f"/v1/accounts/{shop}/freeze", {"transaction_id": unique_id("freeze")}) == ("success", None)
+    assert alice.outcome(f"/v1/holds/{hold_id}/capture") == ("failure", "account_frozen")
     assert ledger_balances(wallet_settings, [payer, shop]) == {payer: "10.00", shop: "0.00"}
     account = _account_at(alice, payer, 5)  # opened, funded, held, captured, refunded
     assert (account["balance"], account["held"], account["available"]) == ("10.00", "0.00", "10.00")
@@ -333,9 +283,9 @@ def _wallet(api: httpx.Client, sub: str, *arguments: str) -> subprocess.Complete
 def test_the_hold_verbs_of_the_cli_answer_readably_with_an_exit_status_per_outcome(
     api: httpx.Client, wallet_settings: Settings
 ) -> None:
-    sub, hold_id = _id("cli"), _id("cli-hold")
+    sub, hold_id = unique_id("cli"), unique_id("cli-hold")
     caller = Caller(api, sub, "wallet:user wallet:bank")  # the CLI's principal, for the setup and the reads
-    payer, shop = _open(caller, caller, funds="20.00"), _open(caller, caller)
+    payer, shop = open_account(caller, caller, funds="20.00"), open_account(caller, caller)
     placed = _wallet(api, sub, "hold", "place", payer, shop, "8", "USD", "--expires-in-s", "600", "--tx", hold_id)
     assert placed.returncode == 0, placed.stdout + placed.stderr
     assert placed.stdout.startswith(f"success: place_hold {hold_id}")
@@ -354,7 +304,7 @@ def test_the_hold_verbs_of_the_cli_answer_readably_with_an_exit_status_per_outco
         f"hold {hold_id}: {payer} -> {shop}, 8.00 USD, voided",
         "  captured 3.00, released 5.00, still held 0.00 USD",
     ]
-    missing = _wallet(api, sub, "hold", "show", _id("never"))
+    missing = _wallet(api, sub, "hold", "show", unique_id("never"))
     assert missing.returncode == 1 and "hold_not_found" in missing.stderr
     bad = _wallet(api, sub, "hold", "capture", "bad id")
     assert bad.returncode == 1 and "hold id" in bad.stderr

@@ -148,3 +148,98 @@ def test_undecidable_input_is_dead_lettered_and_processing_continues(make_settin
     [dead] = read_topic(settings, settings.dlq_topic)
     assert b'"forged"' in dead.value and b"no pending debit" in dead.headers["error"]
     assert state_dump(settings.run_dir / "careful")["partitions"]["0"]["accounts"]["erin"]["balance"] == "1.00"
+
+
+class _CommittedFailsOnce:
+    """The processor's real consumer, except that one `committed()` raises NOT_COORDINATOR: the
+    group coordinator's broker was lost while the processor rebuilt its partitions."""
+
+    def __init__(self, consumer) -> None:
+        self._consumer = consumer
+        self.failed = False
+
+    def committed(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise _error(KafkaError.NOT_COORDINATOR, retriable=True)
+        return self._consumer.committed(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+
+def test_a_recovery_that_loses_the_group_coordinator_rejoins_instead_of_stopping(make_settings):
+    """A batch aborts, and asking for the committed offsets during the rebuild fails: the processor
+    replaces its consumer and decides the batch again, once."""
+    settings = make_settings(1)
+    processor = _in_process(settings, "rejoining")
+    real_commit = processor._transactions.commit
+    commits_to_fail = []
+
+    def commit(offsets, group_metadata) -> None:
+        if commits_to_fail:
+            commits_to_fail.pop()
+            raise TransactionAborted("injected: the commit's fate is unknown")
+        real_commit(offsets, group_metadata)
+
+    processor._transactions.commit = commit  # type: ignore[method-assign]
+    injected = _CommittedFailsOnce(processor._consumer)
+
+    def steps(outcomes) -> None:
+        try:
+            producer = command_producer(settings)
+            publish(
+                producer, settings, [edge(OpenAccount, transaction_id="open-finn", account_id="finn", currency="USD")]
+            )
+            outcomes.wait("open-finn", timeout_s=OUTCOME_TIMEOUT_S)
+            injected._consumer = processor._consumer
+            processor._consumer = injected  # type: ignore[assignment]
+            commits_to_fail.append(True)
+            publish(
+                producer,
+                settings,
+                [edge(Deposit, transaction_id="fund-finn", account_id="finn", amount="5.00", currency="USD")],
+            )
+            assert outcomes.wait("fund-finn", timeout_s=OUTCOME_TIMEOUT_S)[0].status == "success"
+        finally:
+            processor.stop()
+
+    driver = _drive(settings, steps)
+    processor.run()
+    driver.join(OUTCOME_TIMEOUT_S)
+    assert not driver.errors, driver.errors
+    assert injected.failed and not commits_to_fail, "the fault was not injected"
+    answered = [record.key for record in read_topic(settings, settings.outcomes_topic)]
+    assert answered == [b"open-finn", b"fund-finn"], answered
+    assert state_dump(settings.run_dir / "rejoining")["partitions"]["0"]["accounts"]["finn"]["balance"] == "5.00"
+
+
+def test_a_restore_cut_off_by_a_lost_broker_rejoins_instead_of_stopping(make_settings, monkeypatch):
+    settings = make_settings(1)
+    processor = _in_process(settings, "restoring")
+    real_restore = processor._restore
+    failures = [_error(KafkaError._TRANSPORT)]
+
+    def restore(partitions) -> None:
+        if failures:
+            raise failures.pop()
+        real_restore(partitions)
+
+    monkeypatch.setattr(processor, "_restore", restore)
+
+    def steps(outcomes) -> None:
+        try:
+            publish(
+                command_producer(settings),
+                settings,
+                [edge(OpenAccount, transaction_id="open-gail", account_id="gail", currency="USD")],
+            )
+            assert outcomes.wait("open-gail", timeout_s=OUTCOME_TIMEOUT_S)[0].status == "success"
+        finally:
+            processor.stop()
+
+    driver = _drive(settings, steps)
+    processor.run()
+    driver.join(OUTCOME_TIMEOUT_S)
+    assert not driver.errors, driver.errors
+    assert not failures, "the fault was not injected"

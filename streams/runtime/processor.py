@@ -395,24 +395,43 @@ class Processor:
         self._transactions.replace()
         if self._consumer_fatal is not None:
             return  # the loop replaces the consumer; the partitions come back through `_on_assign`
-        self._restore(partitions)
-        committed = self._consumer.committed(
-            [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=self._call_timeout_s
-        )
-        for topic_partition in committed:
-            if topic_partition.offset < 0:
-                # Nothing committed yet: the failed batch was the partition's first.
-                topic_partition.offset = OFFSET_BEGINNING
-            self._consumer.seek(topic_partition)
+        try:
+            self._restore(partitions)
+            committed = self._consumer.committed(
+                [TopicPartition(self.settings.commands_topic, p) for p in partitions], timeout=self._call_timeout_s
+            )
+            for topic_partition in committed:
+                if topic_partition.offset < 0:
+                    # Nothing committed yet: the failed batch was the partition's first.
+                    topic_partition.offset = OFFSET_BEGINNING
+                self._consumer.seek(topic_partition)
+        except KafkaException as error:
+            # The group coordinator (or a leader) went with the broker that failed the batch, so
+            # where to resume is not known: rebuilt state must not run from the wrong position.
+            # A new consumer rejoins and gets its partitions back through `_on_assign`.
+            log.warning("rebuilding partitions %s failed: %s; rejoining the group", partitions, error)
+            self._tasks.clear()
+            self._consumer_fatal = error.args[0]
 
     # -- partitions: restore on assignment, drop on revocation -------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        # Waits until no transaction that wrote these partitions' offsets is still open; the
-        # restore then waits the same for the events partitions (see restore.py).
-        consumer.committed(partitions, timeout=self._call_timeout_s)
-        self._restore(numbers)
+        try:
+            # Waits until no transaction that wrote these partitions' offsets is still open; the
+            # restore then waits the same for the events partitions (see restore.py).
+            consumer.committed(partitions, timeout=self._call_timeout_s)
+            self._restore(numbers)
+        except KafkaException as error:
+            # A broker lost mid-restore: owning these partitions half-built is not an option, and
+            # an exception out of this callback would end the process. Nothing is fetched for them
+            # while paused; the loop replaces the consumer, which gets them back here.
+            log.warning("restoring partitions %s failed: %s; rejoining the group", numbers, error)
+            for number in numbers:
+                self._tasks.pop(number, None)
+            consumer.pause(partitions)
+            self._consumer_fatal = error.args[0]
+            return
         # The restored state is long-lived: keep the cyclic collector from re-scanning it.
         gc.freeze()
         log.info("assigned partitions %s; now owning %s", numbers, sorted(self._tasks))
