@@ -182,7 +182,7 @@ def test_a_recovery_that_loses_the_group_coordinator_rejoins_instead_of_stopping
             raise TransactionAborted("injected: the commit's fate is unknown")
         real_commit(offsets, group_metadata)
 
-    processor._transactions.commit = commit  # type: ignore[method-assign]
+    processor._transactions.commit = commit
     injected = _CommittedFailsOnce(processor._consumer)
 
     def steps(outcomes) -> None:
@@ -193,7 +193,7 @@ def test_a_recovery_that_loses_the_group_coordinator_rejoins_instead_of_stopping
             )
             outcomes.wait("open-finn", timeout_s=OUTCOME_TIMEOUT_S)
             injected._consumer = processor._consumer
-            processor._consumer = injected  # type: ignore[assignment]
+            processor._consumer = injected
             commits_to_fail.append(True)
             publish(
                 producer,
