@@ -19,7 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=pipeline_bench.run)
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
 
-    from benchmarks import api_latency
+    from benchmarks import api_latency, hot_bench
+
+    hot = benchmarks.add_parser(
+        "hot", help="transfers/s into one merchant from many payers, the merchant in 1 shard and in N (--shards 1,8)"
+    )
+    hot_bench.add_arguments(hot)
+    hot.set_defaults(handler=hot_bench.run)
 
     api = benchmarks.add_parser("api", help="p50/p95/p99 of HTTP balance_transfer round trips at a fixed offered load")
     api_latency.add_arguments(api)

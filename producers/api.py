@@ -41,6 +41,7 @@ from producers.client import (
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX,
     ID_PATTERN,
+    SHARDS_MAX,
     TRANSACTION_ID_LENGTH_MAX,
     Close,
     Command,
@@ -198,6 +199,15 @@ class BalanceTransferRequest(_Body):
     amount: AmountText
     transaction_id: TransactionIdText
     merchant_payment: bool = Field(False, description="require the receiver to be a merchant account (pay_merchant)")
+    # Client-chosen, so it only picks among to_account's own shards (the core's rule: a shard
+    # that does not exist refuses the credit and the payer is refunded).
+    to_shards: int = Field(
+        1,
+        ge=1,
+        le=SHARDS_MAX,
+        description="the receiving merchant's shard count (GET /v1/accounts/{id} shows it): the payment is "
+        "credited to one of its shards, picked by the transaction id; 1: to_account itself",
+    )
 
 
 class OpenAccountRequest(_Body):
@@ -205,6 +215,13 @@ class OpenAccountRequest(_Body):
     currency: CurrencyCode
     kind: Literal["user", "merchant"] = "user"
     transaction_id: TransactionIdText
+    shards: int = Field(
+        1,
+        ge=1,
+        le=SHARDS_MAX,
+        description="a merchant only: split it into this many accounts on different partitions (a hot "
+        "merchant); shard 0 is account_id, shard k is account_id::sk, opened by the ledger itself",
+    )
 
 
 class MoneyRequest(_Body):
@@ -382,6 +399,7 @@ def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
             to_account=body.to_account,
             amount=body.amount,
             currency=body.currency,
+            to_shards=body.to_shards,
             **_who(caller, SCOPES_MOVE),
         )
         return await execute(request, command, wait_ms)
@@ -399,6 +417,7 @@ def _transfer_routes(router: APIRouter, gate: Gate, execute: _Executor) -> None:
             account_id=body.account_id,
             currency=body.currency,
             kind=body.kind,
+            shards=body.shards,
             **_who(caller, SCOPES_OPEN),
         )
         return await execute(request, command, wait_ms)

@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opening.add_argument("account_id")
     opening.add_argument("currency", help="ISO 4217 code, e.g. USD")
     opening.add_argument("--merchant", action="store_true", help="a merchant account (can be paid with --merchant)")
+    opening.add_argument(
+        "--shards", type=int, default=1, help="a merchant split over this many accounts on different partitions (1..64)"
+    )
     for name, help_text in (
         ("deposit", "deposit money from a bank account"),
         ("withdraw", "withdraw money to a bank account"),
@@ -95,6 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("amount")
     transfer.add_argument("currency")
     transfer.add_argument("--merchant", action="store_true", help="a merchant payment: the receiver must be a merchant")
+    transfer.add_argument("--to-shards", type=int, default=1, help="the receiving merchant's shard count (default 1)")
 
     _register_hold(subparsers)
 
@@ -220,6 +224,7 @@ def build_command(args: argparse.Namespace) -> Command:
             account_id=args.account_id,
             currency=args.currency,
             kind="merchant" if args.merchant else "user",
+            shards=args.shards,
         )
     if name in ("deposit", "withdraw"):
         money_class = Deposit if name == "deposit" else Withdraw
@@ -249,6 +254,7 @@ def build_command(args: argparse.Namespace) -> Command:
             to_account=args.to_account,
             currency=args.currency,
             amount=canonical_amount(args.amount, args.currency),
+            to_shards=args.to_shards,
         )
     status_class = {"freeze": Freeze, "unfreeze": Unfreeze, "close": Close}[name]
     return client_command(status_class, **common, account_id=args.account_id)
@@ -267,6 +273,7 @@ def _route(command: Command) -> tuple[str, dict]:
             "account_id": command.account_id,
             "currency": command.currency,
             "kind": command.kind,
+            **({"shards": command.shards} if command.shards != 1 else {}),
         }
     if isinstance(command, (Transfer, PayMerchant)):
         return "/v1/wallet/balance_transfer", {
@@ -276,6 +283,7 @@ def _route(command: Command) -> tuple[str, dict]:
             "amount": command.amount,
             "currency": command.currency,
             "merchant_payment": isinstance(command, PayMerchant),
+            **({"to_shards": command.to_shards} if command.to_shards != 1 else {}),
         }
     assert isinstance(command, (Deposit, Withdraw, Freeze, Unfreeze, Close, PlaceHold)), "no API route"
     account_path = f"/v1/accounts/{urllib.parse.quote(command.account_id, safe='')}"

@@ -11,6 +11,16 @@ only: each carries the transfer's `actor`, `issued_ms` (the decision time of the
 emitted it) and a MAC (`kid`, `mac`, see `schemas.leg_auth`) that the processor checks before
 the core ever sees the leg.
 
+Sharded merchants (a hot account split over partitions): `open_account` with `shards` N > 1
+(merchants only) opens the merchant `<id>` as shard 0 and asks, by one `open_shard` leg each,
+the partitions of the derived ids `<id>::s1` .. `<id>::s<N-1>` (`shard_account_id`) to open
+shards 1..N-1 with the same owner and currency. `::` is reserved for derived ids: the core
+refuses to open an id containing it (`reserved_account_id`), so only the merchant's own open
+can create its shards. A `transfer` or `pay_merchant` with `to_shards` N > 1 is credited to
+the shard `shard_index(transaction_id, N)` picks: the payer's side picks it, so replay
+reproduces it; `to_shards` is the client's word, so it only chooses among `<to_account>`'s
+own derived ids, and a shard that does not exist refuses the credit (the payer is refunded).
+
 Holds (Try-Confirm/Cancel): `place_hold` reserves money of `account_id` for `to_account` (its
 `transaction_id` is the hold id), `capture_hold` moves all or part of it to the destination as
 a transfer does (a saga: credit leg, refund leg), `void_hold` releases it; a hold expires by
@@ -26,7 +36,11 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import msgspec
 
-SCHEMA_VERSION = 2
+from schemas.partitioning import murmur2
+
+# 3: sharded merchants (`open_account.shards`, `transfer`/`pay_merchant.to_shards`, the
+# `open_shard` leg, `account_opened.shards`/`shard_of`); version 2 records decode unchanged.
+SCHEMA_VERSION = 3
 
 # What an id may look like: one rule, one implementation (`is_valid_id`), used by the client
 # library, the CLI and the HTTP API. The decoder of the Kafka path checks only the lengths,
@@ -43,6 +57,11 @@ KEY_ID_LENGTH_MAX = 32
 MAC_HEX_LENGTH_MAX = 64
 # The longest a hold may stay open (`place_hold.expires_in_ms`); the core refuses more (`invalid_expiry`).
 HOLD_EXPIRY_MS_MAX = 7 * 24 * 60 * 60 * 1000
+# A merchant has 1..SHARDS_MAX shards; shard k > 0 is the account `<merchant>` + SHARD_MARK + k.
+SHARDS_MAX = 64
+RESERVED_ID_MARK = "::"  # in no id a client may open: it marks the derived ids of shards
+SHARD_MARK = RESERVED_ID_MARK + "s"
+ShardCount = Annotated[int, msgspec.Meta(ge=1, le=SHARDS_MAX)]
 AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=ACCOUNT_ID_LENGTH_MAX)]
 TransactionId = Annotated[str, msgspec.Meta(min_length=1, max_length=TRANSACTION_ID_LENGTH_MAX)]
 Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=ACTOR_LENGTH_MAX)]
@@ -61,6 +80,35 @@ def is_valid_id(text: object, length_max: int = TRANSACTION_ID_LENGTH_MAX) -> bo
     return type(text) is str and 1 <= len(text) <= length_max and _ID.fullmatch(text) is not None
 
 
+def is_reserved_id(account_id: str) -> bool:
+    """True for an id only the core may open (a merchant's derived shard id)."""
+    return RESERVED_ID_MARK in account_id
+
+
+def shard_account_id(merchant_id: str, index: int) -> str:
+    """The account of shard `index` of merchant `merchant_id` (shard 0 is the merchant itself).
+    One-to-one: a merchant id never contains `::`, so the last `::` of a derived id ends its merchant."""
+    assert 0 <= index < SHARDS_MAX and not is_reserved_id(merchant_id), (merchant_id, index)
+    return merchant_id if index == 0 else f"{merchant_id}{SHARD_MARK}{index}"
+
+
+def shard_index(transaction_id: str, shards: int) -> int:
+    """The shard a payment to a merchant of `shards` shards goes to: a function of the request
+    alone (its transaction id), so the payer's partition and any replay pick the same one."""
+    return murmur2(transaction_id.encode()) % shards
+
+
+def merchant_of_shard(account_id: str) -> str | None:
+    """The merchant a derived shard id belongs to, or None for an id that is not one."""
+    merchant_id, mark, index = account_id.rpartition(SHARD_MARK)
+    if not mark or not index.isdigit() or not merchant_id or is_reserved_id(merchant_id):
+        return None
+    number = int(index)
+    if not 0 < number < SHARDS_MAX or shard_account_id(merchant_id, number) != account_id:
+        return None
+    return merchant_id
+
+
 class _Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
     # The field naming the account whose partition decides the command (the record key).
     owner_field: ClassVar[str] = "account_id"
@@ -75,11 +123,13 @@ class _ClientCommand(_Command, frozen=True):
 
 
 class OpenAccount(_ClientCommand, tag="open_account", frozen=True):
-    """Any role; the account's owner is the actor."""
+    """Any role; the account's owner is the actor. `shards` > 1 (merchants only): a sharded
+    merchant, whose shards 1..shards-1 the core opens by `open_shard` legs."""
 
     account_id: AccountId
     currency: str
     kind: AccountKind = "user"
+    shards: int = 1  # the core refuses a value outside 1..SHARDS_MAX (`invalid_shards`)
 
 
 class Deposit(_ClientCommand, tag="deposit", frozen=True):
@@ -106,6 +156,8 @@ class Transfer(_ClientCommand, tag="transfer", frozen=True):
     to_account: AccountId
     amount: AmountText
     currency: str
+    # The receiver's shard count as the client knows it (see the module doc); 1: to_account itself.
+    to_shards: int = 1
 
 
 class PayMerchant(_ClientCommand, tag="pay_merchant", frozen=True):
@@ -116,6 +168,7 @@ class PayMerchant(_ClientCommand, tag="pay_merchant", frozen=True):
     to_account: AccountId
     amount: AmountText
     currency: str
+    to_shards: int = 1  # as for `transfer`
 
 
 class Freeze(_ClientCommand, tag="freeze", frozen=True):
@@ -212,6 +265,20 @@ class RefundLeg(_Leg, tag="refund_leg", frozen=True, kw_only=True):
     debit_ms: TimestampMs
 
 
+class OpenShard(_Leg, tag="open_shard", frozen=True, kw_only=True):
+    """Opens shard `shard_index` of merchant `merchant_account`, keyed by the shard's own id
+    `account_id`; produced only by the processor deciding the merchant's `open_account` (whose
+    transaction id and digest it carries), with the owner and currency that open decided."""
+
+    account_id: AccountId
+    merchant_account: AccountId
+    shard_index: Annotated[int, msgspec.Meta(ge=1, lt=SHARDS_MAX)]
+    shards: ShardCount
+    owner: Actor
+    currency: str
+    digest: str
+
+
 ClientCommand = (
     OpenAccount
     | Deposit
@@ -226,10 +293,10 @@ ClientCommand = (
     | VoidHold
 )
 # A command with an actor: what clients ask and the saga legs of what they asked.
-Command = ClientCommand | CreditLeg | RefundLeg
+Command = ClientCommand | CreditLeg | RefundLeg | OpenShard
 # Every value of wallet.commands: the commands above and the processors' ticks.
 WireCommand = Command | Tick
-Leg = CreditLeg | RefundLeg
+Leg = CreditLeg | RefundLeg | OpenShard
 CLIENT_COMMANDS = (
     OpenAccount,
     Deposit,
@@ -243,7 +310,7 @@ CLIENT_COMMANDS = (
     CaptureHold,
     VoidHold,
 )
-LEG_COMMANDS = (CreditLeg, RefundLeg)
+LEG_COMMANDS = (CreditLeg, RefundLeg, OpenShard)
 # The transaction id of every tick a processor writes: a tick is never remembered, so one id serves.
 TICK_TRANSACTION_ID = "tick"
 

@@ -48,6 +48,8 @@ class AccountOpened(_Change, tag="account_opened", frozen=True):
     currency: str
     kind: AccountKind
     balance: str
+    shards: int = 1  # of the merchant this account is a shard of (or is, as shard 0)
+    shard_of: str | None = None  # a shard k > 0: its merchant (shard 0); shard 0 and others: None
 
 
 class Deposited(_MoneyChange, tag="deposited", frozen=True):

@@ -60,5 +60,7 @@ class Reason:
     CAPTURE_EXCEEDS_HOLD = "capture_exceeds_hold"  # more than the hold still holds: refused, never partly done
     HOLDS_OPEN = "holds_open"  # close refused while a hold of the account is open
     INVALID_EXPIRY = "invalid_expiry"  # expires_in_ms not in 1 .. HOLD_EXPIRY_MS_MAX
+    RESERVED_ACCOUNT_ID = "reserved_account_id"  # open of an id with `::`, which only shards' derived ids have
+    INVALID_SHARDS = "invalid_shards"  # shards/to_shards not 1..64, or shards of a non-merchant or too long an id
     INVALID_COMMAND = "invalid_command"  # the record could not be decoded (dead-lettered)
     WRONG_PARTITION = "wrong_partition"  # the record arrived on a partition that does not own its account

@@ -1,15 +1,18 @@
 """Properties of the state machine over random histories, through the multi-partition driver.
 
 Hypothesis draws a program: client commands over a few accounts in USD, JPY and BHD (users
-and merchants) from random actors under random roles, holds among them (placed with short,
-long and invalid expiries, captured whole or in parts, final or not, voided, on hold ids that
-exist or not), the processors' ticks, client retries of earlier commands with the same or
-another payload, the order in which the partitions consume their records, and records an
-attacker injects among them: ticks that name another partition, forged legs (unsigned or signed with a wrong
-key), copies of genuine legs replayed, and malformed legs (non-positive or non-canonical
-amounts, other currencies) signed with the processors' own key, so that the core's own
-validation is what refuses them. Kafka's exactly-once processing consumes each record once;
-duplicates come from clients (a retry of a transfer in flight re-sends a leg) and attackers.
+and merchants, one merchant sharded over four partitions and paid with a shard count the
+client states: right, too small, too large or invalid) from random actors under random
+roles, holds among them (placed with short, long and invalid expiries, captured whole or in
+parts, final or not, voided, on hold ids that exist or not), the processors' ticks, client
+retries of earlier commands with the same or another payload, the order in which the
+partitions consume their records, and records an attacker injects among them: ticks that
+name another partition, forged legs (unsigned or signed with a wrong key), copies of genuine
+legs replayed, and malformed legs (non-positive or non-canonical amounts, other currencies,
+shard openings of ids that are not a merchant's derived ids) signed with the processors' own
+key, so that the core's own validation is what refuses them. Kafka's exactly-once processing
+consumes each record once; duplicates come from clients (a retry of a transfer in flight
+re-sends a leg) and attackers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from schemas.commands import (
     Deposit,
     Freeze,
     OpenAccount,
+    OpenShard,
     PayMerchant,
     PlaceHold,
     RefundLeg,
@@ -59,9 +63,17 @@ ACCOUNTS: dict[str, tuple[str, AccountKind]] = {
     "a6": ("JPY", "merchant"),
     "a3": ("BHD", "merchant"),
     "a4": ("BHD", "user"),
+    "m9": ("USD", "merchant"),
 }
+# m9 is opened with SHARDS shards (m9, m9::s1 .. m9::s3); its shard 1 is also a target of any
+# command, and a client's attempt to open it by hand must be refused.
+SHARDED_MERCHANT, SHARDS = "m9", 4
+A_SHARD = "m9::s1"
+# The shard counts a payer may state: the true one, too few (fewer shards used), too many (a
+# missing shard refuses, the payer is refunded), and invalid ones.
+STATED_SHARDS = (SHARDS, SHARDS, SHARDS, 2, 1, 6, 65, 0)
 NEVER_OPENED = "a7"
-ACCOUNT_IDS = sorted(ACCOUNTS) + [NEVER_OPENED]
+ACCOUNT_IDS = sorted(ACCOUNTS) + [NEVER_OPENED, A_SHARD]
 CURRENCIES = ("USD", "JPY", "BHD")
 INVALID_AMOUNTS = ("0", "-1", "1e3", "1.0001", "", " ")
 OPENING_DEPOSIT_MINOR = 5000  # enough for a few transfers of up to 3000 minor units each
@@ -101,6 +113,8 @@ client_specs = st.tuples(
             "open",
             "transfer",
             "close",
+            "pay_sharded",
+            "pay_sharded",
             "place_hold",
             "capture_hold",
             "place_hold",
@@ -126,7 +140,7 @@ client_specs = st.tuples(
 )
 # (kind, which genuine leg or account, amount in minor units, malformed amount)
 injections = st.tuples(
-    st.sampled_from(["replay", "replay", "unsigned", "wrong_key", "malformed", "other_currency"]),
+    st.sampled_from(["replay", "replay", "unsigned", "wrong_key", "malformed", "other_currency", "shard"]),
     st.integers(0, 10**6),
     st.integers(1, 3000),
     st.sampled_from(MALFORMED_AMOUNTS),
@@ -208,6 +222,15 @@ def client_command(spec: tuple) -> Command:
         return (Deposit if kind == "deposit" else Withdraw)(
             **common, account_id=account_id, amount=amount, currency=currency
         )
+    if kind == "pay_sharded":
+        return PayMerchant(
+            **common,
+            from_account=account_id,
+            to_account=SHARDED_MERCHANT,
+            amount=amount,
+            currency=currency,
+            to_shards=STATED_SHARDS[tx_id % len(STATED_SHARDS)],
+        )
     if kind in ("transfer", "pay_merchant"):
         return (Transfer if kind == "transfer" else PayMerchant)(
             **common, from_account=account_id, to_account=other_account, amount=amount, currency=currency
@@ -273,6 +296,7 @@ class History:
                     account_id=account_id,
                     currency=currency,
                     kind=kind,
+                    shards=SHARDS if account_id == SHARDED_MERCHANT else 1,
                 )
             )
             self.send(
@@ -343,6 +367,9 @@ class History:
             if driver.leg_records:
                 driver.inject(*driver.leg_records[choice % len(driver.leg_records)])
             return
+        if kind == "shard":
+            self.inject_shard_opening(choice)
+            return
         sender, receiver = ACCOUNT_IDS[choice % len(ACCOUNT_IDS)], ACCOUNT_IDS[(choice // 7) % len(ACCOUNT_IDS)]
         currency = ACCOUNTS.get(receiver, ("USD", "user"))[0]
         fields: dict[str, Any] = dict(
@@ -364,10 +391,10 @@ class History:
             driver.inject(owner_account(leg), encode(leg))
         elif kind == "wrong_key":
             driver.inject(owner_account(leg), encode(WRONG_KEYRING.sign(leg)))
-        elif driver.leg_records:
+        elif money_legs := [(owner, value) for owner, value in driver.leg_records if b'"open_shard"' not in value]:
             # A genuine leg altered, then signed with the processors' key: only the core's own
             # validation stands between it and the ledger.
-            owner, value = driver.leg_records[choice % len(driver.leg_records)]
+            owner, value = money_legs[choice % len(money_legs)]
             genuine = decode_command(value)
             assert isinstance(genuine, (CreditLeg, RefundLeg))  # leg_records holds the legs emitted
             if kind == "malformed":
@@ -381,6 +408,37 @@ class History:
                 )
             if type(altered) is RefundLeg or kind == "malformed":
                 driver.inject(owner, encode(driver.keyring.sign(altered)))
+
+    def inject_shard_opening(self, choice: int) -> None:
+        """An attacker tries to open a shard for itself: of a user's account, of the sharded
+        merchant under another owner, or under an id that is not a derived one; unsigned or under
+        a wrong key, and the last also under the processors' key (the core's validation refuses it)."""
+        driver = self.driver
+        victim = ACCOUNT_IDS[choice % len(ACCOUNT_IDS)]
+        merchant = victim if "::" not in victim else SHARDED_MERCHANT
+        index = 1 + choice % (SHARDS - 1)
+        derived = choice % 3 != 0
+        leg = OpenShard(
+            transaction_id=f"forged-{self.injected}",
+            actor="mallory",
+            issued_ms=driver.clock_ms,
+            account_id=f"{merchant}::s{index}" if derived else f"{merchant}-s{index}",
+            merchant_account=merchant,
+            shard_index=index,
+            shards=SHARDS,
+            owner="mallory",
+            currency="USD",
+            digest=f"forged-{choice}",
+        )
+        how = (choice // 3) % 3
+        if how == 0:
+            driver.inject(leg.account_id, encode(leg))
+        elif how == 1:
+            driver.inject(leg.account_id, encode(WRONG_KEYRING.sign(leg)))
+        elif not derived:
+            # Signed by the processors' key, only the core stands in the way: an id that is not
+            # the merchant's derived one.
+            driver.inject(leg.account_id, encode(driver.keyring.sign(leg)))
 
     def check_money(self) -> None:
         driver = self.driver
@@ -455,6 +513,25 @@ class History:
                 tick = decode_command(letter.value)
                 assert isinstance(tick, Tick) and tick.partition != letter.partition
 
+    def check_shards(self) -> None:
+        """The sharded merchant's shards are open, each on its own id's partition, with the
+        merchant's owner; no id with `::` exists but theirs; every credit to a shard is of a
+        payment to the merchant, at the shard its transaction id picks."""
+        shard_ids = {SHARDED_MERCHANT if index == 0 else f"{SHARDED_MERCHANT}::s{index}" for index in range(SHARDS)}
+        for partition_index, partition in enumerate(self.driver.partitions):
+            for account_id, account in partition.state.accounts.items():
+                assert "::" not in account_id or account_id in shard_ids, account_id
+                if account_id in shard_ids:
+                    assert self.driver.partition_of(account_id) == partition_index
+                    assert (account.owner, account.kind, account.currency) == (SHARDED_MERCHANT, "merchant", "USD")
+        opened = {
+            account_id
+            for partition in self.driver.partitions
+            for account_id in partition.state.accounts
+            if account_id in shard_ids
+        }
+        assert opened == shard_ids
+
     def check_one_answer_per_request(self) -> None:
         answers: dict[tuple[str, str], set[bytes]] = defaultdict(set)
         for outcome in self.driver.outcomes:
@@ -481,6 +558,7 @@ def test_money_is_conserved_and_every_request_gets_one_answer(program: list[tupl
     history.check_fold_rebuilds_state()
     history.check_no_hold_captured_beyond_its_amount()
     history.check_forged_ticks_refused()
+    history.check_shards()
     replay = History(delays_ms)
     replay.play(program)
     assert replay.records() == history.records()  # byte-identical events and outcomes
@@ -499,6 +577,7 @@ def test_forged_replayed_and_malformed_legs_create_double_or_lose_no_money(
     history.check_no_hold_captured_beyond_its_amount()
     history.check_forged_ticks_refused()
     history.check_attacks_refused()
+    history.check_shards()
 
 
 # Regressions found by the window property below, cut down by hand: on the first core (commit

@@ -69,6 +69,7 @@ def test_account_route_gives_the_folded_balance_and_404_for_an_unknown_account(
         "held": format_amount(held_minor, currency),
         "available": format_amount(balance_minor - held_minor, currency),
         "sequence": sequence,
+        "shards": [],
     }
 
     missing = client.get("/v1/accounts/nobody-here")

@@ -58,6 +58,7 @@ def schema_of(file_name: str) -> dict:
                 "void_hold",
                 "credit_leg",
                 "refund_leg",
+                "open_shard",
                 "tick",
             },
         ),
@@ -120,13 +121,26 @@ def test_the_schema_describes_the_bytes_the_codec_writes() -> None:
         assert definition["additionalProperties"] is False
 
 
-def test_every_message_is_version_2_and_commands_carry_no_client_time() -> None:
+def test_the_shard_fields_are_in_the_contract_with_their_bounds() -> None:
+    commands = schema_of("command.schema.json")["$defs"]
+    assert commands["OpenAccount"]["properties"]["shards"]["default"] == 1
+    assert commands["PayMerchant"]["properties"]["to_shards"]["default"] == 1
+    assert commands["OpenShard"]["properties"]["shard_index"] == {
+        "type": "integer",
+        "minimum": 1,
+        "exclusiveMaximum": 64,
+    }
+    opened = schema_of("event.schema.json")["$defs"]["AccountOpened"]["properties"]
+    assert {"shards", "shard_of"} <= set(opened)
+
+
+def test_every_message_is_version_3_and_commands_carry_no_client_time() -> None:
     for file_name in ("command.schema.json", "event.schema.json", "outcome.schema.json"):
-        assert schema_of(file_name)["x-schema-version"] == 2
+        assert schema_of(file_name)["x-schema-version"] == 3
     commands = schema_of("command.schema.json")["$defs"]
     for name in ("OpenAccount", "Deposit", "Withdraw", "Transfer", "PayMerchant", "Freeze", "Unfreeze", "Close"):
         assert "ts_ms" not in commands[name]["properties"]
         assert {"actor", "role"} <= set(commands[name]["required"])
-    for name in ("CreditLeg", "RefundLeg"):
+    for name in ("CreditLeg", "RefundLeg", "OpenShard"):
         assert {"actor", "issued_ms"} <= set(commands[name]["required"])
         assert {"kid", "mac"} <= set(commands[name]["properties"])

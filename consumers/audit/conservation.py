@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from consumers.audit.violations import Kind, Violation
+from schemas.commands import merchant_of_shard
 from streams.core.money import format_amount
 from streams.core.state import State
 
@@ -84,3 +85,41 @@ def currency_totals(
             )
         )
     return totals
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedMerchant:
+    """A merchant split into shards (schemas.commands.shard_account_id): its balance is the sum of
+    its shards' balances, each of them an ordinary account of the ledger counted above."""
+
+    merchant: str
+    currency: str
+    shards: int  # shards found in the log, shard 0 (the merchant's own id) included
+    balance_minor: int
+
+    def to_json(self) -> dict:
+        return {
+            "merchant": self.merchant,
+            "currency": self.currency,
+            "shards": self.shards,
+            "balance": format_amount(self.balance_minor, self.currency),
+        }
+
+
+def sharded_merchants(states: Iterable[State]) -> list[ShardedMerchant]:
+    """Every merchant with a shard in the replayed states, with the total of its shards, by id."""
+    accounts = {account_id: account for state in states for account_id, account in state.accounts.items()}
+    shards_of: dict[str, list[str]] = {}
+    for account_id in accounts:
+        merchant = merchant_of_shard(account_id)
+        if merchant is not None:
+            shards_of.setdefault(merchant, [merchant] if merchant in accounts else []).append(account_id)
+    return [
+        ShardedMerchant(
+            merchant,
+            accounts[shard_ids[0]].currency,
+            len(shard_ids),
+            sum(accounts[shard_id].balance_minor for shard_id in shard_ids),
+        )
+        for merchant, shard_ids in sorted(shards_of.items())
+    ]

@@ -410,7 +410,12 @@ class LedgerReplay:
 
     def _check_answer_account(self, entry: AnswerEntry, event, partition: int, offset: int) -> None:
         """The answer names the account that owns the request its event decides."""
-        owner = event.from_account if type(event) is TransferCredited else event.account_id
+        if type(event) is TransferCredited:
+            owner = event.from_account
+        elif type(event) is AccountOpened and event.shard_of is not None:
+            owner = event.shard_of  # a shard's opening is part of its merchant's open request
+        else:
+            owner = event.account_id
         if entry.account_id != owner:
             self._violation(
                 Kind.OUTCOME_WRONG_ACCOUNT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from consumers.audit.conservation import CurrencyTotals
+from consumers.audit.conservation import CurrencyTotals, ShardedMerchant
 from consumers.audit.determinism import DeterminismResult
 from consumers.audit.holds import LoggedHold
 from consumers.audit.ledger import MoneyMovement
@@ -48,6 +48,7 @@ class AuditReport:
     holds_ended: int = 0  # captured, voided or expired
     currencies: list[CurrencyTotals] = field(default_factory=list)
     accounts: int = 0
+    sharded_merchants: list[ShardedMerchant] = field(default_factory=list)  # their shards are among the accounts
     events_replayed: int = 0
     replay_s: float = 0.0
     outcomes_checked: int = 0
@@ -103,6 +104,7 @@ class AuditReport:
                 "ended": self.holds_ended,
             },
             "accounts": self.accounts,
+            "sharded_merchants": [merchant.to_json() for merchant in self.sharded_merchants],
             "events_replayed": self.events_replayed,
             "replay_s": round(self.replay_s, 3),
             "replay_events_per_s": round(self.replay_events_per_s),
@@ -158,6 +160,11 @@ class AuditReport:
             )
         if not self.currencies:
             lines.append("  (no money events)")
+        for merchant in self.sharded_merchants[:TEXT_IN_FLIGHT_MAX]:
+            lines.append(
+                f"  sharded merchant {merchant.merchant}: {merchant.to_json()['balance']} {merchant.currency} "
+                f"in {merchant.shards} shards (accounts above)"
+            )
         lines.append("")
         lines.append(
             f"In flight: {len(self.in_flight)} transfer(s)"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from consumers.audit.conservation import sharded_merchants
 from consumers.audit.determinism import DeterminismResult
 from consumers.audit.holds import EXPIRED, OPEN
 from consumers.audit.ledger import LedgerReplay
@@ -174,6 +175,7 @@ def _replay_ledger(
     report.snapshots_compared = replay.snapshots_compared
     report.explained_by_later_events = replay.explained_by_later_events
     report.accounts = sum(len(state.accounts) for state in replay.states.values())
+    report.sharded_merchants = sharded_merchants(replay.states.values())
     if replay.movements is not None:
         report.movements = sorted(replay.movements)
     return replay.violations

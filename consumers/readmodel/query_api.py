@@ -46,7 +46,7 @@ from consumers.readmodel.store import ReadModelStore, TopicPartitionKey, describ
 from infra.admin import admin_client
 from infra.http import ApiError, FieldError, error_responses, install_error_handlers
 from infra.settings import Settings
-from schemas.commands import ACCOUNT_ID_LENGTH_MAX, TRANSACTION_ID_LENGTH_MAX
+from schemas.commands import ACCOUNT_ID_LENGTH_MAX, TRANSACTION_ID_LENGTH_MAX, is_reserved_id
 from streams.core.money import format_amount
 
 WAIT_MS_DEFAULT = 1_000
@@ -60,15 +60,27 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 
+class ShardView(BaseModel):
+    account_id: str  # the shard's own account: pay out of it by its id
+    status: str
+    balance: str
+    held: str
+    available: str
+    sequence: int
+
+
 class AccountView(BaseModel):
     account_id: str
     currency: str
     kind: str
     status: str
+    # A sharded merchant's balance, held and available are the sums over all its shards (this
+    # account, shard 0, and `shards`); `sequence` and `status` are this account's own.
     balance: str  # held money included
     held: str  # reserved by open holds
     available: str  # balance - held: what withdrawals, transfers, payments and new holds may use
     sequence: int
+    shards: list[ShardView] = []  # a sharded merchant's shards 1.. (empty for any other account)
 
 
 class HoldView(BaseModel):
@@ -256,15 +268,33 @@ def _account_routes(router: APIRouter, readers: _Readers, who: Any) -> None:
         caller: Any = who,
     ):
         account = await _account_at(readers, caller, account_id, min_sequence, wait_ms)
+        shards: list[AccountRow] = []
+        if account.kind == "merchant" and not is_reserved_id(account_id):
+            # The shards are the merchant's owner's too (the core opens them with its owner).
+            shards = [shard for shard in await _read(readers, "shards_of", account_id) if _owns(caller, shard.owner)]
+        currency = account.currency
+        balance_minor = account.balance_minor + sum(shard.balance_minor for shard in shards)
+        held_minor = account.held_minor + sum(shard.held_minor for shard in shards)
         return AccountView(
             account_id=account.account_id,
-            currency=account.currency,
+            currency=currency,
             kind=account.kind,
             status=account.status,
-            balance=format_amount(account.balance_minor, account.currency),
-            held=format_amount(account.held_minor, account.currency),
-            available=format_amount(account.balance_minor - account.held_minor, account.currency),
+            balance=format_amount(balance_minor, currency),
+            held=format_amount(held_minor, currency),
+            available=format_amount(balance_minor - held_minor, currency),
             sequence=account.sequence,
+            shards=[
+                ShardView(
+                    account_id=shard.account_id,
+                    status=shard.status,
+                    balance=format_amount(shard.balance_minor, currency),
+                    held=format_amount(shard.held_minor, currency),
+                    available=format_amount(shard.balance_minor - shard.held_minor, currency),
+                    sequence=shard.sequence,
+                )
+                for shard in shards
+            ],
         )
 
     @router.get(

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from consumers.readmodel.projection import AccountRow, Changes, EntryRow, HoldRow, TransactionRow, project
 from infra.settings import Settings
+from schemas.commands import SHARD_MARK, SHARDS_MAX, shard_account_id
 from schemas.events import HOLD_EVENTS, CommandRejected, Event, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome
 
@@ -433,6 +434,14 @@ class ReadModelStore:
             self._sql(f"SELECT {', '.join(_ACCOUNT_COLUMNS)} FROM accounts WHERE account_id = ?"), (account_id,)
         ).fetchone()
         return AccountRow(*row) if row is not None else None
+
+    def shards_of(self, merchant_id: str) -> list[AccountRow]:
+        """The shards 1.. of merchant `merchant_id` that the read model holds, in shard order."""
+        shard_ids = {shard_account_id(merchant_id, index) for index in range(1, SHARDS_MAX)}
+        rows = self._select_in(
+            self._connection.cursor(), "accounts", "account_id", _ACCOUNT_COLUMNS, shard_ids, AccountRow
+        )
+        return sorted(rows, key=lambda row: int(row.account_id.rpartition(SHARD_MARK)[2]))
 
     def entries(self, account_id: str, limit: int, before_sequence: int | None = None) -> list[EntryRow]:
         """The account's entries, newest first, with a sequence below `before_sequence` if given."""

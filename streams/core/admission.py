@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from schemas.codec import SchemaError, decode_command
-from schemas.commands import CreditLeg, RefundLeg, Tick, WireCommand, owner_account
+from schemas.commands import LEG_COMMANDS, Tick, WireCommand, owner_account
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome, Reason
 from streams.core.errors import UndecidableInput
@@ -62,7 +62,7 @@ def admit(
             f"partition {owner_here}: its producer does not use the murmur2 partitioner",
             dead_letter_outcome(value, Reason.WRONG_PARTITION, command),
         )
-    if isinstance(command, (CreditLeg, RefundLeg)):
+    if isinstance(command, LEG_COMMANDS):
         refused = keyring.verify(command)
         if refused is not None:
             return Refusal(refused, None)  # nobody waits on a leg; answering a forged one would forge answers

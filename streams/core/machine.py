@@ -45,6 +45,13 @@ raises `UndecidableInput`, folding nothing, for one it cannot decide:
   and refunded: the sender, which remembers its pending debit for a whole window, gets its
   money back, and any copy of a leg the receiver still accepts is one it still remembers.
 The balance cap holds for balance + the account's pending debits, so a refund never passes it.
+
+Sharded merchants (schemas.commands): `open_account` with `shards` N > 1 opens the merchant as
+shard 0 and emits one `open_shard` leg per other shard; the shard's partition opens it (same
+owner and currency, kind merchant), and a copy of the leg changes nothing. A client never
+opens an id with `::` (`reserved_account_id`). A transfer or pay_merchant with `to_shards` N
+debits the payer as usual with the picked shard as the receiver; from there it is an ordinary
+saga (a missing shard refuses, the payer is refunded).
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from schemas.codec import command_digest, readable_request
 from schemas.commands import (
+    ACCOUNT_ID_LENGTH_MAX,
     HOLD_EXPIRY_MS_MAX,
+    SHARDS_MAX,
     CaptureHold,
     ClientCommand,
     Close,
@@ -63,6 +72,7 @@ from schemas.commands import (
     Freeze,
     Leg,
     OpenAccount,
+    OpenShard,
     PayMerchant,
     PlaceHold,
     RefundLeg,
@@ -73,7 +83,10 @@ from schemas.commands import (
     WireCommand,
     Withdraw,
     command_type,
+    is_reserved_id,
     owner_account,
+    shard_account_id,
+    shard_index,
 )
 from schemas.events import (
     AccountClosed,
@@ -133,7 +146,7 @@ _MoneyEvent = TypeVar("_MoneyEvent", Deposited, Withdrawn, TransferDebited, Tran
 class Decision(NamedTuple):
     state: State  # the same object that was passed in, with the decided events folded
     events: list[Event]
-    follow_ups: list[Leg]  # saga legs only: a credit leg or a refund leg
+    follow_ups: list[Leg]  # legs only: a credit or refund leg of a saga, or the open_shard legs of a sharded open
     outcome: Outcome | None
 
 
@@ -159,10 +172,17 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
         expired = _expire_due_holds(state, now_ms, command)
         decision = _on_refund_leg(state, command, account, amount_minor, now_ms)
         return _after(expired, decision) if expired else decision
+    if command_class is OpenShard:
+        if TYPE_CHECKING:
+            assert isinstance(command, OpenShard)
+        _check_open_shard(state, command)
+        expired = _expire_due_holds(state, now_ms, command)
+        decision = _on_open_shard(state, command, now_ms)
+        return _after(expired, decision) if expired else decision
     if command_class is Tick:
         return Decision(state, _expire_due_holds(state, now_ms, command), [], None)
     if TYPE_CHECKING:
-        assert not isinstance(command, (CreditLeg, RefundLeg, Tick))
+        assert not isinstance(command, (CreditLeg, RefundLeg, OpenShard, Tick))
     handler = _HANDLERS[command_class]
     digest = command_digest(command)
     expired = _expire_due_holds(state, now_ms, command)
@@ -233,6 +253,17 @@ def _open_account(state: State, command: OpenAccount, digest: str, now_ms: int) 
         minor_units_of(command.currency)
     except AmountError as error:
         return _reject(state, command, digest, error.reason, now_ms)
+    if is_reserved_id(command.account_id):
+        # Derived shard ids are opened by the core only (`open_shard`), never by a client.
+        return _reject(state, command, digest, Reason.RESERVED_ACCOUNT_ID, now_ms)
+    shards = command.shards
+    if not 1 <= shards <= SHARDS_MAX or (
+        shards > 1
+        and (
+            command.kind != "merchant" or len(shard_account_id(command.account_id, shards - 1)) > ACCOUNT_ID_LENGTH_MAX
+        )
+    ):
+        return _reject(state, command, digest, Reason.INVALID_SHARDS, now_ms)
     if command.account_id in state.accounts:
         return _reject(state, command, digest, Reason.ACCOUNT_EXISTS, now_ms)
     event = AccountOpened(
@@ -247,8 +278,72 @@ def _open_account(state: State, command: OpenAccount, digest: str, now_ms: int) 
         currency=command.currency,
         kind=command.kind,
         balance=format_amount(0, command.currency),
+        shards=shards,
     )
-    return _accept(state, command, digest, event)
+    fold(state, event)
+    # Shards 1..N-1 are opened on their own partitions by legs of this decision, in the same
+    # Kafka transaction as its answer: a payment sent after the answer finds every shard open.
+    legs: list[Leg] = [
+        OpenShard(
+            transaction_id=command.transaction_id,
+            actor=command.actor,
+            issued_ms=now_ms,
+            account_id=shard_account_id(command.account_id, index),
+            merchant_account=command.account_id,
+            shard_index=index,
+            shards=shards,
+            owner=command.actor,
+            currency=command.currency,
+            digest=digest,
+        )
+        for index in range(1, shards)
+    ]
+    return Decision(state, [event], legs, _success(command, digest))
+
+
+def _check_open_shard(state: State, leg: OpenShard) -> None:
+    """An `open_shard` leg names the shard's derived id and a known currency, else it cannot be
+    decided (UndecidableInput, nothing folded). A copy of a leg already decided is told apart
+    from a conflicting one here too: the shard exists, as a shard of that merchant and owner."""
+    try:
+        minor_units_of(leg.currency)
+        derived = not is_reserved_id(leg.merchant_account) and leg.shard_index < leg.shards
+        derived = derived and shard_account_id(leg.merchant_account, leg.shard_index) == leg.account_id
+    except AmountError:
+        derived = False
+    if not derived:
+        raise UndecidableInput(
+            f"open_shard {leg.transaction_id!r}: {leg.account_id!r} is not shard {leg.shard_index} of "
+            f"{leg.shards} of merchant {leg.merchant_account!r} in a known currency"
+        )
+    account = state.accounts.get(leg.account_id)
+    if account is not None and (account.owner != leg.owner or account.currency != leg.currency):
+        raise UndecidableInput(
+            f"open_shard {leg.transaction_id!r}: {leg.account_id!r} is open already for another owner"
+        )
+
+
+def _on_open_shard(state: State, leg: OpenShard, now_ms: int) -> Decision:
+    if leg.account_id in state.accounts:
+        return Decision(state, [], [], None)  # a copy of the leg that opened it: no second effect
+    advance_clock(state, now_ms)
+    event = AccountOpened(
+        account_id=leg.account_id,
+        transaction_id=leg.transaction_id,
+        ts_ms=now_ms,
+        command="open_shard",
+        digest=leg.digest,
+        actor=leg.actor,
+        seq=1,
+        owner=leg.owner,
+        currency=leg.currency,
+        kind="merchant",
+        balance=format_amount(0, leg.currency),
+        shards=leg.shards,
+        shard_of=leg.merchant_account,
+    )
+    fold(state, event)
+    return Decision(state, [event], [], None)  # the merchant's open has answered already
 
 
 def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decision:
@@ -281,7 +376,15 @@ def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Deci
 
 
 def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms: int) -> Decision:
-    if command.from_account == command.to_account:
+    to_account = command.to_account
+    shards = command.to_shards
+    if shards != 1:
+        # The client's shard count only chooses among to_account's own derived ids; a shard
+        # that does not exist refuses the credit and the payer is refunded.
+        if not 1 <= shards <= SHARDS_MAX or is_reserved_id(to_account):
+            return _reject(state, command, digest, Reason.INVALID_SHARDS, now_ms)
+        to_account = shard_account_id(to_account, shard_index(command.transaction_id, shards))
+    if command.from_account == to_account:
         return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
     account, amount_minor, reason = _spendable_account(
         state,
@@ -303,10 +406,10 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms
         account,
         command.from_account,
         -amount_minor,
-        to_account=command.to_account,
+        to_account=to_account,
         merchant_only=type(command) is PayMerchant,
     )
-    leg = _credit_leg(command, command.to_account, event.amount, command.currency, digest, now_ms, resend=False)
+    leg = _credit_leg(command, to_account, event.amount, command.currency, digest, now_ms, resend=False)
     return Decision(state, [event], [leg], None)
 
 
@@ -791,7 +894,7 @@ def dead_letter_outcome(value: bytes, reason: str, command: WireCommand | None =
     Without it the client would wait `pending` forever. Never for a saga leg: a leg has no
     client waiting, and answering a forged one would let anyone write answers."""
     if command is not None:
-        if isinstance(command, (CreditLeg, RefundLeg, Tick)):
+        if isinstance(command, (CreditLeg, RefundLeg, OpenShard, Tick)):
             return None
         return Outcome(
             transaction_id=command.transaction_id,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from schemas.commands import HOLD_EXPIRY_MS_MAX
+from schemas.commands import HOLD_EXPIRY_MS_MAX, SHARDS_MAX, merchant_of_shard
 from schemas.events import (
     AccountClosed,
     AccountFrozen,
@@ -245,6 +245,13 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
             raise CorruptLog(
                 f"account {event.account_id!r}: account_opened at seq {event.seq} with balance "
                 f"{event.balance!r} {event.currency}: an account opens once, at seq 1, empty"
+            )
+        if not 1 <= event.shards <= SHARDS_MAX or (
+            event.shard_of is not None and merchant_of_shard(event.account_id) != event.shard_of
+        ):
+            raise CorruptLog(
+                f"account {event.account_id!r}: account_opened as a shard of {event.shard_of!r} "
+                f"of {event.shards}: not a derived shard id, or a shard count outside 1..{SHARDS_MAX}"
             )
         state.accounts[event.account_id] = account
     advance_clock(state, event.ts_ms)
