@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -145,6 +146,7 @@ def _measure_shards(db_url: str, settings: Settings, event_count: int, shard_cou
     with ReadModelStore(db_url) as store:
         store.drop_schema()
         store.create_schema()
+        log_file = tempfile.TemporaryFile()  # the shards' output, shown if one fails
         started_s = time.monotonic()
         processes = [
             subprocess.Popen(
@@ -165,8 +167,8 @@ def _measure_shards(db_url: str, settings: Settings, event_count: int, shard_cou
                     f"{index}/{shard_count}",
                 ],
                 cwd=PROJECT_ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
             for index in range(shard_count)
         ]
@@ -174,7 +176,8 @@ def _measure_shards(db_url: str, settings: Settings, event_count: int, shard_cou
             while any(store.offsets().get(key, 0) < end for key, end in targets.items()):
                 exited = [process.returncode for process in processes if process.poll() is not None]
                 if exited:
-                    raise RuntimeError(f"a shard exited with {exited[0]} (run it by hand to see why)")
+                    log_file.seek(0)
+                    raise RuntimeError(f"a shard exited with {exited[0]}:\n{log_file.read().decode(errors='replace')}")
                 if time.monotonic() - started_s > SHARDS_TIMEOUT_S:
                     raise RuntimeError(f"{shard_count} shards did not reach the end in {SHARDS_TIMEOUT_S} s")
                 time.sleep(0.05)
@@ -184,6 +187,7 @@ def _measure_shards(db_url: str, settings: Settings, event_count: int, shard_cou
                 process.terminate()
             for process in processes:
                 process.wait(SHARD_STOP_TIMEOUT_S)
+            log_file.close()
     result = {
         "db": describe_db_url(db_url),
         "shards": shard_count,

@@ -420,14 +420,15 @@ class ReadModelStore:
         debited, credited, refunded = (
             event_class.__struct_config__.tag for event_class in (TransferDebited, TransferCredited, TransferRefunded)
         )
-        account = "''" if owns_account is None else "accounts.account_id"
+        # Per account only for a shard's share: the whole read model's is one row per currency.
+        account, by_account = ("''", "") if owns_account is None else ("accounts.account_id", ", accounts.account_id")
         rows = self._connection.execute(
             f"""SELECT accounts.currency, {account},
                        SUM(CASE WHEN entries.type = '{debited}' THEN 1 ELSE -1 END),
                        SUM(entries.amount_minor)
                 FROM entries JOIN accounts ON accounts.account_id = entries.account_id
                 WHERE entries.type IN ('{debited}', '{credited}', '{refunded}')
-                GROUP BY accounts.currency, {account}"""
+                GROUP BY accounts.currency{by_account}"""
         ).fetchall()
         totals: dict[str, tuple[int, int]] = {}
         for currency, account_id, count, signed_minor in rows:
