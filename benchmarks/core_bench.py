@@ -33,6 +33,7 @@ from streams.core.state import State
 COMMANDS_PER_TRANSFER = 2  # the transfer and its credit leg
 CHUNK_TRANSFERS = 100  # per timed part of the split pass: hides the timer, keeps objects short-lived
 WARMUP_TRANSFERS = 5_000
+LEG_SAMPLE_TRANSFERS = 1_000
 START_TS_MS = 1_700_000_000_000
 # Far above what the transfers can move, so every transfer succeeds and takes the full path.
 OPENING_DEPOSIT = "1000000.00"
@@ -48,6 +49,9 @@ class CoreBenchResult:
     decode_us: float
     apply_us: float
     encode_us: float
+    # Kafka payload per transfer (values only, no keys or headers): what sizes disks and networks
+    bytes_consumed_per_transfer: float  # the transfer command and its credit leg
+    bytes_written_per_transfer: float  # 2 events, the leg and the outcome
 
 
 RECORD_TIME_MS = 1_700_000_000_000  # every record of the run at one broker time (inside every window)
@@ -153,8 +157,9 @@ def run(transfer_count: int, account_count: int, seed: int = 1) -> CoreBenchResu
 
     state = funded_state(account_ids)
     start_s = time.perf_counter()
-    run_whole_path(state, records)
+    written = run_whole_path(state, records)
     elapsed_s = time.perf_counter() - start_s
+    leg_bytes = written_leg_bytes(account_ids, records[:LEG_SAMPLE_TRANSFERS])
 
     decode_s, apply_s, encode_s = run_split(funded_state(account_ids), records)
     per_transfer_us = 1e6 / transfer_count
@@ -166,7 +171,18 @@ def run(transfer_count: int, account_count: int, seed: int = 1) -> CoreBenchResu
         decode_us=decode_s * per_transfer_us,
         apply_us=apply_s * per_transfer_us,
         encode_us=encode_s * per_transfer_us,
+        bytes_consumed_per_transfer=(sum(map(len, records)) / transfer_count) + leg_bytes,
+        bytes_written_per_transfer=written / transfer_count,
     )
+
+
+def written_leg_bytes(account_ids: list[str], records: list[bytes]) -> float:
+    """The mean size of a signed credit leg, over the debits of `records` on a fresh state."""
+    state = funded_state(account_ids)
+    legs = [
+        encode(KEYRING.sign(apply(state, decode_command(record), RECORD_TIME_MS).follow_ups[0])) for record in records
+    ]
+    return sum(map(len, legs)) / len(legs)
 
 
 def profile(transfer_count: int, account_count: int, seed: int = 1, lines: int = 25) -> str:
@@ -193,6 +209,8 @@ def format_result(result: CoreBenchResult) -> str:
             f"  decode {result.decode_us:6.2f}  (transfer + leg)",
             f"  apply  {result.apply_us:6.2f}  (debit + credit, digest and fold included)",
             f"  encode {result.encode_us:6.2f}  (2 events + leg + outcome)",
+            f"Kafka payload per transfer: {result.bytes_consumed_per_transfer:.0f} bytes consumed (transfer + leg), "
+            f"{result.bytes_written_per_transfer:.0f} bytes written (2 events + leg + outcome)",
         ]
     )
 

@@ -135,3 +135,29 @@ def test_a_replacement_gives_up_after_its_bound(coordinator_outage) -> None:
     with pytest.raises(TransactionAborted, match="initialising"):
         producer.replace()
     assert 0.2 * REPLACE_CALL_TIMEOUTS <= time.monotonic() - started_s < 0.2 * REPLACE_CALL_TIMEOUTS + 1
+
+
+class _NoGroupCoordinatorProducer(_LostCoordinatorProducer):
+    """`send_offsets_to_transaction` as librdkafka 2.16 answered it when the active KRaft controller
+    was SIGKILLed under load (the cluster fault test): _STATE, neither fatal nor retriable."""
+
+    def send_offsets_to_transaction(self, offsets, group_metadata, timeout: float) -> None:
+        self.calls.append("send_offsets")
+        raise KafkaException(
+            KafkaError(
+                KafkaError._STATE,
+                "Failed to commit offsets to transaction on broker (none): Local: Erroneous state (after 0 ms)",
+            )
+        )
+
+
+def test_send_offsets_refused_for_want_of_a_group_coordinator_aborts_the_batch(monkeypatch) -> None:
+    monkeypatch.setattr(transactions, "Producer", _NoGroupCoordinatorProducer)
+    producer = TransactionalProducer({"transactional.id": "t-5"}, "dlq", call_timeout_s=CALL_TIMEOUT_S)
+    producer.begin()
+    with pytest.raises(TransactionAborted, match="broker \\(none\\)"):
+        producer.commit([TopicPartition("commands", 0, 7)], object())
+    assert producer.abort()  # the processor's recovery
+    # Outside a transaction the same error is this program's misuse: still a bug.
+    with pytest.raises(transactions.TransactionBug):
+        producer.commit([TopicPartition("commands", 0, 7)], object())

@@ -231,7 +231,18 @@ class TransactionalProducer:
                 f"{self._send_offsets_bound_s:.0f} s (librdkafka waits for a lost group coordinator)"
             )
         if failure:
-            raise failure[0]
+            error = failure[0]
+            if (
+                self._in_transaction
+                and isinstance(error, KafkaException)
+                and error.args[0].code() == KafkaError._STATE
+                and not error.args[0].fatal()
+            ):
+                # Inside a transaction this class began, _STATE is not a misuse but librdkafka's
+                # word for a group coordinator it lost ("on broker (none)", seen when the active
+                # controller was killed under load): a new producer and a rebuild cure it.
+                raise TransactionAborted(f"sending the consumed offsets to the transaction: {error.args[0].str()}")
+            raise error
 
     def abort(self) -> bool:
         """Aborts the open transaction if the broker can be reached; True when it did (or none was open)."""
