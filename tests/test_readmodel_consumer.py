@@ -3,7 +3,6 @@ the fold of wallet.events, exactly once through SIGKILLs, and a rebuild ends equ
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from benchmarks.support.reference_pipeline import ABORTED_TRANSACTION_PREFIX
 from consumers.readmodel.consumer import end_offsets, read_lag
 from consumers.readmodel.store import TABLES, ReadModelStore
 from infra.admin import admin_client
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import PROJECT_ROOT
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)
@@ -26,6 +25,7 @@ from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite 
     consume_until_caught_up,
     expected_rows,
     expected_transactions,
+    start_consumer_process,
     stored_rows,
     stored_transactions,
 )
@@ -52,29 +52,6 @@ def test_read_model_equals_the_fold_of_committed_events(published_log: Published
         assert not [tx for _, tx in transactions if tx.startswith(ABORTED_TRANSACTION_PREFIX)]
 
 
-def _start_consumer_process(settings: Settings, db_url: str, log_path: Path, *extra: str) -> subprocess.Popen:
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wallet.cli",
-                "--bootstrap",
-                settings.bootstrap,
-                "--topic-prefix",
-                settings.topic_prefix,
-                "readmodel",
-                "--db",
-                db_url,
-                *extra,
-            ],
-            cwd=PROJECT_ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
 def _wait_for_progress(store: ReadModelStore, beyond: int, process: subprocess.Popen, log_path: Path) -> int:
     deadline_s = time.monotonic() + PROCESS_TIMEOUT_S
     while (applied := sum(store.offsets().values())) <= beyond:
@@ -99,7 +76,7 @@ def test_consumer_killed_at_random_moments_resumes_with_nothing_lost_or_doubled(
         store.create_schema()
         reached = 0
         for kill_round in range(KILL_ROUNDS):
-            process = _start_consumer_process(
+            process = start_consumer_process(
                 settings, db_url, log_path, "--batch-size", str(KILLED_BATCH_SIZE), "--batch-wait-ms", "20"
             )
             reached = _wait_for_progress(store, reached, process, log_path)
@@ -118,7 +95,7 @@ def test_consumer_killed_at_random_moments_resumes_with_nothing_lost_or_doubled(
             # Exactly a prefix of every partition: nothing of a half-written batch, no row twice.
             assert stored_rows(store) == expected_rows(published_log, events_offsets), f"seed {seed}"
 
-        process = _start_consumer_process(settings, db_url, log_path)
+        process = start_consumer_process(settings, db_url, log_path)
         deadline_s = time.monotonic() + CATCH_UP_TIMEOUT_S
         while sum(item.lag for item in read_lag(admin, settings, store.offsets())) > 0:
             assert process.poll() is None, f"the consumer exited with {process.returncode}:\n{log_path.read_text()}"

@@ -222,3 +222,29 @@ def test_holds_are_stored_and_found_by_id_for_the_owners_of_their_two_accounts(d
         assert {row.hold_id for row in store.account_holds("alice", None, 10)} == {"H", "only-alice"}
         account = store.account("alice")
         assert account is not None and (account.balance_minor, account.held_minor) == (4800, 100)
+
+
+def test_a_shards_share_of_the_money_in_flight_counts_the_transfer_entries_of_its_own_accounts(db_url: str) -> None:
+    records = _records()
+    with ReadModelStore(db_url) as store:
+        store.create_schema()
+        store.apply(_batch(records, 0, len(records), None))
+        currency_of = {row[0]: row[1] for row in store.table_rows("accounts")}
+        owned = set(sorted(currency_of)[::2])
+        expected: dict[str, list[int]] = {}
+        for account_id, _, _, kind, amount_minor, *_ in store.table_rows("entries"):
+            sign = {"transfer_debited": 1, "transfer_credited": -1, "transfer_refunded": -1}.get(kind)
+            if sign is not None and account_id in owned:
+                totals = expected.setdefault(currency_of[account_id], [0, 0])
+                totals[0] += sign
+                totals[1] -= amount_minor
+        share = store.transfers_in_flight(owned.__contains__)
+        assert share == {currency: (count, minor) for currency, (count, minor) in expected.items()}
+        rest = store.transfers_in_flight(lambda account_id: account_id not in owned)
+        whole = store.transfers_in_flight()
+        assert share != whole
+        added = {
+            currency: tuple(map(sum, zip(share.get(currency, (0, 0)), rest.get(currency, (0, 0)), strict=True)))
+            for currency in whole
+        }
+        assert added == whole

@@ -16,16 +16,20 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from infra.metrics import add_metrics_options
 from infra.settings import settings_from_args
+
+if TYPE_CHECKING:
+    from consumers.readmodel.consumer import Shard
 
 DB_URL_ENV = "WALLET_READMODEL_DB"
 SERVE_PORT_DEFAULT = 8081
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT, BATCH_WAIT_MS_DEFAULT
+    from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT, BATCH_WAIT_MS_DEFAULT, Shard
 
     readmodel = subparsers.add_parser(
         "readmodel",
@@ -40,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=BATCH_WAIT_MS_DEFAULT,
         help=f"how long a batch waits to fill up (default {BATCH_WAIT_MS_DEFAULT})",
+    )
+    readmodel.add_argument(
+        "--shard",
+        type=_shard,
+        default=Shard(),
+        metavar="I/N",
+        help="consume only the partitions p with p %% N == I, beside the other shards' processes "
+        "(PostgreSQL only for N > 1; default 0/1: every partition)",
     )
     add_metrics_options(readmodel)
     readmodel.set_defaults(handler=_reporting_errors(_run))
@@ -65,6 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=SERVE_PORT_DEFAULT, help=f"(default {SERVE_PORT_DEFAULT})")
     serve.set_defaults(handler=_reporting_errors(_serve))
+
+
+def _shard(text: str) -> Shard:
+    from consumers.readmodel.consumer import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_db_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -146,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     server = serve_if_asked(args, registry)
     try:
         with ReadModelStore(_db_url(args)) as store:
-            run(store, settings_from_args(args), stop.is_set, args.batch_size, args.batch_wait_ms, metrics)
+            run(store, settings_from_args(args), stop.is_set, args.batch_size, args.batch_wait_ms, metrics, args.shard)
     finally:
         if server is not None:
             server.close()

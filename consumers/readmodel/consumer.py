@@ -1,10 +1,15 @@
 """`wallet readmodel`: `wallet.events` and `wallet.outcomes` into the read model's database, exactly once.
 
 The consumer belongs to no consumer group: it assigns itself every partition of both topics
-at the offsets stored in the database, and each polled batch is written together with the
-offsets it ends at in one database transaction. Whatever instant the process dies at, the
-tables hold a prefix of every partition and the restart continues from exactly there.
-Only committed Kafka transactions are read (read_committed).
+(or, as shard I of N, those p with p % N == I) at the offsets stored in the database, and each
+polled batch is written together with the offsets it ends at in one database transaction.
+Whatever instant the process dies at, the tables hold a prefix of every partition and the
+restart continues from exactly there. Only committed Kafka transactions are read (read_committed).
+
+Shards: several processes, each owning its own partitions, write one PostgreSQL database at
+once (the store keeps the rows two shards share, a transfer's request, free of lost updates).
+Each process claims its partitions in the database when it starts, so a second process of the
+same partitions is refused at once. SQLite has one writer at a time: a single shard only.
 
 Crash-only: a database failure, a corrupt log or a second writer stops the consumer with an
 error; restarting it (by hand or by its supervisor) resumes from the stored offsets.
@@ -21,10 +26,11 @@ from typing import TYPE_CHECKING
 from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey
+from consumers.readmodel.store import Batch, ReadModelStore, TopicPartitionKey, describe_db_url
 from infra.kafka_clients import FAILOVER_TUNING, kafka_security
 from infra.settings import Settings
 from schemas.codec import SchemaError, decode_event, decode_outcome
+from schemas.partitioning import partition_for
 
 if TYPE_CHECKING:
     from consumers.readmodel.metrics import ReadModelMetrics
@@ -39,6 +45,32 @@ STATUS_INTERVAL_S = 10.0
 
 class ReadModelError(RuntimeError):
     """The read model cannot continue without a person deciding: a corrupt log, a foreign database."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """The partitions one read-model process owns: every p of both topics with p % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: want 0 <= I < N")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N` as the operator types it (the command line: outside input, checked here)."""
+        index, slash, count = text.partition("/")
+        if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+            raise ValueError(f"shard {text!r}: want I/N, for example 0/2")
+        return cls(int(index), int(count))
+
+    def owns(self, partition: int) -> bool:
+        return partition % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def consumer_config(settings: Settings) -> dict:
@@ -114,6 +146,7 @@ class ReadModelConsumer:
         batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
         batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT,
         metrics: ReadModelMetrics | None = None,
+        shard: Shard = Shard(),
     ) -> None:
         if batch_size_max < 1 or batch_wait_ms < 1:
             raise ValueError(f"batch size ({batch_size_max}) and batch wait ({batch_wait_ms} ms) must be >= 1")
@@ -124,14 +157,25 @@ class ReadModelConsumer:
         self._consumer: Consumer | None = None
         self._next_offsets: dict[TopicPartitionKey, int | None] = {}
         self._metrics = metrics
+        self._shard = shard
+        self._event_partition_count = 0
 
     @property
     def next_offsets(self) -> dict[TopicPartitionKey, int | None]:
         """Per partition, the next offset to apply (= the stored one)."""
         return dict(self._next_offsets)
 
+    def owns_account(self, account_id: str) -> bool:
+        """Whether the account's events are on a partition of this shard (after `start()`)."""
+        return self._shard.owns(partition_for(account_id, self._event_partition_count))
+
     def start(self) -> None:
         topics = [self._settings.events_topic, self._settings.outcomes_topic]
+        if self._shard.count > 1 and not self._store.takes_shards:
+            raise ReadModelError(
+                f"shard {self._shard}: {self._store.db_url} is SQLite, which has one writer at a time; "
+                "several shards need PostgreSQL (or run one read model, --shard 0/1)"
+            )
         stored = self._store.offsets()
         foreign = sorted({topic for topic, _ in stored} - set(topics))
         if foreign:
@@ -141,9 +185,22 @@ class ReadModelConsumer:
             )
         self._consumer = Consumer(consumer_config(self._settings), logger=log)
         counts = partition_counts(self._consumer, topics, KAFKA_TIMEOUT_S)
+        self._event_partition_count = counts[self._settings.events_topic]
         self._next_offsets = {
-            (topic, partition): stored.get((topic, partition)) for topic in topics for partition in range(counts[topic])
+            (topic, partition): stored.get((topic, partition))
+            for topic in topics
+            for partition in range(counts[topic])
+            if self._shard.owns(partition)
         }
+        if not self._next_offsets:
+            raise ReadModelError(f"shard {self._shard} owns no partition: the topics have {counts} partitions")
+        # Before reading anything: a second process of these partitions stops here, not at its first batch.
+        try:
+            self._store.claim(sorted(self._next_offsets))
+        except BaseException:
+            self._consumer.close()
+            self._consumer = None
+            raise
         self._consumer.assign(
             [
                 TopicPartition(topic, partition, OFFSET_BEGINNING if offset is None else offset)
@@ -151,17 +208,19 @@ class ReadModelConsumer:
             ]
         )
         log.info(
-            "reading %s and %s (%d partitions) into %s from %d stored offsets",
+            "shard %s: reading %s and %s (%d partitions) into %s from %d stored offsets",
+            self._shard,
             *topics,
             len(self._next_offsets),
-            self._store.db_url,
-            len(stored),
+            describe_db_url(self._store.db_url),
+            sum(offset is not None for offset in self._next_offsets.values()),
         )
 
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+            self._store.release(sorted(self._next_offsets))
 
     def step(self) -> int:
         """Polls one batch (at most `batch_size_max` records, waiting at most `batch_wait_ms`)
@@ -228,15 +287,17 @@ def run(
     batch_size_max: int = BATCH_SIZE_MAX_DEFAULT,
     batch_wait_ms: int = BATCH_WAIT_MS_DEFAULT,
     metrics: ReadModelMetrics | None = None,
+    shard: Shard = Shard(),
 ) -> int:
     """Consumes until `stop_requested()` is true between two batches; returns the records applied."""
     store.create_schema()
-    consumer = ReadModelConsumer(store, settings, batch_size_max, batch_wait_ms, metrics)
+    consumer = ReadModelConsumer(store, settings, batch_size_max, batch_wait_ms, metrics, shard)
     consumer.start()
     if metrics is not None:
         from infra.admin import admin_client
 
-        metrics.start_in_flight(store.transfers_in_flight())
+        # A shard's share: the entries of its own accounts (debits add, credits and refunds take away).
+        metrics.start_in_flight(store.transfers_in_flight(None if shard.count == 1 else consumer.owns_account))
         metrics.watch_lag(admin_client(settings.bootstrap, role="readmodel"), settings, lambda: consumer.next_offsets)
     applied_total = applied_since_status = 0
     status_at_s = time.monotonic()

@@ -21,7 +21,8 @@ partition never hears of the credit on the receiver's (its processor exports its
 `wallet_processor_debits_open`). It starts from one scan of the stored entries and follows every applied
 batch. Partitions are read unevenly, so a credit can be applied a moment before its debit: the figure
 may dip below the truth for that moment, and equals the audit's in-flight list whenever the read model
-is caught up.
+is caught up. A shard (`--shard I/N`, N > 1) reports its partitions' share: the debits of its accounts
+minus their credits and refunds, which may be negative; the sum over the N shards is the money in flight.
 """
 
 from __future__ import annotations
@@ -65,13 +66,14 @@ class _Lag(Collector):
             "committed records not yet in the read model's database, per partition",
             labels=["kind", "partition"],
         )
-        stored = {key: offset for key, offset in self._applied().items() if offset is not None}
+        applied = self._applied()  # the partitions this process owns (a shard owns some)
+        stored = {key: offset for key, offset in applied.items() if offset is not None}
         try:
             lags = read_lag(self._admin, self._settings, stored, LAG_TIMEOUT_S)
         except (KafkaException, ReadModelError) as error:
             log.warning("the read model's lag is left out of this scrape: %s", error)
             lags = []
-        for item in lags:
+        for item in (item for item in lags if (item.topic, item.partition) in applied):
             kind = EVENTS if item.topic == self._settings.events_topic else OUTCOMES
             family.add_metric([kind, str(item.partition)], item.lag)
         yield family

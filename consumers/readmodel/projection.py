@@ -311,6 +311,13 @@ def request_status_of(event: Event) -> TransactionRow | None:
     return TransactionRow(owner, event.transaction_id, status, reason, event.digest, actor)
 
 
+def requests_named(events: list[Event], outcomes: list[Outcome]) -> set[RequestKey]:
+    """Every request whose status `project` may change for these records (the rows a writer locks)."""
+    rows = [request_status_of(event) for event in events]
+    rows.extend(request_status_of_outcome(outcome) for outcome in outcomes)
+    return {(row.account_id, row.transaction_id) for row in rows if row is not None}
+
+
 def request_status_of_outcome(outcome: Outcome) -> TransactionRow | None:
     """The answer an outcome gives, keyed by the request's owning account (None for an answer to
     a dead-lettered record whose account could not be read)."""

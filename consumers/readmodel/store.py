@@ -10,22 +10,41 @@ transaction, and the consumer starts from the offsets stored here. The offset up
 compare-and-set against the offsets the batch started from, so a second writer on the same
 database (a stray consumer, a rebuild) makes one of them fail loudly instead of applying a
 batch twice.
+
+Shards (PostgreSQL only): several consumers, each owning some partitions, write one database.
+Each claims its partitions with session advisory locks when it starts, so a second writer of a
+partition is refused before it reads anything. An account's rows (account, entries, holds) and
+a partition's offsets are written by the one shard that owns that partition; the only rows two
+shards share are requests: a transfer's is written by its debit (the sender's partition), its
+credit (the receiver's) and its outcome (keyed by transaction id, anywhere). A batch locks
+every request it names before reading them, in key order (no deadlock between shards), so no
+shard overwrites a status it has not read.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from consumers.readmodel.projection import AccountRow, Changes, EntryRow, HoldRow, TransactionRow, project
+from consumers.readmodel.projection import (
+    AccountRow,
+    Changes,
+    EntryRow,
+    HoldRow,
+    RequestKey,
+    TransactionRow,
+    project,
+    requests_named,
+)
 from infra.settings import Settings
 from schemas.commands import SHARD_MARK, SHARDS_MAX, shard_account_id
 from schemas.events import HOLD_EVENTS, CommandRejected, Event, TransferCredited, TransferDebited, TransferRefunded
 from schemas.outcomes import Outcome
+from streams.core.state import PENDING
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
@@ -111,6 +130,8 @@ _LAYOUT_PROBES = (
 )
 
 TopicPartitionKey = tuple[str, int]
+# The first key of a partition's claim (an advisory lock; the second key is the partition).
+_CLAIM_PREFIX = "wallet readmodel claim "
 
 
 class OwnedHold(NamedTuple):
@@ -162,6 +183,7 @@ def describe_db_url(db_url: str) -> str:
 
 class _SQLite:
     integrity_error = sqlite3.IntegrityError
+    takes_shards = False  # one writer at a time: the offsets' compare-and-set is the guard
 
     def __init__(self, db_url: str) -> None:
         self.path = Path(db_url[len(SQLITE_PREFIX) :])
@@ -199,6 +221,18 @@ class _SQLite:
         connection.execute("COMMIT")
 
     @staticmethod
+    def claim(connection: sqlite3.Connection, partitions: list[TopicPartitionKey]) -> None:
+        pass  # a single shard: a second writer fails the offsets' compare-and-set
+
+    @staticmethod
+    def release(connection: sqlite3.Connection, partitions: list[TopicPartitionKey]) -> None:
+        pass
+
+    @staticmethod
+    def lock_requests(cursor: Any, keys: list[RequestKey]) -> set[RequestKey]:
+        return set()  # BEGIN IMMEDIATE holds the database's one write lock already
+
+    @staticmethod
     def insert_many(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
         placeholders = ", ".join("?" * len(columns))
         cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", rows)
@@ -213,6 +247,8 @@ class _SQLite:
 
 
 class _Postgres:
+    takes_shards = True
+
     def __init__(self, db_url: str) -> None:
         # Imported here: loading libpq costs every `wallet` command and SQLite user 50 ms.
         import psycopg
@@ -239,6 +275,47 @@ class _Postgres:
     def transaction(connection: Any) -> Iterator[None]:
         with connection.transaction():
             yield
+
+    @classmethod
+    def claim(cls, connection: Any, partitions: list[TopicPartitionKey]) -> None:
+        # Session locks: held until released or until the connection ends, the process's death included.
+        taken: list[TopicPartitionKey] = []
+        for topic, partition in partitions:
+            (granted,) = connection.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s), %s)", (_CLAIM_PREFIX + topic, partition)
+            ).fetchone()
+            if not granted:
+                cls.release(connection, taken)
+                raise ConcurrentWriterError(
+                    f"{topic}[{partition}] is written by another read-model process of this database; "
+                    "one process per shard (--shard I/N), and stop the consumers before a rebuild"
+                )
+            taken.append((topic, partition))
+
+    @staticmethod
+    def release(connection: Any, partitions: list[TopicPartitionKey]) -> None:
+        for topic, partition in partitions:
+            connection.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (_CLAIM_PREFIX + topic, partition))
+
+    @classmethod
+    def lock_requests(cls, cursor: Any, keys: list[RequestKey]) -> set[RequestKey]:
+        """Locks the rows of `keys` for the rest of the transaction, in key order, and returns the
+        keys no row had: each gets a placeholder row, locked too, that the batch must overwrite.
+        Waiting on another shard's lock ends when its batch commits; this one then reads its rows."""
+        cursor.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS request_keys_stage (account_id TEXT, transaction_id TEXT) "
+            "ON COMMIT DELETE ROWS"
+        )
+        cls.insert_many(cursor, "request_keys_stage", ("account_id", "transaction_id"), keys)
+        # DO UPDATE ... WHERE false locks an existing row without writing a new version of it.
+        cursor.execute(
+            f"INSERT INTO transactions (account_id, transaction_id, status, digest) "
+            f"SELECT account_id, transaction_id, '{PENDING}', '' FROM request_keys_stage "
+            "ORDER BY account_id, transaction_id "
+            "ON CONFLICT (account_id, transaction_id) DO UPDATE SET status = excluded.status WHERE false "
+            "RETURNING account_id, transaction_id"
+        )
+        return {(account_id, transaction_id) for account_id, transaction_id in cursor.fetchall()}
 
     @staticmethod
     def insert_many(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
@@ -293,6 +370,19 @@ class ReadModelStore:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @property
+    def takes_shards(self) -> bool:
+        """Whether several shards may write this database at once (PostgreSQL)."""
+        return self._backend.takes_shards
+
+    def claim(self, partitions: list[TopicPartitionKey]) -> None:
+        """Makes this connection the only writer of `partitions` until `release` or its end;
+        raises ConcurrentWriterError if another holds one of them."""
+        self._backend.claim(self._connection, partitions)
+
+    def release(self, partitions: list[TopicPartitionKey]) -> None:
+        self._backend.release(self._connection, partitions)
+
     def create_schema(self) -> None:
         """Creates the tables where missing; a read model of an older layout is dropped first, so
         the consumer rebuilds it from the first offset."""
@@ -324,22 +414,30 @@ class ReadModelStore:
             for table in TABLES:
                 cursor.execute(f"DROP TABLE IF EXISTS {table}")
 
-    def transfers_in_flight(self) -> dict[str, tuple[int, int]]:
+    def transfers_in_flight(self, owns_account: Callable[[str], bool] | None = None) -> dict[str, tuple[int, int]]:
         """currency -> (transfers debited but neither credited nor refunded, their amount in minor units),
-        over every entry stored: one scan of `entries`, for the read model's start."""
+        over every entry stored (or those of the accounts `owns_account` names: a shard's share, which the
+        other shards' shares complete): one scan of `entries`, for the read model's start."""
         debited, credited, refunded = (
             event_class.__struct_config__.tag for event_class in (TransferDebited, TransferCredited, TransferRefunded)
         )
+        # Per account only for a shard's share: the whole read model's is one row per currency.
+        account, by_account = ("''", "") if owns_account is None else ("accounts.account_id", ", accounts.account_id")
         rows = self._connection.execute(
-            f"""SELECT accounts.currency,
+            f"""SELECT accounts.currency, {account},
                        SUM(CASE WHEN entries.type = '{debited}' THEN 1 ELSE -1 END),
                        SUM(entries.amount_minor)
                 FROM entries JOIN accounts ON accounts.account_id = entries.account_id
                 WHERE entries.type IN ('{debited}', '{credited}', '{refunded}')
-                GROUP BY accounts.currency"""
+                GROUP BY accounts.currency{by_account}"""
         ).fetchall()
-        # A debit's entry is negative, a credit's or a refund's positive: what is in flight is minus the sum.
-        return {currency: (int(count), -int(signed_minor)) for currency, count, signed_minor in rows}
+        totals: dict[str, tuple[int, int]] = {}
+        for currency, account_id, count, signed_minor in rows:
+            if owns_account is None or owns_account(account_id):
+                count_before, minor_before = totals.get(currency, (0, 0))
+                # A debit's entry is negative, a credit's or a refund's positive: what is in flight is minus the sum.
+                totals[currency] = (count_before + int(count), minor_before - int(signed_minor))
+        return totals
 
     def offsets(self) -> dict[TopicPartitionKey, int]:
         rows = self._connection.execute("SELECT topic, kafka_partition, next_offset FROM offsets").fetchall()
@@ -352,6 +450,8 @@ class ReadModelStore:
             # Offsets first: in PostgreSQL this also locks their rows, so a concurrent writer
             # waits here and then fails the compare instead of reading rows we are changing.
             self._advance_offsets(cursor, batch)
+            # Another shard may be writing the same requests: lock them before reading them.
+            created = self._backend.lock_requests(cursor, sorted(requests_named(batch.events, batch.outcomes)))
             account_ids = {event.account_id for event in batch.events if type(event) is not CommandRejected}
             # Every stored request with a transaction id the batch names, whatever its account:
             # one indexed lookup per id, and a few rows more than needed at most.
@@ -366,6 +466,7 @@ class ReadModelStore:
                 for row in self._select_in(
                     cursor, "transactions", "transaction_id", _TRANSACTION_COLUMNS, transaction_ids, TransactionRow
                 )
+                if (row.account_id, row.transaction_id) not in created  # a placeholder: no request stored
             }
             hold_ids = {event.hold_id for event in batch.events if isinstance(event, HOLD_EVENTS)}
             holds = {
@@ -373,6 +474,8 @@ class ReadModelStore:
                 for row in self._select_in(cursor, "holds", "hold_id", _HOLD_COLUMNS, hold_ids, HoldRow)
             }
             changes = project(accounts, transactions, batch.events, batch.outcomes, holds=holds)
+            unwritten = created - {(row.account_id, row.transaction_id) for row in changes.transactions}
+            assert not unwritten, f"placeholder requests the batch does not write: {sorted(unwritten)[:5]}"
             # The row tuples' fields are in the order of the column lists.
             if changes.entries:
                 self._backend.insert_many(cursor, "entries", _ENTRY_COLUMNS, changes.entries)
