@@ -119,7 +119,7 @@ class HotBench(Bench):
                 producer.poll()
         producer.flush()
         timeout_s = 60.0 + options.transfers / PAYMENT_RATE_FLOOR_PER_S
-        end_s = self._await_outcomes(processors[0], tally, options.transfers, timeout_s, "hot", kind=PAY_KIND)
+        end_s = self._await_outcomes(processors, tally, options.transfers, timeout_s, "hot", kind=PAY_KIND)
         elapsed_s = end_s - started_s
         return self._report(tally, elapsed_s)
 
