@@ -1242,8 +1242,7 @@ class Bench:
         """Reads outcomes until `transfers` requests of `kind` (transfers, or the captures of the
         hold stage) have one; returns when the last was seen. Fails if any of `children` (the
         processes deciding them) exits first."""
-        deadline_s = time.monotonic() + timeout_s
-        progress_s = time.monotonic()
+        called_s = progress_s = time.monotonic()
         with self._bar(transfers, stage, "tx") as bar:
             while tally.per_kind[kind] < transfers:
                 if on_tick is not None:
@@ -1259,17 +1258,22 @@ class Bench:
                             f"{stage}: {child.name} exited with code {child.exited()} after "
                             f"{tally.per_kind[kind]:,} of {transfers:,} outcomes"
                         )
-                # Start-up (a restore from a large snapshot) is bounded by the stage's deadline;
-                # the stall clock runs from the later of the last outcome and the last assignment.
+                # Start-up (a JVM's start, a restore from a large snapshot) has a bound of its own, the
+                # stall timeout past the stage's; the stall clock and the stage's deadline run from the
+                # last child's start (its marker: assigned, first record).
                 started = [child.marker_s if child.marker is not None else child.started_s for child in children]
                 started_s = [value for value in started if value is not None]
-                if len(started_s) == len(children) and now_s - max(progress_s, *started_s) > stall_timeout_s:
+                if len(started_s) < len(children):
+                    if now_s - called_s > timeout_s + stall_timeout_s:
+                        raise _failure_of(children, f"{stage}: not started within {timeout_s + stall_timeout_s:.0f} s")
+                    continue
+                if now_s - max(progress_s, *started_s) > stall_timeout_s:
                     raise _failure_of(
                         children,
                         f"{stage}: no new outcome for {stall_timeout_s:.0f} s "
                         f"({tally.per_kind[kind]:,} of {transfers:,} decided)",
                     )
-                if now_s > deadline_s:
+                if now_s > max(called_s, *started_s) + timeout_s:
                     raise _failure_of(
                         children,
                         f"{stage}: only {tally.per_kind[kind]:,} of {transfers:,} decided within {timeout_s:.0f} s",

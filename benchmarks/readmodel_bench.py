@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -37,7 +36,7 @@ from consumers.readmodel.consumer import BATCH_SIZE_MAX_DEFAULT, end_offsets
 from consumers.readmodel.rebuild import rebuild
 from consumers.readmodel.store import POSTGRES_PREFIXES, Batch, ReadModelStore, describe_db_url
 from infra.admin import admin_client, delete_topics, ensure_topics
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import PROJECT_ROOT, Settings, wallet_argv
 from schemas.outcomes import Outcome
 
 TARGET_SQLITE_EVENTS_PER_S = 50_000
@@ -150,14 +149,8 @@ def _measure_shards(db_url: str, settings: Settings, event_count: int, shard_cou
         started_s = time.monotonic()
         processes = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "wallet.cli",
-                    "--bootstrap",
-                    settings.bootstrap,
-                    "--topic-prefix",
-                    settings.topic_prefix,
+                wallet_argv(
+                    settings,
                     "readmodel",
                     "--db",
                     db_url,
@@ -165,7 +158,7 @@ def _measure_shards(db_url: str, settings: Settings, event_count: int, shard_cou
                     str(batch_size),
                     "--shard",
                     f"{index}/{shard_count}",
-                ],
+                ),
                 cwd=PROJECT_ROOT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

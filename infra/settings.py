@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -126,6 +127,20 @@ class Settings:
         if "replication_factor" in overrides:
             overrides["replication_factor_setting"] = overrides.pop("replication_factor")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def wallet_argv(settings: Settings, *arguments: str) -> list[str]:
+    """The command line of a `wallet` process on `settings`' broker and topics."""
+    return [
+        sys.executable,
+        "-m",
+        "wallet.cli",
+        "--bootstrap",
+        settings.bootstrap,
+        "--topic-prefix",
+        settings.topic_prefix,
+        *arguments,
+    ]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

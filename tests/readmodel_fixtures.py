@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -38,7 +37,7 @@ from consumers.readmodel.store import ReadModelStore
 from infra.admin import admin_client
 from infra.kafka_clients import kafka_security
 from infra.ports import free_loopback_ports
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import PROJECT_ROOT, Settings, wallet_argv
 from schemas.codec import command_digest, decode_event, decode_outcome
 from schemas.commands import CaptureHold, Command, OpenAccount, PlaceHold, Transfer, VoidHold, owner_account
 from schemas.events import (
@@ -305,19 +304,13 @@ def start_consumer_process(settings: Settings, db_url: str, log_path: Path, *ext
     """`wallet readmodel --db db_url *extra` in a process of its own, its output appended to `log_path`."""
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wallet.cli",
-                "--bootstrap",
-                settings.bootstrap,
-                "--topic-prefix",
-                settings.topic_prefix,
+            wallet_argv(
+                settings,
                 "readmodel",
                 "--db",
                 db_url,
                 *extra,
-            ],
+            ),
             cwd=PROJECT_ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from benchmarks.support.reference_pipeline import ABORTED_TRANSACTION_PREFIX
 from consumers.readmodel.consumer import end_offsets, read_lag
 from consumers.readmodel.store import TABLES, ReadModelStore
 from infra.admin import admin_client
-from infra.settings import PROJECT_ROOT
+from infra.settings import PROJECT_ROOT, wallet_argv
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)
@@ -120,21 +119,15 @@ def test_rebuild_replays_into_a_fresh_database_equal_to_the_live_one(
         assert rebuilt.table_rows("offsets") != live.table_rows("offsets")
 
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "wallet.cli",
-                "--bootstrap",
-                settings.bootstrap,
-                "--topic-prefix",
-                settings.topic_prefix,
+            wallet_argv(
+                settings,
                 "readmodel",
                 "rebuild",
                 "--db",
                 rebuilt_url,
                 "--batch-size",
                 "2000",
-            ],
+            ),
             cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from consumers.readmodel.consumer import Shard, end_offsets, read_lag
 from consumers.readmodel.store import TABLES, ReadModelStore
 from infra.admin import admin_client
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import PROJECT_ROOT, Settings, wallet_argv
 
 pytest.register_assert_rewrite("tests.readmodel_fixtures")
 from tests.readmodel_fixtures import (  # noqa: E402  (after the assert-rewrite registration)
@@ -110,20 +109,14 @@ def test_two_shards_killed_and_restarted_write_the_tables_of_one_consumer(
 
 def _refusal(settings: Settings, db_url: str, shard: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wallet.cli",
-            "--bootstrap",
-            settings.bootstrap,
-            "--topic-prefix",
-            settings.topic_prefix,
+        wallet_argv(
+            settings,
             "readmodel",
             "--db",
             db_url,
             "--shard",
             shard,
-        ],
+        ),
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
