@@ -998,6 +998,7 @@ class Bench:
         instance_id: str = "bench",
         store: str = "processor-store",
         metrics_port: int | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> Child:
         """A `wallet processor` process of this run's group; `store` is its RocksDB folder in the work folder."""
         options = self.options
@@ -1024,6 +1025,7 @@ class Bench:
                 "--commit-interval-ms",
                 str(options.commit_interval_ms),
                 *(["--metrics-port", str(metrics_port)] if metrics_port is not None else []),
+                *extra_args,
             ],
             marker=PROCESSOR_READY_MARKER,
         )

@@ -26,6 +26,14 @@ Then, on the last count's topics with its processes still running:
   restore time comes from its own metrics (`wallet_processor_restore_duration_seconds`,
   `wallet_processor_restore_events_folded_total`) and is given per million events. Then the
   same instance restarts on the snapshot it kept.
+- takeover after SIGKILL (`--skip-kill-takeover` skips it), twice, on fresh topics each: 2
+  processors without standby, then 2 with `--standby`. Each is first measured like a count
+  (so the rate with and without standby comes from the same run), then transfers are offered at
+  half that rate; after `REBALANCE_SETTLE_S` the second processor gets SIGKILL. Measured: when
+  every partition progressed again after the kill (its session timeout, 10 s, comes first), the
+  longest one-partition stall, and from the survivor's metrics its restore: seconds, events
+  folded, partitions taken from its standby, and the standby's lag just before the kill. The
+  load's transfers are then checked like the rebalance's.
 
 With no broker configured the bench starts one (`--brokers 1`) or a 3-node KRaft cluster
 (`--brokers 3`, as `wallet kafka start --brokers 3` makes: replication factor 3, two in-sync
@@ -104,6 +112,10 @@ TAKEOVER_TIMEOUT_S = ProcessorConfig(instance_id="", store_path=Path()).restore_
 TAKEOVER_INSTANCE_ID = "takeover"
 RESTORE_SECONDS = "wallet_processor_restore_duration_seconds"
 RESTORE_EVENTS = "wallet_processor_restore_events_folded_total"
+RESTORE_FROM_STANDBY = "wallet_processor_restore_standby_partitions_total"
+STANDBY_LAG = "wallet_processor_standby_lag_offsets"
+KILL_PROCESSORS = 2
+KILL_WAIT_S = 60.0  # the longest wait after the SIGKILL for every partition to progress again
 
 
 @dataclass(frozen=True)
@@ -112,27 +124,40 @@ class ScaleOptions:
     brokers: int | None
     rebalance_seconds: float  # 0: no rebalance phase
     takeover: bool
+    kill_takeover: bool
 
 
 class ScaleStage(Bench):
     """One process count on its own topics: `wallet bench`'s topics, input, processes and checks."""
 
-    def __init__(self, base: Settings, options: BenchOptions, processors: int) -> None:
+    def __init__(self, base: Settings, options: BenchOptions, processors: int, standby: bool = False) -> None:
         super().__init__(base, options)
         self.processors = processors
+        self.standby = standby
         self.running: list[Child] = []
+        self.metrics_urls: dict[str, str] = {}  # child name -> its metrics
         self._started = 0
         self.tally: OutcomeTally | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.processors} processor{'s' if self.processors > 1 else ''}"
+        return f"{self.processors} processor{'s' if self.processors > 1 else ''}" + (
+            " with standby" if self.standby else ""
+        )
 
     def start_member(self) -> Child:
-        """One more processor of the group: its own instance id and RocksDB folder."""
+        """One more processor of the group: its own instance id, RocksDB folder and metrics port."""
         self._started += 1
         index = self._started
-        child = self.start_processor(f"processor-{index}", instance_id=f"p{index}", store=f"store-p{index}")
+        (port,) = free_loopback_ports(1)
+        child = self.start_processor(
+            f"processor-{index}",
+            instance_id=f"p{index}",
+            store=f"store-p{index}",
+            metrics_port=port,
+            extra_args=("--standby",) if self.standby else (),
+        )
+        self.metrics_urls[child.name] = f"http://127.0.0.1:{port}/metrics"
         self.running.append(child)
         return child
 
@@ -305,19 +330,7 @@ class ScaleStage(Bench):
         assert joiner is not None and leaver is not None
         if not leaver.stop():
             self.problems.append(f"{leaver.name} did not stop within its grace period of SIGTERM")
-        # Every transfer of the load answered, once, as expected: nothing lost or doubled by the moves.
-        self._await_outcomes(
-            self.running, tally, sent, STALL_TIMEOUT_S + sent / rate_per_s, "rebalance drain", kind=LATENCY
-        )
-        tally.poll(0.5)  # a second answer would be arriving now
-        problems: list[str] = []
-        if tally.results_of(LATENCY) != expected:
-            problems.append(
-                f"rebalance: transfer outcomes {dict(tally.results_of(LATENCY))}, expected {dict(expected)}"
-            )
-        if tally.contradictions or tally.repeats:
-            problems.append(f"rebalance: answered twice or differently: {(tally.contradictions + tally.repeats)[:3]}")
-        ledger = self._check_ledger("rebalance", self.settings.events_topic)
+        problems, ledger = self._check_load("rebalance", sent, expected, rate_per_s)
         join = {**watch.figures(event_s["join"], event_s["leave"], options.partitions), **recovery["join"]}
         if joiner.marker_s is not None:
             join["joiner_assigned_after_s"] = round(joiner.marker_s - event_s["join"], 2)
@@ -340,6 +353,108 @@ class ScaleStage(Bench):
             "ledger": ledger,
             "load_average": [round(value, 2) for value in os.getloadavg()],
         }
+
+    def _check_load(self, what: str, sent: int, expected: Counter, rate_per_s: float) -> tuple[list[str], dict]:
+        """Every transfer of the load answered, once, as expected: nothing lost or doubled by the
+        moves; then the events topic read whole. Returns the problems and the ledger's figures."""
+        tally = self.tally
+        assert tally is not None, "a load runs after measure"
+        self._await_outcomes(
+            self.running, tally, sent, STALL_TIMEOUT_S + sent / rate_per_s, f"{what} drain", kind=LATENCY
+        )
+        tally.poll(0.5)  # a second answer would be arriving now
+        problems: list[str] = []
+        if tally.results_of(LATENCY) != expected:
+            problems.append(f"{what}: transfer outcomes {dict(tally.results_of(LATENCY))}, expected {dict(expected)}")
+        if tally.contradictions or tally.repeats:
+            problems.append(f"{what}: answered twice or differently: {(tally.contradictions + tally.repeats)[:3]}")
+        return problems, self._check_ledger(what, self.settings.events_topic)
+
+    # -- 2b: one of two processors SIGKILLed under load -------------------------------------
+
+    def kill_takeover(self, rate_per_s: float) -> dict:
+        """Under load, the last processor gets SIGKILL; until every partition progressed again
+        (at most KILL_WAIT_S): what the stall was and what the survivor's restore took."""
+        options = self.options
+        tally = self.tally
+        assert tally is not None, "kill_takeover runs after measure"
+        survivor, victim = self.running[0], self.running[-1]
+        survivor_url = self.metrics_urls[survivor.name]
+        longest_s = REBALANCE_SETTLE_S + KILL_WAIT_S + REBALANCE_TAIL_S
+        self.say(
+            f"[kill {self.name}] {rate_per_s:,.0f} transfers/s offered; {victim.name} gets SIGKILL after "
+            f"{REBALANCE_SETTLE_S:g} s, then the load goes on until every partition progressed again"
+        )
+        watch = _ProgressWatch(tally, self.bootstrap, self.settings.events_topic, options.partitions)
+        expected: Counter = Counter()
+        records = transfer_records(
+            options.accounts, math.ceil(rate_per_s * longest_s) + 1, options.seed + 2, LATENCY, expected
+        )
+        producer = _InputProducer(self.bootstrap, linger_ms=5)
+        sent = 0
+        kill_s = recovered_s = None
+        before = lag_at_kill = None
+        watch.start()
+        try:
+            started_s = time.monotonic()
+            while True:
+                now_s = time.monotonic()
+                for _ in range(int((now_s - started_s) * rate_per_s) - sent):
+                    key, value = next(records)
+                    producer.produce(self.settings.commands_topic, key, value)
+                    sent += 1
+                producer.poll()
+                if kill_s is None and now_s - started_s >= REBALANCE_SETTLE_S:
+                    before = self._metrics_of(survivor, survivor_url)
+                    lag_at_kill = int(before.total(STANDBY_LAG))
+                    victim.process.kill()
+                    self.running.remove(victim)
+                    kill_s = time.monotonic()
+                elif kill_s is not None:
+                    if recovered_s is None and watch.progressed_since(kill_s):
+                        recovered_s = now_s
+                    if (recovered_s is not None and now_s - recovered_s >= REBALANCE_TAIL_S) or (
+                        now_s - kill_s > KILL_WAIT_S
+                    ):
+                        end_s = now_s
+                        break
+                self._check_running("during the kill takeover")
+                watch.check()
+                time.sleep(LOAD_TICK_S)
+            producer.flush()
+        finally:
+            watch.stop()
+            records.close()  # adds the outcomes of the transfers it made to `expected`
+        victim.stop()  # reaps it
+        assert kill_s is not None and before is not None
+        after = self._metrics_of(survivor, survivor_url)
+        problems, ledger = self._check_load("kill takeover", sent, expected, rate_per_s)
+        if recovered_s is None:
+            problems.append(f"kill takeover ({self.name}): not every partition progressed within {KILL_WAIT_S:g} s")
+        self.problems += problems
+        restores = int(after.total(f"{RESTORE_SECONDS}_count") - before.total(f"{RESTORE_SECONDS}_count"))
+        return {
+            "offered_transfers_per_s": round(rate_per_s, 1),
+            "transfers": sent,
+            **watch.figures(kill_s, end_s, options.partitions),
+            "recovered_after_s": None if recovered_s is None else round(recovered_s - kill_s, 2),
+            "survivor_restores": restores,
+            "survivor_restore_s": round(
+                after.total(f"{RESTORE_SECONDS}_sum") - before.total(f"{RESTORE_SECONDS}_sum"), 3
+            ),
+            "survivor_events_folded": int(after.total(RESTORE_EVENTS) - before.total(RESTORE_EVENTS)),
+            "partitions_from_standby": int(after.total(RESTORE_FROM_STANDBY) - before.total(RESTORE_FROM_STANDBY)),
+            "standby_lag_at_kill_offsets": lag_at_kill,
+            "checks_ok": not problems and not ledger["problems"],
+            "problems": problems + ledger["problems"],
+            "load_average": [round(value, 2) for value in os.getloadavg()],
+        }
+
+    def _metrics_of(self, child: Child, url: str):
+        try:
+            return scrape(url)
+        except ScrapeError as error:
+            raise child.failure(f"{self.name}: the metrics of {child.name} did not answer: {error}") from None
 
     # -- 3: a processor without its snapshot takes every partition --------------------------
 
@@ -530,6 +645,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-takeover", action="store_true", help="do not measure the restore of a takeover")
     parser.add_argument(
+        "--skip-kill-takeover",
+        action="store_true",
+        help=f"do not measure the takeover after a SIGKILL of one of {KILL_PROCESSORS} processors "
+        "(without and with standby)",
+    )
+    parser.add_argument(
         "--batch-size-max",
         type=_positive_int,
         default=defaults.batch_size_max,
@@ -572,6 +693,7 @@ def run(args: argparse.Namespace) -> int:
         brokers=args.brokers,
         rebalance_seconds=max(args.rebalance_seconds, 0.0),
         takeover=not args.skip_takeover,
+        kill_takeover=not args.skip_kill_takeover,
     )
     try:
         with broker_for(settings_from_args(args), say=Bench.say, brokers=args.brokers) as settings:
@@ -670,6 +792,20 @@ def _scale_report(settings: Settings, options: BenchOptions, scale: ScaleOptions
         report["takeover"] = last.takeover()
     last.stop_running()
     problems += last.problems
+    if scale.kill_takeover:
+        last.cleanup(keep_work_dir=bool(last.problems))
+        stages.remove(last)
+        report["kill_takeover"] = []
+        for standby in (False, True):
+            stage = ScaleStage(settings, options, KILL_PROCESSORS, standby=standby)
+            stages.append(stage)
+            result = stage.measure()
+            result["kill"] = stage.kill_takeover(result["transfers_per_s"] * REBALANCE_LOAD_SHARE)
+            report["kill_takeover"].append({"standby": standby, **result})
+            stage.stop_running()
+            problems += stage.problems
+            stage.cleanup(keep_work_dir=bool(stage.problems))
+            stages.remove(stage)
     report["problems"] = problems
     report["ok"] = not problems
     report["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
@@ -745,6 +881,25 @@ def format_report(report: dict) -> str:
             f"  the same instance restarted on its snapshot: {kept['events_folded']:,} events folded in "
             f"{kept['restore_s']:.2f} s, partitions assigned {kept['assigned_after_s']:.1f} s after its start",
         ]
+    kills = report.get("kill_takeover")
+    if kills:
+        lines += [
+            "",
+            f"takeover after a SIGKILL of one of {KILL_PROCESSORS} processors under load, each on fresh topics:",
+        ]
+        for run in kills:
+            kill = run["kill"]
+            lines += [
+                f"  {'with' if run['standby'] else 'without'} standby: {run['transfers_per_s']:,.0f} transfers/s "
+                f"measured first (load {_load_text(run['load_average'])}); SIGKILL under "
+                f"{kill['offered_transfers_per_s']:,.0f}/s offered: every partition progressing again after "
+                f"{_seconds_text(kill['recovered_after_s'])} (longest one-partition stall "
+                f"{kill['partition_stall_ms']:,} ms); the survivor's restore {kill['survivor_restore_s']:.2f} s "
+                f"folding {kill['survivor_events_folded']:,} events"
+                f" ({kill['partitions_from_standby']} partitions from its standby, lagging "
+                f"{kill['standby_lag_at_kill_offsets']:,} offsets at the kill); checks "
+                f"{'ok' if kill['checks_ok'] else 'FAILED'}, load {_load_text(kill['load_average'])}",
+            ]
     lines += [
         "",
         "window: first input record produced (the group already stable) to the last transfer's outcome seen "

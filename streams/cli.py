@@ -69,6 +69,13 @@ def register(subparsers) -> None:
         help="a partition quiet this long whose hold has expired gets a tick command, so the hold "
         f"expires without other traffic; 0 disables ticks (default {defaults.tick_interval_ms})",
     )
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="follow wallet.events for every partition this instance does not own, so taking one over "
+        "folds only the log since that warm copy, not the partition's history (costs the loop CPU "
+        "and the memory of every partition's state)",
+    )
     add_metrics_options(parser)
     parser.set_defaults(handler=_run)
     actions = parser.add_subparsers(dest="processor_action", metavar="ACTION")
@@ -97,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         transaction_timeout_ms=args.transaction_timeout_ms,
         kafka_call_timeout_ms=args.kafka_call_timeout_ms,
         tick_interval_ms=args.tick_interval_ms,
+        standby=args.standby,
     )
     registry = new_registry()
     metrics = ProcessorMetrics(registry)

@@ -140,6 +140,13 @@ def add_up_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processors", type=int, default=1, help="processor instances (default 1)")
     parser.add_argument(
+        "--standby",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="each processor keeps a warm copy of the partitions it does not own, so a takeover folds only "
+        "the log since the copy (`wallet processor --standby`; default: no)",
+    )
+    parser.add_argument(
         "--brokers",
         type=int,
         help="nodes of the local Kafka (env WALLET_LOCAL_KAFKA_BROKERS; default 1): 3 gives a KRaft "
@@ -203,6 +210,7 @@ def up(
     timeout_s: float,
     out: TextIO = sys.stdout,
     auth: bool = True,
+    standby: bool = False,
 ) -> StackState:
     """Start the stack and return its state once it serves; if anything fails, stop what was started."""
     if not 1 <= processors <= PROCESSORS_MAX:
@@ -236,7 +244,14 @@ def up(
                         "processor",
                         name,
                         None,
-                        ["processor", "--instance-id", name, "--store", str(settings.run_dir / name)],
+                        [
+                            "processor",
+                            "--instance-id",
+                            name,
+                            "--store",
+                            str(settings.run_dir / name),
+                            *(["--standby"] if standby else []),
+                        ],
                         next(metrics_ports),
                     )
                 )
@@ -535,6 +550,7 @@ def _up(args: argparse.Namespace) -> int:
         readmodel=args.readmodel,
         timeout_s=args.timeout_s,
         auth=args.auth == "on",
+        standby=args.standby,
     )
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")

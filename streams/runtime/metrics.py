@@ -21,6 +21,14 @@ state (lag, money in flight) are computed between batches, on the processor's ow
 - `wallet_processor_restore_duration_seconds` (histogram): one restore (snapshot + tail of `wallet.events`)
   of newly owned partitions
 - `wallet_processor_restore_events_folded_total` (counter): events folded by restores
+- `wallet_processor_restore_last_events_folded` (gauge): events the last restore folded (a takeover from
+  the standby folds only the tail since its copy)
+- `wallet_processor_restore_standby_partitions_total` (counter): partitions a restore took from the standby
+  instead of the snapshot
+- `wallet_processor_standby_partitions` (gauge): partitions of `wallet.events` the standby follows
+- `wallet_processor_standby_lag_offsets` (gauge): the offsets of `wallet.events` the standby is behind, summed
+  over the partitions it follows (from the cached high watermarks)
+- `wallet_processor_standby_events_folded_total` (counter): events the standby folded
 - `wallet_processor_restore_remaining_offsets` (gauge): offsets of `wallet.events` the running restore still
   has to read (0 when none runs)
 - `wallet_processor_snapshot_flush_duration_seconds` (histogram): one flush of the RocksDB snapshot on its
@@ -197,6 +205,25 @@ class ProcessorMetrics:
             "offsets of wallet.events the running restore has still to read",
             registry=registry,
         )
+        self.restore_last_events_folded = Gauge(
+            "wallet_processor_restore_last_events_folded", "events the last restore folded", registry=registry
+        )
+        self.restore_standby_partitions = Counter(
+            "wallet_processor_restore_standby_partitions_total",
+            "partitions a restore took from the standby instead of the snapshot",
+            registry=registry,
+        )
+        self.standby_partitions = Gauge(
+            "wallet_processor_standby_partitions", "partitions of wallet.events the standby follows", registry=registry
+        )
+        self.standby_lag = Gauge(
+            "wallet_processor_standby_lag_offsets",
+            "offsets of wallet.events the standby is behind, summed over the partitions it follows",
+            registry=registry,
+        )
+        self.standby_events_folded = Counter(
+            "wallet_processor_standby_events_folded_total", "events the standby folded", registry=registry
+        )
         self.snapshot_flush_duration = Histogram(
             "wallet_processor_snapshot_flush_duration_seconds",
             "one flush of the RocksDB snapshot, on its writer thread",
@@ -228,6 +255,16 @@ class ProcessorMetrics:
     def restore_progress(self, events_folded: int, remaining_offsets: int) -> None:
         self.restore_events_folded.inc(events_folded)
         self.restore_remaining.set(remaining_offsets)
+
+    def restored(self, duration_s: float, events_folded: int, from_standby: int) -> None:
+        self.restore_duration.observe(duration_s)
+        self.restore_last_events_folded.set(events_folded)
+        self.restore_standby_partitions.inc(from_standby)
+
+    def standby_lagging(self, partitions: int, offsets_behind: int) -> None:
+        """Called from the standby's thread: prometheus_client's metrics take their own locks."""
+        self.standby_partitions.set(partitions)
+        self.standby_lag.set(offsets_behind)
 
     def set_state(self, states: Collection[State], lag: Mapping[int, int]) -> None:
         """The state gauges, from the committed state of the owned partitions between batches (the

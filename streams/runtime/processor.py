@@ -22,6 +22,9 @@ partition without commands would keep it open. Every `tick_interval_ms` the proc
 open hold whose expiry has passed by the wall clock; the tick is logged, decided (at its own
 record time, the broker's) and replayed like any command, so the wall clock only schedules
 ticks and never decides anything.
+
+With `standby` on, a `Standby` (standby.py) keeps a warm copy of every partition this instance
+does not own, so taking one over (a peer died or left) folds the log only since that copy.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from streams.core.state import State, memory_horizon_ms
 from streams.runtime.metrics import STATE_GAUGES_INTERVAL_S, BatchTally, ProcessorMetrics
 from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.snapshot_writer import SnapshotUnit, SnapshotWriter
+from streams.runtime.standby import Standby
 from streams.runtime.store import Checkpoint, PartitionChanges, PartitionSnapshot, StateStore, advance
 from streams.runtime.transactions import TransactionAborted, TransactionalProducer
 
@@ -83,6 +87,8 @@ class ProcessorConfig:
     restore_timeout_s: float = 600.0
     # A partition quiet for this long with a hold past its expiry gets a tick; 0: never.
     tick_interval_ms: int = 1_000
+    # Follow the partitions not owned (standby.py): a takeover folds only the log since the copy.
+    standby: bool = False
 
 
 class _Task:
@@ -161,6 +167,7 @@ class Processor:
             commit_attempts_max=config.commit_attempts_max,
         )
         self._partition_count = self._check_topics()
+        self._standby = self._start_standby() if config.standby else None
         self._owner_partition = lru_cache(maxsize=1 << 20)(
             lambda account: partition_for(account, self._partition_count)
         )
@@ -223,6 +230,7 @@ class Processor:
         The partitions come back through `_on_assign`, restored from snapshot and log."""
         log.warning("consumer failed fatally (%s); replacing it and rejoining the group", self._consumer_fatal)
         self._save_now(self._tasks.values(), "replacing the consumer")  # saves committed state only
+        self._hand_to_standby(self._tasks.values())
         self._tasks.clear()
         try:
             self._consumer.close()
@@ -263,6 +271,8 @@ class Processor:
             self._tasks.clear()  # saved: the revocation in the consumer's close has nothing left to save
         finally:
             self._consumer.close()  # leaves the group so the partitions move at once
+            if self._standby is not None:
+                self._standby.close()
             self._restore_consumer.close()
             self._snapshots.close()
             self._store.close()
@@ -459,6 +469,7 @@ class Processor:
         numbers = [tp.partition for tp in partitions]
         revoked = [task for number in numbers if (task := self._tasks.pop(number, None)) is not None]
         self._save_now(revoked, f"revoking partitions {numbers}")
+        self._hand_to_standby(revoked)
         log.info("revoked partitions %s; now owning %s", numbers, sorted(self._tasks))
 
     def _restore(self, partitions: list[int]) -> None:
@@ -468,17 +479,32 @@ class Processor:
         self._snapshots.wait(f"restoring partitions {partitions}")
         loaded = {p: self._store.load(p) for p in partitions}
         tails = {p: (state, checkpoint.events_offset) for p, (state, checkpoint) in loaded.items()}
+        from_standby = self._take_from_standby(loaded, tails)
         topic, timeout_s = self.settings.events_topic, self.config.restore_timeout_s
         started_s = time.monotonic()
+        folded = 0
+
+        def progress(events_folded: int, remaining_offsets: int) -> None:
+            nonlocal folded
+            folded += events_folded
+            self._metrics.restore_progress(events_folded, remaining_offsets)
+
         ends = fold_event_tail(
             self._restore_consumer,
             topic,
             tails,
             stable_ends(self._admin, topic, partitions, timeout_s),
             timeout_s,
-            on_progress=self._metrics.restore_progress,
+            on_progress=progress,
         )
-        self._metrics.restore_duration.observe(time.monotonic() - started_s)
+        self._metrics.restored(time.monotonic() - started_s, folded, len(from_standby))
+        if from_standby:
+            log.info(
+                "partitions %s taken from the standby at events offsets %s; %d events of the tail folded",
+                sorted(from_standby),
+                from_standby,
+                folded,
+            )
         for partition, (state, checkpoint) in loaded.items():
             task = _Task(partition, state, checkpoint, ends[partition])
             if ends[partition] != checkpoint.events_offset:
@@ -489,6 +515,57 @@ class Processor:
                 task.changes.hold_keys.update(state.holds)
                 task.staged.take(state, task.changes)
             self._tasks[partition] = task
+
+    def _take_from_standby(
+        self, loaded: dict[int, tuple[State, Checkpoint]], tails: dict[int, tuple[State, int]]
+    ) -> dict[int, int]:
+        """Replaces, in `loaded` and `tails`, the snapshot's state of each partition the standby
+        holds past the snapshot's checkpoint by the standby's; returns partition -> the events
+        offset it was taken at. The checkpoint stays the snapshot's: it is what RocksDB holds."""
+        taken: dict[int, int] = {}
+        if self._standby is None:
+            return taken
+        for partition, (_, checkpoint) in loaded.items():
+            warm = self._standby.take(partition)  # taken either way: an owned partition is not followed
+            if warm is None or warm[1] <= checkpoint.events_offset:
+                continue
+            state, events_offset = warm
+            loaded[partition] = (state, checkpoint)
+            tails[partition] = (state, events_offset)
+            taken[partition] = events_offset
+        return taken
+
+    def _start_standby(self) -> Standby:
+        """A standby following every partition from this instance's snapshot of it: none is owned yet."""
+        settings, instance_id = self.settings, self.config.instance_id
+        standby = Standby(
+            {
+                **restore_consumer_config(settings.bootstrap, self.group_id, f"{instance_id}-standby"),
+                # A follower, not a restore racing to the end: fewer, fuller fetches cost the loop less.
+                "fetch.wait.max.ms": 100,
+                "enable.partition.eof": False,
+            },
+            settings.events_topic,
+            on_folded=self._metrics.standby_events_folded.inc,
+            on_lag=self._metrics.standby_lagging,
+        )
+        for partition in range(self._partition_count):
+            state, checkpoint = self._store.load(partition)
+            standby.follow(partition, state, checkpoint.events_offset)
+        standby.start()
+        return standby
+
+    def _hand_to_standby(self, tasks: Iterable[_Task]) -> None:
+        """Partitions no longer owned are followed on: a committed task's state as it is (the
+        standby owns it now), an uncommitted one's from the snapshot, which holds only committed state."""
+        if self._standby is None:
+            return
+        for task in tasks:
+            if task.uncommitted:
+                state, checkpoint = self._store.load(task.partition)
+                self._standby.follow(task.partition, state, checkpoint.events_offset)
+            else:
+                self._standby.follow(task.partition, task.state, task.events_offset)
 
     # -- the snapshot: committed state only --------------------------------------------------
 
