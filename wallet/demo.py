@@ -76,6 +76,7 @@ def _stack_for_the_demo(settings: Settings, args: argparse.Namespace) -> tuple[S
         readmodel=args.readmodel,
         timeout_s=args.timeout_s,
         auth=args.auth == "on",
+        standby=args.standby,
     )
     print(f"API at {state.api_url}; logs in {logs_dir(settings)}")
     print_auth(args.auth == "on")

@@ -171,6 +171,8 @@ class Standby:
                 )
                 try:
                     fold(followed.state, decode_event(record.value()))
+                except AssertionError:
+                    raise  # a bug, not a bad record: `_run` keeps it for the next take
                 except Exception as failure:
                     # The state may be half-changed: only the snapshot and the log can rebuild it.
                     self._drop(partition, f"offset {offset} not folded: {failure!r}")
