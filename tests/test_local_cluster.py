@@ -44,7 +44,7 @@ def test_three_nodes_each_have_their_ports_folder_and_the_one_quorum(tmp_path):
         "offsets.topic.replication.factor=3",
         "transaction.state.log.replication.factor=3",
         "transaction.state.log.min.isr=2",
-        "broker.session.timeout.ms=3000",
+        "broker.session.timeout.ms=5000",
         "broker.heartbeat.interval.ms=1000",
         "unclean.leader.election.enable=false",
     } <= lines
