@@ -28,6 +28,14 @@ One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), delet
    outcome is visible: holds captured per second, beside ours' transfers per second of the same
    run. A captured hold is 3 commands consumed (place, capture, credit leg) + 3 events + 1 leg +
    2 outcomes produced (MESSAGES_PER_CAPTURED_HOLD).
+2c. read-model lag, with `--readmodel-db postgresql://...` (`--readmodel-shards 1,2`): for each
+   N, a processor on topics of its own holding the same input, with N `wallet readmodel --shard
+   I/N` processes reading its events and outcomes into the database while it runs; their lag
+   (the last stable offsets of both topics minus the offsets the read model stored) is sampled
+   every second: its maximum, its value when the processor's last outcome is seen, the time to
+   catch up after it, and its slope over the last half of the processor's run (lag that grows
+   without bound has a slope of a few percent of the rate records are written, or more); the
+   processor's transfers per second beside ours' (2), which ran with no read model.
 4. the faust-streaming peer (`benchmarks.faust_peer`), on its own topics and a smaller sample
    with the same accounts-to-transfers ratio, since it runs near a thousand transfers a second.
 
@@ -73,6 +81,8 @@ from tqdm import tqdm
 from benchmarks import kafka_streams_peer, saga_ceiling
 from benchmarks.ledger_check import check_ledger
 from benchmarks.support.local_broker import broker_for
+from consumers.readmodel.consumer import end_offsets, read_lag
+from consumers.readmodel.store import POSTGRES_PREFIXES, ReadModelStore, describe_db_url
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.kafka_clients import kafka_security
 from infra.produce import QueueFullTimeout, produce_with_room
@@ -153,6 +163,15 @@ PROGRESS_MIN_INTERVAL_S = 0.5
 PROGRESS_MIN_INTERVAL_S_NOT_TTY = 5.0
 
 PROCESSOR_READY_MARKER = "assigned partitions"  # logged once restored, right before the first consume
+READMODEL_READY_MARKER = "into"  # "shard I/N: reading ... into <db> from ... stored offsets", before its first read
+READMODEL_SHARDS_DEFAULT = (1, 2)
+READMODEL_LAG_SAMPLE_INTERVAL_S = 1.0
+READMODEL_CATCH_UP_POLL_S = 0.2
+READMODEL_CATCH_UP_TIMEOUT_FLOOR_S = 60.0
+READMODEL_RATE_FLOOR_PER_S = 500  # records; bounds the catch-up wait
+# A slope over the last half of the run above this share of the rate records are written: the
+# read model falls further behind for as long as the processors run.
+READMODEL_LAG_GROWTH_SHARE = 0.02
 
 
 class BenchError(RuntimeError):
@@ -576,6 +595,18 @@ class LatencyResult:
         }
 
 
+def lag_slope_per_s(samples: list[tuple[float, int]]) -> float | None:
+    """The least-squares slope of lag over time, records per second; None under two samples."""
+    if len(samples) < 2:
+        return None
+    mean_s = sum(at_s for at_s, _ in samples) / len(samples)
+    mean_lag = sum(lag for _, lag in samples) / len(samples)
+    spread = sum((at_s - mean_s) ** 2 for at_s, _ in samples)
+    if spread == 0:
+        return None
+    return sum((at_s - mean_s) * (lag - mean_lag) for at_s, lag in samples) / spread
+
+
 def percentile(sorted_values: list[float], share: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     return sorted_values[max(0, math.ceil(share * len(sorted_values)) - 1)]
@@ -600,6 +631,8 @@ class BenchOptions:
     kafka_streams: bool = True
     holds: int = HOLDS_DEFAULT  # 0: no hold stage
     metrics_port: int | None = None  # the processor serves its Prometheus metrics there (watch a run)
+    readmodel_db: str | None = None  # PostgreSQL: the read-model lag stage (2c) runs
+    readmodel_shards: tuple[int, ...] = READMODEL_SHARDS_DEFAULT
 
     @property
     def faust_accounts(self) -> int:
@@ -735,6 +768,10 @@ class Bench:
             topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics) if topics
         ]
         self._create_extra_topics(saga_commands_topics, self._commands_topic_config())
+        # Each read-model stage's processor gets the project's topics under a prefix of its own.
+        readmodel_settings = [self.readmodel_settings(count) for count in self.readmodel_shard_counts()]
+        for settings in readmodel_settings:
+            ensure_topics(settings, timeout_s=KAFKA_TIMEOUT_S)
         saga_output_topics = [
             name
             for topics in (self.ceiling_topics, self.kafka_streams_topics)
@@ -754,8 +791,12 @@ class Bench:
         )
         ts_ms = time.time_ns() // 1_000_000
         # The main input goes, record for record, to ours' commands topic and to each saga stage's own.
-        main_topics = (self.settings.commands_topic, *saga_commands_topics)
-        total += (setup_count + options.transfers) * len(saga_commands_topics)
+        main_topics = (
+            self.settings.commands_topic,
+            *saga_commands_topics,
+            *(settings.commands_topic for settings in readmodel_settings),
+        )
+        total += (setup_count + options.transfers) * (len(main_topics) - 1)
         streams = self.main_input(main_topics, ts_ms)
         for guarantee, (commands_topic, _) in faust_topics.items():
             streams += [
@@ -999,8 +1040,10 @@ class Bench:
         store: str = "processor-store",
         metrics_port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        prefix: str | None = None,
     ) -> Child:
-        """A `wallet processor` process of this run's group; `store` is its RocksDB folder in the work folder."""
+        """A `wallet processor` process of this run's group (of the topics under `prefix`, by default
+        ours'); `store` is its RocksDB folder in the work folder."""
         options = self.options
         metrics_port = options.metrics_port if metrics_port is None else metrics_port
         profile = ["-m", "cProfile", "-o", str(options.profile_processor)] if options.profile_processor else []
@@ -1014,7 +1057,7 @@ class Bench:
                 "--bootstrap",
                 self.bootstrap,
                 "--topic-prefix",
-                self.prefix,
+                prefix or self.prefix,
                 "processor",
                 "--instance-id",
                 instance_id,
@@ -1228,6 +1271,139 @@ class Bench:
             problems,
         )
 
+    # -- the read model at the processor's full rate (2c) -----------------------------------
+
+    def readmodel_shard_counts(self) -> tuple[int, ...]:
+        return self.options.readmodel_shards if self.options.readmodel_db else ()
+
+    def readmodel_settings(self, shard_count: int) -> Settings:
+        return self.settings.with_overrides(topic_prefix=f"{self.prefix}rm{shard_count}.")
+
+    def readmodel_lag(self, shard_count: int, ours_transfers_per_s: float) -> dict:
+        """A processor on its own copy of the input with `shard_count` read-model shards reading
+        its output at once, their lag sampled every second (see 2c in the module's docstring)."""
+        options = self.options
+        assert options.readmodel_db is not None, "the stage runs with a read-model database only"
+        settings = self.readmodel_settings(shard_count)
+        stage = f"readmodel x{shard_count}"
+        self.say(
+            f"[2c] read model: {shard_count} shard(s) into {describe_db_url(options.readmodel_db)} while one "
+            f"wallet processor decides {options.transfers:,} transfers"
+        )
+        admin = admin_client(self.bootstrap, role="readmodel")
+        with ReadModelStore(options.readmodel_db) as store:
+            # Each stage's topics are new: so must the tables be (the read model refuses other topics' offsets).
+            store.drop_schema()
+            store.create_schema()
+            shards = [
+                self._start(
+                    f"readmodel-{index}-of-{shard_count}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "wallet.cli",
+                        "--bootstrap",
+                        self.bootstrap,
+                        "--topic-prefix",
+                        settings.topic_prefix,
+                        "readmodel",
+                        "--db",
+                        options.readmodel_db,
+                        "--shard",
+                        f"{index}/{shard_count}",
+                    ],
+                    marker=READMODEL_READY_MARKER,
+                )
+                for index in range(shard_count)
+            ]
+            self._await_markers(shards, STAGE_TIMEOUT_FLOOR_S, stage)
+            tally = self._tally(settings.outcomes_topic, f"outcomes-rm{shard_count}")
+            processor = self.start_processor(
+                name=f"processor-rm{shard_count}",
+                instance_id=f"bench-rm{shard_count}",
+                store=f"processor-store-rm{shard_count}",
+                prefix=settings.topic_prefix,
+            )
+            samples: list[tuple[float, int]] = []  # (monotonic s, lag in records)
+
+            def sample() -> int:
+                lag = sum(item.lag for item in read_lag(admin, settings, store.offsets(), KAFKA_TIMEOUT_S))
+                samples.append((time.monotonic(), lag))
+                return lag
+
+            def sample_each_second() -> None:
+                if processor.marker_s is not None and (
+                    not samples or time.monotonic() - samples[-1][0] >= READMODEL_LAG_SAMPLE_INTERVAL_S
+                ):
+                    sample()
+
+            timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
+            end_s = self._await_outcomes(
+                [processor, *shards], tally, options.transfers, timeout_s, stage, on_tick=sample_each_second
+            )
+            lag_at_end = sample()
+            window_start_s, window_start = self._window_start(processor, "first consume after assignment")
+            problems = self._check_results(stage, tally, options.accounts, self.expected)
+            records = sum(end_offsets(admin, settings, KAFKA_TIMEOUT_S).values())
+            catch_up_timeout_s = READMODEL_CATCH_UP_TIMEOUT_FLOOR_S + records / READMODEL_RATE_FLOOR_PER_S
+            lag = lag_at_end
+            while lag > 0:
+                for shard in shards:
+                    if shard.exited() is not None:
+                        raise shard.failure(f"{stage}: {shard.name} exited with code {shard.exited()} at lag {lag:,}")
+                if time.monotonic() - end_s > catch_up_timeout_s:
+                    raise _failure_of(
+                        shards,
+                        f"{stage}: the read model had not caught up {catch_up_timeout_s:.0f} s after the "
+                        f"processor's last outcome (lag {lag:,} records)",
+                    )
+                time.sleep(READMODEL_CATCH_UP_POLL_S)
+                lag = sample()
+            caught_up_s = samples[-1][0]
+        for child in (processor, *shards):
+            if not child.stop():
+                self.problems.append(
+                    f"{stage}: {child.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM"
+                )
+        window_s = end_s - window_start_s
+        in_window = [(at_s - window_start_s, lag) for at_s, lag in samples if window_start_s <= at_s <= end_s]
+        written_per_s = records / window_s
+        slope = lag_slope_per_s([(at_s, lag) for at_s, lag in in_window if at_s >= window_s / 2])
+        processor_transfers_per_s = options.transfers / window_s
+        return {
+            "shards": shard_count,
+            "transfers": options.transfers,
+            "window_start": window_start,
+            "processor_s": round(window_s, 2),
+            "processor_transfers_per_s": round(processor_transfers_per_s, 1),
+            # Ours (stage 2) ran with no read model beside it: what sharing the cores costs the processor.
+            "processor_transfers_per_s_without_readmodel": round(ours_transfers_per_s, 1),
+            "processor_rate_share_of_without": round(processor_transfers_per_s / ours_transfers_per_s, 3),
+            "records": records,
+            "records_written_per_s": round(written_per_s, 1),
+            "readmodel_records_per_s": round(records / (caught_up_s - window_start_s), 1),
+            "max_lag_records": max(lag for _, lag in samples),
+            "lag_at_processor_end_records": lag_at_end,
+            "catch_up_s": round(caught_up_s - end_s, 2),
+            "lag_slope_last_half_records_per_s": None if slope is None else round(slope, 1),
+            "lag_grows": None if slope is None else slope > READMODEL_LAG_GROWTH_SHARE * written_per_s,
+            "lag_samples": [[round(at_s, 2), lag] for at_s, lag in in_window],
+            "checks_ok": not problems,
+            "problems": problems,
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpu_count": os.cpu_count(),
+        }
+
+    def _await_markers(self, children: list[Child], timeout_s: float, stage: str) -> None:
+        deadline_s = time.monotonic() + timeout_s
+        for child in children:
+            while child.marker_s is None:
+                if child.exited() is not None:
+                    raise child.failure(f"{stage}: {child.name} exited with code {child.exited()} while starting")
+                if time.monotonic() > deadline_s:
+                    raise child.failure(f"{stage}: {child.name} did not start within {timeout_s:.0f} s")
+                time.sleep(0.05)
+
     # -- waiting and checking --------------------------------------------------------------
 
     def _await_outcomes(
@@ -1386,6 +1562,12 @@ class Bench:
         if options.holds:
             report["holds"] = self.holds(tally)
             started_s = phase_done("holds", started_s)
+        if self.readmodel_shard_counts():
+            assert options.readmodel_db is not None
+            report["readmodel"] = {"db": describe_db_url(options.readmodel_db), "shards": {}}
+            for shard_count in self.readmodel_shard_counts():
+                report["readmodel"]["shards"][str(shard_count)] = self.readmodel_lag(shard_count, ours.transfers_per_s)
+                started_s = phase_done(f"readmodel x{shard_count}", started_s)
         if options.profile_processor:
             report["profile"] = {
                 "path": str(options.profile_processor),
@@ -1540,6 +1722,26 @@ def format_report(report: dict) -> str:
             f"beside {report['ours']['transfers_per_s']:,.0f} transfers/s; checks "
             + ("ok" if holds["checks_ok"] else "FAILED"),
         ]
+    readmodel = report.get("readmodel")
+    if readmodel:
+        lines += [
+            "",
+            f"read model at the processor's full rate, into {readmodel['db']} (lag = committed events and outcomes "
+            "not yet stored, sampled every second):",
+            f"  {'shards':>6}{'processor t/s':>15}{'without':>10}{'written/s':>11}{'stored/s':>10}{'max lag':>10}"
+            f"{'lag at end':>12}{'catch-up':>10}{'slope/s':>9}  grows",
+        ]
+        for count, stage in readmodel["shards"].items():
+            slope = stage["lag_slope_last_half_records_per_s"]
+            lines.append(
+                f"  {count:>6}{stage['processor_transfers_per_s']:>15,.0f}"
+                f"{stage['processor_transfers_per_s_without_readmodel']:>10,.0f}{stage['records_written_per_s']:>11,.0f}"
+                f"{stage['readmodel_records_per_s']:>10,.0f}{stage['max_lag_records']:>10,}"
+                f"{stage['lag_at_processor_end_records']:>12,}{stage['catch_up_s']:>9.1f}s"
+                f"{'-' if slope is None else f'{slope:,.0f}':>9}  "
+                + {None: "-", True: "YES", False: "no"}[stage["lag_grows"]]
+                + f"  (load {stage['load_average_1m']:g})"
+            )
     for latency in report.get("latency", []):
         lines += [
             "",
@@ -1684,7 +1886,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="the processor serves its Prometheus metrics on 127.0.0.1:PORT (default: not served)",
     )
+    parser.add_argument(
+        "--readmodel-db",
+        metavar="URL",
+        help="a PostgreSQL database (postgresql://user@host:port/db, required for the stage: the bench starts "
+        "no server) for the read-model lag stage 2c; its read-model tables are dropped and created again "
+        "(default: no such stage)",
+    )
+    parser.add_argument(
+        "--readmodel-shards",
+        type=_shard_counts,
+        default=READMODEL_SHARDS_DEFAULT,
+        metavar="N,M",
+        help="with --readmodel-db: run stage 2c with N read-model shards, then with M... "
+        f"(default {','.join(map(str, READMODEL_SHARDS_DEFAULT))})",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+
+
+def _shard_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want shard counts >= 1, for example 1,2")
+    return counts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1692,6 +1919,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.accounts < 2:
         print("wallet bench: --accounts must be at least 2", file=sys.stderr)
+        return 2
+    if args.readmodel_db is not None and not args.readmodel_db.startswith(POSTGRES_PREFIXES):
+        print(f"wallet bench: --readmodel-db {args.readmodel_db}: want a postgresql:// URL", file=sys.stderr)
         return 2
     guarantees = (
         ()
@@ -1713,6 +1943,8 @@ def run(args: argparse.Namespace) -> int:
         kafka_streams=not args.skip_kafka_streams,
         holds=max(args.holds, 0),
         metrics_port=args.metrics_port,
+        readmodel_db=args.readmodel_db,
+        readmodel_shards=args.readmodel_shards,
     )
     from wallet.localkafka import LocalKafkaError
 

@@ -11,6 +11,7 @@ import argparse
 import json
 from collections import Counter
 
+import psycopg
 import pytest
 
 from benchmarks import kafka_streams_peer, pipeline_bench
@@ -21,10 +22,18 @@ from schemas.codec import decode_command
 from schemas.commands import Transfer
 from schemas.outcomes import Reason
 
+pytest_plugins = ["tests.readmodel_fixtures"]
+
 TRANSFERS = 2_000
 ACCOUNTS = 200
 SEED = 7
 HOLDS = 300
+READMODEL_SHARDS = 2
+
+
+@pytest.fixture
+def db_kind() -> str:
+    return "postgresql"  # the read-model stage's shards share one database
 
 
 def _bench_args(argv: list[str]) -> argparse.Namespace:
@@ -58,8 +67,10 @@ def test_generated_transfers_have_a_known_outcome_and_decode_as_commands() -> No
     assert again == expected
 
 
-@pytest.mark.timeout(180)
-def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(kafka_bootstrap: str, capsys) -> None:
+@pytest.mark.timeout(300)
+def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(
+    kafka_bootstrap: str, db_url: str, capsys
+) -> None:
     args = _bench_args(
         [
             "--bootstrap",
@@ -78,6 +89,10 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
             "1",
             "--holds",
             str(HOLDS),
+            "--readmodel-db",
+            db_url,
+            "--readmodel-shards",
+            str(READMODEL_SHARDS),
             "--json",
         ]
     )
@@ -132,6 +147,18 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(ka
     # Every capture was credited: the whole ledger, transfers and holds, still conserves money.
     assert holds["ledger"]["balances_minor"] == holds["ledger"]["money_in_minor"] == ours["ledger"]["money_in_minor"]
     assert holds["ledger"]["events"] >= ours["ledger"]["events"] + 3 * HOLDS
+
+    readmodel = report["readmodel"]["shards"][str(READMODEL_SHARDS)]
+    assert readmodel["checks_ok"], readmodel["problems"]
+    assert readmodel["shards"] == READMODEL_SHARDS and readmodel["processor_transfers_per_s"] > 0
+    assert readmodel["processor_transfers_per_s_without_readmodel"] == ours["transfers_per_s"]
+    assert readmodel["records"] > ours["ledger"]["events"]  # the events, the outcomes and the commit markers
+    assert readmodel["max_lag_records"] >= readmodel["lag_at_processor_end_records"] >= 0
+    assert readmodel["catch_up_s"] >= 0 and readmodel["readmodel_records_per_s"] > 0
+    # Caught up means everything stored: the shards' tables hold the balances the ledger check summed.
+    with psycopg.connect(db_url) as connection:
+        ((stored_minor,),) = connection.execute("SELECT sum(balance_minor) FROM accounts").fetchall()
+    assert stored_minor == ours["ledger"]["balances_minor"]
 
     left = [
         name

@@ -18,10 +18,17 @@ import pytest
 from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from infra.supervision import read_proc_stat, start_ticks_of
-from wallet.stack import ManagedProcess, is_alive, state_path
+from streams.core.state import ACTIVE
+from tests.support.kafka_io import wait_for
+from wallet.stack import ManagedProcess, StackError, is_alive, state_path, up
+
+pytest_plugins = ["tests.readmodel_fixtures"]
 
 COMMAND_TIMEOUT_S = 180
 HTTP_TIMEOUT_S = 30
+READ_MODEL_CATCH_UP_TIMEOUT_S = 60
+READ_MODEL_SHARDS = 2
+API_PORT_UNUSED = 1  # never bound: the refusal comes first
 
 
 def _wallet(env: dict, *arguments: str) -> subprocess.CompletedProcess:
@@ -110,6 +117,65 @@ def test_up_starts_a_working_stack_that_outlives_it_and_down_stops_exactly_that(
     assert all(not _pid_exists(process["pid"]) for process in running)
     assert _ps(stack_env) == []
     assert "nothing to stop" in _wallet(stack_env, "down").stdout
+
+
+@pytest.fixture
+def db_kind() -> str:
+    return "postgresql"  # the read model's shards: SQLite has one writer
+
+
+def test_up_runs_read_model_shards_into_postgresql_restarts_an_exited_one_and_down_stops_them(
+    stack_env: dict, db_url: str
+) -> None:
+    (port,) = free_loopback_ports(1)
+    shards = ["--readmodels", str(READ_MODEL_SHARDS), "--readmodel-db", db_url]
+    started = _wallet(stack_env, "up", "--port", str(port), "--auth", "off", *shards)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        running = _ps(stack_env)
+        readmodels = [process for process in running if process["role"] == "readmodel"]
+        assert sorted(process["shard"] for process in readmodels) == ["0/2", "1/2"], running
+        assert len({process["pid"] for process in readmodels}) == READ_MODEL_SHARDS
+
+        killed = next(process for process in readmodels if process["shard"] == "1/2")
+        os.kill(killed["pid"], signal.SIGKILL)
+        restarted = _wallet(stack_env, "up", "--port", str(port), "--auth", "off", *shards)
+        assert restarted.returncode == 0 and "restarted readmodel-1" in restarted.stdout, restarted.stderr
+        after = [process for process in _ps(stack_env) if process["role"] == "readmodel"]
+        assert sorted(process["shard"] for process in after) == ["0/2", "1/2"], after
+        assert killed["pid"] not in {process["pid"] for process in after}
+        running = _ps(stack_env)
+
+        # Accounts on every partition: the API's query side reads what both shards wrote.
+        base = f"http://127.0.0.1:{port}"
+        accounts = [f"shards-{uuid.uuid4().hex[:8]}" for _ in range(8)]
+        for account in accounts:
+            request = {"account_id": account, "currency": "USD", "transaction_id": f"{account}-open"}
+            opened = httpx.post(f"{base}/v1/accounts", json=request, timeout=HTTP_TIMEOUT_S)
+            # Pending when the processor answers after the API's request wait (a loaded machine).
+            assert opened.json()["status"] in ("success", "pending"), opened.text
+
+        def readable() -> bool:
+            reads = [httpx.get(f"{base}/v1/accounts/{account}", timeout=HTTP_TIMEOUT_S) for account in accounts]
+            return all(read.status_code == 200 and read.json()["status"] == ACTIVE for read in reads)
+
+        wait_for(readable, READ_MODEL_CATCH_UP_TIMEOUT_S, "every account in the API's query side")
+        wait_for(
+            lambda: httpx.get(f"{base}/v1/readmodel/lag", timeout=HTTP_TIMEOUT_S).json()["total_lag"] == 0,
+            READ_MODEL_CATCH_UP_TIMEOUT_S,
+            "the read-model shards to catch up on every partition",
+        )
+    finally:
+        stopped = _wallet(stack_env, "down")
+    assert stopped.returncode == 0, stopped.stderr
+    assert all(not _pid_exists(process["pid"]) for process in running)
+
+
+def test_up_refuses_read_model_shards_on_sqlite_before_starting_anything(tmp_path: Path) -> None:
+    settings = Settings().with_overrides(run_dir=tmp_path / "run")
+    with pytest.raises(StackError, match="SQLite has one writer at a time"):
+        up(settings, port=API_PORT_UNUSED, processors=1, readmodel=True, timeout_s=1, readmodels=2)
+    assert not state_path(settings).exists()
 
 
 def test_up_on_a_taken_port_starts_nothing(stack_env: dict) -> None:

@@ -20,7 +20,6 @@ from wallet.stack import (
     is_alive,
     logs_dir,
     print_auth,
-    readmodel_db_url,
     reporting_errors,
     state_path,
     up,
@@ -77,6 +76,8 @@ def _stack_for_the_demo(settings: Settings, args: argparse.Namespace) -> tuple[S
         timeout_s=args.timeout_s,
         auth=args.auth == "on",
         standby=args.standby,
+        readmodel_db=args.readmodel_db,
+        readmodels=args.readmodels,
     )
     print(f"API at {state.api_url}; logs in {logs_dir(settings)}")
     print_auth(args.auth == "on")
@@ -167,7 +168,7 @@ def _print_audit(settings: Settings, state: StackState, settled: bool) -> bool:
     # Snapshots first: a state taken before the log is read is always within it.
     stores = [settings.run_dir / p.name for p in state.processes if p.role == "processor"]
     dumps = [state_dump(store) for store in stores if store.exists()]
-    readmodel_db = readmodel_db_url(settings) if any(p.role == "readmodel" for p in state.processes) else None
+    readmodel_db = state.readmodel_db()
     print("\n== audit: replaying the topics from the first offset ==")
     report = run_audit(settings, dumps, readmodel_db=readmodel_db, settled=settled, progress=True)
     print(report.render_text())

@@ -2,7 +2,9 @@
 
 `up` starts, each detached in its own session so it outlives the command: the local broker
 (unless a cluster is configured; `--brokers 3` makes it a cluster of three KRaft nodes, and the
-run folder keeps that shape), the topics, N processors, the read model and the HTTP API;
+run folder keeps that shape), the topics, N processors, the read model (into `--readmodel-db`, by
+default SQLite in the run folder; `--readmodels N` on PostgreSQL: N shards, each its own process)
+and the HTTP API;
 it returns once the API answers and the processors own every partition. It records what it
 started in `<run dir>/stack.json` and writes each process's output to
 `<run dir>/logs/<name>.log`. `down` stops exactly what that file lists (SIGTERM by PID, SIGKILL
@@ -44,6 +46,7 @@ API_PROBE_TIMEOUT_S = 2.0
 KAFKA_START_TIMEOUT_S = 240.0  # a bound, not a wait: three JVMs took 80-110 s on a loaded 2-core machine
 STOP_TIMEOUT_S = 20.0
 PROCESSORS_MAX = 64
+READMODELS_MAX = 64
 LOG_TAIL_LINES = 20
 ROLES_IN_STOP_ORDER = ("api", "readmodel", "processor", "kafka")
 API_PORT_DEFAULT = 8080
@@ -66,6 +69,14 @@ class ManagedProcess:
     node_id: int | None = None  # a Kafka node's KRaft id
     metrics_port: int | None = None  # where it serves Prometheus metrics (loopback); None for Kafka
 
+    @property
+    def shard(self) -> str | None:
+        """A read model's shard, `I/N`, as its command line names it (0/1: every partition)."""
+        if self.role != "readmodel":
+            return None
+        arguments = list(self.arguments)
+        return arguments[arguments.index("--shard") + 1] if "--shard" in arguments else "0/1"
+
     def supervised(self) -> Supervised:
         # Every process `up` spawns leads its own session; the broker is stopped through localkafka.
         return Supervised.attach(self.name, self.pid, self.start_ticks, leads_group=self.role != "kafka")
@@ -77,6 +88,13 @@ class StackState:
     bootstrap: str
     topic_prefix: str
     processes: list[ManagedProcess]
+
+    def readmodel_db(self) -> str | None:
+        """The database the stack's read model writes (and its API reads), None without a read model."""
+        for process in self.processes:
+            if process.role == "readmodel" and "--db" in process.arguments:
+                return process.arguments[process.arguments.index("--db") + 1]
+        return None
 
     @classmethod
     def load(cls, path: Path) -> StackState | None:
@@ -128,7 +146,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ps.add_argument(
         "--json",
         action="store_true",
-        help='print a JSON list of {"role", "pid", "port", "metrics_port"} objects (Kafka nodes also "node_id")',
+        help='print a JSON list of {"role", "pid", "port", "metrics_port"} objects (Kafka nodes also '
+        '"node_id", read models "shard": "I/N")',
     )
     ps.set_defaults(handler=reporting_errors(_ps))
 
@@ -157,6 +176,20 @@ def add_up_options(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the read model and its query routes (default: yes)",
+    )
+    parser.add_argument(
+        "--readmodel-db",
+        metavar="URL",
+        help="the read model's database, which the API's query routes read too: postgresql://user@host:port/db "
+        "or sqlite:///path.db (default: SQLite readmodel.db in the run folder)",
+    )
+    parser.add_argument(
+        "--readmodels",
+        type=int,
+        default=1,
+        metavar="N",
+        help="read-model shards, each a `wallet readmodel --shard I/N` process owning every Nth partition "
+        "(default 1; N > 1 needs a PostgreSQL --readmodel-db)",
     )
     parser.add_argument(
         "--auth",
@@ -201,6 +234,25 @@ def readmodel_db_url(settings: Settings) -> str:
     return f"sqlite:///{(settings.run_dir / 'readmodel.db').resolve()}"
 
 
+def _readmodel_arguments(db_url: str, readmodels: int) -> list[tuple[str, list[str]]]:
+    """(name, `wallet` arguments) of each read-model process: one, or N shards into PostgreSQL."""
+    from consumers.readmodel.store import POSTGRES_PREFIXES
+
+    if not 1 <= readmodels <= READMODELS_MAX:
+        raise StackError(f"--readmodels must be within 1..{READMODELS_MAX}, got {readmodels}")
+    if readmodels == 1:
+        return [("readmodel", ["readmodel", "--db", db_url])]
+    if not db_url.startswith(POSTGRES_PREFIXES):
+        raise StackError(
+            f"--readmodels {readmodels}: the read model's database {db_url} is not PostgreSQL, and SQLite has "
+            "one writer at a time; give a postgresql:// --readmodel-db, or run one read model"
+        )
+    return [
+        (f"readmodel-{index}", ["readmodel", "--db", db_url, "--shard", f"{index}/{readmodels}"])
+        for index in range(readmodels)
+    ]
+
+
 def up(
     settings: Settings,
     *,
@@ -211,6 +263,8 @@ def up(
     out: TextIO = sys.stdout,
     auth: bool = True,
     standby: bool | None = None,
+    readmodel_db: str | None = None,
+    readmodels: int = 1,
 ) -> StackState:
     """Start the stack and return its state once it serves; if anything fails, stop what was started."""
     if not 1 <= processors <= PROCESSORS_MAX:
@@ -219,6 +273,9 @@ def up(
         # Following cost the owning loop nothing measurable and cut a takeover's fold to the tail
         # (README, `wallet up`); a single processor owns every partition and has nothing to follow.
         standby = processors > 1
+    db_url = (readmodel_db or readmodel_db_url(settings)) if readmodel else None
+    # Refused before anything starts.
+    readmodel_processes = _readmodel_arguments(db_url, readmodels) if db_url is not None else []
     with _stack_lock(settings):
         existing = StackState.load(state_path(settings))
         if existing is not None:
@@ -239,7 +296,7 @@ def up(
             if own_principals:
                 print(f"acls: {len(ensure_acls(settings))} grants for the service principals", file=out)
             # One metrics port per service, each named on its command line, so a restart serves on it again.
-            metrics_ports = iter(free_loopback_ports(processors + 2))
+            metrics_ports = iter(free_loopback_ports(processors + len(readmodel_processes) + 1))
             for index in range(1, processors + 1):
                 name = f"processor-{index}"
                 started.append(
@@ -259,11 +316,8 @@ def up(
                         next(metrics_ports),
                     )
                 )
-            db_url = readmodel_db_url(settings) if readmodel else None
-            if db_url is not None:
-                started.append(
-                    _spawn(settings, "readmodel", "readmodel", None, ["readmodel", "--db", db_url], next(metrics_ports))
-                )
+            for name, arguments in readmodel_processes:
+                started.append(_spawn(settings, "readmodel", name, None, arguments, next(metrics_ports)))
             api_arguments = ["api", "--host", "127.0.0.1", "--port", str(port)]
             if db_url is not None:
                 api_arguments += ["--readmodel-db", db_url]
@@ -555,6 +609,8 @@ def _up(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         auth=args.auth == "on",
         standby=args.standby,
+        readmodel_db=args.readmodel_db,
+        readmodels=args.readmodels,
     )
     roles = ", ".join(f"{p.name} (pid {p.pid})" for p in state.processes if p.started_by_up and p.role != "kafka")
     print(f"running {roles}; logs in {logs_dir(settings)}")
@@ -606,6 +662,7 @@ def _ps(args: argparse.Namespace) -> int:
                         "port": p.port,
                         "metrics_port": p.metrics_port,
                         **({"node_id": p.node_id or 1} if p.role == "kafka" else {}),
+                        **({"shard": p.shard} if p.role == "readmodel" else {}),
                     }
                     for p in processes
                 ]

@@ -233,6 +233,18 @@ class _SQLite:
         return set()  # BEGIN IMMEDIATE holds the database's one write lock already
 
     @staticmethod
+    def select_in(cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: list[str]) -> list[tuple]:
+        found: list[tuple] = []
+        for start in range(0, len(keys), SELECT_IN_CHUNK_SIZE):
+            chunk = keys[start : start + SELECT_IN_CHUNK_SIZE]
+            cursor.execute(
+                f"SELECT {', '.join(columns)} FROM {table} WHERE {key_column} IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.extend(cursor.fetchall())
+        return found
+
+    @staticmethod
     def insert_many(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
         placeholders = ", ".join("?" * len(columns))
         cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", rows)
@@ -316,6 +328,14 @@ class _Postgres:
             "RETURNING account_id, transaction_id"
         )
         return {(account_id, transaction_id) for account_id, transaction_id in cursor.fetchall()}
+
+    @staticmethod
+    def select_in(cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: list[str]) -> list[tuple]:
+        # One array parameter: the same statement text whatever the number of keys, so psycopg
+        # prepares it once per connection; an IN list of 500 placeholders cost 30 ms a statement
+        # to build and plan, a third of a live shard's time.
+        cursor.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE {key_column} = ANY(%s)", (keys,))
+        return cursor.fetchall()
 
     @staticmethod
     def insert_many(cursor: Any, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
@@ -517,18 +537,9 @@ class ReadModelStore:
     def _select_in(
         self, cursor: Any, table: str, key_column: str, columns: Sequence[str], keys: set[str], row_class: type
     ) -> list:
-        found: list = []
-        key_list = list(keys)
-        for start in range(0, len(key_list), SELECT_IN_CHUNK_SIZE):
-            chunk = key_list[start : start + SELECT_IN_CHUNK_SIZE]
-            cursor.execute(
-                self._sql(
-                    f"SELECT {', '.join(columns)} FROM {table} WHERE {key_column} IN ({', '.join('?' * len(chunk))})"
-                ),
-                chunk,
-            )
-            found.extend(row_class(*row) for row in cursor.fetchall())
-        return found
+        if not keys:
+            return []
+        return [row_class(*row) for row in self._backend.select_in(cursor, table, key_column, columns, list(keys))]
 
     # Reads, for the query API and the tests.
 
