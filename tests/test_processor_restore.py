@@ -118,9 +118,9 @@ def test_restore_after_an_aborted_transaction_ends_without_its_records(make_sett
         consumer.close()
 
 
-REBALANCES = 6
+REBALANCES = 4  # each waits out a session timeout (static membership): about 17 s a round
 REBALANCE_ACCOUNTS = 300
-REBALANCE_TRANSFERS = 6_000
+REBALANCE_TRANSFERS = 4_000
 ASSIGNED_TIMEOUT_S = 60
 DRAIN_TIMEOUT_S = 180
 
