@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,19 @@ class ScaleStage(Bench):
 
     # -- 2: a member joins and one leaves under load ----------------------------------------
 
+    def _offered_load(
+        self, tally: OutcomeTally, rate_per_s: float, longest_s: float, seed_offset: int
+    ) -> tuple[_ProgressWatch, Counter, Generator[tuple[str, bytes]], _InputProducer]:
+        """What a phase under load needs: its progress watch, enough transfers for `longest_s` at
+        `rate_per_s` (their certain outcomes counted in the Counter) and the producer offering them."""
+        options = self.options
+        watch = _ProgressWatch(tally, self.bootstrap, self.settings.events_topic, options.partitions)
+        expected: Counter = Counter()
+        records = transfer_records(
+            options.accounts, math.ceil(rate_per_s * longest_s) + 1, options.seed + seed_offset, LATENCY, expected
+        )
+        return watch, expected, records, _InputProducer(self.bootstrap, linger_ms=5)
+
     def rebalance(self, seconds: float, rate_per_s: float) -> dict:
         """Under load: one more processor joins; once the group is stable and every partition has
         progressed since (or after `seconds`), the first one gets SIGTERM (leaves); the same wait."""
@@ -264,12 +278,7 @@ class ScaleStage(Bench):
             f"{REBALANCE_SETTLE_S:g} s, then the first one leaves (SIGTERM); each time the load goes on until "
             f"the group is stable and every partition progressed (at most {seconds:g} s)"
         )
-        watch = _ProgressWatch(tally, self.bootstrap, self.settings.events_topic, options.partitions)
-        expected: Counter = Counter()
-        records = transfer_records(
-            options.accounts, math.ceil(rate_per_s * longest_s) + 1, options.seed + 1, LATENCY, expected
-        )
-        producer = _InputProducer(self.bootstrap, linger_ms=5)
+        watch, expected, records, producer = self._offered_load(tally, rate_per_s, longest_s, seed_offset=1)
         admin = admin_client(self.bootstrap)
         sent = 0
         joiner: Child | None = None
@@ -385,12 +394,7 @@ class ScaleStage(Bench):
             f"[kill {self.name}] {rate_per_s:,.0f} transfers/s offered; {victim.name} gets SIGKILL after "
             f"{REBALANCE_SETTLE_S:g} s, then the load goes on until every partition progressed again"
         )
-        watch = _ProgressWatch(tally, self.bootstrap, self.settings.events_topic, options.partitions)
-        expected: Counter = Counter()
-        records = transfer_records(
-            options.accounts, math.ceil(rate_per_s * longest_s) + 1, options.seed + 2, LATENCY, expected
-        )
-        producer = _InputProducer(self.bootstrap, linger_ms=5)
+        watch, expected, records, producer = self._offered_load(tally, rate_per_s, longest_s, seed_offset=2)
         sent = 0
         kill_s = recovered_s = None
         before = lag_at_kill = None
