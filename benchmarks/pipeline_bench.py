@@ -86,7 +86,7 @@ from consumers.readmodel.store import POSTGRES_PREFIXES, ReadModelStore, describ
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.kafka_clients import kafka_security
 from infra.produce import QueueFullTimeout, produce_with_room
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import PROJECT_ROOT, Settings, wallet_argv
 from infra.supervision import Supervised, SupervisionError
 from producers.client import local_command
 from schemas.codec import SchemaError, decode_outcome, encode
@@ -1298,20 +1298,9 @@ class Bench:
             shards = [
                 self._start(
                     f"readmodel-{index}-of-{shard_count}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "wallet.cli",
-                        "--bootstrap",
-                        self.bootstrap,
-                        "--topic-prefix",
-                        settings.topic_prefix,
-                        "readmodel",
-                        "--db",
-                        options.readmodel_db,
-                        "--shard",
-                        f"{index}/{shard_count}",
-                    ],
+                    wallet_argv(
+                        settings, "readmodel", "--db", options.readmodel_db, "--shard", f"{index}/{shard_count}"
+                    ),
                     marker=READMODEL_READY_MARKER,
                 )
                 for index in range(shard_count)

@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,11 +294,9 @@ class ScaleStage(Bench):
                 started_s = time.monotonic()
                 while True:
                     now_s = time.monotonic()
-                    for _ in range(int((now_s - started_s) * rate_per_s) - sent):
-                        key, value = next(records)
-                        producer.produce(self.settings.commands_topic, key, value)
-                        sent += 1
-                    producer.poll()
+                    sent += _produce_due(
+                        producer, self.settings.commands_topic, records, int((now_s - started_s) * rate_per_s) - sent
+                    )
                     if phase == "settle" and now_s - started_s >= REBALANCE_SETTLE_S:
                         phase, members = "join", self.processors + 1
                         event_s[phase] = now_s
@@ -403,11 +401,9 @@ class ScaleStage(Bench):
             started_s = time.monotonic()
             while True:
                 now_s = time.monotonic()
-                for _ in range(int((now_s - started_s) * rate_per_s) - sent):
-                    key, value = next(records)
-                    producer.produce(self.settings.commands_topic, key, value)
-                    sent += 1
-                producer.poll()
+                sent += _produce_due(
+                    producer, self.settings.commands_topic, records, int((now_s - started_s) * rate_per_s) - sent
+                )
                 if kill_s is None and now_s - started_s >= REBALANCE_SETTLE_S:
                     before = self._metrics_of(survivor, survivor_url)
                     lag_at_kill = int(before.total(STANDBY_LAG))
@@ -500,6 +496,16 @@ class ScaleStage(Bench):
             "restore_s_per_million_events": round(restore_s * 1e6 / folded, 2) if folded else None,
             "assigned_after_s": round(child.marker_s - child.started_s, 2),
         }
+
+
+def _produce_due(producer: _InputProducer, topic: str, records: Iterator[tuple[str, bytes]], count: int) -> int:
+    """Produces the next `count` records (none when `count` <= 0: the offer is ahead of its pace),
+    serves the delivery reports, and returns how many were produced."""
+    for _ in range(count):
+        key, value = next(records)
+        producer.produce(topic, key, value)
+    producer.poll()
+    return max(count, 0)
 
 
 class _ProgressWatch:
