@@ -69,13 +69,18 @@ class ManagedProcess:
     node_id: int | None = None  # a Kafka node's KRaft id
     metrics_port: int | None = None  # where it serves Prometheus metrics (loopback); None for Kafka
 
+    def option(self, flag: str) -> str | None:
+        """The value its command line gives `flag`, None if it gives none."""
+        if flag not in self.arguments:
+            return None
+        return self.arguments[self.arguments.index(flag) + 1]
+
     @property
     def shard(self) -> str | None:
         """A read model's shard, `I/N`, as its command line names it (0/1: every partition)."""
         if self.role != "readmodel":
             return None
-        arguments = list(self.arguments)
-        return arguments[arguments.index("--shard") + 1] if "--shard" in arguments else "0/1"
+        return self.option("--shard") or "0/1"
 
     def supervised(self) -> Supervised:
         # Every process `up` spawns leads its own session; the broker is stopped through localkafka.
@@ -92,8 +97,8 @@ class StackState:
     def readmodel_db(self) -> str | None:
         """The database the stack's read model writes (and its API reads), None without a read model."""
         for process in self.processes:
-            if process.role == "readmodel" and "--db" in process.arguments:
-                return process.arguments[process.arguments.index("--db") + 1]
+            if process.role == "readmodel" and (db_url := process.option("--db")) is not None:
+                return db_url
         return None
 
     @classmethod
