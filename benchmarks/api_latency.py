@@ -85,17 +85,29 @@ class _Connection:
         self._local = threading.local()
 
     def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        reused = getattr(self._local, "connection", None) is not None
+        try:
+            return self._post(path, json.dumps(body), headers)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            if not reused:
+                raise
+            # The server closed the idle keep-alive connection (uvicorn's 5 s idle timeout, at
+            # low rates with many connections) before this request reached it: sent again on a
+            # new connection, as HTTP clients do. Safe: every body carries its transaction_id.
+            return self._post(path, json.dumps(body), headers)
+
+    def _post(self, path: str, body: str, headers: dict[str, str]) -> tuple[int, dict]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             assert self._host is not None, "the base URL names a host"
             connection = self._local.connection = http.client.HTTPConnection(
                 self._host, self._port, timeout=REQUEST_TIMEOUT_S
             )
-        headers = {"Content-Type": "application/json"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
         try:
-            connection.request("POST", path, json.dumps(body), headers)
+            connection.request("POST", path, body, headers)
             reply = connection.getresponse()
             return reply.status, json.loads(reply.read() or b"{}")
         except BaseException:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from consumers.readmodel.store import ReadModelStore
 from infra.settings import Settings
 from producers.auth import (
+    TOKEN_CACHE_TTL_S,
     AuthConfig,
     AuthError,
     RateLimiter,
@@ -359,6 +360,52 @@ def test_a_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     assert limiter.take("a") is None
     now_s[0] += 60
     assert [limiter.take("a") is None for _ in range(4)] == [True, True, True, False]
+
+
+# -- verified tokens are remembered, but never past their expiry or the cache's life ---------------
+
+
+def _verifier_at(now_s: list[float]) -> TokenVerifier:
+    return TokenVerifier(auth_config(), clock=lambda: now_s[0])
+
+
+def test_a_remembered_token_still_expires() -> None:
+    now_s = [time.time()]
+    verifier = _verifier_at(now_s)
+    header = f"Bearer {token('alice', 'wallet:user', ttl_s=120)}"
+    assert verifier.principal(header).sub == "alice"
+    now_s[0] += 120 + verifier.config.leeway_s - 1
+    assert verifier.principal(header).sub == "alice", "inside exp plus the leeway"
+    now_s[0] += 2
+    with pytest.raises(AuthError, match="expired"):
+        verifier.principal(header)
+
+
+def test_a_remembered_token_does_not_vouch_for_the_same_claims_with_another_signature() -> None:
+    verifier = _verifier_at([time.time()])
+    signed = token("alice", "wallet:user")
+    assert verifier.principal(f"Bearer {signed}").sub == "alice"
+    forged = signed[: signed.rindex(".") + 1] + base64.urlsafe_b64encode(b"x" * 32).rstrip(b"=").decode()
+    with pytest.raises(AuthError, match="signature"):
+        verifier.principal(f"Bearer {forged}")
+
+
+def test_a_withdrawn_key_stops_verifying_remembered_tokens_after_the_cache_life(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("producers.auth.TOKENS_CACHED_MAX", 2)
+    now_s = [time.time()]
+    verifier = _verifier_at(now_s)
+    headers = [f"Bearer {token(sub, 'wallet:user')}" for sub in ("a", "b", "c")]
+    for header in headers:
+        verifier.principal(header)
+    verifier.config = AuthConfig(enabled=True, secret="rotated-" + "f" * 56)  # the old key is withdrawn
+    with pytest.raises(AuthError, match="signature"):
+        verifier.principal(headers[0])  # the least recently used, forgotten beyond the bound
+    assert verifier.principal(headers[2]).sub == "c", "remembered within the cache's life"
+    now_s[0] += TOKEN_CACHE_TTL_S
+    with pytest.raises(AuthError, match="signature"):
+        verifier.principal(headers[2])
 
 
 # -- keys of an external identity provider ---------------------------------------------------------
