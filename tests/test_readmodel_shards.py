@@ -1,6 +1,7 @@
 """Read-model shards (`wallet readmodel --shard I/N`) on the real broker into one real PostgreSQL
 database: two shards, one of them SIGKILLed mid-stream and restarted, end with exactly the tables
-one consumer writes; a second process of a shard is refused; SQLite refuses more than one shard."""
+one consumer writes; a second process of a shard, or a rebuild beside it, is refused; SQLite
+refuses more than one shard."""
 
 from __future__ import annotations
 
@@ -139,6 +140,18 @@ def test_a_second_process_of_a_shard_is_refused(published_log: PublishedLog, db_
                 assert result.returncode == 1, f"--shard {overlapping}: {result.stdout}{result.stderr}"
                 assert "ConcurrentWriterError" in result.stderr, result.stderr
                 assert "is written by another read-model process" in result.stderr, result.stderr
+            # A rebuild is refused too, before it drops anything the shard wrote.
+            offsets_before = store.table_rows("offsets")
+            result = subprocess.run(
+                wallet_argv(settings, "readmodel", "rebuild", "--db", db_url, "--no-progress"),
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=PROCESS_TIMEOUT_S,
+            )
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "is written by another read-model process" in result.stderr, result.stderr
+            assert len(store.table_rows("offsets")) >= len(offsets_before) > 0, "the shard's tables were dropped"
             assert first.poll() is None, log_path.read_text()
         finally:
             first.kill()

@@ -20,7 +20,7 @@ from infra.settings import Settings
 from infra.supervision import read_proc_stat, start_ticks_of
 from streams.core.state import ACTIVE
 from tests.support.kafka_io import wait_for
-from wallet.stack import ManagedProcess, StackError, is_alive, state_path, up
+from wallet.stack import READMODELS_MAX, ManagedProcess, StackError, is_alive, state_path, up
 
 pytest_plugins = ["tests.readmodel_fixtures"]
 
@@ -175,6 +175,22 @@ def test_up_refuses_read_model_shards_on_sqlite_before_starting_anything(tmp_pat
     settings = Settings().with_overrides(run_dir=tmp_path / "run")
     with pytest.raises(StackError, match="SQLite has one writer at a time"):
         up(settings, port=API_PORT_UNUSED, processors=1, readmodel=True, timeout_s=1, readmodels=2)
+    assert not state_path(settings).exists()
+
+
+def test_up_reads_the_read_models_database_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    settings = Settings().with_overrides(run_dir=tmp_path / "run")
+    from_environment = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("WALLET_READMODEL_DB", from_environment)
+    with pytest.raises(StackError, match=f"database {from_environment} is not PostgreSQL"):
+        up(settings, port=API_PORT_UNUSED, processors=1, readmodel=True, timeout_s=1, readmodels=2)
+
+
+@pytest.mark.parametrize("readmodels", [0, READMODELS_MAX + 1])
+def test_up_refuses_a_read_model_count_out_of_bounds_before_starting_anything(tmp_path: Path, readmodels: int) -> None:
+    settings = Settings().with_overrides(run_dir=tmp_path / "run")
+    with pytest.raises(StackError, match=f"--readmodels must be within 1..{READMODELS_MAX}, got {readmodels}"):
+        up(settings, port=API_PORT_UNUSED, processors=1, readmodel=True, timeout_s=1, readmodels=readmodels)
     assert not state_path(settings).exists()
 
 

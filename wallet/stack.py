@@ -186,7 +186,7 @@ def add_up_options(parser: argparse.ArgumentParser) -> None:
         "--readmodel-db",
         metavar="URL",
         help="the read model's database, which the API's query routes read too: postgresql://user@host:port/db "
-        "or sqlite:///path.db (default: SQLite readmodel.db in the run folder)",
+        "or sqlite:///path.db (default: WALLET_READMODEL_DB, else SQLite readmodel.db in the run folder)",
     )
     parser.add_argument(
         "--readmodels",
@@ -235,10 +235,6 @@ def reporting_errors(handler):
 # -- up --------------------------------------------------------------------------------------
 
 
-def readmodel_db_url(settings: Settings) -> str:
-    return f"sqlite:///{(settings.run_dir / 'readmodel.db').resolve()}"
-
-
 def _readmodel_arguments(db_url: str, readmodels: int) -> list[tuple[str, list[str]]]:
     """(name, `wallet` arguments) of each read-model process: one, or N shards into PostgreSQL."""
     from consumers.readmodel.store import POSTGRES_PREFIXES
@@ -278,7 +274,9 @@ def up(
         # A takeover then folds only the tail, for 0-13 % of the throughput measured (README,
         # `wallet up`); a single processor owns every partition and has nothing to follow.
         standby = processors > 1
-    db_url = (readmodel_db or readmodel_db_url(settings)) if readmodel else None
+    from consumers.readmodel.store import db_url_of
+
+    db_url = db_url_of(readmodel_db, settings) if readmodel else None
     # Refused before anything starts.
     readmodel_processes = _readmodel_arguments(db_url, readmodels) if db_url is not None else []
     with _stack_lock(settings):

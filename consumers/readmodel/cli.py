@@ -10,7 +10,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -24,7 +23,6 @@ from infra.settings import settings_from_args
 if TYPE_CHECKING:
     from consumers.readmodel.consumer import Shard
 
-DB_URL_ENV = "WALLET_READMODEL_DB"
 SERVE_PORT_DEFAULT = 8081
 
 
@@ -94,8 +92,8 @@ def _add_db_option(parser: argparse.ArgumentParser, default: object) -> None:
         "--db",
         default=default,
         metavar="URL",
-        help=f"sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host:port/db "
-        f"(env {DB_URL_ENV}; default sqlite:///<run dir>/readmodel.db)",
+        help="sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host:port/db "
+        "(env WALLET_READMODEL_DB; default sqlite:///<run dir>/readmodel.db)",
     )
 
 
@@ -111,9 +109,9 @@ def _add_batch_size_option(parser: argparse.ArgumentParser, default: object) -> 
 
 
 def _db_url(args: argparse.Namespace) -> str:
-    from consumers.readmodel.store import default_db_url
+    from consumers.readmodel.store import db_url_of
 
-    return args.db or os.environ.get(DB_URL_ENV) or default_db_url(settings_from_args(args))
+    return db_url_of(args.db, settings_from_args(args))
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -20,7 +20,7 @@ from consumers.readmodel.consumer import (
     ReadModelError,
     end_offsets,
 )
-from consumers.readmodel.store import ReadModelStore
+from consumers.readmodel.store import ReadModelStore, TopicPartitionKey
 from infra.admin import admin_client
 from infra.settings import Settings
 
@@ -46,34 +46,48 @@ def rebuild(
 ) -> RebuildReport:
     started_s = time.monotonic()
     targets = end_offsets(admin_client(settings.bootstrap, role="readmodel"), settings, KAFKA_TIMEOUT_S)
-    store.drop_schema()
-    store.create_schema()
-    consumer = ReadModelConsumer(store, settings, batch_size_max, REBUILD_BATCH_WAIT_MS)
-    consumer.start()
+    # Every partition claimed before anything is dropped: a consumer still writing this database
+    # (PostgreSQL) refuses the rebuild with the tables intact. The consumer below claims them
+    # again on the same connection, which the session's locks allow.
+    store.claim(sorted(targets))
+    try:
+        store.drop_schema()
+        store.create_schema()
+        consumer = ReadModelConsumer(store, settings, batch_size_max, REBUILD_BATCH_WAIT_MS)
+        consumer.start()
+        try:
+            records, reached = _replay(consumer, targets, show_progress, stall_timeout_s)
+        finally:
+            consumer.close()
+    finally:
+        store.release(sorted(targets))
+    return RebuildReport(records, reached, time.monotonic() - started_s)
+
+
+def _replay(
+    consumer: ReadModelConsumer, targets: dict[TopicPartitionKey, int], show_progress: bool, stall_timeout_s: float
+) -> tuple[int, int]:
+    """Steps the consumer until it reaches every target offset: (records applied, offsets reached)."""
     records = reached = 0
     total = sum(targets.values())
-    try:
-        with tqdm(total=total, unit="offset", unit_scale=True, disable=not show_progress, desc="rebuild") as progress:
-            progressed_s = time.monotonic()
-            while True:
-                offsets = consumer.next_offsets
-                now_reached = sum(min(offsets.get(key) or 0, end) for key, end in targets.items())
-                now_s = time.monotonic()
-                if now_reached > reached:
-                    progress.update(now_reached - reached)
-                    reached, progressed_s = now_reached, now_s
-                elif now_s - progressed_s > stall_timeout_s:
-                    raise ReadModelError(
-                        f"rebuild made no progress for {stall_timeout_s:.0f} s; partitions behind their end: "
-                        + ", ".join(
-                            f"{topic}[{partition}] at {offsets.get((topic, partition)) or 0} of {end}"
-                            for (topic, partition), end in sorted(targets.items())
-                            if (offsets.get((topic, partition)) or 0) < end
-                        )
+    with tqdm(total=total, unit="offset", unit_scale=True, disable=not show_progress, desc="rebuild") as progress:
+        progressed_s = time.monotonic()
+        while True:
+            offsets = consumer.next_offsets
+            now_reached = sum(min(offsets.get(key) or 0, end) for key, end in targets.items())
+            now_s = time.monotonic()
+            if now_reached > reached:
+                progress.update(now_reached - reached)
+                reached, progressed_s = now_reached, now_s
+            elif now_s - progressed_s > stall_timeout_s:
+                raise ReadModelError(
+                    f"rebuild made no progress for {stall_timeout_s:.0f} s; partitions behind their end: "
+                    + ", ".join(
+                        f"{topic}[{partition}] at {offsets.get((topic, partition)) or 0} of {end}"
+                        for (topic, partition), end in sorted(targets.items())
+                        if (offsets.get((topic, partition)) or 0) < end
                     )
-                if reached == total:
-                    break
-                records += consumer.step()
-    finally:
-        consumer.close()
-    return RebuildReport(records, reached, time.monotonic() - started_s)
+                )
+            if reached == total:
+                return records, reached
+            records += consumer.step()

@@ -23,6 +23,7 @@ shard overwrites a status it has not read.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -166,8 +167,12 @@ class Batch:
         return len(self.events) + len(self.outcomes)
 
 
-def default_db_url(settings: Settings) -> str:
-    return f"{SQLITE_PREFIX}{settings.run_dir / 'readmodel.db'}"
+DB_URL_ENV = "WALLET_READMODEL_DB"
+
+
+def db_url_of(given: str | None, settings: Settings) -> str:
+    """The read model's database: the URL given, else `WALLET_READMODEL_DB`, else SQLite in the run folder."""
+    return given or os.environ.get(DB_URL_ENV) or f"{SQLITE_PREFIX}{(settings.run_dir / 'readmodel.db').resolve()}"
 
 
 def describe_db_url(db_url: str) -> str:
