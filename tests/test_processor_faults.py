@@ -221,8 +221,7 @@ def test_a_transaction_that_fails_to_commit_is_redone_from_the_log_not_guessed(m
     def commit_failing_now_and_then(offsets, group_metadata):
         commits.append(offsets)
         if len(commits) in (1, 4):
-            transactions.abort()  # as if the commit had failed and been aborted
-            raise TransactionAborted("injected: the commit failed")
+            raise TransactionAborted("injected: the commit failed")  # the transaction left open
         return commit(offsets, group_metadata)
 
     transactions.commit = commit_failing_now_and_then

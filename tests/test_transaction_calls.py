@@ -84,8 +84,7 @@ def test_a_send_offsets_call_that_outlives_its_timeout_aborts_the_batch_within_a
     elapsed_s = time.monotonic() - started_s
     assert CALL_TIMEOUT_S <= elapsed_s < CALL_TIMEOUT_S + SEND_OFFSETS_GRACE_S + 1
 
-    # The processor's recovery: abort (nothing may be called on the held producer), then replace.
-    assert producer.abort()
+    # The processor's recovery: replace (nothing may be called on the held producer).
     producer.replace()
     held, fresh = lost_coordinator
     assert "commit" not in held.calls and "abort" not in held.calls
@@ -157,7 +156,38 @@ def test_send_offsets_refused_for_want_of_a_group_coordinator_aborts_the_batch(m
     producer.begin()
     with pytest.raises(TransactionAborted, match="broker \\(none\\)"):
         producer.commit([TopicPartition("commands", 0, 7)], object())
-    assert producer.abort()  # the processor's recovery
+    producer.replace()  # the processor's recovery
     # Outside a transaction the same error is this program's misuse: still a bug.
     with pytest.raises(transactions.TransactionBug):
         producer.commit([TopicPartition("commands", 0, 7)], object())
+
+
+class _AbortNeededProducer(_LostCoordinatorProducer):
+    """A commit refused with an error that needs an abort, from a producer whose coordinator is gone:
+    `abort_transaction` would wait its whole timeout (the coordinator-kill fault test)."""
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.calls.append("commit")
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "EndTxn timed out", txn_requires_abort=True))
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.calls.append("abort")
+        self.released.wait(timeout)
+
+
+def test_a_commit_that_needs_an_abort_is_ended_by_the_replacement_without_waiting_for_an_abort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _LostCoordinatorProducer.made = []
+    monkeypatch.setattr(transactions, "Producer", _AbortNeededProducer)
+    producer = TransactionalProducer({"transactional.id": "t-6"}, "dlq", call_timeout_s=CALL_TIMEOUT_S * 4)
+    producer.begin()
+    started_s = time.monotonic()
+    with pytest.raises(TransactionAborted, match="EndTxn timed out"):
+        producer.commit([], object())
+    producer.replace()  # the processor's recovery
+    assert time.monotonic() - started_s < CALL_TIMEOUT_S, "recovery waited for an abort"
+    failed, fresh = _LostCoordinatorProducer.made
+    assert "abort" not in failed.calls
+    assert fresh.calls == ["init"], "the new producer, same transactional id, ends the open transaction"
+    fresh.begin_transaction()  # usable at once

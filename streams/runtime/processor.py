@@ -420,8 +420,7 @@ class Processor:
         # First, before any call that can fail: the failed batch's state must never be saved.
         self._tasks.clear()
         self._metrics.transactions_aborted.inc()
-        self._transactions.abort()
-        self._transactions.replace()
+        self._transactions.replace()  # which aborts the failed transaction (transactions.py)
         if self._consumer_fatal is not None:
             return  # the loop replaces the consumer; the partitions come back through `_on_assign`
         try:

@@ -185,8 +185,8 @@ class TransactionalProducer:
         transaction and commits it, or raises.
 
         Returns only when the broker confirmed the commit. A retriable error is retried (the
-        commit call resumes where it stopped); anything else, or too many attempts, aborts
-        where librdkafka allows it and raises `TransactionAborted`.
+        commit call resumes where it stopped); anything else, or too many attempts, raises
+        `TransactionAborted` with the transaction still open: the caller's `replace()` ends it.
         """
         try:
             if offsets:
@@ -201,10 +201,7 @@ class TransactionalProducer:
                         raise
                     log.warning("commit attempt %d/%d failed, retrying: %s", attempt, self._commit_attempts_max, error)
         except KafkaException as error:
-            failure = classify(error, "committing the transaction")
-            if error.args[0].txn_requires_abort():
-                self.abort()
-            raise failure from error
+            raise classify(error, "committing the transaction") from error
 
     def _send_offsets(self, offsets: list[TopicPartition], group_metadata) -> None:
         """`send_offsets_to_transaction`, raising its KafkaException, or TransactionAborted when it
@@ -244,18 +241,6 @@ class TransactionalProducer:
                 raise TransactionAborted(f"sending the consumed offsets to the transaction: {error.args[0].str()}")
             raise error
 
-    def abort(self) -> bool:
-        """Aborts the open transaction if the broker can be reached; True when it did (or none was open)."""
-        if not self._in_transaction:
-            return True
-        try:
-            self._producer.abort_transaction(self._call_timeout_s)
-            self._in_transaction = False
-            return True
-        except KafkaException as error:
-            log.error("abort failed: %s", error)
-            return False
-
     def abort_empty(self) -> None:
         """Ends a transaction that produced nothing (a batch of consumer errors only)."""
         try:
@@ -266,7 +251,12 @@ class TransactionalProducer:
 
     def replace(self) -> None:
         """Drops the producer (and whatever it still queues) and starts a new one with the same id,
-        waiting for its transaction coordinator up to `REPLACE_CALL_TIMEOUTS` call timeouts."""
+        waiting for its transaction coordinator up to `REPLACE_CALL_TIMEOUTS` call timeouts.
+
+        This is how a failed transaction ends: the new producer's InitProducerId bumps the
+        epoch, and the coordinator aborts the open transaction before it answers. An
+        `abort_transaction` first would add nothing but its wait, which is the whole call timeout
+        when the coordinator is the broker that was lost."""
         try:
             self._producer.purge()  # the old transaction's records must not outlive it
             self._producer.flush(0)
