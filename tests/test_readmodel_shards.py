@@ -108,16 +108,9 @@ def test_two_shards_killed_and_restarted_write_the_tables_of_one_consumer(
             assert sharded.table_rows(table) == one.table_rows(table), f"table {table} (seed {seed})"
 
 
-def _refusal(settings: Settings, db_url: str, shard: str) -> subprocess.CompletedProcess:
+def _readmodel_command(settings: Settings, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        wallet_argv(
-            settings,
-            "readmodel",
-            "--db",
-            db_url,
-            "--shard",
-            shard,
-        ),
+        wallet_argv(settings, "readmodel", *arguments),
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -136,19 +129,13 @@ def test_a_second_process_of_a_shard_is_refused(published_log: PublishedLog, db_
             _wait_for_progress(store, first_shard, first, log_path)
             # The same shard, and one reading every partition (so the first shard's too).
             for overlapping in (str(first_shard), "0/1"):
-                result = _refusal(settings, db_url, overlapping)
+                result = _readmodel_command(settings, "--db", db_url, "--shard", overlapping)
                 assert result.returncode == 1, f"--shard {overlapping}: {result.stdout}{result.stderr}"
                 assert "ConcurrentWriterError" in result.stderr, result.stderr
                 assert "is written by another read-model process" in result.stderr, result.stderr
             # A rebuild is refused too, before it drops anything the shard wrote.
             offsets_before = store.table_rows("offsets")
-            result = subprocess.run(
-                wallet_argv(settings, "readmodel", "rebuild", "--db", db_url, "--no-progress"),
-                cwd=PROJECT_ROOT,
-                capture_output=True,
-                text=True,
-                timeout=PROCESS_TIMEOUT_S,
-            )
+            result = _readmodel_command(settings, "rebuild", "--db", db_url, "--no-progress")
             assert result.returncode == 1, result.stdout + result.stderr
             assert "is written by another read-model process" in result.stderr, result.stderr
             assert len(store.table_rows("offsets")) >= len(offsets_before) > 0, "the shard's tables were dropped"
@@ -160,7 +147,7 @@ def test_a_second_process_of_a_shard_is_refused(published_log: PublishedLog, db_
 
 def test_sqlite_refuses_more_than_one_shard(tmp_path: Path) -> None:
     # No broker needed: the refusal comes before the consumer connects.
-    result = _refusal(Settings(), f"sqlite:///{tmp_path / 'readmodel.db'}", "1/2")
+    result = _readmodel_command(Settings(), "--db", f"sqlite:///{tmp_path / 'readmodel.db'}", "--shard", "1/2")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "SQLite, which has one writer at a time" in result.stderr, result.stderr
 
