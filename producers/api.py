@@ -165,6 +165,17 @@ CurrencyCode = Annotated[
 ]
 
 
+def _whole_number(value: Any) -> Any:
+    """An integer, or a JSON number with no fraction (60.0: an integer to JSON Schema, found by
+    schemathesis); never a string or a boolean."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -201,7 +212,7 @@ class BalanceTransferRequest(_Body):
     merchant_payment: bool = Field(False, description="require the receiver to be a merchant account (pay_merchant)")
     # Client-chosen, so it only picks among to_account's own shards (the core's rule: a shard
     # that does not exist refuses the credit and the payer is refunded).
-    to_shards: int = Field(
+    to_shards: WholeNumber = Field(
         1,
         ge=1,
         le=SHARDS_MAX,
@@ -215,7 +226,7 @@ class OpenAccountRequest(_Body):
     currency: CurrencyCode
     kind: Literal["user", "merchant"] = "user"
     transaction_id: TransactionIdText
-    shards: int = Field(
+    shards: WholeNumber = Field(
         1,
         ge=1,
         le=SHARDS_MAX,

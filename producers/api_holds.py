@@ -19,6 +19,7 @@ contract; the hold's account and currency come from the read model, never from t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from producers.api import (
     CurrencyCode,
     TransactionIdText,
     WaitMs,
+    WholeNumber,
     _amount_is_text,
     _amount_pattern,
     _Body,
@@ -124,14 +126,6 @@ OptionalIdText = Annotated[
 ]
 
 
-def _whole_number(value: Any) -> Any:
-    """An integer, or a JSON number with no fraction (60.0: an integer to JSON Schema); never a
-    string or a boolean."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 class PlaceHoldRequest(_Body):
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_AMOUNT_BY_CURRENCY)
 
@@ -139,7 +133,7 @@ class PlaceHoldRequest(_Body):
     currency: CurrencyCode
     amount: AmountText
     transaction_id: TransactionIdText
-    expires_in_s: Annotated[int, BeforeValidator(_whole_number)] = Field(
+    expires_in_s: WholeNumber = Field(
         ge=1,
         le=HOLD_EXPIRY_S_MAX,
         description=f"seconds after the hold's own decision time at which it expires (1 to {HOLD_EXPIRY_S_MAX})",
@@ -162,8 +156,9 @@ class CaptureHoldRequest(BaseModel):
     final: bool = Field(default=True, description="release whatever the hold still holds after this capture")
     capture_id: OptionalIdText = Field(
         default=None,
-        description=f"this capture's own transaction id (default: the hold id + `{CAPTURE_ID_SUFFIX}`); give "
-        "each capture of a hold its own id, and reuse it to retry",
+        description=f"this capture's own transaction id (default: the hold id + `{CAPTURE_ID_SUFFIX}`, or "
+        f"`h-<BLAKE2b hex of the hold id>{CAPTURE_ID_SUFFIX}` where that is too long); give each capture of a "
+        "hold its own id, and reuse it to retry",
     )
 
 
@@ -171,7 +166,9 @@ class VoidHoldRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     void_id: OptionalIdText = Field(
-        default=None, description=f"this void's own transaction id (default: the hold id + `{VOID_ID_SUFFIX}`)"
+        default=None,
+        description=f"this void's own transaction id (default: the hold id + `{VOID_ID_SUFFIX}`, or "
+        f"`h-<BLAKE2b hex of the hold id>{VOID_ID_SUFFIX}` where that is too long)",
     )
 
 
@@ -226,7 +223,7 @@ def hold_router(gate: Gate, options: ApiOptions, find_holds: HoldFinder | None) 
         caller: Principal = settler,
     ) -> JSONResponse:
         body = body if body is not None else CaptureHoldRequest()
-        capture_id = _own_id(body.capture_id, transaction_id, CAPTURE_ID_SUFFIX, "capture_id")
+        capture_id = own_id(body.capture_id, transaction_id, CAPTURE_ID_SUFFIX)
         account, currency, role = await _hold_account(
             find_holds, caller, transaction_id, account_id, _lookup_wait_ms(options, wait_ms)
         )
@@ -267,7 +264,7 @@ def hold_router(gate: Gate, options: ApiOptions, find_holds: HoldFinder | None) 
         caller: Principal = settler,
     ) -> JSONResponse:
         body = body if body is not None else VoidHoldRequest()
-        void_id = _own_id(body.void_id, transaction_id, VOID_ID_SUFFIX, "void_id")
+        void_id = own_id(body.void_id, transaction_id, VOID_ID_SUFFIX)
         account, _, role = await _hold_account(
             find_holds, caller, transaction_id, account_id, _lookup_wait_ms(options, wait_ms)
         )
@@ -334,20 +331,16 @@ def _lookup_wait_ms(options: ApiOptions, wait_ms: int | None) -> int:
     return min(wait, HOLD_LOOKUP_WAIT_MS_MAX)
 
 
-def _own_id(given: str | None, hold_id: str, suffix: str, field: str) -> str:
-    """The capture's or void's transaction id: the one given, else the hold id with `suffix`."""
+def own_id(given: str | None, hold_id: str, suffix: str) -> str:
+    """The capture's or void's transaction id: the one given, else the hold id with `suffix`; for
+    a hold id too long for that, `h-`, the hex of its 16-byte BLAKE2b and `suffix`. Derived from
+    the hold id alone, so every retry of a request without one gets the same id."""
     if given is not None:
         return given
     default = hold_id + suffix
-    if len(default) > TRANSACTION_ID_LENGTH_MAX:
-        raise _field_error(
-            422,
-            "too_long",
-            f"the default {field} {hold_id!r}{suffix!r} is longer than {TRANSACTION_ID_LENGTH_MAX} characters: "
-            f"give {field} in the body",
-            field,
-        )
-    return default
+    if len(default) <= TRANSACTION_ID_LENGTH_MAX:
+        return default
+    return f"h-{hashlib.blake2b(hold_id.encode(), digest_size=16).hexdigest()}{suffix}"
 
 
 def _same(owner: str, sub: str) -> bool:

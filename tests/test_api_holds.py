@@ -21,9 +21,10 @@ from consumers.readmodel.store import ReadModelStore
 from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from producers.api import ApiOptions
-from producers.api_holds import HOLD_LOOKUP_WAIT_MS_MAX
+from producers.api_holds import HOLD_LOOKUP_WAIT_MS_MAX, own_id
 from producers.auth import RateLimits
-from schemas.commands import TRANSACTION_ID_LENGTH_MAX
+from producers.client import CAPTURE_ID_SUFFIX, VOID_ID_SUFFIX
+from schemas.commands import TRANSACTION_ID_LENGTH_MAX, is_valid_id
 from tests.support.auth import auth_config, bearer
 from tests.support.serving import serving_in_thread
 from wallet.api_app import create_app
@@ -190,11 +191,21 @@ def test_an_invalid_capture_or_void_field_is_refused_with_its_name_and_reason(
     assert _field_error(api.post(path, json=body, headers=ALICE)) == (422, field, reason)
 
 
-def test_a_default_capture_id_longer_than_an_id_may_be_asks_for_one(api: httpx.Client) -> None:
+def test_a_hold_id_too_long_for_the_default_capture_id_still_gets_one_the_same_on_every_retry() -> None:
     hold_id = "h" * TRANSACTION_ID_LENGTH_MAX
-    response = api.post(f"/v1/holds/{hold_id}/capture", json={}, headers=ALICE)
-    assert _field_error(response) == (422, "capture_id", "too_long")
-    assert "give capture_id" in response.json()["message"]
+    other = "h" * (TRANSACTION_ID_LENGTH_MAX - 1) + "i"  # the same up to its last character
+    capture_id = own_id(None, hold_id, CAPTURE_ID_SUFFIX)
+    assert capture_id == own_id(None, hold_id, CAPTURE_ID_SUFFIX), "a retry must get the same id"
+    assert len(capture_id) <= TRANSACTION_ID_LENGTH_MAX and capture_id.endswith(CAPTURE_ID_SUFFIX)
+    assert is_valid_id(capture_id, TRANSACTION_ID_LENGTH_MAX)
+    assert own_id(None, other, CAPTURE_ID_SUFFIX) != capture_id
+    assert own_id(None, "h-one", VOID_ID_SUFFIX) == "h-one" + VOID_ID_SUFFIX
+    assert own_id("v-1", hold_id, VOID_ID_SUFFIX) == "v-1"
+
+
+def test_a_capture_of_a_hold_id_of_the_longest_length_passes_validation(api: httpx.Client) -> None:
+    response = api.post(f"/v1/holds/{'h' * TRANSACTION_ID_LENGTH_MAX}/capture?wait_ms=0", json={}, headers=ALICE)
+    assert (response.status_code, response.json()["error"]) == (404, "hold_not_found"), response.text
 
 
 def _outage(response: httpx.Response) -> None:

@@ -167,6 +167,23 @@ def test_every_command_path_names_the_invalid_field(
     assert _field_error(_post(api_url, path, json=body)) == (422, field, reason)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # JSON Schema's integer includes 3.0 (found by schemathesis); 3.5 stays refused.
+        (
+            "/v1/accounts",
+            {"account_id": "m", "currency": "USD", "kind": "merchant", "shards": 3.0, "transaction_id": "t"},
+        ),
+        ("/v1/wallet/balance_transfer", {**TRANSFER, "to_shards": 2.0}),
+    ],
+)
+def test_a_whole_number_written_with_a_fraction_is_an_integer(api_url: str, path: str, body: dict) -> None:
+    assert _post(api_url, path, json=body).status_code == 503  # valid: it would have been published
+    field = "shards" if "shards" in body else "to_shards"
+    assert _field_error(_post(api_url, path, json={**body, field: 3.5})) == (422, field, "int_type")
+
+
 def test_a_valid_request_during_a_kafka_outage_gets_a_503_within_a_bound(api_url: str) -> None:
     started_s = time.monotonic()
     response = _post(api_url, "/v1/wallet/balance_transfer", json=TRANSFER)
