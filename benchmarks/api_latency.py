@@ -88,16 +88,17 @@ class _Connection:
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+        payload = json.dumps(body)
         reused = getattr(self._local, "connection", None) is not None
         try:
-            return self._post(path, json.dumps(body), headers)
+            return self._post(path, payload, headers)
         except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
             if not reused:
                 raise
             # The server closed the idle keep-alive connection (uvicorn's 5 s idle timeout, at
             # low rates with many connections) before this request reached it: sent again on a
             # new connection, as HTTP clients do. Safe: every body carries its transaction_id.
-            return self._post(path, json.dumps(body), headers)
+            return self._post(path, payload, headers)
 
     def _post(self, path: str, body: str, headers: dict[str, str]) -> tuple[int, dict]:
         connection = getattr(self._local, "connection", None)
