@@ -83,6 +83,7 @@ from benchmarks.ledger_check import check_ledger
 from benchmarks.support.local_broker import broker_for
 from consumers.readmodel.consumer import end_offsets, read_lag
 from consumers.readmodel.store import POSTGRES_PREFIXES, ReadModelStore, describe_db_url
+from infra import native
 from infra.admin import BrokerUnavailableError, TopicProvisioningError, admin_client, ensure_topics
 from infra.kafka_clients import kafka_security
 from infra.produce import QueueFullTimeout, produce_with_room
@@ -1506,6 +1507,8 @@ class Bench:
             "topic_prefix": self.prefix,
             "batch_size_max": options.batch_size_max,
             "commit_interval_ms": options.commit_interval_ms,
+            # The processors this bench spawns run this interpreter, so they load what it loads.
+            "core": native.core_description(),
             "phase_wall_s": phase_wall_s,
         }
         self.report = report
@@ -1671,7 +1674,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"wallet bench: {report['transfers']:,} transfers among {report['accounts']:,} accounts, "
         f"{report['partitions']} partitions, broker {report['bootstrap']}, batch {report['batch_size_max']:,} / "
-        f"{report['commit_interval_ms']} ms",
+        f"{report['commit_interval_ms']} ms, core {report['core']}",
         f"input: {report['input']['records']:,} records produced in {report['input']['elapsed_s']:.1f} s "
         f"({report['input']['messages_per_s']:,.0f} msg/s)",
         "",

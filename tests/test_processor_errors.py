@@ -7,15 +7,16 @@ errors come in two kinds, decided in one place (`streams/runtime/transactions.py
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-import streams.core.admission as admission_module
-from schemas.commands import Deposit, OpenAccount
+import streams.runtime.processor as processor_module
+from schemas.commands import Deposit, OpenAccount, RefundLeg
+from schemas.leg_auth import LegKeyring
 from streams.cli import state_dump
-from streams.core.errors import UndecidableInput
 from streams.runtime.processor import Processor, ProcessorConfig
 from streams.runtime.transactions import TransactionAborted, TransactionBug, classify
 from tests.support.commands import edge
@@ -60,16 +61,19 @@ def _in_process(settings, instance_id: str) -> Processor:
     return Processor(settings, ProcessorConfig(instance_id=instance_id, store_path=settings.run_dir / instance_id))
 
 
-def _apply_refusing(transaction_id: str, error: Exception, monkeypatch) -> None:
-    """The core, except that deciding `transaction_id` raises `error`."""
-    real_apply = admission_module.apply
+def _core_raising(transaction_id: str, error: Exception, monkeypatch) -> None:
+    """The core as the processor calls it, except that deciding `transaction_id` raises `error`.
 
-    def apply(state, command, *args):
+    The processor module's own binding is replaced: the compiled core (infra/native.py) calls
+    its functions directly, so a patch inside the core would not be seen."""
+    real_decide = processor_module.decide
+
+    def decide(state, command, *args):
         if command.transaction_id == transaction_id:
             raise error
-        return real_apply(state, command, *args)
+        return real_decide(state, command, *args)
 
-    monkeypatch.setattr(admission_module, "apply", apply)
+    monkeypatch.setattr(processor_module, "decide", decide)
 
 
 def _drive(settings, steps) -> threading.Thread:
@@ -92,7 +96,7 @@ def _drive(settings, steps) -> threading.Thread:
 
 def test_a_bug_in_the_core_stops_the_processor_before_its_batch_commits(make_settings, monkeypatch):
     settings = make_settings(1)
-    _apply_refusing("explode", AssertionError("a broken invariant"), monkeypatch)
+    _core_raising("explode", AssertionError("a broken invariant"), monkeypatch)
     processor = _in_process(settings, "buggy")
 
     def steps(outcomes) -> None:
@@ -120,11 +124,25 @@ def test_a_bug_in_the_core_stops_the_processor_before_its_batch_commits(make_set
     assert snapshot is None or snapshot["accounts"]["dave"]["balance"] == "0.00"
 
 
-def test_undecidable_input_is_dead_lettered_and_processing_continues(make_settings, monkeypatch):
+def test_undecidable_input_is_dead_lettered_and_processing_continues(make_settings):
     settings = make_settings(1)
-    _apply_refusing("forged", UndecidableInput("no pending debit matches this refund"), monkeypatch)
     processor = _in_process(settings, "careful")
-    forged = edge(Deposit, transaction_id="forged", account_id="erin", amount="9.00", currency="USD")
+    # Signed with the processors' own key, so it passes admission and reaches the core, which
+    # cannot decide it: erin remembers no pending debit that it would refund.
+    forged = LegKeyring.parse(os.environ["WALLET_LEG_KEYS"]).sign(
+        RefundLeg(
+            transaction_id="forged",
+            actor="erin",
+            issued_ms=0,
+            from_account="erin",
+            to_account="frank",
+            amount="9.00",
+            currency="USD",
+            digest="0" * 24,
+            reason="account_frozen",
+            debit_ms=0,
+        )
+    )
 
     def steps(outcomes) -> None:
         try:
@@ -146,7 +164,7 @@ def test_undecidable_input_is_dead_lettered_and_processing_continues(make_settin
     driver.join(OUTCOME_TIMEOUT_S)
     assert not driver.errors, driver.errors
     [dead] = read_topic(settings, settings.dlq_topic)
-    assert b'"forged"' in dead.value and b"no pending debit" in dead.headers["error"]
+    assert b'"forged"' in dead.value and b"matches no debit" in dead.headers["error"]
     assert state_dump(settings.run_dir / "careful")["partitions"]["0"]["accounts"]["erin"]["balance"] == "1.00"
 
 

@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "consumers.readmodel.cli",
     "consumers.audit.cli",
     "benchmarks.cli",
+    "infra.native",
 )
 
 

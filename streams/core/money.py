@@ -6,6 +6,7 @@ No float ever touches money: parsing is done on the characters of the string.
 from __future__ import annotations
 
 import re
+from typing import cast
 
 from streams.core.currencies import MINOR_UNITS
 
@@ -31,16 +32,18 @@ class AmountError(ValueError):
         self.detail = detail
 
 
-def minor_units_of(currency: str) -> int:
-    try:
-        return MINOR_UNITS[currency]
-    except (KeyError, TypeError):
-        raise AmountError(
-            "unknown_currency", f"unknown currency {currency!r}: not an ISO 4217 code with minor units"
-        ) from None
+# The readers below take `object`: they sit on the trust boundary and must refuse a value of any
+# type, also when compiled (infra/native.py), where a `str` parameter would raise TypeError.
 
 
-def parse_amount_minor(amount: str, currency: str) -> int:
+def minor_units_of(currency: object) -> int:
+    digits = MINOR_UNITS.get(currency) if type(currency) is str else None
+    if digits is None:
+        raise AmountError("unknown_currency", f"unknown currency {currency!r}: not an ISO 4217 code with minor units")
+    return digits
+
+
+def parse_amount_minor(amount: object, currency: object) -> int:
     """'12.30' USD -> 1230. Raises AmountError naming why the string is refused."""
     digits = minor_units_of(currency)
     if type(amount) is str:
@@ -57,10 +60,10 @@ def parse_amount_minor(amount: str, currency: str) -> int:
             amount_minor = int(whole + fraction.ljust(digits, "0")) if digits else int(whole)
             if 0 < amount_minor <= AMOUNT_MINOR_MAX:
                 return amount_minor
-    return _parse_refused_or_edge(amount, currency, digits)
+    return _parse_refused_or_edge(amount, cast(str, currency), digits)  # a str: it had minor units
 
 
-def _parse_refused_or_edge(amount: str, currency: str, digits: int) -> int:
+def _parse_refused_or_edge(amount: object, currency: str, digits: int) -> int:
     if not isinstance(amount, str):
         raise AmountError("invalid_amount", f"amount must be a decimal string, got {type(amount).__name__}")
     match = _DECIMAL.fullmatch(amount)
@@ -89,7 +92,7 @@ def _why_not_decimal(amount: str) -> str:
     return f"amount {amount!r} is not a plain decimal string like '12.34'"
 
 
-def canonical_minor(amount: str, currency: str) -> int:
+def canonical_minor(amount: object, currency: object) -> int:
     """Reads a positive amount the core itself wrote (exactly the currency's decimal places), fast.
 
     Events and saga legs carry canonical amounts: no sign, no leading zero, exactly the
@@ -103,7 +106,7 @@ def canonical_minor(amount: str, currency: str) -> int:
     return amount_minor
 
 
-def canonical_balance_minor(balance: str, currency: str) -> int:
+def canonical_balance_minor(balance: object, currency: object) -> int:
     """Reads a balance the core wrote: like `canonical_minor`, but zero is a balance, and the
     bound is BALANCE_MINOR_MAX."""
     balance_minor = _canonical_digits(balance, currency)
@@ -112,9 +115,9 @@ def canonical_balance_minor(balance: str, currency: str) -> int:
     return balance_minor
 
 
-def _canonical_digits(text: str, currency: str) -> int:
+def _canonical_digits(text: object, currency: object) -> int:
     digits = MINOR_UNITS.get(currency) if type(currency) is str else None
-    if digits is None or type(text) is not str:
+    if digits is None or not isinstance(text, str):
         raise ValueError(f"{text!r} is not a canonical {currency!r} amount")
     whole = text
     if digits:

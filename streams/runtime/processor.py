@@ -47,6 +47,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from infra import native
 from infra.admin import admin_client
 from infra.kafka_clients import processor_consumer_config, processor_producer_config, restore_consumer_config
 from infra.secrets import leg_keys_text
@@ -188,10 +189,11 @@ class Processor:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         self._subscribe()
         log.info(
-            "instance %s started (group %s, transactional id %s)",
+            "instance %s started (group %s, transactional id %s, core %s)",
             self.config.instance_id,
             self.group_id,
             self.transactional_id,
+            native.core_description(),
         )
         try:
             while not self._stopping:
