@@ -130,7 +130,7 @@ def activate() -> None:
         sys.meta_path.insert(0, _NativeFinder(root))
 
 
-def _toolchain_missing() -> str | None:
+def toolchain_missing() -> str | None:
     import shutil
 
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
@@ -150,19 +150,28 @@ def _write_pth() -> None:
 
 
 def build() -> int:
-    """Builds the current sources' extensions unless that build exists; 0 also when it falls back."""
+    """Builds the current sources' extensions unless that build exists. Returns 0 also when it
+    falls back to pure Python: a machine that cannot compile still runs everything."""
     if not enabled():
         print(f"native core: {ENABLED_ENV}=0, running pure Python", file=sys.stderr)
         return 0
+    try:
+        _build()
+    except (Exception, SystemExit) as error:  # mypyc exits on a type error; gcc fails with CompileError
+        print(f"native core: the build failed ({error!r}); running pure Python (slower, same results)", file=sys.stderr)
+    return 0
+
+
+def _build() -> None:
     _write_pth()
     key = build_key()
     target = builds_dir() / key
     if (target / COMPLETE_MARKER).exists():
-        return 0
-    missing = _toolchain_missing()
+        return
+    missing = toolchain_missing()
     if missing:
         print(f"native core: {missing}; running pure Python (slower, same results)", file=sys.stderr)
-        return 0
+        return
     # Imported here: activate() runs at every interpreter start and must stay light.
     import tempfile
 
@@ -203,7 +212,6 @@ def build() -> int:
                 raise
     _prune(keep=target)
     print(f"native core: built in {time.monotonic() - started_s:.1f} s into {target}", file=sys.stderr)
-    return 0
 
 
 def _prune(keep: Path) -> None:
