@@ -753,7 +753,7 @@ class Bench:
     # -- phases ----------------------------------------------------------------------------
 
     def prepare(self) -> dict:
-        from benchmarks.faust_peer import COMMANDS_TOPIC, OUTCOMES_TOPIC
+        from benchmarks.faust_peer import CHANGELOG_TOPIC, COMMANDS_TOPIC, OUTCOMES_TOPIC
 
         options = self.options
         ensure_topics(self.settings, timeout_s=KAFKA_TIMEOUT_S)
@@ -781,6 +781,10 @@ class Bench:
         ]
         self._create_extra_topics(
             [self.copy_topic, *saga_output_topics, *(name for pair in faust_topics.values() for name in pair)]
+        )
+        self._create_extra_topics(
+            [f"{self._faust_prefix(guarantee)}{CHANGELOG_TOPIC}" for guarantee in faust_topics],
+            {"cleanup.policy": "compact"},
         )
 
         setup_count = 2 * options.accounts

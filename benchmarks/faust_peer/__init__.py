@@ -31,12 +31,17 @@ from streams.core.money import parse_amount_minor
 COMMANDS_TOPIC = "faust.commands"
 OUTCOMES_TOPIC = "faust.outcomes"
 FIRST_RECORD_MARKER = "faust-peer: first record"
+APP_NAME = "faust-peer"
+BALANCES_TABLE = "balances"
+# faust names a table's changelog `<app id>-<table>-changelog`. The bench creates it beforehand:
+# faust's own creation raced its metadata on a loaded machine (PartitionsMismatch, "0 partitions").
+CHANGELOG_TOPIC = f"{APP_NAME}-{BALANCES_TABLE}-changelog"
 GUARANTEES = ("exactly_once", "at_least_once")
 
 
 def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: int, data_dir: str) -> faust.App:
     app = faust.App(
-        f"{topic_prefix}faust-peer",
+        f"{topic_prefix}{APP_NAME}",
         broker=f"kafka://{bootstrap}",
         store="memory://",
         datadir=data_dir,
@@ -53,7 +58,7 @@ def create_app(bootstrap: str, topic_prefix: str, guarantee: str, partitions: in
     commands = app.topic(f"{topic_prefix}{COMMANDS_TOPIC}", **raw)
     outcomes = app.topic(f"{topic_prefix}{OUTCOMES_TOPIC}", **raw)
     # faust's defaults serialise the changelog: key raw (a str key), value JSON (an int).
-    balances = app.Table("balances", key_type=str, value_type=int, partitions=partitions)
+    balances = app.Table(BALANCES_TABLE, key_type=str, value_type=int, partitions=partitions)
     first_record_seen = False
 
     async def answer(transaction_id: str, digest: str, reason: str | None = None) -> None:
