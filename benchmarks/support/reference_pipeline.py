@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from confluent_kafka import Producer
-from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+from confluent_kafka import IsolationLevel, Producer, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, OffsetSpec, ResourceType
 
 from infra.admin import admin_client
 from infra.kafka_clients import kafka_security
@@ -432,6 +432,37 @@ def publish(
             for topic, partition, key, value, headers in writes[start:end]:
                 _produce(transactional, topic, key, value, partition, headers)
             transactional.commit_transaction(PUBLISH_TIMEOUT_S)
+    _await_stable(settings, [*topics.values(), settings.dlq_topic], log.partition_count)
+
+
+def _await_stable(settings: Settings, topics: list[str], partition_count: int) -> None:
+    """Waits until read_committed readers see every record written: a commit returns once the
+    coordinator has decided it, and writes the partitions' markers afterwards, so until then the
+    last stable offset trails the high watermark and a reader (the audit) stops short of it."""
+    admin = admin_client(settings.bootstrap)
+    partitions = [TopicPartition(topic, partition) for topic in topics for partition in range(partition_count)]
+    deadline_s = time.monotonic() + PUBLISH_TIMEOUT_S
+    while True:
+        ends = {}
+        for isolation in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED):
+            futures = admin.list_offsets(
+                {tp: OffsetSpec.latest() for tp in partitions},
+                isolation_level=isolation,
+                request_timeout=PUBLISH_TIMEOUT_S,
+            )
+            ends[isolation] = {
+                (tp.topic, tp.partition): f.result(PUBLISH_TIMEOUT_S).offset for tp, f in futures.items()
+            }
+        behind = [
+            tp
+            for tp, end in ends[IsolationLevel.READ_UNCOMMITTED].items()
+            if ends[IsolationLevel.READ_COMMITTED][tp] < end
+        ]
+        if not behind:
+            return
+        if time.monotonic() > deadline_s:
+            raise RuntimeError(f"transaction markers not written within {PUBLISH_TIMEOUT_S:.0f} s on {sorted(behind)}")
+        time.sleep(0.05)
 
 
 def _publish_aborted(producer: Producer, settings: Settings, log: ReferenceLog) -> None:
