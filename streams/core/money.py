@@ -117,7 +117,7 @@ def canonical_balance_minor(balance: object, currency: object) -> int:
 
 def _canonical_digits(text: object, currency: object) -> int:
     digits = MINOR_UNITS.get(currency) if type(currency) is str else None
-    if digits is None or not isinstance(text, str):
+    if digits is None or type(text) is not str:
         raise ValueError(f"{text!r} is not a canonical {currency!r} amount")
     whole = text
     if digits:
