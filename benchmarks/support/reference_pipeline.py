@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from confluent_kafka import IsolationLevel, Producer, TopicPartition
-from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, OffsetSpec, ResourceType
+from confluent_kafka import Producer
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from infra.admin import admin_client
 from infra.kafka_clients import kafka_security
@@ -60,6 +60,7 @@ from schemas.partitioning import KAFKA_PARTITIONER, partition_for
 from streams.core import admission
 from streams.core.money import format_amount
 from streams.core.state import State
+from streams.runtime.restore import stable_ends
 
 # Saga legs waiting before the oldest is delivered: transfers stay in flight across this many
 # later legs, as they do between the partitions of a live processor.
@@ -432,37 +433,11 @@ def publish(
             for topic, partition, key, value, headers in writes[start:end]:
                 _produce(transactional, topic, key, value, partition, headers)
             transactional.commit_transaction(PUBLISH_TIMEOUT_S)
-    _await_stable(settings, [*topics.values(), settings.dlq_topic], log.partition_count)
-
-
-def _await_stable(settings: Settings, topics: list[str], partition_count: int) -> None:
-    """Waits until read_committed readers see every record written: a commit returns once the
-    coordinator has decided it, and writes the partitions' markers afterwards, so until then the
-    last stable offset trails the high watermark and a reader (the audit) stops short of it."""
+    # A commit returns once the coordinator has decided it; the partitions' markers follow, and
+    # until then a read_committed reader (the audit) stops short of the last records.
     admin = admin_client(settings.bootstrap)
-    partitions = [TopicPartition(topic, partition) for topic in topics for partition in range(partition_count)]
-    deadline_s = time.monotonic() + PUBLISH_TIMEOUT_S
-    while True:
-        ends = {}
-        for isolation in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED):
-            futures = admin.list_offsets(
-                {tp: OffsetSpec.latest() for tp in partitions},
-                isolation_level=isolation,
-                request_timeout=PUBLISH_TIMEOUT_S,
-            )
-            ends[isolation] = {
-                (tp.topic, tp.partition): f.result(PUBLISH_TIMEOUT_S).offset for tp, f in futures.items()
-            }
-        behind = [
-            tp
-            for tp, end in ends[IsolationLevel.READ_UNCOMMITTED].items()
-            if ends[IsolationLevel.READ_COMMITTED][tp] < end
-        ]
-        if not behind:
-            return
-        if time.monotonic() > deadline_s:
-            raise RuntimeError(f"transaction markers not written within {PUBLISH_TIMEOUT_S:.0f} s on {sorted(behind)}")
-        time.sleep(0.05)
+    for topic in (*topics.values(), settings.dlq_topic):
+        stable_ends(admin, topic, list(range(log.partition_count)), PUBLISH_TIMEOUT_S)
 
 
 def _publish_aborted(producer: Producer, settings: Settings, log: ReferenceLog) -> None:
