@@ -110,11 +110,11 @@ def run_whole_path(state: State, records: list[bytes]) -> int:
             written += len(encode(event))
         [leg] = debit.follow_ups
         assert isinstance(leg, LEG_COMMANDS)  # a debit's one follow-up is its credit leg
-        leg_record = encode(KEYRING.sign(leg))  # the processor signs every leg it emits ...
+        leg_record = KEYRING.signed_record(leg)  # the processor signs every leg it emits ...
         written += len(leg_record)
         received = decode_command(leg_record)
         assert isinstance(received, LEG_COMMANDS)
-        assert KEYRING.verify(received) is None  # ... and verifies every leg it receives
+        assert KEYRING.verify(received, leg_record) is None  # ... and verifies every leg it receives
         credit = apply(state, received, RECORD_TIME_MS)
         for event in credit.events:
             written += len(encode(event))
@@ -180,7 +180,7 @@ def written_leg_bytes(account_ids: list[str], records: list[bytes]) -> float:
     """The mean size of a signed credit leg, over the debits of `records` on a fresh state."""
     state = funded_state(account_ids)
     legs = [
-        encode(KEYRING.sign(apply(state, decode_command(record), RECORD_TIME_MS).follow_ups[0])) for record in records
+        KEYRING.signed_record(apply(state, decode_command(record), RECORD_TIME_MS).follow_ups[0]) for record in records
     ]
     return sum(map(len, legs)) / len(legs)
 

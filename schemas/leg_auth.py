@@ -2,14 +2,22 @@
 
 A leg's MAC is HMAC-SHA256, truncated to 16 bytes and written in hex, over the leg's
 canonical encoding (`schemas.codec.encode`) with `mac=""` and `kid` set to the signing key's
-id. Keys have ids so they can rotate: the keyring's first key signs, every key verifies.
-Pure (stdlib `hmac`): the processor verifies before the core sees a leg, the audit verifies
-the same way when it re-decides the commands, and both sign the legs they emit, so a replay
-reproduces the signed legs byte for byte.
+id; the signed record is that encoding with the MAC written into its `mac` value. Keys have ids
+so they can rotate: the keyring's first key signs, every key verifies. Pure (stdlib `hmac`):
+the processor verifies before the core sees a leg, the audit verifies the same way when it
+re-decides the commands, and both sign the legs they emit, so a replay reproduces the signed
+legs byte for byte.
+
+Verifying takes the record's own bytes, not a re-encoding of what they decode to: the record
+with its `mac` value blanked must be exactly what the signer MACed. So only the bytes a
+processor wrote verify (the same fields in another order or spacing do not), and a verify
+costs no encoding. Blanking is sound because `"mac":"` occurs in a canonical encoding once,
+as the key: JSON escapes every quote inside a value, and a record with a second `mac` key
+blanks to bytes no signer MACed.
 
     keyring = LegKeyring.parse("k2:<hex>,k1:<hex>")   # text of infra.secrets.leg_keys_text
-    signed = keyring.sign(leg)
-    keyring.verify(signed)  # None = genuine, else the reason it is not
+    record = keyring.signed_record(leg)               # the bytes a processor writes
+    keyring.verify(decode_command(record), record)    # None = genuine, else the reason it is not
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from schemas.commands import KEY_ID_LENGTH_MAX, Leg
 MAC_BYTES = 16
 KEY_BYTES_MIN = 16
 _KID = re.compile(r"[A-Za-z0-9._-]+")
+_MAC_UNSIGNED = b'"mac":""'  # the mac field of a canonical encoding before it is signed
 
 
 class LegKeyError(ValueError):
@@ -68,22 +77,39 @@ class LegKeyring:
     def key_ids(self) -> list[str]:
         return list(self._keyed)
 
-    def _mac(self, kid: str, leg: Leg) -> str:
+    def _mac(self, kid: str, unsigned_record: bytes) -> str:
         mac = self._keyed[kid].copy()
-        mac.update(encode(leg))
+        mac.update(unsigned_record)
         return mac.digest()[:MAC_BYTES].hex()
 
-    def sign(self, leg: Leg) -> Leg:
-        unsigned = msgspec.structs.replace(leg, kid=self.signing_kid, mac="")
-        return msgspec.structs.replace(unsigned, mac=self._mac(self.signing_kid, unsigned))
+    def signed_record(self, leg: Leg) -> bytes:
+        """The record of `leg` as a processor writes it: signed by the signing key."""
+        unsigned = encode(msgspec.structs.replace(leg, kid=self.signing_kid, mac=""))
+        mac = self._mac(self.signing_kid, unsigned)
+        return unsigned.replace(_MAC_UNSIGNED, b'"mac":"' + mac.encode() + b'"', 1)
 
-    def verify(self, leg: Leg) -> str | None:
-        """None if the leg was signed by a key of this keyring, else why it is refused."""
+    def sign(self, leg: Leg) -> Leg:
+        """`leg` as `signed_record` writes it, decoded."""
+        unsigned = msgspec.structs.replace(leg, kid=self.signing_kid, mac="")
+        return msgspec.structs.replace(unsigned, mac=self._mac(self.signing_kid, encode(unsigned)))
+
+    def verify(self, leg: Leg, record: bytes) -> str | None:
+        """None if `record` (untrusted bytes off the topic, which decoded as `leg`) is a leg signed
+        by a key of this keyring, else why it is refused."""
         if not leg.kid or not leg.mac:
             return "unsigned saga leg: only a processor may originate a leg"
         if leg.kid not in self._keyed:
             return f"saga leg signed with unknown key id {leg.kid!r}"
-        expected = self._mac(leg.kid, msgspec.structs.replace(leg, mac=""))
-        if not hmac.compare_digest(expected, leg.mac):
-            return f"saga leg MAC does not verify under key {leg.kid!r}: forged or altered"
+        if not leg.mac.isascii():  # hmac.compare_digest raises on other text; hex is ASCII
+            return _not_verified(leg)
+        signed_field = b'"mac":"' + leg.mac.encode() + b'"'
+        unsigned = record.replace(signed_field, _MAC_UNSIGNED, 1)
+        if len(unsigned) == len(record):  # the MAC is not in the record as written: not a signer's bytes
+            return _not_verified(leg)
+        if not hmac.compare_digest(self._mac(leg.kid, unsigned), leg.mac):
+            return _not_verified(leg)
         return None
+
+
+def _not_verified(leg: Leg) -> str:
+    return f"saga leg MAC does not verify under key {leg.kid!r}: forged, altered or re-encoded"

@@ -65,6 +65,37 @@ def test_a_leg_is_admitted_only_with_the_processors_mac_and_a_forged_one_gets_no
         assert isinstance(refusal, Refusal) and refusal.outcome is None
 
 
+def test_a_leg_whose_mac_is_not_hex_is_refused_not_a_crash() -> None:
+    # A record written straight to the topic: a non-ASCII MAC once raised TypeError out of
+    # hmac.compare_digest, a bug's crash, so the processor restarted on the same record forever.
+    state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
+    leg = debit_in_transit(state, transfer("alice", "bob", "4.00", tx="t-1"))
+    partition = owner_partition(owner_account(leg))
+    genuine_mac = KEYRING.sign(leg).mac
+    for mac in ("é" * 32, "\u0000" * 4, genuine_mac.upper(), genuine_mac + "00", '"' + genuine_mac[1:]):
+        forged = msgspec.structs.replace(leg, kid=KEYRING.signing_kid, mac=mac)
+        refusal = admit(encode(forged), partition, owner_partition, KEYRING)
+        assert isinstance(refusal, Refusal) and refusal.outcome is None, mac
+
+
+def test_a_genuine_leg_is_admitted_only_in_the_bytes_its_processor_wrote() -> None:
+    # The MAC covers the record's own bytes: the same fields in another order or spacing
+    # (equal once decoded) are not what a processor wrote, and are refused.
+    state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
+    leg = debit_in_transit(state, transfer("alice", "bob", "4.00", tx="t-1"))
+    partition = owner_partition(owner_account(leg))
+    record = KEYRING.signed_record(leg)
+    assert record == encode(KEYRING.sign(leg))  # one signature, whichever way it is asked for
+    assert admit(record, partition, owner_partition, KEYRING) == KEYRING.sign(leg)
+    spaced = record.replace(b'","', b'", "')
+    reordered = msgspec.json.encode(dict(reversed(list(msgspec.json.decode(record).items()))))
+    for variant in (spaced, reordered):
+        assert msgspec.json.decode(variant) == msgspec.json.decode(record)
+        refusal = admit(variant, partition, owner_partition, KEYRING)
+        assert isinstance(refusal, Refusal) and refusal.outcome is None
+        assert "does not verify" in refusal.reason
+
+
 def test_what_the_core_cannot_decide_is_refused_and_leaves_the_state_untouched() -> None:
     state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
     leg = debit_in_transit(state, transfer("alice", "bob", "4.00", tx="t-1"))

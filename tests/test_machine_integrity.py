@@ -381,9 +381,11 @@ def test_a_signed_leg_verifies_and_survives_the_wire() -> None:
     keyring = LegKeyring.parse(KEYS)
     signed = keyring.sign(a_leg())
     assert (signed.kid, len(signed.mac)) == ("k2", 32)
-    decoded = decode_command(encode(signed))
+    record = keyring.signed_record(a_leg())
+    assert record == encode(signed)
+    decoded = decode_command(record)
     assert isinstance(decoded, CreditLeg)
-    assert keyring.verify(decoded) is None
+    assert keyring.verify(decoded, record) is None
     assert keyring.sign(a_leg()) == signed  # deterministic: a replay re-signs byte for byte
 
 
@@ -398,12 +400,12 @@ def test_forged_credit_leg_without_debit_is_refused_by_the_keyring(forgery: str)
         "altered_amount": msgspec.structs.replace(signed, amount="1000.00"),
         "altered_mac": msgspec.structs.replace(signed, mac="0" * 32),
     }[forgery]
-    assert keyring.verify(forged) is not None
+    assert keyring.verify(forged, encode(forged)) is not None
 
 
 def test_an_old_key_still_verifies_after_rotation() -> None:
     old = LegKeyring.parse("k1:" + "11" * 32)
-    assert LegKeyring.parse(KEYS).verify(old.sign(a_leg())) is None
+    assert LegKeyring.parse(KEYS).verify(old.sign(a_leg()), old.signed_record(a_leg())) is None
 
 
 @pytest.mark.parametrize("text", ["", "k1", "k1:zz", "k1:" + "11" * 8, "k1:" + "11" * 32 + ",k1:" + "22" * 32])

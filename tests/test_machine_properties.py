@@ -472,7 +472,7 @@ class History:
         forgot the debit (the audit lists it for an operator); nothing else is in flight."""
         stranded: Counter = Counter()
         for letter in self.driver.dead_letters:
-            if type(letter.command) is RefundLeg and self.driver.keyring.verify(letter.command) is None:
+            if type(letter.command) is RefundLeg and self.driver.keyring.verify(letter.command, letter.value) is None:
                 stranded[(letter.command.from_account, letter.command.transaction_id, letter.command.digest)] += 1
         for key, count in self.driver.money.open_transfers.items():
             assert count <= stranded[key], key

@@ -371,7 +371,7 @@ def publish(
             if record.leg:
                 leg = decode_command(record.value)
                 assert isinstance(leg, LEG_COMMANDS)  # record.leg marks exactly the saga legs
-                value = encode(keyring.sign(leg))
+                value = keyring.signed_record(leg)
             else:
                 value = record.value
             _produce(

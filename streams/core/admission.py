@@ -63,7 +63,7 @@ def admit(
             dead_letter_outcome(value, Reason.WRONG_PARTITION, command),
         )
     if isinstance(command, LEG_COMMANDS):
-        refused = keyring.verify(command)
+        refused = keyring.verify(command, value)
         if refused is not None:
             return Refusal(refused, None)  # nobody waits on a leg; answering a forged one would forge answers
     return command

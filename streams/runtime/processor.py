@@ -396,7 +396,7 @@ class Processor:
             changed_memory.add((account_id, event.transaction_id))
         send = self._transactions.send
         for leg in decision.follow_ups:
-            send(self.settings.commands_topic, encode(self._keyring.sign(leg)), getattr(leg, leg.owner_field))
+            send(self.settings.commands_topic, self._keyring.signed_record(leg), getattr(leg, leg.owner_field))
         outcome = decision.outcome
         if outcome is not None:
             send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)

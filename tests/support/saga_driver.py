@@ -127,12 +127,15 @@ class SagaDriver:
         return partition_for(account_id, self.partition_count)
 
     def submit(self, command: Command) -> int:
-        """A client (or a processor) appends a command to its owner's partition; returns the partition."""
-        partition = self.partition_of(owner_account(command))
+        """A client appends a command to its owner's partition; returns the partition."""
+        return self._append(owner_account(command), encode(command))
+
+    def _append(self, account_id: str, value: bytes) -> int:
+        partition = self.partition_of(account_id)
         queue = self.partitions[partition].queue
         if len(queue) >= QUEUE_LENGTH_MAX:
             raise DriverError(f"partition {partition} holds {len(queue)} unconsumed records (bound {QUEUE_LENGTH_MAX})")
-        queue.append((encode(command), self.clock_ms))
+        queue.append((value, self.clock_ms))
         return partition
 
     def tick(self, partition: int, named_partition: int | None = None) -> None:
@@ -174,9 +177,9 @@ class SagaDriver:
             owner.event_records.append(encode(event))
             self.money.add(event)
         for follow_up in decision.follow_ups:
-            signed = self.keyring.sign(follow_up)
-            self.leg_records.append((owner_account(signed), encode(signed)))
-            self.submit(signed)
+            record = self.keyring.signed_record(follow_up)  # as a processor writes it
+            self.leg_records.append((owner_account(follow_up), record))
+            self._append(owner_account(follow_up), record)
         if decision.outcome is not None:
             self.outcome_records.append(encode(decision.outcome))
             self.outcomes.append(decision.outcome)
