@@ -80,7 +80,9 @@ def readable_request(data: bytes) -> tuple[str, str, str] | None:
         return None
     if type(value) is not dict:
         return None
-    owner_field = _CLIENT_OWNER_FIELDS.get(value.get("type"))
+    tag = value.get("type")
+    # Any JSON value can stand here, a dict or list among them, which no dict lookup takes.
+    owner_field = _CLIENT_OWNER_FIELDS.get(tag) if type(tag) is str else None
     transaction_id, owner, actor = value.get("transaction_id"), value.get(owner_field), value.get("actor")
     if (
         owner_field is None

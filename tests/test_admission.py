@@ -45,6 +45,15 @@ def test_undecodable_bytes_are_refused_as_invalid_command_with_an_answer_when_th
     assert isinstance(garbage, Refusal) and garbage.outcome is None
 
 
+def test_a_record_whose_type_is_not_a_string_is_refused_not_a_crash() -> None:
+    # Written straight to the topic: a JSON object or list as the type tag once raised
+    # TypeError (unhashable) out of the readable-request lookup, a crash on every restart.
+    body = encode(deposit("alice", "5.00"))[len(b'{"type":"deposit"') :]
+    for tag in (b"{}", b"[]", b'{"a":1}', b"[1,2]", b"null", b"7", b"true"):
+        refusal = admit(b'{"type":' + tag + body, owner_partition("alice"), owner_partition, KEYRING)
+        assert isinstance(refusal, Refusal) and refusal.outcome is None, tag
+
+
 def test_a_command_on_another_partition_is_refused_as_wrong_partition_and_answered() -> None:
     command = deposit("alice", "5.00")
     elsewhere = (owner_partition("alice") + 1) % PARTITIONS
