@@ -28,6 +28,11 @@ One run, on fresh topics under a unique prefix (`<prefix>bench-<8 hex>.`), delet
    outcome is visible: holds captured per second, beside ours' transfers per second of the same
    run. A captured hold is 3 commands consumed (place, capture, credit leg) + 3 events + 1 leg +
    2 outcomes produced (MESSAGES_PER_CAPTURED_HOLD).
+2d. the whole machine: `--machine-processors N` (default 2) `wallet processor` processes of one
+   group, on topics of their own holding the same input, until every transfer's outcome is
+   visible; its window runs from the first process's first consumed record, so the rebalance
+   when the others join is inside it. Beside ours (one process) it gives the scaling from one
+   process to N, and beside the Kafka Streams peer (2 stream threads) a whole-machine comparison.
 2c. read-model lag, with `--readmodel-db postgresql://...` (`--readmodel-shards 1,2`): for each
    N, a processor on topics of its own holding the same input, with N `wallet readmodel --shard
    I/N` processes reading its events and outcomes into the database while it runs; their lag
@@ -166,6 +171,7 @@ PROGRESS_MIN_INTERVAL_S_NOT_TTY = 5.0
 PROCESSOR_READY_MARKER = "assigned partitions"  # logged once restored, right before the first consume
 READMODEL_READY_MARKER = "into"  # "shard I/N: reading ... into <db> from ... stored offsets", before its first read
 READMODEL_SHARDS_DEFAULT = (1, 2)
+MACHINE_PROCESSORS_DEFAULT = 2  # the machine's cores: the broker and the processes share them
 READMODEL_LAG_SAMPLE_INTERVAL_S = 1.0
 READMODEL_CATCH_UP_POLL_S = 0.2
 READMODEL_CATCH_UP_TIMEOUT_FLOOR_S = 60.0
@@ -634,6 +640,7 @@ class BenchOptions:
     metrics_port: int | None = None  # the processor serves its Prometheus metrics there (watch a run)
     readmodel_db: str | None = None  # PostgreSQL: the read-model lag stage (2c) runs
     readmodel_shards: tuple[int, ...] = READMODEL_SHARDS_DEFAULT
+    machine_processors: int = MACHINE_PROCESSORS_DEFAULT  # stage 2d's processes; 0: no such stage
 
     @property
     def faust_accounts(self) -> int:
@@ -769,9 +776,11 @@ class Bench:
             topics["commands"] for topics in (self.ceiling_topics, self.kafka_streams_topics) if topics
         ]
         self._create_extra_topics(saga_commands_topics, self._commands_topic_config())
-        # Each read-model stage's processor gets the project's topics under a prefix of its own.
+        # Each read-model stage's processor, and the whole-machine stage's processors, get the
+        # project's topics under a prefix of their own.
         readmodel_settings = [self.readmodel_settings(count) for count in self.readmodel_shard_counts()]
-        for settings in readmodel_settings:
+        own_settings = readmodel_settings + ([self.machine_settings()] if options.machine_processors else [])
+        for settings in own_settings:
             ensure_topics(settings, timeout_s=KAFKA_TIMEOUT_S)
         saga_output_topics = [
             name
@@ -799,7 +808,7 @@ class Bench:
         main_topics = (
             self.settings.commands_topic,
             *saga_commands_topics,
-            *(settings.commands_topic for settings in readmodel_settings),
+            *(settings.commands_topic for settings in own_settings),
         )
         total += (setup_count + options.transfers) * (len(main_topics) - 1)
         streams = self.main_input(main_topics, ts_ms)
@@ -1278,6 +1287,59 @@ class Bench:
 
     # -- the read model at the processor's full rate (2c) -----------------------------------
 
+    def machine_settings(self) -> Settings:
+        return self.settings.with_overrides(topic_prefix=f"{self.prefix}machine.")
+
+    def whole_machine(self, ours: StageResult, ceiling_messages_per_s: float) -> dict:
+        """Stage 2d: `machine_processors` processes of one group on their own copy of the input."""
+        options = self.options
+        count = options.machine_processors
+        settings = self.machine_settings()
+        stage = f"machine x{count}"
+        self.say(
+            f"[2d] whole machine: {count} wallet processor processes of one group on {options.transfers:,} transfers"
+        )
+        tally = self._tally(settings.outcomes_topic, "outcomes-machine")
+        processors = [
+            self.start_processor(
+                name=f"processor-machine-{index}",
+                instance_id=f"bench-machine-{index}",
+                store=f"processor-store-machine-{index}",
+                prefix=settings.topic_prefix,
+            )
+            for index in range(count)
+        ]
+        timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
+        try:
+            end_s = self._await_outcomes(processors, tally, options.transfers, timeout_s, stage)
+        finally:
+            for processor in processors:
+                if not processor.stop():
+                    self.problems.append(
+                        f"{stage}: {processor.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM"
+                    )
+        # From the first process's first record: the others' joins (a rebalance) fall inside.
+        window_start_s, window_start = min(
+            self._window_start(processor, f"first consume after assignment, of {processor.name}")
+            for processor in processors
+        )
+        problems = self._check_results(stage, tally, options.accounts, self.expected)
+        ledger = self._check_ledger(stage, settings.events_topic)
+        result = StageResult(
+            options.transfers,
+            self._messages(tally, options.accounts, MESSAGES_OURS),
+            end_s - window_start_s,
+            window_start,
+            dict(tally.results_of(TRANSFER)),
+            problems + ledger["problems"],
+            ledger,
+        )
+        return {
+            "processors": count,
+            **result.as_dict(ceiling_messages_per_s),
+            "scaling_from_one": round(result.transfers_per_s / ours.transfers_per_s, 3),
+        }
+
     def readmodel_shard_counts(self) -> tuple[int, ...]:
         return self.options.readmodel_shards if self.options.readmodel_db else ()
 
@@ -1555,6 +1617,9 @@ class Bench:
         if not processor.stop():
             self.problems.append(f"the processor did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM")
         started_s = phase_done("processor stop", started_s)
+        if options.machine_processors:
+            report["machine"] = self.whole_machine(ours, ceiling_rate)
+            started_s = phase_done("whole machine", started_s)
         if options.holds:
             report["holds"] = self.holds(tally)
             started_s = phase_done("holds", started_s)
@@ -1628,6 +1693,7 @@ def _saga_stages(report: dict) -> list[tuple[str, dict]]:
     """(name, stage) of every saga stage that ran: ours, the peers, the ceiling."""
     stages = [
         ("ours", report["ours"]),
+        *([("machine", report["machine"])] if "machine" in report else []),
         *((f"peers.{name}", stage) for name, stage in report["peers"].items()),
         *((f"faust.{guarantee}", stage) for guarantee, stage in report.get("faust", {}).items()),
         ("ceiling", report["ceiling"]),
@@ -1700,6 +1766,9 @@ def format_report(report: dict) -> str:
         )
 
     lines.append(row("wallet processor (ours)", report["ours"]))
+    machine = report.get("machine")
+    if machine:
+        lines.append(row(f"{machine['processors']} wallet processors (machine)", machine))
     lines.append(row("Kafka Streams peer (Java, EOS v2)", report["peers"]["kafka_streams"]))
     for guarantee, stage in report["faust"].items():
         lines.append(row(f"faust-streaming ({guarantee})", stage))
@@ -1707,6 +1776,12 @@ def format_report(report: dict) -> str:
         lines.append(row("faust-streaming", report["peers"]["faust"]))
     lines.append(row("saga ceiling (bare Python loop)", report["ceiling"]))
     lines.append(row("copy loop (no decisions)", report["copy"]))
+    if machine:
+        lines.append(
+            f"whole machine: {machine['processors']} processor processes of one group, "
+            f"{machine['scaling_from_one']:.2f}x one process's transfers/s (window from the first one's first "
+            "record: the others' joins inside)"
+        )
     for guarantee, ratio in report.get("ours_over_faust", {}).items():
         lines.append(f"ours / faust ({guarantee}), transfers/s: {ratio:,.1f}x")
     holds = report.get("holds")
@@ -1897,7 +1972,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --readmodel-db: run stage 2c with N read-model shards, then with M... "
         f"(default {','.join(map(str, READMODEL_SHARDS_DEFAULT))})",
     )
+    parser.add_argument(
+        "--machine-processors",
+        type=_machine_processors,
+        default=MACHINE_PROCESSORS_DEFAULT,
+        metavar="N",
+        help="processor processes of one group for the whole-machine stage 2d, at least 2; 0 skips it "
+        f"(default {MACHINE_PROCESSORS_DEFAULT})",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+
+
+def _machine_processors(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count != 0 and count < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: want 0 (skip the stage) or at least 2 processes")
+    return count
 
 
 def _shard_counts(text: str) -> tuple[int, ...]:
@@ -1941,6 +2034,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         readmodel_db=args.readmodel_db,
         readmodel_shards=args.readmodel_shards,
+        machine_processors=args.machine_processors,
     )
     from wallet.localkafka import LocalKafkaError
 

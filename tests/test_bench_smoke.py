@@ -129,6 +129,17 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(
     assert ours["messages_ratio_to_ceiling"] == pytest.approx(ours["messages_per_s"] / ceiling_messages_per_s, rel=1e-2)
     assert ours["window_start"] == "first consume after assignment"
 
+    machine = report["machine"]  # two processes of one group on their own copy of the input
+    assert machine["processors"] == pipeline_bench.MACHINE_PROCESSORS_DEFAULT == 2
+    assert machine["checks_ok"] and machine["outcomes"] == dict(expected)
+    assert machine["ledger"]["events"] == ours["ledger"]["events"]
+    money_in_minor = ours["ledger"]["money_in_minor"]
+    assert machine["ledger"]["balances_minor"] == machine["ledger"]["money_in_minor"] == money_in_minor
+    assert machine["scaling_from_one"] == pytest.approx(
+        machine["transfers_per_s"] / ours["transfers_per_s"], rel=1e-2, abs=5e-4
+    )
+    assert machine["window_start"].startswith("first consume after assignment, of processor-machine-")
+
     assert [latency["load_share"] for latency in report["latency"]] == [0.5, 0.8]
     for latency in report["latency"]:
         assert latency["sent"] > 0 and latency["answered"] == latency["sent"]
@@ -190,6 +201,8 @@ def test_faust_peer_runs_the_same_saga_to_the_same_outcomes(kafka_bootstrap: str
             "0",
             "--holds",
             "0",
+            "--machine-processors",
+            "0",
             "--json",
         ]
     )
@@ -237,6 +250,8 @@ def test_kafka_streams_peer_and_ceiling_decide_the_same_saga_and_report_every_fi
             "--latency-seconds",
             "0",
             "--holds",
+            "0",
+            "--machine-processors",
             "0",
             "--json",
         ]
