@@ -1096,13 +1096,21 @@ class Bench:
         timeout_s = self._stage_timeout_s("ours", 2 * options.accounts + 2 * options.transfers)
         end_s = self._await_outcomes([processor], tally, options.transfers, timeout_s, "ours")
         window_start_s, window_start = self._window_start(processor, "first consume after assignment")
-        problems = self._check_results("ours", tally, options.accounts, self.expected)
         # Before the latency phase: with every transfer answered, the ledger is quiet.
-        ledger = self._check_ledger("ours", self.settings.events_topic)
+        return self._processors_result("ours", tally, self.settings.events_topic, end_s - window_start_s, window_start)
+
+    def _processors_result(
+        self, stage: str, tally: OutcomeTally, events_topic: str, elapsed_s: float, window_start: str
+    ) -> StageResult:
+        """A stage of `wallet processor` processes on the saga input, checked: every transfer's
+        outcome the expected one, and its events topic read whole."""
+        options = self.options
+        problems = self._check_results(stage, tally, options.accounts, self.expected)
+        ledger = self._check_ledger(stage, events_topic)
         return StageResult(
             options.transfers,
             self._messages(tally, options.accounts, MESSAGES_OURS),
-            end_s - window_start_s,
+            elapsed_s,
             window_start,
             dict(tally.results_of(TRANSFER)),
             problems + ledger["problems"],
@@ -1323,17 +1331,7 @@ class Bench:
             self._window_start(processor, f"first consume after assignment, of {processor.name}")
             for processor in processors
         )
-        problems = self._check_results(stage, tally, options.accounts, self.expected)
-        ledger = self._check_ledger(stage, settings.events_topic)
-        result = StageResult(
-            options.transfers,
-            self._messages(tally, options.accounts, MESSAGES_OURS),
-            end_s - window_start_s,
-            window_start,
-            dict(tally.results_of(TRANSFER)),
-            problems + ledger["problems"],
-            ledger,
-        )
+        result = self._processors_result(stage, tally, settings.events_topic, end_s - window_start_s, window_start)
         return {
             "processors": count,
             **result.as_dict(ceiling_messages_per_s),
