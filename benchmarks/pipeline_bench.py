@@ -1321,11 +1321,7 @@ class Bench:
         try:
             end_s = self._await_outcomes(processors, tally, options.transfers, timeout_s, stage)
         finally:
-            for processor in processors:
-                if not processor.stop():
-                    self.problems.append(
-                        f"{stage}: {processor.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM"
-                    )
+            self._stop_children(stage, processors)
         # From the first process's first record: the others' joins (a rebalance) fall inside.
         window_start_s, window_start = min(
             self._window_start(processor, f"first consume after assignment, of {processor.name}")
@@ -1337,6 +1333,14 @@ class Bench:
             **result.as_dict(ceiling_messages_per_s),
             "scaling_from_one": round(result.transfers_per_s / ours.transfers_per_s, 3),
         }
+
+    def _stop_children(self, stage: str, children: list[Child]) -> None:
+        """SIGTERMs each child; one still running after CHILD_STOP_TIMEOUT_S is a problem of the run."""
+        for child in children:
+            if not child.stop():
+                self.problems.append(
+                    f"{stage}: {child.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM"
+                )
 
     def readmodel_shard_counts(self) -> tuple[int, ...]:
         return self.options.readmodel_shards if self.options.readmodel_db else ()
@@ -1414,11 +1418,7 @@ class Bench:
                 time.sleep(READMODEL_CATCH_UP_POLL_S)
                 lag = sample()
             caught_up_s = samples[-1][0]
-        for child in (processor, *shards):
-            if not child.stop():
-                self.problems.append(
-                    f"{stage}: {child.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM"
-                )
+        self._stop_children(stage, [processor, *shards])
         window_s = end_s - window_start_s
         in_window = [(at_s - window_start_s, lag) for at_s, lag in samples if window_start_s <= at_s <= end_s]
         written_per_s = records / window_s

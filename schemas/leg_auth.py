@@ -82,16 +82,19 @@ class LegKeyring:
         mac.update(unsigned_record)
         return mac.digest()[:MAC_BYTES].hex()
 
+    def _signing_mac(self, leg: Leg) -> tuple[bytes, str]:
+        """The canonical encoding of `leg` as the signing key signs it (mac blank), and its MAC."""
+        unsigned = encode(msgspec.structs.replace(leg, kid=self.signing_kid, mac=""))
+        return unsigned, self._mac(self.signing_kid, unsigned)
+
     def signed_record(self, leg: Leg) -> bytes:
         """The record of `leg` as a processor writes it: signed by the signing key."""
-        unsigned = encode(msgspec.structs.replace(leg, kid=self.signing_kid, mac=""))
-        mac = self._mac(self.signing_kid, unsigned)
+        unsigned, mac = self._signing_mac(leg)
         return unsigned.replace(_MAC_UNSIGNED, b'"mac":"' + mac.encode() + b'"', 1)
 
     def sign(self, leg: Leg) -> Leg:
         """`leg` as `signed_record` writes it, decoded."""
-        unsigned = msgspec.structs.replace(leg, kid=self.signing_kid, mac="")
-        return msgspec.structs.replace(unsigned, mac=self._mac(self.signing_kid, encode(unsigned)))
+        return msgspec.structs.replace(leg, kid=self.signing_kid, mac=self._signing_mac(leg)[1])
 
     def verify(self, leg: Leg, record: bytes) -> str | None:
         """None if `record` (untrusted bytes off the topic, which decoded as `leg`) is a leg signed
