@@ -108,6 +108,42 @@ def test_forged_credit_leg_without_debit_mints_nothing(running):
     assert not [tx for tx in outcomes.by_transaction if tx.startswith("forged-")]
 
 
+def test_records_that_once_crashed_admission_are_dead_lettered_and_the_processor_goes_on(running):
+    # Written straight to the topic, as an attacker with produce rights would: a leg whose MAC
+    # is not ASCII, and a command whose type tag is a JSON object or list. Each once raised out
+    # of admission, so the processor crashed and restarted on the same record forever.
+    settings, outcomes = running
+    before = _balances(settings)
+    leg = CreditLeg(
+        transaction_id="hostile-mac",
+        actor="alice",
+        issued_ms=0,
+        from_account="alice",
+        to_account="bob",
+        amount="1000.00",
+        currency="USD",
+        digest="0" * 24,
+        kid=PROCESSORS_KEYRING.signing_kid,
+        mac="\u00e9" * 32,
+    )
+    hostile = [
+        ("bob", encode(leg)),
+        ("alice", b'{"type":{},"transaction_id":"hostile-tag-1","account_id":"alice","amount":"5.00"}'),
+        ("alice", b'{"type":["deposit"],"transaction_id":"hostile-tag-2","account_id":"alice","amount":"5.00"}'),
+    ]
+    for key, value in hostile:
+        _raw(settings, key, value)
+    after = edge(Deposit, transaction_id="after-hostile", account_id="bob", amount="1.00", currency="USD")
+    publish(command_producer(settings), settings, [after])
+    assert outcomes.wait("after-hostile")[0].status == "success"
+    dead = {record.value: record.headers["error"].decode() for record in read_topic(settings, settings.dlq_topic)}
+    assert "does not verify" in dead[encode(leg)]
+    assert all(value in dead for _, value in hostile)
+    assert _balances(settings) == {**before, "bob": before["bob"] + 100}  # only the deposit after them moved
+    outcomes.poll()
+    assert not [tx for tx in outcomes.by_transaction if tx.startswith("hostile-")]
+
+
 def test_a_dead_lettered_client_record_with_a_readable_id_is_answered_failure(running):
     settings, outcomes = running
     _raw(
