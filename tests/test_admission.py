@@ -6,16 +6,33 @@ it lets through and what each refusal answers, so that none of them can refuse d
 
 from __future__ import annotations
 
+import copy
+
 import msgspec
+import pytest
 
 from schemas.codec import encode
-from schemas.commands import TICK_TRANSACTION_ID, Tick, owner_account
+from schemas.commands import TICK_TRANSACTION_ID, CreditLeg, Tick, owner_account
+from schemas.events import CommandRejected, TransferCredited, TransferDebited, TransferRefunded
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Reason
 from schemas.partitioning import partition_for
 from streams.core.admission import Refusal, admit, decide
+from streams.core.machine import Decision
 from streams.core.state import State
-from tests.test_machine_rules import TS_MS, debit_in_transit, deposit, ledger, transfer
+from tests.test_machine_rules import (
+    TS_MS,
+    close,
+    debit_in_transit,
+    deposit,
+    freeze,
+    ledger,
+    outcomes_of,
+    settle,
+    snapshot,
+    succeed,
+    transfer,
+)
 
 PARTITIONS = 4
 KEYRING = LegKeyring.parse("k1:" + "11" * 32)
@@ -110,10 +127,12 @@ def test_what_the_core_cannot_decide_is_refused_and_leaves_the_state_untouched()
     leg = debit_in_transit(state, transfer("alice", "bob", "4.00", tx="t-1"))
     negative = msgspec.structs.replace(leg, amount="-4.00")
     bob = State()
-    refusal = decide(bob, negative, TS_MS)
+    refusal = decide(bob, negative, TS_MS, owner_partition("bob"), owner_partition)
     assert isinstance(refusal, Refusal) and refusal.outcome is None
     assert (bob.accounts, bob.clock_ms) == ({}, 0)
-    assert not isinstance(decide(state, deposit("alice", "1.00"), TS_MS), Refusal)
+    assert not isinstance(
+        decide(state, deposit("alice", "1.00"), TS_MS, owner_partition("alice"), owner_partition), Refusal
+    )
 
 
 def test_a_tick_is_admitted_only_on_the_partition_it_names_and_a_misplaced_one_gets_no_answer() -> None:
@@ -122,3 +141,74 @@ def test_a_tick_is_admitted_only_on_the_partition_it_names_and_a_misplaced_one_g
     refusal = admit(encode(tick), 3, owner_partition, KEYRING)
     assert isinstance(refusal, Refusal) and refusal.outcome is None
     assert "tick of partition 2 arrived on partition 3" in refusal.reason
+
+
+# bob and carol share a partition of PARTITIONS; alice has another one.
+SAME_PARTITION = ("bob", "carol")
+
+
+def _decided(state: State, command) -> Decision:
+    decision = decide(state, command, TS_MS, owner_partition(owner_account(command)), owner_partition)
+    assert not isinstance(decision, Refusal), decision
+    return decision
+
+
+def _two_ledgers(receiver_currency: str = "USD") -> tuple[State, State]:
+    """The same partition twice: bob with 10.00 USD and carol, for deciding one way and the other."""
+    sender, receiver = SAME_PARTITION
+    assert owner_partition(sender) == owner_partition(receiver) != owner_partition("alice")
+    state = ledger((sender, "USD", "user", "10.00"), (receiver, receiver_currency, "user", ""))
+    return state, copy.deepcopy(state)
+
+
+@pytest.mark.parametrize(
+    ("receiver_currency", "before", "expected_kinds", "status"),
+    [
+        ("USD", None, [TransferDebited, TransferCredited], "success"),
+        ("EUR", None, [TransferDebited, CommandRejected, TransferRefunded], "failure"),
+        ("USD", freeze, [TransferDebited, CommandRejected, TransferRefunded], "failure"),
+        ("USD", close, [TransferDebited, CommandRejected, TransferRefunded], "failure"),
+    ],
+    ids=["credited", "wrong-currency-refunded", "frozen-refunded", "closed-refunded"],
+)
+def test_a_transfer_within_one_partition_settles_in_one_decision_as_its_legs_would(
+    receiver_currency, before, expected_kinds, status
+) -> None:
+    in_place, through_kafka = _two_ledgers(receiver_currency)
+    if before is not None:
+        for state in (in_place, through_kafka):
+            succeed(state, before("carol", tx="before"))
+    command = transfer("bob", "carol", "4.00", tx="t-1")
+
+    decision = _decided(in_place, command)
+    legs_delivered = settle(through_kafka, command)  # each leg decided as the next record of the partition
+
+    assert [type(event) for event in decision.events] == expected_kinds
+    assert decision.follow_ups == []  # nothing is written to wallet.commands
+    assert decision.outcome is not None and decision.outcome.status == status
+    assert [encode(event) for event in decision.events] == [
+        encode(event) for step in legs_delivered for event in step.events
+    ]
+    assert [decision.outcome] == outcomes_of(legs_delivered)
+    assert snapshot(in_place) == snapshot(through_kafka)
+
+
+def test_a_transfer_to_another_partition_still_sends_its_credit_leg_and_waits_for_it() -> None:
+    state = ledger(("bob", "USD", "user", "10.00"), ("alice", "USD", "user", ""))
+    decision = _decided(state, transfer("bob", "alice", "4.00", tx="t-1"))
+    assert [type(event) for event in decision.events] == [TransferDebited]
+    [leg] = decision.follow_ups
+    assert type(leg) is CreditLeg and leg.to_account == "alice"
+    assert decision.outcome is None
+    assert state.accounts["bob"].in_flight_count == 1
+
+
+def test_a_repeated_transfer_within_one_partition_gets_its_answer_again_and_moves_nothing() -> None:
+    state, _ = _two_ledgers()
+    command = transfer("bob", "carol", "4.00", tx="t-1")
+    first = _decided(state, command)
+    balances = snapshot(state)
+    again = _decided(state, command)
+    assert again.events == [] and again.follow_ups == []
+    assert again.outcome == first.outcome
+    assert snapshot(state) == balances

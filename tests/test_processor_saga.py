@@ -94,10 +94,19 @@ def test_transfer_within_one_partition_and_across_partitions_succeeds(pipeline):
     (c,) = _accounts_on(1, 1, "other")
     for account in (a, b, c):
         _open_funded(pipeline, account)
-    assert _ask(pipeline, _transfer(a, b, "10.25")).status == "success"
-    assert _ask(pipeline, _transfer(a, c, "0.75")).status == "success"
+    within, across = _transfer(a, b, "10.25"), _transfer(a, c, "0.75")
+    assert _ask(pipeline, within).status == "success"
+    assert _ask(pipeline, across).status == "success"
     balances = _balances(settings)
     assert (balances[a], balances[b], balances[c]) == (10000 - 1025 - 75, 10000 + 1025, 10000 + 75)
+    # Only the transfer across partitions wrote a credit leg; the other settled in its own decision.
+    legs = [
+        record.value
+        for record in read_topic(settings, settings.commands_topic)
+        if b'"type":"credit_leg"' in record.value
+    ]
+    assert [leg for leg in legs if within.transaction_id.encode() in leg] == []
+    assert len([leg for leg in legs if across.transaction_id.encode() in leg]) == 1
 
 
 @pytest.mark.parametrize("receiver_problem", ["missing", "frozen", "closed", "other_currency"])

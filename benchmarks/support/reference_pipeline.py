@@ -190,7 +190,7 @@ def decide(
         decision = (
             admitted
             if isinstance(admitted, admission.Refusal)
-            else admission.decide(log.states[partition], admitted, record.timestamp_ms)
+            else admission.decide(log.states[partition], admitted, record.timestamp_ms, partition, owner_partition)
         )
         if isinstance(decision, admission.Refusal):
             log.dead_letters.append(DeadLetter(record, decision.reason, partition, len(commands) - 1))

@@ -8,7 +8,8 @@ whose MAC does not verify with the processors' keyring, and what the core refuse
 `UndecidableInput`. The replay passes every record through the processor's own gate
 (`streams.core.admission`), skips the same records and checks that the DLQ names them. Each
 command is decided at its record's timestamp (the broker's LogAppendTime), the time the
-processor passed to the core.
+processor passed to the core, and its legs for the same partition are decided in the same step,
+as the processor does (`admission.decide`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ def check_determinism(
         assert value is not None, f"{commands_topic}[{partition}]@{offset} has no value"
         # The same gate as the processor's, so the replay skips exactly what it dead-lettered.
         admitted = admit(value, partition, owner_partition, keyring)
-        go_on = admitted if isinstance(admitted, Refusal) else replay.step(index, offset, admitted, timestamps[index])
+        go_on = (
+            admitted
+            if isinstance(admitted, Refusal)
+            else replay.step(index, offset, admitted, timestamps[index], owner_partition)
+        )
         if isinstance(go_on, Refusal):
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
@@ -150,12 +155,14 @@ class _PartitionReplay:
         self.position = 0  # of the next logged event a decided one must equal
         self.decided_offset = -1  # of the last command whose events are in the log
 
-    def step(self, index: int, offset: int, command: WireCommand, record_time_ms: int) -> bool | Refusal:
+    def step(
+        self, index: int, offset: int, command: WireCommand, record_time_ms: int, owner_partition: Callable[[str], int]
+    ) -> bool | Refusal:
         """Decides one command and compares its events; returns whether to go on, or the Refusal
         (the state untouched) of what the processor dead-letters."""
         result, partition = self.result, self.commands.partition
         try:
-            decision = decide(self.state, command, record_time_ms)
+            decision = decide(self.state, command, record_time_ms, partition, owner_partition)
         except Exception as error:  # noqa: BLE001 - any failure of the core on a logged command is a finding
             result.violations.append(
                 Violation(

@@ -11,6 +11,15 @@ is not byte-identical) and the benchmarks' reference pipeline. The checks, in or
 3. a saga leg carries a MAC of the processors' keyring: legs are written by processors only;
 4. the core can decide it (`UndecidableInput` otherwise, state untouched).
 
+A leg whose account belongs to the partition that decided it is decided at once, in the same
+step and at the same record time (`decide`), instead of being written to `wallet.commands` and
+read back: a transfer between two accounts of one partition settles in one decision. The saga
+keeps its one meaning: the leg is the same leg, decided by the same core against the same
+state as the partition's next record would be; it only skips the round trip through Kafka,
+which for a leg the processor itself made proves nothing (its MAC is the processor's own).
+Every place that decides the log calls `decide`, so the processor, the audit's replay and the
+reference pipeline all apply the rule the same way.
+
 Trust boundary: the value is untrusted bytes from the topic; what comes out is either a
 command the core may decide or a `Refusal` that says why not (the DLQ record's reason) and,
 when the record names a waiting client, the `failure` answer it gets.
@@ -22,7 +31,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from schemas.codec import SchemaError, decode_command
-from schemas.commands import LEG_COMMANDS, Tick, WireCommand, owner_account
+from schemas.commands import LEG_COMMANDS, SHARDS_MAX, Leg, Tick, WireCommand, command_type, owner_account
+from schemas.events import Event
 from schemas.leg_auth import LegKeyring
 from schemas.outcomes import Outcome, Reason
 from streams.core.errors import UndecidableInput
@@ -69,10 +79,57 @@ def admit(
     return command
 
 
-def decide(state: State, command: WireCommand, record_time_ms: int) -> Decision | Refusal:
-    """The core's decision (check 4). `UndecidableInput` leaves the state untouched; any other
-    exception is a bug and propagates, so that no state is written after it."""
+def decide(
+    state: State, command: WireCommand, record_time_ms: int, partition: int, owner_partition: Callable[[str], int]
+) -> Decision | Refusal:
+    """The core's decision (check 4) on the `partition` that owns `state`, with the legs that
+    stay on this partition decided in the same step. `UndecidableInput` leaves the state
+    untouched; any other exception is a bug and propagates, so that no state is written after it."""
     try:
-        return apply(state, command, record_time_ms)
+        decision = apply(state, command, record_time_ms)
     except UndecidableInput as undecidable:
         return Refusal(f"the state machine cannot decide it: {undecidable}", None)
+    if not decision.follow_ups:
+        return decision
+    return _with_local_legs(decision, record_time_ms, partition, owner_partition)
+
+
+# A chain of local legs is short: a credit, its refund; or the open_shard legs of one merchant.
+LOCAL_LEGS_MAX = SHARDS_MAX + 2
+
+
+def _with_local_legs(
+    decision: Decision, record_time_ms: int, partition: int, owner_partition: Callable[[str], int]
+) -> Decision:
+    """`decision` with each follow-up owned by `partition` decided in place, in the order the
+    core made them: their events follow the decision's, the legs left are those for other
+    partitions, and the one answer of the chain is the decision's answer."""
+    state, outcome = decision.state, decision.outcome
+    legs = list(decision.follow_ups)  # grows by the follow-ups of the legs decided here
+    remote: list[Leg] = []
+    events: list[Event] | None = None  # a copy of the decision's, made at the first local leg
+    decided = 0
+    index = 0
+    while index < len(legs):
+        leg = legs[index]
+        index += 1
+        if owner_partition(owner_account(leg)) != partition:
+            remote.append(leg)
+            continue
+        decided += 1
+        assert decided <= LOCAL_LEGS_MAX, f"{command_type(leg)} {leg.transaction_id!r}: a chain of legs without end"
+        try:
+            step = apply(state, leg, record_time_ms)
+        except UndecidableInput as undecidable:
+            # The core refused a leg it made a moment ago on this very state: a bug, not bad input.
+            raise AssertionError(f"a leg the core just made cannot be decided: {undecidable}") from undecidable
+        if events is None:
+            events = list(decision.events)
+        events += step.events
+        legs += step.follow_ups
+        if step.outcome is not None:
+            assert outcome is None, f"{leg.transaction_id!r}: two answers to one request in one decision"
+            outcome = step.outcome
+    if events is None:
+        return decision
+    return Decision(state, events, remote, outcome)

@@ -368,7 +368,11 @@ class Processor:
                 f"message.timestamp.type=LogAppendTime (wallet topics create)"
             )
         admitted = admit(record.value(), partition, self._owner_partition, self._keyring)
-        decision = admitted if isinstance(admitted, Refusal) else decide(task.state, admitted, record_time_ms)
+        decision = (
+            admitted
+            if isinstance(admitted, Refusal)
+            else decide(task.state, admitted, record_time_ms, partition, self._owner_partition)
+        )
         if isinstance(decision, Refusal):
             self._dead_letter(record, decision.reason, decision.outcome)
             return None

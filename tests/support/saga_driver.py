@@ -169,7 +169,7 @@ class SagaDriver:
         admitted = admit(value, partition, self.partition_of, self.keyring)
         if isinstance(admitted, Refusal):
             return self._dead_letter(partition, value, admitted, None)
-        decision = decide(owner.state, admitted, record_time_ms)
+        decision = decide(owner.state, admitted, record_time_ms, partition, self.partition_of)
         if isinstance(decision, Refusal):
             return self._dead_letter(partition, value, decision, admitted)
         command = admitted
