@@ -53,7 +53,8 @@ ceiling) the events topic read whole (`benchmarks.ledger_check`): sequences gap-
 chained, money conserved, events in the project's format. Each stage's `checks_ok` says so.
 Messages count what a stage reads and writes: a copied record is 1 consumed + 1 produced; a
 successful transfer through the processor is 2 commands consumed + 2 events + 1 leg + 1
-outcome produced (see MESSAGES_OURS and MESSAGES_FAUST for every kind of outcome).
+outcome produced (see MESSAGES_OURS and MESSAGES_FAUST for every kind of outcome), less the legs
+a transfer between two accounts of one partition never writes nor reads (MESSAGES_SETTLED_IN_PLACE).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ SETUP_KINDS = (OPEN, FUND)
 # decision event even for a refusal; faust writes nothing but the outcome then.
 MESSAGES_OURS = {"setup": 3, SUCCESS: 6, Reason.INSUFFICIENT_FUNDS: 3, Reason.ACCOUNT_NOT_FOUND: 9}
 MESSAGES_FAUST = {"setup": 3, SUCCESS: 6, Reason.INSUFFICIENT_FUNDS: 2, Reason.ACCOUNT_NOT_FOUND: 8}
+# Fewer records when both accounts share a partition and its legs are decided in place
+# (streams.core.admission): the credit leg written and read, and the refund leg too when refused.
+MESSAGES_SETTLED_IN_PLACE = {SUCCESS: -2, Reason.INSUFFICIENT_FUNDS: 0, Reason.ACCOUNT_NOT_FOUND: -4}
 # place (1 consumed, 1 event, 1 outcome) + capture (1 consumed, 1 event, 1 leg) + its credit leg
 # (1 consumed, 1 event, 1 outcome)
 MESSAGES_PER_CAPTURED_HOLD = 9
@@ -221,10 +225,19 @@ def setup_records(accounts: int, ts_ms: int) -> Iterator[tuple[str, bytes]]:
 
 
 def transfer_records(
-    accounts: int, count: int, seed: int, kind: str, expected: Counter, ts_ms: int | None = None
+    accounts: int,
+    count: int,
+    seed: int,
+    kind: str,
+    expected: Counter,
+    ts_ms: int | None = None,
+    *,
+    in_place: Counter | None = None,
+    partitions: int = 0,
 ) -> Generator[tuple[str, bytes]]:
     """`count` transfers among the accounts; adds the certain outcome of each one made to
-    `expected` once it is exhausted or closed.
+    `expected` once it is exhausted or closed, and to `in_place` that of each one whose two
+    accounts share one of `partitions`.
 
     `ts_ms` None stamps each command with the wall clock when it is made (for live load).
     Written for speed (a million of these are made while the clock runs): names and amounts
@@ -237,6 +250,11 @@ def transfer_records(
     insufficient_below = INSUFFICIENT_FUNDS_SHARE
     missing_below = INSUFFICIENT_FUNDS_SHARE + MISSING_RECEIVER_SHARE
     results: Counter[str] = Counter()
+    local_results: Counter[str] = Counter()
+    partition_of: dict[str, int] = {}
+    if in_place is not None:
+        missing = [f"{MISSING_ACCOUNT_PREFIX}{index}" for index in range(accounts)]
+        partition_of = {name: partition_for(name, partitions) for name in names + missing}
     try:
         for index in range(count):
             sender = int(draw() * accounts)
@@ -253,6 +271,8 @@ def transfer_records(
                 result = SUCCESS
             results[result] += 1
             from_account = names[sender]
+            if partition_of and partition_of[from_account] == partition_of[to_account]:
+                local_results[result] += 1
             yield (
                 from_account,
                 encode(
@@ -268,6 +288,8 @@ def transfer_records(
             )
     finally:
         expected.update(results)
+        if in_place is not None:
+            in_place.update(local_results)
 
 
 def hold_records(accounts: int, count: int, seed: int) -> Iterator[tuple[str, bytes]]:
@@ -683,6 +705,7 @@ class Bench:
         self._children: list[Child] = []
         self._tallies: list[OutcomeTally] = []
         self.expected: Counter = Counter()
+        self.expected_in_place: Counter = Counter()  # of `expected`, those of one partition's two accounts
         self.faust_expected: dict[str, Counter] = {guarantee: Counter() for guarantee in options.faust_guarantees}
         self.problems: list[str] = []
 
@@ -847,7 +870,16 @@ class Bench:
             (topics, setup_records(options.accounts, ts_ms)),
             (
                 topics,
-                transfer_records(options.accounts, options.transfers, options.seed, TRANSFER, self.expected, ts_ms),
+                transfer_records(
+                    options.accounts,
+                    options.transfers,
+                    options.seed,
+                    TRANSFER,
+                    self.expected,
+                    ts_ms,
+                    in_place=self.expected_in_place,
+                    partitions=options.partitions,
+                ),
             ),
         ]
 
@@ -965,6 +997,8 @@ class Bench:
                 str(options.batch_size_max),
                 "--commit-interval-ms",
                 str(options.commit_interval_ms),
+                "--partitions",
+                str(options.partitions),
             ],
             marker=saga_ceiling.FIRST_RECORD_MARKER,
         )
@@ -992,6 +1026,7 @@ class Bench:
                 outcomes_topic=topics["outcomes"],
                 state_dir=self.work_dir / "kafka-streams-state",
                 leg_key=self.peer_leg_key,
+                partitions=options.partitions,
                 threads=KAFKA_STREAMS_THREADS,
                 commit_interval_ms=KAFKA_STREAMS_COMMIT_INTERVAL_MS,
             ),
@@ -1030,7 +1065,7 @@ class Bench:
         problems += ledger["problems"]
         return StageResult(
             options.transfers,
-            self._messages(tally, options.accounts, MESSAGES_OURS),
+            self._messages(tally, options.accounts, MESSAGES_OURS, self.expected_in_place),
             end_s - window_start_s,
             window_start,
             dict(tally.results_of(TRANSFER)),
@@ -1109,7 +1144,7 @@ class Bench:
         ledger = self._check_ledger(stage, events_topic)
         return StageResult(
             options.transfers,
-            self._messages(tally, options.accounts, MESSAGES_OURS),
+            self._messages(tally, options.accounts, MESSAGES_OURS, self.expected_in_place),
             elapsed_s,
             window_start,
             dict(tally.results_of(TRANSFER)),
@@ -1286,7 +1321,7 @@ class Bench:
         )
         return StageResult(
             options.faust_transfers,
-            self._messages(tally, options.faust_accounts, MESSAGES_FAUST),
+            self._messages(tally, options.faust_accounts, MESSAGES_FAUST, Counter()),  # faust writes every leg
             end_s - window_start_s,
             window_start,
             dict(tally.results_of(TRANSFER)),
@@ -1322,10 +1357,12 @@ class Bench:
             end_s = self._await_outcomes(processors, tally, options.transfers, timeout_s, stage)
         finally:
             self._stop_children(stage, processors)
-        # From the first process's first record: the others' joins (a rebalance) fall inside.
+        # From the first process's first record: the others' joins (a rebalance) fall inside. A
+        # process that never got a partition before the input ran out has no such record.
+        assigned = [processor for processor in processors if processor.marker_s is not None]
         window_start_s, window_start = min(
             self._window_start(processor, f"first consume after assignment, of {processor.name}")
-            for processor in processors
+            for processor in assigned or processors
         )
         result = self._processors_result(stage, tally, settings.events_topic, end_s - window_start_s, window_start)
         return {
@@ -1548,12 +1585,19 @@ class Bench:
         return problems
 
     @staticmethod
-    def _messages(tally: OutcomeTally, accounts: int, costs: dict[str, int]) -> int:
+    def _messages(tally: OutcomeTally, accounts: int, costs: dict[str, int], in_place: Counter) -> int:
+        """Records read and written; `in_place` counts, by outcome, the transfers whose legs never
+        went through Kafka (their outcomes were checked to be the expected ones)."""
         transfer_results = tally.results_of(TRANSFER)
         unknown = set(transfer_results) - set(costs)
         if unknown:
             raise BenchError(f"no message count is known for outcomes {sorted(unknown)}")
-        return 2 * accounts * costs["setup"] + sum(costs[result] * count for result, count in transfer_results.items())
+        saved = sum(MESSAGES_SETTLED_IN_PLACE[result] * count for result, count in in_place.items())
+        return (
+            2 * accounts * costs["setup"]
+            + sum(costs[result] * count for result, count in transfer_results.items())
+            + saved
+        )
 
     # -- the whole run ---------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ dicts), no idempotency memory, no state store, no dead-letter path, no metrics: 
 it reaches is the most a Python transactional saga on this broker can reach, so ours is judged
 against it. Where it must compute what ours computes (a digest on every message, a MAC on
 every leg) it does, with the same primitives (BLAKE2b over the client command's bytes,
-HMAC-SHA256/128 over the leg with mac "").
+HMAC-SHA256/128 over the leg with mac ""). A leg whose account is on the partition that made it
+is decided there at once and never written, as the processor does (streams.core.admission).
 
 Run as `python -m benchmarks.saga_ceiling --commands-topic C --events-topic E
 --outcomes-topic O ...`; it prints FIRST_RECORD_MARKER when its first batch arrives and runs
@@ -25,6 +26,7 @@ import hmac
 import signal
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import msgspec
@@ -32,6 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from infra.kafka_clients import processor_consumer_config, processor_producer_config
 from infra.produce import produce_with_room
+from schemas.partitioning import partition_for
 from streams.runtime.processor import ProcessorConfig
 
 KAFKA_CALL_TIMEOUT_S = ProcessorConfig(instance_id="", store_path=Path()).kafka_call_timeout_ms / 1000
@@ -60,9 +63,18 @@ class Saga:
     """The decisions, on a dict of accounts: account id -> [balance_minor, seq, owner]."""
 
     def __init__(
-        self, produce, commands_topic: str, events_topic: str, outcomes_topic: str, leg_key_id: str, leg_key: bytes
+        self,
+        produce,
+        commands_topic: str,
+        events_topic: str,
+        outcomes_topic: str,
+        leg_key_id: str,
+        leg_key: bytes,
+        partitions: int,
     ) -> None:
         self.accounts: dict[str, list] = {}
+        self._partition_of = lru_cache(maxsize=1 << 20)(lambda account: partition_for(account, partitions))
+        self._partition = -1  # of the record being decided
         self._produce = produce
         self._commands_topic = commands_topic
         self._events_topic = events_topic
@@ -70,7 +82,8 @@ class Saga:
         self._kid = leg_key_id
         self._key = leg_key
 
-    def decide(self, value: bytes, time_ms: int) -> None:
+    def decide(self, value: bytes, time_ms: int, partition: int) -> None:
+        self._partition = partition
         command = _decode(value)
         kind = command["type"]
         if kind == "transfer":
@@ -277,7 +290,8 @@ class Saga:
 
     def _leg(self, leg_type: str, key: str, cause: dict, time_ms: int, **tail) -> None:
         """A saga leg as the core builds it (the common fields in the schema's order, then `tail`),
-        signed as the processor signs it: HMAC over the leg with mac ""."""
+        signed as the processor signs it: HMAC over the leg with mac "", or decided at once when
+        `key` is on the partition deciding the cause."""
         leg = {
             "type": leg_type,
             "v": cause["v"],
@@ -288,6 +302,9 @@ class Saga:
             "mac": "",
             **tail,
         }
+        if self._partition_of(key) == self._partition:
+            (self._credit if leg_type == "credit_leg" else self._refund)(leg, time_ms)
+            return
         leg["mac"] = hmac.new(self._key, _encode(leg), "sha256").digest()[:MAC_BYTES].hex()
         self._produce(self._commands_topic, _encode(leg), key)
 
@@ -302,6 +319,7 @@ def run(
     batch_size_max: int,
     commit_interval_ms: int,
     transaction_timeout_ms: int,
+    partitions: int,
 ) -> int:
     consumer = Consumer(processor_consumer_config(bootstrap, group_id, "ceiling"))
     producer = Producer(processor_producer_config(bootstrap, f"{group_id}-ceiling", transaction_timeout_ms))
@@ -314,7 +332,7 @@ def run(
             produce_with_room(producer, topic, value, key)
 
     key_id, _, key_hex = leg_key.partition(":")
-    saga = Saga(produce, commands_topic, events_topic, outcomes_topic, key_id, bytes.fromhex(key_hex))
+    saga = Saga(produce, commands_topic, events_topic, outcomes_topic, key_id, bytes.fromhex(key_hex), partitions)
     stopping = False
 
     def stop(*_signal_args) -> None:
@@ -343,7 +361,7 @@ def run(
                     if error.code() != KafkaError._PARTITION_EOF:
                         raise KafkaException(error)
                     continue
-                decide(record.value(), record.timestamp()[1])  # type: ignore[arg-type]
+                decide(record.value(), record.timestamp()[1], record.partition())  # type: ignore[arg-type]
                 next_offsets[record.partition()] = record.offset() + 1  # type: ignore[index, operator]
             producer.send_offsets_to_transaction(
                 [TopicPartition(commands_topic, partition, offset) for partition, offset in next_offsets.items()],
@@ -371,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size-max", type=int, default=defaults.batch_size_max)
     parser.add_argument("--commit-interval-ms", type=int, default=defaults.commit_interval_ms)
     parser.add_argument("--transaction-timeout-ms", type=int, default=defaults.transaction_timeout_ms)
+    parser.add_argument(
+        "--partitions", type=int, required=True, help="of the commands topic: which legs stay on their partition"
+    )
     args = parser.parse_args(argv)
     started_s = time.monotonic()
     try:
@@ -384,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size_max,
             args.commit_interval_ms,
             args.transaction_timeout_ms,
+            args.partitions,
         )
     except KafkaException as error:
         print(f"saga ceiling failed after {time.monotonic() - started_s:.1f} s: {error}", file=sys.stderr, flush=True)

@@ -235,7 +235,7 @@ class ScaleStage(Bench):
         ledger = self._check_ledger(self.name, self.settings.events_topic)
         result = StageResult(
             options.transfers,
-            self._messages(tally, options.accounts, MESSAGES_OURS),
+            self._messages(tally, options.accounts, MESSAGES_OURS, self.expected_in_place),
             end_s - started_s,
             "first input record produced",
             dict(tally.results_of(TRANSFER)),

@@ -109,13 +109,17 @@ def test_bench_measures_every_stage_sees_every_outcome_and_deletes_its_topics(
 
     ours = report["ours"]
     expected: Counter[str] = Counter()
-    for _ in pipeline_bench.transfer_records(ACCOUNTS, TRANSFERS, SEED, "t", expected, ts_ms=1):
+    in_place: Counter[str] = Counter()  # transfers between two accounts of one partition: no leg written
+    for _ in pipeline_bench.transfer_records(
+        ACCOUNTS, TRANSFERS, SEED, "t", expected, ts_ms=1, in_place=in_place, partitions=4
+    ):
         pass
     assert ours["outcomes"] == dict(expected)
-    costs = pipeline_bench.MESSAGES_OURS
+    assert 0 < in_place.total() < expected.total()
+    costs, saved = pipeline_bench.MESSAGES_OURS, pipeline_bench.MESSAGES_SETTLED_IN_PLACE
     assert ours["messages"] == 2 * ACCOUNTS * costs["setup"] + sum(
         costs[result] * count for result, count in expected.items()
-    )
+    ) + sum(saved[result] * count for result, count in in_place.items())
     assert ours["transfers_per_s"] > 0 and ours["messages_per_s"] > 0
     assert ours["checks_ok"] and ours["ledger"]["problems"] == []
     assert ours["ledger"]["balances_minor"] == ours["ledger"]["money_in_minor"] > 0

@@ -80,6 +80,7 @@ def java_argv(
     outcomes_topic: str,
     state_dir: Path,
     leg_key: str,
+    partitions: int,
     threads: int = 2,
     commit_interval_ms: int = 1000,
 ) -> list[str]:
@@ -104,6 +105,8 @@ def java_argv(
         str(state_dir),
         "--leg-key",
         leg_key,
+        "--partitions",
+        str(partitions),
         "--threads",
         str(threads),
         "--commit-interval-ms",

@@ -61,6 +61,7 @@ public final class SagaPeer {
         String eventsTopic = required(args, "events-topic");
         String outcomesTopic = required(args, "outcomes-topic");
         String[] legKey = required(args, "leg-key").split(":", 2);  // kid:hex, as WALLET_LEG_KEYS spells one key
+        int partitions = Integer.parseInt(required(args, "partitions"));  // of the commands topic
 
         Properties config = new Properties();
         config.put(StreamsConfig.APPLICATION_ID_CONFIG, required(args, "application-id"));
@@ -87,7 +88,7 @@ public final class SagaPeer {
         ProjectPartitioner partitioner = new ProjectPartitioner();
         Topology topology = new Topology()
                 .addSource("commands", Serdes.String().deserializer(), Serdes.ByteArray().deserializer(), commandsTopic)
-                .addProcessor("saga", () -> new SagaProcessor(legKey[0], key, onFirstRecord), "commands")
+                .addProcessor("saga", () -> new SagaProcessor(legKey[0], key, partitions, onFirstRecord), "commands")
                 .addStateStore(store, "saga")
                 .addSink(SagaProcessor.TO_EVENTS, eventsTopic, Serdes.String().serializer(),
                         Serdes.ByteArray().serializer(), partitioner, "saga")

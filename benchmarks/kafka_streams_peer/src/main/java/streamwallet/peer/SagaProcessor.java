@@ -22,8 +22,10 @@ import org.apache.kafka.streams.state.KeyValueStore;
  * credit leg keyed by the receiver back into the commands topic; the receiver's task credits it (event
  * transfer_credited, outcome success) or, if the receiver does not exist, refuses it (event
  * command_rejected) and sends a refund leg keyed by the sender, whose task refunds (event
- * transfer_refunded, outcome failure). A refused command writes a command_rejected event and a
- * failure outcome, as ours does, so every kind of transfer moves as many messages here as there.
+ * transfer_refunded, outcome failure). A leg keyed by an account of the partition that made it is
+ * decided there at once and never written, as ours does (streams/core/admission.py). A refused
+ * command writes a command_rejected event and a failure outcome, as ours does, so every kind of
+ * transfer moves as many messages here as there.
  * Every account change takes the account's next seq, with no gap.
  *
  * <p>What the peer leaves out, against ours: the idempotency memory (the bench sends no retries),
@@ -51,15 +53,17 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
 
     private final String legKeyId;
     private final byte[] legKey;
+    private final int partitions;
     private final Runnable onFirstRecord;
     private ProcessorContext<String, byte[]> context;
     private KeyValueStore<String, byte[]> accounts;
     private MessageDigest sha256;
     private Mac hmac;
 
-    SagaProcessor(String legKeyId, byte[] legKey, Runnable onFirstRecord) {
+    SagaProcessor(String legKeyId, byte[] legKey, int partitions, Runnable onFirstRecord) {
         this.legKeyId = legKeyId;
         this.legKey = legKey;
+        this.partitions = partitions;
         this.onFirstRecord = onFirstRecord;
     }
 
@@ -324,9 +328,22 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         context.forward(new Record<>(accountId, event.bytes(), cause.timestamp()), TO_EVENTS);
     }
 
-    /** Signs the leg as schemas/leg_auth.py does: HMAC-SHA256 over the leg with mac "", cut to 16 bytes, hex. */
+    /**
+     * Signs the leg as schemas/leg_auth.py does: HMAC-SHA256 over the leg with mac "", cut to 16 bytes, hex;
+     * or decides it at once when its key is on the partition of the record that made it.
+     */
     private void emitLeg(String key, FlatJson.Writer legWithoutMac, Record<String, byte[]> cause) {
         byte[] unsigned = legWithoutMac.str("mac", "").bytes();
+        int here = context.recordMetadata().orElseThrow().partition();
+        if (SagaPeer.partitionFor(key, partitions) == here) {
+            Map<String, Object> leg = FlatJson.parse(unsigned);
+            if ("credit_leg".equals(leg.get("type"))) {
+                creditLeg(leg, cause);
+            } else {
+                refundLeg(leg, cause);
+            }
+            return;
+        }
         String mac = HEX.formatHex(hmac.doFinal(unsigned), 0, MAC_BYTES);
         context.forward(new Record<>(key, withMac(unsigned, mac), cause.timestamp()), TO_LEGS);
     }
