@@ -301,15 +301,24 @@ def _exit_reason(processor: ProcessorProcess) -> str | None:
     return None if code is None else f"exited with {code}"
 
 
-def _recoveries(processor: ProcessorProcess, since_byte: int) -> int:
-    """How often the runtime rebuilt itself since `since_byte` of its log (a producer replaced and
-    its partitions rebuilt, or a fatal consumer replaced): riding through, not a failure."""
+RECOVERY_MARKERS = ("WARNING recovering: ", "replacing it and rejoining the group")
+RECOVERY_REASON_CHARS_MAX = 200
+
+
+def _recoveries(processor: ProcessorProcess, since_byte: int) -> list[str]:
+    """Each time the runtime rebuilt itself since `since_byte` of its log (a producer replaced and
+    its partitions rebuilt, or a fatal consumer replaced), as its log line: riding through, not a
+    failure, but what a long stall was spent on."""
     if not processor.log_path.exists():
-        return 0
+        return []
     with processor.log_path.open("rb") as log:
         log.seek(since_byte)
         text = log.read().decode(errors="replace")
-    return text.count("WARNING recovering: ") + text.count("replacing it and rejoining the group")
+    return [
+        f"{processor.instance_id}: {line.strip()[:RECOVERY_REASON_CHARS_MAX]}"
+        for line in text.splitlines()
+        if any(marker in line for marker in RECOVERY_MARKERS)
+    ]
 
 
 def _log_tail(processor: ProcessorProcess) -> str:
@@ -361,13 +370,15 @@ def _drain_and_check(
         outcomes.close()
     stall_s = load.longest_gap_s(fault_s - 1.0, until_s)
     stuck = line.events[events_before:]
-    recoveries = sum(_recoveries(processor, since[name]) for name, processor in line.processors.items())
+    recoveries = [found for name, processor in line.processors.items() for found in _recoveries(processor, since[name])]
     report(
         f"STALL {fault}: {stall_s:.1f} s without a committed outcome (goal {STALL_BOUND_S:.0f} s); "
         f"{len(load.acked)} transfers acknowledged, {len(load.failed)} failed, heal took {heal_s:.1f} s; "
-        f"processors replaced: {len(stuck) or 'none'}, runtime recoveries: {recoveries}; "
+        f"processors replaced: {len(stuck) or 'none'}, runtime recoveries: {len(recoveries)}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, niceness {os.nice(0)}",
     )
+    for recovery in recoveries:
+        report(f"  recovery during {fault}: {recovery}")
     dumps = [state_dump(processor.store) for processor in line.processors.values()]
     check_ledger(line.settings, line.acknowledged, dumps)
     return stall_s, stuck
