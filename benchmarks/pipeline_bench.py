@@ -1328,7 +1328,7 @@ class Bench:
             problems,
         )
 
-    # -- the read model at the processor's full rate (2c) -----------------------------------
+    # -- the whole machine (2d) -------------------------------------------------------------
 
     def machine_settings(self) -> Settings:
         return self.settings.with_overrides(topic_prefix=f"{self.prefix}machine.")
@@ -1378,6 +1378,8 @@ class Bench:
                 self.problems.append(
                     f"{stage}: {child.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of SIGTERM"
                 )
+
+    # -- the read model at the processor's full rate (2c) -----------------------------------
 
     def readmodel_shard_counts(self) -> tuple[int, ...]:
         return self.options.readmodel_shards if self.options.readmodel_db else ()

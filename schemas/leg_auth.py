@@ -33,7 +33,14 @@ from schemas.commands import KEY_ID_LENGTH_MAX, Leg
 MAC_BYTES = 16
 KEY_BYTES_MIN = 16
 _KID = re.compile(r"[A-Za-z0-9._-]+")
-_MAC_UNSIGNED = b'"mac":""'  # the mac field of a canonical encoding before it is signed
+
+
+def _mac_field(mac: str) -> bytes:
+    """The `mac` field as a canonical encoding spells it."""
+    return b'"mac":"' + mac.encode() + b'"'
+
+
+_MAC_UNSIGNED = _mac_field("")  # the mac field of a canonical encoding before it is signed
 
 
 class LegKeyError(ValueError):
@@ -90,7 +97,7 @@ class LegKeyring:
     def signed_record(self, leg: Leg) -> bytes:
         """The record of `leg` as a processor writes it: signed by the signing key."""
         unsigned, mac = self._signing_mac(leg)
-        return unsigned.replace(_MAC_UNSIGNED, b'"mac":"' + mac.encode() + b'"', 1)
+        return unsigned.replace(_MAC_UNSIGNED, _mac_field(mac), 1)
 
     def sign(self, leg: Leg) -> Leg:
         """`leg` as `signed_record` writes it, decoded."""
@@ -105,8 +112,7 @@ class LegKeyring:
             return f"saga leg signed with unknown key id {leg.kid!r}"
         if not leg.mac.isascii():  # hmac.compare_digest raises on other text; hex is ASCII
             return _not_verified(leg)
-        signed_field = b'"mac":"' + leg.mac.encode() + b'"'
-        unsigned = record.replace(signed_field, _MAC_UNSIGNED, 1)
+        unsigned = record.replace(_mac_field(leg.mac), _MAC_UNSIGNED, 1)
         if len(unsigned) == len(record):  # the MAC is not in the record as written: not a signer's bytes
             return _not_verified(leg)
         if not hmac.compare_digest(self._mac(leg.kid, unsigned), leg.mac):

@@ -57,18 +57,25 @@ def running(make_settings):
     assert processor.stop() == 0, processor.log_tail()
 
 
-def test_forged_credit_leg_without_debit_mints_nothing(running):
-    settings, outcomes = running
-    forged = CreditLeg(
-        transaction_id="forged-1",
+def _credit_from_alice_to_bob(transaction_id: str, amount: str = "1000.00", kid: str = "", mac: str = "") -> CreditLeg:
+    """A credit leg no debit of alice's ever made, as a forger writes it."""
+    return CreditLeg(
+        transaction_id=transaction_id,
         actor="alice",
         issued_ms=0,
         from_account="alice",
         to_account="bob",
-        amount="1000.00",
+        amount=amount,
         currency="USD",
         digest="0" * 24,
+        kid=kid,
+        mac=mac,
     )
+
+
+def test_forged_credit_leg_without_debit_mints_nothing(running):
+    settings, outcomes = running
+    forged = _credit_from_alice_to_bob("forged-1")
     refund = RefundLeg(
         transaction_id="forged-2",
         actor="alice",
@@ -81,18 +88,7 @@ def test_forged_credit_leg_without_debit_mints_nothing(running):
         reason="account_frozen",
         debit_ms=0,
     )
-    negative = PROCESSORS_KEYRING.sign(
-        CreditLeg(
-            transaction_id="forged-3",
-            actor="alice",
-            issued_ms=0,
-            from_account="alice",
-            to_account="bob",
-            amount="-5.00",
-            currency="USD",
-            digest="0" * 24,
-        )
-    )
+    negative = PROCESSORS_KEYRING.sign(_credit_from_alice_to_bob("forged-3", amount="-5.00"))
     for leg in (forged, WRONG_KEYRING.sign(forged), refund, negative):
         _raw(settings, leg.to_account if type(leg) is CreditLeg else leg.from_account, encode(leg))
     after = edge(Deposit, transaction_id="after-forgeries", account_id="bob", amount="1.00", currency="USD")
@@ -114,18 +110,7 @@ def test_records_that_once_crashed_admission_are_dead_lettered_and_the_processor
     # of admission, so the processor crashed and restarted on the same record forever.
     settings, outcomes = running
     before = _balances(settings)
-    leg = CreditLeg(
-        transaction_id="hostile-mac",
-        actor="alice",
-        issued_ms=0,
-        from_account="alice",
-        to_account="bob",
-        amount="1000.00",
-        currency="USD",
-        digest="0" * 24,
-        kid=PROCESSORS_KEYRING.signing_kid,
-        mac="\u00e9" * 32,
-    )
+    leg = _credit_from_alice_to_bob("hostile-mac", kid=PROCESSORS_KEYRING.signing_kid, mac="\u00e9" * 32)
     hostile = [
         ("bob", encode(leg)),
         ("alice", b'{"type":{},"transaction_id":"hostile-tag-1","account_id":"alice","amount":"5.00"}'),

@@ -171,7 +171,8 @@ def decide(
     leg_keys: str = REFERENCE_LEG_KEYS,
 ) -> ReferenceLog:
     """Decides `client_commands` (in order) and the saga legs they cause the way the processors
-    would; `hold_legs_of` names transfers whose credit leg is never delivered."""
+    would; `hold_legs_of` names transfers whose credit leg is never delivered (one between two
+    accounts of a partition has no leg to hold: it settles in its own decision)."""
     log = ReferenceLog.empty(partition_count)
     legs: deque[Command] = deque()
     keyring = LegKeyring.parse(leg_keys)

@@ -85,7 +85,6 @@ def check_determinism(
     partition = commands.partition
     if commands.timestamps is None:
         raise ValueError("the commands were read without their record timestamps, which the core decides with")
-    replay = _PartitionReplay(commands, events, commands_topic, events_topic, result)
     owner_partitions: dict[str, int] = {}
 
     def owner_partition(account: str) -> int:
@@ -94,6 +93,7 @@ def check_determinism(
             found = owner_partitions[account] = partition_for(account, partition_count)
         return found
 
+    replay = _PartitionReplay(commands, events, commands_topic, events_topic, result, owner_partition)
     values, offsets, timestamps = commands.values, commands.offsets, commands.timestamps
     reported = 0
     undelivered: list[tuple[int, Violation]] = []  # (command offset, violation)
@@ -107,11 +107,7 @@ def check_determinism(
         assert value is not None, f"{commands_topic}[{partition}]@{offset} has no value"
         # The same gate as the processor's, so the replay skips exactly what it dead-lettered.
         admitted = admit(value, partition, owner_partition, keyring)
-        go_on = (
-            admitted
-            if isinstance(admitted, Refusal)
-            else replay.step(index, offset, admitted, timestamps[index], owner_partition)
-        )
+        go_on = admitted if isinstance(admitted, Refusal) else replay.step(index, offset, admitted, timestamps[index])
         if isinstance(go_on, Refusal):
             result.commands_dead_lettered += 1
             if (partition, offset) not in dead_lettered:
@@ -147,22 +143,22 @@ class _PartitionReplay:
         commands_topic: str,
         events_topic: str,
         result: DeterminismResult,
+        owner_partition: Callable[[str], int],
     ) -> None:
         self.commands, self.events = commands, events
         self.commands_topic, self.events_topic = commands_topic, events_topic
         self.result = result
+        self.owner_partition = owner_partition  # the partitioner, which decides what legs stay here
         self.state = State()
         self.position = 0  # of the next logged event a decided one must equal
         self.decided_offset = -1  # of the last command whose events are in the log
 
-    def step(
-        self, index: int, offset: int, command: WireCommand, record_time_ms: int, owner_partition: Callable[[str], int]
-    ) -> bool | Refusal:
+    def step(self, index: int, offset: int, command: WireCommand, record_time_ms: int) -> bool | Refusal:
         """Decides one command and compares its events; returns whether to go on, or the Refusal
         (the state untouched) of what the processor dead-letters."""
         result, partition = self.result, self.commands.partition
         try:
-            decision = decide(self.state, command, record_time_ms, partition, owner_partition)
+            decision = decide(self.state, command, record_time_ms, partition, self.owner_partition)
         except Exception as error:  # noqa: BLE001 - any failure of the core on a logged command is a finding
             result.violations.append(
                 Violation(
