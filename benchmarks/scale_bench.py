@@ -94,7 +94,7 @@ PARTITIONS_DEFAULT = 16
 TRANSFERS_DEFAULT = 50_000
 BROKER_CHOICES = (1, 3)
 # The longest wait after each event for the group to be stable and every partition to progress
-# (a leave waits for the static member's session timeout, 10 s, first).
+# (a killed member's partitions wait for its session timeout, 10 s, first).
 REBALANCE_SECONDS_DEFAULT = 60.0
 REBALANCE_SETTLE_S = 5.0  # load flows this long before the join
 REBALANCE_TAIL_S = 2.0  # and this long after every partition progressed again
@@ -104,7 +104,7 @@ WATCH_POLL_S = 0.01
 EVENTS_BATCH_SIZE_MAX = 10_000
 # Each member joining a group makes a rebalance; on a loaded machine each Python start takes seconds.
 GROUP_TIMEOUT_S = 120.0
-# Stopped static members leave the group at their session timeout, not at once.
+# Stopped processors leave the group at once; killed ones at their session timeout.
 GROUP_EMPTY_TIMEOUT_S = 60.0
 GROUP_POLL_S = 0.5
 TRANSACTIONS_READY_TIMEOUT_S = 180.0
@@ -181,8 +181,8 @@ class ScaleStage(Bench):
         return time.monotonic() - started_s
 
     def wait_for_empty_group(self) -> float:
-        """Waits until no member is left in the group (stopped static members leave at their session
-        timeout); returns the seconds."""
+        """Waits until no member is left in the group (a processor killed rather than stopped leaves
+        at its session timeout); returns the seconds."""
         admin = admin_client(self.bootstrap)
         group = self.settings.processor_group_id
         started_s = time.monotonic()

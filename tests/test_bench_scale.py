@@ -3,7 +3,7 @@
 The figures of a run this small mean nothing; what is checked is that every process count ran its
 processors, measured a rate, saw every outcome it should and passed its checks, that the takeover
 folded the whole events topic without a snapshot and nothing with one, and that no topic is left.
-The rebalance phase (tens of seconds: a leave waits for the static member's session timeout) is
+The rebalance phase (tens of seconds of load around a join and a leave) is
 skipped here; the arithmetic of its gaps is checked on its own.
 """
 

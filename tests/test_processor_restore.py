@@ -118,7 +118,7 @@ def test_restore_after_an_aborted_transaction_ends_without_its_records(make_sett
         consumer.close()
 
 
-REBALANCES = 4  # each waits out a session timeout (static membership): about 17 s a round
+REBALANCES = 4
 REBALANCE_ACCOUNTS = 300
 REBALANCE_TRANSFERS = 4_000
 ASSIGNED_TIMEOUT_S = 60
@@ -153,7 +153,6 @@ def test_rebalances_right_after_commits_lose_and_double_nothing(make_settings):
                 f"owner-b taking partitions (round {round_number})",
             )
             assert second.stop() == 0, second.log_tail()
-            # Static membership: the partitions come back to owner-a when owner-b's session ends.
             wait_for(
                 lambda: _owned_now(first) == set(range(settings.partitions)),
                 ASSIGNED_TIMEOUT_S,
@@ -177,3 +176,38 @@ def _owned_now(instance) -> set[int]:
     """The partitions an instance's log last said it owns."""
     lines = [line for line in instance.log_path.read_text(errors="replace").splitlines() if "now owning [" in line]
     return set(ast.literal_eval(lines[-1].rsplit("now owning ", 1)[1])) if lines else set()
+
+
+def test_a_processor_stopped_by_sigterm_hands_its_partitions_over_at_once(make_settings):
+    """A static member that merely closes keeps its partitions until its session times out: the
+    group waits for it to come back. A SIGTERM is a stop, not a restart, so the processor leaves
+    the group and its partitions move to the other instance well within the session timeout."""
+    from infra.kafka_clients import processor_consumer_config
+    from tests.support.kafka_io import wait_for
+    from tests.support.processes import ProcessorProcess
+
+    settings = make_settings(4)
+    session_timeout_s = processor_consumer_config(settings.bootstrap, "group", "instance")["session.timeout.ms"] / 1000
+    first = ProcessorProcess(settings, "stays").start().wait_until_assigned()
+    second = ProcessorProcess(settings, "stops").start()
+    try:
+        wait_for(
+            lambda: _owned_now(second) and len(_owned_now(first)) < settings.partitions,
+            ASSIGNED_TIMEOUT_S,
+            "the two instances sharing the partitions",
+        )
+        stopped_s = time.monotonic()
+        assert second.stop() == 0, second.log_tail()
+        wait_for(
+            lambda: _owned_now(first) == set(range(settings.partitions)),
+            ASSIGNED_TIMEOUT_S,
+            "the instance that stays owning every partition",
+            interval_s=0.1,
+        )
+        handover_s = time.monotonic() - stopped_s
+    finally:
+        first.stop()
+        second.stop() if second.process and second.process.poll() is None else None
+    assert handover_s < session_timeout_s / 2, (
+        f"the partitions moved {handover_s:.1f} s after the SIGTERM: the stopped instance did not leave the group"
+    )

@@ -72,6 +72,8 @@ log = logging.getLogger("wallet.processor")
 
 REPORT_INTERVAL_S = 5.0
 GC_YOUNG_THRESHOLD = 200_000  # allocations between young-generation collections
+LEAVE_TIMEOUT_S = 5.0  # longest a stop waits for the group to take its partitions back
+LEAVE_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -272,13 +274,31 @@ class Processor:
                 self._save_now(self._tasks.values(), "stopping")
             self._tasks.clear()  # saved: the revocation in the consumer's close has nothing left to save
         finally:
-            self._consumer.close()  # leaves the group so the partitions move at once
+            self._leave_group()
+            self._consumer.close()
             if self._standby is not None:
                 self._standby.close()
             self._restore_consumer.close()
             self._snapshots.close()
             self._store.close()
         log.info("instance %s stopped after %d commands", self.config.instance_id, self.commands_processed)
+
+    def _leave_group(self) -> None:
+        """Leaves the consumer group now, so that the partitions move at once. A static member's
+        close alone does not leave (KIP-345): the group would keep its partitions for the session
+        timeout, waiting for a restart. librdkafka sends the LeaveGroup of a static member on an
+        unsubscribe; a crashed instance sends none and is still taken back without a rebalance."""
+        try:
+            self._consumer.unsubscribe()
+            # The leave goes out once the revocation was served, by a poll (one, as a rule).
+            deadline_s = time.monotonic() + LEAVE_TIMEOUT_S
+            while self._consumer.assignment():
+                if time.monotonic() >= deadline_s:
+                    log.warning("still assigned %.0f s after leaving the group: closing anyway", LEAVE_TIMEOUT_S)
+                    return
+                self._consumer.poll(LEAVE_POLL_S)  # a record fetched before the leave is not processed
+        except KafkaException as error:  # a fatal or fenced consumer: its close ends it all the same
+            log.warning("leaving the group: %s", error)
 
     # -- the batch: one Kafka transaction ----------------------------------------------------
 
