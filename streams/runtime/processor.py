@@ -272,7 +272,7 @@ class Processor:
         try:
             if not self._snapshots.failed:
                 self._save_now(self._tasks.values(), "stopping")
-            self._tasks.clear()  # saved: the revocation in the consumer's close has nothing left to save
+            self._tasks.clear()  # saved: the revocation on leaving the group has nothing left to save
         finally:
             self._leave_group()
             self._consumer.close()
@@ -287,7 +287,8 @@ class Processor:
         """Leaves the consumer group now, so that the partitions move at once. A static member's
         close alone does not leave (KIP-345): the group would keep its partitions for the session
         timeout, waiting for a restart. librdkafka sends the LeaveGroup of a static member on an
-        unsubscribe; a crashed instance sends none and is still taken back without a rebalance."""
+        unsubscribe. A killed instance sends none: restarted under the same id, it takes its
+        partitions straight back."""
         try:
             self._consumer.unsubscribe()
             # The leave goes out once the revocation was served, by a poll (one, as a rule).
