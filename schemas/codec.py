@@ -12,14 +12,7 @@ import hashlib
 
 import msgspec
 
-from schemas.commands import (
-    ACCOUNT_ID_LENGTH_MAX,
-    ACTOR_LENGTH_MAX,
-    CLIENT_COMMANDS,
-    TRANSACTION_ID_LENGTH_MAX,
-    Command,
-    WireCommand,
-)
+from schemas.commands import Command, WireCommand
 from schemas.events import Event
 from schemas.outcomes import Outcome
 
@@ -35,24 +28,30 @@ class SchemaError(ValueError):
     """A record that is not valid JSON or not a valid message of its topic."""
 
 
+# What msgspec raises on hostile bytes besides its own errors: invalid UTF-8 inside a JSON
+# string or key (UnicodeDecodeError) and nesting past its depth limit (RecursionError). Each one
+# out of a decoder would stop a processor on the same record at every restart.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def decode_command(data: bytes) -> WireCommand:
     try:
         return _command_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except _UNDECODABLE as error:
         raise SchemaError(f"not a valid command: {error}") from None
 
 
 def decode_event(data: bytes) -> Event:
     try:
         return _event_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except _UNDECODABLE as error:
         raise SchemaError(f"not a valid event: {error}") from None
 
 
 def decode_outcome(data: bytes) -> Outcome:
     try:
         return _outcome_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except _UNDECODABLE as error:
         raise SchemaError(f"not a valid outcome: {error}") from None
 
 
@@ -64,34 +63,3 @@ def command_digest(command: Command) -> str:
     digest travels with the saga legs and the outcome.
     """
     return hashlib.blake2b(_encoder.encode(command), digest_size=12).hexdigest()
-
-
-_CLIENT_OWNER_FIELDS = {cls.__struct_config__.tag: cls.owner_field for cls in CLIENT_COMMANDS}
-_loose_decoder = msgspec.json.Decoder()
-
-
-def readable_request(data: bytes) -> tuple[str, str, str] | None:
-    """(transaction id, owning account, actor) of a record that is not a valid command but reads
-    as a client command's JSON object with those fields, else None. The actor is "" when it
-    cannot be read."""
-    try:
-        value = _loose_decoder.decode(data)
-    except (msgspec.DecodeError, TypeError):
-        return None
-    if type(value) is not dict:
-        return None
-    tag = value.get("type")
-    # Any JSON value can stand here, a dict or list among them, which no dict lookup takes.
-    owner_field = _CLIENT_OWNER_FIELDS.get(tag) if type(tag) is str else None
-    transaction_id, owner, actor = value.get("transaction_id"), value.get(owner_field), value.get("actor")
-    if (
-        owner_field is None
-        or type(transaction_id) is not str
-        or not 1 <= len(transaction_id) <= TRANSACTION_ID_LENGTH_MAX
-        or type(owner) is not str
-        or not 1 <= len(owner) <= ACCOUNT_ID_LENGTH_MAX
-    ):
-        return None
-    if type(actor) is not str or len(actor) > ACTOR_LENGTH_MAX:
-        actor = ""
-    return transaction_id, owner, actor

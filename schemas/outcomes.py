@@ -27,7 +27,7 @@ class Outcome(
     v: int = SCHEMA_VERSION
     transaction_id: str
     account_id: str  # the account that owns the request
-    actor: str  # who asked ("" when a dead-lettered record did not say)
+    actor: str  # who asked
     status: OutcomeStatus
     reason: str | None = None
     digest: str
@@ -62,5 +62,3 @@ class Reason:
     INVALID_EXPIRY = "invalid_expiry"  # expires_in_ms not in 1 .. HOLD_EXPIRY_MS_MAX
     RESERVED_ACCOUNT_ID = "reserved_account_id"  # open of an id with `::`, which only shards' derived ids have
     INVALID_SHARDS = "invalid_shards"  # shards/to_shards not 1..64, or shards of a non-merchant or too long an id
-    INVALID_COMMAND = "invalid_command"  # the record could not be decoded (dead-lettered)
-    WRONG_PARTITION = "wrong_partition"  # the record arrived on a partition that does not own its account

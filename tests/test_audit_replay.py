@@ -3,7 +3,7 @@
 The clean log is the core's own decisions on a scenario that exercises every kind of command
 (opens, deposits, withdrawals, transfers within and across partitions, transfers refunded
 because the receiver is missing, frozen, in another currency or not a merchant, insufficient
-funds, retried and conflicting duplicates, a poison record and a misrouted one), computed by
+funds, retried and conflicting duplicates, a poison record and a misrouted one, forwarded), computed by
 the reference pipeline and written to real topics. Each tampered copy changes one thing and
 is written to fresh topics. The logs are written in one Kafka transaction, so an event's
 offset is its position in its partition's list.
@@ -179,7 +179,8 @@ def _scenario() -> list:
         ),  # not a merchant: refunded
         edge(Withdraw, transaction_id="w-bob-too-much", account_id=a["bob"], amount="1000.00", currency="USD"),
         raw_command(a["alice"], b'{"type": "deposit", "not": "a command"}'),
-        # A deposit for carol keyed by alice: lands on alice's partition, which does not own carol.
+        # A deposit for carol keyed by alice: lands on alice's partition, which does not own carol,
+        # dead-letters it and forwards it to carol's, which decides it (1.00 of the deposits).
         raw_command(
             a["alice"],
             encode(edge(Deposit, transaction_id="misrouted", account_id=a["carol"], amount="1.00", currency="USD")),
@@ -204,7 +205,7 @@ def _scenario() -> list:
     return commands
 
 
-DEPOSITED_USD, WITHDRAWN_USD = "245.00", "10.00"
+DEPOSITED_USD, WITHDRAWN_USD = "246.00", "10.00"
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +300,7 @@ def test_clean_log_passes_every_check_and_proves_the_totals(clean_settings, clea
     assert report.snapshots_compared == PARTITIONS
     usd = next(row for row in report.currencies if row.currency == "USD").to_json()
     assert (usd["deposited"], usd["withdrawn"], usd["in_flight"]) == (DEPOSITED_USD, WITHDRAWN_USD, "0.00")
-    assert usd["balances"] == "235.00" and usd["holds"]
+    assert usd["balances"] == "236.00" and usd["holds"]
     assert report.in_flight == []
     assert report.determinism.events_reproduced == clean_log.event_count
     assert report.determinism.commands_dead_lettered == 2

@@ -3,7 +3,8 @@
 `decide` runs client commands through the core as the processors do: one state per partition,
 each partition deciding its commands log in order, saga legs appended to the commands log of
 the partition that owns them a few commands later (so transfers are in flight for a while, as
-live), undecodable or misrouted records dead-lettered. The result is the records each topic
+live), undecodable or misrouted records dead-lettered (a misrouted client command also
+forwarded to its owner's partition). The result is the records each topic
 would hold after a clean run. `publish` writes it to real topics. Tests and benchmarks compare
 against it (the audit), read it (the read model) or tamper with copies of it. It is not a
 second processor: it has no restore and no crash handling, which are what the processor is about.
@@ -195,8 +196,9 @@ def decide(
         )
         if isinstance(decision, admission.Refusal):
             log.dead_letters.append(DeadLetter(record, decision.reason, partition, len(commands) - 1))
-            if decision.outcome is not None:
-                log.add(decision.outcome)
+            forward = decision.forward_to
+            if forward is not None:  # as the processor forwards a misrouted client command
+                deliver(Record(forward.key.encode(), record.value, leg=record.leg))
             return
         for event in decision.events:
             log.add(event)

@@ -28,10 +28,7 @@ from schemas.events import (
     TransferRefunded,
     Withdrawn,
 )
-from schemas.outcomes import Reason
 
-# Reasons of the answers the processor gives records it dead-letters: no decision event by design.
-DEAD_LETTER_REASONS = frozenset({Reason.INVALID_COMMAND, Reason.WRONG_PARTITION})
 ANY_EVENT = (
     AccountOpened,
     Deposited,

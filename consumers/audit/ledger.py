@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 import msgspec
 
-from consumers.audit.answers import DEAD_LETTER_REASONS, AnswerEntry, UnansweredDecision, check_answers
+from consumers.audit.answers import AnswerEntry, UnansweredDecision, check_answers
 from consumers.audit.conservation import CurrencyTotals, currency_totals
 from consumers.audit.holds import HoldLedger, LoggedHold
 from consumers.audit.snapshots import StateSnapshot, compare_snapshot
@@ -226,8 +226,6 @@ class LedgerReplay:
                     )
                     continue
                 transaction_id = outcome.transaction_id
-                if outcome.reason in DEAD_LETTER_REASONS:
-                    continue  # the answer to a record nobody could decide: no decision event by design
                 if keys[index] != transaction_id.encode():
                     self._violation(
                         Kind.MISKEYED_OUTCOME,

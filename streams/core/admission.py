@@ -4,10 +4,13 @@ One pure function pair, called by every place that decides the log: the processo
 audit's replay (which must skip exactly the records the processor dead-lettered, or replay
 is not byte-identical) and the benchmarks' reference pipeline. The checks, in order:
 
-1. the value decodes as a command of the contract (else `invalid_command`);
-2. it sits on the partition that owns its account (else `wrong_partition`): a producer that
-   does not use the murmur2 partitioner must not split an account's history; a processor's
-   tick must sit on the partition it names, so a tick moves only its own partition's time;
+1. the value decodes as a command of the contract (else it is dead-lettered, unanswered);
+2. it sits on the partition that owns its account: a producer that does not use the murmur2
+   partitioner must not split an account's history. A client command found elsewhere is
+   dead-lettered and forwarded, its bytes unchanged, to the partition that owns its account,
+   which decides it like any other record; a leg or a tick found elsewhere is only
+   dead-lettered (processors write them on the right partition), and a tick must sit on the
+   partition it names, so a tick moves only its own partition's time;
 3. a saga leg carries a MAC of the processors' keyring: legs are written by processors only;
 4. the core can decide it (`UndecidableInput` otherwise, state untouched).
 
@@ -21,8 +24,12 @@ Every place that decides the log calls `decide`, so the processor, the audit's r
 reference pipeline all apply the rule the same way.
 
 Trust boundary: the value is untrusted bytes from the topic; what comes out is either a
-command the core may decide or a `Refusal` that says why not (the DLQ record's reason) and,
-when the record names a waiting client, the `failure` answer it gets.
+command the core may decide or a `Refusal` that says why not (the DLQ record's reason). A
+refusal is never answered on `wallet.outcomes`: the identity a refused record names (an account
+and a transaction id) is only what its bytes claim, and an answer under it would be a second,
+contradicting answer to the real request of that id (a copy of a transfer written to another
+partition, or garbage naming someone's transaction id, once made the API report `failure` for
+a transfer whose money moved). The owner's partition alone decides, and answers, a request.
 """
 
 from __future__ import annotations
@@ -34,48 +41,57 @@ from schemas.codec import SchemaError, decode_command
 from schemas.commands import LEG_COMMANDS, SHARDS_MAX, Leg, Tick, WireCommand, command_type, owner_account
 from schemas.events import Event
 from schemas.leg_auth import LegKeyring
-from schemas.outcomes import Outcome, Reason
 from streams.core.errors import UndecidableInput
-from streams.core.machine import Decision, apply, dead_letter_outcome
+from streams.core.machine import Decision, apply
 from streams.core.state import State
+
+
+class Forward(NamedTuple):
+    """Where a misrouted client command's bytes go on to: its owner's partition, under its owner's
+    key (not the record's own key, which may be of any size or none)."""
+
+    partition: int
+    key: str
 
 
 class Refusal(NamedTuple):
     """A record that is dead-lettered instead of decided."""
 
     reason: str  # human-readable, written to the DLQ
-    outcome: Outcome | None  # the answer to the client waiting on it, when there is one
+    forward_to: Forward | None = None
 
 
 def admit(
-    value: bytes, partition: int, owner_partition: Callable[[str], int], keyring: LegKeyring
+    value: bytes | None, partition: int, owner_partition: Callable[[str], int], keyring: LegKeyring
 ) -> WireCommand | Refusal:
     """The command in `value`, found on `partition`, if the core may decide it (checks 1-3)."""
+    if value is None:
+        return Refusal("no value (a tombstone): not a command")
     try:
         command = decode_command(value)
     except SchemaError as schema_error:
-        return Refusal(str(schema_error), dead_letter_outcome(value, Reason.INVALID_COMMAND))
+        return Refusal(str(schema_error))
     if isinstance(command, Tick):
         if command.partition != partition:
-            # Nobody waits on a tick: dead-lettered without an answer.
             return Refusal(
                 f"tick of partition {command.partition} arrived on partition {partition}: a tick may move "
-                f"only the time of the partition it names",
-                None,
+                f"only the time of the partition it names"
             )
         return command
     owner = owner_account(command)
     owner_here = owner_partition(owner)
     if owner_here != partition:
-        return Refusal(
+        misrouted = (
             f"command for account {owner!r} arrived on partition {partition}, but the account belongs to "
-            f"partition {owner_here}: its producer does not use the murmur2 partitioner",
-            dead_letter_outcome(value, Reason.WRONG_PARTITION, command),
+            f"partition {owner_here}: its producer does not use the murmur2 partitioner"
         )
+        if isinstance(command, LEG_COMMANDS):
+            return Refusal(misrouted)
+        return Refusal(f"{misrouted}; forwarded there", forward_to=Forward(owner_here, owner))
     if isinstance(command, LEG_COMMANDS):
         refused = keyring.verify(command, value)
         if refused is not None:
-            return Refusal(refused, None)  # nobody waits on a leg; answering a forged one would forge answers
+            return Refusal(refused)
     return command
 
 
@@ -88,7 +104,7 @@ def decide(
     try:
         decision = apply(state, command, record_time_ms)
     except UndecidableInput as undecidable:
-        return Refusal(f"the state machine cannot decide it: {undecidable}", None)
+        return Refusal(f"the state machine cannot decide it: {undecidable}")
     if not decision.follow_ups:
         return decision
     return _with_local_legs(decision, record_time_ms, partition, owner_partition)

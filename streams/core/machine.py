@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
-from schemas.codec import command_digest, readable_request
+from schemas.codec import command_digest
 from schemas.commands import (
     ACCOUNT_ID_LENGTH_MAX,
     HOLD_EXPIRY_MS_MAX,
@@ -885,32 +885,6 @@ def _reject(state: State, command: Command, digest: str, reason: str, now_ms: in
     event = _rejection(command, owner_account(command), digest, reason, now_ms)
     fold(state, event)
     return Decision(state, [event], [], _outcome(command, FAILURE, reason, digest))
-
-
-def dead_letter_outcome(value: bytes, reason: str, command: WireCommand | None = None) -> Outcome | None:
-    """The `failure` answer to a client record that cannot be decided (`reason` invalid_command
-    or wrong_partition), when its transaction id and owning account can be read; else None.
-
-    Without it the client would wait `pending` forever. Never for a saga leg: a leg has no
-    client waiting, and answering a forged one would let anyone write answers."""
-    if command is not None:
-        if isinstance(command, (CreditLeg, RefundLeg, OpenShard, Tick)):
-            return None
-        return Outcome(
-            transaction_id=command.transaction_id,
-            account_id=owner_account(command),
-            actor=command.actor,
-            status=FAILURE,
-            reason=reason,
-            digest=command_digest(command),
-        )
-    request = readable_request(value)
-    if request is None:
-        return None
-    transaction_id, account_id, actor = request
-    return Outcome(
-        transaction_id=transaction_id, account_id=account_id, actor=actor, status=FAILURE, reason=reason, digest=""
-    )
 
 
 # Each handler takes the client command class it is keyed by (hence Any for the command).

@@ -94,10 +94,8 @@ class BatchTally:
         if decision.follow_ups:
             self.legs += len(decision.follow_ups)
 
-    def dead_letter(self, answered: bool) -> None:
+    def dead_letter(self) -> None:
         self.dead_letters += 1
-        if answered:
-            self.outcomes += 1
 
 
 def open_debits_by_currency(states: Iterable[State]) -> dict[str, tuple[int, int]]:

@@ -56,7 +56,6 @@ from schemas.codec import encode
 from schemas.commands import TICK_TRANSACTION_ID, Tick
 from schemas.events import HOLD_EVENTS, CommandRejected
 from schemas.leg_auth import LegKeyring
-from schemas.outcomes import Outcome
 from schemas.partitioning import partition_for
 from streams.core.admission import Refusal, admit, decide
 from streams.core.machine import Decision
@@ -395,17 +394,18 @@ class Processor:
             else decide(task.state, admitted, record_time_ms, partition, self._owner_partition)
         )
         if isinstance(decision, Refusal):
-            self._dead_letter(record, decision.reason, decision.outcome)
+            self._dead_letter(record, decision)
             return None
         self._tally.decision(type(admitted), decision)
         return decision
 
-    def _dead_letter(self, record, reason: str, outcome: Outcome | None = None) -> None:
-        self._transactions.dead_letter(record, reason)
-        self._tally.dead_letter(answered=outcome is not None)
-        if outcome is not None:
-            # The client that sent it would otherwise wait `pending` forever.
-            self._transactions.send(self.settings.outcomes_topic, encode(outcome), outcome.transaction_id)
+    def _dead_letter(self, record, refusal: Refusal) -> None:
+        self._transactions.dead_letter(record, refusal.reason)
+        self._tally.dead_letter()
+        forward = refusal.forward_to
+        if forward is not None:
+            # In the same transaction: the owner's partition decides (and answers) it exactly once.
+            self._transactions.send(self.settings.commands_topic, record.value(), forward.key, forward.partition)
 
     def _emit(self, task: _Task, decision: Decision, batch: _Batch) -> None:
         """Queues the decision's events for the batch and sends its legs and outcome now."""

@@ -20,6 +20,7 @@ times while librdkafka calls its error retriable. The one call librdkafka does n
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -40,6 +41,11 @@ INIT_RETRY_INTERVAL_S = 0.1
 # issues 5456 and 5511). The call runs on a thread and is given up this long after its timeout;
 # the producer it holds is then replaced (same transactional id: the new one fences it).
 SEND_OFFSETS_GRACE_S = 2.0
+# A dead letter keeps at most this much of its record's value, with the whole value's size and
+# SHA-256 in its headers: the broker takes records up to about 1 MiB on `wallet.commands`, over
+# what the producer sends (1,000,000 bytes), and a copy refused as too large once failed the
+# batch on the same record at every retry. No command comes near it (an API body is <= 16 KiB).
+DEAD_LETTER_VALUE_BYTES_MAX = 65_536
 HELD_PRODUCERS_MAX = 4  # producers still held by a given-up call; more means librdkafka is wedged
 # A replacement (the processor's recovery) may have to wait for its transaction coordinator for as
 # long as the cluster needs to elect one: with two of three brokers lost, until one is back. Its
@@ -166,12 +172,21 @@ class TransactionalProducer:
             ("source_partition", str(record.partition()).encode()),
             ("source_offset", str(record.offset()).encode()),
         ]
+        value, key = record.value(), record.key()
+        if value is not None and len(value) > DEAD_LETTER_VALUE_BYTES_MAX:
+            headers += [
+                ("value_bytes", str(len(value)).encode()),
+                ("value_sha256", hashlib.sha256(value).hexdigest().encode()),
+            ]
+            value = value[:DEAD_LETTER_VALUE_BYTES_MAX]
+        if key is not None and len(key) > DEAD_LETTER_VALUE_BYTES_MAX:
+            key = key[:DEAD_LETTER_VALUE_BYTES_MAX]  # the value's bound: a key can be as large
         try:
             produce_with_room(
                 self._producer,
                 self._dlq_topic,
-                record.value(),
-                record.key(),
+                value,
+                key,
                 headers=headers,
                 queue_full_wait_ms=self._queue_full_wait_ms,
             )

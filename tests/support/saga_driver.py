@@ -187,10 +187,9 @@ class SagaDriver:
 
     def _dead_letter(self, partition: int, value: bytes, refusal: Refusal, command: WireCommand | None) -> Step:
         self.dead_letters.append(DeadLetter(partition, value, refusal.reason, command))
-        if refusal.outcome is not None:
-            self.outcome_records.append(encode(refusal.outcome))
-            self.outcomes.append(refusal.outcome)
-        return Step(partition, command, [], refusal.outcome)
+        if refusal.forward_to is not None:  # as the processor forwards it
+            self.partitions[refusal.forward_to.partition].queue.append((value, self.clock_ms))
+        return Step(partition, command, [], None)
 
     def drain(self, steps_max: int = DRAIN_STEPS_MAX) -> int:
         """Consumes every partition round-robin until no record is left; returns the steps taken."""
