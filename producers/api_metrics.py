@@ -85,10 +85,24 @@ def _route_template(scope) -> str:
     if route is not None:
         return route.path
     app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+    return _matching_template(getattr(getattr(app, "router", None), "routes", ()), scope)
+
+
+def _matching_template(routes, scope) -> str:
+    for candidate in routes:
+        path = getattr(candidate, "path", None)
+        if path is None:
+            # FastAPI 0.165 keeps an included router as one entry without a path of its own (its
+            # routes carry their full paths): its routes are searched instead. Taking its `.path`
+            # raised, so every 413 and 415 ended in a 500 of the middleware.
+            included = getattr(candidate, "original_router", None)
+            template = _matching_template(getattr(included, "routes", ()), scope)
+            if template != UNMATCHED_ROUTE:
+                return template
+            continue
         match, _ = candidate.matches(scope)
         if match is not Match.NONE:
-            return candidate.path
+            return path
     return UNMATCHED_ROUTE
 
 

@@ -196,12 +196,26 @@ def _bearer_token(authorization: str | None) -> str:
 
 
 def _principal_of(claims: dict) -> Principal:
-    sub, scope = claims.get("sub"), claims.get("scope", "")
+    sub, scope, expires = claims.get("sub"), claims.get("scope", ""), claims.get("exp")
+    # PyJWT takes a numeric string as exp; the remembered expiry is arithmetic on it.
+    if type(expires) not in (int, float):
+        raise AuthError("the token's exp must be a number (NumericDate)")
     if not isinstance(sub, str) or not 1 <= len(sub) <= SUB_LENGTH_MAX:
         raise AuthError(f"the token's sub must be a string of 1 to {SUB_LENGTH_MAX} characters")
+    if not _encodes_as_utf8(sub):
+        # A lone surrogate cannot be written into a command, a digest or a query: a 500 each.
+        raise AuthError("the token's sub must be UTF-8 text (no lone surrogates)")
     if not isinstance(scope, str):
         raise AuthError("the token's scope must be a space-separated string")
     return Principal(sub=sub, scopes=frozenset(scope.split()))
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def issue_token(

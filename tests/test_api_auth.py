@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from consumers.readmodel.store import ReadModelStore
 from infra.settings import Settings
 from producers.auth import (
+    LOCAL_ISSUER,
     TOKEN_CACHE_TTL_S,
     AuthConfig,
     AuthError,
@@ -379,6 +380,22 @@ def test_a_remembered_token_still_expires() -> None:
     now_s[0] += 2
     with pytest.raises(AuthError, match="expired"):
         verifier.principal(header)
+
+
+@pytest.mark.parametrize(
+    ("claims", "refused"),
+    [
+        ({"sub": "alice", "exp": str(int(time.time()) + 600)}, "exp must be a number"),
+        ({"sub": "alice\ud800", "exp": int(time.time()) + 600}, "UTF-8"),
+    ],
+    ids=["exp as a numeric string", "sub with a lone surrogate"],
+)
+def test_a_signed_token_with_claims_of_the_wrong_kind_is_refused_not_a_500(claims: dict, refused: str) -> None:
+    # Each was signed by the trusted key and accepted by PyJWT, and then raised: TypeError on the
+    # remembered expiry, UnicodeEncodeError in the command's digest and the read model's query.
+    signed = jwt.encode({**claims, "iss": LOCAL_ISSUER, "scope": "wallet:user"}, TEST_SECRET, algorithm="HS256")
+    with pytest.raises(AuthError, match=refused):
+        _verifier_at([time.time()]).principal(f"Bearer {signed}")
 
 
 def test_a_remembered_token_does_not_vouch_for_the_same_claims_with_another_signature() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 
 from infra.metrics import (
@@ -130,6 +130,13 @@ def _labelled_app(metrics: ApiMetrics) -> FastAPI:
     async def open_one() -> dict:
         return {}
 
+    included = APIRouter()  # as the wallet's own routes are: in routers the app includes
+
+    @included.post("/v1/holds")
+    async def place() -> dict:
+        return {}
+
+    app.include_router(included)
     app.add_middleware(BodyGate, body_bytes_max=16)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
@@ -142,17 +149,19 @@ def test_requests_are_labelled_by_route_template_never_by_the_path_or_a_made_up_
         for account_id in ("alice", "bob", "carol"):
             assert httpx.get(f"{base_url}/v1/accounts/{account_id}").status_code == 200
         assert httpx.post(f"{base_url}/v1/accounts", content=b"{" + b" " * 64 + b"}").status_code == 413
+        # Refused before routing, on an included router's route: its template was once a 500.
+        assert httpx.post(f"{base_url}/v1/holds", content=b"{" + b" " * 64 + b"}").status_code == 413
         assert httpx.get(f"{base_url}/no/such/route").status_code == 404
         # A method the HTTP parser knows but no route serves reaches the app: 405, labelled "other".
         assert httpx.request("PURGE", f"{base_url}/v1/accounts/alice").status_code == 405
         # One no parser knows is refused by the server (httptools) before the app: nothing counted.
         assert httpx.request("BREW", f"{base_url}/v1/accounts/alice").status_code == 400
     durations = _scrape(registry).by_label("wallet_api_request_duration_seconds_count", "route")
-    assert durations == {"/v1/accounts/{account_id}": 4, "/v1/accounts": 1, "unmatched": 1}
+    assert durations == {"/v1/accounts/{account_id}": 4, "/v1/accounts": 1, "/v1/holds": 1, "unmatched": 1}
     methods = _scrape(registry).by_label("wallet_api_request_duration_seconds_count", "method")
-    assert methods == {"GET": 4, "POST": 1, "other": 1}
+    assert methods == {"GET": 4, "POST": 2, "other": 1}
     statuses = _scrape(registry).by_label("wallet_api_request_duration_seconds_count", "status")
-    assert statuses == {"200": 3, "413": 1, "404": 1, "405": 1}
+    assert statuses == {"200": 3, "413": 2, "404": 1, "405": 1}
 
 
 def test_an_api_cut_off_from_kafka_is_live_but_not_ready_and_counts_its_refusals() -> None:
