@@ -39,6 +39,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from infra.http import ApiError
 from infra.secrets import jwt_secret
 from infra.settings import Settings
+from schemas.commands import LOCAL_ACCOUNT_ACTOR_PREFIX
 
 SCOPE_USER = "wallet:user"
 SCOPE_BANK = "wallet:bank"
@@ -202,6 +203,8 @@ def _principal_of(claims: dict) -> Principal:
         raise AuthError("the token's exp must be a number (NumericDate)")
     if not isinstance(sub, str) or not 1 <= len(sub) <= SUB_LENGTH_MAX:
         raise AuthError(f"the token's sub must be a string of 1 to {SUB_LENGTH_MAX} characters")
+    if sub.startswith(LOCAL_ACCOUNT_ACTOR_PREFIX):
+        raise AuthError(f"the token's sub may not start with {LOCAL_ACCOUNT_ACTOR_PREFIX!r}: the local edges' actors")
     if not _encodes_as_utf8(sub):
         # A lone surrogate cannot be written into a command, a digest or a query: a 500 each.
         raise AuthError("the token's sub must be UTF-8 text (no lone surrogates)")
@@ -233,6 +236,8 @@ def issue_token(
         raise ValueError(f"unknown scope(s) {sorted(unknown)}; the scopes are {' '.join(SCOPES)}")
     if not 1 <= len(sub) <= SUB_LENGTH_MAX:
         raise ValueError(f"sub must be 1 to {SUB_LENGTH_MAX} characters")
+    if sub.startswith(LOCAL_ACCOUNT_ACTOR_PREFIX):
+        raise ValueError(f"sub may not start with {LOCAL_ACCOUNT_ACTOR_PREFIX!r}: the local edges' actors")
     issued_s = int(time.time() if now_s is None else now_s)
     claims = {
         "sub": sub,

@@ -321,15 +321,23 @@ LOCAL_BANK_ACTOR = "bank"
 LOCAL_OPERATOR_ACTOR = "operator"
 
 
+# The actor of an account's own commands from a local edge: `local:` and the account id. No token
+# can carry it (the API refuses a sub with this prefix), so no principal of an identity provider
+# owns an account a local edge opened; with the bare account id as the actor, a token whose sub
+# was that id moved its money.
+LOCAL_ACCOUNT_ACTOR_PREFIX = "local:"
+
+
 def local_credentials(command_class: type, owner: str) -> tuple[str, str]:
     """(actor, role) of a command built by a trusted local edge without authentication: money in
     and out by the bank rail, status changes by the operator, everything else (transfers, holds:
-    place, capture, void) by the account itself (an account opened this way is owned by its own id)."""
+    place, capture, void) by the account itself (an account opened this way is owned by
+    `local:<its id>`)."""
     if command_class in (Deposit, Withdraw):
         return LOCAL_BANK_ACTOR, "bank"
     if command_class in (Freeze, Unfreeze, Close):
         return LOCAL_OPERATOR_ACTOR, "operator"
-    return owner, "user"
+    return LOCAL_ACCOUNT_ACTOR_PREFIX + owner, "user"
 
 
 def owner_account(command: Command) -> str:

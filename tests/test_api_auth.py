@@ -387,12 +387,14 @@ def test_a_remembered_token_still_expires() -> None:
     [
         ({"sub": "alice", "exp": str(int(time.time()) + 600)}, "exp must be a number"),
         ({"sub": "alice\ud800", "exp": int(time.time()) + 600}, "UTF-8"),
+        ({"sub": "local:alice", "exp": int(time.time()) + 600}, "local edges"),
     ],
-    ids=["exp as a numeric string", "sub with a lone surrogate"],
+    ids=["exp as a numeric string", "sub with a lone surrogate", "sub of a local edge's actor"],
 )
-def test_a_signed_token_with_claims_of_the_wrong_kind_is_refused_not_a_500(claims: dict, refused: str) -> None:
-    # Each was signed by the trusted key and accepted by PyJWT, and then raised: TypeError on the
-    # remembered expiry, UnicodeEncodeError in the command's digest and the read model's query.
+def test_a_signed_token_with_claims_the_api_cannot_take_is_refused_not_a_500(claims: dict, refused: str) -> None:
+    # Each is signed by the trusted key and accepted by PyJWT. The first two then raised: TypeError
+    # on the remembered expiry, UnicodeEncodeError in the command's digest and the read model's
+    # query. The third would act as the owner of every account a local edge opened as "alice".
     signed = jwt.encode({**claims, "iss": LOCAL_ISSUER, "scope": "wallet:user"}, TEST_SECRET, algorithm="HS256")
     with pytest.raises(AuthError, match=refused):
         _verifier_at([time.time()]).principal(f"Bearer {signed}")

@@ -49,7 +49,9 @@ def test_client_commands_carry_the_actor_and_role_given_or_the_local_edges() -> 
     assert (opened.actor, opened.role) == ("alice", "user")
     sent = client_command(Transfer, transaction_id="t", from_account="a", to_account="b", amount="1.00", currency="USD")
     assert isinstance(sent, Transfer)
-    assert (sent.actor, sent.role) == ("a", "user")
+    # `local:` and the account id, which no token's sub can be: as the bare id, a token whose sub
+    # was "a" owned every account a local edge had opened as "a" and moved its money.
+    assert (sent.actor, sent.role) == ("local:a", "user")
     with pytest.raises(ValueError):
         client_command(Freeze, transaction_id="t\n", account_id="a")
 
@@ -89,7 +91,7 @@ def test_a_capture_or_void_names_a_hold_id_the_contract_allows() -> None:
         with pytest.raises(ValueError, match="hold_id"):
             client_command(VoidHold, transaction_id="v", account_id="a", hold_id=hold_id)
     captured = client_command(CaptureHold, transaction_id="c", account_id="a", hold_id="h-1", amount="1.00")
-    assert isinstance(captured, CaptureHold) and (captured.actor, captured.role) == ("a", "user")
+    assert isinstance(captured, CaptureHold) and (captured.actor, captured.role) == ("local:a", "user")
 
 
 def test_the_client_library_refuses_to_publish_a_tick() -> None:

@@ -92,7 +92,7 @@ def test_a_sharded_merchant_paid_by_many_payers_holds_every_payment_across_its_s
     payments = [
         PayMerchant(
             transaction_id=f"hot-pay-{number}",
-            actor=payer,  # the local edge's credentials: an account acts for itself
+            actor=f"local:{payer}",  # the local edge's credentials: an account acts for itself
             role="user",
             from_account=payer,
             to_account=MERCHANT,
@@ -138,7 +138,7 @@ def test_a_sharded_merchant_paid_by_many_payers_holds_every_payment_across_its_s
         to_account=PAYERS[0],
         amount="1.00",
         currency="USD",
-        actor=MERCHANT,
+        actor=f"local:{MERCHANT}",  # its owner, as the local edge opened it
     )
     refused, paid_out = _ask(pipeline, stranger, owner)
     assert (refused.status, refused.reason) == ("failure", Reason.NOT_AUTHORIZED)
@@ -156,8 +156,17 @@ def test_the_account_route_sums_a_sharded_merchants_shards_and_lists_them(db_url
     # The events of one partition holding every account, decided by the core, into the read model.
     state, events = State(), []
     commands = [
-        edge(OpenAccount, transaction_id="m-open", account_id="shop", currency="USD", kind="merchant", shards=3),
-        edge(OpenAccount, transaction_id="p-open", account_id="payer", currency="USD"),
+        # Opened as through the API, by the principals whose tokens read them below.
+        edge(
+            OpenAccount,
+            transaction_id="m-open",
+            account_id="shop",
+            currency="USD",
+            kind="merchant",
+            shards=3,
+            actor="shop",
+        ),
+        edge(OpenAccount, transaction_id="p-open", account_id="payer", currency="USD", actor="payer"),
         edge(Deposit, transaction_id="p-fund", account_id="payer", amount="50.00", currency="USD"),
         *(
             edge(
@@ -168,6 +177,7 @@ def test_the_account_route_sums_a_sharded_merchants_shards_and_lists_them(db_url
                 amount="2.50",
                 currency="USD",
                 to_shards=3,
+                actor="payer",
             )
             for n in range(12)
         ),

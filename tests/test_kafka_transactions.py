@@ -20,6 +20,7 @@ from infra.ports import free_loopback_ports
 from infra.settings import Settings
 from infra.supervision import read_proc_stat
 from wallet import localkafka
+from wallet.localkafka.broker import BrokerFiles, _wait_ready, nodes_of
 
 TRANSACTION_TIMEOUT_S = 30
 CONSUME_TIMEOUT_S = 30
@@ -226,6 +227,19 @@ def test_local_broker_starts_reports_ready_and_stops_without_leaving_a_process(t
         assert report["ready"] and report["running"] and report["pid"] == result.pid
         assert report["brokers"] == 1 and report["bootstrap"] == f"127.0.0.1:{kafka_port}"
         assert localkafka.start(settings, timeout_s=30).already_running
+        # Another run folder on the same ports, started at the same moment, once took this broker
+        # for its own (its JVM had not failed to bind yet) and created its topics here.
+        other = Settings(
+            kafka_bootstrap="",
+            run_dir=tmp_path / "other",
+            local_kafka_port=kafka_port,
+            local_controller_port=controller_port,
+        )
+        other_files = BrokerFiles.of(other)
+        other_files.cluster_id_file.parent.mkdir(parents=True)
+        other_files.cluster_id_file.write_text("AnotherClusterIdAAAAAA\n")
+        with pytest.raises(localkafka.LocalKafkaError, match="another run folder's broker holds its ports"):
+            _wait_ready(other, nodes_of(other, 1), 30, processes={})
     finally:
         assert localkafka.stop(settings, timeout_s=30)
 

@@ -149,7 +149,7 @@ def test_paying_a_user_as_a_merchant_is_refunded(pipeline):
     _open_funded(pipeline, "shopper")
     _open_funded(pipeline, "not-a-shop", amount="")
     _open_funded(pipeline, "shop", amount="", kind="merchant")
-    pay = dict(actor="shopper", role="user", from_account="shopper", amount="3.00", currency="USD")
+    pay = dict(actor="local:shopper", role="user", from_account="shopper", amount="3.00", currency="USD")
     refused = _ask(pipeline, PayMerchant(transaction_id=_tx("pay"), to_account="not-a-shop", **pay))
     paid = _ask(pipeline, PayMerchant(transaction_id=_tx("pay"), to_account="shop", **pay))
     assert (refused.status, refused.reason, paid.status) == ("failure", Reason.NOT_A_MERCHANT, "success")

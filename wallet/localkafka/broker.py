@@ -619,7 +619,7 @@ def _wait_ready(
     # Its own admin credentials ({} = PLAINTEXT), never the environment's, which may name another cluster's.
     security = local_client_security(settings, "admin")
     try:
-        wait_for_broker(
+        metadata = wait_for_broker(
             settings.bootstrap,
             timeout_s,
             abort_reason=exit_reason,
@@ -633,6 +633,16 @@ def _wait_ready(
             f"{error}; the broker process is still running but not ready.\n"
             + "\n".join(_log_tails(node.files) for node in nodes)
         ) from None
+    cluster_id_file = BrokerFiles.of(settings).cluster_id_file
+    ours = cluster_id_file.read_text().strip() if cluster_id_file.exists() else None
+    if ours is not None and metadata.cluster_id != ours:
+        # Two run folders started at once on the same ports: the other one's broker bound them
+        # first and answered for ours, which then exits; topics must not go to the wrong cluster.
+        raise LocalKafkaError(
+            f"the broker answering at {settings.bootstrap} is cluster {metadata.cluster_id}, not this run "
+            f"folder's ({ours}): another run folder's broker holds its ports. Choose other ports with "
+            "WALLET_LOCAL_KAFKA_PORT / WALLET_LOCAL_CONTROLLER_PORT"
+        )
 
 
 def _resolve_sasl(files: BrokerFiles, requested: bool | None) -> bool:
