@@ -155,17 +155,10 @@ def test_a_sharded_merchant_paid_by_many_payers_holds_every_payment_across_its_s
 def test_the_account_route_sums_a_sharded_merchants_shards_and_lists_them(db_url: str) -> None:
     # The events of one partition holding every account, decided by the core, into the read model.
     state, events = State(), []
+    merchant = dict(kind="merchant", shards=3, actor="shop")
     commands = [
         # Opened as through the API, by the principals whose tokens read them below.
-        edge(
-            OpenAccount,
-            transaction_id="m-open",
-            account_id="shop",
-            currency="USD",
-            kind="merchant",
-            shards=3,
-            actor="shop",
-        ),
+        edge(OpenAccount, transaction_id="m-open", account_id="shop", currency="USD", **merchant),
         edge(OpenAccount, transaction_id="p-open", account_id="payer", currency="USD", actor="payer"),
         edge(Deposit, transaction_id="p-fund", account_id="payer", amount="50.00", currency="USD"),
         *(
