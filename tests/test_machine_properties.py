@@ -140,7 +140,7 @@ client_specs = st.tuples(
 )
 # (kind, which genuine leg or account, amount in minor units, malformed amount)
 injections = st.tuples(
-    st.sampled_from(["replay", "replay", "unsigned", "wrong_key", "malformed", "other_currency", "shard"]),
+    st.sampled_from(["replay", "replay", "unsigned", "wrong_key", "malformed", "other_currency", "shard", "misroute"]),
     st.integers(0, 10**6),
     st.integers(1, 3000),
     st.sampled_from(MALFORMED_AMOUNTS),
@@ -369,6 +369,16 @@ class History:
             return
         if kind == "shard":
             self.inject_shard_opening(choice)
+            return
+        if kind == "misroute":
+            # A copy of a client's request on a partition that does not own its account: once
+            # answered failure there while its own partition decided it, two answers to one request.
+            if self.sent:
+                command = self.sent[choice % len(self.sent)]
+                owner_partition = driver.partition_of(owner_account(command))
+                driver.inject_at(
+                    (owner_partition + 1 + choice % (PARTITION_COUNT - 1)) % PARTITION_COUNT, encode(command)
+                )
             return
         sender, receiver = ACCOUNT_IDS[choice % len(ACCOUNT_IDS)], ACCOUNT_IDS[(choice // 7) % len(ACCOUNT_IDS)]
         currency = ACCOUNTS.get(receiver, ("USD", "user"))[0]

@@ -151,6 +151,10 @@ class SagaDriver:
         self.partitions[partition].queue.append((value, self.clock_ms))
         return partition
 
+    def inject_at(self, partition: int, value: bytes) -> None:
+        """The same, on a partition of the attacker's choosing (a misrouted record)."""
+        self.partitions[partition].queue.append((value, self.clock_ms))
+
     def retry(self, command: Command) -> int:
         """A client sends a request again, as clients do after a timeout: the same command, a later record."""
         return self.submit(command)
