@@ -218,7 +218,7 @@ class VoidHold(_ClientCommand, tag="void_hold", frozen=True):
 class Tick(_Command, tag="tick", frozen=True):
     """Time passing on a partition without traffic; produced by processors only, to the
     partition it names. The runtime dead-letters a tick whose `partition` is not its record's
-    (`wrong_partition`). No actor and no MAC: a forged tick can only carry the broker's time,
+    (unanswered). No actor and no MAC: a forged tick can only carry the broker's time,
     which any record carries."""
 
     owner_field: ClassVar[str] = ""  # no account owns a tick: it is routed by `partition`
