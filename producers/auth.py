@@ -198,9 +198,13 @@ def _bearer_token(authorization: str | None) -> str:
 
 def _principal_of(claims: dict) -> Principal:
     sub, scope, expires = claims.get("sub"), claims.get("scope", ""), claims.get("exp")
-    # PyJWT takes a numeric string as exp; the remembered expiry is arithmetic on it.
+    # PyJWT takes a numeric string as exp, nbf and iat (RFC 7519: a NumericDate is a JSON
+    # number); the remembered expiry is arithmetic on exp.
     if type(expires) not in (int, float):
         raise AuthError("the token's exp must be a number (NumericDate)")
+    for name in ("nbf", "iat"):
+        if name in claims and type(claims[name]) not in (int, float):
+            raise AuthError(f"the token's {name} must be a number (NumericDate)")
     if not isinstance(sub, str) or not 1 <= len(sub) <= SUB_LENGTH_MAX:
         raise AuthError(f"the token's sub must be a string of 1 to {SUB_LENGTH_MAX} characters")
     if sub.startswith(LOCAL_ACCOUNT_ACTOR_PREFIX):

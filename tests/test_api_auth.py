@@ -388,8 +388,16 @@ def test_a_remembered_token_still_expires() -> None:
         ({"sub": "alice", "exp": str(int(time.time()) + 600)}, "exp must be a number"),
         ({"sub": "alice\ud800", "exp": int(time.time()) + 600}, "UTF-8"),
         ({"sub": "local:alice", "exp": int(time.time()) + 600}, "local edges"),
+        ({"sub": "alice", "exp": int(time.time()) + 600, "nbf": str(int(time.time()) - 60)}, "nbf must be a number"),
+        ({"sub": "alice", "exp": int(time.time()) + 600, "iat": str(int(time.time()))}, "iat must be a number"),
     ],
-    ids=["exp as a numeric string", "sub with a lone surrogate", "sub of a local edge's actor"],
+    ids=[
+        "exp as a numeric string",
+        "sub with a lone surrogate",
+        "sub of a local edge's actor",
+        "nbf as a numeric string",
+        "iat as a numeric string",
+    ],
 )
 def test_a_signed_token_with_claims_the_api_cannot_take_is_refused_not_a_500(claims: dict, refused: str) -> None:
     # Each is signed by the trusted key and accepted by PyJWT. The first two then raised: TypeError
