@@ -147,7 +147,15 @@ class Saga:
         if receiver is None:
             reason = "account_not_found"
             self._reject(
-                leg, sender_id, receiver_id, leg["digest"], reason, time_ms, issued_ms=leg["issued_ms"], answer=False
+                leg,
+                sender_id,
+                receiver_id,
+                leg["digest"],
+                reason,
+                time_ms,
+                issued_ms=leg["issued_ms"],
+                from_account=sender_id,
+                answer=False,
             )
             self._leg(
                 "refund_leg",
@@ -268,9 +276,19 @@ class Saga:
         reason: str,
         time_ms: int,
         issued_ms: int | None = None,
+        from_account: str | None = None,
         answer: bool = True,
     ) -> None:
-        self._event("command_rejected", command, account_id, digest, time_ms, reason=reason, issued_ms=issued_ms)
+        self._event(
+            "command_rejected",
+            command,
+            account_id,
+            digest,
+            time_ms,
+            reason=reason,
+            issued_ms=issued_ms,
+            from_account=from_account,
+        )
         if answer:
             self._answer(command, owning_account, digest, reason)
 

@@ -726,7 +726,9 @@ class OutcomeWaiter:
             if known is not None and known.status == "pending" and known.digest == outcome.digest:
                 del self._statuses[outcome.transaction_id]
             return
-        if known is None or known.status == "pending":
+        if known is None or (
+            known.status == "pending" and (outcome.reason != Reason.NOT_AUTHORIZED or known.digest == outcome.digest)
+        ):  # a stranger's refusal under the id of a request in flight answers the stranger only
             self._remember(
                 TransactionStatus(
                     outcome.transaction_id,

@@ -40,7 +40,9 @@ from schemas.partitioning import murmur2
 
 # 3: sharded merchants (`open_account.shards`, `transfer`/`pay_merchant.to_shards`, the
 # `open_shard` leg, `account_opened.shards`/`shard_of`); version 2 records decode unchanged.
-SCHEMA_VERSION = 3
+# 4: `command_rejected.from_account` of a refused credit leg: a receiver remembers a leg under
+# its sender's transaction id, not its own; version 3 records decode unchanged.
+SCHEMA_VERSION = 4
 
 # What an id may look like: one rule, one implementation (`is_valid_id`), used by the client
 # library, the CLI and the HTTP API. The decoder of the Kafka path checks only the lengths,

@@ -133,7 +133,10 @@ class HoldExpired(_Change, tag="hold_expired", frozen=True):
 
 class CommandRejected(_Event, tag="command_rejected", frozen=True):
     reason: str
-    issued_ms: int | None = None  # of the refused credit leg, when a credit leg was refused
+    # Of a refused credit leg: the leg's issued_ms, and its sender (v4), under whose transaction
+    # id the receiver remembers the refusal.
+    issued_ms: int | None = None
+    from_account: str | None = None
 
 
 Event = (

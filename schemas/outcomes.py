@@ -7,7 +7,8 @@ asked. Readers match answers by (account_id, transaction_id), never by transacti
 A retried request may publish the same outcome again (byte-identical); a transaction id
 never gets two different final outcomes for the same `digest`. A request that reuses a
 transaction id with another payload gets `failure`/`duplicate_conflict` carrying its own
-digest, which is how a reader tells it apart from the first request's answer.
+digest, which is how a reader tells it apart from the first request's answer; so does a
+stranger's request under the id (`failure`/`not_authorized`, see `FOREIGN_REFUSALS`).
 """
 
 from __future__ import annotations
@@ -62,3 +63,9 @@ class Reason:
     INVALID_EXPIRY = "invalid_expiry"  # expires_in_ms not in 1 .. HOLD_EXPIRY_MS_MAX
     RESERVED_ACCOUNT_ID = "reserved_account_id"  # open of an id with `::`, which only shards' derived ids have
     INVALID_SHARDS = "invalid_shards"  # shards/to_shards not 1..64, or shards of a non-merchant or too long an id
+
+
+# Refusals that may answer another request under the same (account, transaction id) than the
+# one a reader follows: a reuse of the id with another payload, or a stranger's request. A
+# reader keeps such an answer only for its own digest.
+FOREIGN_REFUSALS = frozenset({Reason.DUPLICATE_CONFLICT, Reason.NOT_AUTHORIZED})

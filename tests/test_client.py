@@ -81,6 +81,12 @@ def _publish_outcomes(settings: Settings, *outcomes: Outcome) -> None:
     assert producer.flush(DELIVERY_TIMEOUT_S) == 0
 
 
+def _failure(transaction_id: str, digest: str, reason: str, actor: str = "acct") -> Outcome:
+    return Outcome(
+        transaction_id=transaction_id, account_id="acct", actor=actor, status="failure", reason=reason, digest=digest
+    )
+
+
 def _dead_bootstrap() -> str:
     (port,) = free_loopback_ports(1)
     return f"127.0.0.1:{port}"
@@ -163,14 +169,7 @@ def test_the_waiter_answers_each_request_with_the_outcome_of_its_own_digest(
     conflicting = waiter.expect(tx, "digest-conflicting")
     _publish_outcomes(
         wallet_settings,
-        Outcome(
-            transaction_id=tx,
-            account_id="acct",
-            actor="acct",
-            status="failure",
-            reason=Reason.DUPLICATE_CONFLICT,
-            digest="digest-conflicting",
-        ),
+        _failure(tx, "digest-conflicting", Reason.DUPLICATE_CONFLICT),
         Outcome(transaction_id=tx, account_id="acct", actor="acct", status="success", digest="digest-first"),
     )
     assert _present(first.wait(OUTCOME_WAIT_S)).status == "success"
@@ -243,27 +242,28 @@ def test_the_status_cache_keeps_the_transactions_answer_despite_a_later_conflict
     with waiter.expect(tx, "first") as answer, waiter.expect(tx, "second") as conflict:
         _publish_outcomes(
             wallet_settings,
-            Outcome(
-                transaction_id=tx,
-                account_id="acct",
-                actor="acct",
-                status="failure",
-                reason=Reason.INSUFFICIENT_FUNDS,
-                digest="first",
-            ),
-            Outcome(
-                transaction_id=tx,
-                account_id="acct",
-                actor="acct",
-                status="failure",
-                reason=Reason.DUPLICATE_CONFLICT,
-                digest="second",
-            ),
+            _failure(tx, "first", Reason.INSUFFICIENT_FUNDS),
+            _failure(tx, "second", Reason.DUPLICATE_CONFLICT),
         )
         assert answer.wait(OUTCOME_WAIT_S) is not None
         assert conflict.wait(OUTCOME_WAIT_S) is not None
     status = _present(waiter.status(tx))
     assert (status.status, status.reason, status.digest) == ("failure", Reason.INSUFFICIENT_FUNDS, "first")
+
+
+def test_the_status_cache_keeps_a_pending_request_despite_a_strangers_refusal_under_its_id(
+    wallet_settings: Settings, waiter: OutcomeWaiter
+) -> None:
+    tx = new_transaction_id()
+    waiter.note_published(tx, "own", "acct", "acct")
+    with waiter.expect(tx, "strangers") as refusal:
+        _publish_outcomes(
+            wallet_settings,
+            _failure(tx, "strangers", Reason.NOT_AUTHORIZED, actor="mallory"),
+        )
+        assert refusal.wait(OUTCOME_WAIT_S) is not None
+    status = _present(waiter.status(tx))
+    assert (status.status, status.digest, status.actor) == ("pending", "own", "acct")
 
 
 def test_the_status_cache_forgets_the_oldest_transaction_beyond_its_bound() -> None:

@@ -643,7 +643,7 @@ def test_a_hold_outlives_the_memory_of_its_place_and_a_late_retry_still_gets_the
     first = apply(state, command)
     later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + 2 * IDEMPOTENCY_EVICT_STEP_MS
     succeed(state, deposit("alice", "1.00"), at_ms=later_ms)  # the partition's clock passes the window
-    assert ("alice", "h-1") not in state.memory
+    assert ("alice", "h-1", "") not in state.memory
     retry = apply(state, command, later_ms)
     assert (retry.events, encode(retry.outcome)) == ([], encode(first.outcome))
     conflicting = place("alice", "shop", "1.00", tx="h-1")

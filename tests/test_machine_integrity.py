@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from schemas.codec import SchemaError, decode_command, encode
+from schemas.codec import SchemaError, command_digest, decode_command, encode
 from schemas.commands import CreditLeg, RefundLeg, Role
 from schemas.events import AccountOpened, CommandRejected, Deposited, TransferCredited
 from schemas.leg_auth import LegKeyError, LegKeyring
@@ -19,6 +19,7 @@ from schemas.outcomes import Reason
 from streams.core.errors import UndecidableInput
 from streams.core.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX, format_amount
 from streams.core.state import IDEMPOTENCY_WINDOW_MS, LEG_AGE_MAX_MS, State, fold
+from tests.test_machine_holds import capture, payer_and_payee, place, placed, void
 from tests.test_machine_rules import (
     TS_MS,
     apply,
@@ -30,6 +31,8 @@ from tests.test_machine_rules import (
     freeze,
     ledger,
     open_account,
+    outcomes_of,
+    settle,
     snapshot,
     succeed,
     transfer,
@@ -412,3 +415,106 @@ def test_an_old_key_still_verifies_after_rotation() -> None:
 def test_malformed_leg_keys_are_refused(text: str) -> None:
     with pytest.raises(LegKeyError):
         LegKeyring.parse(text)
+
+
+# --- a transaction id is its sending account's: a payment under it burns nobody else's -------------------------------
+
+
+def test_a_payment_under_the_receivers_own_id_leaves_that_id_the_receivers() -> None:
+    # A stranger pays bob under the ids bob uses for its own requests, before and after them.
+    state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
+    own_request = deposit("bob", "1.00", tx="bob-1")
+    [own_answer] = outcomes_of(settle(state, own_request))
+    paid_after = transfer("alice", "bob", "4.00", tx="bob-1")
+    assert [outcome.status for outcome in outcomes_of(settle(state, paid_after))] == ["success"]
+    paid_before = transfer("alice", "bob", "2.00", tx="bob-2")
+    assert [outcome.status for outcome in outcomes_of(settle(state, paid_before))] == ["success"]
+    later_own = withdraw("bob", "1.00", tx="bob-2")
+    assert [outcome.status for outcome in outcomes_of(settle(state, later_own))] == ["success"]
+    assert encode(apply(state, own_request, TS_MS + 1).outcome) == encode(own_answer)
+    assert (balance(state, "alice"), balance(state, "bob")) == (400, 600)
+
+
+def test_two_senders_paying_one_receiver_under_one_id_are_two_requests() -> None:
+    state = ledger(("alice", "USD", "user", "10.00"), ("carol", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
+    for sender, amount in (("alice", "4.00"), ("carol", "3.00")):
+        command = transfer(sender, "bob", amount, tx="order-1")
+        [answer] = outcomes_of(settle(state, command))
+        assert (answer.account_id, answer.status, answer.digest) == (sender, "success", command_digest(command))
+    assert (balance(state, "alice"), balance(state, "carol"), balance(state, "bob")) == (600, 700, 700)
+
+
+def test_a_refused_leg_is_remembered_for_its_sender_only() -> None:
+    state = succeed(
+        ledger(("alice", "USD", "user", "10.00"), ("carol", "USD", "user", "10.00"), ("bob", "USD", "user", "")),
+        freeze("bob"),
+    )
+    carols = debit_in_transit(state, transfer("carol", "bob", "3.00", tx="order-1"))
+    refused = apply(state, carols)
+    [rejection] = refused.events
+    assert isinstance(rejection, CommandRejected) and rejection.from_account == "carol"
+    succeed(state, unfreeze("bob"))
+    [answer] = outcomes_of(settle(state, transfer("alice", "bob", "4.00", tx="order-1")))
+    assert answer.status == "success"
+    assert apply(state, carols, TS_MS + 1000) == (state, [], [], None)  # a copy of carol's refused leg: nothing
+    [refund] = refused.follow_ups
+    apply(state, refund)
+    assert (balance(state, "alice"), balance(state, "carol"), balance(state, "bob")) == (600, 1000, 400)
+
+
+# --- a stranger's refused request burns no id of the account's -------------------------------------------------------
+
+# Per kind of request: (a stranger's, the rightful one) under one transaction id, on alice's
+# account, which holds h-0 for the shop.
+STRANGER_AND_RIGHTFUL = {
+    "transfer": lambda tx: (
+        transfer("alice", "shop", "1.00", tx=tx, actor="mallory"),
+        transfer("alice", "shop", "1.00", tx=tx),
+    ),
+    "pay_merchant": lambda tx: (
+        transfer("alice", "shop", "1.00", tx=tx, actor="mallory", merchant=True),
+        transfer("alice", "shop", "1.00", tx=tx, merchant=True),
+    ),
+    "withdraw": lambda tx: (
+        withdraw("alice", "1.00", tx=tx, actor="mallory", role="user"),
+        withdraw("alice", "1.00", tx=tx, actor="alice", role="user"),
+    ),
+    "deposit": lambda tx: (
+        deposit("alice", "1.00", tx=tx, actor="mallory", role="user"),
+        deposit("alice", "1.00", tx=tx),
+    ),
+    "place_hold": lambda tx: (
+        place("alice", "shop", "1.00", tx=tx, actor="mallory"),
+        place("alice", "shop", "1.00", tx=tx),
+    ),
+    "capture_hold": lambda tx: (capture("alice", "h-0", tx=tx, actor="mallory"), capture("alice", "h-0", tx=tx)),
+    "void_hold": lambda tx: (void("alice", "h-0", tx=tx, actor="mallory"), void("alice", "h-0", tx=tx)),
+    "freeze": lambda tx: (freeze("alice", tx=tx, actor="mallory", role="user"), freeze("alice", tx=tx)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STRANGER_AND_RIGHTFUL))
+@pytest.mark.parametrize("stranger_first", [True, False], ids=["stranger first", "stranger after"])
+def test_a_strangers_refused_request_burns_no_id_of_the_account(kind: str, stranger_first: bool) -> None:
+    state = payer_and_payee()
+    placed(state, place("alice", "shop", "2.00", tx="h-0"))
+    strangers, rightful = STRANGER_AND_RIGHTFUL[kind]("t-1")
+    first = apply(state, strangers) if stranger_first else None
+    [answer] = outcomes_of(settle(state, rightful))
+    assert (answer.status, answer.digest) == ("success", command_digest(rightful))
+    again = apply(state, strangers, TS_MS + 1)
+    assert_rejected(again, strangers, Reason.NOT_AUTHORIZED)  # never duplicate_conflict: no id was the stranger's
+    if first is not None:
+        assert_rejected(first, strangers, Reason.NOT_AUTHORIZED)
+        assert encode(again.outcome) == encode(first.outcome)
+
+
+def test_a_strangers_request_keeps_its_first_answer_when_the_account_opens_later() -> None:
+    # Who owns an account is known only once it is open: a refusal decided before that is the
+    # request's answer for good, so the authorisation check never overrides a remembered answer.
+    state = ledger(("bob", "USD", "user", ""))
+    strangers = transfer("alice", "bob", "1.00", tx="t-1", actor="mallory")
+    first = apply(state, strangers)
+    assert_rejected(first, strangers, Reason.ACCOUNT_NOT_FOUND)
+    succeed(state, open_account("alice"))
+    assert encode(apply(state, strangers, TS_MS + 1).outcome) == encode(first.outcome)

@@ -710,27 +710,6 @@ def test_transfer_reusing_the_id_of_one_in_flight_is_a_duplicate_conflict_and_se
     assert balance(state, "alice") == 600
 
 
-def test_transfer_under_an_id_the_receiver_used_for_its_own_request_is_refunded_as_duplicate_conflict() -> None:
-    state = ledger(("alice", "USD", "user", "10.00"), ("bob", "USD", "user", ""))
-    own_request = deposit("bob", "1.00", tx="shared-id")
-    [own_answer] = outcomes_of(settle(state, own_request))
-    command = transfer("alice", "bob", "4.00", tx="shared-id")
-    outcomes = outcomes_of(settle(state, command))
-    assert outcomes == [
-        Outcome(
-            transaction_id="shared-id",
-            account_id="alice",
-            actor="alice",
-            status="failure",
-            reason=Reason.DUPLICATE_CONFLICT,
-            digest=command_digest(command),
-        )
-    ]
-    assert (balance(state, "alice"), balance(state, "bob")) == (1000, 100)
-    retry = apply(state, own_request, TS_MS + 1)
-    assert encode(retry.outcome) == encode(own_answer)  # the conflict did not overwrite bob's own answer
-
-
 def test_transaction_ids_are_scoped_to_the_account_that_owns_the_command() -> None:
     state = ledger(("alice", "USD", "user", ""), ("bob", "USD", "user", ""))
     succeed(state, deposit("alice", "1.00", tx="same"), deposit("bob", "2.00", tx="same"))
@@ -754,7 +733,7 @@ def test_retry_after_the_idempotency_window_of_the_partition_clock_is_a_new_requ
     apply(state, command, TS_MS)
     later_ms = TS_MS + IDEMPOTENCY_WINDOW_MS + IDEMPOTENCY_EVICT_STEP_MS
     succeed(state, deposit("alice", "1.00"), at_ms=later_ms)
-    assert ("alice", "dep-1") not in state.memory
+    assert ("alice", "dep-1", "") not in state.memory
     retry = apply(state, command, later_ms + 1)
     assert [type(event) for event in retry.events] == [Deposited]
     assert balance(state, "alice") == 1100

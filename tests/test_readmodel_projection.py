@@ -19,6 +19,7 @@ SUCCESS_A = TransactionRow("alice", "t1", "success", None, "digest-a")
 FAILURE_A = TransactionRow("alice", "t1", "failure", Reason.INSUFFICIENT_FUNDS, "digest-a")
 CONFLICT_A = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-a")
 CONFLICT_B = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT, "digest-b")
+STRANGER_B = TransactionRow("alice", "t1", "failure", Reason.NOT_AUTHORIZED, "digest-b", "mallory")
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,10 @@ CONFLICT_B = TransactionRow("alice", "t1", "failure", Reason.DUPLICATE_CONFLICT,
         (CONFLICT_B, PENDING_A, PENDING_A),  # read before the transaction's own debit: replaced by it
         (CONFLICT_B, SUCCESS_A, SUCCESS_A),  # ... or by its own answer
         (CONFLICT_A, PENDING_A, CONFLICT_A),
+        (PENDING_A, STRANGER_B, PENDING_A),  # a stranger's request under alice's id answers the stranger
+        (STRANGER_B, PENDING_A, PENDING_A),  # ... read before alice's own: replaced by it
+        (STRANGER_B, SUCCESS_A, SUCCESS_A),
+        (None, STRANGER_B, STRANGER_B),
     ],
     ids=lambda row: f"{row.status}/{row.reason}/{row.digest}" if row else "none",
 )

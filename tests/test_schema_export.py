@@ -134,9 +134,11 @@ def test_the_shard_fields_are_in_the_contract_with_their_bounds() -> None:
     assert {"shards", "shard_of"} <= set(opened)
 
 
-def test_every_message_is_version_3_and_commands_carry_no_client_time() -> None:
+def test_every_message_is_version_4_and_commands_carry_no_client_time() -> None:
     for file_name in ("command.schema.json", "event.schema.json", "outcome.schema.json"):
-        assert schema_of(file_name)["x-schema-version"] == 3
+        assert schema_of(file_name)["x-schema-version"] == 4
+    rejected = schema_of("event.schema.json")["$defs"]["CommandRejected"]["properties"]
+    assert {"issued_ms", "from_account"} <= set(rejected)  # a refused credit leg names its sender
     commands = schema_of("command.schema.json")["$defs"]
     for name in ("OpenAccount", "Deposit", "Withdraw", "Transfer", "PayMerchant", "Freeze", "Unfreeze", "Close"):
         assert "ts_ms" not in commands[name]["properties"]

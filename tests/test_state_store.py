@@ -10,7 +10,7 @@ import pytest
 from schemas.commands import CaptureHold, Deposit, OpenAccount, PlaceHold, Tick, Transfer, VoidHold
 from schemas.events import HOLD_EVENTS
 from streams.core.machine import apply
-from streams.core.state import IDEMPOTENCY_EVICT_STEP_MS, IDEMPOTENCY_WINDOW_MS, State
+from streams.core.state import IDEMPOTENCY_EVICT_STEP_MS, IDEMPOTENCY_WINDOW_MS, State, memory_key
 from streams.runtime.store import SNAPSHOT_FORMAT, Checkpoint, PartitionChanges, StateStore
 
 MINUTE_MS = 60_000
@@ -25,7 +25,7 @@ def _decide(state: State, commands, changes: PartitionChanges, at_ms: int | None
                 changes.accounts.add(event.account_id)
             if isinstance(event, HOLD_EVENTS):
                 changes.hold_keys.add((event.account_id, event.hold_id))
-            changes.memory_keys.add((event.account_id, event.transaction_id))
+            changes.memory_keys.add(memory_key(event))
 
 
 def _same(a: State, b: State) -> None:
@@ -111,7 +111,7 @@ def test_expired_segments_are_dropped_and_do_not_come_back(tmp_path):
     assert store.drop_expired_segments(0, state.clock_ms) == 1
     restored, _ = store.load(0)
     _same(restored, state)
-    assert set(restored.memory) == {("a", "much-later")}
+    assert set(restored.memory) == {("a", "much-later", "")}
     store.close()
 
 
@@ -147,7 +147,8 @@ def test_a_pending_debit_forgotten_without_an_event_of_its_account_restores_as_f
     store.save(0, state, changes, checkpoint)
     restored, _ = store.load(0)
     assert restored.accounts == state.accounts and restored.accounts["a"].owner == "a"
-    assert restored.memory[("a", "t")].amount_minor == 100 and restored.memory[("a", "t")].to_account == "elsewhere"
+    debit = restored.memory[("a", "t", "")]
+    assert (debit.amount_minor, debit.to_account) == (100, "elsewhere")
     changes = PartitionChanges()
     _decide(
         state,
@@ -205,7 +206,12 @@ def _saved_pair(tmp_path) -> tuple[StateStore, State]:
         (
             "pending debit of an unknown account",
             b"s/\x00\x00\x00\x00/" + b"\x00" * 7 + b"\x09" + b"\x00" * 8,
-            msgspec.msgpack.encode([["zed", "t2", "d", "pending", None, MINUTE_MS, 100, "b", None]]),
+            msgspec.msgpack.encode([["zed", "t2", "", "d", "pending", None, MINUTE_MS, 100, "b", None]]),
+        ),
+        (
+            "credit leg remembered as pending",
+            b"s/\x00\x00\x00\x00/" + b"\x00" * 7 + b"\x09" + b"\x00" * 8,
+            msgspec.msgpack.encode([["a", "t2", "b", "d", "pending", None, MINUTE_MS, 100, "b", None]]),
         ),
         (
             "hold of an unknown account",

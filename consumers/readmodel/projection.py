@@ -39,7 +39,7 @@ from schemas.events import (
     Withdrawn,
     event_type,
 )
-from schemas.outcomes import Outcome, Reason
+from schemas.outcomes import FOREIGN_REFUSALS, Outcome
 from streams.core.money import canonical_balance_minor, canonical_minor
 from streams.core.state import FAILURE, PENDING, SUCCESS, Account, CorruptLog, State, fold
 
@@ -346,20 +346,21 @@ def merge_status(current: TransactionRow | None, incoming: TransactionRow) -> Tr
 
     `incoming` is a `pending` (a transfer was debited) or a final answer (an event's or an
     outcome's). The first final answer wins, since retries re-publish it. A `duplicate_conflict`
-    answers another request that reused the id on the same account, not this one, unless it
-    carries this request's own digest; one that arrives before anything else is known is kept
-    only until the request's own debit or answer shows up.
+    answers another request that reused the id on the same account, and a `not_authorized` a
+    stranger's request under the id, not this one, unless it carries this request's own digest;
+    one that arrives before anything else is known is kept only until the request's own debit or
+    answer shows up.
     """
     if current is None:
         return incoming
-    if _is_conflict(current) and current.digest != incoming.digest and not _is_conflict(incoming):
+    if _may_answer_another(current) and current.digest != incoming.digest and not _may_answer_another(incoming):
         return incoming  # what we held answered another request; this is the transaction's own
     if current.status != PENDING or incoming.status == PENDING:
         return None
-    if _is_conflict(incoming) and incoming.digest != current.digest:
+    if _may_answer_another(incoming) and incoming.digest != current.digest:
         return None
     return incoming
 
 
-def _is_conflict(row: TransactionRow) -> bool:
-    return row.status == FAILURE and row.reason == Reason.DUPLICATE_CONFLICT
+def _may_answer_another(row: TransactionRow) -> bool:
+    return row.status == FAILURE and row.reason in FOREIGN_REFUSALS

@@ -13,7 +13,10 @@ owner); `deposit` role bank; `withdraw` role bank or the owner; `transfer` and `
 the owner of `from_account`; `freeze`, `unfreeze`, `close` role operator; `place_hold` the
 owner of the held account; `capture_hold` and `void_hold` the owner of the held (paying)
 account or role operator. The destination's owner cannot capture: the capture is decided on
-the payer's partition, which does not know who owns the destination.
+the payer's partition, which does not know who owns the destination. A request the actor may
+not ask is refused before anything else is looked at, its id included, unless the account
+remembers this very request (a retry gets its first answer), and the refusal is not remembered:
+a stranger can neither take an id of the account's nor be answered as a conflict with one.
 
 Holds (Try-Confirm/Cancel). available = balance - held; a hold, withdraw, transfer and
 pay_merchant need available funds. A hold reserves money for `to_account` until it is
@@ -131,8 +134,10 @@ from streams.core.state import (
     Remembered,
     State,
     advance_clock,
+    credit_key,
     due_holds,
     fold,
+    own_key,
     recall,
 )
 
@@ -186,14 +191,44 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
     handler = _HANDLERS[command_class]
     digest = command_digest(command)
     expired = _expire_due_holds(state, now_ms, command)
-    remembered = recall(state, (owner_account(command), command.transaction_id), now_ms)
-    if remembered is not None:
+    remembered = recall(state, own_key(owner_account(command), command.transaction_id), now_ms)
+    if remembered is not None and remembered.digest == digest:
+        decision = _repeat(state, command, digest, remembered, now_ms)
+    elif not _may_ask(state, command):
+        # Before the memory, and never remembered (`fold`): a stranger's request, whatever its
+        # id, neither takes an id of the account's nor is answered as a conflict with one.
+        advance_clock(state, now_ms)
+        decision = _reject(state, command, digest, Reason.NOT_AUTHORIZED, now_ms)
+    elif remembered is not None:
         decision = _repeat(state, command, digest, remembered, now_ms)
     else:
         # From here on the command leaves an event at `now_ms`: forget first what that forgets.
         advance_clock(state, now_ms)
         decision = handler(state, command, digest, now_ms)
     return _after(expired, decision) if expired else decision
+
+
+def _may_ask(state: State, command: ClientCommand) -> bool:
+    """Whether the actor may ask this of the account (see the module's "Who may ask what"). An
+    account not open yet has no owner to ask: its handler refuses `account_not_found`."""
+    command_class = type(command)
+    if command_class is OpenAccount:
+        return True
+    if command_class is Deposit:
+        return command.role == "bank"
+    if command_class in _OPERATOR_COMMANDS:
+        return command.role == "operator"
+    account = state.accounts.get(owner_account(command))
+    if account is None or command.actor == account.owner:
+        return True
+    if command_class is Withdraw:
+        return command.role == "bank"
+    if command_class is CaptureHold or command_class is VoidHold:
+        return command.role == "operator"
+    return False  # transfer, pay_merchant, place_hold: the owner's alone
+
+
+_OPERATOR_COMMANDS = frozenset({Freeze, Unfreeze, Close})
 
 
 def _expire_due_holds(state: State, now_ms: int, command: WireCommand) -> list[Event]:
@@ -347,9 +382,7 @@ def _on_open_shard(state: State, leg: OpenShard, now_ms: int) -> Decision:
 
 
 def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decision:
-    account, amount_minor, reason = _usable_account(
-        state, command.account_id, command.amount, command.currency, command, lambda account: command.role == "bank"
-    )
+    account, amount_minor, reason = _usable_account(state, command.account_id, command.amount, command.currency)
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _usable_account names a reason whenever it finds no account
@@ -360,14 +393,7 @@ def _deposit(state: State, command: Deposit, digest: str, now_ms: int) -> Decisi
 
 
 def _withdraw(state: State, command: Withdraw, digest: str, now_ms: int) -> Decision:
-    account, amount_minor, reason = _spendable_account(
-        state,
-        command.account_id,
-        command.amount,
-        command.currency,
-        command,
-        lambda account: command.role == "bank" or command.actor == account.owner,
-    )
+    account, amount_minor, reason = _spendable_account(state, command.account_id, command.amount, command.currency)
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _spendable_account names a reason whenever it finds no account
@@ -386,14 +412,7 @@ def _transfer(state: State, command: Transfer | PayMerchant, digest: str, now_ms
         to_account = shard_account_id(to_account, shard_index(command.transaction_id, shards))
     if command.from_account == to_account:
         return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
-    account, amount_minor, reason = _spendable_account(
-        state,
-        command.from_account,
-        command.amount,
-        command.currency,
-        command,
-        lambda account: command.actor == account.owner,
-    )
+    account, amount_minor, reason = _spendable_account(state, command.from_account, command.amount, command.currency)
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _spendable_account names a reason whenever it finds no account
@@ -449,7 +468,7 @@ def _leg_amount_minor(leg: CreditLeg | RefundLeg) -> int:
 
 
 def _on_credit_leg(state: State, leg: CreditLeg, amount_minor: int, now_ms: int) -> Decision:
-    remembered = recall(state, (leg.to_account, leg.transaction_id), now_ms)
+    remembered = recall(state, credit_key(leg.to_account, leg.transaction_id, leg.from_account), now_ms)
     if leg.resend:
         # Only a success is answered from here: a refusal's answer belongs to the sender's
         # side, which gives it when the refund leg arrives.
@@ -466,8 +485,9 @@ def _on_credit_leg(state: State, leg: CreditLeg, amount_minor: int, now_ms: int)
     advance_clock(state, now_ms)  # the leg leaves an event at `now_ms`
     account = state.accounts.get(leg.to_account)
     if remembered is not None and remembered.digest != leg.digest:
-        # The receiver has used this transaction id for another request of its own: crediting
-        # under it would make two answers for one id, so the transfer is refunded instead.
+        # The sender used this id for another transfer here that the receiver still remembers
+        # and the sender has forgotten (their clocks differ): crediting under it would make two
+        # answers for one id, so the transfer is refunded instead.
         reason: str | None = Reason.DUPLICATE_CONFLICT
     elif now_ms - leg.issued_ms > LEG_AGE_MAX_MS:
         reason = Reason.LEG_EXPIRED
@@ -489,6 +509,7 @@ def _on_credit_leg(state: State, leg: CreditLeg, amount_minor: int, now_ms: int)
             actor=leg.actor,
             reason=reason,
             issued_ms=leg.issued_ms,
+            from_account=leg.from_account,
         )
         refund = RefundLeg(
             transaction_id=leg.transaction_id,
@@ -524,7 +545,7 @@ def _refunded_debit(state: State, leg: RefundLeg, now_ms: int) -> tuple[Account,
     """The account a refund leg pays back and the amount, or UndecidableInput (nothing folded)."""
     amount_minor = _leg_amount_minor(leg)
     account = state.accounts.get(leg.from_account)
-    pending = recall(state, (leg.from_account, leg.transaction_id), now_ms)
+    pending = recall(state, own_key(leg.from_account, leg.transaction_id), now_ms)
     if (
         account is None
         or pending is None
@@ -577,14 +598,7 @@ def _place_hold(state: State, command: PlaceHold, digest: str, now_ms: int) -> D
     expires_in_ms = command.expires_in_ms
     if not 1 <= expires_in_ms <= HOLD_EXPIRY_MS_MAX:
         return _reject(state, command, digest, Reason.INVALID_EXPIRY, now_ms)
-    account, amount_minor, reason = _spendable_account(
-        state,
-        command.account_id,
-        command.amount,
-        command.currency,
-        command,
-        lambda account: command.actor == account.owner,
-    )
+    account, amount_minor, reason = _spendable_account(state, command.account_id, command.amount, command.currency)
     if reason is not None:
         return _reject(state, command, digest, reason, now_ms)
     assert account is not None  # _spendable_account names a reason whenever it finds no account
@@ -682,14 +696,11 @@ _HOLD_ENDED = {CAPTURED: Reason.HOLD_CAPTURED, VOIDED: Reason.HOLD_VOIDED, EXPIR
 def _open_hold(state: State, command: CaptureHold | VoidHold) -> tuple[Account | None, Hold | None, str | None]:
     """The account and open hold a capture or void acts on, and why it cannot, if it cannot.
 
-    The order of refusals: whether the account exists, whether the actor may ask (the owner of
-    the held account or role operator; a stranger learns no more than that the account
-    exists), whether the hold exists and is still open."""
+    The order of refusals: whether the account exists, whether the hold exists and is still
+    open (a stranger was refused before: `_may_ask`)."""
     account = state.accounts.get(command.account_id)
     if account is None:
         return None, None, Reason.ACCOUNT_NOT_FOUND
-    if command.actor != account.owner and command.role != "operator":
-        return account, None, Reason.NOT_AUTHORIZED
     hold = state.holds.get((command.account_id, command.hold_id))
     if hold is None:
         return account, None, Reason.HOLD_NOT_FOUND
@@ -700,7 +711,7 @@ def _open_hold(state: State, command: CaptureHold | VoidHold) -> tuple[Account |
 
 def _freeze(state: State, command: Freeze, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = _refusal_to_operate(command) or _refusal_to_change(account)
+    reason = _refusal_to_change(account)
     if reason is None:
         assert account is not None  # _refusal_to_change refuses a missing account
         reason = Reason.ACCOUNT_FROZEN if account.status == FROZEN else None
@@ -709,7 +720,7 @@ def _freeze(state: State, command: Freeze, digest: str, now_ms: int) -> Decision
 
 def _unfreeze(state: State, command: Unfreeze, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = _refusal_to_operate(command) or _refusal_to_change(account)
+    reason = _refusal_to_change(account)
     if reason is None:
         assert account is not None  # _refusal_to_change refuses a missing account
         reason = Reason.ACCOUNT_NOT_FROZEN if account.status != FROZEN else None
@@ -718,7 +729,7 @@ def _unfreeze(state: State, command: Unfreeze, digest: str, now_ms: int) -> Deci
 
 def _close(state: State, command: Close, digest: str, now_ms: int) -> Decision:
     account = state.accounts.get(command.account_id)
-    reason = _refusal_to_operate(command) or _refusal_to_change(account)
+    reason = _refusal_to_change(account)
     if reason is None:
         assert account is not None  # _refusal_to_change refuses a missing account
         # A refund of a debit in flight must find the account open to its money, and an open
@@ -749,10 +760,6 @@ def _status_change(
     return _accept(state, command, digest, event)
 
 
-def _refusal_to_operate(command: Freeze | Unfreeze | Close) -> str | None:
-    return None if command.role == "operator" else Reason.NOT_AUTHORIZED
-
-
 def _refusal_to_change(account: Account | None) -> str | None:
     if account is None:
         return Reason.ACCOUNT_NOT_FOUND
@@ -774,12 +781,12 @@ def _refusal_to_receive(account: Account | None, currency: str) -> str | None:
 
 
 def _usable_account(
-    state: State, account_id: str, amount: str, currency: str, command, authorised
+    state: State, account_id: str, amount: str, currency: str
 ) -> tuple[Account | None, int, str | None]:
     """The account a client command moves money on, the amount, and why it cannot, if it cannot.
 
-    The order of refusals: the amount, whether the account exists, whether the actor may ask
-    (so a stranger learns no more than that the account exists), then the account's state."""
+    The order of refusals: the amount, whether the account exists, then the account's state (a
+    stranger was refused before: `_may_ask`)."""
     try:
         amount_minor = parse_amount_minor(amount, currency)
     except AmountError as error:
@@ -787,17 +794,15 @@ def _usable_account(
     account = state.accounts.get(account_id)
     if account is None:
         return None, 0, Reason.ACCOUNT_NOT_FOUND
-    if not authorised(account):
-        return account, amount_minor, Reason.NOT_AUTHORIZED
     return account, amount_minor, _refusal_to_receive(account, currency)
 
 
 def _spendable_account(
-    state: State, account_id: str, amount: str, currency: str, command, authorised
+    state: State, account_id: str, amount: str, currency: str
 ) -> tuple[Account | None, int, str | None]:
     """As `_usable_account`, for money going out: refused as well unless the available amount
     (the balance less held money) covers it."""
-    account, amount_minor, reason = _usable_account(state, account_id, amount, currency, command, authorised)
+    account, amount_minor, reason = _usable_account(state, account_id, amount, currency)
     if reason is None:
         assert account is not None  # _usable_account names a reason whenever it finds no account
         if account.balance_minor - account.held_minor < amount_minor:  # held money is not available

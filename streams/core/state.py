@@ -40,7 +40,7 @@ from schemas.events import (
     Withdrawn,
     event_type,
 )
-from schemas.outcomes import Reason
+from schemas.outcomes import FOREIGN_REFUSALS
 from streams.core.currencies import MINOR_UNITS
 from streams.core.money import BALANCE_MINOR_MAX, canonical_balance_minor, canonical_minor, format_amount
 
@@ -68,6 +68,37 @@ def memory_horizon_ms(clock_ms: int) -> int:
 # time) is refused and refunded (`leg_expired`). So a copy of a genuine leg that is still
 # accepted is young enough that the receiver still remembers crediting the original.
 LEG_AGE_MAX_MS = IDEMPOTENCY_WINDOW_MS // 2
+
+# A key of the idempotency memory: (account, transaction id, sender). A transaction id is its
+# owning account's, so the account's own requests are remembered with sender "", and a credit
+# leg the account decided (credited or refused) under the paying account's id, so that no
+# payment can take, or be refused for, an id of the receiver's or of another sender's. Account
+# ids are never empty, so the two kinds never meet.
+MemoryKey = tuple[str, str, str]
+
+
+def own_key(account_id: str, transaction_id: str) -> MemoryKey:
+    return (account_id, transaction_id, "")
+
+
+def credit_key(to_account: str, transaction_id: str, from_account: str) -> MemoryKey:
+    return (to_account, transaction_id, from_account)
+
+
+def memory_key(event: Event) -> MemoryKey:
+    """The key under which folding `event` remembers its request. A refused credit leg of a log
+    before contract v4 (no `from_account`) is remembered as the receiver's own, as it was then."""
+    event_class = type(event)
+    if event_class is TransferCredited:
+        if TYPE_CHECKING:
+            assert isinstance(event, TransferCredited)
+        return (event.account_id, event.transaction_id, event.from_account)
+    if event_class is CommandRejected:
+        if TYPE_CHECKING:
+            assert isinstance(event, CommandRejected)
+        return (event.account_id, event.transaction_id, event.from_account or "")
+    return (event.account_id, event.transaction_id, "")
+
 
 ACTIVE, FROZEN, CLOSED = "active", "frozen", "closed"
 PENDING: Final = "pending"
@@ -140,14 +171,13 @@ class Remembered(msgspec.Struct, frozen=True, gc=False):
 @dataclass(slots=True)
 class State:
     accounts: dict[str, Account] = field(default_factory=dict)
-    # Key: (account that owns the step, transaction id).
-    memory: dict[tuple[str, str], Remembered] = field(default_factory=dict)
+    memory: dict[MemoryKey, Remembered] = field(default_factory=dict)
     clock_ms: int = 0
     # An index of `memory` by eviction step (ts_ms // IDEMPOTENCY_EVICT_STEP_MS), so that
     # forgetting costs what is forgotten, not a scan of everything remembered: a replay of a
     # long log crosses a step every minute of command time. Derived from `memory`, so not
     # part of the state's identity; it may name keys already forgotten or re-remembered.
-    expiry: dict[int, list[tuple[str, str]]] = field(default_factory=dict, compare=False, repr=False)
+    expiry: dict[int, list[MemoryKey]] = field(default_factory=dict, compare=False, repr=False)
     # False for a fold over accounts alone (the read model folds rows it stored, without the
     # idempotency memory): refunds are then not paired with their pending debits and money in
     # flight is not counted. The processor, its restore and the audit fold with the memory.
@@ -171,9 +201,9 @@ def index_memory(state: State) -> State:
         (hold.expires_ms, *key) for key, hold in state.holds.items() if hold.status == OPEN
     )  # a sorted list is a heap
     state.ended_holds.clear()
-    for key, hold in state.holds.items():
+    for hold_key, hold in state.holds.items():
         if hold.ended_ms is not None:
-            state.ended_holds.setdefault(hold.ended_ms // IDEMPOTENCY_EVICT_STEP_MS, []).append(key)
+            state.ended_holds.setdefault(hold.ended_ms // IDEMPOTENCY_EVICT_STEP_MS, []).append(hold_key)
     return state
 
 
@@ -191,7 +221,7 @@ def due_holds(state: State, now_ms: int) -> list[tuple[str, str]]:
     return due
 
 
-def recall(state: State, key: tuple[str, str], now_ms: int) -> Remembered | None:
+def recall(state: State, key: MemoryKey, now_ms: int) -> Remembered | None:
     """What is remembered of `key` at decision time `now_ms`: entries the clock's advance to
     `now_ms` will forget are forgotten already."""
     remembered = state.memory.get(key)
@@ -216,11 +246,12 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         if TYPE_CHECKING:
             assert isinstance(event, CommandRejected)
         advance_clock(state, event.ts_ms)
-        if event.reason != Reason.DUPLICATE_CONFLICT:  # a conflict must not overwrite the first answer
+        # A conflict must not overwrite the first answer, and a stranger's refusal takes no id of
+        # the account's (machine: `_may_ask`): neither is remembered.
+        if event.reason not in FOREIGN_REFUSALS:
             _remember(
                 state,
-                event.account_id,
-                event.transaction_id,
+                memory_key(event),
                 Remembered(event.digest, FAILURE, event.reason, event.ts_ms, issued_ms=event.issued_ms),
             )
         return state
@@ -256,6 +287,7 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         state.accounts[event.account_id] = account
     advance_clock(state, event.ts_ms)
 
+    key = memory_key(event)
     remembered: Remembered | None = Remembered(event.digest, SUCCESS, None, event.ts_ms)
     if event_class in _HOLD_EVENTS:
         if TYPE_CHECKING:
@@ -300,7 +332,6 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         elif event_class is TransferRefunded:
             if TYPE_CHECKING:
                 assert isinstance(event, TransferRefunded)
-            key = (event.account_id, event.transaction_id)
             pending = state.memory.get(key)
             if (
                 pending is None
@@ -328,7 +359,7 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
         account.status = STATUS_AFTER[event_class]
     account.seq = event.seq
     if remembered is not None:
-        _remember(state, event.account_id, event.transaction_id, remembered)
+        _remember(state, key, remembered)
     return state
 
 
@@ -447,10 +478,9 @@ _HOLD_EVENTS = frozenset({HoldPlaced, HoldCaptured, HoldVoided, HoldExpired})
 _HOLD_END = {HoldCaptured: CAPTURED, HoldVoided: VOIDED, HoldExpired: EXPIRED}
 
 
-def _remember(state: State, account_id: str, transaction_id: str, remembered: Remembered) -> None:
+def _remember(state: State, key: MemoryKey, remembered: Remembered) -> None:
     if remembered.ts_ms < memory_horizon_ms(state.clock_ms):
         return  # decided after its id would already have been forgotten (only a refund can be)
-    key = (account_id, transaction_id)
     first = state.memory.get(key)
     state.memory[key] = remembered
     if first is None or first.ts_ms != remembered.ts_ms:
@@ -491,7 +521,7 @@ def advance_clock(state: State, ts_ms: int) -> None:
         # Ended holds are forgotten like the ids: a window after their end.
         holds = state.holds
         for step in [step for step in state.ended_holds if step < horizon_step]:
-            for key in state.ended_holds.pop(step):
-                hold = holds.get(key)
+            for hold_key in state.ended_holds.pop(step):
+                hold = holds.get(hold_key)
                 if hold is not None and hold.ended_ms is not None and hold.ended_ms < horizon_ms:
-                    del holds[key]
+                    del holds[hold_key]

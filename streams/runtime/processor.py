@@ -59,7 +59,7 @@ from schemas.leg_auth import LegKeyring
 from schemas.partitioning import partition_for
 from streams.core.admission import Refusal, admit, decide
 from streams.core.machine import Decision
-from streams.core.state import State, memory_horizon_ms
+from streams.core.state import State, memory_horizon_ms, memory_key
 from streams.runtime.metrics import STATE_GAUGES_INTERVAL_S, BatchTally, ProcessorMetrics
 from streams.runtime.restore import fold_event_tail, stable_ends
 from streams.runtime.snapshot_writer import SnapshotUnit, SnapshotWriter
@@ -418,7 +418,7 @@ class Processor:
                 changed_accounts.add(account_id)
                 if isinstance(event, HOLD_EVENTS):
                     task.changes.hold_keys.add((account_id, event.hold_id))
-            changed_memory.add((account_id, event.transaction_id))
+            changed_memory.add(memory_key(event))
         send = self._transactions.send
         for leg in decision.follow_ups:
             send(self.settings.commands_topic, self._keyring.signed_record(leg), getattr(leg, leg.owner_field))

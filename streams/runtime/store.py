@@ -6,9 +6,10 @@ Restoring a partition = load the snapshot, then fold `wallet.events` from that o
 
 Layout (one RocksDB per instance; partitions kept apart by a key prefix):
   a/<partition>/<account_id>            -> account (currency, kind, status, balance_minor, seq, owner)
-  s/<partition>/<segment number><max ts> -> the memory entries written by one flush, pending debits
-                                           with their amount and receiver, decided credit legs with
-                                           their issued_ms
+  s/<partition>/<segment number><max ts> -> the memory entries written by one flush, each under its
+                                           (account, transaction id, sender) key: pending debits with
+                                           their amount and receiver, decided credit legs with their
+                                           issued_ms
   h/<partition>/<(account_id, hold_id)>  -> a hold (to_account, amount, held, captured, expires_ms,
                                            digest, actor, placed_ms, status, ended_ms), open or ended
   o/<partition>                         -> (events_offset, clock_ms, next segment number, format)
@@ -47,6 +48,7 @@ from streams.core.state import (
     SUCCESS,
     Account,
     Hold,
+    MemoryKey,
     Remembered,
     State,
     index_memory,
@@ -64,7 +66,7 @@ _unpack = msgspec.msgpack.decode
 _decode_meta = msgspec.msgpack.Decoder(tuple[int, int, int, int]).decode
 _decode_account = msgspec.msgpack.Decoder(tuple[str, str, str, int, int, str]).decode
 _decode_segment = msgspec.msgpack.Decoder(
-    list[tuple[str, str, str, str, str | None, int, int, str | None, int | None]]
+    list[tuple[str, str, str, str, str, str | None, int, int, str | None, int | None]]
 ).decode
 _decode_hold_key = msgspec.msgpack.Decoder(tuple[str, str]).decode
 _decode_hold = msgspec.msgpack.Decoder(tuple[str, int, int, int, int, str, str, int, str, int | None]).decode
@@ -72,7 +74,9 @@ _PARTITION = struct.Struct(">I")
 _SEGMENT = struct.Struct(">Q")
 ACCOUNT_STATUSES = frozenset({ACTIVE, FROZEN, CLOSED})
 MEMORY_STATUSES = frozenset({PENDING, SUCCESS, FAILURE})
-SNAPSHOT_FORMAT = 3  # contract v2 (owners, pending debits' amounts, credit legs' issued_ms) and holds
+# 3: contract v2 (owners, pending debits' amounts, credit legs' issued_ms) and holds; 4: memory
+# keys name the sender of a credit leg (contract v4).
+SNAPSHOT_FORMAT = 4
 
 
 class CorruptSnapshot(Exception):
@@ -102,7 +106,7 @@ class PartitionChanges:
 
     def __init__(self) -> None:
         self.accounts: set[str] = set()
-        self.memory_keys: set[tuple[str, str]] = set()
+        self.memory_keys: set[MemoryKey] = set()
         self.hold_keys: set[tuple[str, str]] = set()  # (account, hold id)
 
 
@@ -118,7 +122,7 @@ class PartitionSnapshot:
 
     def __init__(self) -> None:
         self.accounts: dict[str, tuple[str, str, str, int, int, str]] = {}
-        self.memory: dict[tuple[str, str], Remembered] = {}
+        self.memory: dict[MemoryKey, Remembered] = {}
         self.holds: dict[tuple[str, str], tuple | None] = {}  # None: forgotten, deleted from the snapshot
 
     def take(self, state: State, changes: PartitionChanges) -> None:
@@ -142,9 +146,9 @@ class PartitionSnapshot:
             else:
                 staged_memory[key] = remembered
         holds, staged_holds = state.holds, self.holds
-        for key in changes.hold_keys:
-            hold = holds.get(key)
-            staged_holds[key] = (
+        for hold_key in changes.hold_keys:
+            hold = holds.get(hold_key)
+            staged_holds[hold_key] = (
                 None
                 if hold is None
                 else (
@@ -244,15 +248,17 @@ class StateStore:
             state.accounts[raw_account_id.decode()] = account
         horizon_ms = memory_horizon_ms(checkpoint.clock_ms)
         for _, segment in self._scan(_prefix(b"s", partition)):
-            for account_id, transaction_id, *fields in _decode_segment(segment):
+            for account_id, transaction_id, sender, *fields in _decode_segment(segment):
                 entry = Remembered(*fields)
                 if entry.ts_ms >= horizon_ms:
-                    state.memory[(account_id, transaction_id)] = entry
+                    state.memory[(account_id, transaction_id, sender)] = entry
                 else:
-                    state.memory.pop((account_id, transaction_id), None)
-        for (account_id, transaction_id), remembered in state.memory.items():
+                    state.memory.pop((account_id, transaction_id, sender), None)
+        for (account_id, transaction_id, sender), remembered in state.memory.items():
             _require(
-                remembered.status in MEMORY_STATUSES and remembered.amount_minor >= 0,
+                remembered.status in MEMORY_STATUSES
+                and remembered.amount_minor >= 0
+                and not (sender and remembered.status == PENDING),
                 f"{transaction_id!r} of {account_id!r} is remembered as {remembered}",
             )
             if remembered.status == PENDING:
@@ -310,6 +316,7 @@ class StateStore:
                 (
                     account_id,
                     transaction_id,
+                    sender,
                     remembered.digest,
                     remembered.status,
                     remembered.reason,
@@ -318,9 +325,9 @@ class StateStore:
                     remembered.to_account,
                     remembered.issued_ms,
                 )
-                for (account_id, transaction_id), remembered in values.memory.items()
+                for (account_id, transaction_id, sender), remembered in values.memory.items()
             ]
-            newest_ts_ms = max(entry[5] for entry in entries)
+            newest_ts_ms = max(entry[6] for entry in entries)
             segment_key = _SEGMENT.pack(checkpoint.next_segment - 1) + _SEGMENT.pack(newest_ts_ms)
             batch.put(_prefix(b"s", partition) + segment_key, _pack(entries))
         batch.put(

@@ -218,7 +218,7 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
         Account receiver = Account.decode(accounts.get(to));
         long issuedMs = (Long) leg.get("issued_ms");
         if (receiver == null) {
-            refuseLeg(request, to, issuedMs);  // the receiver's side refuses (the refund answers) ...
+            refuseLeg(request, to, from, issuedMs);  // the receiver's side refuses (the refund answers) ...
             FlatJson.Writer refund = legHead("refund_leg", request).str("from_account", from).str("to_account", to)
                     .str("amount", (String) leg.get("amount")).str("currency", (String) leg.get("currency"))
                     .str("digest", request.digest()).str("reason", ACCOUNT_NOT_FOUND).num("debit_ms", issuedMs);
@@ -298,17 +298,17 @@ final class SagaProcessor implements Processor<String, byte[], String, byte[]> {
     private void reject(Request request, String accountId, String reason) {
         FlatJson.Writer event = eventHead("command_rejected", request, accountId).str("reason", reason);
         if (request.v2()) {
-            event.nil("issued_ms");
+            event.nil("issued_ms").nil("from_account");
         }
         context.forward(new Record<>(accountId, event.bytes(), request.timeMs()), TO_EVENTS);
         answer(request, reason);
     }
 
     /** A credit leg refused by its receiver: the decision event only; the refund step answers. */
-    private void refuseLeg(Request request, String accountId, long issuedMs) {
+    private void refuseLeg(Request request, String accountId, String fromAccount, long issuedMs) {
         FlatJson.Writer event = eventHead("command_rejected", request, accountId).str("reason", ACCOUNT_NOT_FOUND);
         if (request.v2()) {
-            event.num("issued_ms", issuedMs);
+            event.num("issued_ms", issuedMs).str("from_account", fromAccount);
         }
         context.forward(new Record<>(accountId, event.bytes(), request.timeMs()), TO_EVENTS);
     }
