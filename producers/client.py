@@ -51,7 +51,7 @@ from schemas.commands import (
     local_credentials,
     owner_account,
 )
-from schemas.outcomes import Outcome, Reason
+from schemas.outcomes import FOREIGN_REFUSALS, Outcome, Reason
 from schemas.partitioning import KAFKA_PARTITIONER
 from streams.core.money import format_amount, parse_amount_minor
 
@@ -727,7 +727,7 @@ class OutcomeWaiter:
                 del self._statuses[outcome.transaction_id]
             return
         if known is None or (
-            known.status == "pending" and (outcome.reason != Reason.NOT_AUTHORIZED or known.digest == outcome.digest)
+            known.status == "pending" and (outcome.reason not in FOREIGN_REFUSALS or known.digest == outcome.digest)
         ):  # a stranger's refusal under the id of a request in flight answers the stranger only
             self._remember(
                 TransactionStatus(

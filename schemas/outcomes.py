@@ -66,6 +66,8 @@ class Reason:
 
 
 # Refusals that may answer another request under the same (account, transaction id) than the
-# one a reader follows: a reuse of the id with another payload, or a stranger's request. A
-# reader keeps such an answer only for its own digest.
-FOREIGN_REFUSALS = frozenset({Reason.DUPLICATE_CONFLICT, Reason.NOT_AUTHORIZED})
+# one a reader follows: a reuse of the id with another payload, or a stranger's request (one it
+# may not ask, or an open of an account another actor owns). A reader keeps such an answer only
+# for its own digest, and the core does not remember them: an account, once open, exists for
+# good, so `account_exists` is the answer to its open under any id for ever.
+FOREIGN_REFUSALS = frozenset({Reason.DUPLICATE_CONFLICT, Reason.NOT_AUTHORIZED, Reason.ACCOUNT_EXISTS})

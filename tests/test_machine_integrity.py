@@ -518,3 +518,15 @@ def test_a_strangers_request_keeps_its_first_answer_when_the_account_opens_later
     assert_rejected(first, strangers, Reason.ACCOUNT_NOT_FOUND)
     succeed(state, open_account("alice"))
     assert encode(apply(state, strangers, TS_MS + 1).outcome) == encode(first.outcome)
+
+
+def test_a_strangers_open_of_an_existing_account_burns_no_id_of_the_owners() -> None:
+    state = payer_and_payee()
+    strangers = open_account("alice", tx="t-1", actor="mallory")
+    first = apply(state, strangers)
+    assert_rejected(first, strangers, Reason.ACCOUNT_EXISTS)
+    [answer] = outcomes_of(settle(state, transfer("alice", "shop", "1.00", tx="t-1")))
+    assert answer.status == "success"
+    again = apply(state, strangers, TS_MS + 1)
+    assert_rejected(again, strangers, Reason.ACCOUNT_EXISTS)  # not a conflict with alice's transfer
+    assert encode(again.outcome) == encode(first.outcome)

@@ -14,9 +14,10 @@ the owner of `from_account`; `freeze`, `unfreeze`, `close` role operator; `place
 owner of the held account; `capture_hold` and `void_hold` the owner of the held (paying)
 account or role operator. The destination's owner cannot capture: the capture is decided on
 the payer's partition, which does not know who owns the destination. A request the actor may
-not ask is refused before anything else is looked at, its id included, unless the account
-remembers this very request (a retry gets its first answer), and the refusal is not remembered:
-a stranger can neither take an id of the account's nor be answered as a conflict with one.
+not ask (and an open of an account another actor owns: `account_exists`) is refused before
+anything else is looked at, its id included, unless the account remembers this very request (a
+retry gets its first answer), and the refusal is not remembered: a stranger can neither take an
+id of the account's nor be answered as a conflict with one.
 
 Holds (Try-Confirm/Cancel). available = balance - held; a hold, withdraw, transfer and
 pay_merchant need available funds. A hold reserves money for `to_account` until it is
@@ -194,11 +195,11 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
     remembered = recall(state, own_key(owner_account(command), command.transaction_id), now_ms)
     if remembered is not None and remembered.digest == digest:
         decision = _repeat(state, command, digest, remembered, now_ms)
-    elif not _may_ask(state, command):
+    elif (refusal := _refusal_of_stranger(state, command)) is not None:
         # Before the memory, and never remembered (`fold`): a stranger's request, whatever its
         # id, neither takes an id of the account's nor is answered as a conflict with one.
         advance_clock(state, now_ms)
-        decision = _reject(state, command, digest, Reason.NOT_AUTHORIZED, now_ms)
+        decision = _reject(state, command, digest, refusal, now_ms)
     elif remembered is not None:
         decision = _repeat(state, command, digest, remembered, now_ms)
     else:
@@ -208,24 +209,25 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
     return _after(expired, decision) if expired else decision
 
 
-def _may_ask(state: State, command: ClientCommand) -> bool:
-    """Whether the actor may ask this of the account (see the module's "Who may ask what"). An
+def _refusal_of_stranger(state: State, command: ClientCommand) -> str | None:
+    """`not_authorized` if the actor may not ask this of the account (see the module's "Who may
+    ask what"), `account_exists` for an open of an account another actor owns, else None. An
     account not open yet has no owner to ask: its handler refuses `account_not_found`."""
     command_class = type(command)
-    if command_class is OpenAccount:
-        return True
     if command_class is Deposit:
-        return command.role == "bank"
+        return None if command.role == "bank" else Reason.NOT_AUTHORIZED
     if command_class in _OPERATOR_COMMANDS:
-        return command.role == "operator"
+        return None if command.role == "operator" else Reason.NOT_AUTHORIZED
     account = state.accounts.get(owner_account(command))
     if account is None or command.actor == account.owner:
-        return True
+        return None
+    if command_class is OpenAccount:
+        return Reason.ACCOUNT_EXISTS
     if command_class is Withdraw:
-        return command.role == "bank"
+        return None if command.role == "bank" else Reason.NOT_AUTHORIZED
     if command_class is CaptureHold or command_class is VoidHold:
-        return command.role == "operator"
-    return False  # transfer, pay_merchant, place_hold: the owner's alone
+        return None if command.role == "operator" else Reason.NOT_AUTHORIZED
+    return Reason.NOT_AUTHORIZED  # transfer, pay_merchant, place_hold: the owner's alone
 
 
 _OPERATOR_COMMANDS = frozenset({Freeze, Unfreeze, Close})
@@ -697,7 +699,7 @@ def _open_hold(state: State, command: CaptureHold | VoidHold) -> tuple[Account |
     """The account and open hold a capture or void acts on, and why it cannot, if it cannot.
 
     The order of refusals: whether the account exists, whether the hold exists and is still
-    open (a stranger was refused before: `_may_ask`)."""
+    open (a stranger was refused before: `_refusal_of_stranger`)."""
     account = state.accounts.get(command.account_id)
     if account is None:
         return None, None, Reason.ACCOUNT_NOT_FOUND
@@ -786,7 +788,7 @@ def _usable_account(
     """The account a client command moves money on, the amount, and why it cannot, if it cannot.
 
     The order of refusals: the amount, whether the account exists, then the account's state (a
-    stranger was refused before: `_may_ask`)."""
+    stranger was refused before: `_refusal_of_stranger`)."""
     try:
         amount_minor = parse_amount_minor(amount, currency)
     except AmountError as error:

@@ -247,7 +247,7 @@ def fold(state: State, event: Event, balance_minor: int | None = None) -> State:
             assert isinstance(event, CommandRejected)
         advance_clock(state, event.ts_ms)
         # A conflict must not overwrite the first answer, and a stranger's refusal takes no id of
-        # the account's (machine: `_may_ask`): neither is remembered.
+        # the account's (machine: `_refusal_of_stranger`): neither is remembered.
         if event.reason not in FOREIGN_REFUSALS:
             _remember(
                 state,
