@@ -47,7 +47,12 @@ raises `UndecidableInput`, folding nothing, for one it cannot decide:
   remembered from the credit or refusal event) moves nothing and repeats the answer;
 - a credit leg older than LEG_AGE_MAX_MS on the receiver's clock is refused (`leg_expired`)
   and refunded: the sender, which remembers its pending debit for a whole window, gets its
-  money back, and any copy of a leg the receiver still accepts is one it still remembers.
+  money back, and any copy of a leg the receiver still accepts is one it still remembers;
+- a credit leg older than LEG_DECIDABLE_AGE_MAX_MS (the window less the clock skew the rules
+  allow between partitions' leaders) is undecidable: the receiver may have credited it and
+  forgotten so, and a refund would reach a sender that, its clock behind, still remembers the
+  debit. Such a saga is the operators' (the audit lists it in flight), as one outliving the
+  window is.
 The balance cap holds for balance + the account's pending debits, so a refund never passes it.
 
 Sharded merchants (schemas.commands): `open_account` with `shards` N > 1 opens the merchant as
@@ -126,6 +131,7 @@ from streams.core.state import (
     FAILURE,
     FROZEN,
     LEG_AGE_MAX_MS,
+    LEG_DECIDABLE_AGE_MAX_MS,
     OPEN,
     PENDING,
     SUCCESS,
@@ -168,6 +174,11 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
         if TYPE_CHECKING:
             assert isinstance(command, CreditLeg)
         amount_minor = _leg_amount_minor(command)
+        if now_ms - command.issued_ms > LEG_DECIDABLE_AGE_MAX_MS:
+            raise UndecidableInput(
+                f"credit_leg {command.transaction_id!r} issued {now_ms - command.issued_ms} ms ago: "
+                f"older than {LEG_DECIDABLE_AGE_MAX_MS} ms, it may be a copy of a leg credited and forgotten"
+            )
         expired = _expire_due_holds(state, now_ms, command)
         decision = _on_credit_leg(state, command, amount_minor, now_ms)
         return _after(expired, decision) if expired else decision

@@ -68,6 +68,12 @@ def memory_horizon_ms(clock_ms: int) -> int:
 # time) is refused and refunded (`leg_expired`). So a copy of a genuine leg that is still
 # accepted is young enough that the receiver still remembers crediting the original.
 LEG_AGE_MAX_MS = IDEMPOTENCY_WINDOW_MS // 2
+# How far the clocks of two partitions' leaders may differ for the rules to hold (record times
+# are the leaders' LogAppendTime). A credit leg older than the window less this cannot be
+# decided: the receiver may have credited it and forgotten so, while the sender, its clock
+# behind, still remembers the debit as pending, so a refusal's refund could pay it back twice.
+LEG_CLOCK_SKEW_MAX_MS = 60 * 60 * 1000
+LEG_DECIDABLE_AGE_MAX_MS = IDEMPOTENCY_WINDOW_MS - LEG_CLOCK_SKEW_MAX_MS
 
 # A key of the idempotency memory: (account, transaction id, sender). A transaction id is its
 # owning account's, so the account's own requests are remembered with sender "", and a credit
