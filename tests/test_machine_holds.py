@@ -795,3 +795,16 @@ def test_a_fold_over_accounts_alone_checks_the_held_arithmetic_without_the_holds
     forged = msgspec.structs.replace(events[-1], seq=6, transaction_id="c-2", held="0.00")
     with pytest.raises(CorruptLog):
         fold(accounts_only, forged)
+
+
+def test_a_late_retry_of_a_place_leaves_the_state_a_fold_of_the_events() -> None:
+    # The retry answers from the hold and leaves no event, so it must not move the clock (and
+    # forget what the clock's advance forgets) either: the state stays the fold of the log.
+    state, events = State(), []
+    command = place("alice", "shop", "5.00", tx="h-1", expires_in_ms=HOLD_EXPIRY_MS_MAX)
+    for setup in (open_account("alice"), deposit("alice", "10.00"), command):
+        events += apply(state, setup).events
+    retry = apply(state, command, TS_MS + IDEMPOTENCY_WINDOW_MS + 5 * IDEMPOTENCY_EVICT_STEP_MS)
+    assert retry.events == [] and retry.outcome is not None and retry.outcome.status == "success"
+    rebuilt = refold(events)
+    assert (rebuilt.clock_ms, rebuilt.memory) == (state.clock_ms, state.memory)

@@ -550,3 +550,20 @@ def test_a_strangers_open_of_an_existing_account_burns_no_id_of_the_owners() -> 
     again = apply(state, strangers, TS_MS + 1)
     assert_rejected(again, strangers, Reason.ACCOUNT_EXISTS)  # not a conflict with alice's transfer
     assert encode(again.outcome) == encode(first.outcome)
+
+
+def test_a_copy_of_a_leg_under_an_id_the_sender_reused_is_credited_at_most_once() -> None:
+    # The sender forgot t-1 a minute before the receiver did (the debit fell in the last
+    # millisecond of a minute, its credit in the next) and reused it for another transfer. Its
+    # leg is another request, credited as such; replayed, it moves nothing again.
+    sender, receiver = ledger(("alice", "USD", "user", "100.00")), ledger(("bob", "USD", "user", ""))
+    first_ms = (TS_MS // 60_000 + 1) * 60_000 - 1
+    [first_leg] = apply(sender, transfer("alice", "bob", "10.00", tx="t-1"), first_ms).follow_ups
+    assert [type(e) for e in apply(receiver, first_leg, first_ms + 1).events] == [TransferCredited]
+    reuse_ms = first_ms + 1 + IDEMPOTENCY_WINDOW_MS
+    [second_leg] = apply(sender, transfer("alice", "bob", "20.00", tx="t-1"), reuse_ms).follow_ups
+    for at_ms in (reuse_ms + 5, reuse_ms + 2 * 60_000):  # the leg, then a copy of it
+        for refund in apply(receiver, second_leg, at_ms).follow_ups:
+            apply(sender, refund, at_ms)
+    assert balance(sender, "alice") + balance(receiver, "bob") == 10000
+    assert balance(receiver, "bob") == 3000

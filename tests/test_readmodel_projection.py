@@ -32,7 +32,7 @@ STRANGER_B = TransactionRow("alice", "t1", "failure", Reason.NOT_AUTHORIZED, "di
         (SUCCESS_A, FAILURE_A, SUCCESS_A),  # the first final answer wins
         (PENDING_A, CONFLICT_B, PENDING_A),  # answers the request that reused the id
         (SUCCESS_A, CONFLICT_B, SUCCESS_A),
-        (PENDING_A, CONFLICT_A, CONFLICT_A),  # the receiver refused the credit under a reused id
+        (PENDING_A, CONFLICT_A, CONFLICT_A),  # a conflict that carries this request's own digest answers it
         (CONFLICT_B, PENDING_A, PENDING_A),  # read before the transaction's own debit: replaced by it
         (CONFLICT_B, SUCCESS_A, SUCCESS_A),  # ... or by its own answer
         (CONFLICT_A, PENDING_A, CONFLICT_A),

@@ -213,6 +213,8 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
         decision = _reject(state, command, digest, refusal, now_ms)
     elif remembered is not None:
         decision = _repeat(state, command, digest, remembered, now_ms)
+    elif command_class is PlaceHold and (owner_account(command), command.transaction_id) in state.holds:
+        decision = _placed_before(state, cast(PlaceHold, command), digest, now_ms)
     else:
         # From here on the command leaves an event at `now_ms`: forget first what that forgets.
         advance_clock(state, now_ms)
@@ -490,19 +492,17 @@ def _on_credit_leg(state: State, leg: CreditLeg, amount_minor: int, now_ms: int)
         return Decision(state, [], [], None)
     if remembered is not None and remembered.digest == leg.digest and remembered.issued_ms == leg.issued_ms:
         # A copy of a leg this receiver already decided (a replayed record): no second effect.
-        # A leg of the same request with another issued_ms is another debit, taken by a sender
-        # that had forgotten the first: it is decided afresh below.
+        # Another leg under the id (another issued_ms, or another request) is another debit,
+        # taken by a sender that had forgotten the first: it is decided afresh below, and its
+        # decision is what the receiver remembers from then on. A copy of the first one arriving
+        # later is older than the sender's window less the clock skew, so undecidable (`apply`).
         if remembered.status == SUCCESS:
             return Decision(state, [], [], _leg_outcome(leg, SUCCESS, None))
         return Decision(state, [], [], None)
     advance_clock(state, now_ms)  # the leg leaves an event at `now_ms`
     account = state.accounts.get(leg.to_account)
-    if remembered is not None and remembered.digest != leg.digest:
-        # The sender used this id for another transfer here that the receiver still remembers
-        # and the sender has forgotten (their clocks differ): crediting under it would make two
-        # answers for one id, so the transfer is refunded instead.
-        reason: str | None = Reason.DUPLICATE_CONFLICT
-    elif now_ms - leg.issued_ms > LEG_AGE_MAX_MS:
+    reason: str | None
+    if now_ms - leg.issued_ms > LEG_AGE_MAX_MS:
         reason = Reason.LEG_EXPIRED
     else:
         reason = _refusal_to_receive(account, leg.currency)
@@ -597,15 +597,16 @@ def _on_refund_leg(state: State, leg: RefundLeg, account: Account, amount_minor:
     return Decision(state, [event], [], _leg_outcome(leg, FAILURE, leg.reason))
 
 
+def _placed_before(state: State, command: PlaceHold, digest: str, now_ms: int) -> Decision:
+    """A place whose id the memory forgot but whose hold the account still keeps (a hold
+    outlives the idempotency window): a retry gets the first answer and leaves no event, so the
+    clock does not move either; another request under the hold's id is a conflict."""
+    if state.holds[(command.account_id, command.transaction_id)].digest == digest:
+        return Decision(state, [], [], _success(command, digest))
+    return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT, now_ms)
+
+
 def _place_hold(state: State, command: PlaceHold, digest: str, now_ms: int) -> Decision:
-    key = (command.account_id, command.transaction_id)
-    known = state.holds.get(key)
-    if known is not None:
-        # The place is forgotten (a hold outlives the idempotency window) but its hold is not:
-        # a retry gets the first answer, another request under the hold's id a conflict.
-        if known.digest == digest:
-            return Decision(state, [], [], _success(command, digest))
-        return _reject(state, command, digest, Reason.DUPLICATE_CONFLICT, now_ms)
     if command.to_account == command.account_id:
         return _reject(state, command, digest, Reason.SAME_ACCOUNT, now_ms)
     expires_in_ms = command.expires_in_ms
