@@ -209,7 +209,6 @@ def apply(state: State, command: WireCommand, record_time_ms: int) -> Decision:
     elif (refusal := _refusal_of_stranger(state, command)) is not None:
         # Before the memory, and never remembered (`fold`): a stranger's request, whatever its
         # id, neither takes an id of the account's nor is answered as a conflict with one.
-        advance_clock(state, now_ms)
         decision = _reject(state, command, digest, refusal, now_ms)
     elif remembered is not None:
         decision = _repeat(state, command, digest, remembered, now_ms)

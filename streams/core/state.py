@@ -98,12 +98,13 @@ def memory_key(event: Event) -> MemoryKey:
     if event_class is TransferCredited:
         if TYPE_CHECKING:
             assert isinstance(event, TransferCredited)
-        return (event.account_id, event.transaction_id, event.from_account)
+        return credit_key(event.account_id, event.transaction_id, event.from_account)
     if event_class is CommandRejected:
         if TYPE_CHECKING:
             assert isinstance(event, CommandRejected)
-        return (event.account_id, event.transaction_id, event.from_account or "")
-    return (event.account_id, event.transaction_id, "")
+        if event.from_account is not None:
+            return credit_key(event.account_id, event.transaction_id, event.from_account)
+    return own_key(event.account_id, event.transaction_id)
 
 
 ACTIVE, FROZEN, CLOSED = "active", "frozen", "closed"

@@ -259,7 +259,7 @@ class StateStore:
                 remembered.status in MEMORY_STATUSES
                 and remembered.amount_minor >= 0
                 and not (sender and remembered.status == PENDING),
-                f"{transaction_id!r} of {account_id!r} is remembered as {remembered}",
+                f"{transaction_id!r} of {account_id!r} (sender {sender!r}) is remembered as {remembered}",
             )
             if remembered.status == PENDING:
                 debtor = state.accounts.get(account_id)
